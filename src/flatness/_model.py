@@ -343,16 +343,20 @@ def functional_loss(
     loss_fn: LossFn,
     *,
     logit_normalization: bool = False,
+    extra: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """Loss of ``model`` with the selected parameters replaced by ``values``.
 
     The module itself is not modified: ``torch.func.functional_call`` swaps
-    the tensors for the duration of the forward pass only.
+    the tensors for the duration of the forward pass only.  ``extra`` maps
+    further parameter or buffer names to tensors to use instead of the
+    module's (e.g. copies on another device).
     """
     module = unwrap(model)
-    outputs = functional_call(
-        module, params.as_dict(values), _as_args(inputs), _as_kwargs(inputs), strict=False
-    )
+    state = params.as_dict(values)
+    if extra:
+        state = {**extra, **state}
+    outputs = functional_call(module, state, _as_args(inputs), _as_kwargs(inputs), strict=False)
     if logit_normalization:
         outputs = normalize_logits(outputs)
     loss = loss_fn(outputs, targets)

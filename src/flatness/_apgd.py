@@ -1,0 +1,146 @@
+"""Auto-PGD (Croce and Hein, 2020) on the weights.
+
+Maximises ``f(delta) = L(w + c * delta)`` over a :class:`PerturbationSet`
+ball.  Compared with plain projected gradient ascent it has
+
+* a step size that starts at ``2 rho`` (scaled coordinates) and is halved at
+  checkpoints when progress stalls, restarting from the best point so far;
+* momentum ``alpha = 0.75`` on the iterates;
+* best-iterate tracking, with the start (``delta = 0`` unless a random start
+  is given) among the candidates, so the maximum is never below ``f(start)``.
+
+Cost: ``n_iters`` new iterates.  The start and the first ``n_iters - 1``
+iterates need a gradient, the last one only a forward pass, so one run costs
+``n_iters`` forward-backward passes plus one forward pass, and ``f(0)`` (the
+clean loss) comes out of the first of them.  Extra memory is a fixed number
+of parameter-sized buffers (iterate, previous iterate, gradient, best iterate
+and its gradient), independent of ``n_iters``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._geometry import PerturbationSet
+
+#: ``objective(delta, need_grad) -> (value, grad_delta or None)``
+Objective = Callable[[list[Tensor], bool], tuple[float, list[Tensor] | None]]
+
+MOMENTUM = 0.75
+#: A checkpoint halves the step unless at least this fraction of the steps
+#: since the previous checkpoint increased the objective.
+SUCCESS_FRACTION = 0.75
+
+
+def checkpoints(n_iters: int) -> list[int]:
+    """Iterations at which APGD may halve its step size.
+
+    ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03,
+    0.06)``; the checkpoints are ``ceil(p_j * n_iters)`` (Croce and Hein 2020,
+    Section 3.2).
+    """
+    p = [0.0, 0.22]
+    while p[-1] < 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    points = sorted({math.ceil(pj * n_iters) for pj in p[1:] if pj <= 1})
+    return [w for w in points if 0 < w < n_iters]
+
+
+@dataclass
+class APGDResult:
+    """Outcome of one APGD run."""
+
+    best_value: float
+    best_delta: list[Tensor]
+    start_value: float
+    n_grad: int
+    n_forward: int
+
+
+def apgd(
+    objective: Objective,
+    pset: PerturbationSet,
+    n_iters: int,
+    *,
+    start: list[Tensor] | None = None,
+) -> APGDResult:
+    """Maximise ``objective`` over ``pset`` with APGD.
+
+    Parameters
+    ----------
+    objective : callable
+        ``objective(delta, need_grad)`` returns the value at ``delta`` and,
+        if ``need_grad``, its gradient with respect to ``delta``.
+    pset : PerturbationSet
+        The ball (scaled coordinates).
+    n_iters : int
+        Number of new iterates (>= 1).
+    start : list of Tensor, optional
+        Starting point inside the ball (default: the centre).
+
+    Returns
+    -------
+    APGDResult
+    """
+    x = pset.zeros() if start is None else [t.clone() for t in start]
+    eta = 2.0 * pset.rho
+    ckpts = set(checkpoints(n_iters))
+
+    f_x, g_x = objective(x, True)
+    n_grad, n_fwd = 1, 0
+    start_value = f_x
+    best_x = [t.clone() for t in x]
+    best_g = [t.clone() for t in g_x]
+    best_f = f_x
+    x_prev = [t.clone() for t in x]
+
+    successes = 0
+    last_ckpt = 0
+    eta_at_last, best_at_last = eta, best_f
+
+    for k in range(n_iters):
+        # z = P(x + eta * dir(g)); with momentum after the first step.
+        z = pset.project_(torch._foreach_add(x, pset.steepest_ascent(g_x), alpha=eta))
+        if k == 0:
+            x_new = z
+        else:
+            # x_new = x + alpha (z - x) + (1 - alpha)(x - x_prev)
+            x_new = torch._foreach_mul(z, MOMENTUM)
+            torch._foreach_add_(x_new, x, alpha=1 - MOMENTUM)
+            torch._foreach_add_(x_new, torch._foreach_sub(x, x_prev), alpha=1 - MOMENTUM)
+            pset.project_(x_new)
+        last = k == n_iters - 1
+        f_new, g_new = objective(x_new, not last)
+        if last:
+            n_fwd += 1
+        else:
+            n_grad += 1
+        if f_new > f_x:
+            successes += 1
+        if f_new > best_f:
+            best_f = f_new
+            torch._foreach_copy_(best_x, x_new)
+            if g_new is not None:
+                torch._foreach_copy_(best_g, g_new)
+        x_prev, x, f_x, g_x = x, x_new, f_new, g_new  # type: ignore[assignment]
+
+        if (k + 1) in ckpts and not last:
+            stalled = successes < SUCCESS_FRACTION * (k + 1 - last_ckpt)
+            unchanged = eta_at_last == eta and best_at_last == best_f
+            if stalled or unchanged:
+                eta /= 2
+                # Restart from the best point; momentum restarts with it.
+                x = [t.clone() for t in best_x]
+                x_prev = [t.clone() for t in best_x]
+                g_x = [t.clone() for t in best_g]
+                f_x = best_f
+            successes = 0
+            last_ckpt = k + 1
+            eta_at_last, best_at_last = eta, best_f
+
+    return APGDResult(best_f, best_x, start_value, n_grad, n_fwd)

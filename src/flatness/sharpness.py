@@ -1,0 +1,452 @@
+"""The front door: ``flatness.sharpness(model, data, kind=..., rho=...)``.
+
+Every kind returns a :class:`SharpnessResult`.  The kinds live in one
+registry, :data:`KINDS`; adding a kind is one entry there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._apgd import apgd
+from ._geometry import PerturbationSet
+from ._model import (
+    LossFn,
+    ModelGuard,
+    ParamSet,
+    batch_size,
+    check_rho,
+    default_loss,
+    functional_loss,
+    iter_batches,
+    private_rng,
+    select_params,
+    split_batch,
+    unwrap,
+)
+
+__all__ = ["KINDS", "NonFiniteLossError", "SharpnessResult", "sharpness"]
+
+
+class NonFiniteLossError(ValueError, FloatingPointError):
+    """The loss was NaN or infinite, so no meaningful sharpness exists.
+
+    Raised rather than averaged into a result; it subclasses both
+    ``ValueError`` and ``FloatingPointError``.
+    """
+
+
+@dataclass
+class SharpnessResult:
+    """The outcome of :func:`flatness.sharpness`.
+
+    Attributes
+    ----------
+    kind : str
+        The sharpness kind measured.
+    rho : float or None
+        Perturbation radius (``None`` for curvature kinds).
+    value : float
+        The sharpness: mean of ``per_batch`` weighted by ``batch_sizes``.
+    per_batch : list of float
+        Sharpness of each batch.
+    batch_sizes : list of int
+        Number of samples in each batch.
+    clean_loss : float
+        Size-weighted mean loss at the unperturbed weights.
+    perturbed_loss : float or None
+        ``clean_loss + value`` for perturbation kinds, ``None`` otherwise.
+    settings : dict
+        Every option that determined the value (for reproducibility).
+    wall_time : float
+        Seconds spent.
+    counts : dict
+        Work done: ``{"forward": ..., "backward": ...}`` passes (forward
+        passes counted separately from forward-backward passes), or
+        ``{"hvp": ...}`` for curvature kinds.
+    """
+
+    kind: str
+    rho: float | None
+    value: float
+    per_batch: list[float]
+    batch_sizes: list[int]
+    clean_loss: float
+    perturbed_loss: float | None
+    settings: dict[str, Any] = field(default_factory=dict)
+    wall_time: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dictionary of all fields."""
+        return asdict(self)
+
+    def to_json(self, path: str | None = None, *, indent: int = 2) -> str:
+        """The result as JSON; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent, default=str)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        return text
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+
+# --------------------------------------------------------------------------
+# perturbation kinds
+# --------------------------------------------------------------------------
+
+#: kind -> (norm, adaptive)
+WORST_CASE: dict[str, tuple[str, bool]] = {
+    "linf": ("linf", False),
+    "l2": ("l2", False),
+    "adaptive_linf": ("linf", True),
+    "adaptive_l2": ("l2", True),
+}
+AVERAGE_CASE: dict[str, tuple[str, bool]] = {
+    "avg_linf": ("linf", False),
+    "avg_l2": ("l2", False),
+    "avg_adaptive_linf": ("linf", True),
+    "avg_adaptive_l2": ("l2", True),
+}
+
+
+class _Loss:
+    """Loss at perturbed weights ``w + d`` on one chunk, counting passes."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: ParamSet,
+        loss_fn: LossFn,
+        normalize: bool,
+        extra: dict[str, Tensor],
+    ) -> None:
+        self.model, self.params, self.loss_fn = model, params, loss_fn
+        self.normalize, self.extra = normalize, extra
+        self.forward = 0
+        self.backward = 0
+
+    def _loss(self, values: list[Tensor], inputs: Any, targets: Tensor) -> Tensor:
+        return functional_loss(
+            self.model, self.params, values, inputs, targets, self.loss_fn,
+            logit_normalization=self.normalize, extra=self.extra,
+        )
+
+    def value(self, values: list[Tensor], inputs: Any, targets: Tensor) -> float:
+        with torch.no_grad():
+            loss = self._loss(values, inputs, targets)
+        self.forward += 1
+        return _finite(loss)
+
+    def value_and_grad(
+        self, values: list[Tensor], inputs: Any, targets: Tensor
+    ) -> tuple[float, list[Tensor]]:
+        # The perturbed weights are fresh leaf tensors, so autograd never
+        # reaches the model's own parameters or their .grad fields.
+        leaves = [v.requires_grad_(True) for v in values]
+        with torch.enable_grad():
+            loss = self._loss(leaves, inputs, targets)
+            value = _finite(loss)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        self.backward += 1
+        return value, [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads)]
+
+
+def _finite(loss: Tensor) -> float:
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"loss is {value}; sharpness is undefined (check the data and the model, "
+            "or use a smaller rho if it only happens under perturbation)"
+        )
+    return value
+
+
+def _worst_case_chunk(
+    loss: _Loss, weights: list[Tensor], pset: PerturbationSet, inputs: Any,
+    targets: Tensor, n_iters: int, restarts: int, generator: torch.Generator,
+) -> tuple[float, float]:
+    """``(clean loss, max perturbed loss)`` on one chunk."""
+
+    def objective(delta: list[Tensor], need_grad: bool) -> tuple[float, list[Tensor] | None]:
+        with torch.no_grad():
+            values = torch._foreach_add(weights, pset.to_weight_space(delta))
+        if not need_grad:
+            return loss.value(values, inputs, targets), None
+        f, g = loss.value_and_grad(values, inputs, targets)
+        return f, pset.grad_to_scaled(g)
+
+    run = apgd(objective, pset, n_iters)
+    clean, best = run.start_value, run.best_value
+    for _ in range(restarts):
+        start = pset.random_start(generator)
+        best = max(best, apgd(objective, pset, n_iters, start=start).best_value)
+    return clean, best
+
+
+def _average_case_chunk(
+    loss: _Loss, weights: list[Tensor], pset: PerturbationSet, inputs: Any,
+    targets: Tensor, n_samples: int, generator: torch.Generator,
+) -> tuple[float, float]:
+    """``(clean loss, mean perturbed loss over n_samples draws)`` on one chunk."""
+    clean = loss.value(weights, inputs, targets)
+    total = 0.0
+    for _ in range(n_samples):
+        with torch.no_grad():
+            values = torch._foreach_add(weights, pset.average_case_sample(generator))
+        total += loss.value(values, inputs, targets)
+    return clean, total / n_samples
+
+
+def _check_int(name: str, value: Any, low: int, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _perturbation_sharpness(
+    model: nn.Module,
+    data: Any,
+    *,
+    kind: str,
+    rho: float | None,
+    loss_fn: LossFn,
+    params: Iterable[Any] | None,
+    seed: int | None,
+    n_batches: int | None,
+    progress: bool,
+    train: bool,
+    n_iters: int = 20,
+    n_samples: int = 100,
+    m: int | None = None,
+    normalize_logits: bool = False,
+    restarts: int = 0,
+    device: str | torch.device | None = None,
+) -> SharpnessResult:
+    if rho is None:
+        raise ValueError(f"kind={kind!r} needs rho= (the perturbation radius)")
+    rho = check_rho(rho)
+    _check_int("n_iters", n_iters, 1)
+    _check_int("n_samples", n_samples, 1)
+    _check_int("m", m, 1, allow_none=True)
+    _check_int("restarts", restarts, 0)
+    worst = kind in WORST_CASE
+    norm, adaptive = (WORST_CASE if worst else AVERAGE_CASE)[kind]
+    ps = select_params(model, params)
+    dev = torch.device(device) if device is not None else ps.device
+    extra = _moved_state(model, ps, dev)
+    settings = {
+        "norm": norm, "adaptive": adaptive, "worst_case": worst, "m": m,
+        "normalize_logits": bool(normalize_logits), "n_batches": n_batches,
+        "seed": seed, "train": train, "params": list(ps.names),
+        "device": str(dev), "dtype": str(ps.dtype),
+        **({"n_iters": n_iters, "restarts": restarts} if worst else {"n_samples": n_samples}),
+    }
+
+    start = time.perf_counter()
+    per_batch, sizes, clean_losses = [], [], []
+    with ModelGuard(model, train=train), private_rng(seed, dev) as gen:
+        weights = [p.detach().to(dev) for p in ps.params]
+        pset = PerturbationSet(norm, rho, weights, adaptive=adaptive)
+        loss = _Loss(model, ps, loss_fn, normalize_logits, extra)
+        batches = iter_batches(data, device=dev, dtype=ps.dtype, n_batches=n_batches)
+        for inputs, targets in _maybe_progress(batches, progress, n_batches, kind):
+            n = batch_size(targets)
+            clean_sum = sharp_sum = 0.0
+            for x, y in split_batch(inputs, targets, m):
+                if worst:
+                    clean, pert = _worst_case_chunk(loss, weights, pset, x, y, n_iters, restarts, gen)
+                else:
+                    clean, pert = _average_case_chunk(loss, weights, pset, x, y, n_samples, gen)
+                k = batch_size(y)
+                clean_sum += k * clean
+                sharp_sum += k * (pert - clean)
+            per_batch.append(sharp_sum / n)
+            clean_losses.append(clean_sum / n)
+            sizes.append(n)
+    value = _weighted_mean(per_batch, sizes)
+    clean_loss = _weighted_mean(clean_losses, sizes)
+    return SharpnessResult(
+        kind=kind, rho=rho, value=value, per_batch=per_batch, batch_sizes=sizes,
+        clean_loss=clean_loss, perturbed_loss=clean_loss + value, settings=settings,
+        wall_time=time.perf_counter() - start,
+        counts={"forward": loss.forward, "backward": loss.backward},
+    )
+
+
+def _moved_state(model: nn.Module, ps: ParamSet, device: torch.device) -> dict[str, Tensor]:
+    """Copies of the unselected parameters and of the buffers on ``device``,
+    when it differs from the model's (the module itself is never moved)."""
+    if device == ps.device:
+        return {}
+    module = unwrap(model)
+    selected = set(ps.names)
+    state = {n: p.detach() for n, p in module.named_parameters() if n not in selected}
+    state.update(dict(module.named_buffers()))
+    return {n: t.to(device) for n, t in state.items()}
+
+
+def _weighted_mean(values: list[float], weights: list[int]) -> float:
+    return sum(v * w for v, w in zip(values, weights)) / sum(weights)
+
+
+def _maybe_progress(it: Iterable[Any], progress: bool, total: int | None, desc: str) -> Iterable[Any]:
+    if not progress:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("progress=True needs tqdm: pip install 'flatness[progress]'") from exc
+    return tqdm(it, total=total, desc=desc, unit="batch")
+
+
+# --------------------------------------------------------------------------
+# the registry
+# --------------------------------------------------------------------------
+
+SharpnessFn = Callable[..., SharpnessResult]
+
+
+def _not_yet(kind: str) -> SharpnessFn:
+    def fn(*args: Any, **kwargs: Any) -> SharpnessResult:
+        raise NotImplementedError(f"kind={kind!r} is not implemented yet")
+
+    return fn
+
+
+def _perturbation(kind: str) -> SharpnessFn:
+    def fn(model: nn.Module, data: Any, **kwargs: Any) -> SharpnessResult:
+        return _perturbation_sharpness(model, data, kind=kind, **kwargs)
+
+    return fn
+
+
+#: Every kind ``flatness.sharpness`` accepts, mapped to the function that
+#: measures it: ``fn(model, data, *, rho, loss_fn, params, seed, n_batches,
+#: progress, train, **options) -> SharpnessResult``.
+KINDS: dict[str, SharpnessFn] = {
+    **{kind: _perturbation(kind) for kind in (*WORST_CASE, *AVERAGE_CASE)},
+    "hessian_max_eig": _not_yet("hessian_max_eig"),
+    "hessian_trace": _not_yet("hessian_trace"),
+    "minimum": _not_yet("minimum"),
+}
+
+
+def sharpness(
+    model: nn.Module,
+    data: Any,
+    kind: str = "adaptive_linf",
+    rho: float | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    params: Iterable[Any] | None = None,
+    seed: int | None = 0,
+    n_batches: int | None = None,
+    progress: bool = False,
+    train: bool = False,
+    **options: Any,
+) -> SharpnessResult:
+    r"""Measure the sharpness of ``model`` on ``data``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network (a DDP wrapper is looked through).  It comes back exactly
+        as it went in: parameter values bit for bit, storages, train/eval
+        mode, ``requires_grad`` and ``.grad``, also if the call raises.
+    data : batch or iterable of batches
+        One batch ``(inputs, targets)`` or any iterable of them (a
+        ``DataLoader``, a list).  Inputs may be tensors, tuples (positional
+        arguments) or dicts (keyword arguments).  Batches are moved to the
+        parameters' device and floating inputs cast to their dtype.
+    kind : str
+        Worst case (APGD): ``"linf"``, ``"l2"``, ``"adaptive_linf"``,
+        ``"adaptive_l2"``.  Average case: ``"avg_linf"``, ``"avg_l2"``,
+        ``"avg_adaptive_linf"``, ``"avg_adaptive_l2"``.  Curvature:
+        ``"hessian_max_eig"``, ``"hessian_trace"``, ``"minimum"``.
+        See :doc:`/definitions` for the formulas.
+    rho : float
+        Perturbation radius (> 0), in scaled coordinates ``d / |w|`` for the
+        adaptive kinds.  Required by the perturbation kinds.
+    loss_fn : callable, optional
+        ``loss_fn(outputs, targets)`` returning the *mean* loss of the batch.
+        Default: mean cross-entropy.
+    params : iterable, optional
+        Parameters to perturb (tensors, names or submodules).  Default: all
+        with ``requires_grad``.  Buffers are never perturbed.
+    seed : int or None
+        Seed of the private generator for random starts and samples (and of
+        dropout when ``train=True``).  The global RNG state is untouched.
+    n_batches : int, optional
+        Use at most this many batches of ``data``.
+    progress : bool
+        Show a tqdm progress bar over batches (needs ``flatness[progress]``).
+    train : bool
+        Measure in training mode (BatchNorm batch statistics, dropout on).
+        Default: eval mode.
+    **options
+        Options of the kind.  Perturbation kinds:
+
+        ``n_iters`` (int, default 20)
+            APGD iterations per batch (worst case).
+        ``restarts`` (int, default 0)
+            Extra APGD runs from random points inside the set; the per-batch
+            maximum over all runs is kept (worst case).
+        ``n_samples`` (int, default 100)
+            Monte-Carlo draws per batch (average case).
+        ``m`` (int, optional)
+            m-sharpness: each batch is split into chunks of ``m`` samples,
+            each chunk perturbed on its own; the batch value averages the
+            chunks (weighted by size).  ``None``: the whole batch.
+        ``normalize_logits`` (bool, default False)
+            Replace outputs ``z`` by ``(z - mean z) / ||z - mean z||`` per
+            sample before the loss.
+        ``device`` (str or torch.device, optional)
+            Evaluate on this device using copies of the weights (the model
+            is not moved).
+
+    Returns
+    -------
+    SharpnessResult
+
+    Raises
+    ------
+    ValueError
+        Unknown ``kind`` (the message lists the valid ones), ``rho <= 0``,
+        empty data, a model without parameters, mismatched shapes.  A NaN or
+        infinite loss raises :class:`NonFiniteLossError` (a ``ValueError``).
+    NotImplementedError
+        For a kind that is registered but not available.
+
+    Examples
+    --------
+    >>> import torch, flatness
+    >>> model = torch.nn.Linear(4, 3)
+    >>> batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    >>> r = flatness.sharpness(model, batch, kind="adaptive_linf", rho=2e-3)
+    >>> r.value >= 0
+    True
+    """
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    if loss_fn is None:
+        loss_fn = default_loss
+    elif not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return KINDS[kind](
+        model, data, rho=rho, loss_fn=loss_fn, params=params, seed=seed,
+        n_batches=n_batches, progress=progress, train=bool(train), **options,
+    )
