@@ -19,7 +19,6 @@ and its gradient), independent of ``n_iters``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,15 +39,22 @@ SUCCESS_FRACTION = 0.75
 def checkpoints(n_iters: int) -> list[int]:
     """Iterations at which APGD may halve its step size.
 
-    ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03,
-    0.06)``; the checkpoints are ``ceil(p_j * n_iters)`` (Croce and Hein 2020,
-    Section 3.2).
+    The paper's schedule ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j +
+    max(p_j - p_{j-1} - 0.03, 0.06)`` (Croce and Hein 2020, Section 3.2) in
+    the integer form of the reference implementation: the first interval is
+    ``int(0.22 n)`` iterations, each next one shrinks by ``int(0.03 n)`` but
+    not below ``int(0.06 n)`` (each at least 1).  For ``n = 100`` this gives
+    22, 41, 57, 70, 80, 87, 93, 99.
     """
-    p = [0.0, 0.22]
-    while p[-1] < 1:
-        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    points = sorted({math.ceil(pj * n_iters) for pj in p[1:] if pj <= 1})
-    return [w for w in points if 0 < w < n_iters]
+    interval = max(int(0.22 * n_iters), 1)
+    decrease = max(int(0.03 * n_iters), 1)
+    minimum = max(int(0.06 * n_iters), 1)
+    points, k = [], interval
+    while k < n_iters:
+        points.append(k)
+        interval = max(interval - decrease, minimum)
+        k += interval
+    return points
 
 
 @dataclass

@@ -1,0 +1,124 @@
+"""Perturbation sets: projections land in the set, are idempotent and exact."""
+
+import math
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+
+from flatness._apgd import checkpoints
+from flatness._geometry import PerturbationSet, project_weight_space
+
+shapes = st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4)), min_size=1, max_size=3)
+
+
+def _tensors(shapes, seed, scale=1.0, zero_frac=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        t = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+        if zero_frac:
+            t[torch.rand(shape, generator=gen, dtype=torch.float64) < zero_frac] = 0
+        out.append(t)
+    return out
+
+
+def _scaled_size(d, scales, norm):
+    """Size of d in the set's norm, ||d / c||, with 0/0 treated as 0."""
+    ratio = []
+    for t, c in zip(d, scales):
+        r = torch.where(c > 0, t / torch.where(c > 0, c, torch.ones_like(c)), torch.zeros_like(t))
+        assert torch.all(t[c == 0] == 0), "coordinates with w_i = 0 must stay unperturbed"
+        ratio.append(r.reshape(-1))
+    flat = torch.cat(ratio)
+    return float(flat.abs().max()) if norm == "linf" else float(flat.norm())
+
+
+@given(shapes=shapes, seed=st.integers(0, 10_000), rho=st.floats(1e-3, 10.0),
+       norm=st.sampled_from(["linf", "l2"]), adaptive=st.booleans(),
+       spread=st.floats(0.01, 100.0))
+def test_scaled_projection_lands_in_ball_and_is_idempotent(shapes, seed, rho, norm, adaptive, spread):
+    w = _tensors(shapes, seed, zero_frac=0.2)
+    pset = PerturbationSet(norm, rho, w, adaptive=adaptive)
+    delta = pset.project_(_tensors(shapes, seed + 1, scale=spread))
+    assert pset.contains(delta, rtol=1e-9)
+    again = pset.project_([t.clone() for t in delta])
+    for a, b in zip(delta, again):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    # In weight space, the perturbation is in the set of the kind.
+    d = pset.to_weight_space(delta)
+    scales = pset.scales if adaptive else [torch.ones_like(t) for t in w]
+    assert _scaled_size(d, scales, norm) <= rho * (1 + 1e-9)
+
+
+@given(shapes=shapes, seed=st.integers(0, 10_000), rho=st.floats(1e-3, 10.0),
+       norm=st.sampled_from(["linf", "l2"]), adaptive=st.booleans(),
+       spread=st.floats(0.01, 100.0))
+def test_weight_space_projection_exact(shapes, seed, rho, norm, adaptive, spread):
+    w = _tensors(shapes, seed, zero_frac=0.2)
+    scales = [t.abs() for t in w] if adaptive else None
+    d = _tensors(shapes, seed + 1, scale=spread)
+    x = project_weight_space(d, rho, norm, scales)
+    ones = [torch.ones_like(t) for t in w]
+    assert _scaled_size(x, scales or ones, norm) <= rho * (1 + 1e-8)
+    again = project_weight_space(x, rho, norm, scales)
+    for a, b in zip(x, again):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+    # Optimality: no feasible point is closer to d than the projection.
+    dist = math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(x, d)))
+    gen = torch.Generator().manual_seed(seed + 2)
+    pset = PerturbationSet(norm, rho, w, adaptive=adaptive)
+    for _ in range(20):
+        y = pset.to_weight_space(pset.random_start(gen))
+        # Mix towards the projection: points near x are the ones that matter.
+        t = float(torch.rand((), generator=gen, dtype=torch.float64))
+        y = [t * yi + (1 - t) * xi for yi, xi in zip(y, x)]
+        dist_y = math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(y, d)))
+        assert dist <= dist_y * (1 + 1e-9) + 1e-12
+
+
+def test_ellipsoid_projection_matches_scipy():
+    scipy_opt = pytest.importorskip("scipy.optimize")
+    gen = np.random.default_rng(0)
+    c = np.abs(gen.normal(size=7)) + 0.1
+    d = gen.normal(size=7) * 3
+    rho = 0.5
+    (x,) = project_weight_space([torch.tensor(d)], rho, "l2", [torch.tensor(c)])
+    res = scipy_opt.minimize(
+        lambda v: ((v - d) ** 2).sum(), np.zeros(7), jac=lambda v: 2 * (v - d),
+        constraints=[{"type": "ineq", "fun": lambda v: rho**2 - ((v / c) ** 2).sum()}],
+        method="SLSQP", options={"ftol": 1e-14, "maxiter": 500},
+    )
+    np.testing.assert_allclose(x.numpy(), res.x, rtol=1e-5, atol=1e-7)
+
+
+@given(seed=st.integers(0, 10_000), rho=st.floats(1e-3, 1.0),
+       norm=st.sampled_from(["linf", "l2"]), adaptive=st.booleans())
+def test_random_start_is_inside(seed, rho, norm, adaptive):
+    w = _tensors([(3, 2), (4,)], seed, zero_frac=0.3)
+    pset = PerturbationSet(norm, rho, w, adaptive=adaptive)
+    delta = pset.random_start(torch.Generator().manual_seed(seed))
+    assert pset.contains(delta, rtol=1e-9)
+    if adaptive:
+        for t, wi in zip(delta, w):
+            assert torch.all(t[wi == 0] == 0)
+
+
+def test_adaptive_scaling_zero_weights_no_nan():
+    w = [torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64)]
+    pset = PerturbationSet("l2", 0.1, w, adaptive=True)
+    g = pset.grad_to_scaled([torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)])
+    step = pset.steepest_ascent(g)
+    assert torch.isfinite(step[0]).all() and step[0][0] == 0
+    sample = pset.average_case_sample(torch.Generator().manual_seed(0))
+    assert sample[0][0] == 0 and torch.isfinite(sample[0]).all()
+
+
+def test_checkpoints_follow_the_paper_schedule():
+    # Croce & Hein (2020): p = 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99.
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    for n in (1, 2, 5, 20, 37):
+        pts = checkpoints(n)
+        assert pts == sorted(set(pts)) and all(0 < p < n for p in pts)

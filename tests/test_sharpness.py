@@ -1,0 +1,430 @@
+"""flatness.sharpness: closed forms, Monte Carlo, invariances, restore, errors."""
+
+import json
+import math
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from torch import nn
+
+import flatness
+from flatness.sharpness import AVERAGE_CASE, WORST_CASE, NonFiniteLossError
+
+WORST = list(WORST_CASE)
+AVERAGE = list(AVERAGE_CASE)
+
+
+def bce(z, t):
+    return F.binary_cross_entropy_with_logits(z.squeeze(-1), t)
+
+
+def logistic_problem(seed, dim=6, zero_weight=False):
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Linear(dim, 1).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, dim, generator=gen, dtype=torch.float64))
+        model.bias.copy_(torch.randn(1, generator=gen, dtype=torch.float64))
+        if zero_weight:
+            model.weight[0, 0] = 0.0
+    x = torch.randn(1, dim, generator=gen, dtype=torch.float64)
+    y = torch.tensor([float(seed % 2)], dtype=torch.float64)
+    return model, x, y
+
+
+def exact_worst_case(model, x, y, kind, rho):
+    """Closed form for logistic regression on one sample.
+
+    The loss log(1 + exp(-margin)) decreases in the margin s * (w.x + b), which
+    is linear in the perturbation; the worst perturbation in a norm ball
+    shrinks the margin by rho times the dual norm of the (scaled) input
+    [x, 1]: l1 for linf balls, l2 for l2 balls, with the coordinates weighted
+    by |w| (and |b|) for the adaptive kinds.
+    """
+    s = 2 * float(y) - 1
+    with torch.no_grad():
+        margin = s * float(model(x))
+    xa = torch.cat([x.reshape(-1), torch.ones(1, dtype=x.dtype)])
+    if kind.startswith("adaptive"):
+        xa = xa * torch.cat([model.weight.reshape(-1), model.bias]).detach().abs()
+    dual = float(xa.abs().sum()) if kind.endswith("linf") else float(xa.norm())
+
+    def loss(mg):
+        return math.log1p(math.exp(-mg))
+
+    return loss(margin - rho * dual) - loss(margin)
+
+
+@pytest.mark.parametrize("kind", WORST)
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("rho", [1e-3, 0.05, 0.5])
+def test_worst_case_matches_logistic_closed_form(kind, seed, rho):
+    model, x, y = logistic_problem(seed, zero_weight=seed == 3)
+    exact = exact_worst_case(model, x, y, kind, rho)
+    r = flatness.sharpness(model, (x, y), kind=kind, rho=rho, loss_fn=bce)
+    assert r.value >= 0.999 * exact
+    assert r.value <= exact * (1 + 1e-9) + 1e-15  # never above the true maximum
+    assert r.perturbed_loss == pytest.approx(r.clean_loss + r.value)
+
+
+@pytest.mark.parametrize("kind", AVERAGE)
+def test_average_case_matches_independent_monte_carlo(kind):
+    """Compare with a vectorised Monte Carlo written out here: the loss of a
+    linear model at w + d for 200k draws of d at once."""
+    model, x, y = logistic_problem(7)
+    rho = 0.3
+    n_ours = 2000
+    r = flatness.sharpness(model, (x, y), kind=kind, rho=rho, loss_fn=bce, n_samples=n_ours, seed=1)
+
+    gen = torch.Generator().manual_seed(12345)
+    n = 200_000
+    w = torch.cat([model.weight.reshape(-1), model.bias]).detach()
+    c = w.abs() if "adaptive" in kind else torch.ones_like(w)
+    if kind.endswith("l2"):
+        noise = torch.randn(n, w.numel(), generator=gen, dtype=torch.float64)
+    else:
+        noise = torch.rand(n, w.numel(), generator=gen, dtype=torch.float64) * 2 - 1
+    wd = w + rho * c * noise
+    xa = torch.cat([x.reshape(-1), torch.ones(1, dtype=x.dtype)])
+    z = wd @ xa
+    losses = F.binary_cross_entropy_with_logits(z, y.expand(n), reduction="none")
+    clean = float(bce(model(x), y))
+    expected = float(losses.mean()) - clean
+    # Standard error of our n_ours-sample estimate dominates the reference's.
+    se = float(losses.std()) * math.sqrt(1 / n_ours + 1 / n)
+    assert abs(r.value - expected) < 4 * se, (r.value, expected, se)
+
+
+def mlp(seed, width=8, dtype=torch.float64, bias=True):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, width, bias=bias), nn.ReLU(), nn.Linear(width, 3, bias=bias)).to(dtype)
+
+
+def batch(seed, n=16, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 1000), kind=st.sampled_from(WORST), rho=st.floats(1e-4, 0.5),
+       restarts=st.integers(0, 1))
+def test_worst_case_is_nonnegative(seed, kind, rho, restarts):
+    r = flatness.sharpness(mlp(seed), batch(seed), kind=kind, rho=rho, n_iters=5, restarts=restarts, seed=seed)
+    assert r.value >= 0 and all(v >= 0 for v in r.per_batch)
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 1000), neuron=st.integers(0, 7), log_a=st.floats(-2.3, 2.3),
+       kind=st.sampled_from(["adaptive_linf", "adaptive_l2", "avg_adaptive_l2", "avg_adaptive_linf"]))
+def test_adaptive_sharpness_invariant_to_relu_neuron_rescaling(seed, neuron, log_a, kind):
+    a = math.exp(log_a)
+    model = mlp(seed)
+    data = batch(seed)
+    before = flatness.sharpness(model, data, kind=kind, rho=0.05, n_iters=10, n_samples=20, seed=3).value
+    scaled = mlp(seed)
+    with torch.no_grad():
+        scaled[0].weight[neuron] *= a
+        scaled[0].bias[neuron] *= a
+        scaled[2].weight[:, neuron] /= a
+    after = flatness.sharpness(scaled, data, kind=kind, rho=0.05, n_iters=10, n_samples=20, seed=3).value
+    assert after == pytest.approx(before, rel=1e-7, abs=1e-12)
+
+
+def test_plain_sharpness_is_not_rescaling_invariant():
+    """The control for the test above: plain l2 sharpness does change."""
+    model, data = mlp(0), batch(0)
+    before = flatness.sharpness(model, data, kind="l2", rho=0.05, n_iters=10).value
+    with torch.no_grad():
+        model[0].weight *= 10
+        model[0].bias *= 10
+        model[2].weight /= 10
+    after = flatness.sharpness(model, data, kind="l2", rho=0.05, n_iters=10).value
+    assert abs(after - before) > 1e-3 * before
+
+
+def test_m_sharpness_averages_independent_chunks():
+    model, (x, y) = mlp(1), batch(1, n=12)
+    whole = flatness.sharpness(model, (x, y), kind="linf", rho=0.01, n_iters=8)
+    same = flatness.sharpness(model, (x, y), kind="linf", rho=0.01, n_iters=8, m=12)
+    assert same.value == whole.value
+    chunked = flatness.sharpness(model, (x, y), kind="linf", rho=0.01, n_iters=8, m=4)
+    separate = [flatness.sharpness(model, (x[i:i + 4], y[i:i + 4]), kind="linf", rho=0.01, n_iters=8).value
+                for i in range(0, 12, 4)]
+    assert chunked.value == pytest.approx(sum(separate) / 3, rel=1e-12)
+    # Each chunk gets its own perturbation, so the chunked value is larger.
+    assert chunked.value > whole.value
+    # An uneven last chunk is weighted by its size.
+    uneven = flatness.sharpness(model, (x, y), kind="linf", rho=0.01, n_iters=8, m=5)
+    parts = [(x[:5], y[:5]), (x[5:10], y[5:10]), (x[10:], y[10:])]
+    vals = [flatness.sharpness(model, p, kind="linf", rho=0.01, n_iters=8).value for p in parts]
+    assert uneven.value == pytest.approx((5 * vals[0] + 5 * vals[1] + 2 * vals[2]) / 12, rel=1e-12)
+
+
+def test_batches_are_weighted_by_size():
+    model = mlp(2)
+    (x, y) = batch(2, n=10)
+    loader = [(x[:7], y[:7]), (x[7:], y[7:])]
+    r = flatness.sharpness(model, loader, kind="l2", rho=0.02, n_iters=5)
+    assert r.batch_sizes == [7, 3]
+    assert r.value == pytest.approx((7 * r.per_batch[0] + 3 * r.per_batch[1]) / 10, rel=1e-12)
+    single = flatness.sharpness(model, loader[1], kind="l2", rho=0.02, n_iters=5)
+    assert single.per_batch[0] == pytest.approx(r.per_batch[1], rel=1e-12)
+    limited = flatness.sharpness(model, loader, kind="l2", rho=0.02, n_iters=5, n_batches=1)
+    assert limited.batch_sizes == [7]
+
+
+def test_cost_is_n_forward_backward_plus_one_forward():
+    model, data = mlp(3), batch(3)
+    r = flatness.sharpness(model, [data, data], kind="adaptive_l2", rho=0.01, n_iters=7)
+    assert r.counts == {"forward": 2, "backward": 14}
+    r = flatness.sharpness(model, data, kind="linf", rho=0.01, n_iters=7, restarts=2, m=8)
+    assert r.counts == {"forward": 2 * 3, "backward": 2 * 3 * 7}
+    r = flatness.sharpness(model, data, kind="avg_l2", rho=0.01, n_samples=9)
+    assert r.counts == {"forward": 10, "backward": 0}
+
+
+def test_restarts_never_decrease_the_value():
+    model, data = mlp(4), batch(4)
+    base = flatness.sharpness(model, data, kind="l2", rho=0.5, n_iters=5)
+    more = flatness.sharpness(model, data, kind="l2", rho=0.5, n_iters=5, restarts=3, seed=0)
+    assert more.value >= base.value
+
+
+def test_apgd_beats_single_gradient_step_on_nonlinear_model():
+    """On a ReLU net, 20 APGD iterations find more than one normalised
+    gradient step of length rho (the SAM perturbation)."""
+    model, data = mlp(5, width=32), batch(5, n=64)
+    rho = 0.5
+    r = flatness.sharpness(model, data, kind="l2", rho=rho, n_iters=20)
+    x, y = data
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), grads):
+            p.add_(g, alpha=rho / float(norm))
+        one_step = float(F.cross_entropy(model(x), y)) - float(loss)
+    assert r.value >= one_step * (1 - 1e-9)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+class DictModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 3)
+        self.b = nn.Linear(2, 3)
+
+    def forward(self, image, extra):
+        return self.a(image) + self.b(extra)
+
+
+class TupleModel(DictModel):
+    def forward(self, image, extra):  # positional
+        return super().forward(image, extra)
+
+
+def test_dict_and_tuple_inputs():
+    torch.manual_seed(0)
+    x, y = batch(0, dtype=torch.float32)
+    e = torch.randn(16, 2)
+    for model, inputs in [(DictModel(), {"image": x, "extra": e}), (TupleModel(), (x, e))]:
+        r = flatness.sharpness(model, (inputs, y), kind="adaptive_linf", rho=1e-3, n_iters=3)
+        assert r.value >= 0 and math.isfinite(r.value)
+
+
+def test_float32_batchnorm_dropout_model_and_frozen_params():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
+    model[0].weight.requires_grad_(False)
+    x, y = batch(0, dtype=torch.float32)
+    r = flatness.sharpness(model, (x, y.tolist() and y), kind="l2", rho=0.01, n_iters=3)
+    assert "0.weight" not in r.settings["params"] and r.settings["dtype"] == "torch.float32"
+    # eval mode by default: dropout off, so the result is deterministic.
+    r2 = flatness.sharpness(model, (x, y), kind="l2", rho=0.01, n_iters=3)
+    assert r.value == r2.value
+    r_train = flatness.sharpness(model, (x, y), kind="l2", rho=0.01, n_iters=3, train=True, seed=5)
+    r_train2 = flatness.sharpness(model, (x, y), kind="l2", rho=0.01, n_iters=3, train=True, seed=5)
+    assert r_train.value == r_train2.value
+
+
+def test_params_selection_and_dataloader_batches():
+    model = mlp(6)
+    x, y = batch(6, n=20)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    r = flatness.sharpness(model, loader, kind="linf", rho=0.01, n_iters=3, params=[model[2].weight, "0.bias"])
+    assert r.settings["params"] == ["0.bias", "2.weight"]
+    assert r.batch_sizes == [8, 8, 4]
+    r2 = flatness.sharpness(model, loader, kind="linf", rho=0.01, n_iters=3, params=model[2])
+    assert r2.settings["params"] == ["2.weight", "2.bias"]
+
+
+def test_normalize_logits_invariant_to_logit_scale():
+    """With normalised logits, scaling the last layer (and its bias) by a
+    positive constant changes nothing at all."""
+    model, data = mlp(7), batch(7)
+    kw = dict(kind="adaptive_l2", rho=0.05, n_iters=6, normalize_logits=True)
+    before = flatness.sharpness(model, data, **kw).value
+    with torch.no_grad():
+        model[2].weight *= 5
+        model[2].bias *= 5
+    assert flatness.sharpness(model, data, **kw).value == pytest.approx(before, rel=1e-9)
+
+
+def test_determinism_and_global_rng_untouched():
+    model, data = mlp(8), batch(8)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = flatness.sharpness(model, data, kind="avg_l2", rho=0.05, n_samples=5, seed=11)
+    b = flatness.sharpness(model, data, kind="avg_l2", rho=0.05, n_samples=5, seed=11)
+    c = flatness.sharpness(model, data, kind="avg_l2", rho=0.05, n_samples=5, seed=12)
+    flatness.sharpness(model, data, kind="l2", rho=0.05, n_iters=3, restarts=2, seed=None)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a.value == b.value and a.value != c.value
+
+
+def test_result_serialises():
+    r = flatness.sharpness(mlp(9), batch(9), kind="l2", rho=0.01, n_iters=2)
+    d = json.loads(r.to_json())
+    assert d["kind"] == "l2" and d["value"] == r.value and d["per_batch"] == r.per_batch
+    assert d["settings"]["n_iters"] == 2 and float(r) == r.value
+    assert r.to_dict()["counts"] == r.counts
+
+
+# --------------------------------------------------------------- restore
+
+
+def snapshot(model):
+    return {
+        "values": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "ptrs": {n: p.data_ptr() for n, p in model.named_parameters()},
+        "objs": {n: id(p) for n, p in model.named_parameters()},
+        "req": {n: p.requires_grad for n, p in model.named_parameters()},
+        "grad": {n: (None if p.grad is None else (id(p.grad), p.grad.clone())) for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "modes": [m.training for m in model.modules()],
+    }
+
+
+def assert_same(model, snap):
+    now = snapshot(model)
+    assert now["ptrs"] == snap["ptrs"] and now["objs"] == snap["objs"]
+    assert now["req"] == snap["req"] and now["modes"] == snap["modes"]
+    for n, v in snap["values"].items():
+        assert torch.equal(now["values"][n], v), n  # bit for bit
+    for n, g in snap["grad"].items():
+        if g is None:
+            assert now["grad"][n] is None
+        else:
+            assert now["grad"][n][0] == g[0] and torch.equal(now["grad"][n][1], g[1])
+    for n, b in snap["buffers"].items():
+        assert torch.equal(now["buffers"][n], b), n
+
+
+def bn_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 3)).double()
+    model.train()
+    model[4].eval()  # mixed modes must come back as they were
+    model[0].bias.requires_grad_(False)
+    x, y = batch(0)
+    F.cross_entropy(model(x), y).backward()  # existing .grad fields
+    return model
+
+
+@pytest.mark.parametrize("kind", WORST + AVERAGE)
+@pytest.mark.parametrize("train", [False, True])
+def test_model_restored_bit_for_bit(kind, train):
+    model = bn_model()
+    snap = snapshot(model)
+    flatness.sharpness(model, batch(1), kind=kind, rho=0.05, n_iters=3, n_samples=3, train=train)
+    assert_same(model, snap)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["adaptive_l2", "linf", "avg_adaptive_linf"])
+@pytest.mark.parametrize("fail_at", [1, 2, 4, 7])
+@pytest.mark.parametrize("train", [False, True])
+def test_model_restored_when_loss_fn_raises_midway(kind, fail_at, train):
+    model = bn_model()
+    snap = snapshot(model)
+    state = torch.get_rng_state()
+    calls = {"n": 0}
+
+    def failing_loss(out, t):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise Boom("injected")
+        return F.cross_entropy(out, t)
+
+    with pytest.raises(Boom):
+        flatness.sharpness(model, [batch(1), batch(2)], kind=kind, rho=0.05, n_iters=3, n_samples=3,
+                           loss_fn=failing_loss, train=train)
+    assert_same(model, snap)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_model_restored_on_keyboard_interrupt_from_data():
+    model = bn_model()
+    snap = snapshot(model)
+
+    def data():
+        yield batch(1)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        flatness.sharpness(model, data(), kind="l2", rho=0.05, n_iters=2, train=True)
+    assert_same(model, snap)
+
+
+# ----------------------------------------------------------------- errors
+
+
+def test_bad_inputs_raise_clear_errors_before_changing_anything():
+    model = bn_model()
+    snap = snapshot(model)
+    data = batch(0)
+    with pytest.raises(ValueError, match="valid kinds: linf, l2"):
+        flatness.sharpness(model, data, kind="sam", rho=0.1)
+    for rho in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="rho"):
+            flatness.sharpness(model, data, kind="l2", rho=rho)
+    with pytest.raises(ValueError, match="needs rho"):
+        flatness.sharpness(model, data, kind="l2")
+    with pytest.raises(ValueError, match="no batches"):
+        flatness.sharpness(model, [], kind="l2", rho=0.1)
+    with pytest.raises(ValueError, match="empty batch"):
+        flatness.sharpness(model, (data[0][:0], data[1][:0]), kind="l2", rho=0.1)
+    with pytest.raises(ValueError, match="leading dimension"):
+        flatness.sharpness(model, (data[0], data[1][:3]), kind="l2", rho=0.1)
+    with pytest.raises(ValueError, match="no parameters"):
+        flatness.sharpness(nn.ReLU(), data, kind="l2", rho=0.1)
+    with pytest.raises(ValueError, match="n_iters"):
+        flatness.sharpness(model, data, kind="l2", rho=0.1, n_iters=0)
+    with pytest.raises(ValueError, match="m must be"):
+        flatness.sharpness(model, data, kind="l2", rho=0.1, m=0)
+    with pytest.raises(TypeError, match="data must be"):
+        flatness.sharpness(model, data[0], kind="l2", rho=0.1)
+    with pytest.raises(TypeError, match="model must be"):
+        flatness.sharpness("model", data, kind="l2", rho=0.1)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        flatness.sharpness(model, data, kind="l2", rho=0.1, n_iter=3)
+    with pytest.raises(ValueError, match="scalar"):
+        flatness.sharpness(model, data, kind="l2", rho=0.1,
+                           loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="none"))
+    assert_same(model, snap)
+
+
+def test_non_finite_loss_is_reported_not_averaged():
+    model, (x, y) = mlp(0), batch(0)
+    x = x.clone()
+    x[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="nan"):
+        flatness.sharpness(model, (x, y), kind="l2", rho=0.1)
+    assert issubclass(NonFiniteLossError, ValueError)
