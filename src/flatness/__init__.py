@@ -4,9 +4,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import diversity
+
 # The function shadows its module on purpose: ``flatness.sharpness(...)`` is
 # the front door; the module stays importable as ``flatness.sharpness``
 # through ``sys.modules`` (``from flatness.sharpness import KINDS``).
 from .sharpness import NonFiniteLossError, SharpnessResult, sharpness
 
-__all__ = ["NonFiniteLossError", "SharpnessResult", "__version__", "sharpness"]
+__all__ = ["NonFiniteLossError", "SharpnessResult", "__version__", "diversity", "sharpness"]
