@@ -117,8 +117,10 @@ def test_adaptive_scaling_zero_weights_no_nan():
 
 
 def test_checkpoints_follow_the_paper_schedule():
-    # Croce & Hein (2020): p = 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99.
+    # Croce & Hein (2020): p = 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99;
+    # the reference evaluator's ceil(p * n) for n = 20.
     assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert checkpoints(20) == [5, 9, 12, 14, 16, 18, 19]
     for n in (1, 2, 5, 20, 37):
         pts = checkpoints(n)
         assert pts == sorted(set(pts)) and all(0 < p < n for p in pts)

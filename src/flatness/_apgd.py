@@ -39,21 +39,22 @@ SUCCESS_FRACTION = 0.75
 def checkpoints(n_iters: int) -> list[int]:
     """Iterations at which APGD may halve its step size.
 
-    The paper's schedule ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j +
-    max(p_j - p_{j-1} - 0.03, 0.06)`` (Croce and Hein 2020, Section 3.2) in
-    the integer form of the reference implementation: the first interval is
-    ``int(0.22 n)`` iterations, each next one shrinks by ``int(0.03 n)`` but
-    not below ``int(0.06 n)`` (each at least 1).  For ``n = 100`` this gives
-    22, 41, 57, 70, 80, 87, 93, 99.
+    The schedule of Croce and Hein (2020, Section 3.2), as the sharpness
+    reference evaluator uses it: ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j +
+    max(p_j - p_{j-1} - 0.03, 0.06)`` and checkpoints ``ceil(p_j * n_iters)``.
+    The fractions are kept in integer hundredths, so no rounding noise moves
+    a checkpoint.  For ``n = 100``: 22, 41, 57, 70, 80, 87, 93, 99; for
+    ``n = 20``: 5, 9, 12, 14, 16, 18, 19.
     """
-    interval = max(int(0.22 * n_iters), 1)
-    decrease = max(int(0.03 * n_iters), 1)
-    minimum = max(int(0.06 * n_iters), 1)
-    points, k = [], interval
-    while k < n_iters:
-        points.append(k)
-        interval = max(interval - decrease, minimum)
-        k += interval
+    prev, cur = 0, 22
+    points: list[int] = []
+    while True:
+        w = -(-cur * n_iters // 100)  # ceil(cur / 100 * n_iters)
+        if w >= n_iters:
+            break
+        if w > 0 and (not points or w > points[-1]):
+            points.append(w)
+        prev, cur = cur, cur + max(cur - prev - 3, 6)
     return points
 
 
