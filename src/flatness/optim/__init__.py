@@ -1,0 +1,20 @@
+"""Sharpness-aware optimizers.
+
+:class:`SAM` (and ASAM with ``adaptive=True``) wraps any ``torch.optim``
+optimizer.  Variants build on :class:`SharpnessAwareOptimizer`, which owns the
+perturb / restore machinery and exposes :meth:`~SharpnessAwareOptimizer.ascent_direction`
+as the one hook to override (see ``flatness/optim/_base.py``).
+"""
+
+from __future__ import annotations
+
+from ._base import AscentGroup, SharpnessAwareOptimizer, disable_running_stats, global_norm
+from .sam import SAM
+
+__all__ = [
+    "SAM",
+    "AscentGroup",
+    "SharpnessAwareOptimizer",
+    "disable_running_stats",
+    "global_norm",
+]

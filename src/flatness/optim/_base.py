@@ -1,0 +1,700 @@
+"""Machinery shared by the sharpness-aware optimizers (SAM, ASAM and variants).
+
+A sharpness-aware step has the same shape for every variant::
+
+    g   = grad L(w)                       # first pass (the user's backward)
+    e   = ascent_direction(g, w)          # the only part a variant changes
+    w  <- w + e                           # perturb()   (w saved once)
+    g'  = grad L(w + e)                   # second pass (the user's backward)
+    w  <- w                               # restore()   (exact copy back)
+    base_optimizer.step() with g'         # second_step()
+
+:class:`SharpnessAwareOptimizer` owns everything except the ascent
+direction: the shared param groups with the base optimizer, the saved copy
+of ``w`` and the ``torch._foreach_*`` perturb / restore, the stages and their
+errors, exception safety (weights are restored before an exception leaves
+:meth:`~SharpnessAwareOptimizer.step` or
+:meth:`~SharpnessAwareOptimizer.second_pass`), ``GradScaler`` unscaling and
+inf/NaN skipping, identical dropout masks in both passes (``same_rng``),
+per-replica perturbations under DDP (``per_replica``), BatchNorm freezing in
+the second pass, the gradient stash for terms taken at ``w``
+(:meth:`~SharpnessAwareOptimizer.stash_grad`) and ``state_dict`` round trips.
+
+How a subclass changes the ascent direction
+-------------------------------------------
+Override :meth:`SharpnessAwareOptimizer.ascent_direction`. It receives one
+:class:`AscentGroup` per param group that is perturbed (``perturb=True``) and
+has at least one gradient; each carries the group dict (``group["rho"]`` and
+any keys the subclass added to ``group_defaults``), the parameters that have
+a gradient and those gradients (the live ``.grad`` tensors: clone them if you
+need them after the next backward). It returns, per group, the list of
+perturbations ``e`` (one tensor per parameter, same shapes). Use
+:func:`global_norm` for norms over several groups and ``torch._foreach_*``
+ops to stay loop-free::
+
+    class SignSAM(SharpnessAwareOptimizer):
+        group_defaults = {"rho": 0.05, "perturb": True}
+
+        def ascent_direction(self, groups):
+            return [torch._foreach_mul(torch._foreach_sign(g.grads), g.group["rho"])
+                    for g in groups]
+
+Variants with more passes (consistent SAM) call :meth:`perturb` several
+times: each call sets the weights to ``w + e`` from the *saved* ``w``, so
+``perturb(e1)`` ... ``perturb(e2)`` evaluates at ``w + e2``, never at
+``w + e1 + e2``. Persistent per-parameter state of a variant (a running mean)
+goes into ``self.extra_state[p]`` (a dict per parameter, like
+``torch.optim``'s ``state``); :meth:`state_dict` saves it and
+:meth:`load_state_dict` restores it. It is kept apart from the base
+optimizer's ``state`` because torch optimizers initialize a parameter's state
+only while it is empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+__all__ = [
+    "AscentGroup",
+    "SharpnessAwareOptimizer",
+    "disable_running_stats",
+    "global_norm",
+]
+
+_SAM_STATE_KEY = "sharpness_aware"
+_STATE_VERSION = 1
+
+
+@dataclass
+class AscentGroup:
+    """One perturbed param group as seen by :meth:`~SharpnessAwareOptimizer.ascent_direction`.
+
+    Attributes
+    ----------
+    group : dict
+        The param group (shared with the base optimizer): ``"rho"``,
+        ``"adaptive"``, ``"eta"``, ``"lr"``, ...
+    params : list of Tensor
+        The group's parameters that have a gradient.
+    grads : list of Tensor
+        Their gradients (the live ``.grad`` tensors, not copies).
+    """
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    grads: list[Tensor]
+
+
+def global_norm(tensor_lists: Sequence[Sequence[Tensor]], ord: float = 2.0) -> Tensor:
+    """Norm of the concatenation of all tensors in ``tensor_lists``.
+
+    One ``torch._foreach_norm`` per list; the result is a 0-d tensor on the
+    first tensor's device, in float64 if any tensor is float64 and float32
+    otherwise (so half-precision gradients do not overflow).  An empty input
+    gives ``0``.
+    """
+    flat = [t for ts in tensor_lists for t in ts]
+    if not flat:
+        return torch.zeros(())
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in flat) else torch.float32
+    device = flat[0].device
+    parts = [
+        n.to(device)
+        for ts in tensor_lists
+        if len(ts)
+        for n in torch._foreach_norm(list(ts), ord, dtype=dtype)
+    ]
+    return torch.linalg.vector_norm(torch.stack(parts), ord)
+
+
+@contextlib.contextmanager
+def disable_running_stats(model: nn.Module) -> Iterator[nn.Module]:
+    """Freeze BatchNorm running statistics inside the ``with`` block.
+
+    SAM's second forward pass runs at the perturbed weights ``w + e``; letting
+    it update ``running_mean`` / ``running_var`` / ``num_batches_tracked``
+    would mix statistics of weights that are never kept.  Inside the block
+    every ``BatchNorm*`` / ``SyncBatchNorm`` layer in training mode still
+    normalizes with the batch statistics (the gradient is the same as
+    without the block) but leaves its buffers untouched.  The flags are
+    restored on exit, also after an exception.
+
+    Parameters
+    ----------
+    model : nn.Module
+
+    Examples
+    --------
+    >>> loss_fn(model(x), y).backward()
+    >>> opt.first_step(zero_grad=True)
+    >>> with disable_running_stats(model):
+    ...     loss_fn(model(x), y).backward()
+    >>> opt.second_step(zero_grad=True)
+
+    Notes
+    -----
+    Only ``torch.nn.modules.batchnorm._BatchNorm`` subclasses are affected
+    (``InstanceNorm`` with ``track_running_stats=True`` is not).  The layers'
+    ``track_running_stats`` flag is switched off for the duration of the
+    block, which is what makes PyTorch skip the buffer update.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    changed = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    for m in changed:
+        m.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for m in changed:
+            m.track_running_stats = True
+
+
+def _rng_devices(params: Iterable[Tensor]) -> list[torch.device]:
+    return sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
+
+
+class _RngSnapshot:
+    """Global CPU RNG state plus the CUDA states of the parameters' devices."""
+
+    def __init__(self, devices: list[torch.device]) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = [(d, torch.cuda.get_rng_state(d)) for d in devices]
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for d, state in self.cuda:
+            torch.cuda.set_rng_state(state, d)
+
+
+class SharpnessAwareOptimizer(Optimizer):
+    """Base class of the sharpness-aware optimizers; see the module docstring.
+
+    It wraps a base optimizer and shares its ``param_groups`` and ``state``
+    (so LR schedulers and ``add_param_group`` work on either object).
+    Subclasses set :attr:`group_defaults` and override
+    :meth:`ascent_direction`.
+
+    Parameters
+    ----------
+    params : iterable or None
+        Parameters or param-group dicts, as for any ``torch.optim``
+        optimizer.  With an already constructed base optimizer pass ``None``
+        (or the same parameters).
+    base_optimizer : type or Optimizer
+        A ``torch.optim.Optimizer`` subclass (constructed on the same param
+        groups with ``**base_kwargs``) or an optimizer instance.
+    defaults : dict
+        Group-level settings of the variant (``rho``, ``adaptive``, ...).
+        Groups may override them; ``perturb=False`` leaves a group out of the
+        perturbation (it still takes the base step).
+    same_rng : bool
+        Restore the global RNG state (CPU and the parameters' CUDA devices)
+        before the second pass, so dropout draws the same masks at ``w`` and
+        at ``w + e``.
+    per_replica : bool
+        Under ``DistributedDataParallel``, compute the ascent direction from
+        each replica's own gradient (the first pass runs inside
+        ``model.no_sync()``; m-sharpness with m = the local batch).  The
+        default uses DDP's all-reduced gradient: one global perturbation.
+        Needs ``model``.
+    model : nn.Module, optional
+        The (possibly DDP-wrapped) model; needed for ``per_replica=True`` and
+        ``freeze_bn=True``.
+    freeze_bn : bool
+        Run the second pass inside :func:`disable_running_stats` (BatchNorm
+        running statistics are updated by the first pass only).  Needs
+        ``model``.
+    **base_kwargs
+        Passed to ``base_optimizer`` when it is a class.
+    """
+
+    #: Group keys of the variant and their defaults; subclasses replace it.
+    group_defaults: dict[str, Any] = {"rho": 0.05, "perturb": True}
+
+    def __init__(
+        self,
+        params: Iterable[Any] | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        defaults: dict[str, Any],
+        *,
+        same_rng: bool = False,
+        per_replica: bool = False,
+        model: nn.Module | None = None,
+        freeze_bn: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
+        for name, flag in (("same_rng", same_rng), ("per_replica", per_replica), ("freeze_bn", freeze_bn)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        if (per_replica or freeze_bn) and model is None:
+            which = "per_replica=True" if per_replica else "freeze_bn=True"
+            raise ValueError(f"{which} needs model=<your model> (the DDP-wrapped one under DDP)")
+        if per_replica and not hasattr(model, "no_sync"):
+            raise ValueError(
+                "per_replica=True needs model to be a torch.nn.parallel.DistributedDataParallel "
+                f"model (one with no_sync()), got {type(model).__name__}"
+            )
+        for key, value in defaults.items():
+            self._check_setting(key, value)
+
+        if isinstance(base_optimizer, Optimizer):
+            if base_kwargs:
+                raise TypeError(
+                    "base_optimizer is already constructed; base optimizer arguments "
+                    f"{sorted(base_kwargs)} cannot be applied (pass the class instead)"
+                )
+            if isinstance(base_optimizer, SharpnessAwareOptimizer):
+                raise TypeError("base_optimizer must be a plain optimizer, not another SAM")
+            if params is not None:
+                given = {id(p) for p in _flatten_params(params)}
+                owned = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+                if given != owned:
+                    raise ValueError(
+                        "params differ from the parameters of the given base_optimizer "
+                        "instance; pass params=None to use the optimizer's groups"
+                    )
+            base = base_optimizer
+            # Optimizer.__init__ fills the variant's defaults into the base
+            # optimizer's own group dicts (same objects), so group["rho"] works.
+            super().__init__(base.param_groups, defaults)
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+            if issubclass(base_optimizer, SharpnessAwareOptimizer):
+                raise TypeError("base_optimizer must be a plain optimizer, not another SAM")
+            if params is None:
+                raise ValueError("params is required when base_optimizer is a class")
+            super().__init__(params, defaults)
+            # The base optimizer adds its defaults (lr, momentum, ...) to the
+            # same group dicts; both objects then hold one list of groups.
+            base = base_optimizer(self.param_groups, **base_kwargs)
+        else:
+            raise TypeError(
+                "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) "
+                f"or an optimizer instance, got {base_optimizer!r}"
+            )
+        self.base_optimizer = base
+        self.param_groups = base.param_groups
+        self.state = base.state
+        self.same_rng = same_rng
+        self.per_replica = per_replica
+        self.freeze_bn = freeze_bn
+        self.model = model
+        #: Persistent per-parameter state of the variant (saved by state_dict).
+        self.extra_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        self._perturbed: list[Tensor] | None = None  # params currently at w + e
+        self._saved_w: list[Tensor] = []  # reused between steps (no re-allocation)
+        self._saved_key: tuple[int, ...] = ()
+        self._skip_base_step = False
+        self._stash: dict[Tensor, Tensor] = {}
+        self._rng: _RngSnapshot | None = None
+
+    # ------------------------------------------------------------------
+    # settings
+    # ------------------------------------------------------------------
+
+    def _check_setting(self, key: str, value: Any) -> None:
+        """Validate one group setting; subclasses extend it for their keys."""
+        if key in ("rho", "eta"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{key} must be a number, got {type(value).__name__}")
+            if not (value >= 0 and value < float("inf")):
+                raise ValueError(f"{key} must be finite and >= 0, got {value}")
+        elif key in ("adaptive", "perturb") and not isinstance(value, bool):
+            raise TypeError(f"{key} must be a bool (True or False), got {value!r}")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to this optimizer and to the base optimizer (one list)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        for key, value in param_group.items():
+            if key != "params":
+                self._check_setting(key, value)
+        if not hasattr(self, "base_optimizer"):  # during Optimizer.__init__
+            super().add_param_group(param_group)
+            return
+        for key, value in self.defaults.items():
+            param_group.setdefault(key, value)
+        self.base_optimizer.add_param_group(param_group)
+        self.param_groups = self.base_optimizer.param_groups
+
+    # ------------------------------------------------------------------
+    # the hook
+    # ------------------------------------------------------------------
+
+    def ascent_direction(self, groups: list[AscentGroup]) -> list[list[Tensor]]:
+        """Perturbation ``e`` for every parameter of every group (override).
+
+        Parameters
+        ----------
+        groups : list of AscentGroup
+            The perturbed groups that have gradients.
+
+        Returns
+        -------
+        list of list of Tensor
+            ``e`` per group, aligned with ``groups[i].params``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement ascent_direction()")
+
+    # ------------------------------------------------------------------
+    # perturb / restore
+    # ------------------------------------------------------------------
+
+    def ascent_groups(self) -> list[AscentGroup]:
+        """The groups to perturb, with the parameters that have gradients."""
+        out = []
+        for group in self.param_groups:
+            if not group.get("perturb", True):
+                continue
+            params, grads = [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue  # unused this step: skipped, as torch.optim does
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                params.append(p)
+                grads.append(p.grad)
+            if params:
+                out.append(AscentGroup(group, params, grads))
+        return out
+
+    @property
+    def is_perturbed(self) -> bool:
+        """True between :meth:`first_step` and :meth:`second_step`."""
+        return self._perturbed is not None
+
+    @torch.no_grad()
+    def perturb(self, groups: Sequence[AscentGroup], directions: Sequence[Sequence[Tensor]]) -> None:
+        """Set the groups' parameters to ``w + e``.
+
+        ``w`` is copied once (into buffers reused across steps) the first time
+        after a restore; later calls start again from that saved ``w``.
+        """
+        params = [p for g in groups for p in g.params]
+        flat_e = [e for es in directions for e in es]
+        if len(flat_e) != len(params):
+            raise RuntimeError(
+                f"ascent_direction returned {len(flat_e)} tensors for {len(params)} parameters"
+            )
+        if self._perturbed is None:
+            key = tuple(map(id, params))
+            if key != self._saved_key:
+                self._saved_w = [torch.empty_like(p) for p in params]
+                self._saved_key = key
+            if params:
+                torch._foreach_copy_(self._saved_w, params)
+            self._perturbed = params
+        elif [id(p) for p in self._perturbed] != [id(p) for p in params]:
+            raise RuntimeError("perturb() called again with a different set of parameters")
+        elif params:
+            torch._foreach_copy_(params, self._saved_w)
+        try:
+            if params:
+                torch._foreach_add_(params, flat_e)
+        except BaseException:
+            self.restore()
+            raise
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the saved ``w`` back (bit for bit) and abandon the step.
+
+        Safe to call at any time; a no-op when the weights are not perturbed.
+        The :meth:`stash_grad` terms are dropped.  Use it if your own code
+        fails between :meth:`first_step` and :meth:`second_step` outside
+        :meth:`second_pass`.
+        """
+        self._restore_weights()
+        self._stash = {}
+        self._rng = None
+        self._skip_base_step = False
+
+    def _restore_weights(self) -> None:
+        if self._perturbed:
+            torch._foreach_copy_(self._perturbed, self._saved_w)
+        self._perturbed = None
+
+    # ------------------------------------------------------------------
+    # gradient stash (terms taken at w)
+    # ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def stash_grad(self) -> None:
+        """Move the current gradients aside; :meth:`second_step` adds them back.
+
+        Use it for gradient terms that belong to ``w`` rather than to
+        ``w + e``: call it after backpropagating such a term (e.g. the loss
+        of the samples that SharpBalance trains without SAM, or a
+        regularizer) and before the backward that feeds :meth:`first_step`.
+        Repeated calls accumulate.  The ``.grad`` of every parameter is set to
+        ``None``.
+        """
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for p in params:
+            held = self._stash.get(p)
+            if held is None:
+                self._stash[p] = p.grad
+            else:
+                held.add_(p.grad)
+            p.grad = None
+
+    @torch.no_grad()
+    def _unstash(self) -> None:
+        if not self._stash:
+            return
+        have = [(p, s) for p, s in self._stash.items() if p.grad is not None]
+        if have:
+            torch._foreach_add_([p.grad for p, _ in have], [s for _, s in have])
+        for p, s in self._stash.items():
+            if p.grad is None:
+                p.grad = s
+        self._stash = {}
+
+    # ------------------------------------------------------------------
+    # the two steps
+    # ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
+        """Move to ``w + e`` using the gradients at ``w``.
+
+        Parameters
+        ----------
+        zero_grad : bool
+            Clear the gradients afterwards (as the community SAM).
+        scaler : torch.amp.GradScaler, optional
+            The gradients are scaled: unscale them first.  If they contain
+            inf/NaN the weights are not perturbed and :meth:`second_step`
+            skips the base step (the scaler lowers its scale in ``update()``).
+        """
+        if self._perturbed is not None:
+            raise RuntimeError(
+                "first_step() called twice: call second_step() (or restore()) before the next first_step()"
+            )
+        self._skip_base_step = False
+        if scaler is not None and scaler.is_enabled():
+            scaler.unscale_(self)
+        groups = self.ascent_groups()
+        if not groups and any(g.get("perturb", True) for g in self.param_groups):
+            raise RuntimeError(
+                "first_step() found no gradients: run loss.backward() at the current weights "
+                "before first_step()"
+            )
+        if scaler is not None and scaler.is_enabled():
+            # max |g|: finite iff every entry is finite (no overflow of a sum)
+            worst = global_norm([g.grads for g in groups], ord=float("inf"))
+            if not bool(torch.isfinite(worst)):
+                self._skip_base_step = True
+                groups = []
+        directions = self.ascent_direction(groups) if groups else []
+        self.perturb(groups, directions)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
+        """Restore ``w`` and take the base optimizer's step with the current
+        gradients (those at ``w + e``, plus any :meth:`stash_grad` terms).
+
+        Parameters
+        ----------
+        zero_grad : bool
+            Clear the gradients afterwards.
+        scaler : torch.amp.GradScaler, optional
+            Steps through ``scaler.step(base_optimizer)`` (unscale, skip on
+            inf/NaN).  Call ``scaler.update()`` afterwards as usual.
+        """
+        if self._perturbed is None:
+            raise RuntimeError("second_step() called without first_step()")
+        self._restore_weights()
+        self._rng = None
+        self._unstash()
+        if not self._skip_base_step:
+            if scaler is not None and scaler.is_enabled():
+                scaler.step(self.base_optimizer)
+            else:
+                self.base_optimizer.step()
+        self._skip_base_step = False
+        # an LR scheduler attached to this object checks this flag
+        self._opt_called = True  # type: ignore[attr-defined]
+        if zero_grad:
+            self.zero_grad()
+
+    # ------------------------------------------------------------------
+    # the passes
+    # ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def first_pass(self) -> Iterator[None]:
+        """Context for the forward-backward at ``w`` in the two-step style.
+
+        Records the RNG state (``same_rng=True``) and, with
+        ``per_replica=True``, runs inside ``model.no_sync()``.  Optional
+        otherwise.
+        """
+        if self._perturbed is not None:
+            raise RuntimeError("first_pass() entered while perturbed: call second_step() first")
+        self._rng = _RngSnapshot(_rng_devices(self._all_params())) if self.same_rng else None
+        with self.model.no_sync() if self.per_replica else contextlib.nullcontext():  # type: ignore[union-attr,operator]
+            yield
+
+    @contextlib.contextmanager
+    def second_pass(self) -> Iterator[None]:
+        """Context for the forward-backward at ``w + e``.
+
+        Replays the RNG state of :meth:`first_pass` (``same_rng=True``),
+        freezes BatchNorm statistics (``freeze_bn=True``), and restores ``w``
+        if the block raises.
+        """
+        if self._perturbed is None:
+            raise RuntimeError("second_pass() entered without first_step()")
+        if self.same_rng:
+            if self._rng is None:
+                self.restore()
+                raise RuntimeError(
+                    "same_rng=True: run the first forward pass inside `with opt.first_pass():`"
+                )
+            self._rng.restore()
+        try:
+            with disable_running_stats(self.model) if self.freeze_bn else contextlib.nullcontext():  # type: ignore[arg-type]
+                yield
+        except BaseException:
+            self.restore()
+            raise
+
+    def step(self, closure: Callable[[], Any] | None = None, *, scaler: Any = None) -> Any:  # type: ignore[override]
+        """One full sharpness-aware step.
+
+        The closure is called twice, at ``w`` and at ``w + e``, with the
+        gradients cleared before each call; it runs the forward pass, calls
+        ``backward()`` (``scaler.scale(loss).backward()`` with a scaler) and
+        returns the loss.
+
+        Parameters
+        ----------
+        closure : callable
+            As for ``torch.optim`` (LBFGS-style).
+        scaler : torch.amp.GradScaler, optional
+            See :meth:`first_step`; call ``scaler.update()`` after the step.
+
+        Returns
+        -------
+        The closure's return value at ``w``.
+        """
+        if closure is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs a closure that computes the loss and calls "
+                "backward(); without one, use first_step() ... backward ... second_step()"
+            )
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        self.zero_grad()
+        with torch.enable_grad(), self.first_pass():
+            loss = closure()
+        self.first_step(zero_grad=True, scaler=scaler)
+        with torch.enable_grad(), self.second_pass():
+            closure()
+        self.second_step(scaler=scaler)
+        return loss
+
+    # ------------------------------------------------------------------
+    # delegation and state
+    # ------------------------------------------------------------------
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients (the base optimizer's ``zero_grad``)."""
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def extra_state_dict(self) -> dict[str, Any]:
+        """The variant's own state; by default :attr:`extra_state` keyed by
+        parameter index (the order of ``param_groups``, as in ``torch.optim``)."""
+        index = {id(p): i for i, p in enumerate(self._all_params())}
+        return {"per_param": {index[id(p)]: dict(s) for p, s in self.extra_state.items() if s}}
+
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`extra_state_dict`."""
+        params = self._all_params()
+        self.extra_state = defaultdict(dict)
+        for i, s in state.get("per_param", {}).items():
+            p = params[int(i)]
+            self.extra_state[p] = {
+                k: v.to(device=p.device) if isinstance(v, Tensor) else v for k, v in s.items()
+            }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict (``state``: momentum, Adam moments;
+        ``param_groups`` with ``rho`` and the other group settings) plus this
+        optimizer's own settings and :meth:`extra_state_dict`."""
+        if self._perturbed is not None:
+            raise RuntimeError("state_dict() called between first_step() and second_step()")
+        sd = dict(self.base_optimizer.state_dict())
+        sd[_SAM_STATE_KEY] = {
+            "version": _STATE_VERSION,
+            "type": type(self).__name__,
+            "defaults": dict(self.defaults),
+            "extra": self.extra_state_dict(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load :meth:`state_dict` output (or a plain base-optimizer state dict)."""
+        if self._perturbed is not None:
+            raise RuntimeError("load_state_dict() called between first_step() and second_step()")
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
+            raise ValueError("state_dict must be an optimizer state dict with 'state' and 'param_groups'")
+        ours = state_dict.get(_SAM_STATE_KEY)
+        base_sd = {k: v for k, v in state_dict.items() if k != _SAM_STATE_KEY}
+        self.base_optimizer.load_state_dict(base_sd)
+        # torch's load_state_dict builds new group dicts: share them again
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        if ours is not None:
+            self.load_extra_state_dict(ours.get("extra", {}))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for i, g in enumerate(self.param_groups):
+            keys = ", ".join(f"{k}={g[k]!r}" for k in self.defaults if k in g)
+            lines.append(f"  group {i}: {keys}")
+        lines.append(f"  base_optimizer: {type(self.base_optimizer).__name__}")
+        lines.append(")")
+        return "\n".join(lines)
+
+
+def _flatten_params(params: Iterable[Any]) -> list[Tensor]:
+    if isinstance(params, Tensor):
+        return [params]
+    out: list[Tensor] = []
+    for item in params:
+        if isinstance(item, dict):
+            ps = item["params"]
+            out.extend([ps] if isinstance(ps, Tensor) else list(ps))
+        else:
+            out.append(item)
+    return out
