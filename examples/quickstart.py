@@ -1,0 +1,77 @@
+"""Quickstart: train a small MLP on scikit-learn's digits, then measure its
+sharpness with every kind that ``flatness.sharpness`` offers.
+
+    python examples/quickstart.py            # about 10 s on 2 CPU cores
+    python examples/quickstart.py --epochs 5 # a smoke run
+"""
+
+import argparse
+import time
+
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+import flatness
+
+#: A radius per kind, in the ranges used in the literature for each set.
+RHO = {
+    "linf": 1e-3, "l2": 0.1, "adaptive_linf": 2e-3, "adaptive_l2": 0.1,
+    "avg_linf": 1e-2, "avg_l2": 1e-2, "avg_adaptive_linf": 0.05, "avg_adaptive_l2": 0.05,
+}
+CURVATURE = ("hessian_max_eig", "hessian_trace", "minimum")
+
+
+def digits(seed=0):
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32) / 16.0
+    y = torch.tensor(y)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    return (x[:1400], y[:1400]), (x[1400:], y[1400:])
+
+
+def train(model, data, epochs, seed=0):
+    x, y = data
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=gen).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=int, default=30)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    train_data, test_data = digits()
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    train(model, train_data, args.epochs)
+    with torch.no_grad():
+        acc = (model(test_data[0]).argmax(1) == test_data[1]).float().mean()
+    print(f"test accuracy: {acc:.3f}\n")
+
+    # Sharpness on the training data, in batches of 256 (m-sharpness with m = 256).
+    x, y = train_data
+    loader = list(zip(x.split(256), y.split(256)))
+    print(f"{'kind':<20}{'rho':>9}{'sharpness':>13}{'seconds':>9}")
+    for kind, rho in RHO.items():
+        t = time.perf_counter()
+        r = flatness.sharpness(model, loader, kind=kind, rho=rho, n_iters=20, n_samples=20, seed=0)
+        print(f"{kind:<20}{rho:>9.0e}{r.value:>13.5f}{time.perf_counter() - t:>9.2f}")
+    for kind in CURVATURE:
+        t = time.perf_counter()
+        try:
+            r = flatness.sharpness(model, loader, kind=kind, seed=0)
+        except NotImplementedError:
+            print(f"{kind:<20}{'':>9}{'n/a':>13}")
+            continue
+        print(f"{kind:<20}{'':>9}{r.value:>13.5f}{time.perf_counter() - t:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
