@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._base import AscentGroup, SharpnessAwareOptimizer, disable_running_stats, global_norm
 from .sam import SAM
+from .subset import subset_sam_step
 
 __all__ = [
     "SAM",
@@ -17,4 +18,5 @@ __all__ = [
     "SharpnessAwareOptimizer",
     "disable_running_stats",
     "global_norm",
+    "subset_sam_step",
 ]
