@@ -1,0 +1,596 @@
+"""Curvature of the loss: Hessian-vector products, top eigenvalues, trace,
+spectral density and minimum sharpness.
+
+Every function takes a model and data with the library's conventions (one
+batch or an iterable of batches, ``loss_fn``, ``params``, ``seed``,
+``n_batches``, ``progress``, ``train``) and leaves the model exactly as it
+was.  Over several batches the curvature is that of the size-weighted mean
+loss, ``sum_b (n_b / N) H_b``; the batches are streamed again for every
+product, so ``data`` must be re-iterable (a list or a ``DataLoader``; a
+shuffling loader is fine when all batches are used).
+
+Products come from ``torch.func`` (forward-over-reverse, ``k`` vectors per
+``vmap`` call); see :class:`CurvatureOperator` for using them with your own
+solver.  The algorithms are described in :doc:`/guide/curvature`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flatness._hvp import CurvatureOperator, ResultMixin
+from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
+from flatness._minimum import MinimumSharpnessResult, minimum_sharpness
+from flatness._model import (
+    LossFn,
+    ModelGuard,
+    batch_size,
+    functional_loss,
+    iter_batches,
+    private_rng,
+)
+
+__all__ = [
+    "CurvatureOperator",
+    "EigenResult",
+    "MinimumSharpnessResult",
+    "SpectralDensity",
+    "TraceResult",
+    "hvp",
+    "minimum_sharpness",
+    "spectral_density",
+    "top_eigenvalues",
+    "trace",
+]
+
+TRACE_METHODS = ("hutch++", "hutchinson", "exact")
+
+
+# --------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class EigenResult(ResultMixin):
+    """Outcome of :func:`top_eigenvalues`.
+
+    Attributes
+    ----------
+    eigenvalues : Tensor
+        ``(k,)`` float64, ordered as requested (largest first for ``"LA"``).
+    eigenvectors : list of list of Tensor
+        ``eigenvectors[i]`` is the ``i``-th unit eigenvector as tensors shaped
+        like the selected parameters (left out of ``to_dict``).
+    names : list of str
+        Names of the selected parameters.
+    residuals : Tensor
+        ``||H y_i - lambda_i y_i||`` for each pair.
+    n_hvp : int
+        Curvature-vector products spent (each one a pass over the data).
+    n_iter : int
+        Lanczos steps.
+    converged : bool
+    settings : dict
+    wall_time : float
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: list[list[Tensor]]
+    names: list[str]
+    residuals: Tensor
+    n_hvp: int
+    n_iter: int
+    converged: bool
+    settings: dict[str, Any] = field(default_factory=dict)
+    wall_time: float = 0.0
+    _skip = ("eigenvectors",)
+
+
+@dataclass
+class TraceResult(ResultMixin):
+    """Outcome of :func:`trace`.
+
+    Attributes
+    ----------
+    value : float
+        The trace estimate.
+    std_error : float
+        Its standard error (0 for ``method="exact"``).
+    method : str
+    n_hvp : int
+    samples : Tensor
+        The random quadratic forms the estimate averages (empty for exact).
+    settings : dict
+    wall_time : float
+    """
+
+    value: float
+    std_error: float
+    method: str
+    n_hvp: int
+    samples: Tensor
+    settings: dict[str, Any] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+
+@dataclass
+class SpectralDensity(ResultMixin):
+    """Outcome of :func:`spectral_density`.
+
+    Attributes
+    ----------
+    grid : Tensor
+        Eigenvalue axis.
+    density : Tensor
+        Smoothed density on ``grid`` (integrates to about 1).
+    nodes, weights : Tensor
+        ``(n_vectors, n_steps)`` Gauss quadrature nodes and weights, one row
+        per start vector; ``mean_v sum_i w_vi theta_vi**p`` estimates
+        ``tr(H**p) / n``.
+    sigma : float
+        Width of the Gaussian kernel.
+    n_hvp : int
+    settings : dict
+    wall_time : float
+    """
+
+    grid: Tensor
+    density: Tensor
+    nodes: Tensor
+    weights: Tensor
+    sigma: float
+    n_hvp: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+    def moment(self, p: int) -> float:
+        """Estimate of ``tr(H**p) / n`` from the quadrature (no smoothing)."""
+        return float((self.weights * self.nodes**p).sum(1).mean())
+
+    def plot(self, ax: Any = None, *, log: bool = True, **kwargs: Any) -> Any:
+        """Plot the density with matplotlib (``pip install flatness[plot]``);
+        returns the axes."""
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("SpectralDensity.plot needs matplotlib: pip install 'flatness[plot]'") from exc
+        if ax is None:
+            _, ax = plt.subplots()
+        ax.plot(self.grid.numpy(), self.density.numpy(), **kwargs)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density")
+        return ax
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _bar(progress: bool, total: int | None, desc: str) -> Any:
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("progress=True needs tqdm: pip install 'flatness[progress]'") from exc
+    return tqdm(total=total, desc=desc, unit="hvp")
+
+
+def _operator(model: nn.Module, data: Any, **kwargs: Any) -> CurvatureOperator:
+    seed = kwargs.pop("seed")
+    return CurvatureOperator(model, data, seed=0 if seed is None else seed, **kwargs)
+
+
+def _common_settings(op: CurvatureOperator, seed: int | None) -> dict[str, Any]:
+    return {
+        "curvature": op.curvature,
+        "params": list(op.params.names),
+        "n_params": op.shape[0],
+        "n_batches": op.n_batches,
+        "train": op.train,
+        "seed": seed,
+        "dtype": str(op.dtype),
+        "loss_fn": getattr(op.loss_fn, "__name__", type(op.loss_fn).__name__),
+    }
+
+
+# --------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------
+
+
+def hvp(
+    model: nn.Module,
+    data: Any,
+    vectors: Sequence[Tensor],
+    *,
+    loss_fn: LossFn | None = None,
+    params: Iterable[Any] | None = None,
+    curvature: str = "hessian",
+    n_batches: int | None = None,
+    train: bool = False,
+    chunk_size: int | None = None,
+) -> list[Tensor]:
+    """Hessian-vector (or GGN-vector) products of the loss.
+
+    Parameters
+    ----------
+    model : nn.Module
+    data : batch or re-iterable of batches
+        With several batches, the product with the size-weighted average of
+        the per-batch matrices.
+    vectors : sequence of Tensor
+        One tensor per selected parameter, shaped like it (one vector) or
+        with an extra leading dimension ``k`` (``k`` vectors, computed in one
+        batched pass).
+    loss_fn, params, n_batches, train
+        As everywhere in the library.
+    curvature : {"hessian", "ggn"}
+        The Hessian, or the generalized Gauss-Newton matrix ``J^T H_z J``.
+    chunk_size : int, optional
+        At most this many vectors per ``vmap`` call.
+
+    Returns
+    -------
+    list of Tensor
+        The products, shaped like ``vectors``.
+    """
+    op = CurvatureOperator(
+        model, data, loss_fn=loss_fn, params=params, curvature=curvature,
+        n_batches=n_batches, train=train, chunk_size=chunk_size,
+    )
+    shapes = [p.shape for p in op.params.params]
+    vectors = list(vectors)
+    if len(vectors) != len(shapes) or not all(isinstance(v, Tensor) for v in vectors):
+        raise ValueError(f"vectors must be {len(shapes)} tensors, one per selected parameter ({', '.join(op.params.names)})")
+    if all(v.shape == s for v, s in zip(vectors, shapes)):
+        batched = False
+    elif all(v.dim() == len(s) + 1 and v.shape[1:] == s for v, s in zip(vectors, shapes)) and len(
+        {v.shape[0] for v in vectors}
+    ) == 1:
+        batched = True
+    else:
+        raise ValueError(
+            "each vector must have its parameter's shape, or (k, *shape) for k vectors; "
+            f"parameters have shapes {[tuple(s) for s in shapes]}, got {[tuple(v.shape) for v in vectors]}"
+        )
+    tangents = tuple(
+        (v if batched else v.unsqueeze(0)).to(device=op.device, dtype=op.dtype) for v in vectors
+    )
+    out = op.apply(tangents)
+    return [o if batched else o[0] for o in out]
+
+
+def top_eigenvalues(
+    model: nn.Module,
+    data: Any,
+    k: int = 1,
+    *,
+    tol: float = 1e-6,
+    max_iter: int | None = None,
+    which: str = "LA",
+    block_size: int = 1,
+    loss_fn: LossFn | None = None,
+    params: Iterable[Any] | None = None,
+    curvature: str = "hessian",
+    seed: int | None = 0,
+    n_batches: int | None = None,
+    progress: bool = False,
+    train: bool = False,
+    chunk_size: int | None = None,
+) -> EigenResult:
+    """Top eigenpairs of the Hessian by Lanczos with full reorthogonalization.
+
+    Parameters
+    ----------
+    model : nn.Module
+    data : batch or re-iterable of batches
+    k : int
+        Number of eigenpairs.
+    tol : float
+        Stop when every residual ``||H y - lambda y||`` is below
+        ``tol * max |lambda|``.  The eigenvalue error is then at most about
+        ``tol**2 * |lambda|**2 / gap``.
+    max_iter : int, optional
+        Maximum Lanczos steps (default ``max(20 k, 100)``); each costs
+        ``block_size`` products.
+    which : {"LA", "LM", "SA"}
+        Largest algebraic (default: the sharpest directions), largest
+        magnitude, or smallest algebraic (most negative curvature).
+    block_size : int
+        Vectors per Lanczos step, computed in one batched ``vmap`` pass.
+    curvature : {"hessian", "ggn"}
+    seed : int or None
+        Seed of the random start vector.
+    progress : bool
+        tqdm bar over products.
+    loss_fn, params, n_batches, train, chunk_size
+        As in :func:`hvp`.
+
+    Returns
+    -------
+    EigenResult
+        ``eigenvalues``, ``eigenvectors`` (parameter-shaped), ``n_hvp``.
+    """
+    start = time.perf_counter()
+    _check_int("k", k, 1)
+    _check_positive("tol", tol)
+    if max_iter is not None:
+        _check_int("max_iter", max_iter, 1)
+    _check_int("block_size", block_size, 1)
+    if which not in ("LA", "LM", "SA"):
+        raise ValueError(f"which must be 'LA', 'LM' or 'SA', got {which!r}")
+    op = _operator(
+        model, data, loss_fn=loss_fn, params=params, curvature=curvature,
+        n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed,
+    )
+    n = op.shape[0]
+    if k > n:
+        raise ValueError(f"k={k} exceeds the number of selected parameters ({n})")
+    if block_size > n:
+        raise ValueError(f"block_size={block_size} exceeds the number of selected parameters ({n})")
+    limit = max_iter if max_iter is not None else max(20 * k, 100)
+    op.progress = _bar(progress, limit * block_size, "lanczos")
+    try:
+        with private_rng(seed, op.device) as gen:
+            res = lanczos(
+                op.matmat, n, k, which=which, tol=tol, max_iter=max_iter,
+                block_size=block_size, generator=gen, device=op.device,
+            )
+    finally:
+        if op.progress is not None:
+            op.progress.close()
+    vecs = [
+        [t.clone() for t in op.unflatten(res.eigenvectors[:, i].to(op.dtype))] for i in range(res.eigenvectors.shape[1])
+    ]
+    settings = _common_settings(op, seed)
+    settings.update(k=k, tol=tol, max_iter=limit, which=which, block_size=block_size)
+    return EigenResult(
+        eigenvalues=res.eigenvalues,
+        eigenvectors=vecs,
+        names=list(op.params.names),
+        residuals=res.residuals,
+        n_hvp=op.n_hvp,
+        n_iter=res.n_iter,
+        converged=res.converged,
+        settings=settings,
+        wall_time=time.perf_counter() - start,
+    )
+
+
+def trace(
+    model: nn.Module,
+    data: Any,
+    *,
+    method: str = "hutch++",
+    n_samples: int = 90,
+    loss_fn: LossFn | None = None,
+    params: Iterable[Any] | None = None,
+    curvature: str = "hessian",
+    seed: int | None = 0,
+    n_batches: int | None = None,
+    progress: bool = False,
+    train: bool = False,
+    batch: int = 8,
+    chunk_size: int | None = None,
+) -> TraceResult:
+    """Trace of the Hessian with a standard error.
+
+    Parameters
+    ----------
+    method : {"hutch++", "hutchinson", "exact"}
+        ``"hutch++"`` (default): a third of the products sketch the dominant
+        subspace, whose trace is taken exactly, the rest estimate the
+        remainder (Meyer et al. 2021); never worse than Hutchinson by more
+        than a constant and much better when a few eigenvalues dominate.
+        ``"hutchinson"``: the mean of ``z^T H z`` over Rademacher ``z``.
+        ``"exact"``: ``n`` products with the unit vectors (small models).
+    n_samples : int
+        Products to spend (ignored by ``"exact"``).
+    batch : int
+        Vectors per batched product pass.
+    loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size
+        As in :func:`top_eigenvalues`.
+
+    Returns
+    -------
+    TraceResult
+        ``value`` and ``std_error`` (the standard deviation of the estimate,
+        estimated from its own samples).
+    """
+    start = time.perf_counter()
+    if method not in TRACE_METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(TRACE_METHODS)}")
+    _check_int("n_samples", n_samples, 4 if method == "hutch++" else 2)
+    _check_int("batch", batch, 1)
+    op = _operator(
+        model, data, loss_fn=loss_fn, params=params, curvature=curvature,
+        n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed,
+    )
+    n = op.shape[0]
+    op.progress = _bar(progress, n if method == "exact" else n_samples, "trace")
+    try:
+        if method == "exact":
+            value = float(exact_diagonal(op.matmat, n, batch=batch, device=op.device).sum())
+            std_error, samples = 0.0, torch.zeros(0, dtype=torch.float64)
+        else:
+            estimator = hutchpp if method == "hutch++" else hutchinson
+            with private_rng(seed, op.device) as gen:
+                value, std_error, samples = estimator(
+                    op.matmat, n, n_samples, generator=gen, device=op.device, batch=batch
+                )
+    finally:
+        if op.progress is not None:
+            op.progress.close()
+    settings = _common_settings(op, seed)
+    settings.update(method=method, n_samples=n_samples)
+    return TraceResult(
+        value=value, std_error=std_error, method=method, n_hvp=op.n_hvp, samples=samples,
+        settings=settings, wall_time=time.perf_counter() - start,
+    )
+
+
+def spectral_density(
+    model: nn.Module,
+    data: Any,
+    *,
+    n_vectors: int = 4,
+    n_steps: int = 64,
+    grid_size: int = 1024,
+    sigma: float | None = None,
+    loss_fn: LossFn | None = None,
+    params: Iterable[Any] | None = None,
+    curvature: str = "hessian",
+    seed: int | None = 0,
+    n_batches: int | None = None,
+    progress: bool = False,
+    train: bool = False,
+    chunk_size: int | None = None,
+) -> SpectralDensity:
+    """Eigenvalue density of the Hessian by stochastic Lanczos quadrature.
+
+    ``n_vectors`` runs of ``n_steps`` Lanczos steps from random unit vectors
+    give Gauss quadrature rules of the spectral measure
+    ``(1/n) sum_i delta(t - lambda_i)``; the density is their average,
+    smoothed with a Gaussian of width ``sigma`` (Ghorbani, Krishnan and Xiao
+    2019; Ubaru, Chen and Saad 2017).
+
+    Parameters
+    ----------
+    n_vectors : int
+        Random start vectors (the estimate's variance falls as ``1/n_vectors``).
+    n_steps : int
+        Lanczos steps per vector: moments of order ``< 2 n_steps`` are
+        exact for each vector.
+    grid_size : int
+        Points of the eigenvalue grid, which spans the nodes plus ``5 sigma``.
+    sigma : float, optional
+        Kernel width; default 1 % of the spectral range.
+    loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size
+        As in :func:`top_eigenvalues`.
+
+    Returns
+    -------
+    SpectralDensity
+    """
+    start = time.perf_counter()
+    _check_int("n_vectors", n_vectors, 1)
+    _check_int("n_steps", n_steps, 1)
+    _check_int("grid_size", grid_size, 2)
+    if sigma is not None:
+        _check_positive("sigma", sigma)
+    op = _operator(
+        model, data, loss_fn=loss_fn, params=params, curvature=curvature,
+        n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed,
+    )
+    n = op.shape[0]
+    op.progress = _bar(progress, n_vectors * min(n_steps, n), "slq")
+    try:
+        with private_rng(seed, op.device) as gen:
+            nodes, weights = slq_nodes(op.matmat, n, n_vectors, n_steps, generator=gen, device=op.device)
+    finally:
+        if op.progress is not None:
+            op.progress.close()
+    used = weights > 0
+    lo, hi = float(nodes[used].min()), float(nodes[used].max())
+    if sigma is None:
+        sigma = max(0.01 * (hi - lo), 1e-6 * max(abs(lo), abs(hi), 1e-12))
+    grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid_size, dtype=torch.float64)
+    density = gaussian_density(nodes, weights, grid, sigma)
+    settings = _common_settings(op, seed)
+    settings.update(n_vectors=n_vectors, n_steps=n_steps, grid_size=grid_size)
+    return SpectralDensity(
+        grid=grid, density=density, nodes=nodes, weights=weights, sigma=sigma, n_hvp=op.n_hvp,
+        settings=settings, wall_time=time.perf_counter() - start,
+    )
+
+
+# --------------------------------------------------------------------------
+# flatness.sharpness kinds
+# --------------------------------------------------------------------------
+
+
+def _clean_loss(op: CurvatureOperator) -> tuple[float, int]:
+    """Size-weighted mean loss over the operator's data, and the sample count."""
+    total, acc = 0, 0.0
+    ps = op.params
+    with ModelGuard(op.model, train=op.train), private_rng(op.seed, ps.device), torch.no_grad():
+        for inputs, targets in iter_batches(op.data, device=ps.device, dtype=ps.dtype, n_batches=op.n_batches):
+            nb = batch_size(targets)
+            acc += float(functional_loss(op.model, ps, ps.detached(), inputs, targets, op.loss_fn)) * nb
+            total += nb
+    return acc / total, total
+
+
+def _curvature_result(kind: str, value: float, model: nn.Module, data: Any, common: dict[str, Any],
+                      settings: dict[str, Any], n_hvp: int, start: float) -> Any:
+    from flatness.sharpness import SharpnessResult  # sharpness imports this module
+
+    op = _operator(model, data, **common)
+    loss, total = _clean_loss(op)
+    return SharpnessResult(
+        kind=kind, rho=None, value=float(value), per_batch=[float(value)], batch_sizes=[total],
+        clean_loss=loss, perturbed_loss=None, settings=settings,
+        wall_time=time.perf_counter() - start, counts={"hvp": n_hvp},
+    )
+
+
+def _kind_max_eig(model: nn.Module, data: Any, *, rho: Any = None, loss_fn: LossFn | None = None,
+                  params: Any = None, seed: int | None = 0, n_batches: int | None = None,
+                  progress: bool = False, train: bool = False, **options: Any) -> Any:
+    """``flatness.sharpness(kind="hessian_max_eig")``: the largest eigenvalue
+    (options of :func:`top_eigenvalues` pass through)."""
+    start = time.perf_counter()
+    common = dict(loss_fn=loss_fn, params=params, n_batches=n_batches, train=train, seed=seed)
+    r = top_eigenvalues(model, data, 1, progress=progress, **common, **options)
+    settings = {**r.settings, "residual": float(r.residuals[0]), "converged": r.converged}
+    return _curvature_result("hessian_max_eig", float(r.eigenvalues[0]), model, data, common, settings, r.n_hvp, start)
+
+
+def _kind_trace(model: nn.Module, data: Any, *, rho: Any = None, loss_fn: LossFn | None = None,
+                params: Any = None, seed: int | None = 0, n_batches: int | None = None,
+                progress: bool = False, train: bool = False, **options: Any) -> Any:
+    """``flatness.sharpness(kind="hessian_trace")`` (options of :func:`trace`)."""
+    start = time.perf_counter()
+    common = dict(loss_fn=loss_fn, params=params, n_batches=n_batches, train=train, seed=seed)
+    r = trace(model, data, progress=progress, **common, **options)
+    settings = {**r.settings, "std_error": r.std_error}
+    return _curvature_result("hessian_trace", r.value, model, data, common, settings, r.n_hvp, start)
+
+
+def _kind_minimum(model: nn.Module, data: Any, *, rho: Any = None, loss_fn: LossFn | None = None,
+                  params: Any = None, seed: int | None = 0, n_batches: int | None = None,
+                  progress: bool = False, train: bool = False, **options: Any) -> Any:
+    """``flatness.sharpness(kind="minimum")`` (options of
+    :func:`minimum_sharpness`)."""
+    start = time.perf_counter()
+    common = dict(loss_fn=loss_fn, params=params, n_batches=n_batches, train=train, seed=seed)
+    r = minimum_sharpness(model, data, progress=progress, **common, **options)
+    settings = {**r.settings, "trace": r.trace, "trace_std_error": r.trace_std_error}
+    return _curvature_result("minimum", r.value, model, data, common, settings, r.n_hvp, start)
