@@ -358,7 +358,10 @@ class SharpnessAwareOptimizer(Optimizer):
         """The groups to perturb, with the parameters that have gradients."""
         out = []
         for group in self.param_groups:
-            if not group.get("perturb", True):
+            # groups added through the base optimizer lack our keys
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            if not group["perturb"]:
                 continue
             params, grads = [], []
             for p in group["params"]:
