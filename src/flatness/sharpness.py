@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import hessian as _hessian_kinds
 from ._apgd import apgd
 from ._geometry import PerturbationSet
 from ._model import (
@@ -337,9 +338,9 @@ def _perturbation(kind: str) -> SharpnessFn:
 #: progress, train, **options) -> SharpnessResult``.
 KINDS: dict[str, SharpnessFn] = {
     **{kind: _perturbation(kind) for kind in (*WORST_CASE, *AVERAGE_CASE)},
-    "hessian_max_eig": _not_yet("hessian_max_eig"),
-    "hessian_trace": _not_yet("hessian_trace"),
-    "minimum": _not_yet("minimum"),
+    "hessian_max_eig": _hessian_kinds._kind_max_eig,
+    "hessian_trace": _hessian_kinds._kind_trace,
+    "minimum": _hessian_kinds._kind_minimum,
 }
 
 
