@@ -14,7 +14,8 @@ no ``.grad`` is touched.  Memory is bounded by ``chunk_size``: at most
 
 The model is evaluated in whatever mode it is in.  Callers put it in eval
 mode first (:class:`flatness._model.ModelGuard`): in training mode a
-BatchNorm layer would normalize each sample by its own statistics.
+BatchNorm layer normalizes each sample by its own statistics (and leaves its
+running statistics alone: an in-place update cannot run under ``vmap``).
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from flatness._model import (
     functional_loss,
     iter_batches,
     split_batch,
+    unwrap,
 )
+from flatness.optim._base import disable_running_stats
 
-__all__ = ["check_chunk_size", "iter_per_sample_grads", "per_sample_grads"]
+__all__ = ["check_chunk_size", "iter_per_sample_grads", "per_sample_grads", "per_sample_losses"]
 
 
 def check_chunk_size(chunk_size: int | None) -> int | None:
@@ -109,7 +112,8 @@ def per_sample_grads(
     # randomness="different": in training mode each sample draws its own
     # dropout mask, as it would in a loop over samples; eval mode draws none.
     fn = vmap(grad_and_value(sample_loss), in_dims=(None, 0, 0), randomness="different")
-    grads, losses = fn(list(values), inputs, targets)
+    with disable_running_stats(unwrap(model)):
+        grads, losses = fn(list(values), inputs, targets)
     return [g.detach() for g in grads], losses.detach()
 
 
@@ -158,3 +162,21 @@ def iter_per_sample_grads(
             )
             yield grads, losses, y
 
+
+
+def per_sample_losses(
+    model: nn.Module,
+    params: ParamSet,
+    inputs: Any,
+    targets: Tensor,
+    loss_fn: LossFn = default_loss,
+) -> Tensor:
+    """The loss of every sample of one batch (``loss_fn`` on batches of one),
+    without gradients; shape ``(n,)``."""
+    values = params.detached()
+
+    def sample_loss(x: Any, y: Tensor) -> Tensor:
+        return functional_loss(model, params, values, _add_batch_dim(x), _add_batch_dim(y), loss_fn)
+
+    with torch.no_grad(), disable_running_stats(unwrap(model)):
+        return vmap(sample_loss, randomness="different")(inputs, targets)

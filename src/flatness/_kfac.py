@@ -1,0 +1,250 @@
+"""Kronecker factors for Linear and Conv2d layers.
+
+For a layer with weight ``W`` (and optionally bias ``b``), the gradient of
+one sample's loss is ``g = sum_t e_t a_t^T`` where ``t`` runs over the
+positions the layer is applied at (one position for a ``Linear`` on a
+``(n, d)`` input; every spatial location for a ``Conv2d``; every sequence
+position for a ``Linear`` on ``(n, L, d)``), ``a_t`` is the layer input at
+that position (the unfolded patch for a convolution) with a 1 appended when
+the bias is selected, and ``e_t`` is the gradient of the *sample loss* with
+respect to the layer output there.
+
+The Kronecker-factored approximation (Martens and Grosse 2015; Grosse and
+Martens 2016 for convolutions, "KFC") of the uncentered second moment is::
+
+    E[vec(g) vec(g)^T]  ~  A (x) G,
+    A = E_i[ (1/T) sum_t a_t a_t^T ],   G = E_i[ sum_t e_t e_t^T ].
+
+With one position (``T = 1``) this is exact for a single sample; for
+convolutions it is exact when the patches of a sample are orthogonal with
+equal norms (KFC's spatial homogeneity and uncorrelated derivatives).
+Its trace is ``tr(A) tr(G)``, computed here without forming the factors:
+``tr(A)`` of a convolution comes from a convolution of the squared input with
+a kernel of ones, not from unfolding.
+
+Layers are found by :func:`plan`; everything else (other layer types, grouped
+convolutions, parameters shared between modules) is returned as
+``unsupported`` for the caller to handle exactly - nothing is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flatness._model import ParamSet, unwrap
+
+__all__ = [
+    "KFACLayer",
+    "capture",
+    "factors",
+    "plan",
+    "trace_terms",
+]
+
+
+@dataclass(frozen=True)
+class KFACLayer:
+    """A ``Linear`` or ``Conv2d`` module whose selected parameters are
+    Kronecker-factored.
+
+    Attributes
+    ----------
+    name : str
+        The module's name in ``model.named_modules()``.
+    module : nn.Module
+    weight : int or None
+        Index of the weight in the :class:`~flatness._model.ParamSet`
+        (``None`` if the weight is not selected).
+    bias : int or None
+        Index of the bias (``None`` if absent or not selected).
+    """
+
+    name: str
+    module: nn.Module
+    weight: int | None
+    bias: int | None
+
+    @property
+    def indices(self) -> list[int]:
+        return [k for k in (self.weight, self.bias) if k is not None]
+
+
+def _supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    # Grouped convolutions have one Kronecker block per group; not handled.
+    return isinstance(module, nn.Conv2d) and module.groups == 1
+
+
+def plan(model: nn.Module, params: ParamSet) -> tuple[list[KFACLayer], list[int]]:
+    """Split the selected parameters into Kronecker-factored layers and the rest.
+
+    Returns
+    -------
+    layers : list of KFACLayer
+        ``Linear`` and ``Conv2d`` (``groups=1``) modules with at least one
+        selected parameter, registered once in the model and owning their
+        parameters alone.
+    unsupported : list of int
+        Indices (into ``params``) of every other selected parameter.
+    """
+    module = unwrap(model)
+    index = {id(p): k for k, p in enumerate(params.params)}
+    # Count owners with duplicates kept: a module registered twice, or a
+    # parameter tied between two modules, does not factor per module.
+    module_count: dict[int, int] = {}
+    owners: dict[int, int] = {}
+    for _, mod in module.named_modules(remove_duplicate=False):
+        module_count[id(mod)] = module_count.get(id(mod), 0) + 1
+    for mod in {id(m): m for m in module.modules()}.values():
+        for p in mod.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+
+    layers: list[KFACLayer] = []
+    covered: set[int] = set()
+    for name, mod in module.named_modules():
+        if not _supported(mod) or module_count[id(mod)] > 1:
+            continue
+        slots = []
+        for p in (mod.weight, mod.bias):
+            k = index.get(id(p)) if p is not None else None
+            slots.append(k if k is not None and owners[id(p)] == 1 else None)
+        if slots[0] is None and slots[1] is None:
+            continue
+        layers.append(KFACLayer(name, mod, slots[0], slots[1]))
+        covered.update(k for k in slots if k is not None)
+    unsupported = [k for k in range(len(params.params)) if k not in covered]
+    return layers, unsupported
+
+
+@contextmanager
+def capture(layers: list[KFACLayer]) -> Iterator[dict[str, list[list[Tensor]]]]:
+    """Record each layer's inputs and output gradients.
+
+    Yields a dict ``name -> [[input, output_grad], ...]``, one entry per
+    call of the module, filled by hooks during forward passes and the
+    following ``backward`` / ``autograd.grad`` (an entry has no gradient if
+    none reached the module's output).  The hooks are removed on exit, also
+    after an exception.
+    """
+    store: dict[str, list[list[Tensor]]] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(mod: nn.Module, args: tuple, output: Tensor) -> None:
+            entry = [args[0].detach()]
+            store.setdefault(name, []).append(entry)
+            if output.requires_grad:
+                output.register_hook(lambda g: entry.append(g.detach()))
+
+        return hook
+
+    try:
+        for layer in layers:
+            handles.append(layer.module.register_forward_hook(make_hook(layer.name)))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _padded(module: nn.Conv2d, x: Tensor) -> Tensor:
+    # The module pads inside its forward; the hook sees the unpadded input.
+    # _reversed_padding_repeated_twice covers int, tuple and "same" padding.
+    pad = module._reversed_padding_repeated_twice
+    if not any(pad):
+        return x
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, pad, mode=mode)
+
+
+def _positions(layer: KFACLayer, a: Tensor, e: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Inputs ``(n, T, d_in)`` (unfolded for conv), output grads ``(n, T, d_out)``, T."""
+    n = e.shape[0]
+    if isinstance(layer.module, nn.Conv2d):
+        m = layer.module
+        patches = F.unfold(_padded(m, a), m.kernel_size, dilation=m.dilation, stride=m.stride)
+        a = patches.transpose(1, 2)
+        e = e.flatten(2).transpose(1, 2)
+    else:
+        a = a.reshape(n, -1, a.shape[-1])
+        e = e.reshape(n, -1, e.shape[-1])
+    return a, e, e.shape[1]
+
+
+def _positions_count(layer: KFACLayer, e: Tensor) -> int:
+    """T: output positions per sample (spatial locations, sequence positions)."""
+    m = layer.module
+    out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+    return e[0].numel() // out
+
+
+def _input_sqnorms(layer: KFACLayer, a: Tensor) -> Tensor:
+    """Per sample ``sum_t ||x_t||^2`` over the layer's input patches."""
+    n = a.shape[0]
+    if isinstance(layer.module, nn.Conv2d):
+        m = layer.module
+        # Each input pixel counts once per patch covering it: a convolution
+        # of the channel-summed squared input with a kernel of ones.
+        sq = _padded(m, a).pow(2).sum(1, keepdim=True)
+        ones = sq.new_ones(1, 1, *m.kernel_size)
+        return F.conv2d(sq, ones, stride=m.stride, dilation=m.dilation).reshape(n, -1).sum(1)
+    return a.reshape(n, -1).pow(2).sum(1)
+
+
+def trace_terms(layer: KFACLayer, a: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+    """``tr(A_b)`` and ``tr(G_b)`` of one batch.
+
+    Parameters
+    ----------
+    layer : KFACLayer
+    a : Tensor
+        The layer's input for the batch.
+    e : Tensor
+        Gradients of the *sample losses* with respect to the layer's output
+        (the batch-mean loss's output gradient times the batch size).
+
+    Returns
+    -------
+    tr_a, tr_g : Tensor
+        0-d tensors: ``mean_i (1/T) sum_t ||a_t||^2`` (with the appended 1
+        when the bias is selected) and ``mean_i sum_t ||e_t||^2``.
+    """
+    n = e.shape[0]
+    positions = _positions_count(layer, e)
+    tr_a = e.new_zeros(())
+    if layer.weight is not None:
+        tr_a = _input_sqnorms(layer, a).sum() / (n * positions)
+    if layer.bias is not None:
+        tr_a = tr_a + 1
+    tr_g = e.pow(2).sum() / n
+    return tr_a, tr_g
+
+
+def factors(layer: KFACLayer, a: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+    """The Kronecker factors ``A_b`` and ``G_b`` of one batch.
+
+    ``A_b`` is indexed by the input features of the weight as it is
+    flattened (``in_features``, or ``in_channels * kh * kw`` for a
+    convolution), followed by one entry for the bias when it is selected;
+    only the bias entry when the weight is not selected.  ``G_b`` is indexed
+    by the output features.  Then ``A_b (x) G_b`` approximates the second
+    moment of ``vec(dW_i)`` stacked over ``[weight | bias]`` columns, i.e. of
+    ``concat([dW_i, db_i[:, None]], 1).T.flatten()``.
+    """
+    n = e.shape[0]
+    x, g, positions = _positions(layer, a, e)
+    cols = []
+    if layer.weight is not None:
+        cols.append(x)
+    if layer.bias is not None:
+        cols.append(x.new_ones(*x.shape[:2], 1))
+    x = torch.cat(cols, dim=2).reshape(n * positions, -1)
+    g = g.reshape(n * positions, -1)
+    return x.T @ x / (n * positions), g.T @ g / n

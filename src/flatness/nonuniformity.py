@@ -1,0 +1,892 @@
+r"""Nonuniformity of the gradient noise (seed 004, "Beyond Sharpness").
+
+The magnitude of the gradient noise is the trace of the per-sample gradient
+covariance over ``n`` samples,
+
+.. math::
+
+    S = \frac1n \sum_i g_i g_i^\top - \bar g \bar g^\top, \qquad
+    \operatorname{tr} S = \frac1n \sum_i \|g_i - \bar g\|^2,
+
+where ``g_i`` is the gradient of sample ``i``'s loss.  A mini-batch of ``b``
+samples drawn without replacement has gradient covariance ``a S`` with
+``a = (n - b) / (b (n - 1))``; ``a tr S`` is the mini-batch noise magnitude.
+
+* :func:`gradient_variance` computes ``tr S`` exactly from per-sample
+  gradients (``torch.func.vmap``), streamed in chunks.
+* :func:`kfac_variance` approximates it with Kronecker factors from one
+  forward-backward pass per batch (Linear and Conv2d; other layers exactly).
+* :func:`channel_gradient_norms`, :func:`update_moments` and
+  :func:`class_loss_imbalance` are the descriptive nonuniformity metrics the
+  seed's README names; their formulas are in the user guide
+  (:doc:`/guide/nonuniformity`).
+
+All functions follow the library's conventions: ``data`` is one batch or an
+iterable of batches, ``loss_fn`` is a *mean* over the batch, ``params``
+selects parameters, the model comes back unchanged (also after an
+exception), measurement runs in eval mode unless ``train=True``, and results
+have ``to_dict()`` / ``to_json()``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._kfac import KFACLayer, capture, plan, trace_terms
+from ._kfac import factors as kronecker_factors
+from ._model import batch_size as _batch_len
+from ._model import (
+    LossFn,
+    ModelGuard,
+    ParamSet,
+    default_loss,
+    functional_loss,
+    iter_batches,
+    private_rng,
+    select_params,
+    split_batch,
+    unwrap,
+)
+from ._per_sample import check_chunk_size, per_sample_grads, per_sample_losses
+from .sharpness import _maybe_progress
+
+__all__ = [
+    "ChannelNormResult",
+    "ClassLossResult",
+    "UpdateMomentsResult",
+    "VarianceResult",
+    "channel_gradient_norms",
+    "class_loss_imbalance",
+    "gradient_variance",
+    "kfac_variance",
+    "noise_factor",
+    "snapshot",
+    "update_moments",
+]
+
+
+class _Result:
+    """``to_dict`` / ``to_json`` for the result dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dictionary of all fields."""
+        return asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self, path: str | None = None, *, indent: int = 2) -> str:
+        """The result as JSON; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent, default=str)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        return text
+
+
+# --------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------
+
+
+def _layer_of(name: str) -> str:
+    """The module a parameter belongs to: ``"0.weight" -> "0"``."""
+    return name.rpartition(".")[0] or name
+
+
+def _check_common(model: Any, loss_fn: Any) -> LossFn:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if loss_fn is None:
+        return default_loss
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    return loss_fn
+
+
+def _check_positive_int(name: str, value: Any, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+def noise_factor(n: int, b: int) -> float:
+    """``a = (n - b) / (b (n - 1))``: the covariance of a mini-batch gradient
+    of ``b`` samples drawn without replacement from ``n`` is ``a S``.
+
+    ``a = 1/b`` for ``n -> inf`` (sampling with replacement) and ``0`` for
+    ``b = n`` (the full batch has no noise).
+    """
+    _check_positive_int("n", n, allow_none=False)
+    _check_positive_int("b", b, allow_none=False)
+    if b > n:
+        raise ValueError(f"mini-batch size b={b} exceeds the number of samples n={n}")
+    if n == 1:
+        return 0.0
+    return (n - b) / (b * (n - 1))
+
+
+class _Moments:
+    """Streaming mean and sum of squared deviations of per-sample gradients,
+    one parameter at a time (Chan et al.'s pairwise update: no cancellation
+    between ``E||g||^2`` and ``||E g||^2``)."""
+
+    def __init__(self, count: int) -> None:
+        self.n = 0
+        self.mean: list[Tensor | None] = [None] * count
+        self.m2: list[Tensor | None] = [None] * count
+
+    def add(self, grads: list[Tensor]) -> None:
+        c = grads[0].shape[0]
+        total = self.n + c
+        for k, g in enumerate(grads):
+            g = g.reshape(c, -1)
+            mean_c = g.mean(0)
+            m2_c = (g - mean_c).pow(2).sum().double()
+            mean, m2 = self.mean[k], self.m2[k]
+            if mean is None or m2 is None:
+                self.mean[k], self.m2[k] = mean_c, m2_c
+            else:
+                delta = mean_c - mean
+                self.mean[k] = mean + delta * (c / total)
+                self.m2[k] = m2 + m2_c + delta.pow(2).sum().double() * (self.n * c / total)
+        self.n = total
+
+    def variance(self, k: int) -> float:
+        m2 = self.m2[k]
+        return 0.0 if m2 is None else float(m2) / self.n
+
+    def mean_sqnorm(self, k: int) -> float:
+        mean = self.mean[k]
+        return 0.0 if mean is None else float(mean.double().pow(2).sum())
+
+
+def _subset(params: ParamSet, indices: list[int]) -> ParamSet:
+    return ParamSet(
+        tuple(params.names[k] for k in indices), tuple(params.params[k] for k in indices)
+    )
+
+
+# --------------------------------------------------------------------------
+# gradient variance: exact and Kronecker-factored
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class VarianceResult(_Result):
+    """The outcome of :func:`gradient_variance` and :func:`kfac_variance`.
+
+    Attributes
+    ----------
+    method : str
+        ``"exact"`` or ``"kfac"``.
+    total : float
+        ``tr S``, the trace of the per-sample gradient covariance (sum of
+        ``per_layer``).
+    per_layer : dict
+        ``tr S`` restricted to each layer's parameters, keyed by module name
+        (a parameter registered directly on the root module is its own key).
+    second_moment : float
+        ``E_i ||g_i||^2`` (approximated by ``sum tr(A) tr(G)`` for the
+        Kronecker-factored layers).
+    mean_grad_sqnorm : float
+        ``||g_bar||^2``, the squared norm of the mean gradient (exact).
+    n_samples : int
+        ``n``, samples seen.
+    batch_size : int
+        ``b``, the mini-batch size used for ``noise``.
+    noise_factor : float
+        ``a = (n - b) / (b (n - 1))``.
+    noise : float
+        ``a * total``: the magnitude of the mini-batch gradient noise.
+    exact_layers : list of str
+        Layers computed exactly by :func:`kfac_variance` (``fallback="exact"``).
+    unsupported : list of str
+        Parameters left out of every value (``fallback="skip"``); empty
+        otherwise.
+    factors : dict or None
+        ``name -> (A, G)``, the data-averaged Kronecker factors of each
+        factored layer (``factors=True``), see :func:`kfac_variance`.
+        ``to_dict`` lists their shapes, not their entries.
+    settings : dict
+    wall_time : float
+    """
+
+    method: str
+    total: float
+    per_layer: dict[str, float]
+    second_moment: float
+    mean_grad_sqnorm: float
+    n_samples: int
+    batch_size: int
+    noise_factor: float
+    noise: float
+    exact_layers: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
+    factors: dict[str, tuple[Tensor, Tensor]] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dictionary; factors appear as their shapes."""
+        fac, self.factors = self.factors, None
+        try:
+            out = asdict(self)
+        finally:
+            self.factors = fac
+        if fac is not None:
+            out["factors"] = {k: [list(a.shape), list(g.shape)] for k, (a, g) in fac.items()}
+        return out
+
+    def __float__(self) -> float:
+        return float(self.total)
+
+
+def _finish(
+    method: str,
+    per_layer: dict[str, float],
+    second: float,
+    mean_sq: float,
+    n: int,
+    b: int | None,
+    **extra: Any,
+) -> VarianceResult:
+    b = min(b if b is not None else n, n)
+    a = noise_factor(n, b)
+    total = sum(per_layer.values())
+    return VarianceResult(
+        method=method, total=total, per_layer=per_layer, second_moment=second,
+        mean_grad_sqnorm=mean_sq, n_samples=n, batch_size=b, noise_factor=a,
+        noise=a * total, **extra,
+    )
+
+
+def gradient_variance(
+    model: nn.Module,
+    data: Any,
+    *,
+    loss_fn: LossFn | None = None,
+    params: Iterable[Any] | None = None,
+    batch_size: int | None = None,
+    chunk_size: int | None = 64,
+    n_batches: int | None = None,
+    train: bool = False,
+    seed: int | None = 0,
+    progress: bool = False,
+) -> VarianceResult:
+    r"""Exact trace of the per-sample gradient covariance, per layer and total.
+
+    .. math::
+
+        \operatorname{tr} S = \frac1n \sum_{i=1}^n \|g_i - \bar g\|^2, \qquad
+        \text{noise} = \frac{n - b}{b (n - 1)} \operatorname{tr} S
+
+    with ``g_i`` the gradient of ``loss_fn`` on sample ``i`` alone, over all
+    ``n`` samples of ``data``.  Per-sample gradients come from
+    ``torch.func.vmap(grad)`` in chunks of ``chunk_size`` samples; the sums
+    are streamed, so memory stays at ``chunk_size`` gradient copies plus one
+    for the running mean.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network; it comes back exactly as it went in.
+    data : batch or iterable of batches
+        ``(inputs, targets)`` or a ``DataLoader`` / list of them.
+    loss_fn : callable, optional
+        ``loss_fn(outputs, targets)``, a *mean* over the batch (a batch of
+        one then gives the sample loss).  Default: mean cross-entropy.
+    params : iterable, optional
+        Parameters (tensors, names or submodules); default all trainable.
+    batch_size : int, optional
+        The training mini-batch size ``b`` for ``noise``; default: the size
+        of the first batch of ``data`` (so one batch gives ``noise = 0``).
+    chunk_size : int or None
+        Samples differentiated at once (``None``: a whole batch).
+    n_batches : int, optional
+        Use at most this many batches.
+    train : bool
+        Evaluate in training mode.  Each sample is then its own batch:
+        BatchNorm normalizes it by its own statistics.  Default eval mode.
+    seed : int or None
+        Seed for dropout when ``train=True``; the global RNG is untouched.
+    progress : bool
+        Show a tqdm bar over chunks.
+
+    Returns
+    -------
+    VarianceResult
+        ``method="exact"``.
+
+    Examples
+    --------
+    >>> import torch, flatness
+    >>> model = torch.nn.Linear(4, 3)
+    >>> data = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    >>> r = flatness.nonuniformity.gradient_variance(model, data, batch_size=4)
+    >>> r.total > 0 and abs(r.noise - r.noise_factor * r.total) < 1e-12
+    True
+    """
+    start = time.perf_counter()
+    loss_fn = _check_common(model, loss_fn)
+    _check_positive_int("batch_size", batch_size)
+    check_chunk_size(chunk_size)
+    ps = select_params(model, params)
+    moments = _Moments(len(ps.params))
+    first: int | None = None
+    with ModelGuard(model, train=bool(train)), private_rng(seed, ps.device):
+        batches = iter_batches(data, device=ps.device, dtype=ps.dtype, n_batches=n_batches)
+        for inputs, targets in _maybe_progress(batches, progress, None, "gradient variance"):
+            first = first or _batch_len(targets)
+            for x, y in split_batch(inputs, targets, chunk_size):
+                grads, _ = per_sample_grads(model, ps, x, y, loss_fn)
+                moments.add(grads)
+    per_layer: dict[str, float] = {}
+    for k, name in enumerate(ps.names):
+        per_layer[_layer_of(name)] = per_layer.get(_layer_of(name), 0.0) + moments.variance(k)
+    mean_sq = sum(moments.mean_sqnorm(k) for k in range(len(ps.params)))
+    result = _finish(
+        "exact", per_layer, sum(per_layer.values()) + mean_sq, mean_sq, moments.n,
+        batch_size or first,
+        settings={"chunk_size": chunk_size, "n_batches": n_batches, "train": bool(train),
+                  "params": list(ps.names)},
+    )
+    result.wall_time = time.perf_counter() - start
+    return result
+
+
+_FALLBACKS = ("exact", "skip")
+
+
+def kfac_variance(
+    model: nn.Module,
+    data: Any,
+    *,
+    loss_fn: LossFn | None = None,
+    params: Iterable[Any] | None = None,
+    batch_size: int | None = None,
+    fallback: str = "exact",
+    factors: bool = False,
+    chunk_size: int | None = 64,
+    n_batches: int | None = None,
+    train: bool = False,
+    seed: int | None = 0,
+    progress: bool = False,
+) -> VarianceResult:
+    r"""Kronecker-factored approximation of the gradient-noise magnitude.
+
+    For each ``Linear`` and ``Conv2d`` layer (weight and bias together),
+    hooks record the layer inputs ``a`` and the per-sample output gradients
+    ``e`` during one forward-backward pass per batch, and the uncentered
+    second moment of the layer's per-sample gradients is approximated by
+    ``A (x) G``:
+
+    .. math::
+
+        A_B = \frac{1}{|B|} \sum_{i\in B} \frac1T \sum_t \tilde a_{it} \tilde a_{it}^\top,
+        \qquad
+        G_B = \frac{1}{|B|} \sum_{i\in B} \sum_t e_{it} e_{it}^\top,
+
+        \widehat{E\|g_i\|^2} = \sum_B \frac{|B|}{n} \operatorname{tr}(A_B)\operatorname{tr}(G_B),
+        \qquad
+        \widehat{\operatorname{tr} S} = \widehat{E\|g_i\|^2} - \|\bar g\|^2,
+
+    where ``t`` runs over the ``T`` positions the layer is applied at
+    (spatial locations of a convolution, whose inputs are the unfolded
+    patches, per Grosse and Martens 2016; sequence positions of a Linear
+    layer on 3-d inputs; ``T = 1`` otherwise), ``a~`` has a 1 appended when
+    the bias is selected, and ``g_bar`` is the exact mean gradient.  The
+    factors are taken per batch (as in the paper's code, which keeps running
+    averages of per-batch factors), so a batch of one sample makes a
+    ``T = 1`` layer exact.  The traces need no unfolding: only
+    ``factors=True`` forms ``A`` and ``G``.  The estimate is not clamped and
+    can come out slightly negative when the noise is small.
+
+    Parameters
+    ----------
+    model, data, loss_fn, params, batch_size, n_batches, train, seed, progress
+        As in :func:`gradient_variance`.  ``loss_fn`` must be a mean over the
+        batch: the output gradients are multiplied by the batch size to give
+        per-sample-loss gradients.
+    fallback : {"exact", "skip"}
+        Parameters not in a supported layer (other layer types, grouped
+        convolutions, parameters shared between modules): ``"exact"``
+        computes their part with per-sample gradients (:func:`gradient_variance`'s
+        method, listed in ``exact_layers``); ``"skip"`` leaves them out and
+        lists them in ``unsupported``.
+    factors : bool
+        Also return the data-averaged factors ``A = sum_B |B| A_B / n`` and
+        ``G = sum_B |B| G_B / n`` of every factored layer in
+        ``result.factors`` (costs a matrix product per layer and batch; see
+        :func:`flatness._kfac.factors` for their index order).
+    chunk_size : int or None
+        Chunk size of the exact fallback.
+
+    Returns
+    -------
+    VarianceResult
+        ``method="kfac"``.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``fallback``; a factored module called twice in one forward
+        pass; and the conventions' input errors.
+    """
+    start = time.perf_counter()
+    loss_fn = _check_common(model, loss_fn)
+    if fallback not in _FALLBACKS:
+        raise ValueError(f"unknown fallback {fallback!r}; valid: {', '.join(_FALLBACKS)}")
+    _check_positive_int("batch_size", batch_size)
+    check_chunk_size(chunk_size)
+    ps = select_params(model, params)
+    layers, rest = plan(model, ps)
+    exact = _subset(ps, rest) if rest and fallback == "exact" else None
+    factored = [k for layer in layers for k in layer.indices]
+
+    second = {layer.name: torch.zeros((), dtype=torch.float64, device=ps.device) for layer in layers}
+    grad_sum = [torch.zeros_like(ps.params[k]) for k in factored]
+    fac_sum: dict[str, list[Tensor]] = {}
+    moments = _Moments(len(rest))
+    n = 0
+    first: int | None = None
+    with ModelGuard(model, train=bool(train)), private_rng(seed, ps.device):
+        for k in factored:
+            ps.params[k].requires_grad_(True)  # restored by the guard
+        batches = iter_batches(data, device=ps.device, dtype=ps.dtype, n_batches=n_batches)
+        for inputs, targets in _maybe_progress(batches, progress, None, "kfac variance"):
+            nb = _batch_len(targets)
+            first = first or nb
+            n += nb
+            if layers:
+                _kfac_batch(model, ps, layers, factored, inputs, targets, loss_fn, nb,
+                            second, grad_sum, fac_sum if factors else None)
+            if exact is not None:
+                for x, y in split_batch(inputs, targets, chunk_size):
+                    moments.add(per_sample_grads(model, exact, x, y, loss_fn)[0])
+
+    per_layer: dict[str, float] = {}
+    mean_sq = 0.0
+    second_total = 0.0
+    pos = 0
+    for layer in layers:
+        sq = sum(float((grad_sum[pos + j] / n).double().pow(2).sum()) for j in range(len(layer.indices)))
+        pos += len(layer.indices)
+        sm = float(second[layer.name]) / n
+        per_layer[layer.name] = per_layer.get(layer.name, 0.0) + sm - sq
+        mean_sq += sq
+        second_total += sm
+    exact_layers: list[str] = []
+    if exact is not None:
+        for j, name in enumerate(exact.names):
+            key = _layer_of(name)
+            per_layer[key] = per_layer.get(key, 0.0) + moments.variance(j)
+            sq = moments.mean_sqnorm(j)
+            mean_sq += sq
+            second_total += moments.variance(j) + sq
+            if key not in exact_layers:
+                exact_layers.append(key)
+    unsupported = [ps.names[k] for k in rest] if fallback == "skip" else []
+    fac = None
+    if factors:
+        fac = {name: (a / n, g / n) for name, (a, g) in fac_sum.items()}
+    result = _finish(
+        "kfac", per_layer, second_total, mean_sq, n, batch_size or first,
+        exact_layers=exact_layers, unsupported=unsupported, factors=fac,
+        settings={"fallback": fallback, "chunk_size": chunk_size, "n_batches": n_batches,
+                  "train": bool(train), "params": list(ps.names),
+                  "kfac_layers": [layer.name for layer in layers]},
+    )
+    result.wall_time = time.perf_counter() - start
+    return result
+
+
+def _kfac_batch(
+    model: nn.Module,
+    ps: ParamSet,
+    layers: list[KFACLayer],
+    factored: list[int],
+    inputs: Any,
+    targets: Tensor,
+    loss_fn: LossFn,
+    nb: int,
+    second: dict[str, Tensor],
+    grad_sum: list[Tensor],
+    fac_sum: dict[str, list[Tensor]] | None,
+) -> None:
+    """One forward-backward pass: accumulate ``|B| tr(A_B) tr(G_B)``, the
+    mean gradient and (optionally) the factors."""
+    with capture(layers) as store:
+        # The real parameter tensors, so gradients flow to them (and the
+        # hooks see the module's forward); autograd.grad leaves .grad alone.
+        loss = functional_loss(model, ps, list(ps.params), inputs, targets, loss_fn)
+        grads = torch.autograd.grad(loss, [ps.params[k] for k in factored], allow_unused=True)
+    for s, g in zip(grad_sum, grads, strict=True):
+        if g is not None:
+            s.add_(g, alpha=nb)
+    for layer in layers:
+        calls = store.get(layer.name, [])
+        if len(calls) > 1:
+            raise ValueError(
+                f"module {layer.name!r} is called {len(calls)} times per forward pass; "
+                "Kronecker factors are defined for one call. Leave it out with params= "
+                "or use gradient_variance"
+            )
+        if not calls or len(calls[0]) < 2:
+            continue  # the layer did not take part in this loss: zero gradient
+        entry = calls[0]
+        a, e = entry[0], entry[1] * nb  # batch-mean loss -> sample-loss gradients
+        tr_a, tr_g = trace_terms(layer, a, e)
+        second[layer.name] += (tr_a * tr_g).double() * nb
+        if fac_sum is not None:
+            fa, fg = kronecker_factors(layer, a, e)
+            if layer.name in fac_sum:
+                fac_sum[layer.name][0] += fa * nb
+                fac_sum[layer.name][1] += fg * nb
+            else:
+                fac_sum[layer.name] = [fa * nb, fg * nb]
+
+
+# --------------------------------------------------------------------------
+# descriptive nonuniformity metrics
+# --------------------------------------------------------------------------
+
+
+def _mean_gradient(
+    model: nn.Module,
+    ps: ParamSet,
+    data: Any,
+    loss_fn: LossFn,
+    n_batches: int | None,
+    progress: bool,
+    desc: str,
+) -> list[Tensor]:
+    """Size-weighted mean over batches of the batch gradients (one
+    forward-backward pass per batch, through ``functional_loss``)."""
+    total = [torch.zeros_like(p) for p in ps.params]
+    n = 0
+    values = ps.detached()
+    batches = iter_batches(data, device=ps.device, dtype=ps.dtype, n_batches=n_batches)
+    for inputs, targets in _maybe_progress(batches, progress, None, desc):
+        nb = _batch_len(targets)
+        leaves = [v.detach().requires_grad_(True) for v in values]
+        loss = functional_loss(model, ps, leaves, inputs, targets, loss_fn)
+        for t, g in zip(total, torch.autograd.grad(loss, leaves, allow_unused=True), strict=True):
+            if g is not None:
+                t.add_(g, alpha=nb)
+        n += nb
+    return [t / n for t in total]
+
+
+def _spread(values: Tensor) -> tuple[float, float, float]:
+    """Mean, population variance and coefficient of variation."""
+    v = values.double()
+    mean = float(v.mean())
+    var = float(v.var(unbiased=False)) if v.numel() > 0 else 0.0
+    cv = math.sqrt(var) / mean if mean > 0 else math.nan
+    return mean, var, cv
+
+
+@dataclass
+class ChannelNormResult(_Result):
+    """The outcome of :func:`channel_gradient_norms`.
+
+    Attributes
+    ----------
+    variance : float
+        Population variance of the channel gradient norms, pooled over every
+        channel of every layer.
+    cv : float
+        Coefficient of variation ``std / mean`` of the pooled norms.
+    mean : float
+        Mean channel gradient norm.
+    n_channels : int
+    per_layer : dict
+        ``layer -> {"mean", "variance", "cv", "n_channels"}``.
+    norms : dict
+        ``layer -> list of channel norms``.
+    settings : dict
+    wall_time : float
+    """
+
+    variance: float
+    cv: float
+    mean: float
+    n_channels: int
+    per_layer: dict[str, dict[str, float]]
+    norms: dict[str, list[float]]
+    settings: dict[str, Any] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+    def __float__(self) -> float:
+        return float(self.variance)
+
+
+def channel_gradient_norms(
+    model: nn.Module,
+    data: Any,
+    *,
+    loss_fn: LossFn | None = None,
+    params: Iterable[Any] | None = None,
+    n_batches: int | None = None,
+    train: bool = False,
+    seed: int | None = 0,
+    progress: bool = False,
+) -> ChannelNormResult:
+    r"""Variance and coefficient of variation of per-channel gradient norms.
+
+    With ``g = (1/n) sum_i g_i`` the mean gradient over ``data``, channel
+    ``c`` of a layer is output unit / output channel ``c``: the slice
+    ``[c]`` along the first dimension of every selected parameter of the
+    layer (weight row or filter plus bias entry).  Its norm is
+    ``nu_c = ||g[c]||_2``.  Reported: ``Var_c nu_c`` (population variance),
+    ``CV = sqrt(Var_c nu_c) / mean_c nu_c``, pooled over all channels and per
+    layer.  A layer whose parameters disagree on their first dimension
+    contributes each parameter as its own layer (``"<layer>/<param>"``); a
+    0-d parameter is one channel.
+
+    Parameters are as in :func:`gradient_variance`.
+
+    Returns
+    -------
+    ChannelNormResult
+    """
+    start = time.perf_counter()
+    loss_fn = _check_common(model, loss_fn)
+    ps = select_params(model, params)
+    with ModelGuard(model, train=bool(train)), private_rng(seed, ps.device):
+        grad = _mean_gradient(model, ps, data, loss_fn, n_batches, progress, "channel norms")
+    groups: dict[str, list[Tensor]] = {}
+    for name, g in zip(ps.names, grad, strict=True):
+        groups.setdefault(_layer_of(name), []).append(g.reshape(g.shape[0] if g.dim() else 1, -1))
+    norms: dict[str, Tensor] = {}
+    for layer, mats in groups.items():
+        if len({m.shape[0] for m in mats}) == 1:
+            norms[layer] = torch.cat(mats, dim=1).double().pow(2).sum(1).sqrt()
+        else:
+            for name, m in zip([n for n in ps.names if _layer_of(n) == layer], mats, strict=True):
+                norms[f"{layer}/{name.rpartition('.')[2]}"] = m.double().pow(2).sum(1).sqrt()
+    per_layer = {}
+    for layer, v in norms.items():
+        mean, var, cv = _spread(v)
+        per_layer[layer] = {"mean": mean, "variance": var, "cv": cv, "n_channels": v.numel()}
+    pooled = torch.cat(list(norms.values()))
+    mean, var, cv = _spread(pooled)
+    return ChannelNormResult(
+        variance=var, cv=cv, mean=mean, n_channels=pooled.numel(), per_layer=per_layer,
+        norms={k: v.tolist() for k, v in norms.items()},
+        settings={"n_batches": n_batches, "train": bool(train), "params": list(ps.names)},
+        wall_time=time.perf_counter() - start,
+    )
+
+
+@dataclass
+class UpdateMomentsResult(_Result):
+    """The outcome of :func:`update_moments`.
+
+    Attributes
+    ----------
+    skewness : float
+        ``E[(m - mu)^3] / sigma^3`` of the layer update magnitudes ``m_l``.
+    kurtosis : float
+        Excess kurtosis ``E[(m - mu)^4] / sigma^4 - 3``.
+    mean, std : float
+        ``mu`` and ``sigma`` (population) of the magnitudes.
+    magnitudes : dict
+        ``layer -> m_l``.
+    relative : bool
+    """
+
+    skewness: float
+    kurtosis: float
+    mean: float
+    std: float
+    magnitudes: dict[str, float]
+    relative: bool
+
+
+def snapshot(model: nn.Module) -> dict[str, Tensor]:
+    """Detached copies of the model's parameters, ``name -> tensor``: the
+    ``before`` / ``after`` arguments of :func:`update_moments`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _as_tensors(obj: Any, what: str) -> dict[str, Tensor]:
+    if isinstance(obj, nn.Module):
+        return {n: p.detach() for n, p in obj.named_parameters()}
+    if isinstance(obj, Mapping):
+        out = {k: v.detach() for k, v in obj.items() if isinstance(v, Tensor) and v.is_floating_point()}
+        if out:
+            return out
+        raise ValueError(f"{what} has no floating-point tensors")
+    raise TypeError(
+        f"{what} must be an nn.Module or a mapping name -> tensor (see snapshot()), "
+        f"got {type(obj).__name__}"
+    )
+
+
+def update_moments(before: Any, after: Any, *, relative: bool = False) -> UpdateMomentsResult:
+    r"""Skewness and kurtosis of update magnitudes across layers.
+
+    From two parameter snapshots ``w`` (before) and ``w'`` (after), e.g. one
+    optimizer step or one epoch apart, each layer ``l`` (the parameters of
+    one module) gets the update magnitude
+
+    .. math::
+
+        m_l = \|w'_l - w_l\|_2 \quad\text{or, with relative=True,}\quad
+        m_l = \|w'_l - w_l\|_2 / \|w_l\|_2 ,
+
+    and the result is the skewness ``E[(m-mu)^3]/sigma^3`` and excess
+    kurtosis ``E[(m-mu)^4]/sigma^4 - 3`` over layers (population moments, as
+    ``scipy.stats.skew`` / ``kurtosis`` with ``bias=True``).  Both are NaN
+    when all layers moved by the same amount (``sigma = 0``).
+
+    Parameters
+    ----------
+    before, after : nn.Module or mapping
+        Models (their parameters are used) or mappings ``name -> tensor``
+        with the same names, e.g. from :func:`snapshot`.  A ``state_dict``
+        works too, but its floating-point buffers (BatchNorm statistics)
+        then count as parameters.
+    relative : bool
+        Divide by the layer's norm before the update (``inf`` for a zero
+        layer).
+
+    Returns
+    -------
+    UpdateMomentsResult
+    """
+    w0, w1 = _as_tensors(before, "before"), _as_tensors(after, "after")
+    if w0.keys() != w1.keys():
+        raise ValueError(
+            "before and after name different parameters: "
+            f"only in before {sorted(w0.keys() - w1.keys())}, only in after {sorted(w1.keys() - w0.keys())}"
+        )
+    diff: dict[str, float] = {}
+    base: dict[str, float] = {}
+    for name in w0:
+        if w0[name].shape != w1[name].shape:
+            raise ValueError(f"parameter {name!r} changed shape {tuple(w0[name].shape)} -> {tuple(w1[name].shape)}")
+        layer = _layer_of(name)
+        d = (w1[name].double() - w0[name].double().to(w1[name].device)).pow(2).sum()
+        diff[layer] = diff.get(layer, 0.0) + float(d)
+        base[layer] = base.get(layer, 0.0) + float(w0[name].double().pow(2).sum())
+    if len(diff) < 2:
+        raise ValueError(f"update_moments needs at least 2 layers, got {len(diff)}")
+    mags = {}
+    for layer, d in diff.items():
+        m = math.sqrt(d)
+        if relative:
+            m = m / math.sqrt(base[layer]) if base[layer] > 0 else math.inf
+        mags[layer] = m
+    v = torch.tensor(list(mags.values()), dtype=torch.float64)
+    mu = float(v.mean())
+    sigma = float(v.std(unbiased=False))
+    if sigma > 0 and math.isfinite(sigma):
+        z = (v - mu) / sigma
+        skew, kurt = float(z.pow(3).mean()), float(z.pow(4).mean()) - 3.0
+    else:
+        skew = kurt = math.nan
+    return UpdateMomentsResult(skew, kurt, mu, sigma, mags, bool(relative))
+
+
+@dataclass
+class ClassLossResult(_Result):
+    """The outcome of :func:`class_loss_imbalance`.
+
+    Attributes
+    ----------
+    cv : float
+        ``std_c L_c / mean_c L_c`` over the classes present (population std).
+    max_min_ratio : float
+        ``max_c L_c / min_c L_c`` (``inf`` if some class has zero loss).
+    mean, std : float
+    per_class : dict
+        ``class -> L_c``, the mean loss of the samples of class ``c``.
+    counts : dict
+        ``class -> number of samples``.
+    settings : dict
+    wall_time : float
+    """
+
+    cv: float
+    max_min_ratio: float
+    mean: float
+    std: float
+    per_class: dict[int, float]
+    counts: dict[int, int]
+    settings: dict[str, Any] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+
+def class_loss_imbalance(
+    model: nn.Module,
+    data: Any,
+    *,
+    loss_fn: LossFn | None = None,
+    n_batches: int | None = None,
+    train: bool = False,
+    seed: int | None = 0,
+    progress: bool = False,
+) -> ClassLossResult:
+    r"""Imbalance of the per-class mean losses.
+
+    With ``L_c = (1/n_c) sum_{i: y_i = c} l_i`` the mean sample loss of class
+    ``c`` (``l_i`` is ``loss_fn`` on sample ``i`` alone) over the classes
+    present in ``data``:
+
+    .. math::
+
+        \mathrm{CV} = \frac{\operatorname{std}_c L_c}{\operatorname{mean}_c L_c},
+        \qquad
+        \text{ratio} = \frac{\max_c L_c}{\min_c L_c}.
+
+    Targets must be integer class labels of shape ``(n,)``.  Other
+    parameters are as in :func:`gradient_variance`.
+
+    Returns
+    -------
+    ClassLossResult
+    """
+    start = time.perf_counter()
+    loss_fn = _check_common(model, loss_fn)
+    # Every parameter, trainable or not: they only fix the device and dtype.
+    ps = select_params(model, [n for n, _ in unwrap(model).named_parameters()])
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    with ModelGuard(model, train=bool(train)), private_rng(seed, ps.device):
+        batches = iter_batches(data, device=ps.device, dtype=ps.dtype, n_batches=n_batches)
+        for inputs, targets in _maybe_progress(batches, progress, None, "class losses"):
+            if targets.dim() != 1 or targets.is_floating_point() or targets.is_complex():
+                raise ValueError(
+                    "class_loss_imbalance needs integer class labels of shape (n,), got "
+                    f"{targets.dtype} of shape {tuple(targets.shape)}"
+                )
+            losses = per_sample_losses(model, ps, inputs, targets, loss_fn).double()
+            classes, inverse = torch.unique(targets, return_inverse=True)
+            s = torch.zeros(len(classes), dtype=torch.float64, device=losses.device)
+            s.index_add_(0, inverse, losses)
+            c = torch.bincount(inverse, minlength=len(classes))
+            for cls, total, cnt in zip(classes.tolist(), s.tolist(), c.tolist(), strict=True):
+                sums[cls] = sums.get(cls, 0.0) + total
+                counts[cls] = counts.get(cls, 0) + cnt
+    per_class = {c: sums[c] / counts[c] for c in sorted(sums)}
+    v = torch.tensor(list(per_class.values()), dtype=torch.float64)
+    mean, var, cv = _spread(v)
+    lo, hi = float(v.min()), float(v.max())
+    ratio = hi / lo if lo > 0 else math.inf
+    return ClassLossResult(
+        cv=cv, max_min_ratio=ratio, mean=mean, std=math.sqrt(var), per_class=per_class,
+        counts={c: counts[c] for c in sorted(counts)},
+        settings={"n_batches": n_batches, "train": bool(train)},
+        wall_time=time.perf_counter() - start,
+    )
