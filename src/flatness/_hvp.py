@@ -96,6 +96,13 @@ def _outputs(
     return functional_call(unwrap(model), state, _as_args(inputs), _as_kwargs(inputs), strict=False)
 
 
+def _second_order(f: Any, x: Any, v: Any, reverse_over_forward: bool) -> Any:
+    """Hessian of scalar ``f`` at ``x`` times ``v`` (pytrees of tensors)."""
+    if reverse_over_forward:
+        return grad(lambda y: jvp(f, (y,), (v,))[1])(x)
+    return jvp(grad(f), (x,), (v,))[1]
+
+
 def batch_curvature_products(
     model: nn.Module,
     ps: ParamSet,
@@ -106,6 +113,7 @@ def batch_curvature_products(
     loss_fn: LossFn = default_loss,
     curvature: str = "hessian",
     chunk_size: int | None = None,
+    reverse_over_forward: bool = False,
 ) -> Tangents:
     """Curvature-vector products of one batch's loss for ``k`` vectors at once.
 
@@ -122,6 +130,12 @@ def batch_curvature_products(
     curvature : {"hessian", "ggn"}
     chunk_size : int, optional
         At most this many vectors per ``vmap`` call (bounds memory).
+    reverse_over_forward : bool
+        Differentiate ``jvp`` with ``grad`` instead of the default
+        forward-over-reverse ``jvp`` of ``grad``.  Same result; needed for
+        losses whose backward formula has no forward derivative in PyTorch
+        (``F.mse_loss`` with ``reduction="mean"`` raises "ZeroTensors are
+        immutable" in torch 2.x).
 
     Returns
     -------
@@ -145,10 +159,8 @@ def batch_curvature_products(
                 model, ps, vals, inputs, targets, loss_fn, extra=fresh_buffers()
             )
 
-        grad_fn = grad(loss)
-
         def product(v: Tangents) -> Tangents:
-            return jvp(grad_fn, (values,), (v,))[1]
+            return _second_order(loss, values, v, reverse_over_forward)
 
     elif curvature == "ggn":
 
@@ -162,11 +174,10 @@ def batch_curvature_products(
             return value.reshape(())
 
         z, pullback = vjp(out, values)
-        out_grad = grad(out_loss)
 
         def product(v: Tangents) -> Tangents:
             jv = jvp(out, (values,), (v,))[1]
-            hjv = jvp(out_grad, (z,), (jv,))[1]
+            hjv = _second_order(out_loss, z, jv, reverse_over_forward)
             return pullback(hjv)[0]
 
     else:
@@ -310,6 +321,7 @@ class CurvatureOperator:
         n = self.params.numel
         self.shape = (n, n)
         self.n_hvp = 0
+        self._reverse_over_forward = False
         self.progress: Any = None  # a tqdm bar updated per product, set by callers
 
     @property
@@ -353,10 +365,7 @@ class CurvatureOperator:
                 self.data, device=ps.device, dtype=ps.dtype, n_batches=self.n_batches
             ):
                 nb = batch_size(targets)
-                out = batch_curvature_products(
-                    self.model, ps, inputs, targets, tangents, loss_fn=self.loss_fn,
-                    curvature=self.curvature, chunk_size=self.chunk_size,
-                )
+                out = self._batch(inputs, targets, tangents)
                 if acc is None:
                     acc = [o * nb for o in out]
                 else:
@@ -368,6 +377,24 @@ class CurvatureOperator:
         if self.progress is not None:
             self.progress.update(k)
         return tuple(a / total for a in acc)
+
+    def _batch(self, inputs: Any, targets: Tensor, tangents: Tangents) -> Tangents:
+        def run() -> Tangents:
+            return batch_curvature_products(
+                self.model, self.params, inputs, targets, tangents, loss_fn=self.loss_fn,
+                curvature=self.curvature, chunk_size=self.chunk_size,
+                reverse_over_forward=self._reverse_over_forward,
+            )
+
+        try:
+            return run()
+        except RuntimeError as exc:
+            # PyTorch lacks forward derivatives of some backward formulas
+            # (mse_loss with mean reduction): switch the order for good.
+            if self._reverse_over_forward or "ZeroTensor" not in str(exc):
+                raise
+            self._reverse_over_forward = True
+            return run()
 
     def matmat(self, V: Tensor) -> Tensor:
         """``C V`` for flat vectors as the columns of ``V`` (shape ``(n, k)``).

@@ -1,0 +1,208 @@
+"""Hessian- and GGN-vector products against double backward and dense
+float64 matrices, over one batch and over loaders of uneven batches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_hessian_helpers import (
+    DT,
+    assert_unchanged,
+    classification_batches,
+    cnn,
+    dense_ggn,
+    dense_hessian,
+    mlp,
+    snapshot,
+)
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from flatness import hessian
+from flatness._hvp import CurvatureOperator, double_backward_hvp
+from flatness._model import select_params
+
+
+def _dense_from_operator(op: CurvatureOperator) -> torch.Tensor:
+    return op.matmat(torch.eye(op.shape[0], dtype=DT))
+
+
+@pytest.mark.parametrize("make, shape", [(mlp, (5,)), (cnn, (1, 6, 6))])
+def test_hvp_matches_double_backward_one_batch(make, shape):
+    model = make()
+    (batch,) = classification_batches((9,), shape, 4 if make is mlp else 3)
+    op = CurvatureOperator(model, batch)
+    V = torch.randn(op.shape[0], 5, dtype=DT, generator=torch.Generator().manual_seed(3))
+    ours = op.matmat(V)
+    model.eval()
+    ref = double_backward_hvp(model, op.params, *batch, op.unflatten(V), loss_fn=F.cross_entropy)
+    assert torch.allclose(ours, op.flatten(ref, batched=True), rtol=0, atol=1e-10)
+    # and against the dense Hessian
+    H = dense_hessian(model, [batch])
+    assert torch.allclose(ours, H @ V, rtol=0, atol=1e-10)
+
+
+def test_hvp_over_loader_of_uneven_batches_is_the_full_data_hessian():
+    model = mlp()
+    batches = classification_batches((7, 5, 3), (5,), 4)
+    H = dense_hessian(model, batches)  # loss of the concatenated 15 samples
+    op = CurvatureOperator(model, batches)
+    assert torch.allclose(_dense_from_operator(op), H, rtol=0, atol=1e-10)
+    # a DataLoader with a short last batch gives the same operator
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)  # 4, 4, 4, 3
+    op2 = CurvatureOperator(model, loader)
+    assert torch.allclose(_dense_from_operator(op2), H, rtol=0, atol=1e-10)
+    # each product streamed the batches once: n products counted, not n * batches
+    assert op2.n_hvp == op2.shape[0]
+    # n_batches restricts the operator to the first batches
+    op3 = CurvatureOperator(model, batches, n_batches=2)
+    assert torch.allclose(_dense_from_operator(op3), dense_hessian(model, batches[:2]), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_ggn_matches_dense_jacobian_product(loss):
+    model = mlp(sizes=(4, 6, 3), act=nn.Tanh)
+    (batch,) = classification_batches((8,), (4,), 3)
+    if loss == "mse":
+        batch = (batch[0], torch.randn(8, 3, dtype=DT))
+        loss_fn = F.mse_loss
+    else:
+        loss_fn = F.cross_entropy
+    op = CurvatureOperator(model, batch, curvature="ggn", loss_fn=loss_fn)
+    G = _dense_from_operator(op)
+    ref = dense_ggn(model, batch, loss_fn)
+    assert torch.allclose(G, ref, rtol=0, atol=1e-10)
+    assert torch.linalg.eigvalsh(G).min() > -1e-12  # PSD for convex losses
+    # for a linear model the GGN is the Hessian
+    lin = mlp(sizes=(4, 3))
+    opl = CurvatureOperator(lin, batch, curvature="ggn", loss_fn=loss_fn)
+    assert torch.allclose(_dense_from_operator(opl), dense_hessian(lin, [batch], loss_fn), atol=1e-10)
+
+
+def test_public_hvp_shapes_single_and_batched():
+    model = mlp()
+    (batch,) = classification_batches((6,), (5,), 4)
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    vs = [torch.randn(3, *p.shape, dtype=DT, generator=g) for p in params]
+    batched = hessian.hvp(model, batch, vs)
+    assert [b.shape for b in batched] == [v.shape for v in vs]
+    for i in range(3):
+        single = hessian.hvp(model, batch, [v[i] for v in vs])
+        for s, b in zip(single, batched):
+            assert torch.allclose(s, b[i], atol=1e-12)
+    with pytest.raises(ValueError, match="one per selected parameter"):
+        hessian.hvp(model, batch, vs[:-1])
+    with pytest.raises(ValueError, match="shape"):
+        hessian.hvp(model, batch, [v[0].T if v.dim() == 3 else v for v in vs])
+
+
+def test_train_mode_batchnorm_matches_double_backward_and_leaves_buffers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).to(DT).eval()
+    (batch,) = classification_batches((10,), (5,), 3)
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    model[3].bias.requires_grad_(False)
+    snap = snapshot(model)
+    op = CurvatureOperator(model, batch, train=True)
+    V = torch.randn(op.shape[0], 3, dtype=DT, generator=torch.Generator().manual_seed(1))
+    ours = op.matmat(V)
+    G = CurvatureOperator(model, batch, train=True, curvature="ggn").matmat(torch.eye(op.shape[0], dtype=DT))
+    assert_unchanged(model, snap)  # running statistics untouched, eval mode back
+    ref_model = copy.deepcopy(model).train()  # batch statistics; its buffers may move
+    ref = double_backward_hvp(ref_model, select_params(ref_model), *batch, op.unflatten(V), loss_fn=F.cross_entropy)
+    assert torch.allclose(ours, op.flatten(ref, batched=True), rtol=0, atol=1e-10)
+    assert torch.allclose(G, dense_ggn(copy.deepcopy(model), batch, train=True)[:-3, :-3], rtol=0, atol=1e-10)
+
+
+def test_dict_inputs_and_scipy_operator():
+    class DictNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(2, 4)
+
+        def forward(self, left, right):
+            return torch.tanh(self.a(left)) * self.b(right)
+
+    torch.manual_seed(0)
+    model = DictNet().to(DT)
+    g = torch.Generator().manual_seed(0)
+    batch = ({"left": torch.randn(6, 3, dtype=DT, generator=g), "right": torch.randn(6, 2, dtype=DT, generator=g)},
+             torch.randint(0, 4, (6,), generator=g))
+    op = CurvatureOperator(model, batch)
+    H = _dense_from_operator(op)
+    assert torch.allclose(H, H.T, atol=1e-12)
+    from scipy.sparse.linalg import eigsh
+
+    lin = op.to_scipy()
+    assert lin.shape == op.shape
+    top = eigsh(lin, k=2, which="LA", return_eigenvectors=False)
+    assert sorted(top) == pytest.approx(sorted(torch.linalg.eigvalsh(H)[-2:].tolist()), rel=1e-8)
+
+
+def test_operator_input_errors():
+    model = mlp()
+    batches = classification_batches((4, 4), (5,), 4)
+    n = CurvatureOperator(model, batches).shape[0]
+    with pytest.raises(TypeError, match="re-iterable"):
+        CurvatureOperator(model, (b for b in batches))
+    with pytest.raises(ValueError, match="curvature"):
+        CurvatureOperator(model, batches, curvature="fisher")
+    with pytest.raises(ValueError, match="no batches"):
+        CurvatureOperator(model, []).matvec(torch.zeros(n, dtype=DT))
+    with pytest.raises(ValueError, match="no parameters"):
+        CurvatureOperator(nn.ReLU(), batches)
+    with pytest.raises(ValueError, match="shape"):
+        CurvatureOperator(model, batches).matvec(torch.zeros(3, dtype=DT))
+    mismatched = (torch.zeros(3, 5, dtype=DT), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="leading dimension"):
+        CurvatureOperator(model, mismatched).matvec(torch.zeros(n, dtype=DT))
+
+
+def test_restore_after_an_exception_inside_a_product():
+    model = mlp()
+    model.train()
+    model[0].weight.grad = torch.zeros_like(model[0].weight)
+    snap = snapshot(model)
+    calls = {"n": 0}
+
+    def bad_loss(z, y):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise RuntimeError("injected")
+        return F.cross_entropy(z, y)
+
+    batches = classification_batches((4, 4), (5,), 4)
+    op = CurvatureOperator(model, batches, loss_fn=bad_loss)
+    with pytest.raises(RuntimeError, match="injected"):
+        op.matvec(torch.ones(op.shape[0], dtype=DT))
+    assert_unchanged(model, snap)
+
+
+def test_float32_model_and_float64_vectors():
+    model = mlp().float()
+    (batch,) = classification_batches((6,), (5,), 4)
+    batch = (batch[0].double(), batch[1])  # inputs are cast to the parameters' dtype
+    op = CurvatureOperator(model, batch)
+    v = torch.randn(op.shape[0], dtype=DT, generator=torch.Generator().manual_seed(0))
+    out = op.matvec(v)
+    assert out.dtype == DT
+    ref = dense_hessian(mlp(), [(batch[0], batch[1])]) @ v
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    model = mlp()
+    (batch,) = classification_batches((6,), (5,), 4)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=DT)
+    cpu = CurvatureOperator(model, batch).matvec(v)
+    gpu = CurvatureOperator(model.cuda(), batch).matvec(v.cuda())
+    assert torch.allclose(cpu, gpu.cpu(), atol=1e-10)

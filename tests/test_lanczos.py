@@ -1,0 +1,149 @@
+"""The matvec-only algorithms on explicit symmetric matrices."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flatness._lanczos import (
+    exact_diagonal,
+    gaussian_density,
+    hutchinson,
+    hutchpp,
+    lanczos,
+    slq_nodes,
+)
+
+DT = torch.float64
+
+
+def _matrix(n: int, eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=DT, generator=g))
+    return Q @ torch.diag(eigenvalues) @ Q.T
+
+
+def _spectrum(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    bulk = torch.rand(n - 6, dtype=DT, generator=g) * 3 - 1
+    return torch.cat([torch.tensor([10.0, 9.0, 8.5, -12.0, -11.0, -10.5], dtype=DT), bulk])
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 4])
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_lanczos_extreme_eigenpairs(which, block_size):
+    n = 120
+    ev = _spectrum(n)
+    A = _matrix(n, ev)
+    res = lanczos(lambda V: A @ V, n, 3, which=which, tol=1e-10, block_size=block_size,
+                  generator=torch.Generator().manual_seed(1))
+    if which == "LA":
+        want = torch.sort(ev, descending=True).values[:3]
+    elif which == "SA":
+        want = torch.sort(ev).values[:3]
+    else:
+        want = ev[torch.argsort(ev.abs(), descending=True)][:3]
+    assert res.converged
+    assert torch.allclose(res.eigenvalues, want, rtol=1e-9, atol=0)
+    Y = res.eigenvectors
+    assert torch.allclose(Y.T @ Y, torch.eye(3, dtype=DT), atol=1e-10)
+    assert torch.allclose(A @ Y, Y * res.eigenvalues, atol=1e-8)
+    assert res.n_matvec == res.n_iter * block_size
+
+
+def test_lanczos_exhausts_small_space_and_counts_products():
+    # 3 distinct eigenvalues: the Krylov space is invariant after 3 steps.
+    n = 50
+    ev = torch.tensor([5.0] * 10 + [2.0] * 20 + [-1.0] * 20, dtype=DT)
+    A = _matrix(n, ev)
+    calls = []
+
+    def mm(V):
+        calls.append(V.shape[1])
+        return A @ V
+
+    res = lanczos(mm, n, 1, tol=1e-12, generator=torch.Generator().manual_seed(0))
+    assert res.converged and res.n_iter <= 4
+    assert res.eigenvalues[0].item() == pytest.approx(5.0, rel=1e-12)
+    assert sum(calls) == res.n_matvec
+
+
+def test_lanczos_input_errors():
+    A = torch.eye(4, dtype=DT)
+    with pytest.raises(ValueError, match="which"):
+        lanczos(lambda V: A @ V, 4, 1, which="BE")
+    with pytest.raises(ValueError, match="k must"):
+        lanczos(lambda V: A @ V, 4, 5)
+
+
+def test_trace_estimators_unbiased_and_standard_errors_honest():
+    n = 60
+    ev = _spectrum(n, seed=2)
+    A = _matrix(n, ev, seed=2)
+    exact = float(ev.sum())
+    for estimator, m in ((hutchinson, 12), (hutchpp, 12)):
+        est, ses = [], []
+        for seed in range(40):
+            value, se, _ = estimator(lambda V: A @ V, n, m, generator=torch.Generator().manual_seed(seed))
+            est.append(value)
+            ses.append(se)
+        est_t = torch.tensor(est)
+        spread = float(est_t.std())
+        assert abs(float(est_t.mean()) - exact) <= 3 * spread / math.sqrt(len(est))
+        # the reported standard error describes the spread over seeds
+        assert 0.5 <= float(np.mean(ses)) / spread <= 2.0
+    # Hutch++ wins when a few eigenvalues dominate (here 4 of 60)
+    spiky = torch.cat([torch.tensor([100.0, 80, 60, 40], dtype=DT), torch.rand(n - 4, dtype=DT)])
+    B = _matrix(n, spiky)
+    hp = [hutchpp(lambda V: B @ V, n, 30, generator=torch.Generator().manual_seed(s))[0] for s in range(10)]
+    hu = [hutchinson(lambda V: B @ V, n, 30, generator=torch.Generator().manual_seed(s))[0] for s in range(10)]
+    assert np.std(hp) < np.std(hu) / 3
+
+
+def test_trace_estimators_need_enough_samples():
+    A = torch.eye(5, dtype=DT)
+    with pytest.raises(ValueError, match="n_samples"):
+        hutchinson(lambda V: A @ V, 5, 1, generator=torch.Generator())
+    with pytest.raises(ValueError, match="n_samples"):
+        hutchpp(lambda V: A @ V, 5, 3, generator=torch.Generator())
+
+
+def test_exact_diagonal():
+    A = _matrix(13, _spectrum(13))
+    assert torch.allclose(exact_diagonal(lambda V: A @ V, 13, batch=4), torch.diagonal(A), atol=1e-14)
+
+
+def test_slq_quadrature_is_exact_for_low_degree_moments():
+    n = 40
+    ev = _spectrum(n, seed=3)
+    A = _matrix(n, ev, seed=3)
+    steps = 6
+    # with the unit vectors as starts, sum_v e_v^T A^p e_v = tr(A^p) exactly
+    nodes, weights = slq_nodes(lambda V: A @ V, n, n, steps, vectors=torch.eye(n, dtype=DT))
+    assert torch.allclose(weights.sum(1), torch.ones(n, dtype=DT), atol=1e-12)
+    for p in range(2 * steps):
+        got = float((weights * nodes**p).sum(1).mean())
+        want = float((ev**p).mean())
+        assert got == pytest.approx(want, rel=1e-9), p
+
+
+def test_slq_density_integrates_to_one_with_random_starts():
+    n = 40
+    ev = _spectrum(n, seed=4)
+    A = _matrix(n, ev, seed=4)
+    nodes, weights = slq_nodes(lambda V: A @ V, n, 30, 40, generator=torch.Generator().manual_seed(0))
+    per_vector = (weights * nodes**2).sum(1)
+    se = float(per_vector.std() / math.sqrt(len(per_vector)))
+    assert abs(float(per_vector.mean()) - float((ev**2).mean())) <= 3 * se
+    sigma = 0.2
+    grid = torch.linspace(float(nodes.min()) - 6 * sigma, float(nodes.max()) + 6 * sigma, 4000, dtype=DT)
+    density = gaussian_density(nodes, weights, grid, sigma)
+    assert float(torch.trapezoid(density, grid)) == pytest.approx(1.0, abs=1e-8)
+    mean = float(torch.trapezoid(density * grid, grid))
+    assert mean == pytest.approx(float((weights * nodes).sum(1).mean()), abs=1e-8)
+    # second moment of the smoothed density adds sigma^2
+    second = float(torch.trapezoid(density * grid**2, grid))
+    assert second == pytest.approx(float(per_vector.mean()) + sigma**2, rel=1e-8)
