@@ -386,3 +386,17 @@ def test_bad_input():
                             calibration_targets=torch.tensor(y))
     with pytest.raises(ValueError, match="no batches"):
         dv.disagreement(as_models(z), [])
+
+
+class DictTable(Table):
+    def forward(self, idx, scale):  # keyword inputs from a dict batch
+        return self.table[idx] * self.scale * scale
+
+
+def test_dict_inputs_and_float32_members():
+    z, y = random_logits(m=3, n=50, ties=False)
+    models = [DictTable(zm).float() for zm in z]
+    loader = [({"idx": idx, "scale": torch.ones(len(idx), 1)}, t) for idx, t in uneven_loader(y)]
+    got = dv.prediction_variance(models, loader)
+    ref = np_variance(z.astype(np.float32).astype(np.float64), "probs", "mean")
+    assert got == pytest.approx(ref, rel=1e-5)

@@ -289,3 +289,16 @@ def test_per_sample_sharpness_bad_input_and_failure_restores():
         with pytest.raises(RuntimeError, match="disk gone"):
             dv.per_sample_sharpness(model, bad_loader(), kind)
         assert_unchanged(model, snap)
+
+
+def test_fisher_with_selected_params_and_float32():
+    model = mlp().float().eval()
+    x, y = data_for(model)
+    x = x.float()
+    got = dv.per_sample_sharpness(model, (x, y), params=[model[3].weight])
+    ref = []
+    for i in range(x.shape[0]):
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), [model[3].weight])
+        ref.append(float(g.double().pow(2).sum()))
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=1e-7)
