@@ -236,6 +236,7 @@ def test_streaming_uneven_batches_equals_one_batch():
         c = dv.disagreement(t, **kw)
         torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=0, atol=1e-15)
         torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(c), rtol=0, atol=1e-15)
+    assert dv.disagreement(nn.ModuleList(models), loader) == dv.disagreement(t)
     assert dv.disagreement_error_ratio(models, loader) == pytest.approx(
         dv.disagreement_error_ratio(t, targets=torch.as_tensor(y)), rel=1e-14
     )

@@ -164,6 +164,8 @@ class _Ensemble:
             self.targets = targets
             self.models: list[nn.Module] = []
         else:
+            if isinstance(members, nn.ModuleList):
+                members = list(members)
             if isinstance(members, nn.Module) or not isinstance(members, Sequence):
                 raise TypeError(
                     "members must be a list of models or a tensor of shape "
