@@ -1,0 +1,181 @@
+"""Time per training step: plain base optimizer vs flatness SAM vs pytorch_optimizer's SAM.
+
+All three run side by side in one process, on the same model, data and base
+optimizer (SGD with momentum), interleaved round-robin so that machine load
+hits them alike.  Reported: the median over repeats of the mean time per step
+in a block of steps, after warm-up.
+
+* plain: zero_grad, forward, backward, step (one forward-backward);
+* flatness: ``SAM.step(closure)`` (two forward-backwards);
+* pytorch_optimizer: its documented usage, ``backward`` then ``step(closure)``.
+
+The floor for a SAM step is 2.0x a plain step (two forward-backward passes,
+one base step); the target is <= 2.05x.
+
+Usage::
+
+    python benchmarks/bench_sam.py                 # CPU, ~1 minute
+    python benchmarks/bench_sam.py --device cuda
+    python benchmarks/bench_sam.py --quick         # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flatness.optim import SAM
+
+try:  # optional peer
+    from pytorch_optimizer import SAM as PeerSAM
+except ImportError:  # pragma: no cover - depends on the environment
+    PeerSAM = None
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, d=128, heads=4, ff=256, classes=10):
+        super().__init__()
+        self.block = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.head(self.block(x).mean(dim=1))
+
+
+def cases(device):
+    g = torch.Generator().manual_seed(0)
+
+    def batch(shape, n_classes=10):
+        x = torch.randn(*shape, generator=g).to(device)
+        y = torch.randint(0, n_classes, (shape[0],), generator=g).to(device)
+        return x, y
+
+    mlp = lambda: nn.Sequential(  # noqa: E731
+        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
+    cnn = lambda: nn.Sequential(  # noqa: E731
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+    )
+    return [
+        ("MLP 784-512-512-10, batch 128", mlp, batch((128, 784))),
+        ("CNN 2 conv+BN, 32x32x3, batch 32", cnn, batch((32, 3, 32, 32))),
+        ("Transformer block d=128, seq 32, batch 16", TransformerBlock, batch((16, 32, 128))),
+    ]
+
+
+def make_steppers(make_model, data, device, rho):
+    x, y = data
+    out = {}
+
+    torch.manual_seed(0)
+    m_plain = make_model().to(device)
+    opt_plain = torch.optim.SGD(m_plain.parameters(), lr=0.01, momentum=0.9)
+
+    def plain():
+        opt_plain.zero_grad()
+        F.cross_entropy(m_plain(x), y).backward()
+        opt_plain.step()
+
+    out["plain"] = plain
+
+    torch.manual_seed(0)
+    m_ours = make_model().to(device)
+    opt_ours = SAM(m_ours.parameters(), torch.optim.SGD, rho=rho, lr=0.01, momentum=0.9)
+
+    def ours_closure():
+        loss = F.cross_entropy(m_ours(x), y)
+        loss.backward()
+        return loss
+
+    out["flatness"] = lambda: opt_ours.step(ours_closure)
+
+    if PeerSAM is not None:
+        torch.manual_seed(0)
+        m_peer = make_model().to(device)
+        opt_peer = PeerSAM(m_peer.parameters(), torch.optim.SGD, rho=rho, lr=0.01, momentum=0.9)
+
+        def peer_closure():
+            loss = F.cross_entropy(m_peer(x), y)
+            loss.backward()
+            return loss
+
+        def peer():
+            opt_peer.zero_grad()
+            peer_closure()
+            opt_peer.step(peer_closure)
+
+        out["pytorch_optimizer"] = peer
+    return out
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_block(fn, steps, device):
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch.set_num_threads on CPU (default 1: stable timings on a shared machine; 0 keeps torch's default)")
+    ap.add_argument("--rho", type=float, default=0.05)
+    ap.add_argument("--quick", action="store_true", help="2 repeats of 2 steps (smoke run)")
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.steps, args.warmup = 2, 2, 1
+    device = torch.device(args.device)
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
+
+    print(f"torch {torch.__version__}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({platform.processor() or platform.machine()})")
+          + f", threads {torch.get_num_threads()}, base SGD(momentum=0.9), rho={args.rho}")
+    print(f"median over {args.repeats} repeats of {args.steps} steps, after {args.warmup} warm-up steps")
+    if PeerSAM is None:
+        print("pytorch_optimizer is not installed: its column is skipped (pip install pytorch_optimizer)")
+    header = f"{'model':<44}{'plain ms':>10}{'flatness ms':>13}{'p_opt ms':>10}{'ours/plain':>12}{'ours/p_opt':>12}"
+    print(header)
+    print("-" * len(header))
+    t_start = time.perf_counter()
+    for name, make_model, data in cases(device):
+        steppers = make_steppers(make_model, data, device, args.rho)
+        for fn in steppers.values():
+            for _ in range(args.warmup):
+                fn()
+        times = {k: [] for k in steppers}
+        for _ in range(args.repeats):
+            for k, fn in steppers.items():  # interleaved
+                times[k].append(time_block(fn, args.steps, device))
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        peer = med.get("pytorch_optimizer")
+        print(
+            f"{name:<44}{med['plain']:>10.2f}{med['flatness']:>13.2f}"
+            + (f"{peer:>10.2f}" if peer else f"{'-':>10}")
+            + f"{med['flatness'] / med['plain']:>11.2f}x"
+            + (f"{med['flatness'] / peer:>11.2f}x" if peer else f"{'-':>12}")
+        )
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
