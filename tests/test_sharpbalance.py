@@ -227,7 +227,8 @@ def test_fisher_matches_single_sample_loop(make):
     ref = loop_fisher(model, x, y)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)  # in fact far tighter
-    one_batch = dv.per_sample_sharpness(model, (x, y), "fisher", chunk_size=None, trials=2)
+    one_batch = dv.per_sample_sharpness(model, (x, y), "fisher", chunk_size=None, trials=2,
+                                        progress=True)
     torch.testing.assert_close(one_batch, ref, rtol=1e-10, atol=1e-12)
     assert_unchanged(model, snap)
     assert torch.equal(torch.get_rng_state(), rng)
@@ -260,7 +261,7 @@ def test_sam_scores_match_written_out_reference(make, adaptive):
     x, y = data_for(model)
     snap = snapshot(model)
     loader = [(x[:6], y[:6]), (x[6:], y[6:])]
-    got = dv.per_sample_sharpness(model, loader, "sam", rho=0.1, adaptive=adaptive)
+    got = dv.per_sample_sharpness(model, loader, "sam", rho=0.1, adaptive=adaptive, progress=True)
     ref = torch.cat([loop_sam(model, xb, yb, 0.1, adaptive) for xb, yb in loader])
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     assert_unchanged(model, snap)

@@ -51,6 +51,7 @@ from flatness._model import (
     unwrap,
 )
 from flatness._per_sample import _add_batch_dim, check_chunk_size, iter_per_sample_grads
+from flatness.sharpness import _maybe_progress
 
 __all__ = [
     "EnsembleMetrics",
@@ -788,6 +789,7 @@ def per_sample_sharpness(
     loss_fn: LossFn = default_loss,
     chunk_size: int | None = 64,
     trials: int = 1,
+    progress: bool = False,
 ) -> Tensor:
     """One sharpness score per training sample, in the order ``data`` yields them.
 
@@ -830,6 +832,8 @@ def per_sample_sharpness(
         ``chunk_size`` copies of the parameters).
     trials : int
         Passes over ``data`` to average (``"fisher"`` only).
+    progress : bool
+        Show a tqdm bar over batches (needs ``flatness[progress]``).
 
     Returns
     -------
@@ -846,13 +850,15 @@ def per_sample_sharpness(
     ps = select_params(model, params)
     with ModelGuard(model):
         if kind == "sam":
-            return _sam_scores(model, ps, data, loss_fn, rho, adaptive)
+            return _sam_scores(model, ps, data, loss_fn, rho, adaptive, progress)
         total: Tensor | None = None
         for _ in range(trials):
+            batches = iter_batches(data, device=ps.device, dtype=ps.dtype)
             rows = [
                 sum(g.flatten(1).double().pow(2).sum(1) for g in grads)
+                for batch in _maybe_progress(batches, progress, None, "fisher scores")
                 for grads, _, _ in iter_per_sample_grads(
-                    model, ps, data, loss_fn, chunk_size=chunk_size
+                    model, ps, batch, loss_fn, chunk_size=chunk_size
                 )
             ]
             scores = torch.cat(rows).cpu()
@@ -876,11 +882,13 @@ def _sample_losses(
 
 
 def _sam_scores(
-    model: nn.Module, ps: ParamSet, data: Any, loss_fn: LossFn, rho: float, adaptive: bool
+    model: nn.Module, ps: ParamSet, data: Any, loss_fn: LossFn, rho: float, adaptive: bool,
+    progress: bool,
 ) -> Tensor:
     weights = ps.detached()
     rows = []
-    for inputs, targets in iter_batches(data, device=ps.device, dtype=ps.dtype):
+    batches = iter_batches(data, device=ps.device, dtype=ps.dtype)
+    for inputs, targets in _maybe_progress(batches, progress, None, "sam scores"):
         g = grad(lambda v: functional_loss(model, ps, v, inputs, targets, loss_fn))(weights)
         with torch.no_grad():
             # ASAM: e = rho * T^2 g / ||T g|| with T = |w|; SAM: T = 1.
