@@ -98,6 +98,9 @@ def apgd(
     eta = 2.0 * pset.rho
     ckpts = set(checkpoints(n_iters))
 
+    # Fixed buffers, updated in place: iterate, previous iterate, best
+    # iterate and its gradient.  Allocating fresh parameter-sized
+    # tensors every step costs more than the arithmetic on CPU.
     f_x, g_x = objective(x, True)
     n_grad, n_fwd = 1, 0
     start_value = f_x
@@ -111,18 +114,24 @@ def apgd(
     eta_at_last, best_at_last = eta, best_f
 
     for k in range(n_iters):
-        # z = P(x + eta * dir(g)); with momentum after the first step.
-        z = pset.project_(torch._foreach_add(x, pset.steepest_ascent(g_x), alpha=eta))
+        # z = P(x + eta * dir(g)), built in the gradient's own buffer: g_x is
+        # not needed after this (best_g holds a copy when it matters).
+        z = pset.steepest_ascent_(g_x)
+        torch._foreach_mul_(z, eta)
+        torch._foreach_add_(z, x)
+        pset.project_(z)
         if k == 0:
-            x_new = z
+            x_prev, x = x, z
         else:
-            # x_new = x + alpha (z - x) + (1 - alpha)(x - x_prev)
-            x_new = torch._foreach_mul(z, MOMENTUM)
-            torch._foreach_add_(x_new, x, alpha=1 - MOMENTUM)
-            torch._foreach_add_(x_new, torch._foreach_sub(x, x_prev), alpha=1 - MOMENTUM)
-            pset.project_(x_new)
+            # x_new = P(x + a (z - x) + (1 - a)(x - x_prev))
+            #       = P(a z + 2 (1 - a) x - (1 - a) x_prev), built in x_prev's buffer.
+            torch._foreach_mul_(x_prev, -(1 - MOMENTUM))
+            torch._foreach_add_(x_prev, x, alpha=2 * (1 - MOMENTUM))
+            torch._foreach_add_(x_prev, z, alpha=MOMENTUM)
+            pset.project_(x_prev)
+            x_prev, x = x, x_prev
         last = k == n_iters - 1
-        f_new, g_new = objective(x_new, not last)
+        f_new, g_new = objective(x, not last)
         if last:
             n_fwd += 1
         else:
@@ -131,10 +140,10 @@ def apgd(
             successes += 1
         if f_new > best_f:
             best_f = f_new
-            torch._foreach_copy_(best_x, x_new)
+            torch._foreach_copy_(best_x, x)
             if g_new is not None:
                 torch._foreach_copy_(best_g, g_new)
-        x_prev, x, f_x, g_x = x, x_new, f_new, g_new  # type: ignore[assignment]
+        f_x, g_x = f_new, g_new  # type: ignore[assignment]
 
         if (k + 1) in ckpts and not last:
             stalled = successes < SUCCESS_FRACTION * (k + 1 - last_ckpt)
@@ -142,8 +151,8 @@ def apgd(
             if stalled or unchanged:
                 eta /= 2
                 # Restart from the best point; momentum restarts with it.
-                x = [t.clone() for t in best_x]
-                x_prev = [t.clone() for t in best_x]
+                torch._foreach_copy_(x, best_x)
+                torch._foreach_copy_(x_prev, best_x)
                 g_x = [t.clone() for t in best_g]
                 f_x = best_f
             successes = 0

@@ -65,8 +65,12 @@ class PerturbationSet:
         self.scales: list[Tensor] | None = (
             [w.detach().abs() for w in weights] if adaptive else None
         )
-        self._shapes = [w.shape for w in weights]
         self._like = [w.detach() for w in weights]
+        # 0/1 masks of the coordinates that may move, kept only when some
+        # weight is exactly zero (multiplying by them is one foreach op).
+        self._movable: list[Tensor] | None = None
+        if self.scales is not None and any(bool((c == 0).any()) for c in self.scales):
+            self._movable = [(c != 0).to(c.dtype) for c in self.scales]
 
     # -- coordinates --------------------------------------------------------
 
@@ -86,6 +90,21 @@ class PerturbationSet:
             return list(grad)
         return torch._foreach_mul(list(grad), self.scales)
 
+    def grad_to_scaled_(self, grad: list[Tensor]) -> list[Tensor]:
+        """In-place :meth:`grad_to_scaled`."""
+        if self.scales is not None:
+            torch._foreach_mul_(grad, self.scales)
+        return grad
+
+    def perturbed_(self, out: list[Tensor], weights: Sequence[Tensor], delta: Sequence[Tensor]) -> list[Tensor]:
+        """Write ``w + c * delta`` into the buffers ``out`` (no allocation)."""
+        torch._foreach_copy_(out, list(weights))
+        if self.scales is None:
+            torch._foreach_add_(out, list(delta))
+        else:
+            torch._foreach_addcmul_(out, self.scales, list(delta))
+        return out
+
     # -- geometry in scaled coordinates --------------------------------------
 
     def project_(self, delta: list[Tensor]) -> list[Tensor]:
@@ -94,21 +113,23 @@ class PerturbationSet:
             torch._foreach_clamp_min_(delta, -self.rho)
             torch._foreach_clamp_max_(delta, self.rho)
         else:
-            norm = _global_norm(delta)
+            norm = float(_global_norm(delta))
             if norm > self.rho:
-                torch._foreach_mul_(delta, (self.rho / norm).item())
+                torch._foreach_mul_(delta, self.rho / norm)
         self._zero_unscaled_(delta)
         return delta
 
-    def steepest_ascent(self, grad: list[Tensor]) -> list[Tensor]:
-        """The unit steepest-ascent direction for the norm: ``sign(g)`` for
-        linf, ``g / ||g||_2`` for l2 (zero where the gradient is zero)."""
+    def steepest_ascent_(self, grad: list[Tensor]) -> list[Tensor]:
+        """Turn ``grad`` in place into the unit steepest-ascent direction of
+        the norm: ``sign(g)`` for linf, ``g / ||g||_2`` for l2 (zero where the
+        gradient is zero)."""
         if self.norm == "linf":
-            return torch._foreach_sign(grad)
-        norm = _global_norm(grad)
-        if norm == 0:
-            return [torch.zeros_like(g) for g in grad]
-        return torch._foreach_div(grad, norm)
+            torch._foreach_sign_(grad)
+        else:
+            norm = float(_global_norm(grad))
+            if norm > 0:
+                torch._foreach_div_(grad, norm)
+        return grad
 
     def contains(self, delta: Sequence[Tensor], *, rtol: float = 1e-6) -> bool:
         """Whether ``delta`` lies in the ball (up to ``rtol``)."""
@@ -158,9 +179,8 @@ class PerturbationSet:
     def _zero_unscaled_(self, delta: list[Tensor]) -> None:
         # Coordinates with w_i = 0 cannot move in an adaptive set; keeping
         # their delta at zero also keeps them from using up l2 budget.
-        if self.scales is not None:
-            for t, c in zip(delta, self.scales):
-                t.masked_fill_(c == 0, 0)
+        if self._movable is not None:
+            torch._foreach_mul_(delta, self._movable)
 
 
 def project_weight_space(

@@ -152,9 +152,9 @@ class _Loss:
     def value_and_grad(
         self, values: list[Tensor], inputs: Any, targets: Tensor
     ) -> tuple[float, list[Tensor]]:
-        # The perturbed weights are fresh leaf tensors, so autograd never
-        # reaches the model's own parameters or their .grad fields.
-        leaves = [v.requires_grad_(True) for v in values]
+        # The perturbed weights are leaf tensors of our own, so autograd never
+        # reaches the model's parameters or their .grad fields.
+        leaves = [v.detach().requires_grad_(True) for v in values]
         with torch.enable_grad():
             loss = self._loss(leaves, inputs, targets)
             value = _finite(loss)
@@ -179,13 +179,15 @@ def _worst_case_chunk(
 ) -> tuple[float, float]:
     """``(clean loss, max perturbed loss)`` on one chunk."""
 
+    values = [w.clone() for w in weights]  # w + d, rewritten in place each step
+
     def objective(delta: list[Tensor], need_grad: bool) -> tuple[float, list[Tensor] | None]:
         with torch.no_grad():
-            values = torch._foreach_add(weights, pset.to_weight_space(delta))
+            pset.perturbed_(values, weights, delta)
         if not need_grad:
             return loss.value(values, inputs, targets), None
         f, g = loss.value_and_grad(values, inputs, targets)
-        return f, pset.grad_to_scaled(g)
+        return f, pset.grad_to_scaled_(g)
 
     run = apgd(objective, pset, n_iters)
     clean, best = run.start_value, run.best_value
