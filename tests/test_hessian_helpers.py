@@ -77,7 +77,7 @@ def dense_hessian(model: nn.Module, batches, loss_fn=F.cross_entropy) -> torch.T
     model.eval()
     try:
         return torch.autograd.functional.hessian(
-            lambda w: mean_loss(model, w, batches, loss_fn), flat_params(model)
+            lambda w: mean_loss(model, w, batches, loss_fn), flat_params(model), vectorize=True
         )
     finally:
         model.train(was)

@@ -360,7 +360,9 @@ class CurvatureOperator:
         ps = self.params
         total = 0
         acc: list[Tensor] | None = None
-        with ModelGuard(self.model, train=self.train), private_rng(self.seed, ps.device):
+        # no_grad: parameters outside the selection must not record a graph
+        # (torch.func transforms differentiate regardless of the outer mode).
+        with ModelGuard(self.model, train=self.train), private_rng(self.seed, ps.device), torch.no_grad():
             for inputs, targets in iter_batches(
                 self.data, device=ps.device, dtype=ps.dtype, n_batches=self.n_batches
             ):

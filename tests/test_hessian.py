@@ -1,0 +1,229 @@
+"""flatness.hessian public API against dense float64 Hessians."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_hessian_helpers import (
+    DT,
+    assert_unchanged,
+    classification_batches,
+    cnn,
+    dense_hessian,
+    mlp,
+    snapshot,
+)
+from torch import nn
+
+import flatness
+from flatness import hessian
+
+CASES = [
+    ("mlp", lambda: mlp(sizes=(5, 8, 4)), (5,), 4),
+    ("cnn", cnn, (1, 6, 6), 3),
+]
+
+
+@pytest.mark.parametrize("name, make, shape, classes", CASES)
+def test_top3_eigenvalues_match_dense(name, make, shape, classes):
+    model = make()
+    batches = classification_batches((7, 5, 4), shape, classes)
+    H = dense_hessian(model, batches)
+    evals, evecs = torch.linalg.eigh(H)
+    res = hessian.top_eigenvalues(model, batches, k=3, tol=1e-8)
+    assert res.converged
+    want = evals.flip(0)[:3]
+    assert torch.allclose(res.eigenvalues, want, rtol=1e-6, atol=0)
+    # eigenvectors come back parameter-shaped, unit norm, aligned with dense ones
+    params = list(model.parameters())
+    for i in range(3):
+        vec = res.eigenvectors[i]
+        assert [v.shape for v in vec] == [p.shape for p in params]
+        flat = torch.cat([v.reshape(-1) for v in vec])
+        assert abs(float(flat @ evecs[:, -1 - i])) == pytest.approx(1.0, abs=1e-6)
+    assert res.n_hvp == res.n_iter  # block size 1
+    assert res.names == [n for n, _ in model.named_parameters()]
+
+
+def test_top_eigenvalues_block_ggn_and_which():
+    model = mlp(sizes=(5, 8, 4))
+    batches = classification_batches((9,), (5,), 4)
+    H = dense_hessian(model, batches)
+    evals = torch.linalg.eigvalsh(H)
+    r = hessian.top_eigenvalues(model, batches, k=2, block_size=3, tol=1e-8)
+    assert torch.allclose(r.eigenvalues, evals.flip(0)[:2], rtol=1e-6)
+    assert r.n_hvp == 3 * r.n_iter
+    r = hessian.top_eigenvalues(model, batches, k=1, which="SA", tol=1e-8)
+    assert r.eigenvalues[0].item() == pytest.approx(evals[0].item(), rel=1e-6)
+    op = hessian.CurvatureOperator(model, batches, curvature="ggn")
+    G = op.matmat(torch.eye(op.shape[0], dtype=DT))
+    r = hessian.top_eigenvalues(model, batches, k=1, curvature="ggn", tol=1e-8)
+    assert r.eigenvalues[0].item() == pytest.approx(torch.linalg.eigvalsh(G)[-1].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_unbiased_over_seeds(method):
+    model = mlp(sizes=(5, 6, 4))
+    batches = classification_batches((6, 5), (5,), 4)
+    exact = float(torch.trace(dense_hessian(model, batches)))
+    values, errors = [], []
+    for seed in range(25):
+        r = hessian.trace(model, batches, method=method, n_samples=12, seed=seed)
+        values.append(r.value)
+        errors.append(r.std_error)
+        assert r.n_hvp == 12
+    t = torch.tensor(values, dtype=DT)
+    spread = float(t.std())
+    assert abs(float(t.mean()) - exact) <= 3 * spread / math.sqrt(len(values))
+    assert 0.4 <= sum(errors) / len(errors) / spread <= 2.5
+    assert hessian.trace(model, batches, method="exact").value == pytest.approx(exact, rel=1e-10)
+
+
+def test_spectral_density_moments_and_mass():
+    model = mlp(sizes=(4, 6, 3))
+    batches = classification_batches((6, 4), (4,), 3)
+    H = dense_hessian(model, batches)
+    n = H.shape[0]
+    ev = torch.linalg.eigvalsh(H)
+    d = hessian.spectral_density(model, batches, n_vectors=8, n_steps=16, seed=0)
+    assert float(torch.trapezoid(d.density, d.grid)) == pytest.approx(1.0, abs=1e-6)
+    assert d.n_hvp == 8 * 16
+    for p in (1, 2, 3):
+        per_vector = (d.weights * d.nodes**p).sum(1)
+        se = float(per_vector.std() / math.sqrt(len(per_vector)))
+        want = float(torch.trace(torch.linalg.matrix_power(H, p))) / n
+        assert abs(d.moment(p) - want) <= 4 * se + 1e-12 * abs(want), p
+    # the extreme nodes bracket the spectrum's ends closely
+    assert float(d.nodes.max()) == pytest.approx(float(ev[-1]), rel=1e-6)
+    json.loads(d.to_json())
+
+
+def test_spectral_density_plot_helper():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    model = mlp()
+    d = hessian.spectral_density(model, classification_batches((6,), (5,), 4)[0], n_vectors=2, n_steps=8)
+    ax = d.plot()
+    assert ax.get_xlabel() == "eigenvalue"
+
+
+def test_results_serialize_and_seed_reproducible_with_global_rng_untouched():
+    model = mlp()
+    batch = classification_batches((8,), (5,), 4)[0]
+    state = torch.get_rng_state()
+    a = hessian.trace(model, batch, seed=3)
+    b = hessian.trace(model, batch, seed=3)
+    c = hessian.trace(model, batch, seed=4)
+    e = hessian.top_eigenvalues(model, batch, k=2, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a.value == b.value and a.value != c.value
+    d = json.loads(e.to_json())
+    assert "eigenvectors" not in d and len(d["eigenvalues"]) == 2 and d["n_hvp"] == e.n_hvp
+    assert json.loads(a.to_json())["method"] == "hutch++"
+
+
+def test_model_restored_and_errors_raised_before_anything_changes():
+    model = cnn()
+    model.train()
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    model[4].bias.requires_grad_(False)
+    batches = classification_batches((5, 3), (1, 6, 6), 3)
+    snap = snapshot(model)
+    hessian.top_eigenvalues(model, batches, k=2)
+    hessian.trace(model, batches, n_samples=6)
+    hessian.spectral_density(model, batches, n_vectors=1, n_steps=5)
+    hessian.hvp(model, batches, [torch.ones_like(p) for p in model.parameters() if p.requires_grad])
+    assert_unchanged(model, snap)
+    bad = [
+        (dict(k=0), ValueError, "k must"),
+        (dict(k=10_000), ValueError, "exceeds"),
+        (dict(tol=-1.0), ValueError, "tol"),
+        (dict(which="XX"), ValueError, "which"),
+        (dict(curvature="fisher"), ValueError, "curvature"),
+        (dict(params=["nope"]), ValueError, "unknown parameter"),
+    ]
+    for kwargs, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            hessian.top_eigenvalues(model, batches, **kwargs)
+    with pytest.raises(ValueError, match="method"):
+        hessian.trace(model, batches, method="magic")
+    with pytest.raises(ValueError, match="n_samples"):
+        hessian.trace(model, batches, n_samples=3)
+    with pytest.raises(TypeError, match="re-iterable"):
+        hessian.trace(model, iter(batches))
+    with pytest.raises(ValueError, match="no batches"):
+        hessian.trace(model, [])
+
+    def boom(z, y):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hessian.top_eigenvalues(model, batches, loss_fn=boom)
+    assert_unchanged(model, snap)
+
+
+def test_params_selection_and_eval_mode_batchnorm():
+    model = cnn()
+    batches = classification_batches((6,), (1, 6, 6), 3)
+    head = model[4]
+    r = hessian.top_eigenvalues(model, batches, k=1, params=[head], tol=1e-9)
+    H = dense_hessian(model, batches)
+    n_head = head.weight.numel() + head.bias.numel()
+    block = H[-n_head:, -n_head:]
+    assert r.eigenvalues[0].item() == pytest.approx(torch.linalg.eigvalsh(block)[-1].item(), rel=1e-6)
+    # training mode uses batch statistics: a different Hessian
+    t_train = hessian.trace(model, batches, method="exact", train=True).value
+    t_eval = hessian.trace(model, batches, method="exact").value
+    assert t_eval == pytest.approx(float(torch.trace(H)), rel=1e-10)
+    assert abs(t_train - t_eval) > 1e-6 * abs(t_eval)
+
+
+def test_sharpness_kinds_match_hessian_functions():
+    model = mlp(sizes=(5, 6, 4), act=nn.ReLU)
+    batches = classification_batches((6, 5), (5,), 4)
+    r = flatness.sharpness(model, batches, kind="hessian_max_eig", seed=1)
+    assert r.value == hessian.top_eigenvalues(model, batches, seed=1).eigenvalues[0].item()
+    assert r.counts["hvp"] > 0 and r.rho is None and r.batch_sizes == [11]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        assert r.clean_loss == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-12)
+    r = flatness.sharpness(model, batches, kind="hessian_trace", seed=2, method="hutchinson", n_samples=10)
+    t = hessian.trace(model, batches, seed=2, method="hutchinson", n_samples=10)
+    assert r.value == t.value and r.settings["std_error"] == t.std_error
+    r = flatness.sharpness(model, batches, kind="minimum", seed=0, method="exact")
+    assert r.value == hessian.minimum_sharpness(model, batches, method="exact").value
+    json.loads(r.to_json())
+
+
+def test_matches_curvlinops():
+    curvlinops = pytest.importorskip("curvlinops")
+    model = mlp(sizes=(5, 6, 4))
+    batches = classification_batches((6, 5, 3), (5,), 4)
+    params = [p for p in model.parameters()]
+    ours = hessian.CurvatureOperator(model, batches)
+    eye = torch.eye(ours.shape[0], dtype=DT)
+    loss = nn.CrossEntropyLoss()
+    for cls, curvature in ((curvlinops.HessianLinearOperator, "hessian"), (curvlinops.GGNLinearOperator, "ggn")):
+        theirs = cls(model, loss, params, batches, check_deterministic=False)
+        ref = torch.as_tensor(theirs.to_scipy() @ eye.numpy()) if hasattr(theirs, "to_scipy") else theirs @ eye
+        mine = hessian.CurvatureOperator(model, batches, curvature=curvature).matmat(eye)
+        assert torch.allclose(mine, ref.to(DT), atol=1e-10), curvature
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_top_eigenvalues_and_trace():
+    model = mlp(sizes=(5, 8, 4))
+    batches = classification_batches((7, 5), (5,), 4)
+    cpu = hessian.top_eigenvalues(model, batches, k=2, tol=1e-8)
+    gpu = hessian.top_eigenvalues(model.cuda(), batches, k=2, tol=1e-8)
+    assert torch.allclose(cpu.eigenvalues, gpu.eigenvalues, rtol=1e-6)
+    assert gpu.eigenvectors[0][0].is_cuda
+    assert hessian.trace(model, batches, method="exact").value == pytest.approx(
+        hessian.trace(model.cpu(), batches, method="exact").value, rel=1e-10
+    )
