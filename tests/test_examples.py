@@ -1,0 +1,32 @@
+"""Every example runs end to end with a tiny budget, so none of them rots."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+#: example -> arguments that make it finish in seconds
+TINY = {
+    "quickstart.py": ["--epochs", "2"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_example_runs(name, tmp_path):
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *TINY[name]],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip(), "an example prints its results"
+
+
+def test_every_example_is_exercised():
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(TINY)
