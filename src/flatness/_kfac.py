@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flatness._model import ParamSet, unwrap
+from flatness._model import ParamSet, select_params, unwrap
 
 __all__ = [
     "KFACLayer",
@@ -185,20 +185,21 @@ def _positions_count(layer: KFACLayer, e: Tensor) -> int:
     return e[0].numel() // out
 
 
-def _input_sqnorms(layer: KFACLayer, a: Tensor) -> Tensor:
-    """Per sample ``sum_t ||x_t||^2`` over the layer's input patches."""
-    n = a.shape[0]
+def _input_sqnorm(layer: KFACLayer, a: Tensor) -> Tensor:
+    """``sum_i sum_t ||x_it||^2`` over the layer's input patches of a batch."""
     if isinstance(layer.module, nn.Conv2d):
         m = layer.module
         # Each input pixel counts once per patch covering it: a convolution
-        # of the channel-summed squared input with a kernel of ones.
-        sq = _padded(m, a).pow(2).sum(1, keepdim=True)
+        # of the channel-summed squared input with a kernel of ones.  Padding
+        # (zeros, reflect, circular) only re-indexes pixels, so it commutes
+        # with the squaring and is applied to the small (n, 1, H, W) map.
+        sq = _padded(m, torch.linalg.vector_norm(a, dim=1, keepdim=True).square())
         ones = sq.new_ones(1, 1, *m.kernel_size)
-        return F.conv2d(sq, ones, stride=m.stride, dilation=m.dilation).reshape(n, -1).sum(1)
-    return a.reshape(n, -1).pow(2).sum(1)
+        return F.conv2d(sq, ones, stride=m.stride, dilation=m.dilation).sum()
+    return torch.linalg.vector_norm(a).square()
 
 
-def trace_terms(layer: KFACLayer, a: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+def trace_terms(layer: KFACLayer, a: Tensor, e: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """``tr(A_b)`` and ``tr(G_b)`` of one batch.
 
     Parameters
@@ -207,28 +208,31 @@ def trace_terms(layer: KFACLayer, a: Tensor, e: Tensor) -> tuple[Tensor, Tensor]
     a : Tensor
         The layer's input for the batch.
     e : Tensor
-        Gradients of the *sample losses* with respect to the layer's output
-        (the batch-mean loss's output gradient times the batch size).
+        Gradients with respect to the layer's output.
+    scale : float
+        Factor that turns ``e`` into gradients of the *sample losses* (the
+        batch size when ``e`` comes from a batch-mean loss).
 
     Returns
     -------
     tr_a, tr_g : Tensor
         0-d tensors: ``mean_i (1/T) sum_t ||a_t||^2`` (with the appended 1
-        when the bias is selected) and ``mean_i sum_t ||e_t||^2``.
+        when the bias is selected) and ``mean_i sum_t ||scale e_t||^2``.
     """
     n = e.shape[0]
     positions = _positions_count(layer, e)
     tr_a = e.new_zeros(())
     if layer.weight is not None:
-        tr_a = _input_sqnorms(layer, a).sum() / (n * positions)
+        tr_a = _input_sqnorm(layer, a) / (n * positions)
     if layer.bias is not None:
         tr_a = tr_a + 1
-    tr_g = e.pow(2).sum() / n
+    tr_g = torch.linalg.vector_norm(e).square() * (scale * scale / n)
     return tr_a, tr_g
 
 
-def factors(layer: KFACLayer, a: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
-    """The Kronecker factors ``A_b`` and ``G_b`` of one batch.
+def factors(layer: KFACLayer, a: Tensor, e: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The Kronecker factors ``A_b`` and ``G_b`` of one batch (``a``, ``e``
+    and ``scale`` as in :func:`trace_terms`).
 
     ``A_b`` is indexed by the input features of the weight as it is
     flattened (``in_features``, or ``in_channels * kh * kw`` for a
@@ -247,4 +251,123 @@ def factors(layer: KFACLayer, a: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
         cols.append(x.new_ones(*x.shape[:2], 1))
     x = torch.cat(cols, dim=2).reshape(n * positions, -1)
     g = g.reshape(n * positions, -1)
-    return x.T @ x / (n * positions), g.T @ g / n
+    return x.T @ x / (n * positions), g.T @ g * (scale * scale / n)
+
+
+class RunningFactors:
+    """Running Kronecker factors of a model's layers and the damped inverse
+    ``(A (x) G + damping I)^-1``, for K-FAC-preconditioned ascent directions.
+
+    The factors are exponential moving averages (``stat_decay``) of the
+    per-batch factors of :func:`factors`, stored in ``state`` (a dict of
+    dicts keyed by the layer's first selected parameter, e.g. an optimizer's
+    per-parameter state, so they are saved with it) under ``"kfac_A"`` and
+    ``"kfac_G"``.  The eigendecompositions are cached and refreshed with
+    every update (as in the paper's code: ``(Q_g^T M Q_a) / (d_g d_a^T +
+    damping)``).
+
+    Parameters
+    ----------
+    model : nn.Module
+    params : list of Tensor
+        Parameters of ``model`` to precondition.
+    damping : float
+        Added to the eigenvalues of ``A (x) G`` (> 0).
+    stat_decay : float
+        Weight of the old factors in the moving average, in ``[0, 1)``.
+    state : dict
+        Where the running factors live.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: list[Tensor],
+        *,
+        damping: float,
+        stat_decay: float,
+        state: dict[Tensor, dict],
+    ) -> None:
+        self.params = select_params(model, params)
+        self.layers, rest = plan(model, self.params)
+        if not self.layers:
+            raise ValueError(
+                "the K-FAC preconditioner needs at least one Linear or Conv2d layer among the "
+                "optimizer's parameters"
+            )
+        self.unsupported = [self.params.names[k] for k in rest]
+        self.damping = damping
+        self.stat_decay = stat_decay
+        self.state = state
+        self._eig: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+    def _slot(self, layer: KFACLayer) -> dict:
+        return self.state[self.params.params[layer.indices[0]]]
+
+    @torch.no_grad()
+    def update(self, store: dict[str, list[list[Tensor]]]) -> None:
+        """Fold the batch factors of a :func:`capture` into the running ones.
+
+        Every call of a module counts as one batch; its output gradients are
+        multiplied by its batch size (the loss is a batch mean).
+        """
+        for layer in self.layers:
+            calls = [c for c in store.get(layer.name, []) if len(c) == 2]
+            if not calls:
+                continue
+            total = sum(e.shape[0] for _, e in calls)
+            fa = fg = None
+            for a, e in calls:
+                n = e.shape[0]
+                ca, cg = factors(layer, a, e, n)
+                fa = ca * (n / total) if fa is None else fa.add_(ca, alpha=n / total)
+                fg = cg * (n / total) if fg is None else fg.add_(cg, alpha=n / total)
+            slot = self._slot(layer)
+            if "kfac_A" not in slot:
+                slot["kfac_A"], slot["kfac_G"] = fa, fg
+            else:
+                slot["kfac_A"].mul_(self.stat_decay).add_(fa, alpha=1 - self.stat_decay)
+                slot["kfac_G"].mul_(self.stat_decay).add_(fg, alpha=1 - self.stat_decay)
+            self._eig.pop(layer.name, None)
+
+    def ready(self) -> bool:
+        """True once every layer that has been seen has factors."""
+        return any("kfac_A" in self._slot(layer) for layer in self.layers)
+
+    def _decomposition(self, layer: KFACLayer) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        if layer.name not in self._eig:
+            slot = self._slot(layer)
+            if "kfac_A" not in slot:
+                return None
+            da, qa = torch.linalg.eigh(slot["kfac_A"])
+            dg, qg = torch.linalg.eigh(slot["kfac_G"])
+            # round-off can make tiny eigenvalues negative; the factors are PSD
+            self._eig[layer.name] = (qa, da.clamp_min(0), qg, dg.clamp_min(0))
+        return self._eig[layer.name]
+
+    @torch.no_grad()
+    def solve(self, vectors: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+        """``(A (x) G + damping I)^-1 v`` for every layer's parameters found in
+        ``vectors`` (``param -> tensor of its shape``).  Parameters outside
+        the factored layers, or of layers without factors yet, are absent
+        from the result."""
+        out: dict[Tensor, Tensor] = {}
+        for layer in self.layers:
+            ps = [self.params.params[k] for k in layer.indices]
+            if not all(p in vectors for p in ps):
+                continue
+            dec = self._decomposition(layer)
+            if dec is None:
+                continue
+            qa, da, qg, dg = dec
+            rows = ps[0].shape[0]
+            cols = [vectors[p].reshape(rows, -1) for p in ps]
+            m = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+            v = qg.T @ m @ qa
+            v = v / (dg[:, None] * da[None, :] + self.damping)
+            r = qg @ v @ qa.T
+            start = 0
+            for p, c in zip(ps, cols, strict=True):
+                out[p] = r[:, start : start + c.shape[1]].reshape(p.shape)
+                start += c.shape[1]
+        return out

@@ -541,11 +541,11 @@ def _kfac_batch(
         if not calls or len(calls[0]) < 2:
             continue  # the layer did not take part in this loss: zero gradient
         entry = calls[0]
-        a, e = entry[0], entry[1] * nb  # batch-mean loss -> sample-loss gradients
-        tr_a, tr_g = trace_terms(layer, a, e)
+        a, e = entry  # e * nb: batch-mean loss -> sample-loss gradients
+        tr_a, tr_g = trace_terms(layer, a, e, nb)
         second[layer.name] += (tr_a * tr_g).double() * nb
         if fac_sum is not None:
-            fa, fg = kronecker_factors(layer, a, e)
+            fa, fg = kronecker_factors(layer, a, e, nb)
             if layer.name in fac_sum:
                 fac_sum[layer.name][0] += fa * nb
                 fac_sum[layer.name][1] += fg * nb

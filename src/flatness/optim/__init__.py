@@ -8,13 +8,23 @@ as the one hook to override (see ``flatness/optim/_base.py``).
 
 from __future__ import annotations
 
-from ._base import AscentGroup, SharpnessAwareOptimizer, disable_running_stats, global_norm
+from ._base import (
+    AscentGroup,
+    ScaledDirection,
+    SharpnessAwareOptimizer,
+    disable_running_stats,
+    global_norm,
+)
+from .consistent import ConsistentSAM, NonuniformSAM
 from .sam import SAM
 from .subset import subset_sam_step
 
 __all__ = [
     "SAM",
     "AscentGroup",
+    "ScaledDirection",
+    "ConsistentSAM",
+    "NonuniformSAM",
     "SharpnessAwareOptimizer",
     "disable_running_stats",
     "global_norm",

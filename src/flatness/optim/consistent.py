@@ -1,0 +1,444 @@
+r"""Nonuniformity-guided SAM (seed 004, "Beyond Sharpness: The Role of
+Nonuniformity in Generalization", Zhou et al., AAAI 2025).
+
+The update rules follow the authors' public code (``optimizer/minimizer.py``
+of their repository: ``CSAM_Identity``, ``ACSAM_Identity``, ``CSAM``; and the
+``SAMGCM`` toy in ``additional_experiments/sam_gcm.py``):
+
+* :class:`ConsistentSAM` - three passes on the same batch; the second
+  ascent follows the part of the gradient change ``g2 - g1`` that a running
+  mean ``m`` does not explain.  Variants: ``adaptive=True`` (ASAM scaling
+  of the second ascent, ``ACSAM_Identity``) and ``preconditioner="kfac"``
+  (K-FAC natural direction, ``CSAM``).
+* :class:`NonuniformSAM` - two passes; the ascent is the gradient
+  preconditioned by the inverse Kronecker-factored second moment of the
+  per-sample gradients, ``e = rho F^-1 g / sqrt(g^T F^-1 g)`` (``SAMGCM``
+  with K-FAC in place of the dense covariance, as the code's ``GAM``).
+
+Both reuse :class:`~flatness.optim.SharpnessAwareOptimizer`: perturb /
+restore from one saved copy of ``w``, restore on exceptions, ``GradScaler``,
+``same_rng``, ``freeze_bn``, DDP and ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from flatness._kfac import RunningFactors, capture
+
+from ._base import AscentGroup, SharpnessAwareOptimizer, global_norm
+
+__all__ = ["ConsistentSAM", "NonuniformSAM"]
+
+_PRECONDITIONERS = (None, "kfac")
+
+
+def _inv(norm: Tensor) -> Tensor:
+    # 1 / norm, and 0 for a zero norm (a zero direction, not a NaN)
+    return torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
+
+
+class _KFACMixin:
+    """K-FAC bookkeeping shared by the two optimizers: factors are captured
+    during :meth:`first_pass` every ``update_freq`` steps."""
+
+    _kfac: RunningFactors | None
+    _kfac_steps: int
+
+    def _init_kfac(
+        self: Any,
+        preconditioner: str | None,
+        model: nn.Module | None,
+        damping: float,
+        stat_decay: float,
+        update_freq: int,
+    ) -> None:
+        if preconditioner not in _PRECONDITIONERS:
+            raise ValueError(f"unknown preconditioner {preconditioner!r}; valid: None, 'kfac'")
+        for name, value, low in (("damping", damping, 0.0), ("stat_decay", stat_decay, 0.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not (value >= low and value < (1.0 if name == "stat_decay" else float("inf"))):
+                raise ValueError(f"{name} out of range: {value}")
+        if preconditioner == "kfac" and not damping > 0:
+            raise ValueError(f"damping must be > 0, got {damping}")
+        if isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1:
+            raise ValueError(f"update_freq must be a positive int, got {update_freq!r}")
+        self.preconditioner = preconditioner
+        self.update_freq = update_freq
+        self._kfac_steps = 0
+        self._kfac = None
+        if preconditioner == "kfac":
+            if model is None:
+                raise ValueError("preconditioner='kfac' needs model=<your model> (its layers are hooked)")
+            perturbed = [p for g in self.param_groups if g.get("perturb", True) for p in g["params"]]
+            self._kfac = RunningFactors(
+                model, perturbed, damping=float(damping), stat_decay=float(stat_decay),
+                state=self.extra_state,
+            )
+
+    @contextlib.contextmanager
+    def first_pass(self: Any) -> Iterator[None]:
+        """Context for the forward-backward at ``w``; with
+        ``preconditioner="kfac"`` it also records the Kronecker factors
+        (every ``update_freq`` steps), so the first pass must run inside it
+        (``step(closure)`` does this)."""
+        with SharpnessAwareOptimizer.first_pass(self):
+            if self._kfac is None or self._kfac_steps % self.update_freq:
+                yield
+                self._kfac_steps += 1
+                return
+            with capture(self._kfac.layers) as store:
+                yield
+            self._kfac.update(store)
+            self._kfac_steps += 1
+
+    def _natural(self: Any, groups: list[AscentGroup], vecs: list[list[Tensor]]) -> tuple[list[list[Tensor]], Tensor]:
+        """``F^-1 v`` per parameter (zero outside the factored layers) and
+        ``sqrt(v^T F^-1 v)``."""
+        assert self._kfac is not None
+        if not self._kfac.ready():
+            self.restore()
+            raise RuntimeError(
+                "preconditioner='kfac' has no Kronecker factors yet: run the first forward-backward "
+                "inside `with opt.first_pass():` (step(closure) does it)"
+            )
+        solved = self._kfac.solve({p: v for g, vs in zip(groups, vecs) for p, v in zip(g.params, vs)})
+        out = [[solved.get(p, torch.zeros_like(v)) for p, v in zip(g.params, vs)] for g, vs in zip(groups, vecs)]
+        dots = [torch.dot(v.flatten(), s.flatten()) for vs, ss in zip(vecs, out) for v, s in zip(vs, ss)]
+        if not dots:
+            return out, torch.zeros(())
+        return out, torch.stack(dots).sum().clamp_min(0).sqrt()
+
+    def extra_state_dict(self: Any) -> dict[str, Any]:
+        sd = SharpnessAwareOptimizer.extra_state_dict(self)
+        sd["kfac_steps"] = self._kfac_steps
+        return sd
+
+    def load_extra_state_dict(self: Any, state: dict[str, Any]) -> None:
+        SharpnessAwareOptimizer.load_extra_state_dict(self, state)
+        # the running mean and factors are updated in place: never share
+        # them with the optimizer the state dict came from
+        for slot in self.extra_state.values():
+            for k, v in slot.items():
+                if isinstance(v, Tensor):
+                    slot[k] = v.clone()
+        self._kfac_steps = int(state.get("kfac_steps", 0))
+        if self._kfac is not None:
+            self._kfac.state = self.extra_state
+            self._kfac._eig = {}
+
+
+class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
+    r"""Consistent SAM: three forward-backward passes on the same batch.
+
+    .. math::
+
+        g_1 &= \nabla L(w), \qquad e_1 = \rho_1 \frac{g_1}{\lVert g_1\rVert}, \qquad
+        g_2 = \nabla L(w + e_1), \\
+        m &\leftarrow \alpha m + (1 - \alpha)(g_2 - g_1), \qquad d = g_2 - g_1 - m, \\
+        e_2 &= \rho_2 \frac{d}{\lVert d\rVert}
+            \;\Big|\; \rho_2 \frac{T^2 d}{\lVert T d\rVert}\ (\text{adaptive}, T = |w| + \eta)
+            \;\Big|\; \rho_2 \frac{F^{-1} d}{\sqrt{d^\top F^{-1} d}}\ (\text{kfac}), \\
+        g_3 &= \nabla L(w + e_2), \qquad \text{base step from } w \text{ with } g_3.
+
+    ``m`` starts at zero and is kept across steps (in the optimizer state,
+    saved by ``state_dict``).  ``F = blockdiag(A (x) G)`` has the running
+    Kronecker factors of the per-sample gradients' second moment of each
+    Linear / Conv2d layer, taken at ``w`` during the first pass, with
+    ``damping`` added to the eigenvalues of ``A (x) G``; parameters outside
+    those layers are not moved by ``e_2`` in that variant (as in the
+    paper's code).  Norms are joint over all perturbed groups; a group's
+    ``rho`` / ``rho2`` scale its part.  ``e_1`` is always plain SAM.
+
+    Parameters
+    ----------
+    params, base_optimizer, same_rng, per_replica, freeze_bn, **base_kwargs
+        As for :class:`~flatness.optim.SAM`.
+    rho : float
+        ``rho_1``, the first ascent radius (default 0.1, the paper's value).
+    rho2 : float
+        ``rho_2``, the second ascent radius (the paper uses 0.1 to 0.4).
+    alpha : float
+        Momentum of the running mean ``m``, in ``[0, 1]`` (the paper uses
+        0.2 to 0.9 by model; default 0.9).
+    adaptive : bool
+        ASAM scaling of ``e_2`` with ``T = |w| + eta``.
+    eta : float
+        ASAM's offset (default 0.01, the paper's code).
+    preconditioner : {None, "kfac"}
+        K-FAC natural direction for ``e_2``; needs ``model``.  Not combined
+        with ``adaptive``.
+    model : nn.Module, optional
+        The model (needed for ``preconditioner="kfac"``, ``per_replica`` and
+        ``freeze_bn``).
+    damping, stat_decay, update_freq
+        K-FAC: eigenvalue damping (default 1e-3), moving-average decay of the
+        factors (0.95) and the number of steps between factor updates (1).
+
+    Examples
+    --------
+    >>> opt = ConsistentSAM(model.parameters(), torch.optim.SGD, rho=0.1, rho2=0.2, lr=0.1)
+    >>> def closure():
+    ...     loss = loss_fn(model(x), y)
+    ...     loss.backward()
+    ...     return loss
+    >>> loss = opt.step(closure)          # the closure runs three times
+
+    Step by step:
+
+    >>> with opt.first_pass():
+    ...     loss_fn(model(x), y).backward()
+    >>> opt.first_step(zero_grad=True)     # w + e1
+    >>> with opt.second_pass():
+    ...     loss_fn(model(x), y).backward()
+    >>> opt.middle_step(zero_grad=True)    # w + e2
+    >>> with opt.second_pass():
+    ...     loss_fn(model(x), y).backward()
+    >>> opt.second_step(zero_grad=True)    # back to w, base step
+    """
+
+    group_defaults = {"rho": 0.1, "rho2": 0.2, "alpha": 0.9, "adaptive": False, "eta": 0.01, "perturb": True}
+
+    def __init__(
+        self,
+        params: Iterable[Any] | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.1,
+        rho2: float = 0.2,
+        alpha: float = 0.9,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        *,
+        preconditioner: str | None = None,
+        model: nn.Module | None = None,
+        damping: float = 1e-3,
+        stat_decay: float = 0.95,
+        update_freq: int = 1,
+        same_rng: bool = False,
+        per_replica: bool = False,
+        freeze_bn: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
+        defaults = {"rho": rho, "rho2": rho2, "alpha": alpha, "adaptive": adaptive, "eta": eta, "perturb": True}
+        super().__init__(
+            params, base_optimizer, defaults, same_rng=same_rng, per_replica=per_replica,
+            model=model, freeze_bn=freeze_bn, **base_kwargs,
+        )
+        if preconditioner is not None and any(g["adaptive"] for g in self.param_groups):
+            raise ValueError("adaptive=True and preconditioner='kfac' cannot be combined; choose one")
+        self._init_kfac(preconditioner, model, damping, stat_decay, update_freq)
+        # (group, params, clone of g1, T or None) between first_step and middle_step
+        self._first: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor] | None]] | None = None
+        self._pending_m: list[tuple[Tensor, Tensor]] = []
+
+    def _check_setting(self, key: str, value: Any) -> None:
+        if key == "rho2":
+            return super()._check_setting("rho", value)
+        if key == "alpha":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"alpha must be a number, got {type(value).__name__}")
+            if not 0 <= value <= 1:
+                raise ValueError(f"alpha must be in [0, 1], got {value}")
+            return None
+        return super()._check_setting(key, value)
+
+    # -- pass 1: e1 = rho1 g1 / ||g1|| ------------------------------------
+
+    @torch.no_grad()
+    def ascent_direction(self, groups: list[AscentGroup]) -> list[list[Tensor]]:
+        """``e_1 = rho g_1 / ||g_1||``; also keeps a copy of ``g_1`` (and of
+        ``T = |w| + eta`` for adaptive groups) for :meth:`middle_step`."""
+        first = []
+        for g in groups:
+            t = None
+            if g.group["adaptive"]:
+                t = torch._foreach_abs(g.params)
+                torch._foreach_add_(t, g.group["eta"])
+            first.append((g.group, list(g.params), [x.clone() for x in g.grads], t))
+        self._first = first
+        inv = _inv(global_norm([g.grads for g in groups]))
+        return [torch._foreach_mul(g.grads, (g.group["rho"] * inv).to(g.grads[0].device)) for g in groups]
+
+    def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
+        self._first = None
+        super().first_step(zero_grad, scaler=scaler)
+        if self._first is None:  # inf/NaN under a scaler: nothing to continue from
+            self._first = []
+
+    # -- pass 2: m, d, e2 ---------------------------------------------------
+
+    @torch.no_grad()
+    def middle_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
+        """Move from ``w + e_1`` to ``w + e_2`` using the gradients at ``w + e_1``.
+
+        Updates the running mean ``m``.  Under a ``GradScaler`` the gradients
+        are divided by its scale; if they contain inf/NaN the step is
+        skipped (no update of ``m``, :meth:`second_step` skips the base step).
+        Restores ``w`` if anything fails.
+        """
+        if self._first is None:
+            raise RuntimeError("middle_step() called without first_step()")
+        try:
+            self._middle(scaler)
+        except BaseException:
+            self.restore()
+            raise
+        if zero_grad:
+            self.zero_grad()
+
+    def _middle(self, scaler: Any) -> None:
+        first, self._first = self._first, None
+        assert first is not None
+        inv_scale = 1.0
+        if scaler is not None and scaler.is_enabled():
+            inv_scale = 1.0 / float(scaler.get_scale())
+        groups: list[AscentGroup] = []
+        diffs: list[list[Tensor]] = []
+        for group, params, g1, t in first:
+            g2 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if inv_scale != 1.0:
+                g2 = torch._foreach_mul(g2, inv_scale)  # a copy: .grad is left as it is
+            diff = torch._foreach_sub(g2, g1)
+            groups.append(AscentGroup(group, params, diff))
+            diffs.append(diff)
+        if scaler is not None and scaler.is_enabled() and diffs:
+            if not bool(torch.isfinite(global_norm(diffs, ord=float("inf")))):
+                self._skip_base_step = True
+                self.perturb(groups, [[torch.zeros_like(p) for p in g.params] for g in groups])
+                return
+        pending = []
+        for (group, params, _, _), d in zip(first, diffs):
+            old = [self.extra_state[p].get("consistent_momentum") for p in params]
+            old = [torch.zeros_like(p) if m is None else m for p, m in zip(params, old)]
+            # new m = alpha m + (1 - alpha)(g2 - g1), kept aside until
+            # second_step so that an abandoned step leaves m as it was
+            ms = torch._foreach_mul(old, group["alpha"])
+            torch._foreach_add_(ms, d, alpha=1 - group["alpha"])
+            torch._foreach_sub_(d, ms)  # d = g2 - g1 - m
+            pending.extend(zip(params, ms))
+        self._pending_m = pending
+        if self._kfac is not None:
+            directions, norm = self._natural(groups, diffs)
+            inv = _inv(norm)
+            for g, e in zip(groups, directions):
+                torch._foreach_mul_(e, (g.group["rho2"] * inv).to(e[0].device))
+        else:
+            scaled = [torch._foreach_mul(d, t) if t is not None else d for (_, _, _, t), d in zip(first, diffs)]
+            inv = _inv(global_norm(scaled))
+            directions = []
+            for (group, _, _, t), s in zip(first, scaled):
+                e = torch._foreach_mul(s, (group["rho2"] * inv).to(s[0].device))
+                if t is not None:
+                    torch._foreach_mul_(e, t)
+                directions.append(e)
+        self.perturb(groups, directions)
+
+    # -- pass 3: back to w, base step with g3 -------------------------------
+
+    def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
+        """Restore ``w`` and take the base step with the gradients at ``w + e_2``."""
+        if self._first is not None:
+            self.restore()
+            raise RuntimeError("second_step() called before middle_step(): ConsistentSAM takes three passes")
+        super().second_step(zero_grad, scaler=scaler)
+        for p, m in self._pending_m:
+            self.extra_state[p]["consistent_momentum"] = m
+        self._pending_m = []
+
+    def restore(self) -> None:
+        """Put the saved ``w`` back and abandon the step (the running mean
+        ``m`` keeps its value from before the step)."""
+        self._first = None
+        self._pending_m = []
+        super().restore()
+
+    def step(self, closure: Callable[[], Any] | None = None, *, scaler: Any = None) -> Any:  # type: ignore[override]
+        """One consistent-SAM step; the closure (forward, ``backward()``,
+        return the loss) runs at ``w``, ``w + e_1`` and ``w + e_2``.
+
+        Returns the closure's value at ``w``.
+        """
+        if closure is None or not callable(closure):
+            raise TypeError(
+                f"{type(self).__name__}.step() needs a callable closure that computes the loss and "
+                "calls backward(); or use first_step() / middle_step() / second_step()"
+            )
+        self.zero_grad()
+        with torch.enable_grad(), self.first_pass():
+            loss = closure()
+        self.first_step(zero_grad=True, scaler=scaler)
+        with torch.enable_grad(), self.second_pass():
+            closure()
+        self.middle_step(zero_grad=True, scaler=scaler)
+        with torch.enable_grad(), self.second_pass():
+            closure()
+        self.second_step(scaler=scaler)
+        return loss
+
+
+class NonuniformSAM(_KFACMixin, SharpnessAwareOptimizer):
+    r"""SAM whose ascent is preconditioned by the gradient noise's structure.
+
+    .. math::
+
+        e = \rho \, \frac{F^{-1} g}{\sqrt{g^\top F^{-1} g}}, \qquad
+        F = \operatorname{blockdiag}(A_l \otimes G_l) + \text{damping},
+
+    with ``A_l (x) G_l`` the running Kronecker-factored second moment of the
+    per-sample gradients of Linear / Conv2d layer ``l`` (captured at ``w``
+    in the first pass, every ``update_freq`` steps).  The perturbation
+    moves least along directions of large gradient noise (``e^T F e =
+    rho^2``).  This is the authors' ``SAMGCM`` (dense inverse covariance) in
+    its scalable K-FAC form (their ``GAM`` class); parameters outside those
+    layers are not perturbed.  Two passes, like SAM.
+
+    Parameters
+    ----------
+    params, base_optimizer, same_rng, per_replica, freeze_bn, **base_kwargs
+        As for :class:`~flatness.optim.SAM`.
+    model : nn.Module
+        The model whose layers are hooked (required).
+    rho : float
+        Radius in the ``F`` metric (default 0.05).
+    damping, stat_decay, update_freq
+        As for :class:`ConsistentSAM`.
+    """
+
+    group_defaults = {"rho": 0.05, "perturb": True}
+
+    def __init__(
+        self,
+        params: Iterable[Any] | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        *,
+        model: nn.Module,
+        damping: float = 1e-3,
+        stat_decay: float = 0.95,
+        update_freq: int = 1,
+        same_rng: bool = False,
+        per_replica: bool = False,
+        freeze_bn: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            params, base_optimizer, {"rho": rho, "perturb": True}, same_rng=same_rng,
+            per_replica=per_replica, model=model, freeze_bn=freeze_bn, **base_kwargs,
+        )
+        self._init_kfac("kfac", model, damping, stat_decay, update_freq)
+
+    @torch.no_grad()
+    def ascent_direction(self, groups: list[AscentGroup]) -> list[list[Tensor]]:
+        """``e = rho F^-1 g / sqrt(g^T F^-1 g)``."""
+        directions, norm = self._natural(groups, [g.grads for g in groups])
+        inv = _inv(norm)
+        for g, e in zip(groups, directions):
+            torch._foreach_mul_(e, (g.group["rho"] * inv).to(e[0].device))
+        return directions

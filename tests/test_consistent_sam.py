@@ -1,0 +1,405 @@
+"""flatness.optim.ConsistentSAM and NonuniformSAM against update rules written
+out here in float64 (plain autograd gradients, dense Kronecker products and
+dense solves for the K-FAC variants), plus the drop-in guarantees."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from flatness.optim import ConsistentSAM, NonuniformSAM
+
+DT = torch.float64
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+
+
+def data(seed=1, n=12):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g)
+
+
+def closure_for(model, x, y, fail_on=None):
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if fail_on is not None and len(calls) == fail_on:
+            raise RuntimeError("injected failure")
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+# ----------------------------------------------------------------------
+# references
+# ----------------------------------------------------------------------
+
+
+def grad_at(model, w, x, y):
+    names = [n for n, _ in model.named_parameters()]
+    vals = [v.detach().requires_grad_(True) for v in w]
+    loss = F.cross_entropy(functional_call(model, dict(zip(names, vals)), (x,)), y)
+    return [g.detach() for g in torch.autograd.grad(loss, vals)]
+
+
+def norm(vs):
+    return torch.sqrt(sum((v * v).sum() for v in vs))
+
+
+def kfac_factors_ref(model, w, x, y):
+    """A = mean a~ a~^T, G = mean e e^T per Linear layer, with e the gradient
+    of each sample's own loss w.r.t. the layer output (computed by autograd on
+    the sum of sample losses, which separates the samples)."""
+    W1, b1, W2, b2 = [v.detach() for v in w]
+    h = x @ W1.T + b1
+    h.requires_grad_(True)
+    a2 = torch.tanh(h)
+    o = a2 @ W2.T + b2
+    losses = F.cross_entropy(o, y, reduction="none")
+    e1, e2 = torch.autograd.grad(losses.sum(), [h, o])
+    ones = torch.ones(len(x), 1, dtype=DT)
+    out = []
+    for a, e in ((x, e1), (a2.detach(), e2)):
+        at = torch.cat([a, ones], 1)
+        out.append((at.T @ at / len(x), e.T @ e / len(x)))
+    return out
+
+
+def kfac_solve_ref(factors, vecs, damping):
+    """(kron(A, G) + damping I)^-1 vec([dW | db]) by a dense solve."""
+    out = []
+    for (A, G), (dW, db) in zip(factors, (vecs[0:2], vecs[2:4])):
+        M = torch.cat([dW, db[:, None]], 1)
+        F_ = torch.kron(A, G) + damping * torch.eye(A.shape[0] * G.shape[0], dtype=DT)
+        v = torch.linalg.solve(F_, M.T.flatten())  # column-major vec
+        R = v.reshape(M.shape[1], M.shape[0]).T
+        out += [R[:, :-1], R[:, -1]]
+    return out
+
+
+def ema(run, new, decay):
+    if run is None:
+        return [(a.clone(), g.clone()) for a, g in new]
+    return [(decay * ra + (1 - decay) * a, decay * rg + (1 - decay) * g) for (ra, rg), (a, g) in zip(run, new)]
+
+
+def ref_consistent(model, x, y, steps, *, rho1, rho2, alpha, lr, mu=0.0, adaptive=False, eta=0.01,
+                   kfac=False, damping=1e-3, decay=0.95):
+    w = [p.detach().clone() for p in model.parameters()]
+    m = [torch.zeros_like(v) for v in w]
+    buf = None
+    run = None
+    for _ in range(steps):
+        g1 = grad_at(model, w, x, y)
+        if kfac:
+            run = ema(run, kfac_factors_ref(model, w, x, y), decay)
+        n1 = norm(g1)
+        e1 = [rho1 * g / n1 for g in g1]
+        g2 = grad_at(model, [a + b for a, b in zip(w, e1)], x, y)
+        m = [alpha * mm + (1 - alpha) * (b - a) for mm, a, b in zip(m, g1, g2)]
+        d = [b - a - mm for a, b, mm in zip(g1, g2, m)]
+        if kfac:
+            pd = kfac_solve_ref(run, d, damping)
+            q = torch.sqrt(sum((u * v).sum() for u, v in zip(d, pd)))
+            e2 = [rho2 * v / q for v in pd]
+        elif adaptive:
+            T = [v.abs() + eta for v in w]
+            nt = norm([t * v for t, v in zip(T, d)])
+            e2 = [rho2 * t * t * v / nt for t, v in zip(T, d)]
+        else:
+            nd = norm(d)
+            e2 = [rho2 * v / nd for v in d]
+        g3 = grad_at(model, [a + b for a, b in zip(w, e2)], x, y)
+        buf = g3 if buf is None else [mu * b + g for b, g in zip(buf, g3)]
+        w = [v - lr * b for v, b in zip(w, buf)]
+    return w, m
+
+
+def ref_nonuniform(model, x, y, steps, *, rho, lr, damping, decay):
+    w = [p.detach().clone() for p in model.parameters()]
+    run = None
+    for _ in range(steps):
+        g = grad_at(model, w, x, y)
+        run = ema(run, kfac_factors_ref(model, w, x, y), decay)
+        pg = kfac_solve_ref(run, g, damping)
+        q = torch.sqrt(sum((u * v).sum() for u, v in zip(g, pg)))
+        g2 = grad_at(model, [a + rho * v / q for a, v in zip(w, pg)], x, y)
+        w = [v - lr * gg for v, gg in zip(w, g2)]
+    return w
+
+
+def assert_close(params, ref, tol=1e-11):
+    for p, r in zip(params, ref, strict=True):
+        torch.testing.assert_close(p.detach(), r, rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------
+# update rules
+# ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["identity", "adaptive"])
+def test_consistent_matches_reference(adaptive):
+    model = mlp()
+    x, y = data()
+    kw = dict(rho1=0.3, rho2=0.2, alpha=0.7, lr=0.1, mu=0.9, adaptive=adaptive, eta=0.05)
+    w_ref, m_ref = ref_consistent(model, x, y, 5, **kw)
+    opt = ConsistentSAM(model.parameters(), torch.optim.SGD, rho=0.3, rho2=0.2, alpha=0.7,
+                        adaptive=adaptive, eta=0.05, lr=0.1, momentum=0.9)
+    for _ in range(5):
+        opt.step(closure_for(model, x, y))
+    assert_close(model.parameters(), w_ref)
+    assert_close([opt.extra_state[p]["consistent_momentum"] for p in model.parameters()], m_ref)
+
+
+def test_consistent_kfac_matches_dense_reference():
+    model = mlp()
+    x, y = data()
+    w_ref, _ = ref_consistent(model, x, y, 3, rho1=0.2, rho2=0.1, alpha=0.5, lr=0.1, kfac=True,
+                              damping=1e-2, decay=0.6)
+    opt = ConsistentSAM(model.parameters(), torch.optim.SGD, rho=0.2, rho2=0.1, alpha=0.5, lr=0.1,
+                        preconditioner="kfac", model=model, damping=1e-2, stat_decay=0.6)
+    for _ in range(3):
+        opt.step(closure_for(model, x, y))
+    assert_close(model.parameters(), w_ref, tol=1e-10)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_nonuniform_sam_matches_dense_reference():
+    model = mlp()
+    x, y = data()
+    w_ref = ref_nonuniform(model, x, y, 3, rho=0.1, lr=0.1, damping=1e-2, decay=0.6)
+    opt = NonuniformSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, model=model,
+                        damping=1e-2, stat_decay=0.6)
+    for _ in range(3):
+        opt.step(closure_for(model, x, y))
+    assert_close(model.parameters(), w_ref, tol=1e-10)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_update_freq_keeps_factors_between_updates():
+    model = mlp()
+    x, y = data()
+    opt = NonuniformSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, model=model, update_freq=3)
+    first = model[0].weight
+    seen = []
+    for _ in range(4):
+        opt.step(closure_for(model, x, y))
+        seen.append(opt.extra_state[first]["kfac_G"].clone())  # (layer 0's A is the data's)
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])
+    assert not torch.equal(seen[2], seen[3])
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: ConsistentSAM(m.parameters(), torch.optim.SGD, rho=0.0, rho2=0.0, lr=0.1, momentum=0.9),
+    lambda m: NonuniformSAM(m.parameters(), torch.optim.SGD, rho=0.0, lr=0.1, momentum=0.9, model=m),
+], ids=["consistent", "nonuniform"])
+def test_zero_radius_is_the_base_optimizer_bit_for_bit(make):
+    model, ref_model = mlp(), mlp()
+    x, y = data()
+    opt = make(model)
+    base = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.step(closure_for(model, x, y))
+        base.zero_grad()
+        F.cross_entropy(ref_model(x), y).backward()
+        base.step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_three_step_api_equals_closure_and_clones_g1():
+    model_a, model_b = mlp(), mlp()
+    x, y = data()
+    opt_a = ConsistentSAM(model_a.parameters(), torch.optim.SGD, rho=0.2, rho2=0.3, lr=0.1)
+    opt_b = ConsistentSAM(model_b.parameters(), torch.optim.SGD, rho=0.2, rho2=0.3, lr=0.1)
+    for _ in range(3):
+        opt_a.step(closure_for(model_a, x, y))
+        F.cross_entropy(model_b(x), y).backward()
+        opt_b.first_step()
+        # the classic bug: zeroing .grad in place must not wipe the kept g1
+        opt_b.zero_grad(set_to_none=False)
+        F.cross_entropy(model_b(x), y).backward()
+        opt_b.middle_step(zero_grad=True)
+        F.cross_entropy(model_b(x), y).backward()
+        opt_b.second_step(zero_grad=True)
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_param_groups_own_rho2_and_perturb_false():
+    model = mlp()
+    x, y = data()
+    opt = ConsistentSAM(
+        [{"params": model[0].parameters(), "rho2": 0.5}, {"params": model[2].parameters(), "perturb": False}],
+        torch.optim.SGD, rho=0.2, rho2=0.1, lr=0.1,
+    )
+    # reference: only layer 0 perturbed (both ascents), with its own rho2
+    w = [p.detach().clone() for p in model.parameters()]
+    g1 = grad_at(model, w, x, y)
+    e1 = [0.2 * g / norm(g1[:2]) for g in g1[:2]] + [torch.zeros_like(g) for g in g1[2:]]
+    g2 = grad_at(model, [a + b for a, b in zip(w, e1)], x, y)
+    # first step: m = 0.9 * 0 + 0.1 (g2 - g1), so d = g2 - g1 - m
+    d = [(b - a) - 0.1 * (b - a) for a, b in zip(g1[:2], g2[:2])]
+    e2 = [0.5 * v / norm(d) for v in d] + [torch.zeros_like(g) for g in g1[2:]]
+    g3 = grad_at(model, [a + b for a, b in zip(w, e2)], x, y)
+    opt.step(closure_for(model, x, y))
+    assert_close(model.parameters(), [v - 0.1 * g for v, g in zip(w, g3)])
+    assert model[2].weight not in opt.extra_state or not opt.extra_state[model[2].weight]
+
+
+# ----------------------------------------------------------------------
+# guarantees
+# ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fail_on", [2, 3], ids=["second-pass", "third-pass"])
+@pytest.mark.parametrize("kfac", [False, True], ids=["identity", "kfac"])
+def test_exception_restores_weights_and_momentum(fail_on, kfac):
+    model = mlp()
+    x, y = data()
+    kw = dict(preconditioner="kfac", model=model) if kfac else {}
+    opt = ConsistentSAM(model.parameters(), torch.optim.SGD, lr=0.1, **kw)
+    opt.step(closure_for(model, x, y))
+    before = [p.detach().clone() for p in model.parameters()]
+    m_before = [opt.extra_state[p]["consistent_momentum"].clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="injected"):
+        opt.step(closure_for(model, x, y, fail_on=fail_on))
+    for p, b, mb in zip(model.parameters(), before, m_before):
+        assert torch.equal(p, b)
+        assert torch.equal(opt.extra_state[p]["consistent_momentum"], mb)
+    assert not opt.is_perturbed
+    assert all(not m._forward_hooks for m in model.modules())
+    opt.step(closure_for(model, x, y))  # usable afterwards
+
+
+@pytest.mark.parametrize("kfac", [False, True], ids=["identity", "kfac"])
+def test_state_dict_round_trip(kfac):
+    x, y = data()
+
+    def make(model):
+        kw = dict(preconditioner="kfac", model=model, stat_decay=0.5) if kfac else {}
+        return ConsistentSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, alpha=0.6, **kw)
+
+    model = mlp()
+    opt = make(model)
+    for _ in range(4):
+        opt.step(closure_for(model, x, y))
+    final = [p.detach().clone() for p in model.parameters()]
+
+    model_a = mlp()
+    opt_a = make(model_a)
+    for _ in range(2):
+        opt_a.step(closure_for(model_a, x, y))
+    sd = copy.deepcopy(opt_a.state_dict())
+    model_b = copy.deepcopy(model_a)
+    opt_b = make(model_b)
+    opt_b.load_state_dict(opt_a.state_dict())
+    m_a = [opt_a.extra_state[p]["consistent_momentum"].clone() for p in model_a.parameters()]
+    for _ in range(2):
+        opt_b.step(closure_for(model_b, x, y))
+    for p, q in zip(model_b.parameters(), final):
+        assert torch.equal(p, q)
+    # no aliasing: stepping opt_b left opt_a's state alone
+    for p, m in zip(model_a.parameters(), m_a):
+        assert torch.equal(opt_a.extra_state[p]["consistent_momentum"], m)
+    assert sd["sharpness_aware"]["type"] == "ConsistentSAM"
+
+
+def test_kfac_needs_first_pass_in_manual_style():
+    model = mlp()
+    x, y = data()
+    opt = ConsistentSAM(model.parameters(), torch.optim.SGD, lr=0.1, preconditioner="kfac", model=model)
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="first_pass"):
+        opt.middle_step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    # inside first_pass it works
+    with opt.first_pass():
+        F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    with opt.second_pass():
+        F.cross_entropy(model(x), y).backward()
+    opt.middle_step(zero_grad=True)
+    with opt.second_pass():
+        F.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+
+
+def test_order_errors_restore():
+    model = mlp()
+    x, y = data()
+    opt = ConsistentSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(RuntimeError, match="without first_step"):
+        opt.middle_step()
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="three passes"):
+        opt.second_step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(TypeError, match="closure"):
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(alpha=1.5), ValueError, "alpha"),
+        (dict(rho2=-0.1), ValueError, "rho"),
+        (dict(preconditioner="fisher"), ValueError, "preconditioner"),
+        (dict(preconditioner="kfac"), ValueError, "model="),
+        (dict(preconditioner="kfac", adaptive=True, model=None), ValueError, "cannot be combined"),
+        (dict(update_freq=0), ValueError, "update_freq"),
+        (dict(damping=-1.0), ValueError, "damping"),
+    ],
+)
+def test_bad_arguments(kwargs, err, match):
+    model = mlp()
+    if kwargs.get("model", 0) is None:
+        kwargs["model"] = model
+    with pytest.raises(err, match=match):
+        ConsistentSAM(model.parameters(), torch.optim.SGD, lr=0.1, **kwargs)
+
+
+def test_nonuniform_rejects_model_without_factored_layers():
+    model = nn.Sequential(nn.BatchNorm1d(3)).to(DT)
+    with pytest.raises(ValueError, match="Linear or Conv2d"):
+        NonuniformSAM(model.parameters(), torch.optim.SGD, lr=0.1, model=model)
+    other = mlp()
+    with pytest.raises(ValueError, match="not a parameter of model"):
+        NonuniformSAM(other.parameters(), torch.optim.SGD, lr=0.1, model=mlp(3))
+
+
+def test_grad_scaler_matches_unscaled():
+    model_a, model_b = mlp(), mlp()
+    x, y = data()
+    opt_a = ConsistentSAM(model_a.parameters(), torch.optim.SGD, lr=0.1, rho2=0.3)
+    opt_b = ConsistentSAM(model_b.parameters(), torch.optim.SGD, lr=0.1, rho2=0.3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    def scaled_closure():
+        loss = F.cross_entropy(model_b(x), y)
+        scaler.scale(loss).backward()
+        return loss
+
+    for _ in range(2):
+        opt_a.step(closure_for(model_a, x, y))
+        opt_b.step(scaled_closure, scaler=scaler)
+        scaler.update()
+    assert_close(model_b.parameters(), [p.detach() for p in model_a.parameters()], tol=1e-10)
