@@ -684,12 +684,12 @@ def _count_foreach_calls(depth, monkeypatch):
 def test_perturb_and_restore_are_multi_tensor_ops(monkeypatch):
     shallow = _count_foreach_calls(2, monkeypatch)
     deep = _count_foreach_calls(12, monkeypatch)
-    # per step: save + restore, perturb, e = g * scale, one norm; the count
-    # does not grow with the number of parameters
+    # per step: save + restore, one fused perturb, one norm; the count does
+    # not grow with the number of parameters
     assert shallow == deep == {
         "_foreach_copy_": 4,
         "_foreach_add_": 2,
-        "_foreach_mul": 2,
+        "_foreach_mul": 0,
         "_foreach_norm": 2,
     }
 

@@ -64,6 +64,7 @@ from torch.optim import Optimizer
 
 __all__ = [
     "AscentGroup",
+    "ScaledDirection",
     "SharpnessAwareOptimizer",
     "disable_running_stats",
     "global_norm",
@@ -91,6 +92,27 @@ class AscentGroup:
     group: dict[str, Any]
     params: list[Tensor]
     grads: list[Tensor]
+
+
+@dataclass
+class ScaledDirection:
+    """A perturbation ``e = scale * tensors`` of one group.
+
+    Returning it from :meth:`~SharpnessAwareOptimizer.ascent_direction`
+    instead of the product lets :meth:`~SharpnessAwareOptimizer.perturb`
+    fuse the scaling into the update (``w += scale * t`` in one pass on CPU,
+    no temporary).  ``tensors`` may be the live gradients: they are only read.
+
+    Attributes
+    ----------
+    tensors : list of Tensor
+    scale : Tensor or float
+        A 0-d tensor (kept on the device; no host synchronization on CUDA)
+        or a number.
+    """
+
+    tensors: list[Tensor]
+    scale: Tensor | float
 
 
 def global_norm(tensor_lists: Sequence[Sequence[Tensor]], ord: float = 2.0) -> Tensor:
@@ -335,7 +357,7 @@ class SharpnessAwareOptimizer(Optimizer):
     # the hook
     # ------------------------------------------------------------------
 
-    def ascent_direction(self, groups: list[AscentGroup]) -> list[list[Tensor]]:
+    def ascent_direction(self, groups: list[AscentGroup]) -> list[list[Tensor] | ScaledDirection]:
         """Perturbation ``e`` for every parameter of every group (override).
 
         Parameters
@@ -345,8 +367,9 @@ class SharpnessAwareOptimizer(Optimizer):
 
         Returns
         -------
-        list of list of Tensor
-            ``e`` per group, aligned with ``groups[i].params``.
+        list
+            Per group, ``e`` aligned with ``groups[i].params``: a list of
+            tensors, or a :class:`ScaledDirection` ``(tensors, scale)``.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement ascent_direction()")
 
@@ -381,18 +404,23 @@ class SharpnessAwareOptimizer(Optimizer):
         return self._perturbed is not None
 
     @torch.no_grad()
-    def perturb(self, groups: Sequence[AscentGroup], directions: Sequence[Sequence[Tensor]]) -> None:
+    def perturb(
+        self, groups: Sequence[AscentGroup], directions: Sequence[Sequence[Tensor] | ScaledDirection]
+    ) -> None:
         """Set the groups' parameters to ``w + e``.
 
         ``w`` is copied once (into buffers reused across steps) the first time
         after a restore; later calls start again from that saved ``w``.
+        ``directions`` holds, per group, a list of tensors ``e`` or a
+        :class:`ScaledDirection`.
         """
+        if len(directions) != len(groups):
+            raise RuntimeError(f"ascent_direction returned {len(directions)} groups for {len(groups)}")
+        for g, d in zip(groups, directions):
+            n = len(d.tensors) if isinstance(d, ScaledDirection) else len(d)
+            if n != len(g.params):
+                raise RuntimeError(f"ascent_direction returned {n} tensors for {len(g.params)} parameters")
         params = [p for g in groups for p in g.params]
-        flat_e = [e for es in directions for e in es]
-        if len(flat_e) != len(params):
-            raise RuntimeError(
-                f"ascent_direction returned {len(flat_e)} tensors for {len(params)} parameters"
-            )
         if self._perturbed is None:
             key = tuple(map(id, params))
             if key != self._saved_key:
@@ -406,8 +434,15 @@ class SharpnessAwareOptimizer(Optimizer):
         elif params:
             torch._foreach_copy_(params, self._saved_w)
         try:
-            if params:
-                torch._foreach_add_(params, flat_e)
+            for g, d in zip(groups, directions):
+                if not isinstance(d, ScaledDirection):
+                    torch._foreach_add_(g.params, list(d))
+                elif g.params[0].device.type == "cpu":
+                    # one fused pass, no temporary (a CPU scalar costs no sync)
+                    torch._foreach_add_(g.params, d.tensors, alpha=float(d.scale))
+                else:
+                    # no host sync: scale the tensors on the device, then add
+                    torch._foreach_add_(g.params, torch._foreach_mul(d.tensors, d.scale))
         except BaseException:
             self.restore()
             raise

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._base import AscentGroup, SharpnessAwareOptimizer, global_norm
+from ._base import AscentGroup, ScaledDirection, SharpnessAwareOptimizer, global_norm
 
 __all__ = ["SAM"]
 
@@ -116,7 +116,7 @@ class SAM(SharpnessAwareOptimizer):
         )
 
     @torch.no_grad()
-    def ascent_direction(self, groups: list[AscentGroup]) -> list[list[Tensor]]:
+    def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
         """``e = rho * T^2 g / ||T g||`` per group, with one joint norm."""
         scaled: list[list[Tensor]] = []  # T g (g itself for plain SAM)
         weights: list[list[Tensor] | None] = []  # T, adaptive groups only
@@ -135,8 +135,8 @@ class SAM(SharpnessAwareOptimizer):
         inv = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
         out = []
         for g, tg, t in zip(groups, scaled, weights):
-            e = torch._foreach_mul(tg, (g.group["rho"] * inv).to(tg[0].device))
             if t is not None:
-                torch._foreach_mul_(e, t)
-            out.append(e)
+                torch._foreach_mul_(t, tg)  # T^2 g, in the buffer of T
+                tg = t
+            out.append(ScaledDirection(tg, (g.group["rho"] * inv).to(tg[0].device)))
         return out
