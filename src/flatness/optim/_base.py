@@ -28,7 +28,9 @@ has at least one gradient; each carries the group dict (``group["rho"]`` and
 any keys the subclass added to ``group_defaults``), the parameters that have
 a gradient and those gradients (the live ``.grad`` tensors: clone them if you
 need them after the next backward). It returns, per group, the list of
-perturbations ``e`` (one tensor per parameter, same shapes). Use
+perturbations ``e`` (one tensor per parameter, same shapes), or a
+:class:`ScaledDirection` ``(tensors, scale)`` meaning ``e = scale * tensors``,
+which :meth:`perturb` applies in one fused pass without a temporary. Use
 :func:`global_norm` for norms over several groups and ``torch._foreach_*``
 ops to stay loop-free::
 
