@@ -1,0 +1,238 @@
+"""``python -m flatness``: loading, options, JSON, errors.
+
+Every value the command line prints is checked against the library called
+directly on the same batches, or against dense float64 Hessians.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import flatness
+from flatness._cli import main
+
+MODELS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def mlp(width=6, dtype="float32"):
+        torch.manual_seed(123)  # the checkpoint overwrites these weights anyway
+        return nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 3)).to(getattr(torch, dtype))
+
+    class Zoo:
+        @staticmethod
+        def tanh_net():
+            return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def not_a_model():
+        return 3
+    """
+)
+
+
+def _model(width=6, dtype=torch.float32):
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 3)).to(dtype)
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "cli_models.py").write_text(MODELS)
+    model = _model()
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
+    torch.save((x, y), tmp_path / "data.pt")
+    np.savez(tmp_path / "data.npz", inputs=x.numpy(), targets=y.numpy().astype(np.int32))
+    return tmp_path, model, x, y
+
+
+def _run(argv, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    assert main([*argv, "--output", str(out)]) == 0
+    assert capsys.readouterr().out == ""  # all of it went to the file
+    return json.loads(out.read_text())
+
+
+def _batches(x, y, n, bs):
+    return list(zip(x[:n].split(bs), y[:n].split(bs)))
+
+
+def test_sharpness_from_py_file_matches_library(files, capsys):
+    tmp, model, x, y = files
+    doc = _run(
+        ["sharpness", "--model", f"{tmp}/cli_models.py:mlp", "--checkpoint", str(tmp / "ckpt.pt"),
+         "--data", str(tmp / "data.pt"), "--batch-size", "16", "--kind", "l2", "--rho", "0.05",
+         "--n-iters", "7", "--seed", "3"],
+        tmp, capsys,
+    )
+    ref = flatness.sharpness(model, _batches(x, y, 40, 16), kind="l2", rho=0.05, n_iters=7, seed=3)
+    r = doc["result"]
+    assert r["kind"] == "l2" and r["settings"]["n_iters"] == 7
+    assert r["batch_sizes"] == [16, 16, 8]
+    assert r["value"] == ref.value and r["per_batch"] == ref.per_batch
+    assert r["clean_loss"] == ref.clean_loss
+    assert r["value"] > 0
+    with torch.no_grad():
+        assert doc["accuracy"] == pytest.approx(float((model(x).argmax(1) == y).float().mean()))
+    assert doc["n_eval"] == 40 and doc["batch_size"] == 16
+
+
+def test_reference_evaluator_spelling_and_npz(files, capsys, monkeypatch):
+    tmp, model, x, y = files
+    monkeypatch.syspath_prepend(str(tmp))
+    # a checkpoint saved from a DDP model, wrapped in a training dict
+    wrapped = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}
+    torch.save(wrapped, tmp / "ddp.pt")
+    doc = _run(
+        ["sharpness", "--model", "cli_models:mlp", "--model_path", str(tmp / "ddp.pt"),
+         "--data", str(tmp / "data.npz"), "--n_eval_sharpness", "24", "--bs_sharpness", "8",
+         "--rho", "0.01", "--adaptive", "--normalize_logits", "--n_iters", "5",
+         "--algorithm", "m_apgd_linf"],
+        tmp, capsys,
+    )
+    ref = flatness.sharpness(model, _batches(x, y, 24, 8), kind="adaptive_linf", rho=0.01,
+                             n_iters=5, normalize_logits=True)
+    r = doc["result"]
+    assert r["kind"] == "adaptive_linf" and r["settings"]["normalize_logits"] is True
+    assert r["batch_sizes"] == [8, 8, 8]
+    assert r["value"] == ref.value
+
+
+@pytest.mark.parametrize(("algorithm", "adaptive", "kind"), [
+    ("m_apgd_l2", False, "l2"), ("avg_l2", True, "avg_adaptive_l2"), ("avg_linf", False, "avg_linf"),
+])
+def test_algorithm_names_map_to_kinds(files, capsys, algorithm, adaptive, kind):
+    tmp, model, x, y = files
+    argv = ["sharpness", "--model", f"{tmp}/cli_models.py:mlp", "--checkpoint", str(tmp / "ckpt.pt"),
+            "--data", str(tmp / "data.pt"), "--algorithm", algorithm, "--rho", "0.02",
+            "--n-iters", "2", "--n-samples", "3"]
+    if kind.startswith("avg"):
+        argv.remove("--n-iters"), argv.remove("2")
+    else:
+        argv.remove("--n-samples"), argv.remove("3")
+    doc = _run(argv + (["--adaptive"] if adaptive else []), tmp, capsys)
+    assert doc["result"]["kind"] == kind
+
+
+def test_model_kwargs_dtype_params_and_m(files, capsys):
+    tmp, _, x, y = files
+    model = _model(width=6)
+    doc = _run(
+        ["sharpness", "--model", f"{tmp}/cli_models.py:mlp", "--model-kwargs", '{"width": 6}',
+         "--checkpoint", str(tmp / "ckpt.pt"), "--data", str(tmp / "data.pt"), "--dtype", "float64",
+         "--params", r"^2\.", "--kind", "avg_l2", "--rho", "0.1", "--n-samples", "4", "--m", "5",
+         "--batch-size", "20"],
+        tmp, capsys,
+    )
+    model64 = model.double()
+    ref = flatness.sharpness(model64, _batches(x, y, 40, 20), kind="avg_l2", rho=0.1, n_samples=4, m=5,
+                             params=["2.weight", "2.bias"])
+    r = doc["result"]
+    assert r["settings"]["params"] == ["2.weight", "2.bias"] and r["settings"]["dtype"] == "torch.float64"
+    assert r["settings"]["m"] == 5
+    assert r["value"] == pytest.approx(ref.value, rel=1e-12, abs=1e-15)
+
+
+def _dense_hessian(model, x, y):
+    params = [p.detach().clone() for p in model.parameters()]
+    shapes = [p.shape for p in params]
+    flat = torch.cat([p.reshape(-1) for p in params])
+
+    def loss(v):
+        out, i = {}, 0
+        for (name, _), s in zip(model.named_parameters(), shapes):
+            n = int(torch.tensor(s).prod())
+            out[name] = v[i:i + n].reshape(s)
+            i += n
+        z = torch.func.functional_call(model, out, (x,))
+        return nn.functional.cross_entropy(z, y)
+
+    return torch.autograd.functional.hessian(loss, flat)
+
+
+def test_hessian_eigenvalues_and_trace_against_dense(files, capsys):
+    tmp, model, x, y = files
+    base = ["hessian", "--model", f"{tmp}/cli_models.py:mlp", "--checkpoint", str(tmp / "ckpt.pt"),
+            "--data", str(tmp / "data.pt"), "--dtype", "float64", "--batch-size", "40"]
+    dense = _dense_hessian(model.double(), x.double(), y)
+    evals = torch.linalg.eigvalsh(dense).flip(0)
+    doc = _run([*base, "--quantity", "eigenvalues", "--k", "2", "--tol", "1e-10"], tmp, capsys)
+    assert doc["result"]["quantity"] == "eigenvalues"
+    np.testing.assert_allclose(doc["result"]["eigenvalues"], evals[:2].numpy(), rtol=1e-7)
+    doc = _run([*base, "--quantity", "trace", "--method", "exact"], tmp, capsys)
+    assert doc["result"]["value"] == pytest.approx(float(dense.trace()), rel=1e-10)
+
+
+def test_hessian_density_and_minimum(files, capsys):
+    tmp, model, x, y = files
+    base = ["hessian", "--model", f"{tmp}/cli_models.py:mlp", "--checkpoint", str(tmp / "ckpt.pt"),
+            "--data", str(tmp / "data.pt"), "--dtype", "float64"]
+    doc = _run([*base, "--quantity", "density", "--n-vectors", "2", "--n-steps", "8"], tmp, capsys)
+    r = doc["result"]
+    assert len(r["grid"]) == len(r["density"]) and np.shape(r["nodes"]) == (2, 8)
+    doc = _run([*base, "--quantity", "minimum", "--method", "exact", "--granularity", "layer"], tmp, capsys)
+    ref = flatness.hessian.minimum_sharpness(model.double(), _batches(x, y, 40, 128), method="exact")
+    assert doc["result"]["value"] == pytest.approx(ref.value, rel=1e-10)
+    assert doc["result"]["value"] <= doc["result"]["trace"] + 1e-12
+
+
+def test_stdout_by_default(files, capsys):
+    tmp, *_ = files
+    assert main(["sharpness", "--model", f"{tmp}/cli_models.py:Zoo.tanh_net", "--data", str(tmp / "data.pt"),
+                 "--kind", "linf", "--rho", "0.01", "--n-iters", "2"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["result"]["kind"] == "linf" and doc["checkpoint"] is None
+
+
+def _error(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_errors_are_one_line_messages(files, capsys):
+    tmp, model, *_ = files
+    m, d = f"{tmp}/cli_models.py:mlp", str(tmp / "data.pt")
+    assert "module:factory" in _error(["sharpness", "--model", "nocolon", "--data", d], capsys)
+    assert "does not exist" in _error(["sharpness", "--model", f"{tmp}/nope.py:f", "--data", d], capsys)
+    assert "cannot import" in _error(["sharpness", "--model", "no_such_mod_xyz:f", "--data", d], capsys)
+    assert "no attribute" in _error(["sharpness", "--model", f"{tmp}/cli_models.py:zzz", "--data", d], capsys)
+    assert "not a torch.nn.Module" in _error(
+        ["sharpness", "--model", f"{tmp}/cli_models.py:not_a_model", "--data", d], capsys)
+    assert "does not exist" in _error(["sharpness", "--model", m, "--data", str(tmp / "none.pt")], capsys)
+    np.savez(tmp / "bad.npz", a=np.zeros(3), b=np.zeros(3))
+    assert "x/y" in _error(["sharpness", "--model", m, "--data", str(tmp / "bad.npz")], capsys)
+    (tmp / "data.csv").write_text("1,2\n")
+    assert "unknown format" in _error(["sharpness", "--model", m, "--data", str(tmp / "data.csv")], capsys)
+    torch.save(_model(width=9).state_dict(), tmp / "wrong.pt")
+    assert "does not fit" in _error(
+        ["sharpness", "--model", m, "--checkpoint", str(tmp / "wrong.pt"), "--data", d], capsys)
+    assert "rho" in _error(["sharpness", "--model", m, "--data", d, "--kind", "l2"], capsys)
+    assert "not both" in _error(
+        ["sharpness", "--model", m, "--data", d, "--kind", "l2", "--algorithm", "m_apgd_l2", "--rho", "1"], capsys)
+    assert "matches no" in _error(["sharpness", "--model", m, "--data", d, "--params", "xyz", "--rho", "1"], capsys)
+    assert "n_iters" in _error(["sharpness", "--model", m, "--data", d, "--kind", "hessian_trace",
+                                "--n-iters", "3"], capsys)
+    assert "invalid choice" in _error(["sharpness", "--model", m, "--data", d, "--kind", "bogus"], capsys)
+
+
+def test_module_entry_point(files):
+    tmp, *_ = files
+    proc = subprocess.run(
+        [sys.executable, "-m", "flatness", "sharpness", "--model", f"{tmp}/cli_models.py:mlp",
+         "--checkpoint", str(tmp / "ckpt.pt"), "--data", str(tmp / "data.npz"), "--rho", "0.002",
+         "--n-iters", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["result"]["kind"] == "adaptive_linf" and doc["result"]["value"] >= 0
