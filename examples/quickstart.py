@@ -63,13 +63,10 @@ def main():
         t = time.perf_counter()
         r = flatness.sharpness(model, loader, kind=kind, rho=rho, n_iters=20, n_samples=20, seed=0)
         print(f"{kind:<20}{rho:>9.0e}{r.value:>13.5f}{time.perf_counter() - t:>9.2f}")
+    # Curvature of the loss on the first 512 training samples.
     for kind in CURVATURE:
         t = time.perf_counter()
-        try:
-            r = flatness.sharpness(model, loader, kind=kind, seed=0)
-        except NotImplementedError:
-            print(f"{kind:<20}{'':>9}{'n/a':>13}")
-            continue
+        r = flatness.sharpness(model, loader, kind=kind, seed=0, n_batches=2)
         print(f"{kind:<20}{'':>9}{r.value:>13.5f}{time.perf_counter() - t:>9.2f}")
 
 
