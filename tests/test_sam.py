@@ -854,3 +854,55 @@ def test_deepcopy_and_repr():
     assert "rho=0.1" in repr(opt) and "SGD" in repr(opt)
     clone = copy.deepcopy(opt)
     assert clone.param_groups is clone.base_optimizer.param_groups
+
+
+# ----------------------------------------------------------------------
+# peers and odds and ends
+# ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_matches_pytorch_optimizer_port_of_community_sam(adaptive):
+    peer_mod = pytest.importorskip("pytorch_optimizer")
+    x, y = data()
+    ours, theirs = mlp(), mlp()
+    rho = 0.5 if adaptive else 0.05
+    opt = SAM(ours.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, lr=0.1, momentum=0.9)
+    peer = peer_mod.SAM(theirs.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, lr=0.1, momentum=0.9)
+    for _ in range(5):
+        opt.step(closure_for(ours, opt, x, y))
+        peer.zero_grad()
+        closure_for(theirs, peer, x, y)()
+        peer.step(closure_for(theirs, peer, x, y))
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        # the port adds 1e-12 to the norm; everything else is the same math
+        torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
+
+
+def test_step_with_closure_and_grad_scaler():
+    x, y = data(dtype=torch.float32)
+    a, b = mlp(dtype=torch.float32), mlp(dtype=torch.float32)
+    opt_a = SAM(a.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    opt_b = SAM(b.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+
+    def scaled_closure():
+        loss = F.cross_entropy(a(x), y)
+        scaler.scale(loss).backward()
+        return loss
+
+    loss = opt_a.step(scaled_closure, scaler=scaler)
+    scaler.update()
+    ref_loss = opt_b.step(closure_for(b, opt_b, x, y))
+    torch.testing.assert_close(loss, ref_loss)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_global_rng_untouched_without_dropout():
+    x, y = data()
+    model = mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, same_rng=True)
+    before = torch.get_rng_state()
+    opt.step(closure_for(model, opt, x, y))
+    assert torch.equal(torch.get_rng_state(), before)
