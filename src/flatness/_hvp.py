@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from flatness._distributed import sum_
 from flatness._model import (
     LossFn,
     ModelGuard,
@@ -375,6 +376,9 @@ class CurvatureOperator:
                         a.add_(o, alpha=nb)
                 total += nb
         assert acc is not None  # iter_batches raises on empty data
+        # Inside a torch.distributed process group: the average over every
+        # rank's batches (acc summed in place; no-op otherwise).
+        total = sum_(*acc, total)[-1]
         self.n_hvp += k
         if self.progress is not None:
             self.progress.update(k)

@@ -435,9 +435,16 @@ class ModelGuard(contextlib.AbstractContextManager):
 def private_rng(seed: int | None, device: torch.device) -> Iterator[torch.Generator]:
     """A private generator seeded with ``seed``; the global RNG state is saved
     and restored, so dropout inside the measurement is reproducible from
-    ``seed`` without disturbing the caller's random stream."""
+    ``seed`` without disturbing the caller's random stream.  Inside a
+    ``torch.distributed`` process group ``seed=None`` draws one seed on
+    rank 0 and shares it (see :mod:`flatness._distributed`)."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    # Inside a process group, seed=None means one fresh seed for all ranks:
+    # random vectors applied to an all-reduced operator must agree.
+    from ._distributed import shared_seed
+
+    seed = shared_seed(seed)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, enabled=True):
         gen = torch.Generator(device=device)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flatness._distributed import sum_
 from flatness._hvp import CurvatureOperator, ResultMixin
 from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
 from flatness._minimum import MinimumSharpnessResult, minimum_sharpness
@@ -545,6 +546,7 @@ def _clean_loss(op: CurvatureOperator) -> tuple[float, int]:
             nb = batch_size(targets)
             acc += float(functional_loss(op.model, ps, ps.detached(), inputs, targets, op.loss_fn)) * nb
             total += nb
+    acc, total = sum_(acc, total)  # over all ranks inside a process group
     return acc / total, total
 
 

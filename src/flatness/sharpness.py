@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _distributed
 from . import hessian as _hessian_kinds
 from ._apgd import apgd
 from ._geometry import PerturbationSet
@@ -259,32 +260,50 @@ def _perturbation_sharpness(
 
     start = time.perf_counter()
     per_batch, sizes, clean_losses = [], [], []
-    with ModelGuard(model, train=train), private_rng(seed, dev) as gen:
-        weights = [p.detach().to(dev) for p in ps.params]
-        pset = PerturbationSet(norm, rho, weights, adaptive=adaptive)
-        loss = _Loss(model, ps, loss_fn, normalize_logits, extra)
-        batches = iter_batches(data, device=dev, dtype=ps.dtype, n_batches=n_batches)
-        for inputs, targets in _maybe_progress(batches, progress, n_batches, kind):
-            n = batch_size(targets)
-            clean_sum = sharp_sum = 0.0
-            for x, y in split_batch(inputs, targets, m):
-                if worst:
-                    clean, pert = _worst_case_chunk(loss, weights, pset, x, y, n_iters, restarts, gen)
-                else:
-                    clean, pert = _average_case_chunk(loss, weights, pset, x, y, n_samples, gen)
-                k = batch_size(y)
-                clean_sum += k * clean
-                sharp_sum += k * (pert - clean)
-            per_batch.append(sharp_sum / n)
-            clean_losses.append(clean_sum / n)
-            sizes.append(n)
+    # Under torch.distributed each rank perturbs for its own batches with its
+    # own random stream (rank 0 keeps ``seed``), then the lists are gathered.
+    local_seed = _distributed.rank_seed(seed)
+    loss = _Loss(model, ps, loss_fn, normalize_logits, extra)
+    error: Exception | None = None
+    try:
+        with ModelGuard(model, train=train), private_rng(local_seed, dev) as gen:
+            weights = [p.detach().to(dev) for p in ps.params]
+            pset = PerturbationSet(norm, rho, weights, adaptive=adaptive)
+            batches = iter_batches(data, device=dev, dtype=ps.dtype, n_batches=n_batches)
+            for inputs, targets in _maybe_progress(batches, progress, n_batches, kind):
+                n = batch_size(targets)
+                clean_sum = sharp_sum = 0.0
+                for x, y in split_batch(inputs, targets, m):
+                    if worst:
+                        clean, pert = _worst_case_chunk(loss, weights, pset, x, y, n_iters, restarts, gen)
+                    else:
+                        clean, pert = _average_case_chunk(loss, weights, pset, x, y, n_samples, gen)
+                    k = batch_size(y)
+                    clean_sum += k * clean
+                    sharp_sum += k * (pert - clean)
+                per_batch.append(sharp_sum / n)
+                clean_losses.append(clean_sum / n)
+                sizes.append(n)
+    except Exception as exc:
+        if not _distributed.enabled():
+            raise
+        error = exc  # raised on every rank together below, instead of a hang
+    counts = {"forward": loss.forward, "backward": loss.backward}
+    if _distributed.enabled():
+        parts = _distributed.gather_or_raise((per_batch, sizes, clean_losses, counts), error, "sharpness")
+        # rank-major order: rank 0's batches, then rank 1's, ...
+        per_batch = [v for p in parts for v in p[0]]
+        sizes = [v for p in parts for v in p[1]]
+        clean_losses = [v for p in parts for v in p[2]]
+        counts = {key: sum(p[3][key] for p in parts) for key in counts}
+        settings["world_size"] = len(parts)
+        settings["batches_per_rank"] = [len(p[0]) for p in parts]
     value = _weighted_mean(per_batch, sizes)
     clean_loss = _weighted_mean(clean_losses, sizes)
     return SharpnessResult(
         kind=kind, rho=rho, value=value, per_batch=per_batch, batch_sizes=sizes,
         clean_loss=clean_loss, perturbed_loss=clean_loss + value, settings=settings,
-        wall_time=time.perf_counter() - start,
-        counts={"forward": loss.forward, "backward": loss.backward},
+        wall_time=time.perf_counter() - start, counts=counts,
     )
 
 

@@ -1,0 +1,218 @@
+"""``torch.distributed`` support: every measurement over sharded data.
+
+Inside an initialized process group (the usual DDP set-up: one process per
+GPU, each with its own ``DistributedSampler`` shard), every function that
+takes a model and data aggregates over *all* ranks' batches and returns the
+same result on every rank.  Nothing has to be switched on: the library
+checks ``torch.distributed.is_available() and is_initialized()`` (and a world
+size above one) at the point where it aggregates.  :func:`local_only` turns
+this off for a block, for calls made on one rank only or on data that is
+not sharded.
+
+Every function here is a no-op outside a process group, so single-process
+results are bit for bit what they were without this module.
+
+What is reduced is the set of running sums each measurement keeps (sample
+counts, size-weighted sums of per-batch values, Hessian-vector products,
+gradient moments, confusion counts); the final division happens after the
+reduction, on every rank, on identical numbers.  All collectives run on the
+default process group; with the NCCL backend they run on the current CUDA
+device (``torch.cuda.set_device(local_rank)`` first, as DDP requires).
+
+A rank that raises (bad data on one shard) leaves the others waiting in
+their next collective until the process group's ``timeout``; give
+``init_process_group`` a timeout you can live with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "enabled",
+    "gather_objects",
+    "gather_or_raise",
+    "local_only",
+    "merge_moments",
+    "rank",
+    "rank_seed",
+    "shared_seed",
+    "sum_",
+    "world_size",
+]
+
+_LOCAL: contextvars.ContextVar[bool] = contextvars.ContextVar("flatness_local_only", default=False)
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Measure on this process's data alone inside the block.
+
+    By default, inside an initialized ``torch.distributed`` process group,
+    every measurement all-reduces over the ranks (each rank must then make
+    the same call on its own shard).  Use this block for a call made on one
+    rank only (``if rank == 0: ...``) or on data every rank holds in full.
+
+    Examples
+    --------
+    >>> import torch, flatness
+    >>> model = torch.nn.Linear(4, 3)
+    >>> batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    >>> with flatness.local_only():
+    ...     r = flatness.sharpness(model, batch, kind="linf", rho=1e-3)
+    """
+    token = _LOCAL.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL.reset(token)
+
+
+def enabled() -> bool:
+    """Whether measurements reduce over a process group right now."""
+    if _LOCAL.get():
+        return False
+    dist = torch.distributed
+    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def rank() -> int:
+    """This process's rank (0 outside a process group)."""
+    return torch.distributed.get_rank() if enabled() else 0
+
+
+def world_size() -> int:
+    """Number of processes reduced over (1 outside a process group)."""
+    return torch.distributed.get_world_size() if enabled() else 1
+
+
+def _comm_device(ref: torch.device) -> torch.device:
+    # NCCL only moves CUDA tensors; gloo moves CPU (and CUDA) tensors.
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return ref if ref.type in ("cpu", "cuda") else torch.device("cpu")
+
+
+def _all_reduce_(t: Tensor) -> None:
+    dev = _comm_device(t.device)
+    if t.device == dev and t.is_contiguous():
+        torch.distributed.all_reduce(t)
+        return
+    buf = t.to(dev).contiguous()
+    torch.distributed.all_reduce(buf)
+    t.copy_(buf)
+
+
+def sum_(*values: Any) -> Any:
+    """Sum numbers and tensors over all ranks.
+
+    Tensors are summed in place (in their own dtype, one collective each) and
+    returned; Python numbers are packed into one float64 buffer (one
+    collective for all of them) and returned as sums of the same type.
+    ``None`` passes through.  Outside a process group the values come back
+    unchanged.
+
+    Returns
+    -------
+    the summed value when given one, else a tuple in the order given.
+    """
+    if not enabled():
+        return values[0] if len(values) == 1 else values
+    numbers = [v for v in values if v is not None and not isinstance(v, Tensor)]
+    summed: list[Any] = []
+    if numbers:
+        buf = torch.tensor([float(v) for v in numbers], dtype=torch.float64, device=_comm_device(torch.device("cpu")))
+        torch.distributed.all_reduce(buf)
+        summed = [type(v)(s) for v, s in zip(numbers, buf.tolist())]
+    out = []
+    for v in values:
+        if isinstance(v, Tensor):
+            _all_reduce_(v)
+            out.append(v)
+        elif v is None:
+            out.append(None)
+        else:
+            out.append(summed.pop(0))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (picklable
+    objects; ``[obj]`` outside a process group)."""
+    if not enabled():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def shared_seed(seed: int | None) -> int | None:
+    """The seed every rank uses for randomness that must agree across ranks
+    (the random vectors of Lanczos and Hutchinson: every rank applies the
+    same global operator to them).  ``None`` becomes one fresh seed drawn on
+    rank 0 (from ``os.urandom``, not the global RNG) and sent to all."""
+    if seed is not None or not enabled():
+        return seed
+    return int(gather_objects(int.from_bytes(os.urandom(8), "little") >> 1)[0])
+
+
+def rank_seed(seed: int | None) -> int | None:
+    """A per-rank seed for randomness that must *not* repeat across ranks
+    (perturbation draws and random starts of sharpness, one stream per
+    shard).  Rank 0 keeps ``seed`` itself, so a one-process run is unchanged;
+    rank ``r > 0`` gets a 63-bit hash of ``(seed, r)``."""
+    seed = shared_seed(seed)
+    r = rank()
+    if seed is None or r == 0:
+        return seed
+    digest = hashlib.sha256(f"flatness-rank-seed:{seed}:{r}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def merge_moments(moments: Any) -> None:
+    """Pool streamed per-sample moments over ranks, in place.
+
+    ``moments`` has ``n`` (sample count), ``mean`` (a list of per-parameter
+    mean tensors) and ``m2`` (a list of float64 scalar sums of squared
+    deviations), as kept by the Chan et al. pairwise update.  The pooled
+    values are those of all ranks' samples together::
+
+        mean = sum_r n_r mean_r / N,
+        m2   = sum_r (m2_r + n_r ||mean_r - mean||^2).
+    """
+    if not enabled():
+        return
+    n_local = moments.n
+    n = sum_(n_local)
+    for k, (mean_r, m2_r) in enumerate(zip(moments.mean, moments.m2)):
+        if mean_r is None or m2_r is None:
+            raise ValueError("cannot pool moments: a rank saw no samples")
+        mean = sum_(mean_r * n_local) / n
+        spread = m2_r + (mean_r - mean).double().pow(2).sum() * n_local
+        moments.mean[k], moments.m2[k] = mean, sum_(spread)
+    moments.n = n
+
+
+def gather_or_raise(local: Any, error: BaseException | None, what: str) -> list[Any]:
+    """Gather each rank's ``local`` result, or fail on every rank together.
+
+    For work with no collective inside its loop (sharpness over a shard):
+    a rank that failed (``error``) sends ``None`` instead of its result and
+    re-raises its own exception; the others raise a ``RuntimeError`` naming
+    the failed ranks, instead of waiting forever for them.
+    """
+    parts = gather_objects(None if error is not None else local)
+    if error is not None:
+        raise error
+    failed = [r for r, p in enumerate(parts) if p is None]
+    if failed:
+        raise RuntimeError(f"{what} failed on rank(s) {failed}; their own errors say why")
+    return parts
