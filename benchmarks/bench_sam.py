@@ -71,43 +71,40 @@ def cases(device):
     ]
 
 
-def make_steppers(make_model, data, device, rho):
-    x, y = data
-    out = {}
-
-    torch.manual_seed(0)
-    m_plain = make_model().to(device)
-    opt_plain = torch.optim.SGD(m_plain.parameters(), lr=0.01, momentum=0.9)
-
-    def plain():
-        opt_plain.zero_grad()
-        F.cross_entropy(m_plain(x), y).backward()
-        opt_plain.step()
-
-    out["plain"] = plain
-
-    torch.manual_seed(0)
-    m_ours = make_model().to(device)
-    opt_ours = SAM(m_ours.parameters(), torch.optim.SGD, rho=rho, lr=0.01, momentum=0.9)
-
-    def ours_closure():
-        loss = F.cross_entropy(m_ours(x), y)
+def loss_closure(model, x, y):
+    def closure():
+        loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss
 
-    out["flatness"] = lambda: opt_ours.step(ours_closure)
+    return closure
+
+
+def make_steppers(make_model, data, device, rho):
+    x, y = data
+
+    def fresh():
+        torch.manual_seed(0)  # the same initial weights for every contender
+        model = make_model().to(device)
+        return model.parameters(), loss_closure(model, x, y)
+
+    params, plain_closure = fresh()
+    opt_plain = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+    def plain():
+        opt_plain.zero_grad()
+        plain_closure()
+        opt_plain.step()
+
+    params, ours_closure = fresh()
+    opt_ours = SAM(params, torch.optim.SGD, rho=rho, lr=0.01, momentum=0.9)
+    out = {"plain": plain, "flatness": lambda: opt_ours.step(ours_closure)}
 
     if PeerSAM is not None:
-        torch.manual_seed(0)
-        m_peer = make_model().to(device)
-        opt_peer = PeerSAM(m_peer.parameters(), torch.optim.SGD, rho=rho, lr=0.01, momentum=0.9)
+        params, peer_closure = fresh()
+        opt_peer = PeerSAM(params, torch.optim.SGD, rho=rho, lr=0.01, momentum=0.9)
 
-        def peer_closure():
-            loss = F.cross_entropy(m_peer(x), y)
-            loss.backward()
-            return loss
-
-        def peer():
+        def peer():  # its documented usage: first backward outside step()
             opt_peer.zero_grad()
             peer_closure()
             opt_peer.step(peer_closure)
