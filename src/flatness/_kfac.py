@@ -339,10 +339,15 @@ class RunningFactors:
             slot = self._slot(layer)
             if "kfac_A" not in slot:
                 return None
-            da, qa = torch.linalg.eigh(slot["kfac_A"])
-            dg, qg = torch.linalg.eigh(slot["kfac_G"])
+            dtype = slot["kfac_A"].dtype
+            # float64: float32 eigh fails to converge on the rank-deficient
+            # factors that constant input pixels produce
+            da, qa = torch.linalg.eigh(slot["kfac_A"].double())
+            dg, qg = torch.linalg.eigh(slot["kfac_G"].double())
             # round-off can make tiny eigenvalues negative; the factors are PSD
-            self._eig[layer.name] = (qa, da.clamp_min(0), qg, dg.clamp_min(0))
+            self._eig[layer.name] = tuple(  # type: ignore[assignment]
+                t.to(dtype) for t in (qa, da.clamp_min(0), qg, dg.clamp_min(0))
+            )
         return self._eig[layer.name]
 
     @torch.no_grad()
