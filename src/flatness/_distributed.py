@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "cat_over_ranks",
     "enabled",
     "gather_objects",
     "gather_or_raise",
@@ -216,3 +217,12 @@ def gather_or_raise(local: Any, error: BaseException | None, what: str) -> list[
     if failed:
         raise RuntimeError(f"{what} failed on rank(s) {failed}; their own errors say why")
     return parts
+
+
+def cat_over_ranks(tensor: Tensor, dim: int = 0) -> Tensor:
+    """Concatenate every rank's ``tensor`` along ``dim`` in rank order (the
+    shapes may differ along ``dim``); the tensor itself outside a group."""
+    if not enabled():
+        return tensor
+    parts = gather_objects(tensor.detach().cpu())
+    return torch.cat(parts, dim=dim).to(tensor.device)

@@ -37,6 +37,7 @@ from scipy.optimize import minimize_scalar
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
+from flatness._distributed import cat_over_ranks, sum_
 from flatness._model import (
     LossFn,
     ModelGuard,
@@ -233,7 +234,7 @@ def _pairwise_counts(ens: _Ensemble) -> tuple[Tensor, Tensor | None, int]:
         elif errors is not None:
             errors += (pred != targets.cpu()[None]).sum(-1).double()
         n += pred.shape[1]
-    return counts, errors, n
+    return sum_(counts, errors, n)  # over all ranks inside a process group
 
 
 def _mean_offdiagonal(matrix: Tensor) -> float:
@@ -389,6 +390,7 @@ def prediction_variance(
         per_sample = var.mean(-1) if class_reduction == "mean" else var.sum(-1)
         total += float(per_sample.sum())
         n += q.shape[1]
+    total, n = sum_(total, n)  # over all ranks inside a process group
     return total / n
 
 
@@ -594,6 +596,9 @@ def ensemble_metrics(
         chunks = list(cal.chunks())
         cal_logp = torch.cat([c[1] for c in chunks], dim=1)
         cal_y = torch.cat([c[2] for c in chunks if c[2] is not None])
+        # Inside a process group the temperatures are fitted on every rank's
+        # calibration samples together.
+        cal_logp, cal_y = cat_over_ranks(cal_logp, 1), cat_over_ranks(cal_y)
         temps = [fit_temperature(lp, cal_y) for lp in cal_logp]
         temps.append(fit_temperature(_ensemble_logp(cal_logp), cal_y))
     elif calibration_targets is not None:
@@ -609,6 +614,11 @@ def ensemble_metrics(
         ens_logp = _ensemble_logp(logp)
         running[-1].add(ens_logp, _predictions(ens_logp), y, temps[-1])
         n += y.shape[0]
+    for r in running:  # sums over all ranks inside a process group
+        r.correct, r.nll, r.cnll, r.brier, *_ = sum_(
+            r.correct, r.nll, r.cnll, r.brier, r.bin_count, r.bin_conf, r.bin_correct
+        )
+    n = sum_(n)
     results = [r.result(n, t) for r, t in zip(running, temps, strict=True)]
     return EnsembleMetrics(ensemble=results[-1], members=results[:-1], n_samples=n, n_bins=n_bins)
 
