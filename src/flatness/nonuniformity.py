@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _distributed
+from ._distributed import gather_objects, merge_moments, sum_
 from ._kfac import KFACLayer, capture, plan, trace_terms
 from ._kfac import factors as kronecker_factors
 from ._model import batch_size as _batch_len
@@ -347,6 +349,9 @@ def gradient_variance(
             for x, y in split_batch(inputs, targets, chunk_size):
                 grads, _ = per_sample_grads(model, ps, x, y, loss_fn)
                 moments.add(grads)
+    # Inside a torch.distributed process group: pool every rank's samples.
+    merge_moments(moments)
+    first = gather_objects(first)[0]
     per_layer: dict[str, float] = {}
     for k, name in enumerate(ps.names):
         per_layer[_layer_of(name)] = per_layer.get(_layer_of(name), 0.0) + moments.variance(k)
@@ -470,6 +475,9 @@ def kfac_variance(
             if exact is not None:
                 for x, y in split_batch(inputs, targets, chunk_size):
                     moments.add(per_sample_grads(model, exact, x, y, loss_fn)[0])
+    _reduce_kfac(second, grad_sum, fac_sum, moments)
+    n = sum_(n)
+    first = gather_objects(first)[0]
 
     per_layer: dict[str, float] = {}
     mean_sq = 0.0
@@ -505,6 +513,23 @@ def kfac_variance(
     )
     result.wall_time = time.perf_counter() - start
     return result
+
+
+def _reduce_kfac(
+    second: dict[str, Tensor], grad_sum: list[Tensor], fac_sum: dict[str, list[Tensor]],
+    moments: _Moments,
+) -> None:
+    """Sum :func:`kfac_variance`'s running sums over the ranks of a
+    ``torch.distributed`` process group (no-op outside one)."""
+    if not _distributed.enabled():
+        return
+    sum_(*second.values(), *grad_sum)
+    keys = _distributed.gather_objects(list(fac_sum))
+    if any(k != keys[0] for k in keys):
+        raise ValueError(f"ranks saw different factored layers {keys}; every layer must take part on every rank")
+    for name in keys[0]:
+        sum_(*fac_sum[name])
+    merge_moments(moments)
 
 
 def _kfac_batch(
@@ -581,6 +606,7 @@ def _mean_gradient(
             if g is not None:
                 t.add_(g, alpha=nb)
         n += nb
+    n = sum_(*total, n)[-1]  # over all ranks inside a process group
     return [t / n for t in total]
 
 
@@ -879,6 +905,13 @@ def class_loss_imbalance(
             for cls, total, cnt in zip(classes.tolist(), s.tolist(), c.tolist(), strict=True):
                 sums[cls] = sums.get(cls, 0.0) + total
                 counts[cls] = counts.get(cls, 0) + cnt
+    if _distributed.enabled():  # classes may differ between ranks' shards
+        parts = gather_objects((sums, counts))
+        sums, counts = {}, {}
+        for s_r, c_r in parts:
+            for cls in s_r:
+                sums[cls] = sums.get(cls, 0.0) + s_r[cls]
+                counts[cls] = counts.get(cls, 0) + c_r[cls]
     per_class = {c: sums[c] / counts[c] for c in sorted(sums)}
     v = torch.tensor(list(per_class.values()), dtype=torch.float64)
     mean, var, cv = _spread(v)
