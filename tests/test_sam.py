@@ -906,3 +906,25 @@ def test_global_rng_untouched_without_dropout():
     before = torch.get_rng_state()
     opt.step(closure_for(model, opt, x, y))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+class SignSAM(SharpnessAwareOptimizer):
+    """The subclass written in the base module's docstring."""
+
+    group_defaults = {"rho": 0.05, "perturb": True}
+
+    def ascent_direction(self, groups):
+        return [torch._foreach_mul(torch._foreach_sign(g.grads), g.group["rho"]) for g in groups]
+
+
+def test_subclass_overriding_only_the_ascent_direction():
+    x, y = data()
+    model = mlp()
+    w = params_of(model)
+    opt = SignSAM(model.parameters(), torch.optim.SGD, lr=0.1)  # rho from group_defaults
+    assert opt.param_groups[0]["rho"] == 0.05
+    g = ref_grad(model, w, x, y)
+    g2 = ref_grad(model, [wi + 0.05 * gi.sign() for wi, gi in zip(w, g)], x, y)
+    opt.step(closure_for(model, opt, x, y))
+    for p, wi, gi in zip(model.parameters(), w, g2):
+        torch.testing.assert_close(p.detach(), wi - 0.1 * gi, rtol=1e-12, atol=1e-14)

@@ -220,9 +220,10 @@ class SharpnessAwareOptimizer(Optimizer):
     base_optimizer : type or Optimizer
         A ``torch.optim.Optimizer`` subclass (constructed on the same param
         groups with ``**base_kwargs``) or an optimizer instance.
-    defaults : dict
-        Group-level settings of the variant (``rho``, ``adaptive``, ...).
-        Groups may override them; ``perturb=False`` leaves a group out of the
+    defaults : dict, optional
+        Group-level settings of the variant (``rho``, ``adaptive``, ...),
+        overriding the class's :attr:`group_defaults`.  Groups may override
+        them in turn; ``perturb=False`` leaves a group out of the
         perturbation (it still takes the base step).
     same_rng : bool
         Restore the global RNG state (CPU and the parameters' CUDA devices)
@@ -252,7 +253,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self,
         params: Iterable[Any] | None,
         base_optimizer: type[Optimizer] | Optimizer,
-        defaults: dict[str, Any],
+        defaults: dict[str, Any] | None = None,
         *,
         same_rng: bool = False,
         per_replica: bool = False,
@@ -273,6 +274,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 "per_replica=True needs model to be a torch.nn.parallel.DistributedDataParallel "
                 f"model (one with no_sync()), got {type(model).__name__}"
             )
+        defaults = {**self.group_defaults, **(defaults or {})}
         for key, value in defaults.items():
             self._check_setting(key, value)
 
