@@ -439,14 +439,10 @@ class SharpnessAwareOptimizer(Optimizer):
             torch._foreach_copy_(params, self._saved_w)
         try:
             for g, d in zip(groups, directions):
-                if not isinstance(d, ScaledDirection):
-                    torch._foreach_add_(g.params, list(d))
-                elif g.params[0].device.type == "cpu":
-                    # one fused pass, no temporary (a CPU scalar costs no sync)
-                    torch._foreach_add_(g.params, d.tensors, alpha=float(d.scale))
+                if isinstance(d, ScaledDirection):
+                    _add_scaled(g.params, d.tensors, d.scale)
                 else:
-                    # no host sync: scale the tensors on the device, then add
-                    torch._foreach_add_(g.params, torch._foreach_mul(d.tensors, d.scale))
+                    torch._foreach_add_(g.params, list(d))
         except BaseException:
             self.restore()
             raise
@@ -727,6 +723,20 @@ class SharpnessAwareOptimizer(Optimizer):
         lines.append(f"  base_optimizer: {type(self.base_optimizer).__name__}")
         lines.append(")")
         return "\n".join(lines)
+
+
+def _add_scaled(
+    params: list[Tensor], tensors: list[Tensor], scale: Tensor | float, *, fused: bool | None = None
+) -> None:
+    """``params += scale * tensors`` with multi-tensor ops."""
+    if fused is None:
+        fused = params[0].device.type == "cpu"
+    if fused:
+        # one pass, no temporary (reading a CPU scalar costs no sync)
+        torch._foreach_add_(params, tensors, alpha=float(scale))
+    else:
+        # no host sync on accelerators: scale on the device, then add
+        torch._foreach_add_(params, torch._foreach_mul(tensors, scale))
 
 
 def _flatten_params(params: Iterable[Any]) -> list[Tensor]:
