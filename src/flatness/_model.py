@@ -17,8 +17,9 @@ This module owns the conventions listed in ``DESIGN.md``:
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ __all__ = [
     "LossFn",
     "ModelGuard",
     "ParamSet",
+    "ResultMixin",
     "batch_size",
     "call_model",
     "check_rho",
@@ -454,3 +456,20 @@ def private_rng(seed: int | None, device: torch.device) -> Iterator[torch.Genera
             gen.manual_seed(seed)
             torch.manual_seed(seed)  # dropout etc. inside the forked state
         yield gen
+
+
+class ResultMixin:
+    """``to_dict`` / ``to_json`` for result dataclasses (mix into a
+    ``@dataclass``; override ``to_dict`` for fields JSON cannot hold)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dictionary of all fields."""
+        return asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self, path: str | None = None, *, indent: int = 2) -> str:
+        """The result as JSON; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent, default=str)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        return text

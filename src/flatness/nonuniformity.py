@@ -30,7 +30,6 @@ have ``to_dict()`` / ``to_json()``.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -49,6 +48,7 @@ from ._model import (
     LossFn,
     ModelGuard,
     ParamSet,
+    ResultMixin,
     default_loss,
     functional_loss,
     iter_batches,
@@ -73,22 +73,6 @@ __all__ = [
     "snapshot",
     "update_moments",
 ]
-
-
-class _Result:
-    """``to_dict`` / ``to_json`` for the result dataclasses."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dictionary of all fields."""
-        return asdict(self)  # type: ignore[call-overload]
-
-    def to_json(self, path: str | None = None, *, indent: int = 2) -> str:
-        """The result as JSON; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent, default=str)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
-        return text
 
 
 # --------------------------------------------------------------------------
@@ -181,7 +165,7 @@ def _subset(params: ParamSet, indices: list[int]) -> ParamSet:
 
 
 @dataclass
-class VarianceResult(_Result):
+class VarianceResult(ResultMixin):
     """The outcome of :func:`gradient_variance` and :func:`kfac_variance`.
 
     Attributes
@@ -620,7 +604,7 @@ def _spread(values: Tensor) -> tuple[float, float, float]:
 
 
 @dataclass
-class ChannelNormResult(_Result):
+class ChannelNormResult(ResultMixin):
     """The outcome of :func:`channel_gradient_norms`.
 
     Attributes
@@ -713,7 +697,7 @@ def channel_gradient_norms(
 
 
 @dataclass
-class UpdateMomentsResult(_Result):
+class UpdateMomentsResult(ResultMixin):
     """The outcome of :func:`update_moments`.
 
     Attributes
@@ -826,7 +810,7 @@ def update_moments(before: Any, after: Any, *, relative: bool = False) -> Update
 
 
 @dataclass
-class ClassLossResult(_Result):
+class ClassLossResult(ResultMixin):
     """The outcome of :func:`class_loss_imbalance`.
 
     Attributes
