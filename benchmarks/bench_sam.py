@@ -113,6 +113,25 @@ def make_steppers(make_model, data, device, rho):
     return out
 
 
+def optimizer_only_steppers(make_model, device, rho):
+    """The optimizers' own work, without forward/backward: fixed gradients,
+    a base step vs a SAM first_step + second_step (perturb, restore, step)."""
+    out = {}
+    contenders = [("plain", None), ("flatness", SAM)] + ([("pytorch_optimizer", PeerSAM)] if PeerSAM else [])
+    for name, cls in contenders:
+        torch.manual_seed(0)
+        model = make_model().to(device)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        if cls is None:
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            out[name] = opt.step
+        else:
+            opt = cls(model.parameters(), torch.optim.SGD, rho=rho, lr=0.01, momentum=0.9)
+            out[name] = lambda opt=opt: (opt.first_step(), opt.second_step())
+    return out
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -127,10 +146,39 @@ def time_block(fn, steps, device):
     return (time.perf_counter() - t0) / steps
 
 
+def measure(steppers, args, device):
+    """Median (ms) over repeats of the mean time per step in a block; the
+    contenders are interleaved so that machine load hits them alike."""
+    for fn in steppers.values():
+        for _ in range(args.warmup):
+            fn()
+    times = {k: [] for k in steppers}
+    for _ in range(args.repeats):
+        for k, fn in steppers.items():
+            times[k].append(time_block(fn, args.steps, device))
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def print_table(title, rows):
+    print(title)
+    header = f"{'model':<44}{'plain ms':>10}{'flatness ms':>13}{'p_opt ms':>10}{'ours/plain':>12}{'ours/p_opt':>12}"
+    print(header)
+    print("-" * len(header))
+    for name, med in rows:
+        peer = med.get("pytorch_optimizer")
+        print(
+            f"{name:<44}{med['plain']:>10.2f}{med['flatness']:>13.2f}"
+            + (f"{peer:>10.2f}" if peer else f"{'-':>10}")
+            + f"{med['flatness'] / med['plain']:>11.2f}x"
+            + (f"{med['flatness'] / peer:>11.2f}x" if peer else f"{'-':>12}")
+        )
+    print()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1,
@@ -147,30 +195,18 @@ def main():
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({platform.processor() or platform.machine()})")
           + f", threads {torch.get_num_threads()}, base SGD(momentum=0.9), rho={args.rho}")
-    print(f"median over {args.repeats} repeats of {args.steps} steps, after {args.warmup} warm-up steps")
+    print(f"median over {args.repeats} repeats of {args.steps} steps, after {args.warmup} warm-up steps, "
+          "contenders interleaved")
     if PeerSAM is None:
         print("pytorch_optimizer is not installed: its column is skipped (pip install pytorch_optimizer)")
-    header = f"{'model':<44}{'plain ms':>10}{'flatness ms':>13}{'p_opt ms':>10}{'ours/plain':>12}{'ours/p_opt':>12}"
-    print(header)
-    print("-" * len(header))
+    print()
     t_start = time.perf_counter()
+    full, alone = [], []
     for name, make_model, data in cases(device):
-        steppers = make_steppers(make_model, data, device, args.rho)
-        for fn in steppers.values():
-            for _ in range(args.warmup):
-                fn()
-        times = {k: [] for k in steppers}
-        for _ in range(args.repeats):
-            for k, fn in steppers.items():  # interleaved
-                times[k].append(time_block(fn, args.steps, device))
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        peer = med.get("pytorch_optimizer")
-        print(
-            f"{name:<44}{med['plain']:>10.2f}{med['flatness']:>13.2f}"
-            + (f"{peer:>10.2f}" if peer else f"{'-':>10}")
-            + f"{med['flatness'] / med['plain']:>11.2f}x"
-            + (f"{med['flatness'] / peer:>11.2f}x" if peer else f"{'-':>12}")
-        )
+        full.append((name, measure(make_steppers(make_model, data, device, args.rho), args, device)))
+        alone.append((name, measure(optimizer_only_steppers(make_model, device, args.rho), args, device)))
+    print_table("Training step (forward-backward passes included; floor for SAM: 2.0x plain):", full)
+    print_table("Optimizer work only (fixed gradients; plain = base step, SAM = first_step + second_step):", alone)
     print(f"total {time.perf_counter() - t_start:.0f} s")
 
 
