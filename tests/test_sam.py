@@ -943,3 +943,20 @@ def test_fused_and_device_paths_of_the_scaled_add_agree():
     for u, v, wi, gi in zip(a, b, w, g):
         torch.testing.assert_close(u, wi + 0.37 * gi, rtol=1e-15, atol=1e-15)
         torch.testing.assert_close(v, wi + 0.37 * gi, rtol=1e-15, atol=1e-15)
+
+
+def test_plain_base_optimizer_state_dict_loads():
+    x, y = data()
+    model = mlp()
+    plain = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    plain.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    plain.step()
+    opt = SAM([{"params": model.parameters(), "rho": 0.3}], torch.optim.SGD, rho=0.1, lr=0.5, momentum=0.9)
+    opt.load_state_dict(plain.state_dict())
+    # the base optimizer's settings come from the file, the group's rho stays
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["rho"] == 0.3
+    for p in model.parameters():
+        assert torch.equal(opt.state[p]["momentum_buffer"], plain.state[p]["momentum_buffer"])
+    with pytest.raises(ValueError, match="param_groups"):
+        opt.load_state_dict({"state": {}})

@@ -699,12 +699,14 @@ class SharpnessAwareOptimizer(Optimizer):
             raise ValueError("state_dict must be an optimizer state dict with 'state' and 'param_groups'")
         ours = state_dict.get(_SAM_STATE_KEY)
         base_sd = {k: v for k, v in state_dict.items() if k != _SAM_STATE_KEY}
+        # a plain base-optimizer state dict has no SAM keys: keep the current ones
+        current = [{k: g[k] for k in self.defaults if k in g} for g in self.param_groups]
         self.base_optimizer.load_state_dict(base_sd)
         # torch's load_state_dict builds new group dicts: share them again
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
+        for group, settings in zip(self.param_groups, current):
+            for key, value in {**self.defaults, **settings}.items():
                 group.setdefault(key, value)
         if ours is not None:
             self.load_extra_state_dict(ours.get("extra", {}))
