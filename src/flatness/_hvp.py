@@ -186,6 +186,8 @@ def batch_curvature_products(
 
     # randomness="same": a dropout layer (train=True) draws one mask for all
     # k vectors, so every vector sees the same function.
+    if tangents[0].shape[0] == 1:  # one vector: skip the vmap overhead
+        return tuple(o.unsqueeze(0) for o in product(tuple(t[0] for t in tangents)))
     return vmap(product, randomness="same", chunk_size=chunk_size)(tangents)
 
 
