@@ -38,6 +38,7 @@ from torch import Tensor
 
 __all__ = [
     "cat_over_ranks",
+    "derive_seed",
     "enabled",
     "gather_objects",
     "gather_or_raise",
@@ -49,6 +50,9 @@ __all__ = [
     "sum_",
     "world_size",
 ]
+
+#: Tensors up to this many entries (in all) are packed into one buffer.
+_PACK_NUMEL = 1 << 16
 
 _LOCAL: contextvars.ContextVar[bool] = contextvars.ContextVar("flatness_local_only", default=False)
 
@@ -128,15 +132,29 @@ def sum_(*values: Any) -> Any:
     if not enabled():
         return values[0] if len(values) == 1 else values
     numbers = [v for v in values if v is not None and not isinstance(v, Tensor)]
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    # Small tensors travel with the numbers in one float64 buffer (one
+    # collective: latency dominates); large ones are reduced in place.
+    small = [t for t in tensors if t.numel() <= _PACK_NUMEL]
+    if sum(t.numel() for t in small) > _PACK_NUMEL:
+        small = []
+    dev = _comm_device(small[0].device if small else torch.device("cpu"))
     summed: list[Any] = []
-    if numbers:
-        buf = torch.tensor([float(v) for v in numbers], dtype=torch.float64, device=_comm_device(torch.device("cpu")))
+    if numbers or small:
+        buf = torch.cat([torch.tensor([float(v) for v in numbers], dtype=torch.float64, device=dev)]
+                        + [t.detach().reshape(-1).to(dev, torch.float64) for t in small])
         torch.distributed.all_reduce(buf)
-        summed = [type(v)(s) for v, s in zip(numbers, buf.tolist())]
+        summed = [type(v)(s) for v, s in zip(numbers, buf[: len(numbers)].tolist())]
+        offset = len(numbers)
+        for t in small:
+            t.copy_(buf[offset : offset + t.numel()].reshape(t.shape))
+            offset += t.numel()
+    packed = {id(t) for t in small}
     out = []
     for v in values:
         if isinstance(v, Tensor):
-            _all_reduce_(v)
+            if id(v) not in packed:
+                _all_reduce_(v)
             out.append(v)
         elif v is None:
             out.append(None)
@@ -171,8 +189,13 @@ def rank_seed(seed: int | None) -> int | None:
     shard).  Rank 0 keeps ``seed`` itself, so a one-process run is unchanged;
     rank ``r > 0`` gets a 63-bit hash of ``(seed, r)``."""
     seed = shared_seed(seed)
-    r = rank()
-    if seed is None or r == 0:
+    return seed if seed is None else derive_seed(seed, rank())
+
+
+def derive_seed(seed: int, r: int) -> int:
+    """The seed of rank ``r``'s stream in :func:`rank_seed` (``seed`` itself
+    for rank 0)."""
+    if r == 0:
         return seed
     digest = hashlib.sha256(f"flatness-rank-seed:{seed}:{r}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
