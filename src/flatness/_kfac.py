@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flatness._distributed import sum_
 from flatness._model import ParamSet, select_params, unwrap
 
 __all__ = [
@@ -254,6 +255,17 @@ def factors(layer: KFACLayer, a: Tensor, e: Tensor, scale: float = 1.0) -> tuple
     return x.T @ x / (n * positions), g.T @ g * (scale * scale / n)
 
 
+def _factor_dims(layer: KFACLayer) -> tuple[int, int]:
+    """Sizes of ``A`` and ``G`` for a layer (see :func:`factors`)."""
+    m = layer.module
+    if isinstance(m, nn.Conv2d):
+        d_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+        d_out = m.out_channels
+    else:
+        d_in, d_out = m.in_features, m.out_features
+    return (d_in if layer.weight is not None else 0) + (layer.bias is not None), d_out
+
+
 class RunningFactors:
     """Running Kronecker factors of a model's layers and the damped inverse
     ``(A (x) G + damping I)^-1``, for K-FAC-preconditioned ascent directions.
@@ -305,23 +317,36 @@ class RunningFactors:
         return self.state[self.params.params[layer.indices[0]]]
 
     @torch.no_grad()
-    def update(self, store: dict[str, list[list[Tensor]]]) -> None:
+    def update(self, store: dict[str, list[list[Tensor]]], *, pool: bool = True) -> None:
         """Fold the batch factors of a :func:`capture` into the running ones.
 
         Every call of a module counts as one batch; its output gradients are
-        multiplied by its batch size (the loss is a batch mean).
+        multiplied by its batch size (the loss is a batch mean).  With
+        ``pool=True`` inside a ``torch.distributed`` process group the batch
+        factors are the size-weighted average over all ranks (every rank
+        must call this), so all replicas keep the same factors.
         """
+        ps = self.params
         for layer in self.layers:
             calls = [c for c in store.get(layer.name, []) if len(c) == 2]
-            if not calls:
-                continue
-            total = sum(e.shape[0] for _, e in calls)
-            fa = fg = None
+            dims = _factor_dims(layer)
+            ref = ps.params[layer.indices[0]]
+            fa = ref.new_zeros(dims[0], dims[0])
+            fg = ref.new_zeros(dims[1], dims[1])
+            total = 0
             for a, e in calls:
                 n = e.shape[0]
                 ca, cg = factors(layer, a, e, n)
-                fa = ca * (n / total) if fa is None else fa.add_(ca, alpha=n / total)
-                fg = cg * (n / total) if fg is None else fg.add_(cg, alpha=n / total)
+                fa.add_(ca, alpha=n)
+                fg.add_(cg, alpha=n)
+                total += n
+            if pool:
+                total = sum_(total)
+                sum_(fa, fg)
+            if total == 0:
+                continue  # the layer took no part in this pass
+            fa.div_(total)
+            fg.div_(total)
             slot = self._slot(layer)
             if "kfac_A" not in slot:
                 slot["kfac_A"], slot["kfac_G"] = fa, fg

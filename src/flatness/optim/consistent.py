@@ -96,7 +96,8 @@ class _KFACMixin:
                 return
             with capture(self._kfac.layers) as store:
                 yield
-            self._kfac.update(store)
+            # one global set of factors, unless each replica perturbs alone
+            self._kfac.update(store, pool=not self.per_replica)
             self._kfac_steps += 1
 
     def _natural(self: Any, groups: list[AscentGroup], vecs: list[list[Tensor]]) -> tuple[list[list[Tensor]], Tensor]:

@@ -1,0 +1,86 @@
+"""ConsistentSAM / NonuniformSAM under DistributedDataParallel (2 gloo
+processes on CPU): the ranks stay identical and equal the single-process run
+on the union of their shards (equal shard sizes, so DDP's averaged gradient
+and the pooled Kronecker factors are those of the whole batch)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from flatness.optim import ConsistentSAM, NonuniformSAM
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.slow,
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+]
+
+WORLD, STEPS = 2, 3
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+
+
+def _opt(name, model, inner):
+    if name == "consistent-kfac":
+        return ConsistentSAM(model.parameters(), torch.optim.SGD, rho=0.2, rho2=0.1, lr=0.1,
+                             preconditioner="kfac", model=inner, stat_decay=0.5)
+    if name == "consistent":
+        return ConsistentSAM(model.parameters(), torch.optim.SGD, rho=0.2, rho2=0.1, lr=0.1)
+    return NonuniformSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, model=inner, stat_decay=0.5)
+
+
+def _train(name, model, opt, x, y):
+    for _ in range(STEPS):
+        def closure():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+
+def _worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        x, y = _data()
+        xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        out = {}
+        for name in ("consistent", "consistent-kfac", "nonuniform"):
+            inner = _net()
+            ddp = nn.parallel.DistributedDataParallel(inner)
+            _train(name, ddp, _opt(name, ddp, ddp), xs, ys)
+            out[name] = [p.detach().clone() for p in inner.parameters()]
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_matches_single_process(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    x, y = _data()
+    for name in ("consistent", "consistent-kfac", "nonuniform"):
+        for a, b in zip(ranks[0][name], ranks[1][name]):
+            assert torch.equal(a, b), name
+        model = _net()
+        _train(name, model, _opt(name, model, model), x, y)
+        for p, q in zip(model.parameters(), ranks[0][name]):
+            torch.testing.assert_close(p.detach(), q, rtol=1e-9, atol=1e-11, msg=name)
