@@ -65,7 +65,6 @@ def _dense_blocks(model: nn.Module, batches) -> tuple[list[torch.Tensor], list[t
     diag = torch.diagonal(dense_hessian(model, batches))
     layers = _layers(model)
     blocks, biases, i = [], [], 0
-    params = dict((id(p), p) for p in model.parameters())
     offsets = {}
     for p in model.parameters():
         offsets[id(p)] = (i, p)
@@ -81,7 +80,6 @@ def _dense_blocks(model: nn.Module, batches) -> tuple[list[torch.Tensor], list[t
         else:
             s, b = offsets[id(m.bias)]
             biases.append(diag[s : s + b.numel()])
-    assert len(params) == len(offsets)
     return blocks, biases, float(diag.sum())
 
 

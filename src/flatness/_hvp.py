@@ -22,7 +22,6 @@ re-streamed for every product and never held together in memory.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from typing import Any
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from flatness._distributed import sum_
+from flatness._model import ResultMixin as _BaseResult
 from flatness._model import (
     LossFn,
     ModelGuard,
@@ -71,23 +71,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class ResultMixin:
-    """``to_dict`` / ``to_json`` for the result dataclasses (tensors become
-    lists; fields named in ``_skip`` such as eigenvectors are left out)."""
+class ResultMixin(_BaseResult):
+    """Result dataclasses holding tensors: ``to_dict`` turns them into lists
+    and leaves out the fields named in ``_skip`` (such as eigenvectors)."""
 
     _skip: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dictionary of the result."""
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in self._skip}  # type: ignore[arg-type]
-
-    def to_json(self, path: str | None = None, *, indent: int = 2) -> str:
-        """The result as JSON; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent, default=str)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
-        return text
 
 
 def _outputs(

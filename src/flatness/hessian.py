@@ -550,49 +550,44 @@ def _clean_loss(op: CurvatureOperator) -> tuple[float, int]:
     return acc / total, total
 
 
-def _curvature_result(kind: str, value: float, model: nn.Module, data: Any, common: dict[str, Any],
-                      settings: dict[str, Any], n_hvp: int, start: float) -> Any:
-    from flatness.sharpness import SharpnessResult  # sharpness imports this module
+def _curvature_kind(kind: str, measure: Any) -> Any:
+    """A ``flatness.sharpness`` kind from ``measure(model, data, **kw) ->
+    (value, settings, n_hvp)``; ``rho`` does not apply and is ignored."""
 
-    op = _operator(model, data, **common)
-    loss, total = _clean_loss(op)
-    return SharpnessResult(
-        kind=kind, rho=None, value=float(value), per_batch=[float(value)], batch_sizes=[total],
-        clean_loss=loss, perturbed_loss=None, settings=settings,
-        wall_time=time.perf_counter() - start, counts={"hvp": n_hvp},
-    )
+    def fn(model: nn.Module, data: Any, *, rho: Any = None, loss_fn: LossFn | None = None,
+           params: Any = None, seed: int | None = 0, n_batches: int | None = None,
+           progress: bool = False, train: bool = False, **options: Any) -> Any:
+        from flatness.sharpness import SharpnessResult  # sharpness imports this module
 
+        start = time.perf_counter()
+        common = dict(loss_fn=loss_fn, params=params, n_batches=n_batches, train=train, seed=seed)
+        value, settings, n_hvp = measure(model, data, progress=progress, **common, **options)
+        loss, total = _clean_loss(_operator(model, data, **common))
+        return SharpnessResult(
+            kind=kind, rho=None, value=float(value), per_batch=[float(value)], batch_sizes=[total],
+            clean_loss=loss, perturbed_loss=None, settings=settings,
+            wall_time=time.perf_counter() - start, counts={"hvp": n_hvp},
+        )
 
-def _kind_max_eig(model: nn.Module, data: Any, *, rho: Any = None, loss_fn: LossFn | None = None,
-                  params: Any = None, seed: int | None = 0, n_batches: int | None = None,
-                  progress: bool = False, train: bool = False, **options: Any) -> Any:
-    """``flatness.sharpness(kind="hessian_max_eig")``: the largest eigenvalue
-    (options of :func:`top_eigenvalues` pass through)."""
-    start = time.perf_counter()
-    common = dict(loss_fn=loss_fn, params=params, n_batches=n_batches, train=train, seed=seed)
-    r = top_eigenvalues(model, data, 1, progress=progress, **common, **options)
-    settings = {**r.settings, "residual": float(r.residuals[0]), "converged": r.converged}
-    return _curvature_result("hessian_max_eig", float(r.eigenvalues[0]), model, data, common, settings, r.n_hvp, start)
+    fn.__doc__ = f"``flatness.sharpness(kind={kind!r})``."
+    return fn
 
 
-def _kind_trace(model: nn.Module, data: Any, *, rho: Any = None, loss_fn: LossFn | None = None,
-                params: Any = None, seed: int | None = 0, n_batches: int | None = None,
-                progress: bool = False, train: bool = False, **options: Any) -> Any:
-    """``flatness.sharpness(kind="hessian_trace")`` (options of :func:`trace`)."""
-    start = time.perf_counter()
-    common = dict(loss_fn=loss_fn, params=params, n_batches=n_batches, train=train, seed=seed)
-    r = trace(model, data, progress=progress, **common, **options)
-    settings = {**r.settings, "std_error": r.std_error}
-    return _curvature_result("hessian_trace", r.value, model, data, common, settings, r.n_hvp, start)
+def _max_eig(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any], int]:
+    r = top_eigenvalues(model, data, 1, **kw)
+    return float(r.eigenvalues[0]), {**r.settings, "residual": float(r.residuals[0]), "converged": r.converged}, r.n_hvp
 
 
-def _kind_minimum(model: nn.Module, data: Any, *, rho: Any = None, loss_fn: LossFn | None = None,
-                  params: Any = None, seed: int | None = 0, n_batches: int | None = None,
-                  progress: bool = False, train: bool = False, **options: Any) -> Any:
-    """``flatness.sharpness(kind="minimum")`` (options of
-    :func:`minimum_sharpness`)."""
-    start = time.perf_counter()
-    common = dict(loss_fn=loss_fn, params=params, n_batches=n_batches, train=train, seed=seed)
-    r = minimum_sharpness(model, data, progress=progress, **common, **options)
-    settings = {**r.settings, "trace": r.trace, "trace_std_error": r.trace_std_error}
-    return _curvature_result("minimum", r.value, model, data, common, settings, r.n_hvp, start)
+def _trace(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any], int]:
+    r = trace(model, data, **kw)
+    return r.value, {**r.settings, "std_error": r.std_error}, r.n_hvp
+
+
+def _minimum(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any], int]:
+    r = minimum_sharpness(model, data, **kw)
+    return r.value, {**r.settings, "trace": r.trace, "trace_std_error": r.trace_std_error}, r.n_hvp
+
+
+_kind_max_eig = _curvature_kind("hessian_max_eig", _max_eig)
+_kind_trace = _curvature_kind("hessian_trace", _trace)
+_kind_minimum = _curvature_kind("minimum", _minimum)
