@@ -227,3 +227,15 @@ def test_cuda_top_eigenvalues_and_trace():
     assert hessian.trace(model, batches, method="exact").value == pytest.approx(
         hessian.trace(model.cpu(), batches, method="exact").value, rel=1e-10
     )
+
+
+def test_progress_bars_count_products(capsys):
+    pytest.importorskip("tqdm")
+    model = mlp()
+    batch = classification_batches((6,), (5,), 4)[0]
+    r = hessian.trace(model, batch, n_samples=6, progress=True)
+    e = hessian.top_eigenvalues(model, batch, progress=True, max_iter=5)
+    m = hessian.minimum_sharpness(mlp(act=nn.ReLU), batch, n_samples=4, progress=True)
+    err = capsys.readouterr().err
+    assert "trace" in err and "lanczos" in err and "minimum sharpness" in err
+    assert f"{r.n_hvp}/6" in err and f"{m.n_hvp}/4" in err and e.n_hvp <= 5
