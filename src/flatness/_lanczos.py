@@ -161,7 +161,9 @@ def lanczos(
         if X.shape[1] != b:
             raise ValueError(f"v0 must have {b} column(s), got {X.shape[1]}")
     Qj, _ = torch.linalg.qr(X)
-    basis = torch.empty(n, (max_iter + 1) * b, dtype=torch.float64, device=X.device)
+    # The basis grows by doubling, so memory follows the steps actually taken
+    # rather than max_iter.
+    basis = torch.empty(n, min(max_iter + 1, 8) * b, dtype=torch.float64, device=X.device)
     basis[:, :b] = Qj
     alphas: list[np.ndarray] = []  # diagonal blocks (b, b)
     betas: list[np.ndarray] = []   # sub-diagonal blocks (b, b): B_{j+1} with W = Q_{j+1} B_{j+1}
@@ -201,6 +203,10 @@ def lanczos(
             break
         if invariant:
             break
+        if basis.shape[1] < (j + 2) * b:
+            grown = torch.empty(n, min(2 * basis.shape[1], (max_iter + 1) * b), dtype=torch.float64, device=basis.device)
+            grown[:, : basis.shape[1]] = basis
+            basis = grown
         basis[:, (j + 1) * b : (j + 2) * b] = Qnext
         Qj, Bprev = Qnext, B
     assert theta is not None and S is not None and idx is not None
