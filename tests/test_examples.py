@@ -14,6 +14,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 #: example -> arguments that make it finish in seconds
 TINY = {
     "quickstart.py": ["--epochs", "2"],
+    "sharpness_vs_generalization.py": ["--tiny"],
+    "optimizers_minimum_sharpness.py": ["--tiny"],
+    "sam_results_table.py": ["--tiny"],
 }
 
 
