@@ -43,6 +43,7 @@ from flatness._model import (
     functional_loss,
     iter_batches,
     private_rng,
+    require_finite,
     select_params,
     unwrap,
 )
@@ -373,6 +374,8 @@ class CurvatureOperator:
         # Inside a torch.distributed process group: the average over every
         # rank's batches (acc summed in place; no-op otherwise).
         total = sum_(*acc, total)[-1]
+        for a in acc:  # a NaN/inf would poison Lanczos and every estimate
+            require_finite(a, "a curvature-vector product (Hessian or GGN times a vector)")
         self.n_hvp += k
         if self.progress is not None:
             self.progress.update(k)

@@ -17,6 +17,7 @@ This module owns the conventions listed in ``DESIGN.md``:
 from __future__ import annotations
 
 import contextlib
+import math
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 __all__ = [
     "LossFn",
     "ModelGuard",
+    "NonFiniteLossError",
     "ParamSet",
     "ResultMixin",
     "batch_size",
@@ -42,11 +44,32 @@ __all__ = [
     "iter_batches",
     "normalize_logits",
     "private_rng",
+    "require_finite",
     "select_params",
     "split_batch",
     "to_device",
     "unwrap",
 ]
+
+
+class NonFiniteLossError(ValueError, FloatingPointError):
+    """The loss (or a quantity derived from it) was NaN or infinite, so no
+    meaningful measurement exists.
+
+    Raised rather than averaged into a result; it subclasses both
+    ``ValueError`` and ``FloatingPointError``.
+    """
+
+
+def require_finite(value: Tensor | float, what: str) -> None:
+    """Raise :class:`NonFiniteLossError` naming ``what`` unless every entry
+    of ``value`` is finite."""
+    ok = bool(torch.isfinite(value).all()) if isinstance(value, Tensor) else math.isfinite(value)
+    if not ok:
+        raise NonFiniteLossError(
+            f"{what} is not finite (NaN or inf): check the data and the model for NaN/inf "
+            "inputs or outputs, or the loss_fn"
+        )
 
 
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:

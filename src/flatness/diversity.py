@@ -47,6 +47,7 @@ from flatness._model import (
     default_loss,
     functional_loss,
     iter_batches,
+    require_finite,
     select_params,
     to_device,
     unwrap,
@@ -158,6 +159,7 @@ class _Ensemble:
             if n == 0 or c == 0:
                 raise ValueError(f"outputs have no samples or no classes: shape {(m, n, c)}")
             self.tensor: Tensor | None = members.detach().to(torch.float64)
+            require_finite(self.tensor, "the precomputed outputs")
             self.n_members = m
             if targets is not None:
                 targets = _check_targets(targets, n, c).to(self.tensor.device)
@@ -211,6 +213,7 @@ class _Ensemble:
                         f"members return different output shapes {sorted({tuple(r.shape) for r in rows})}"
                     )
                 raw = torch.stack(rows)
+                require_finite(raw, "a member's outputs")
                 t = _check_targets(targets, raw.shape[1], raw.shape[2])
                 yield raw, _log_probs(raw, self.outputs), t
 
@@ -876,6 +879,7 @@ def per_sample_sharpness(
                 raise ValueError("data yielded a different number of samples on another trial")
             total = scores if total is None else total + scores
         assert total is not None
+        require_finite(total, "a per-sample sharpness score")
         return total / trials
 
 
@@ -915,4 +919,6 @@ def _sam_scores(
             clean = _sample_losses(model, ps, weights, inputs, targets, loss_fn)
             pert = _sample_losses(model, ps, moved, inputs, targets, loss_fn)
         rows.append((pert.double() - clean.double()).cpu())
-    return torch.cat(rows)
+    scores = torch.cat(rows)
+    require_finite(scores, "a per-sample sharpness score")
+    return scores

@@ -53,6 +53,7 @@ from ._model import (
     functional_loss,
     iter_batches,
     private_rng,
+    require_finite,
     select_params,
     split_batch,
     unwrap,
@@ -246,6 +247,7 @@ def _finish(
     b = min(b if b is not None else n, n)
     a = noise_factor(n, b)
     total = sum(per_layer.values())
+    require_finite(total + second + mean_sq, "the gradient variance")
     return VarianceResult(
         method=method, total=total, per_layer=per_layer, second_moment=second,
         mean_grad_sqnorm=mean_sq, n_samples=n, batch_size=b, noise_factor=a,
@@ -591,6 +593,8 @@ def _mean_gradient(
                 t.add_(g, alpha=nb)
         n += nb
     n = sum_(*total, n)[-1]  # over all ranks inside a process group
+    for t in total:
+        require_finite(t, "the mean gradient")
     return [t / n for t in total]
 
 
@@ -882,6 +886,7 @@ def class_loss_imbalance(
                     f"{targets.dtype} of shape {tuple(targets.shape)}"
                 )
             losses = per_sample_losses(model, ps, inputs, targets, loss_fn).double()
+            require_finite(losses, "a per-sample loss")
             classes, inverse = torch.unique(targets, return_inverse=True)
             s = torch.zeros(len(classes), dtype=torch.float64, device=losses.device)
             s.index_add_(0, inverse, losses)

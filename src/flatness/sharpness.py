@@ -23,6 +23,7 @@ from ._geometry import PerturbationSet
 from ._model import (
     LossFn,
     ModelGuard,
+    NonFiniteLossError,
     ParamSet,
     batch_size,
     check_rho,
@@ -36,14 +37,6 @@ from ._model import (
 )
 
 __all__ = ["KINDS", "NonFiniteLossError", "SharpnessResult", "sharpness"]
-
-
-class NonFiniteLossError(ValueError, FloatingPointError):
-    """The loss was NaN or infinite, so no meaningful sharpness exists.
-
-    Raised rather than averaged into a result; it subclasses both
-    ``ValueError`` and ``FloatingPointError``.
-    """
 
 
 @dataclass
