@@ -232,5 +232,8 @@ def test_single_layer_and_negative_curvature_warning():
     assert r.value == pytest.approx(r.trace, rel=1e-12)
     value, g = minimize_rescaled_trace([torch.tensor([[-1.0, 2.0]]), torch.tensor([[3.0]])], [None, None],
                                        granularity="neuron")
-    # the negative entry counts as 0: min over c of 2/c^2 + 3 c^2 = 2 sqrt(6)
-    assert value == pytest.approx(2 * math.sqrt(6), rel=1e-9)
+    # the scale minimizes the sum with the negative entry set to 0,
+    # 2/c^2 + 3 c^2 (c^2 = sqrt(2/3)); the value is the signed sum there
+    c2 = math.sqrt(2 / 3)
+    assert g[0].item() == pytest.approx(0.5 * math.log(c2), rel=1e-6)
+    assert value == pytest.approx((2 - 1) / c2 + 3 * c2, rel=1e-9)

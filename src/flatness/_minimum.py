@@ -121,6 +121,12 @@ def minimize_rescaled_trace(
     Returns
     -------
     value : float
+        The trace of the optimally rescaled network, ``sum c_i exp(a_i . g*)``
+        with the coefficients as given.  Negative coefficients (not a minimum,
+        or noisy estimates) would make the problem unbounded below, so ``g*``
+        minimizes the sum with them set to 0; the value still counts them, so
+        it is an unbiased estimate of the trace at ``g*`` when the blocks
+        are (Hutchinson's estimates are noisiest for small neuron blocks).
     log_scales : list of Tensor
         Optimal ``g_l`` for each hidden layer (``units_l`` entries, or one).
     """
@@ -130,58 +136,51 @@ def minimize_rescaled_trace(
     if granularity == "layer" or L == 1:
         D = [d.sum().reshape(1, 1) for d in D]
         E = [None if e is None else e.sum().reshape(1) for e in E]
-    # A negative coefficient makes the problem unbounded below (the point is
-    # not a minimum, or an estimate is noisy): it counts as 0.
-    D = [d.clamp_min(0) for d in D]
-    E = [None if e is None else e.clamp_min(0) for e in E]
+    coef = torch.cat([d.reshape(-1) for d in D] + [e for e in E if e is not None])
     if L == 1:
-        return float(D[0].sum() + (0 if E[0] is None else E[0].sum())), []
-    if granularity == "layer":
-        if all(e is None or float(e.sum()) == 0 for e in E):
-            # AM-GM: sum_l T_l / a_l**2 with prod a_l = 1 is smallest when all
-            # terms are equal, giving L * (prod T_l)**(1/L).
-            T = torch.stack([d[0, 0] for d in D])
-            value = float(L * torch.exp(torch.log(T).mean())) if bool((T > 0).all()) else 0.0
-            if value > 0:
-                # a_l**2 = T_l / geometric mean; g_l = sum_{i<=l} log a_i.
-                log_a = 0.5 * (torch.log(T) - torch.log(T).mean())
-                g = torch.cumsum(log_a, 0)[:-1]
-                return value, [g[i : i + 1] for i in range(L - 1)]
-            return value, [torch.zeros(1, dtype=torch.float64) for _ in range(L - 1)]
+        return float(coef.sum()), []
     sizes = [D[l].shape[0] for l in range(L - 1)]
-    logc = [torch.log(d).reshape(-1) for d in D] + [torch.log(e) for e in E if e is not None]
 
-    def terms(x: Tensor) -> Tensor:
-        g = list(torch.split(x, sizes))
+    def exponents(x: Tensor) -> Tensor:
+        # Exponent of each coefficient: 2 (g_{l-1,j} - g_{l,k}) for weights,
+        # -2 g_{l,k} for biases; input and output units have g = 0.
+        g = list(torch.split(x, sizes)) + [torch.zeros(D[-1].shape[0], dtype=torch.float64)]
         parts = []
         for l in range(L):
-            out = g[l] if l < L - 1 else torch.zeros(D[l].shape[0], dtype=torch.float64)
-            inp = g[l - 1] if l > 0 else torch.zeros(D[l].shape[1], dtype=torch.float64)
-            if granularity == "layer":
-                inp = inp.expand(D[l].shape[1]) if l > 0 else inp
-            parts.append((2 * (inp[None, :] - out[:, None])).reshape(-1))
-        for l in range(L):
-            if E[l] is not None:
-                out = g[l] if l < L - 1 else torch.zeros(E[l].shape[0], dtype=torch.float64)
-                parts.append(-2 * out)
-        return torch.cat(logc) + torch.cat(parts)
+            inp = g[l - 1] if l > 0 else torch.zeros(D[0].shape[1], dtype=torch.float64)
+            parts.append((2 * (inp[None, :] - g[l][:, None])).reshape(-1))
+        parts += [-2 * g[l] for l in range(L) if E[l] is not None]
+        return torch.cat(parts)
 
-    def objective(x_np: np.ndarray) -> tuple[float, np.ndarray]:
-        x = torch.as_tensor(x_np, dtype=torch.float64).requires_grad_(True)
-        # log of the sum: the same minimizer, better conditioned, still convex.
-        f = torch.logsumexp(terms(x), 0)
-        (gx,) = torch.autograd.grad(f, x)
-        return float(f.detach()), gx.numpy()
+    log_coef = torch.log(coef.clamp_min(0))
+    if granularity == "layer" and all(e is None for e in E) and bool((coef > 0).all()):
+        # AM-GM: sum_l T_l / a_l**2 with prod a_l = 1 is smallest when all
+        # terms are equal, L * (prod T_l)**(1/L): a_l**2 = T_l / geometric
+        # mean, and g_l = sum_{i<=l} log a_i.
+        log_a = 0.5 * (log_coef - log_coef.mean())
+        x = torch.cumsum(log_a, 0)[:-1]
+    else:
+        if granularity == "neuron":  # warm start at the per-layer optimum
+            _, g_layer = minimize_rescaled_trace(weight_blocks, bias_blocks, granularity="layer")
+            x0 = torch.cat([g.expand(n) for g, n in zip(g_layer, sizes)]).numpy()
+        else:
+            x0 = np.zeros(sum(sizes))
 
-    x0 = np.zeros(sum(sizes))
-    if not np.isfinite(objective(x0)[0]):
-        return 0.0, [torch.zeros(s, dtype=torch.float64) for s in sizes]
-    opt = scipy.optimize.minimize(
-        objective, x0, jac=True, method="L-BFGS-B",
-        options={"maxiter": 10000, "ftol": 1e-15, "gtol": 1e-12},
-    )
-    x = torch.as_tensor(opt.x, dtype=torch.float64)
-    value = float(torch.exp(torch.logsumexp(terms(x), 0)))
+        def objective(x_np: np.ndarray) -> tuple[float, np.ndarray]:
+            x = torch.as_tensor(x_np, dtype=torch.float64).requires_grad_(True)
+            # log of the sum: the same minimizer, better conditioned, convex.
+            f = torch.logsumexp(log_coef + exponents(x), 0)
+            (gx,) = torch.autograd.grad(f, x)
+            return float(f.detach()), gx.numpy()
+
+        if not np.isfinite(objective(x0)[0]):  # every coefficient <= 0
+            return float(coef.sum()), [torch.zeros(n, dtype=torch.float64) for n in sizes]
+        opt = scipy.optimize.minimize(
+            objective, x0, jac=True, method="L-BFGS-B",
+            options={"maxiter": 10000, "ftol": 1e-15, "gtol": 1e-12},
+        )
+        x = torch.as_tensor(opt.x, dtype=torch.float64)
+    value = float((coef * torch.exp(exponents(x))).sum())
     return value, list(torch.split(x, sizes))
 
 
@@ -316,10 +315,11 @@ def minimum_sharpness(
     method : {"hutchinson", "exact"}
         How the Hessian diagonal is obtained: Hutchinson's estimate
         ``mean(z * Hz)`` over ``n_samples`` Rademacher vectors, or exactly
-        from ``n`` products with the unit vectors (small models).  With
-        Hutchinson, negative diagonal sums (noise, or a point that is not a
-        minimum) are clipped to 0; ``"layer"`` sums whole blocks and is far
-        less noisy than ``"neuron"``.
+        from ``n`` products with the unit vectors (small models).  Negative
+        diagonal sums (noise, or a point that is not a minimum) count as 0
+        when the scales are chosen, and with their sign in the value (the
+        trace of the rescaled network), which keeps the Hutchinson estimate
+        free of the upward bias that clipping would add.
     n_samples : int
         Products for Hutchinson.
     layers : iterable of nn.Module, optional
@@ -384,7 +384,8 @@ def minimum_sharpness(
     if method == "exact" and clipped < 0:
         warnings.warn(
             f"the Hessian diagonal has negative entries (sum {clipped:.3g}): the point is not a "
-            "minimum and the rescaled trace is unbounded below; negative sums are clipped to 0",
+            "minimum and the rescaled trace is unbounded below; the scales are chosen with negative "
+            "sums set to 0",
             RuntimeWarning, stacklevel=2,
         )
     value, g = minimize_rescaled_trace(weight_blocks, bias_blocks, granularity=granularity)
