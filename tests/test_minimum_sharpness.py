@@ -192,6 +192,11 @@ def test_hutchinson_estimate_and_restore():
     assert_unchanged(model, snap)
     assert abs(est.trace - exact.trace) <= 4 * est.trace_std_error
     assert est.value == pytest.approx(exact.value, rel=0.2)
+    # per neuron the blocks are small and noisy; the value stays unbiased
+    neuron = hessian.minimum_sharpness(model, batches, granularity="neuron", method="exact").value
+    noisy = [hessian.minimum_sharpness(model, batches, granularity="neuron", n_samples=100, seed=s).value
+             for s in range(4)]
+    assert abs(sum(noisy) / 4 - neuron) <= 3 * float(torch.tensor(noisy).std()) / 2
     assert est.n_hvp == 200
     assert hessian.minimum_sharpness(model, batches, n_samples=20, seed=5).value == hessian.minimum_sharpness(
         model, batches, n_samples=20, seed=5
