@@ -339,7 +339,7 @@ class CurvatureOperator:
         for p in self.params.params:
             piece = flat[offset : offset + p.numel()]
             offset += p.numel()
-            out.append(piece.T.reshape(-1, *p.shape) if cols else piece.reshape(p.shape))
+            out.append(piece.T.reshape(flat.shape[1], *p.shape) if cols else piece.reshape(p.shape))
         return tuple(out)
 
     def flatten(self, tensors: Sequence[Tensor], *, batched: bool = False) -> Tensor:

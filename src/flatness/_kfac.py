@@ -183,7 +183,7 @@ def _positions_count(layer: KFACLayer, e: Tensor) -> int:
     """T: output positions per sample (spatial locations, sequence positions)."""
     m = layer.module
     out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-    return e[0].numel() // out
+    return e[0].numel() // out if out else 1  # no outputs: a zero gradient, any T
 
 
 def _input_sqnorm(layer: KFACLayer, a: Tensor) -> Tensor:

@@ -678,6 +678,8 @@ def channel_gradient_norms(
         grad = _mean_gradient(model, ps, data, loss_fn, n_batches, progress, "channel norms")
     groups: dict[str, list[Tensor]] = {}
     for name, g in zip(ps.names, grad, strict=True):
+        if g.numel() == 0:
+            continue  # a parameter of size 0 has no channels
         groups.setdefault(_layer_of(name), []).append(g.reshape(g.shape[0] if g.dim() else 1, -1))
     norms: dict[str, Tensor] = {}
     for layer, mats in groups.items():
