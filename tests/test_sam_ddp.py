@@ -76,6 +76,10 @@ def _worker(rank, init_file, out_dir):
 
                     opt.step(closure)
             results[mode] = [p.detach().clone() for p in ddp.module.parameters()]
+            # the variants' hook for locally computed quantities
+            local = [torch.full((2, 3), float(rank + 1), dtype=torch.float64), torch.tensor([rank * 4.0])]
+            opt.all_reduce_(local)
+            results[mode + "_all_reduce"] = local
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -120,5 +124,12 @@ def test_ddp_global_and_per_replica_perturbations(tmp_path):
             assert torch.equal(a, b)
         for p, r in zip(ranks[0][mode], ref):
             torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+    # all_reduce_ averages over replicas; per_replica keeps local values
+    for r in range(WORLD):
+        mean = ranks[r]["global_all_reduce"]
+        assert torch.equal(mean[0], torch.full((2, 3), 1.5, dtype=torch.float64))
+        assert torch.equal(mean[1], torch.tensor([2.0]))
+        local = ranks[r]["per_replica_all_reduce"]
+        assert torch.equal(local[1], torch.tensor([r * 4.0]))
     # the two modes really differ on this data
     assert not torch.allclose(ranks[0]["global"][0], ranks[0]["per_replica"][0])

@@ -50,6 +50,12 @@ goes into ``self.extra_state[p]`` (a dict per parameter, like
 :meth:`load_state_dict` restores it. It is kept apart from the base
 optimizer's ``state`` because torch optimizers initialize a parameter's state
 only while it is empty.
+
+Under DDP the gradients of both passes are all-reduced by DDP itself (one
+global perturbation; ``per_replica=True`` runs the first pass in
+``no_sync()``).  Quantities a variant computes from local data (curvature
+factors, batch statistics) are averaged over the replicas with
+:meth:`~SharpnessAwareOptimizer.all_reduce_`.
 """
 
 from __future__ import annotations
@@ -648,6 +654,35 @@ class SharpnessAwareOptimizer(Optimizer):
             closure()
         self.second_step(scaler=scaler)
         return loss
+
+    # ------------------------------------------------------------------
+    # distributed
+    # ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def all_reduce_(self, tensors: Sequence[Tensor]) -> None:
+        """Average ``tensors`` over the DDP replicas, in place, in one call.
+
+        For quantities a variant computes from local data (curvature
+        factors, statistics of the batch): DDP all-reduces the gradients
+        itself, this does the same for anything else, so every replica
+        perturbs alike.  A no-op with ``per_replica=True``, outside
+        ``torch.distributed`` or with one process.  Uses the DDP model's
+        process group when ``model`` was given.
+        """
+        import torch.distributed as dist
+
+        if self.per_replica or not tensors or not (dist.is_available() and dist.is_initialized()):
+            return
+        group = getattr(self.model, "process_group", None)
+        world = dist.get_world_size(group)
+        if world == 1:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=group)
+        flat.div_(world)
+        views = [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+        torch._foreach_copy_(list(tensors), views)
 
     # ------------------------------------------------------------------
     # delegation and state
