@@ -1,0 +1,134 @@
+"""Determinism: the same ``seed`` gives the same result twice, bit for bit on
+CPU, for every public function with a seed; another seed gives another
+result where randomness is involved; the global RNG is never touched (also
+with ``seed=None`` and with dropout active under ``train=True``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import flatness
+from flatness.diversity import random_split
+from flatness.hessian import minimum_sharpness, spectral_density, top_eigenvalues, trace
+from flatness.nonuniformity import channel_gradient_norms, class_loss_imbalance, gradient_variance, kfac_variance
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(dropout: float = 0.3) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 6), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else []) + [nn.Linear(6, 3)]
+    return nn.Sequential(*layers).double()
+
+
+def _data():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    return [(x[:7], y[:7]), (x[7:], y[7:])]
+
+
+def _plain(result):
+    """Everything a result holds except its wall time, as comparable data."""
+    if hasattr(result, "to_dict"):
+        d = result.to_dict()
+        d.pop("wall_time", None)
+        for key in ("eigenvectors",):
+            if hasattr(result, key):
+                d[key] = [[t.tolist() for t in v] for v in getattr(result, key)]
+        return d
+    if isinstance(result, tuple):
+        return [t.tolist() for t in result]
+    return result.tolist() if isinstance(result, torch.Tensor) else result
+
+
+# name -> (call(model, data, seed), random: another seed changes the result)
+SEEDED = {
+    **{f"sharpness_{k}": (lambda m, d, s, k=k: flatness.sharpness(
+        m, d, kind=k, rho=0.05, seed=s, n_iters=3, restarts=1, n_samples=3), True)
+       for k in ("linf", "l2", "adaptive_linf", "adaptive_l2", "avg_linf", "avg_l2",
+                 "avg_adaptive_linf", "avg_adaptive_l2")},
+    "sharpness_train_dropout": (lambda m, d, s: flatness.sharpness(
+        m, d, kind="l2", rho=0.05, seed=s, n_iters=3, train=True), True),
+    "sharpness_hessian_max_eig": (lambda m, d, s: flatness.sharpness(
+        m, d, kind="hessian_max_eig", seed=s, max_iter=4), True),
+    "sharpness_hessian_trace": (lambda m, d, s: flatness.sharpness(
+        m, d, kind="hessian_trace", seed=s, n_samples=6), True),
+    "sharpness_minimum": (lambda m, d, s: flatness.sharpness(m, d, kind="minimum", seed=s, n_samples=4), True),
+    "top_eigenvalues": (lambda m, d, s: top_eigenvalues(m, d, k=2, seed=s, max_iter=4), True),
+    "top_eigenvalues_train_dropout": (lambda m, d, s: top_eigenvalues(m, d, seed=s, max_iter=3, train=True), True),
+    "trace_hutchpp": (lambda m, d, s: trace(m, d, seed=s, n_samples=6), True),
+    "trace_hutchinson": (lambda m, d, s: trace(m, d, method="hutchinson", seed=s, n_samples=4), True),
+    "spectral_density": (lambda m, d, s: spectral_density(m, d, seed=s, n_vectors=2, n_steps=4), True),
+    "minimum_sharpness_neuron": (lambda m, d, s: minimum_sharpness(
+        m, d, seed=s, n_samples=4, granularity="neuron"), True),
+    "gradient_variance_train_dropout": (lambda m, d, s: gradient_variance(m, d, seed=s, train=True), True),
+    "kfac_variance_train_dropout": (lambda m, d, s: kfac_variance(m, d, seed=s, train=True, factors=True), True),
+    "channel_gradient_norms_train_dropout": (lambda m, d, s: channel_gradient_norms(m, d, seed=s, train=True), True),
+    "class_loss_imbalance_train_dropout": (lambda m, d, s: class_loss_imbalance(m, d, seed=s, train=True), True),
+    "random_split": (lambda m, d, s: random_split(20, 1, 0.4, seed=s), True),
+}
+
+
+@pytest.mark.parametrize("name", list(SEEDED))
+def test_same_seed_same_result_and_global_rng_untouched(name):
+    call, random = SEEDED[name]
+    # minimum sharpness needs a ReLU chain: no dropout between the layers
+    model = _model(0.0 if "minimum" in name else 0.3)
+    data = _data()
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    first = _plain(call(model, data, 5))
+    second = _plain(call(model, data, 5))
+    assert first == second  # bit for bit: floats compared exactly
+    if random:
+        assert _plain(call(model, data, 6)) != first
+    if name != "random_split":
+        call(model, data, None)  # a fresh seed, still a private generator
+    assert torch.equal(torch.get_rng_state(), state), "global RNG state changed"
+
+
+def test_dropout_masks_come_from_seed_not_global_rng():
+    """With train=True the dropout masks depend on seed only: the result is
+    the same whatever the global RNG state was before the call."""
+    model, data = _model(), _data()
+    results = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        results.append(flatness.sharpness(model, data, kind="avg_l2", rho=0.05, seed=3, n_samples=2, train=True).value)
+    assert results[0] == results[1]
+    # and dropout really acts: eval mode gives another value
+    assert flatness.sharpness(model, data, kind="avg_l2", rho=0.05, seed=3, n_samples=2).value != results[0]
+
+
+def test_sam_same_rng_reproduces_dropout_and_leaves_rng_alone():
+    """SAM has no seed: with same_rng=True the second pass replays the first
+    pass's dropout mask, so two identical runs from the same global seed
+    give identical weights."""
+    from flatness.optim import SAM
+
+    runs = []
+    for _ in range(2):
+        model = _model()
+        model.train()
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, same_rng=True)
+        torch.manual_seed(9)
+        for x, y in _data():
+            def closure(x=x, y=y):
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
