@@ -88,8 +88,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.repeats, args.batches, args.batch_size = 2, 1, 16
     device = torch.device(args.device)
