@@ -19,7 +19,7 @@ all checkpoints of all optimizers, and the ranking of the final models.  A
 plot is written to ``nonuniformity.png`` when matplotlib is installed.
 
     python examples/nonuniformity.py            # ~1 minute on 2 CPU cores
-    python examples/nonuniformity.py --quick    # a few seconds (smoke test)
+    python examples/nonuniformity.py --tiny     # a few seconds (smoke test)
 """
 
 from __future__ import annotations
@@ -111,11 +111,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default="nonuniformity.png", help="output PNG ('' for none)")
-    ap.add_argument("--quick", action="store_true", help="2 epochs, cheap measurements (smoke test)")
+    ap.add_argument("--tiny", "--quick", action="store_true", help="2 epochs, cheap measurements (smoke test)")
     args = ap.parse_args()
-    if args.quick:
+    if args.tiny:
         args.epochs, args.every = 2, 1
-    n_iters = 2 if args.quick else 10
+    n_iters = 2 if args.tiny else 10
     torch.set_num_threads(1)  # tiny model: threads only add overhead
 
     train_data, test_data = digits(args.seed, args.n_train)

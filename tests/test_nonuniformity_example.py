@@ -11,10 +11,10 @@ pytest.importorskip("sklearn")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nonuniformity.py"
 
 
-def test_nonuniformity_example_quick(tmp_path):
+def test_nonuniformity_example_tiny(tmp_path):
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--quick"], cwd=tmp_path, env=env,
+        [sys.executable, str(EXAMPLE), "--tiny"], cwd=tmp_path, env=env,
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
