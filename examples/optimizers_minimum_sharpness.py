@@ -206,16 +206,20 @@ def main() -> None:
         except ImportError:
             print("\nmatplotlib is not installed: no plot")
             return
-        fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols), 3.4))
+        from matplotlib.ticker import NullFormatter
+
+        fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols) + 2.2, 3.4), constrained_layout=True)
         for ax, col in zip(axes, cols):
             for r in rows:
                 ax.scatter(r[col], r["loss_gap"], marker="o" if r["sam"] else "s",
                            color=f"C{args.optimizers.index(r['opt'])}", label=r["name"])
-            ax.set_xscale("log")
+            xs = [r[col] for r in rows]
+            if min(xs) > 0 and max(xs) > 10 * min(xs):  # log axis only over a decade or more
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(col)
             ax.set_ylabel("test loss - train loss")
-        axes[0].legend(fontsize=7, ncol=2)
-        fig.tight_layout()
+        axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
         fig.savefig(args.plot, dpi=110)
         print(f"\nplot saved to {args.plot}")
 

@@ -177,7 +177,10 @@ def main() -> None:
                           [f"{e} epochs" for e in args.epochs])
             ax.set_title(f"test {'ACC (%)' if metric == 'accuracy' else metric.upper().replace('CNLL', 'cNLL')}")
             lo = min(min(results[(e, r)]["test"][metric]) for e in args.epochs for r in args.rhos)
-            ax.set_ylim(bottom=(scale * lo) * 0.95 if metric == "accuracy" else 0)
+            if metric == "accuracy":
+                ax.set_ylim(scale * lo - 2, 100)
+            else:
+                ax.set_ylim(bottom=0)
         axes[0].legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)

@@ -200,16 +200,22 @@ def main() -> None:
         except ImportError:
             print("\nmatplotlib is not installed: no plot")
             return
+        from matplotlib.ticker import NullFormatter
+
         n = len(KINDS)
         cols = 5
-        fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(3.2 * cols, 3.0 * math.ceil(n / cols)))
+        fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(3.3 * cols, 3.3 * math.ceil(n / cols)),
+                                 constrained_layout=True)
         colors = [r["sam_rho"] for r in done]
         for ax, (label, *_rest) in zip(axes.flat, KINDS):
             sc = ax.scatter([r["sharp"][label] for r in done], [100 * e for e in test_err], c=colors,
                             cmap="viridis", s=18)
             ax.set_title(f"{label}\ntau = {fmt(taus[label])}", fontsize=9)
-            if all(r["sharp"][label] > 0 for r in done):
+            xs = [r["sharp"][label] for r in done]
+            if min(xs) > 0 and max(xs) > 10 * min(xs):  # log axis only over a decade or more
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.tick_params(labelsize=7)
             ax.set_xlabel("sharpness", fontsize=8)
             ax.set_ylabel("test error (%)", fontsize=8)
         fig.colorbar(sc, ax=axes, label="SAM rho in training", shrink=0.6)
