@@ -222,6 +222,9 @@ def test_errors_are_one_line_messages(files, capsys):
     assert "matches no" in _error(["sharpness", "--model", m, "--data", d, "--params", "xyz", "--rho", "1"], capsys)
     assert "n_iters" in _error(["sharpness", "--model", m, "--data", d, "--kind", "hessian_trace",
                                 "--n-iters", "3"], capsys)
+    assert "not a device" in _error(["sharpness", "--model", m, "--data", d, "--device", "gpu9"], capsys)
+    if not torch.cuda.is_available():
+        assert "no CUDA" in _error(["sharpness", "--model", m, "--data", d, "--device", "cuda"], capsys)
     assert "invalid choice" in _error(["sharpness", "--model", m, "--data", d, "--kind", "bogus"], capsys)
 
 
@@ -236,3 +239,16 @@ def test_module_entry_point(files):
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["result"]["kind"] == "adaptive_linf" and doc["result"]["value"] >= 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(files, capsys):
+    tmp, *_ = files
+    base = ["sharpness", "--model", f"{tmp}/cli_models.py:mlp", "--checkpoint", str(tmp / "ckpt.pt"),
+            "--data", str(tmp / "data.pt"), "--dtype", "float64", "--kind", "avg_l2", "--rho", "0.05",
+            "--n-samples", "3"]
+    cpu = _run([*base, "--device", "cpu"], tmp, capsys)["result"]
+    gpu = _run([*base, "--device", "cuda"], tmp, capsys)["result"]
+    assert gpu["settings"]["device"].startswith("cuda")
+    assert gpu["clean_loss"] == pytest.approx(cpu["clean_loss"], rel=1e-10)

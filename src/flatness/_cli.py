@@ -330,7 +330,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Carry out one parsed command; returns the JSON document as a dict."""
     start = time.perf_counter()
     model = load_model(args.model, args.model_kwargs, args.checkpoint)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise CLIError(f"--device {args.device!r} is not a device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available (use --device cpu)")
     model = model.to(device)
     if args.dtype is not None:
         model = model.to(DTYPES[args.dtype])
