@@ -1,0 +1,256 @@
+"""Peak memory of the library's heavy operations, as a multiple of the parameter size.
+
+For each operation: the model, the data (and an optimizer with its state)
+are set up first; the peak memory *above* that baseline while the operation
+runs is reported, divided by ``P``, the bytes of the model's parameters.
+The model is a wide MLP run on a small batch, so parameter-sized tensors
+dominate and activations are a small part of every number (the plain
+forward-backward row shows how much they are).
+
+* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``
+  (exact: the caching allocator's live tensors).
+* CPU: the process's resident-set high-water mark (``VmHWM``), reset before
+  each operation through ``/proc/self/clear_refs`` (Linux).  tracemalloc
+  does not see torch's allocations.  Large tensors are ``mmap``-ed by the
+  C allocator and returned on free, so the high-water mark tracks them; it
+  also counts anything else the process touches (a lazy import on the first
+  call), so every operation runs once on a tiny model first.
+
+"state held" is what the set-up leaves allocated for the operation (the
+optimizer's momentum and, for SAM, its saved copy of the weights); "peak in
+op" is the extra peak while the operation runs.  What each row should be,
+from the algorithms:
+
+* forward-backward: the gradients (1 P) plus activations.
+* SGD step (momentum): the gradients (1 P); the momentum exists already.
+* SAM step: gradients (1 P) + the saved weights (1 P) + the perturbation
+  (1 P, freed before the base step) + activations.
+* APGD sharpness: a fixed set of parameter-sized buffers (iterate, previous
+  iterate, gradient, best iterate, its gradient, the perturbed weights, the
+  scaling ``|w|`` for adaptive kinds, the autograd leaves and their
+  gradients), independent of ``n_iters``.
+* Lanczos: the float64 Krylov basis, ``2 * (steps + 1)`` P for float32
+  parameters (full reorthogonalization keeps every basis vector), plus the
+  forward-over-reverse product (a few P).
+
+Usage::
+
+    python benchmarks/bench_memory.py                       # CPU, ~6M parameters
+    python benchmarks/bench_memory.py --device cuda --large # >= 50M parameters
+    python benchmarks/bench_memory.py --quick               # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import flatness
+from flatness.hessian import hvp, top_eigenvalues
+from flatness.optim import SAM
+
+
+def mlp(width: int, depth: int, d_in: int = 256, classes: int = 10) -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(d_in, width), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------
+# peak-memory probes
+# --------------------------------------------------------------------------
+
+
+def _fixed_mmap_threshold() -> None:
+    """Make glibc return freed large blocks to the system at once.
+
+    By default glibc raises its mmap threshold after a large block is freed,
+    so later parameter-sized tensors come from the heap and stay resident
+    after ``free``: the baseline RSS would then include free memory and the
+    high-water mark would miss re-used space.  A fixed threshold of 64 KiB
+    (``M_MMAP_THRESHOLD``, which also turns off the dynamic adjustment) and
+    a small ``M_TRIM_THRESHOLD`` keep RSS equal to the live allocations.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # pragma: no cover - not glibc
+        return
+    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _current(device: torch.device) -> int:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    return _status("VmRSS")
+
+
+class Peak:
+    """Peak bytes above the current level while the block runs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.extra = 0
+
+    def __enter__(self) -> Peak:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # reset VmHWM to the current RSS
+            self.base = _status("VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.extra = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.extra = _status("VmHWM") - self.base
+
+
+# --------------------------------------------------------------------------
+# the operations
+# --------------------------------------------------------------------------
+
+
+def operations(n_iters: int, lanczos_steps: int):
+    """name -> (setup(model, batch) -> state, run(state)); setup runs outside
+    the measurement."""
+
+    def fwd_bwd_setup(model, batch):
+        return model, batch
+
+    def fwd_bwd(state):
+        model, (x, y) = state
+        F.cross_entropy(model(x), y).backward()
+        model.zero_grad(set_to_none=True)
+
+    def sgd_setup(model, batch):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        x, y = batch
+        F.cross_entropy(model(x), y).backward()
+        opt.step()  # momentum buffers exist before the measurement
+        opt.zero_grad(set_to_none=True)
+        return model, opt, batch
+
+    def sgd_step(state):
+        model, opt, (x, y) = state
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sam_setup(model, batch):
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-3, momentum=0.9)
+        state = (model, opt, batch)
+        sam_step(state)  # momentum buffers exist before the measurement
+        return state
+
+    def sam_step(state):
+        model, opt, (x, y) = state
+
+        def closure():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        opt.zero_grad(set_to_none=True)
+
+    def apgd(kind, iters=n_iters):
+        return lambda state: flatness.sharpness(state[0], state[1], kind=kind, rho=1e-3, n_iters=iters)
+
+    def lanczos(state):
+        top_eigenvalues(state[0], state[1], k=1, max_iter=lanczos_steps, tol=1e-12)
+
+    def one_hvp(state):
+        model, batch = state
+        hvp(model, batch, [torch.ones_like(p) for p in model.parameters()])
+
+    return {
+        "forward-backward (reference)": (fwd_bwd_setup, fwd_bwd),
+        "SGD step, momentum (reference)": (sgd_setup, sgd_step),
+        "SAM step (SGD momentum)": (sam_setup, sam_step),
+        f"APGD sharpness linf, {max(1, n_iters // 4)} iters": (fwd_bwd_setup, apgd("linf", max(1, n_iters // 4))),
+        f"APGD sharpness linf, {n_iters} iters": (fwd_bwd_setup, apgd("linf")),
+        f"APGD sharpness adaptive_l2, {n_iters} iters": (fwd_bwd_setup, apgd("adaptive_l2")),
+        "one Hessian-vector product": (fwd_bwd_setup, one_hvp),
+        f"Lanczos top eigenvalue, {lanczos_steps} steps": (fwd_bwd_setup, lanczos),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--large", action="store_true", help="a >= 50M-parameter model (width 4096)")
+    parser.add_argument("--quick", action="store_true", help="a small model and few iterations (smoke test)")
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        if platform.system() != "Linux":
+            raise SystemExit("CPU peak memory needs Linux (/proc/self/clear_refs); use --device cuda")
+        _fixed_mmap_threshold()
+    torch.manual_seed(0)
+    if args.large:
+        width, depth = 4096, 4
+    elif args.quick:
+        width, depth = 256, 2
+    else:
+        width, depth = 1536, 3
+    n_iters, steps = (3, 4) if args.quick else (20, 20)
+    model = mlp(width, depth).to(device)
+    x = torch.randn(args.batch, 256, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    P = sum(p.numel() * p.element_size() for p in model.parameters())
+    ops = operations(n_iters, steps)
+
+    # Warm-up on a tiny model: lazy imports and first-call caches are not
+    # charged to the measured operation.
+    tiny = mlp(8, 1, d_in=256).to(device)
+    for setup, run in ops.values():
+        run(setup(tiny, (x, y)))
+
+    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'})")
+    print(f"torch {torch.__version__}; model: MLP width {width}, depth {depth}: "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, P = {P / 2**20:.1f} MiB (float32); batch {args.batch}")
+    print(f"probe: {'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'VmHWM - VmRSS (RSS high-water mark)'}")
+    print()
+    print(f"| {'operation':<42} | {'state held':>10} | {'peak in op':>10} | {'peak in op':>10} |")
+    print(f"| {'':<42} | {'(x P)':>10} | {'(MiB)':>10} | {'(x P)':>10} |")
+    print(f"|{'-' * 44}|{'-' * 12}|{'-' * 12}|{'-' * 12}|")
+    for name, (setup, run) in ops.items():
+        before = _current(device)
+        state = setup(model, (x, y))
+        held = _current(device) - before  # optimizer state kept between steps
+        with Peak(device) as peak:
+            run(state)
+        del state
+        model.zero_grad(set_to_none=True)
+        print(f"| {name:<42} | {held / P:>10.2f} | {peak.extra / 2**20:>10.1f} | {peak.extra / P:>10.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
