@@ -6,11 +6,10 @@ registry, :data:`KINDS`; adding a kind is one entry there.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from ._model import (
     ModelGuard,
     NonFiniteLossError,
     ParamSet,
+    ResultMixin,
     batch_size,
     check_rho,
     default_loss,
@@ -40,7 +40,7 @@ __all__ = ["KINDS", "NonFiniteLossError", "SharpnessResult", "sharpness"]
 
 
 @dataclass
-class SharpnessResult:
+class SharpnessResult(ResultMixin):
     """The outcome of :func:`flatness.sharpness`.
 
     Attributes
@@ -79,18 +79,6 @@ class SharpnessResult:
     settings: dict[str, Any] = field(default_factory=dict)
     wall_time: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dictionary of all fields."""
-        return asdict(self)
-
-    def to_json(self, path: str | None = None, *, indent: int = 2) -> str:
-        """The result as JSON; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent, default=str)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
-        return text
 
     def __float__(self) -> float:
         return float(self.value)
