@@ -105,6 +105,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         ddp = nn.parallel.DistributedDataParallel(model)
         out["ddp_linf"] = flatness.sharpness(ddp, batches, kind="linf", rho=0.05, n_iters=3, m=3).value
         out["ddp_eig"] = top_eigenvalues(ddp, batches, k=2, tol=1e-10, max_iter=20).eigenvalues
+        ddp_members = [nn.parallel.DistributedDataParallel(m) for m in members]
+        out["ddp_disagreement"] = disagreement(ddp_members, batches[: rank + 1], pairwise=True)
+        out["ddp_gv"] = gradient_variance(ddp, batches).total
         # per-rank random streams (average case, APGD restarts)
         avg = flatness.sharpness(model, batches, kind="avg_l2", rho=0.1, n_samples=4, seed=SEED)
         out["avg"] = (avg.value, avg.per_batch, avg.batch_sizes, avg.clean_loss)
@@ -210,6 +213,9 @@ def test_every_measurement_over_ranks(tmp_path, world, one_thread):
     assert got["sharp_linf_sizes"] == [len(b[1]) for b in union]  # rank-major order
     _close(want["sharp_linf"], got["ddp_linf"], "ddp_linf")
     _close(want["eig"], got["ddp_eig"], "ddp_eig")
+    _close(want["gv"][0], got["ddp_gv"], "ddp_gv")
+    uneven = [b for r, s in enumerate(shards) for b in s[: r + 1]]
+    _close(disagreement(members, uneven, pairwise=True), got["ddp_disagreement"], "ddp_disagreement")
 
     # average case: rank r draws from derive_seed(SEED, r), not from SEED
     parts = [flatness.sharpness(model, s, kind="avg_l2", rho=0.1, n_samples=4,
@@ -227,7 +233,6 @@ def test_every_measurement_over_ranks(tmp_path, world, one_thread):
     _close(sum(p.value * sum(p.batch_sizes) for p in restarts) / sum(sum(p.batch_sizes) for p in restarts),
            got["restarts"], "restarts")
 
-    uneven = [b for r, s in enumerate(shards) for b in s[: r + 1]]
     _close(trace(model, uneven, method="hutchinson", n_samples=4).value, got["uneven_trace"], "uneven_trace")
     _close(flatness.sharpness(model, uneven, kind="linf", rho=0.05, n_iters=2).value, got["uneven_linf"], "uneven")
     for r in range(world):

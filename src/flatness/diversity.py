@@ -201,7 +201,8 @@ class _Ensemble:
             for inputs, targets in iter_batches(self.data, device=device, dtype=dtype):
                 rows = []
                 for m, (dev, dt) in zip(self.models, self.devices, strict=True):
-                    out = call_model(m, to_device(inputs, dev, dt))
+                    # unwrap: a DDP forward would broadcast buffers (a collective)
+                    out = call_model(unwrap(m), to_device(inputs, dev, dt))
                     if not isinstance(out, Tensor) or out.dim() != 2:
                         raise ValueError(
                             "each member must return a (batch, classes) tensor, got "
