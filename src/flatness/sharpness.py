@@ -423,6 +423,15 @@ def sharpness(
     -------
     SharpnessResult
 
+    Notes
+    -----
+    Inside an initialized ``torch.distributed`` process group each rank
+    measures its own shard and the result, the same on every rank, covers
+    all ranks' batches: ``per_batch`` and ``batch_sizes`` list rank 0's
+    batches first, then rank 1's, and so on.  Random draws (average case,
+    restarts) use one stream per rank, rank 0's from ``seed``.  See
+    :doc:`/guide/distributed`; :func:`flatness.local_only` turns this off.
+
     Raises
     ------
     ValueError
