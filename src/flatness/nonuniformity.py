@@ -442,7 +442,8 @@ def kfac_variance(
     factored = [k for layer in layers for k in layer.indices]
 
     second = {layer.name: torch.zeros((), dtype=torch.float64, device=ps.device) for layer in layers}
-    grad_sum = [torch.zeros_like(ps.params[k]) for k in factored]
+    # sum over batches of |B| * batch gradient; None until a gradient arrives
+    grad_sum: list[Tensor | None] = [None] * len(factored)
     fac_sum: dict[str, list[Tensor]] = {}
     moments = _Moments(len(rest))
     n = 0
@@ -461,6 +462,7 @@ def kfac_variance(
             if exact is not None:
                 for x, y in split_batch(inputs, targets, chunk_size):
                     moments.add(per_sample_grads(model, exact, x, y, loss_fn)[0])
+    grad_sum = [torch.zeros_like(ps.params[k]) if g is None else g for k, g in zip(factored, grad_sum)]
     _reduce_kfac(second, grad_sum, fac_sum, moments)
     n = sum_(n)
     first = gather_objects(first)[0]
@@ -470,7 +472,7 @@ def kfac_variance(
     second_total = 0.0
     pos = 0
     for layer in layers:
-        sq = sum(float((grad_sum[pos + j] / n).double().pow(2).sum()) for j in range(len(layer.indices)))
+        sq = sum(float(torch.linalg.vector_norm(grad_sum[pos + j])) ** 2 / n**2 for j in range(len(layer.indices)))
         pos += len(layer.indices)
         sm = float(second[layer.name]) / n
         per_layer[layer.name] = per_layer.get(layer.name, 0.0) + sm - sq
@@ -528,7 +530,7 @@ def _kfac_batch(
     loss_fn: LossFn,
     nb: int,
     second: dict[str, Tensor],
-    grad_sum: list[Tensor],
+    grad_sum: list[Tensor | None],
     fac_sum: dict[str, list[Tensor]] | None,
 ) -> None:
     """One forward-backward pass: accumulate ``|B| tr(A_B) tr(G_B)``, the
@@ -537,10 +539,16 @@ def _kfac_batch(
         # The real parameter tensors, so gradients flow to them (and the
         # hooks see the module's forward); autograd.grad leaves .grad alone.
         loss = functional_loss(model, ps, list(ps.params), inputs, targets, loss_fn)
-        grads = torch.autograd.grad(loss, [ps.params[k] for k in factored], allow_unused=True)
-    for s, g in zip(grad_sum, grads, strict=True):
+        # |B| * the batch-mean loss: its gradient is the batch's share of the
+        # sum over samples, and the output gradients the hooks see are the
+        # per-sample-loss gradients e_i (loss_fn is a mean)
+        grads = torch.autograd.grad(loss * nb, [ps.params[k] for k in factored], allow_unused=True)
+    for i, g in enumerate(grads):
         if g is not None:
-            s.add_(g, alpha=nb)
+            if grad_sum[i] is None:
+                grad_sum[i] = g  # a fresh tensor from autograd.grad: no copy needed
+            else:
+                grad_sum[i].add_(g)
     for layer in layers:
         calls = store.get(layer.name, [])
         if len(calls) > 1:
@@ -552,11 +560,11 @@ def _kfac_batch(
         if not calls or len(calls[0]) < 2:
             continue  # the layer did not take part in this loss: zero gradient
         entry = calls[0]
-        a, e = entry  # e * nb: batch-mean loss -> sample-loss gradients
-        tr_a, tr_g = trace_terms(layer, a, e, nb)
+        a, e = entry
+        tr_a, tr_g = trace_terms(layer, a, e)
         second[layer.name] += (tr_a * tr_g).double() * nb
         if fac_sum is not None:
-            fa, fg = kronecker_factors(layer, a, e, nb)
+            fa, fg = kronecker_factors(layer, a, e)
             if layer.name in fac_sum:
                 fac_sum[layer.name][0] += fa * nb
                 fac_sum[layer.name][1] += fg * nb
