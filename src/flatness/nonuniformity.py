@@ -130,12 +130,15 @@ class _Moments:
         self.m2: list[Tensor | None] = [None] * count
 
     def add(self, grads: list[Tensor]) -> None:
+        """Fold in a chunk of per-sample gradients ``(c, *shape)``; they are
+        centred in place (the caller's tensors are consumed)."""
         c = grads[0].shape[0]
         total = self.n + c
         for k, g in enumerate(grads):
             g = g.reshape(c, -1)
             mean_c = g.mean(0)
-            m2_c = (g - mean_c).pow(2).sum().double()
+            # in place: no temporary of the chunk's size (memory-bound)
+            m2_c = torch.linalg.vector_norm(g.sub_(mean_c)).double().square()
             mean, m2 = self.mean[k], self.m2[k]
             if mean is None or m2 is None:
                 self.mean[k], self.m2[k] = mean_c, m2_c
