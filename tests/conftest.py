@@ -15,6 +15,10 @@ settings.register_profile(
 settings.register_profile("thorough", deadline=None, max_examples=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
+# The test models are tiny: one thread is faster than two, and it keeps the
+# spawned multi-process tests from oversubscribing the cores.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

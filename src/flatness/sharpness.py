@@ -321,13 +321,6 @@ def _maybe_progress(it: Iterable[Any], progress: bool, total: int | None, desc: 
 SharpnessFn = Callable[..., SharpnessResult]
 
 
-def _not_yet(kind: str) -> SharpnessFn:
-    def fn(*args: Any, **kwargs: Any) -> SharpnessResult:
-        raise NotImplementedError(f"kind={kind!r} is not implemented yet")
-
-    return fn
-
-
 def _perturbation(kind: str) -> SharpnessFn:
     def fn(model: nn.Module, data: Any, **kwargs: Any) -> SharpnessResult:
         return _perturbation_sharpness(model, data, kind=kind, **kwargs)
