@@ -431,8 +431,6 @@ def sharpness(
         Unknown ``kind`` (the message lists the valid ones), ``rho <= 0``,
         empty data, a model without parameters, mismatched shapes.  A NaN or
         infinite loss raises :class:`NonFiniteLossError` (a ``ValueError``).
-    NotImplementedError
-        For a kind that is registered but not available.
 
     Examples
     --------
