@@ -290,3 +290,15 @@ def test_results_serialize():
         assert d.keys() == r.to_dict().keys()
     assert float(nu.gradient_variance(model, (x, y))) > 0
     assert flatness.nonuniformity is nu
+
+
+def test_progress_bar_runs(capsys):
+    pytest.importorskip("tqdm")
+    model = _mlp()
+    x, y = _data(8, (5,), 3)
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    quiet = nu.kfac_variance(model, batches)
+    loud = nu.kfac_variance(model, batches, progress=True)
+    nu.gradient_variance(model, batches, progress=True)
+    assert loud.total == quiet.total
+    assert "kfac variance" in capsys.readouterr().err
