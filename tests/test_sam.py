@@ -467,6 +467,22 @@ def test_extra_state_round_trips():
         assert torch.equal(other.extra_state[p]["m"], opt.extra_state[p]["m"])
 
 
+def test_loaded_extra_state_does_not_alias_the_source():
+    """Loading copies: in-place updates of one optimizer's state must not
+    leak into the state dict it was loaded from (or into another optimizer)."""
+    x, y = data()
+    model = mlp()
+    opt = _CountingSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    opt.step(closure_for(model, opt, x, y))
+    other = _CountingSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    other.load_state_dict(opt.state_dict())  # live tensors, no save/load
+    before = {p: opt.extra_state[p]["m"].clone() for p in model.parameters()}
+    for p in model.parameters():
+        other.extra_state[p]["m"].mul_(3)
+    for p in model.parameters():
+        assert torch.equal(opt.extra_state[p]["m"], before[p])
+
+
 # ----------------------------------------------------------------------
 # 8. exceptions restore the weights
 # ----------------------------------------------------------------------

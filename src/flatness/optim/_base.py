@@ -707,8 +707,11 @@ class SharpnessAwareOptimizer(Optimizer):
         self.extra_state = defaultdict(dict)
         for i, s in state.get("per_param", {}).items():
             p = params[int(i)]
+            # Copies, not views: the caller's dict (or another optimizer's
+            # live state) must not change under our in-place updates.
             self.extra_state[p] = {
-                k: v.to(device=p.device) if isinstance(v, Tensor) else v for k, v in s.items()
+                k: v.detach().to(device=p.device, copy=True) if isinstance(v, Tensor) else v
+                for k, v in s.items()
             }
 
     def state_dict(self) -> dict[str, Any]:
