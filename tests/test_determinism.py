@@ -15,13 +15,8 @@ from flatness.diversity import random_split
 from flatness.hessian import minimum_sharpness, spectral_density, top_eigenvalues, trace
 from flatness.nonuniformity import channel_gradient_norms, class_loss_imbalance, gradient_variance, kfac_variance
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Many tiny ops: one intra-op thread (the fixture is in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(dropout: float = 0.3) -> nn.Module:

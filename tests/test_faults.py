@@ -32,14 +32,8 @@ from flatness.hessian import hvp, spectral_density, top_eigenvalues, trace
 from flatness.nonuniformity import channel_gradient_norms, class_loss_imbalance, gradient_variance, kfac_variance
 from flatness.optim import SAM
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models, many calls: intra-op threads only add overhead.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Many tiny ops: one intra-op thread (the fixture is in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Injected(RuntimeError):

@@ -27,13 +27,8 @@ from flatness.diversity import disagreement, ensemble_metrics, per_sample_sharpn
 from flatness.hessian import spectral_density, top_eigenvalues, trace
 from flatness.nonuniformity import channel_gradient_norms, class_loss_imbalance, gradient_variance, kfac_variance
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Many tiny ops: one intra-op thread (the fixture is in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(dtype=torch.float64, seed=0):
