@@ -123,30 +123,52 @@ _SEPARATOR = re.compile(r"^\s*\|(\s*:?-{3,}:?\s*\|)+\s*$")
 
 
 def blocks(text: str) -> list[tuple[str, list[str]]]:
-    """Split output into ("table", rows) and ("text", lines) blocks."""
+    """Split output into ("table", rows) and ("text", lines) blocks.
+
+    A table is a run of ``| ... |`` lines with a ``|---|`` separator row; a
+    header spread over several lines above the separator is merged cell by
+    cell into one header row.
+    """
     out: list[tuple[str, list[str]]] = []
+    text_lines: list[str] = []
+
+    def flush_text() -> None:
+        chunk = list(text_lines)
+        while chunk and not chunk[0].strip():
+            chunk.pop(0)
+        while chunk and not chunk[-1].strip():
+            chunk.pop()
+        if chunk:
+            out.append(("text", chunk))
+        text_lines.clear()
+
     lines = text.rstrip().splitlines()
     i = 0
     while i < len(lines):
-        if (_TABLE_ROW.match(lines[i]) and i + 1 < len(lines) and _SEPARATOR.match(lines[i + 1])):
-            j = i + 2
-            while j < len(lines) and _TABLE_ROW.match(lines[j]):
-                j += 1
-            out.append(("table", lines[i:j]))
-            i = j
+        if not _TABLE_ROW.match(lines[i]):
+            text_lines.append(lines[i])
+            i += 1
+            continue
+        j = i
+        while j < len(lines) and _TABLE_ROW.match(lines[j]):
+            j += 1
+        run = lines[i:j]
+        sep = next((k for k, row in enumerate(run) if k > 0 and _SEPARATOR.match(row)), None)
+        if sep is None:
+            text_lines.extend(run)
         else:
-            j = i
-            while j < len(lines) and not (_TABLE_ROW.match(lines[j]) and j + 1 < len(lines)
-                                          and _SEPARATOR.match(lines[j + 1])):
-                j += 1
-            chunk = lines[i:j]
-            while chunk and not chunk[0].strip():
-                chunk = chunk[1:]
-            while chunk and not chunk[-1].strip():
-                chunk = chunk[:-1]
-            if chunk:
-                out.append(("text", chunk))
-            i = j
+            flush_text()
+            header = [_cells(row) for row in run[:sep]]
+            if len(header) > 1 and len({len(h) for h in header}) == 1:
+                merged = [" ".join(p for p in parts if p) for parts in zip(*header)]
+                header_rows = ["| " + " | ".join(merged) + " |"]
+            else:
+                header_rows = run[sep - 1:sep]
+                text_lines.extend(run[:sep - 1])
+                flush_text()
+            out.append(("table", [*header_rows, run[sep], *run[sep + 1:]]))
+        i = j
+    flush_text()
     return out
 
 

@@ -70,3 +70,10 @@ def test_quick_flag_only_where_supported(runner, tmp_path):
     without = tmp_path / "bench_b.py"
     without.write_text("ap.add_argument('--repeats')\n")
     assert runner.supports(with_quick, "--quick") and not runner.supports(without, "--quick")
+
+
+def test_header_over_two_lines_is_merged(runner):
+    out = "| op | peak |\n|    | (MiB) |\n|----|----|\n| fwd | 20.3 |\n"
+    [(kind, rows)] = runner.blocks(out)
+    assert kind == "table"
+    assert rows[0] == "| op | peak (MiB) |" and rows[2] == "| fwd | 20.3 |"
