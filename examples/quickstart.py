@@ -2,7 +2,7 @@
 sharpness with every kind that ``flatness.sharpness`` offers.
 
     python examples/quickstart.py            # about 10 s on 2 CPU cores
-    python examples/quickstart.py --epochs 5 # a smoke run
+    python examples/quickstart.py --tiny     # a smoke run of a few seconds
 """
 
 import argparse
@@ -45,12 +45,14 @@ def train(model, data, epochs, seed=0):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--tiny", action="store_true", help="2 epochs, 2 batches, 3 iterations")
     args = parser.parse_args()
+    epochs, n_batches, n_iters = (2, 2, 3) if args.tiny else (args.epochs, None, 20)
 
     torch.manual_seed(0)
     train_data, test_data = digits()
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-    train(model, train_data, args.epochs)
+    train(model, train_data, epochs)
     with torch.no_grad():
         acc = (model(test_data[0]).argmax(1) == test_data[1]).float().mean()
     print(f"test accuracy: {acc:.3f}\n")
@@ -61,12 +63,13 @@ def main():
     print(f"{'kind':<20}{'rho':>9}{'sharpness':>13}{'seconds':>9}")
     for kind, rho in RHO.items():
         t = time.perf_counter()
-        r = flatness.sharpness(model, loader, kind=kind, rho=rho, n_iters=20, n_samples=20, seed=0)
+        r = flatness.sharpness(model, loader, kind=kind, rho=rho, n_iters=n_iters, n_samples=20,
+                               seed=0, n_batches=n_batches)
         print(f"{kind:<20}{rho:>9.0e}{r.value:>13.5f}{time.perf_counter() - t:>9.2f}")
     # Curvature of the loss on the first 512 training samples.
     for kind in CURVATURE:
         t = time.perf_counter()
-        r = flatness.sharpness(model, loader, kind=kind, seed=0, n_batches=2)
+        r = flatness.sharpness(model, loader, kind=kind, seed=0, n_batches=n_batches or 2)
         print(f"{kind:<20}{'':>9}{r.value:>13.5f}{time.perf_counter() - t:>9.2f}")
 
 
