@@ -15,8 +15,10 @@ single-process runs on each shard with that rank's seed
 from __future__ import annotations
 
 import datetime
+import gc
 import multiprocessing
 import os
+import time
 
 import pytest
 import torch
@@ -134,6 +136,13 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         except Exception as exc:  # noqa: BLE001 - the type is what is checked
             out["error"] = (type(exc).__name__, str(exc))
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Free the DDP reducers while the group is alive: a reducer that
+        # outlives destroy_process_group() destroys the gloo group itself,
+        # holding the GIL that gloo's worker thread may need (a deadlock
+        # seen in torch 2.x at exit).
+        del ddp, ddp_members
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -144,13 +153,20 @@ def _run(world: int, tmp_path) -> list[dict]:
     A forkserver that has imported torch (and warmed up ``torch.func``'s lazy
     imports) once starts the ranks in a fraction of a second each; a spawned
     process would import torch again.  The process group's 30 s timeout
-    makes a rank that waits for a failed one fail instead of hanging.
+    makes a rank that waits for a failed one fail instead of hanging, and a
+    deadline kills a job whose ranks never exit.
     """
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     if method == "forkserver":
         multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "flatness", __name__])
-    mp.start_processes(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
-                       join=True, start_method=method)
+    job = mp.start_processes(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
+                             join=False, start_method=method)
+    deadline = time.monotonic() + 150
+    while not job.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in job.processes:
+                p.kill()
+            pytest.fail(f"the {world}-process job did not finish in 150 s (a rank hangs)")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -183,15 +199,6 @@ def _identical(a, b, path=""):
         assert torch.equal(a, b), path
     else:
         assert a == b or (a != a and b != b), path
-
-
-@pytest.fixture
-def one_thread():
-    # The references run many tiny ops: intra-op threads only add overhead.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("world", [2, 4])
