@@ -112,7 +112,10 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--n-iters", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     n = args.n_iters

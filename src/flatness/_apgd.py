@@ -116,18 +116,17 @@ def apgd(
     for k in range(n_iters):
         # z = P(x + eta * dir(g)), built in the gradient's own buffer: g_x is
         # not needed after this (best_g holds a copy when it matters).
-        z = pset.steepest_ascent_(g_x)
-        torch._foreach_mul_(z, eta)
+        z = pset.steepest_ascent_(g_x, scale=eta)
         torch._foreach_add_(z, x)
         pset.project_(z)
         if k == 0:
             x_prev, x = x, z
         else:
             # x_new = P(x + a (z - x) + (1 - a)(x - x_prev))
-            #       = P(a z + 2 (1 - a) x - (1 - a) x_prev), built in x_prev's buffer.
-            torch._foreach_mul_(x_prev, -(1 - MOMENTUM))
-            torch._foreach_add_(x_prev, x, alpha=2 * (1 - MOMENTUM))
-            torch._foreach_add_(x_prev, z, alpha=MOMENTUM)
+            #       = P(lerp(t, z, a)) with t = 2 x - x_prev = lerp(x_prev, x, 2),
+            # built in x_prev's buffer with two passes.
+            torch._foreach_lerp_(x_prev, x, 2.0)
+            torch._foreach_lerp_(x_prev, z, MOMENTUM)
             pset.project_(x_prev)
             x_prev, x = x, x_prev
         last = k == n_iters - 1

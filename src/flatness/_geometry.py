@@ -119,16 +119,18 @@ class PerturbationSet:
         self._zero_unscaled_(delta)
         return delta
 
-    def steepest_ascent_(self, grad: list[Tensor]) -> list[Tensor]:
-        """Turn ``grad`` in place into the unit steepest-ascent direction of
-        the norm: ``sign(g)`` for linf, ``g / ||g||_2`` for l2 (zero where the
-        gradient is zero)."""
+    def steepest_ascent_(self, grad: list[Tensor], scale: float = 1.0) -> list[Tensor]:
+        """Turn ``grad`` in place into ``scale`` times the unit steepest-ascent
+        direction of the norm: ``sign(g)`` for linf, ``g / ||g||_2`` for l2
+        (zero where the gradient is zero)."""
         if self.norm == "linf":
             torch._foreach_sign_(grad)
+            if scale != 1.0:
+                torch._foreach_mul_(grad, scale)
         else:
             norm = float(_global_norm(grad))
             if norm > 0:
-                torch._foreach_div_(grad, norm)
+                torch._foreach_mul_(grad, scale / norm)
         return grad
 
     def contains(self, delta: Sequence[Tensor], *, rtol: float = 1e-6) -> bool:
