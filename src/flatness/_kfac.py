@@ -280,6 +280,11 @@ class RunningFactors:
     every update (as in the paper's code: ``(Q_g^T M Q_a) / (d_g d_a^T +
     damping)``).
 
+    :meth:`update` does not write ``state``: the new factors are *pending*
+    (used by :meth:`solve` at once) until :meth:`commit`; :meth:`discard`
+    drops them, so an abandoned optimizer step leaves the factors as they
+    were.
+
     Parameters
     ----------
     model : nn.Module
@@ -314,13 +319,16 @@ class RunningFactors:
         self.stat_decay = stat_decay
         self.state = state
         self._eig: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        # layer name -> new (A, G), not yet in ``state``
+        self.pending: dict[str, tuple[Tensor, Tensor]] = {}
 
     def _slot(self, layer: KFACLayer) -> dict:
         return self.state[self.params.params[layer.indices[0]]]
 
     @torch.no_grad()
     def update(self, store: dict[str, list[list[Tensor]]], *, pool: bool = True) -> None:
-        """Fold the batch factors of a :func:`capture` into the running ones.
+        """Fold the batch factors of a :func:`capture` into the running ones,
+        as pending factors (see :meth:`commit`).
 
         Every call of a module counts as one batch; its output gradients are
         multiplied by its batch size (the loss is a batch mean).  With
@@ -349,28 +357,48 @@ class RunningFactors:
                 continue  # the layer took no part in this pass
             fa.div_(total)
             fg.div_(total)
-            slot = self._slot(layer)
-            if "kfac_A" not in slot:
-                slot["kfac_A"], slot["kfac_G"] = fa, fg
-            else:
-                slot["kfac_A"].mul_(self.stat_decay).add_(fa, alpha=1 - self.stat_decay)
-                slot["kfac_G"].mul_(self.stat_decay).add_(fg, alpha=1 - self.stat_decay)
+            old = self._factors(layer)
+            if old is not None:
+                # new tensors, never in place: the committed ones stay intact
+                fa = old[0].mul(self.stat_decay).add_(fa, alpha=1 - self.stat_decay)
+                fg = old[1].mul(self.stat_decay).add_(fg, alpha=1 - self.stat_decay)
+            self.pending[layer.name] = (fa, fg)
             self._eig.pop(layer.name, None)
 
+    def commit(self) -> None:
+        """Write the pending factors of :meth:`update` into ``state``."""
+        for layer in self.layers:
+            if layer.name in self.pending:
+                slot = self._slot(layer)
+                slot["kfac_A"], slot["kfac_G"] = self.pending.pop(layer.name)
+
+    def discard(self) -> None:
+        """Drop the pending factors (and their cached decompositions)."""
+        for name in self.pending:
+            self._eig.pop(name, None)
+        self.pending = {}
+
+    def _factors(self, layer: KFACLayer) -> tuple[Tensor, Tensor] | None:
+        """The layer's pending factors, else its committed ones, else None."""
+        if layer.name in self.pending:
+            return self.pending[layer.name]
+        slot = self._slot(layer)
+        return (slot["kfac_A"], slot["kfac_G"]) if "kfac_A" in slot else None
+
     def ready(self) -> bool:
-        """True once every layer that has been seen has factors."""
-        return any("kfac_A" in self._slot(layer) for layer in self.layers)
+        """True once some layer has factors (pending or committed)."""
+        return any(self._factors(layer) is not None for layer in self.layers)
 
     def _decomposition(self, layer: KFACLayer) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         if layer.name not in self._eig:
-            slot = self._slot(layer)
-            if "kfac_A" not in slot:
+            fac = self._factors(layer)
+            if fac is None:
                 return None
-            dtype = slot["kfac_A"].dtype
+            dtype = fac[0].dtype
             # float64: float32 eigh fails to converge on the rank-deficient
             # factors that constant input pixels produce
-            da, qa = torch.linalg.eigh(slot["kfac_A"].double())
-            dg, qg = torch.linalg.eigh(slot["kfac_G"].double())
+            da, qa = torch.linalg.eigh(fac[0].double())
+            dg, qg = torch.linalg.eigh(fac[1].double())
             # round-off can make tiny eigenvalues negative; the factors are PSD
             self._eig[layer.name] = tuple(  # type: ignore[assignment]
                 t.to(dtype) for t in (qa, da.clamp_min(0), qg, dg.clamp_min(0))

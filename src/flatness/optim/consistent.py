@@ -46,10 +46,15 @@ def _inv(norm: Tensor) -> Tensor:
 
 class _KFACMixin:
     """K-FAC bookkeeping shared by the two optimizers: factors are captured
-    during :meth:`first_pass` every ``update_freq`` steps."""
+    during :meth:`first_pass` every ``update_freq`` steps.
+
+    The new factors and the step count are pending until :meth:`second_step`
+    (like ConsistentSAM's running mean): a step that fails or is abandoned
+    leaves them as they were."""
 
     _kfac: RunningFactors | None
     _kfac_steps: int
+    _kfac_counted: bool  # a first pass of the current step counts
 
     def _init_kfac(
         self: Any,
@@ -73,6 +78,7 @@ class _KFACMixin:
         self.preconditioner = preconditioner
         self.update_freq = update_freq
         self._kfac_steps = 0
+        self._kfac_counted = False
         self._kfac = None
         if preconditioner == "kfac":
             if model is None:
@@ -90,15 +96,34 @@ class _KFACMixin:
         (every ``update_freq`` steps), so the first pass must run inside it
         (``step(closure)`` does this)."""
         with SharpnessAwareOptimizer.first_pass(self):
+            self._discard_kfac()  # left by a step given up without restore()
             if self._kfac is None or self._kfac_steps % self.update_freq:
                 yield
-                self._kfac_steps += 1
+                self._kfac_counted = True
                 return
             with capture(self._kfac.layers) as store:
                 yield
             # one global set of factors, unless each replica perturbs alone
             self._kfac.update(store, pool=not self.per_replica)
-            self._kfac_steps += 1
+            self._kfac_counted = True
+
+    def _discard_kfac(self: Any) -> None:
+        self._kfac_counted = False
+        if self._kfac is not None:
+            self._kfac.discard()
+
+    def second_step(self: Any, zero_grad: bool = False, *, scaler: Any = None) -> None:
+        SharpnessAwareOptimizer.second_step(self, zero_grad, scaler=scaler)
+        if self._kfac is not None:
+            self._kfac.commit()
+        self._kfac_steps += self._kfac_counted
+        self._kfac_counted = False
+
+    def restore(self: Any) -> None:
+        """Put the saved ``w`` back and abandon the step (the K-FAC factors
+        and step count keep their values from before the step)."""
+        self._discard_kfac()
+        SharpnessAwareOptimizer.restore(self)
 
     def _natural(self: Any, groups: list[AscentGroup], vecs: list[list[Tensor]]) -> tuple[list[list[Tensor]], Tensor]:
         """``F^-1 v`` per parameter (zero outside the factored layers) and
@@ -131,9 +156,11 @@ class _KFACMixin:
                 if isinstance(v, Tensor):
                     slot[k] = v.clone()
         self._kfac_steps = int(state.get("kfac_steps", 0))
+        self._kfac_counted = False
         if self._kfac is not None:
             self._kfac.state = self.extra_state
             self._kfac._eig = {}
+            self._kfac.pending = {}
 
 
 class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
