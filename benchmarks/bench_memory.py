@@ -29,7 +29,7 @@ from the algorithms:
   iterate, gradient, best iterate, its gradient, the perturbed weights, the
   scaling ``|w|`` for adaptive kinds, the autograd leaves and their
   gradients), independent of ``n_iters``.
-* Lanczos: the float64 Krylov basis, ``2 * (steps + 1)`` P for float32
+* Lanczos: the float64 Krylov basis, ``2 * steps`` P for float32
   parameters (full reorthogonalization keeps every basis vector), plus the
   forward-over-reverse product (a few P).
 

@@ -71,6 +71,37 @@ def test_lanczos_exhausts_small_space_and_counts_products():
     assert sum(calls) == res.n_matvec
 
 
+def _peak_allocated(fn) -> int:
+    """Peak bytes of live CPU tensors while ``fn`` runs, from the profiler's
+    allocation records (deterministic, unlike the process RSS)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_lanczos_memory_is_the_basis_plus_a_few_vectors(block_size):
+    # Full reorthogonalization must keep every basis vector (8 n bytes each)
+    # but nothing more than a few n-sized temporaries: growing one tensor by
+    # doubling held the old and the grown basis at once (about twice this).
+    n, steps = 100_000, 20
+    d = torch.linspace(-1, 1, n, dtype=DT)
+    g = torch.Generator().manual_seed(0)
+    res = []
+    peak = _peak_allocated(lambda: res.append(lanczos(
+        lambda V: d[:, None] * V, n, 1, max_iter=steps, tol=1e-14, generator=g, block_size=block_size,
+    )))
+    assert res[0].n_iter == steps
+    vectors = peak / (8 * n)
+    assert vectors <= steps * block_size + 3 * block_size, vectors
+
+
 def test_lanczos_input_errors():
     A = torch.eye(4, dtype=DT)
     with pytest.raises(ValueError, match="which"):

@@ -7,7 +7,8 @@ functions never see a model, which makes them testable on explicit matrices.
 
 Vectors are kept in float64 whatever the operator's dtype: the Lanczos basis
 is reorthogonalized in full (twice, "twice is enough"), which costs
-``8 n m`` bytes for ``m`` basis vectors, and the small projected eigenproblem
+``8 n m`` bytes for ``m`` basis vectors (allocated in chunks as the steps
+are taken, never copied), and the small projected eigenproblem
 is solved by SciPy (``eigh_tridiagonal`` for one vector per step, ``eigh`` on
 the block tridiagonal matrix otherwise).
 """
@@ -53,6 +54,73 @@ def _orthogonalize(W: Tensor, Q: Tensor) -> Tensor:
     for _ in range(2):
         W = W - Q @ (Q.T @ W)
     return W
+
+
+_CHUNK = 8  # Lanczos blocks per chunk of the basis
+
+
+class _Basis:
+    """The Lanczos vectors, float64, in chunks of ``_CHUNK`` blocks of ``b``
+    columns allocated as the iteration goes.
+
+    Memory follows the steps taken, at most ``_CHUNK - 1`` blocks beyond
+    them and never beyond ``max_blocks``; vectors are never copied to grow
+    the basis (growing one tensor by doubling holds the old and the new one
+    at once, about twice the basis).
+    """
+
+    def __init__(self, n: int, b: int, max_blocks: int, device: torch.device) -> None:
+        self.n, self.b, self.max_blocks, self.device = n, b, max_blocks, device
+        self.chunks: list[Tensor] = []
+        self.blocks = 0
+
+    def append(self, Q: Tensor) -> None:
+        if self.blocks == sum(c.shape[1] for c in self.chunks) // self.b:
+            size = min(_CHUNK, self.max_blocks - self.blocks)
+            if size < 1:
+                raise RuntimeError("Lanczos basis is full")
+            self.chunks.append(torch.empty(self.n, size * self.b, dtype=torch.float64, device=self.device))
+        self.blocks += 1
+        self.block(self.blocks - 1).copy_(Q)
+
+    def block(self, i: int) -> Tensor:
+        """Block ``i`` (a view, ``(n, b)``)."""
+        c, r = divmod(i, _CHUNK)
+        return self.chunks[c][:, r * self.b : (r + 1) * self.b]
+
+    def filled(self) -> list[Tensor]:
+        """Views of the stored columns, one per chunk."""
+        left = self.blocks * self.b
+        out = []
+        for c in self.chunks:
+            if left <= 0:
+                break
+            out.append(c[:, : min(c.shape[1], left)])
+            left -= c.shape[1]
+        return out
+
+    def orthogonalize_(self, W: Tensor) -> None:
+        """Remove the basis' components from ``W``, in place.
+
+        Classical Gram-Schmidt against all stored vectors, done twice: one
+        pass leaves errors of order eps * cond; the second removes them
+        (Giraud et al. 2005, "twice is enough").  The coefficients are small
+        ``(columns, b)`` matrices; nothing of size ``n x steps`` is formed.
+        """
+        for _ in range(2):
+            parts = self.filled()
+            coefs = [Q.T @ W for Q in parts]
+            for Q, c in zip(parts, coefs):
+                W.addmm_(Q, c, alpha=-1)
+
+    def combine(self, S: Tensor) -> Tensor:
+        """``basis @ S`` for ``S`` of shape ``(stored columns, k)``."""
+        out = torch.zeros(self.n, S.shape[1], dtype=torch.float64, device=self.device)
+        start = 0
+        for Q in self.filled():
+            out.addmm_(Q, S[start : start + Q.shape[1]])
+            start += Q.shape[1]
+        return out
 
 
 def _pick(theta: np.ndarray, k: int, which: str) -> np.ndarray:
@@ -160,11 +228,9 @@ def lanczos(
         X = v0.reshape(n, -1).to(device=device, dtype=torch.float64)
         if X.shape[1] != b:
             raise ValueError(f"v0 must have {b} column(s), got {X.shape[1]}")
-    Qj, _ = torch.linalg.qr(X)
-    # The basis grows by doubling, so memory follows the steps actually taken
-    # rather than max_iter.
-    basis = torch.empty(n, min(max_iter + 1, 8) * b, dtype=torch.float64, device=X.device)
-    basis[:, :b] = Qj
+    basis = _Basis(n, b, max_iter, X.device)
+    basis.append(torch.linalg.qr(X)[0])
+    del X
     alphas: list[np.ndarray] = []  # diagonal blocks (b, b)
     betas: list[np.ndarray] = []   # sub-diagonal blocks (b, b): B_{j+1} with W = Q_{j+1} B_{j+1}
     Bprev: Tensor | None = None
@@ -175,15 +241,19 @@ def lanczos(
     steps = 0
     for j in range(max_iter):
         steps = j + 1
+        Qj = basis.block(j)
         W = matmat(Qj)
         n_matvec += b
         A = Qj.T @ W
         A = (A + A.T) / 2
-        W = W - Qj @ A
+        # out of place once (matmat's result may be a view of the caller's
+        # data), then in place: no n-sized temporaries beyond W
+        W = torch.addmm(W, Qj, A, alpha=-1)
         if Bprev is not None:
-            W = W - basis[:, (j - 1) * b : j * b] @ Bprev.T
-        W = _orthogonalize(W, basis[:, : (j + 1) * b])
+            W.addmm_(basis.block(j - 1), Bprev.T, alpha=-1)
+        basis.orthogonalize_(W)
         Qnext, B = torch.linalg.qr(W)
+        del W
         alphas.append(A.cpu().numpy())
         betas.append(B.cpu().numpy())
         theta, S = _ritz(alphas, betas[:-1])
@@ -203,15 +273,13 @@ def lanczos(
             break
         if invariant:
             break
-        if basis.shape[1] < (j + 2) * b:
-            grown = torch.empty(n, min(2 * basis.shape[1], (max_iter + 1) * b), dtype=torch.float64, device=basis.device)
-            grown[:, : basis.shape[1]] = basis
-            basis = grown
-        basis[:, (j + 1) * b : (j + 2) * b] = Qnext
-        Qj, Bprev = Qnext, B
+        if j + 1 == max_iter:
+            break  # the next vector would never be used
+        basis.append(Qnext)
+        del Qnext
+        Bprev = B
     assert theta is not None and S is not None and idx is not None
-    m = len(theta)
-    Y = basis[:, :m] @ torch.as_tensor(S[:, idx], device=basis.device)
+    Y = basis.combine(torch.as_tensor(S[:, idx], device=basis.device))
     return LanczosResult(
         eigenvalues=torch.as_tensor(theta[idx].copy()),
         eigenvectors=Y,
