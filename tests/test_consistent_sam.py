@@ -403,3 +403,103 @@ def test_grad_scaler_matches_unscaled():
         opt_b.step(scaled_closure, scaler=scaler)
         scaler.update()
     assert_close(model_b.parameters(), [p.detach() for p in model_a.parameters()], tol=1e-10)
+
+
+# K-FAC under a GradScaler: the captured output gradients carry the scale s
+# (G would be s^2 too large against the damping) and a skipped step must not
+# change any state.
+
+KFAC_OPTS = {
+    "consistent-kfac": lambda m: ConsistentSAM(
+        m.parameters(), torch.optim.SGD, rho=0.2, rho2=0.3, alpha=0.5, lr=0.1, momentum=0.9,
+        preconditioner="kfac", model=m, damping=1e-2, stat_decay=0.6),
+    "nonuniform": lambda m: NonuniformSAM(
+        m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, model=m,
+        damping=1e-2, stat_decay=0.6),
+}
+
+
+def scaled_closure_for(model, x, y, scaler, poison_on=None):
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        if len(calls) == poison_on:
+            model[0].weight.grad[0, 0] = float("inf")
+        return loss
+
+    return closure
+
+
+def kfac_state(opt, model):
+    keys = ("kfac_A", "kfac_G", "consistent_momentum")
+    return {(k, i): opt.extra_state[p][k].clone()
+            for i, p in enumerate(model.parameters()) for k in keys if k in opt.extra_state[p]}
+
+
+@pytest.mark.parametrize("make", KFAC_OPTS.values(), ids=KFAC_OPTS.keys())
+def test_kfac_grad_scaler_matches_unscaled(make):
+    x, y = data()
+    x = x.float()
+    model_a, model_b = mlp().float(), mlp().float()
+    opt_a, opt_b = make(model_a), make(model_b)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    for _ in range(3):
+        opt_a.step(scaled_closure_for(model_a, x, y, disabled), scaler=disabled)
+        opt_b.step(scaled_closure_for(model_b, x, y, scaler), scaler=scaler)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**10  # no overflow: the scale stayed
+    state_a, state_b = kfac_state(opt_a, model_a), kfac_state(opt_b, model_b)
+    assert state_a.keys() == state_b.keys() and any(k[0] == "kfac_G" for k in state_a)
+    for k in state_a:
+        torch.testing.assert_close(state_b[k], state_a[k], rtol=1e-5, atol=1e-6, msg=str(k))
+    assert opt_a._kfac_steps == opt_b._kfac_steps == 3
+    for p, q in zip(model_b.parameters(), model_a.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, poison_on", [
+    ("consistent-kfac", 1), ("consistent-kfac", 2), ("consistent-kfac", 3), ("nonuniform", 1), ("nonuniform", 2),
+])
+def test_kfac_grad_scaler_skipped_step_changes_no_state(name, poison_on):
+    """An inf in pass ``poison_on``: the scaler skips the step."""
+    x, y = data()
+    x = x.float()
+    model = mlp().float()
+    opt = KFAC_OPTS[name](model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt.step(scaled_closure_for(model, x, y, scaler), scaler=scaler)
+    scaler.update()
+    w = [p.detach().clone() for p in model.parameters()]
+    state = kfac_state(opt, model)
+    base = copy.deepcopy(opt.base_optimizer.state_dict())
+    steps = opt._kfac_steps
+    opt.step(scaled_closure_for(model, x, y, scaler, poison_on=poison_on), scaler=scaler)
+    scaler.update()
+    if poison_on != 2:  # (see the xfail below for ConsistentSAM's middle pass)
+        assert scaler.get_scale() == 2.0**9  # the scaler saw the inf and skipped
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+    after = kfac_state(opt, model)
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], state[k]) for k in state), "factors or m changed"
+    assert opt._kfac_steps == steps
+    assert not opt._kfac.pending
+    now = opt.base_optimizer.state_dict()
+    for k, v in base["state"].items():
+        assert torch.equal(now["state"][k]["momentum_buffer"], v["momentum_buffer"])
+    opt.step(scaled_closure_for(model, x, y, scaler), scaler=scaler)  # training goes on
+    assert opt._kfac_steps == steps + 1
+
+
+@pytest.mark.xfail(strict=True, reason="middle_step unscales g2 by hand: the scaler never sees its inf")
+def test_grad_scaler_lowers_scale_on_inf_in_middle_pass():
+    x, y = data()
+    model = mlp().float()
+    opt = KFAC_OPTS["consistent-kfac"](model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt.step(scaled_closure_for(model, x.float(), y, scaler, poison_on=2), scaler=scaler)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9

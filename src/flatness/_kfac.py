@@ -326,12 +326,16 @@ class RunningFactors:
         return self.state[self.params.params[layer.indices[0]]]
 
     @torch.no_grad()
-    def update(self, store: dict[str, list[list[Tensor]]], *, pool: bool = True) -> None:
+    def update(
+        self, store: dict[str, list[list[Tensor]]], *, pool: bool = True, grad_scale: float = 1.0
+    ) -> None:
         """Fold the batch factors of a :func:`capture` into the running ones,
         as pending factors (see :meth:`commit`).
 
         Every call of a module counts as one batch; its output gradients are
-        multiplied by its batch size (the loss is a batch mean).  With
+        multiplied by its batch size (the loss is a batch mean) and divided
+        by ``grad_scale`` (the loss scale of a ``GradScaler``, so that ``G``
+        does not grow with the scale).  With
         ``pool=True`` inside a ``torch.distributed`` process group the batch
         factors are the size-weighted average over all ranks (every rank
         must call this), so all replicas keep the same factors.
@@ -346,7 +350,9 @@ class RunningFactors:
             total = 0
             for a, e in calls:
                 n = e.shape[0]
-                ca, cg = factors(layer, a, e, n)
+                # the scale goes into the scalar factor, applied after the
+                # product: no underflow of small (half-precision) gradients
+                ca, cg = factors(layer, a, e, n / grad_scale)
                 fa.add_(ca, alpha=n)
                 fg.add_(cg, alpha=n)
                 total += n

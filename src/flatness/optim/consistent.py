@@ -48,13 +48,18 @@ class _KFACMixin:
     """K-FAC bookkeeping shared by the two optimizers: factors are captured
     during :meth:`first_pass` every ``update_freq`` steps.
 
-    The new factors and the step count are pending until :meth:`second_step`
-    (like ConsistentSAM's running mean): a step that fails or is abandoned
+    The captured inputs and output gradients are folded into the factors in
+    :meth:`first_step`, which knows the ``GradScaler`` (if any) whose scale
+    the output gradients carry.  The new factors and the step count are
+    pending until :meth:`second_step` (like ConsistentSAM's running mean): a
+    step that fails, is abandoned or is skipped by the scaler (inf/NaN)
     leaves them as they were."""
 
     _kfac: RunningFactors | None
     _kfac_steps: int
     _kfac_counted: bool  # a first pass of the current step counts
+    _kfac_store: dict[str, list[list[Tensor]]] | None  # captured, not yet folded in
+    _step_skipped: bool  # the last second_step skipped the base step
 
     def _init_kfac(
         self: Any,
@@ -79,6 +84,8 @@ class _KFACMixin:
         self.update_freq = update_freq
         self._kfac_steps = 0
         self._kfac_counted = False
+        self._kfac_store = None
+        self._step_skipped = False
         self._kfac = None
         if preconditioner == "kfac":
             if model is None:
@@ -103,21 +110,44 @@ class _KFACMixin:
                 return
             with capture(self._kfac.layers) as store:
                 yield
-            # one global set of factors, unless each replica perturbs alone
-            self._kfac.update(store, pool=not self.per_replica)
+            self._kfac_store = store  # folded in by first_step (it knows the scaler)
             self._kfac_counted = True
 
     def _discard_kfac(self: Any) -> None:
         self._kfac_counted = False
+        self._kfac_store = None
         if self._kfac is not None:
             self._kfac.discard()
 
+    def first_step(self: Any, zero_grad: bool = False, *, scaler: Any = None) -> None:
+        store, self._kfac_store = self._kfac_store, None
+        if store is not None and self._perturbed is None:
+            # The output gradients are those of scaler.scale(loss): divide
+            # the scale out of G.  Every rank folds (a collective under DDP)
+            # before the inf/NaN check, which per_replica makes local; a
+            # skipped step discards the result in second_step.
+            scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+            # one global set of factors, unless each replica perturbs alone
+            self._kfac.update(store, pool=not self.per_replica, grad_scale=scale)
+        SharpnessAwareOptimizer.first_step(self, zero_grad, scaler=scaler)
+
     def second_step(self: Any, zero_grad: bool = False, *, scaler: Any = None) -> None:
-        SharpnessAwareOptimizer.second_step(self, zero_grad, scaler=scaler)
-        if self._kfac is not None:
+        skipped = self._skip_base_step
+        SharpnessAwareOptimizer.second_step(self, False, scaler=scaler)
+        if not skipped and scaler is not None and scaler.is_enabled():
+            # scaler.step() has unscaled the gradients in place and skipped
+            # the base step iff one of them is not finite
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            skipped = bool(grads) and not bool(torch.isfinite(global_norm([grads], ord=float("inf"))))
+        self._step_skipped = skipped
+        if skipped:  # a skipped step leaves the factors and the count as they were
+            self._discard_kfac()
+        elif self._kfac is not None:
             self._kfac.commit()
         self._kfac_steps += self._kfac_counted
         self._kfac_counted = False
+        if zero_grad:
+            self.zero_grad()
 
     def restore(self: Any) -> None:
         """Put the saved ``w`` back and abandon the step (the K-FAC factors
@@ -157,6 +187,7 @@ class _KFACMixin:
                     slot[k] = v.clone()
         self._kfac_steps = int(state.get("kfac_steps", 0))
         self._kfac_counted = False
+        self._kfac_store = None
         if self._kfac is not None:
             self._kfac.state = self.extra_state
             self._kfac._eig = {}
@@ -382,8 +413,9 @@ class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
             self.restore()
             raise RuntimeError("second_step() called before middle_step(): ConsistentSAM takes three passes")
         super().second_step(zero_grad, scaler=scaler)
-        for p, m in self._pending_m:
-            self.extra_state[p]["consistent_momentum"] = m
+        if not self._step_skipped:  # a step the scaler skips leaves m as it was
+            for p, m in self._pending_m:
+                self.extra_state[p]["consistent_momentum"] = m
         self._pending_m = []
 
     def restore(self) -> None:
