@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 import types
@@ -44,6 +43,7 @@ from torch import nn
 from flatness import hessian
 from flatness._hvp import batch_curvature_products, double_backward_hvp
 from flatness._model import select_params
+from _timing import interleaved_medians, sync
 
 
 def import_pyhessian():
@@ -99,27 +99,6 @@ def trained(make, X, y, device, epochs=30):
     return model.eval()
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fns, device, repeats):
-    """Median seconds of each callable, run in rotation so that changes in
-    machine load hit all alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            t = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def bench_batched(device, repeats):
     X, y = data(device, 256)
     rows = []
@@ -135,7 +114,7 @@ def bench_batched(device, repeats):
                 "reuse": lambda: double_backward_hvp(model, ps, X, y, tangents, loss_fn=F.cross_entropy),
                 "redo": lambda: [double_backward_hvp(model, ps, X, y, t, loss_fn=F.cross_entropy) for t in one],
             }
-            t = timed(fns, device, repeats)
+            t = interleaved_medians(fns, device, repeats)
             rows.append((name, k, t["reuse"] * 1e3, t["redo"] * 1e3, t["vmap"] * 1e3))
     print(f"\n(a) k Hessian-vector products on one batch of 256, {device}  [median of {repeats}]")
     print("    loop A: one forward + create_graph backward, then k backward passes (graph kept)")

@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flatness import nonuniformity as nu
+from _timing import seconds
 
 
 def cases(device, n_batches, batch):
@@ -61,25 +61,12 @@ def cases(device, n_batches, batch):
     ]
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def fwd_bwd(model, batches):
     model.eval()  # the measurements run in eval mode too
     for x, y in batches:
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
 
 
 def main():
@@ -113,7 +100,7 @@ def main():
         times = {k: [] for k in methods}
         for _ in range(args.repeats):
             for k, fn in methods.items():
-                times[k].append(timed(lambda: fn(model, data), device))
+                times[k].append(seconds(lambda: fn(model, data), device))
         best_unit, med_unit = min(times["fwd-bwd"]), statistics.median(times["fwd-bwd"])
         for k in methods:
             best, med = min(times[k]), statistics.median(times[k])

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatness.optim import SAM
+from _timing import seconds
 
 try:  # optional peer
     from pytorch_optimizer import SAM as PeerSAM
@@ -132,20 +133,6 @@ def optimizer_only_steppers(make_model, device, rho):
     return out
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_block(fn, steps, device):
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / steps
-
-
 def measure(steppers, args, device):
     """Median (ms) over repeats of the mean time per step in a block; the
     contenders are interleaved so that machine load hits them alike."""
@@ -155,7 +142,7 @@ def measure(steppers, args, device):
     times = {k: [] for k in steppers}
     for _ in range(args.repeats):
         for k, fn in steppers.items():
-            times[k].append(time_block(fn, args.steps, device))
+            times[k].append(seconds(fn, device, args.steps))
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import flatness
+from _timing import interleaved_medians
 
 
 def mlp():
@@ -40,27 +39,6 @@ def cnn():
 
 KINDS = (("l2", 0.1), ("adaptive_linf", 2e-3))
 MODELS = {"mlp": (mlp, (256,)), "cnn": (cnn, (3, 32, 32))}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fns, device, repeats):
-    """Median seconds of each callable in ``fns``, run in rotation so that a
-    change in machine load affects all of them alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            t = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def floor(model, x, y, n_iters):
@@ -133,7 +111,7 @@ def main():
             **{kind: (lambda kind=kind, rho=rho: flatness.sharpness(
                 model, (x, y), kind=kind, rho=rho, n_iters=n)) for kind, rho in KINDS},
         }
-        t = timed(fns, device, args.repeats)
+        t = interleaved_medians(fns, device, args.repeats)
         for kind, _ in KINDS:
             print(f"{name:<6}{kind:<15}{1e3 * t[kind]:>9.1f}{1e3 * t['floor']:>10.1f}"
                   f"{1e3 * t['ref']:>9.1f}{t['floor'] / t[kind]:>12.2f}{t['ref'] / t[kind]:>10.2f}")
