@@ -42,6 +42,7 @@ __all__ = [
     "default_loss",
     "functional_loss",
     "iter_batches",
+    "maybe_progress",
     "normalize_logits",
     "private_rng",
     "require_finite",
@@ -70,6 +71,21 @@ def require_finite(value: Tensor | float, what: str) -> None:
             f"{what} is not finite (NaN or inf): check the data and the model for NaN/inf "
             "inputs or outputs, or the loss_fn"
         )
+
+
+def maybe_progress(
+    iterable: Iterable[Any] | None, progress: bool, total: int | None, desc: str,
+    *, unit: str = "batch",
+) -> Any:
+    """A tqdm bar over ``iterable`` (or, with ``iterable=None``, one to update
+    by hand) when ``progress`` is true; otherwise ``iterable`` unchanged."""
+    if not progress:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("progress=True needs tqdm: pip install 'flatness[progress]'") from exc
+    return tqdm(iterable, total=total, desc=desc, unit=unit)
 
 
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:

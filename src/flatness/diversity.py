@@ -47,13 +47,13 @@ from flatness._model import (
     default_loss,
     functional_loss,
     iter_batches,
+    maybe_progress,
     require_finite,
     select_params,
     to_device,
     unwrap,
 )
 from flatness._per_sample import _add_batch_dim, check_chunk_size, iter_per_sample_grads
-from flatness.sharpness import _maybe_progress
 
 __all__ = [
     "EnsembleMetrics",
@@ -870,7 +870,7 @@ def per_sample_sharpness(
             batches = iter_batches(data, device=ps.device, dtype=ps.dtype)
             rows = [
                 sum(g.flatten(1).double().pow(2).sum(1) for g in grads)
-                for batch in _maybe_progress(batches, progress, None, "fisher scores")
+                for batch in maybe_progress(batches, progress, None, "fisher scores")
                 for grads, _, _ in iter_per_sample_grads(
                     model, ps, batch, loss_fn, chunk_size=chunk_size
                 )
@@ -903,7 +903,7 @@ def _sam_scores(
     weights = ps.detached()
     rows = []
     batches = iter_batches(data, device=ps.device, dtype=ps.dtype)
-    for inputs, targets in _maybe_progress(batches, progress, None, "sam scores"):
+    for inputs, targets in maybe_progress(batches, progress, None, "sam scores"):
         g = grad(lambda v: functional_loss(model, ps, v, inputs, targets, loss_fn))(weights)
         with torch.no_grad():
             # ASAM: e = rho * T^2 g / ||T g|| with T = |w|; SAM: T = 1.

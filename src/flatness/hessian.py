@@ -35,6 +35,7 @@ from flatness._model import (
     batch_size,
     functional_loss,
     iter_batches,
+    maybe_progress,
     private_rng,
 )
 
@@ -194,13 +195,7 @@ def _check_positive(name: str, value: Any) -> float:
 
 
 def _bar(progress: bool, total: int | None, desc: str) -> Any:
-    if not progress:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("progress=True needs tqdm: pip install 'flatness[progress]'") from exc
-    return tqdm(total=total, desc=desc, unit="hvp")
+    return maybe_progress(None, progress, total, desc, unit="hvp")
 
 
 def _operator(model: nn.Module, data: Any, **kwargs: Any) -> CurvatureOperator:

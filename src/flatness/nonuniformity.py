@@ -52,6 +52,7 @@ from ._model import (
     default_loss,
     functional_loss,
     iter_batches,
+    maybe_progress,
     private_rng,
     require_finite,
     select_params,
@@ -59,7 +60,6 @@ from ._model import (
     unwrap,
 )
 from ._per_sample import check_chunk_size, per_sample_grads, per_sample_losses
-from .sharpness import _maybe_progress
 
 __all__ = [
     "ChannelNormResult",
@@ -333,7 +333,7 @@ def gradient_variance(
     first: int | None = None
     with ModelGuard(model, train=bool(train)), private_rng(seed, ps.device):
         batches = iter_batches(data, device=ps.device, dtype=ps.dtype, n_batches=n_batches)
-        for inputs, targets in _maybe_progress(batches, progress, None, "gradient variance"):
+        for inputs, targets in maybe_progress(batches, progress, None, "gradient variance"):
             first = first or _batch_len(targets)
             for x, y in split_batch(inputs, targets, chunk_size):
                 grads, _ = per_sample_grads(model, ps, x, y, loss_fn)
@@ -455,7 +455,7 @@ def kfac_variance(
         for k in factored:
             ps.params[k].requires_grad_(True)  # restored by the guard
         batches = iter_batches(data, device=ps.device, dtype=ps.dtype, n_batches=n_batches)
-        for inputs, targets in _maybe_progress(batches, progress, None, "kfac variance"):
+        for inputs, targets in maybe_progress(batches, progress, None, "kfac variance"):
             nb = _batch_len(targets)
             first = first or nb
             n += nb
@@ -595,7 +595,7 @@ def _mean_gradient(
     n = 0
     values = ps.detached()
     batches = iter_batches(data, device=ps.device, dtype=ps.dtype, n_batches=n_batches)
-    for inputs, targets in _maybe_progress(batches, progress, None, desc):
+    for inputs, targets in maybe_progress(batches, progress, None, desc):
         nb = _batch_len(targets)
         leaves = [v.detach().requires_grad_(True) for v in values]
         loss = functional_loss(model, ps, leaves, inputs, targets, loss_fn)
@@ -892,7 +892,7 @@ def class_loss_imbalance(
     counts: dict[int, int] = {}
     with ModelGuard(model, train=bool(train)), private_rng(seed, ps.device):
         batches = iter_batches(data, device=ps.device, dtype=ps.dtype, n_batches=n_batches)
-        for inputs, targets in _maybe_progress(batches, progress, None, "class losses"):
+        for inputs, targets in maybe_progress(batches, progress, None, "class losses"):
             if targets.dim() != 1 or targets.is_floating_point() or targets.is_complex():
                 raise ValueError(
                     "class_loss_imbalance needs integer class labels of shape (n,), got "

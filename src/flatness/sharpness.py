@@ -30,6 +30,7 @@ from ._model import (
     default_loss,
     functional_loss,
     iter_batches,
+    maybe_progress,
     private_rng,
     select_params,
     split_batch,
@@ -251,7 +252,7 @@ def _perturbation_sharpness(
             weights = [p.detach().to(dev) for p in ps.params]
             pset = PerturbationSet(norm, rho, weights, adaptive=adaptive)
             batches = iter_batches(data, device=dev, dtype=ps.dtype, n_batches=n_batches)
-            for inputs, targets in _maybe_progress(batches, progress, n_batches, kind):
+            for inputs, targets in maybe_progress(batches, progress, n_batches, kind):
                 n = batch_size(targets)
                 clean_sum = sharp_sum = 0.0
                 for x, y in split_batch(inputs, targets, m):
@@ -302,16 +303,6 @@ def _moved_state(model: nn.Module, ps: ParamSet, device: torch.device) -> dict[s
 
 def _weighted_mean(values: list[float], weights: list[int]) -> float:
     return sum(v * w for v, w in zip(values, weights)) / sum(weights)
-
-
-def _maybe_progress(it: Iterable[Any], progress: bool, total: int | None, desc: str) -> Iterable[Any]:
-    if not progress:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("progress=True needs tqdm: pip install 'flatness[progress]'") from exc
-    return tqdm(it, total=total, desc=desc, unit="batch")
 
 
 # --------------------------------------------------------------------------
