@@ -109,7 +109,7 @@ def test_random_start_is_inside(seed, rho, norm, adaptive):
 def test_adaptive_scaling_zero_weights_no_nan():
     w = [torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64)]
     pset = PerturbationSet("l2", 0.1, w, adaptive=True)
-    g = pset.grad_to_scaled([torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)])
+    g = pset.grad_to_scaled_([torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)])
     step = pset.steepest_ascent_(g)
     assert torch.isfinite(step[0]).all() and step[0][0] == 0
     sample = pset.average_case_sample(torch.Generator().manual_seed(0))

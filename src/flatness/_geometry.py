@@ -84,14 +84,8 @@ class PerturbationSet:
             return list(delta)
         return torch._foreach_mul(list(delta), self.scales)
 
-    def grad_to_scaled(self, grad: Sequence[Tensor]) -> list[Tensor]:
-        """Chain rule: the gradient in ``delta`` is ``c * grad_d``."""
-        if self.scales is None:
-            return list(grad)
-        return torch._foreach_mul(list(grad), self.scales)
-
     def grad_to_scaled_(self, grad: list[Tensor]) -> list[Tensor]:
-        """In-place :meth:`grad_to_scaled`."""
+        """Chain rule, in place: the gradient in ``delta`` is ``c * grad_d``."""
         if self.scales is not None:
             torch._foreach_mul_(grad, self.scales)
         return grad
