@@ -65,8 +65,6 @@ class APGDResult:
     best_value: float
     best_delta: list[Tensor]
     start_value: float
-    n_grad: int
-    n_forward: int
 
 
 def apgd(
@@ -102,7 +100,6 @@ def apgd(
     # iterate and its gradient.  Allocating fresh parameter-sized
     # tensors every step costs more than the arithmetic on CPU.
     f_x, g_x = objective(x, True)
-    n_grad, n_fwd = 1, 0
     start_value = f_x
     best_x = [t.clone() for t in x]
     best_g = [t.clone() for t in g_x]
@@ -131,10 +128,6 @@ def apgd(
             x_prev, x = x, x_prev
         last = k == n_iters - 1
         f_new, g_new = objective(x, not last)
-        if last:
-            n_fwd += 1
-        else:
-            n_grad += 1
         if f_new > f_x:
             successes += 1
         if f_new > best_f:
@@ -158,4 +151,4 @@ def apgd(
             last_ckpt = k + 1
             eta_at_last, best_at_last = eta, best_f
 
-    return APGDResult(best_f, best_x, start_value, n_grad, n_fwd)
+    return APGDResult(best_f, best_x, start_value)
