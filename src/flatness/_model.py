@@ -38,6 +38,7 @@ __all__ = [
     "ResultMixin",
     "batch_size",
     "call_model",
+    "check_int",
     "check_rho",
     "default_loss",
     "functional_loss",
@@ -220,6 +221,17 @@ def select_params(model: nn.Module, params: Iterable[Any] | None = None) -> Para
         raise ValueError(f"selected parameters live on several devices {sorted(map(str, devices))}")
     names, tensors = zip(*chosen)
     return ParamSet(tuple(names), tuple(tensors))
+
+
+def check_int(name: str, value: Any, low: int = 1, *, allow_none: bool = False) -> Any:
+    """Validate an integer option (``bool`` is not accepted as an int)."""
+    if value is None and allow_none:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(
+            f"{name} must be an int >= {low}{' or None' if allow_none else ''}, got {value!r}"
+        )
+    return value
 
 
 def check_rho(rho: float, *, allow_zero: bool = False) -> float:

@@ -33,6 +33,7 @@ from flatness._model import (
     LossFn,
     ModelGuard,
     batch_size,
+    check_int,
     functional_loss,
     iter_batches,
     maybe_progress,
@@ -182,12 +183,6 @@ class SpectralDensity(ResultMixin):
 # --------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 def _check_positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -335,11 +330,11 @@ def top_eigenvalues(
         ``eigenvalues``, ``eigenvectors`` (parameter-shaped), ``n_hvp``.
     """
     start = time.perf_counter()
-    _check_int("k", k, 1)
+    check_int("k", k, 1)
     _check_positive("tol", tol)
     if max_iter is not None:
-        _check_int("max_iter", max_iter, 1)
-    _check_int("block_size", block_size, 1)
+        check_int("max_iter", max_iter, 1)
+    check_int("block_size", block_size, 1)
     if which not in ("LA", "LM", "SA"):
         raise ValueError(f"which must be 'LA', 'LM' or 'SA', got {which!r}")
     op = _operator(
@@ -423,8 +418,8 @@ def trace(
     start = time.perf_counter()
     if method not in TRACE_METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(TRACE_METHODS)}")
-    _check_int("n_samples", n_samples, 4 if method == "hutch++" else 2)
-    _check_int("batch", batch, 1)
+    check_int("n_samples", n_samples, 4 if method == "hutch++" else 2)
+    check_int("batch", batch, 1)
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
         n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed,
@@ -496,9 +491,9 @@ def spectral_density(
     SpectralDensity
     """
     start = time.perf_counter()
-    _check_int("n_vectors", n_vectors, 1)
-    _check_int("n_steps", n_steps, 1)
-    _check_int("grid_size", grid_size, 2)
+    check_int("n_vectors", n_vectors, 1)
+    check_int("n_steps", n_steps, 1)
+    check_int("grid_size", grid_size, 2)
     if sigma is not None:
         _check_positive("sigma", sigma)
     op = _operator(

@@ -49,6 +49,7 @@ from ._model import (
     ModelGuard,
     ParamSet,
     ResultMixin,
+    check_int,
     default_loss,
     functional_loss,
     iter_batches,
@@ -96,13 +97,6 @@ def _check_common(model: Any, loss_fn: Any) -> LossFn:
     return loss_fn
 
 
-def _check_positive_int(name: str, value: Any, *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-
-
 def noise_factor(n: int, b: int) -> float:
     """``a = (n - b) / (b (n - 1))``: the covariance of a mini-batch gradient
     of ``b`` samples drawn without replacement from ``n`` is ``a S``.
@@ -110,8 +104,8 @@ def noise_factor(n: int, b: int) -> float:
     ``a = 1/b`` for ``n -> inf`` (sampling with replacement) and ``0`` for
     ``b = n`` (the full batch has no noise).
     """
-    _check_positive_int("n", n, allow_none=False)
-    _check_positive_int("b", b, allow_none=False)
+    check_int("n", n)
+    check_int("b", b)
     if b > n:
         raise ValueError(f"mini-batch size b={b} exceeds the number of samples n={n}")
     if n == 1:
@@ -326,7 +320,7 @@ def gradient_variance(
     """
     start = time.perf_counter()
     loss_fn = _check_common(model, loss_fn)
-    _check_positive_int("batch_size", batch_size)
+    check_int("batch_size", batch_size, allow_none=True)
     check_chunk_size(chunk_size)
     ps = select_params(model, params)
     moments = _Moments(len(ps.params))
@@ -437,7 +431,7 @@ def kfac_variance(
     loss_fn = _check_common(model, loss_fn)
     if fallback not in _FALLBACKS:
         raise ValueError(f"unknown fallback {fallback!r}; valid: {', '.join(_FALLBACKS)}")
-    _check_positive_int("batch_size", batch_size)
+    check_int("batch_size", batch_size, allow_none=True)
     check_chunk_size(chunk_size)
     ps = select_params(model, params)
     layers, rest = plan(model, ps)

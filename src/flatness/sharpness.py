@@ -26,6 +26,7 @@ from ._model import (
     ParamSet,
     ResultMixin,
     batch_size,
+    check_int,
     check_rho,
     default_loss,
     functional_loss,
@@ -194,13 +195,6 @@ def _average_case_chunk(
     return clean, total / n_samples
 
 
-def _check_int(name: str, value: Any, low: int, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}{' or None' if allow_none else ''}, got {value!r}")
-
-
 def _perturbation_sharpness(
     model: nn.Module,
     data: Any,
@@ -223,10 +217,10 @@ def _perturbation_sharpness(
     if rho is None:
         raise ValueError(f"kind={kind!r} needs rho= (the perturbation radius)")
     rho = check_rho(rho)
-    _check_int("n_iters", n_iters, 1)
-    _check_int("n_samples", n_samples, 1)
-    _check_int("m", m, 1, allow_none=True)
-    _check_int("restarts", restarts, 0)
+    check_int("n_iters", n_iters, 1)
+    check_int("n_samples", n_samples, 1)
+    check_int("m", m, 1, allow_none=True)
+    check_int("restarts", restarts, 0)
     worst = kind in WORST_CASE
     norm, adaptive = (WORST_CASE if worst else AVERAGE_CASE)[kind]
     ps = select_params(model, params)
