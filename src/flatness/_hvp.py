@@ -33,6 +33,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from flatness._distributed import sum_
 from flatness._model import ResultMixin as _BaseResult
 from flatness._model import (
+    check_int,
     LossFn,
     ModelGuard,
     ParamSet,
@@ -295,10 +296,7 @@ class CurvatureOperator:
             loss_fn = default_loss
         elif not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        check_int("chunk_size", chunk_size, allow_none=True)
         if _is_one_shot(data):
             raise TypeError(
                 "data must be one batch or a re-iterable collection of batches (a list or a "

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from flatness._hvp import CurvatureOperator, ResultMixin, _outputs
 from flatness._lanczos import exact_diagonal, rademacher
-from flatness._model import LossFn, ModelGuard, iter_batches, private_rng, unwrap
+from flatness._model import LossFn, ModelGuard, check_int, iter_batches, private_rng, unwrap
 
 __all__ = ["MinimumSharpnessResult", "minimize_rescaled_trace", "minimum_sharpness"]
 
@@ -339,10 +339,8 @@ def minimum_sharpness(
         raise ValueError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
-        raise ValueError(f"n_samples must be an int >= 2, got {n_samples!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    check_int("n_samples", n_samples, 2)
+    check_int("batch", batch, 1)
     if params is not None:
         raise ValueError(
             "minimum sharpness is defined over all weights and biases of the ReLU chain; "

@@ -29,6 +29,7 @@ from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from flatness._model import (
+    check_int,
     LossFn,
     ParamSet,
     default_loss,
@@ -44,11 +45,7 @@ __all__ = ["check_chunk_size", "iter_per_sample_grads", "per_sample_grads", "per
 
 def check_chunk_size(chunk_size: int | None) -> int | None:
     """Validate ``chunk_size`` (a positive int, or ``None`` for no chunking)."""
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size
+    return check_int("chunk_size", chunk_size, allow_none=True)
 
 
 def _add_batch_dim(obj: Any) -> Any:

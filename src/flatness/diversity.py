@@ -43,6 +43,7 @@ from flatness._model import (
     ModelGuard,
     ParamSet,
     call_model,
+    check_int,
     check_rho,
     default_loss,
     functional_loss,
@@ -574,8 +575,7 @@ def ensemble_metrics(
     -------
     EnsembleMetrics
     """
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    check_int("n_bins", n_bins)
     ens = _Ensemble(
         members, data, targets, outputs, min_members=1, need_targets=True, what="ensemble_metrics"
     )
@@ -775,8 +775,7 @@ def random_split(
     sam_idx, plain_idx : Tensor
         Sorted int64 sample indices; disjoint, together ``0 .. n_samples-1``.
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    check_int("n_samples", n_samples)
     if isinstance(member, bool) or not isinstance(member, int) or member < 0:
         raise ValueError(f"member must be a non-negative int, got {member!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -856,8 +855,7 @@ def per_sample_sharpness(
     """
     if kind not in SHARPNESS_KINDS:
         raise ValueError(f"kind must be one of {SHARPNESS_KINDS}, got {kind!r}")
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials must be a positive int, got {trials!r}")
+    check_int("trials", trials)
     if kind == "sam":
         rho = check_rho(rho)
     chunk_size = check_chunk_size(chunk_size)
