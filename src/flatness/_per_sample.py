@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_map
 
 from flatness._model import (
     check_int,
+    disable_running_stats,
     LossFn,
     ParamSet,
     default_loss,
@@ -38,7 +39,6 @@ from flatness._model import (
     split_batch,
     unwrap,
 )
-from flatness.optim._base import disable_running_stats
 
 __all__ = ["check_chunk_size", "iter_per_sample_grads", "per_sample_grads", "per_sample_losses"]
 

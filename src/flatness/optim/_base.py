@@ -70,6 +70,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+# Lives with the other model plumbing; re-exported as flatness.optim.disable_running_stats.
+from flatness._model import disable_running_stats
+
 __all__ = [
     "AscentGroup",
     "ScaledDirection",
@@ -143,53 +146,6 @@ def global_norm(tensor_lists: Sequence[Sequence[Tensor]], ord: float = 2.0) -> T
         for n in torch._foreach_norm(list(ts), ord, dtype=dtype)
     ]
     return torch.linalg.vector_norm(torch.stack(parts), ord)
-
-
-@contextlib.contextmanager
-def disable_running_stats(model: nn.Module) -> Iterator[nn.Module]:
-    """Freeze BatchNorm running statistics inside the ``with`` block.
-
-    SAM's second forward pass runs at the perturbed weights ``w + e``; letting
-    it update ``running_mean`` / ``running_var`` / ``num_batches_tracked``
-    would mix statistics of weights that are never kept.  Inside the block
-    every ``BatchNorm*`` / ``SyncBatchNorm`` layer in training mode still
-    normalizes with the batch statistics (the gradient is the same as
-    without the block) but leaves its buffers untouched.  The flags are
-    restored on exit, also after an exception.
-
-    Parameters
-    ----------
-    model : nn.Module
-
-    Examples
-    --------
-    >>> loss_fn(model(x), y).backward()
-    >>> opt.first_step(zero_grad=True)
-    >>> with disable_running_stats(model):
-    ...     loss_fn(model(x), y).backward()
-    >>> opt.second_step(zero_grad=True)
-
-    Notes
-    -----
-    Only ``torch.nn.modules.batchnorm._BatchNorm`` subclasses are affected
-    (``InstanceNorm`` with ``track_running_stats=True`` is not).  The layers'
-    ``track_running_stats`` flag is switched off for the duration of the
-    block, which is what makes PyTorch skip the buffer update.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    changed = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
-    for m in changed:
-        m.track_running_stats = False
-    try:
-        yield model
-    finally:
-        for m in changed:
-            m.track_running_stats = True
 
 
 def _rng_devices(params: Iterable[Tensor]) -> list[torch.device]:
