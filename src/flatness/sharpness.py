@@ -18,7 +18,11 @@ from torch import Tensor, nn
 from . import _distributed
 from . import hessian as _hessian_kinds
 from ._apgd import apgd
-from ._apgd_reference import ReferenceGeometry, reference_normalize_logits, reference_worst_case
+from ._apgd_reference import (
+    ReferenceGeometry,
+    reference_normalize_logits,
+    reference_worst_case,
+)
 from ._geometry import PerturbationSet
 from ._model import (
     LossFn,
