@@ -421,6 +421,12 @@ def sharpness(
         ``restarts`` (int, default 0)
             Extra APGD runs from random points inside the set; the per-batch
             maximum over all runs is kept (worst case).
+        ``algorithm`` (str, default ``"apgd"``)
+            Worst case: ``"apgd"``, the Auto-PGD of Croce and Hein (2020), or
+            ``"reference"``, the iteration of the evaluator of Andriushchenko
+            et al. (2023) as published, to compare with its numbers (random
+            restarts then start where it does, unprojected).  See
+            :doc:`/definitions` for the differences.
         ``n_samples`` (int, default 100)
             Monte-Carlo draws per batch (average case).
         ``m`` (int, optional)
