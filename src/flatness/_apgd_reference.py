@@ -146,10 +146,14 @@ class ReferenceGeometry:
             out.append(t * (self.rho * self.scales[i]) if self.scales is not None else t * self.rho)
         return out
 
+    # The scalars below stay tensors of the weights' dtype and the sums run
+    # in the reference's order, so that float32 runs round as the reference
+    # does (a one-ulp difference in a loss can flip a best-value test).
+
     def step_(self, g: list[Tensor], d: list[Tensor], eta: float) -> list[Tensor]:
         """Overwrite ``g`` with ``d + eta * c * dir(g)``."""
         if self.norm == "l2":
-            gnorm = float(torch.stack([t.norm() ** 2 for t in g]).sum() ** 0.5)
+            gnorm = sum(t.norm() ** 2 for t in g) ** 0.5
             torch._foreach_mul_(g, eta / (gnorm + 1e-12))
         else:
             torch._foreach_sign_(g)
@@ -169,24 +173,24 @@ class ReferenceGeometry:
                 for t, c in zip(z, self.scales):
                     torch.maximum(torch.minimum(t, c * self.rho), -1.0 * c * self.rho, out=t)
         elif self.scales is None:
-            norm = float(torch.stack([(t**2).sum() for t in z]).sum() ** 0.5)
+            norm = sum((t**2).sum() for t in z) ** 0.5
             if norm > self.rho:
                 torch._foreach_mul_(z, self.rho / norm)
         else:
             self._bisect_(z)
         return z
 
-    def _scaled_norm(self, d: list[Tensor]) -> float:
+    def _scaled_norm(self, d: list[Tensor]) -> Tensor:
         assert self.scales is not None
-        parts = []
+        total: Tensor | int = 0
         for i, (t, c) in enumerate(zip(d, self.scales)):
             q = t / c
             if self._mask is not None:
                 # The reference computes 0 / 0 = NaN here (a zero weight) and
                 # then never projects; such coordinates hold d = 0.
                 q = torch.where(self._mask[i], q, torch.zeros_like(q))
-            parts.append((q**2).sum())
-        return float(torch.stack(parts).sum() ** 0.5)
+            total = total + (q**2).sum()
+        return total ** 0.5  # type: ignore[return-value]
 
     def _bisect_(self, d: list[Tensor]) -> None:
         """The reference's projection onto the ellipsoid: ``d / (1 + 2 lam /
@@ -199,7 +203,7 @@ class ReferenceGeometry:
         lmbd, min_lmbd, max_lmbd, max_limit = 0.1, 0.0, 10.0, 10.0
         tmp = d
         for _ in range(BISECTION_MAX_STEPS):
-            if abs(new_norm - rho) <= BISECTION_TOL:
+            if not (new_norm - rho).abs() > BISECTION_TOL:
                 break
             tmp = [t / (1 + 2 * lmbd * ic2) for t, ic2 in zip(d, self._inv_c2)]
             new_norm = self._scaled_norm(tmp)
@@ -258,11 +262,12 @@ def reference_apgd(
     ckpts = set(reference_checkpoints(n_iters))
 
     for i in range(n_iters):
-        # z in g's buffer; d_new = 0.75 z + 0.25 d_prev in d_prev's buffer.
+        # z in g's buffer, then d_new = 0.75 z + 0.25 d_prev there too.
         z = geometry.project_(geometry.step_(g, d, eta))
+        torch._foreach_mul_(z, MOMENTUM)
         torch._foreach_mul_(prev, 1 - MOMENTUM)
-        torch._foreach_add_(prev, z, alpha=MOMENTUM)
-        d, prev = prev, d
+        torch._foreach_add_(z, prev)
+        d, prev = z, d
         last = i == n_iters - 1
         f, g = objective(d, not last)
         if f > best_f:
