@@ -728,7 +728,7 @@ class InterpolationResult(_Result):
         Loss of the end points.
     barrier : float
         The barrier height over the points with ``0 <= t <= 1`` (see
-        :func:`loss_barrier` for the definitions).
+        :func:`loss_barrier` for the definitions); NaN when there are none.
     barrier_kind : str
     on : str
         ``"loss"`` or ``"error"`` (one minus accuracy).
@@ -775,7 +775,7 @@ class InterpolationResult(_Result):
 def _barrier(t: list[float], y: Tensor, ya: float, yb: float, kind: str) -> float:
     inside = [i for i, ti in enumerate(t) if 0.0 <= ti <= 1.0]
     if not inside:
-        raise ValueError("the barrier needs at least one point with 0 <= t <= 1")
+        return float("nan")  # a pure extrapolation: no point of the segment
     tt = torch.tensor([t[i] for i in inside], dtype=torch.float64)
     yy = y[inside]
     if kind == "entezari":
