@@ -14,7 +14,7 @@ Three figures, written to ``--out`` (default ``docs/results/``):
 
 and ``landscape.json`` with the numbers.
 
-    python examples/landscape.py            # ~2 min on 2 busy CPU cores
+    python examples/landscape.py            # ~15 s on one CPU core
     python examples/landscape.py --tiny     # seconds (smoke test)
 """
 
@@ -154,14 +154,18 @@ def main() -> None:
     report["barrier_matrix"] = barrier.matrix.tolist()
     report["wall_time_s"] = time.perf_counter() - start
 
-    print(f"{'':5} {'centre loss':>12} {'mean on plane':>14} {'test acc':>9}")
+    lines = [f"{'':5} {'centre loss':>12} {'mean on plane':>14} {'test acc':>9}"]
     for name in ("SGD", "SAM"):
         r = report[name]
-        print(f"{name:5} {r['center_loss']:12.4f} {r['mean_loss_on_plane']:14.4f} {r['test_accuracy']:9.3f}")
-    print(f"PCA explained variance ratios: {', '.join(f'{v:.3f}' for v in pca.explained_variance_ratio)}")
-    print("test-loss barrier matrix (Entezari et al.):")
-    for row in barrier.matrix.tolist():
-        print("  " + "  ".join(f"{v:7.4f}" for v in row))
+        lines.append(f"{name:5} {r['center_loss']:12.4f} {r['mean_loss_on_plane']:14.4f} {r['test_accuracy']:9.3f}")
+    lines.append(f"PCA explained variance ratios: {', '.join(f'{v:.3f}' for v in pca.explained_variance_ratio)}")
+    lines.append("test-loss barrier matrix (Entezari et al.):")
+    lines += ["  " + "  ".join(f"{v:7.4f}" for v in row) for row in barrier.matrix.tolist()]
+    text = "\n".join(lines)
+    print(text)
+    command = "python examples/landscape.py" + (" --tiny" if args.tiny else "")
+    (out / "landscape.md").write_text(f"{command}  ({args.epochs} epochs, {args.steps}x{args.steps} grid)\n\n"
+                                      + text + "\n", encoding="utf-8")
     (out / "landscape.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"figures and landscape.json in {out} ({report['wall_time_s']:.0f} s)")
 

@@ -639,5 +639,5 @@ def test_example_runs_tiny(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "barrier" in proc.stdout
     for name in ("landscape_sgd_vs_sam.png", "landscape_pca_trajectory.png", "landscape_barriers.png",
-                 "landscape.json"):
+                 "landscape.json", "landscape.md"):
         assert (tmp_path / name).exists(), name

@@ -85,15 +85,29 @@ class Evaluator:
         self.loss_fn, self.metrics, self.extra = loss_fn, dict(metrics), dict(extra)
         self.buffers = buffers
         self.forward = 0
+        self._rows: dict[str, tuple[tuple[float, ...], list[Tensor]]] = {}
 
     # ---------------------------------------------------------------- states
     def values(self, c: Sequence[float]) -> list[Tensor]:
-        """The selected parameters at point ``c``."""
-        out = [b.clone() for b in self.base]
-        for ci, d in zip(c, self.dirs):
-            if ci != 0.0:
-                torch._foreach_add_(out, d, alpha=float(ci))
-        return out
+        """The selected parameters at point ``c``: one pass over the
+        parameters per point, the part along all but the last direction
+        being kept from the previous point of the same grid row."""
+        row = self._row("params", tuple(float(x) for x in c[:-1]), self.base, self.dirs)
+        return torch._foreach_add(row, self.dirs[len(c) - 1], alpha=float(c[-1]))
+
+    def _row(self, slot: str, key: tuple[float, ...], base: list[Tensor], dirs: list[list[Tensor]]) -> list[Tensor]:
+        # ``base + sum_i key_i dirs[i]``, kept per ``slot`` while ``key`` repeats.
+        if not key:
+            return base
+        cache = self._rows.get(slot)
+        if cache is None or cache[0] != key:
+            row = [b.clone() for b in base]
+            for ci, d in zip(key, dirs):
+                if ci != 0.0:
+                    torch._foreach_add_(row, d, alpha=ci)
+            cache = (key, row)
+            self._rows[slot] = cache
+        return cache[1]
 
     def state(self, c: Sequence[float], bn_state: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         state = {**self.extra, **self.ps.as_dict(self.values(c))}
@@ -171,24 +185,20 @@ class Evaluator:
                    first_layer: bool = False) -> list[list[float]]:
         """Scores (loss, accuracy, metrics...) of one batch at each point."""
         rows = []
+        self._rows.clear()  # cached rows belong to one batch (the first layer's products do)
         if first_layer:
             h0, hs, tail, names = self._first_layer_parts(inputs)
             index = {n: i for i, n in enumerate(self.ps.names)}
             extra = {n: t for n, t in self.extra.items() if not n.startswith("0.")}
+            rest = [index[n] for n in names]
+            base = [self.base[i] for i in rest]
+            dirs = [[d[i] for i in rest] for d in self.dirs]
             for c in points:
-                h = h0.clone()
-                for ci, hk in zip(c, hs):
-                    if ci != 0.0:
-                        h.add_(hk, alpha=float(ci))
-                vals = {}
-                for n in names:
-                    i = index[n]
-                    v = self.base[i].clone()
-                    for ci, d in zip(c, self.dirs):
-                        if ci != 0.0:
-                            v.add_(d[i], alpha=float(ci))
-                    vals[n] = v
-                outputs = functional_call(tail, {**extra, **vals}, (h,), strict=False)
+                key, last = tuple(float(x) for x in c[:-1]), float(c[-1])
+                h = torch.add(self._row("h", key, [h0], [[hk] for hk in hs])[0], hs[-1], alpha=last)
+                vals = torch._foreach_add(self._row("tail", key, base, dirs), dirs[-1], alpha=last)
+                state = {**extra, **dict(zip(names, vals))}
+                outputs = functional_call(tail, state, (h,), strict=False)
                 self.forward += 1
                 rows.append(self._score(outputs, targets))
             return rows
