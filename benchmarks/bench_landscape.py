@@ -23,10 +23,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _timing import interleaved_medians, sync
 from torch import nn
 from torch.func import functional_call
-
-from _timing import interleaved_medians, sync
 
 import flatness.landscape as L
 
@@ -71,7 +70,10 @@ def ll_plane(model, x, y, steps, seed):
 def ll_directions(model, steps, seed):
     """The start point, step vectors and grid ``random_plane`` uses, rebuilt
     from its own functions with the same seed."""
-    from loss_landscapes.model_interface.model_parameters import orthogonal_to, rand_u_like
+    from loss_landscapes.model_interface.model_parameters import (
+        orthogonal_to,
+        rand_u_like,
+    )
     from loss_landscapes.model_interface.model_wrapper import wrap_model
 
     torch.manual_seed(seed)
@@ -166,9 +168,9 @@ def main() -> None:
         # 3. timing, interleaved: the same steps x steps points each
         b_even = b_all[1:]
         fns = {
-            "loss-landscapes": lambda: ll_plane(copy.deepcopy(model), x, y, steps, seed=1),
-            "lean loop": lambda: lean_loop(model, x, y, u, v, a, b_even),
-            "flatness": lambda: L.slice(model, (x, y), [u, v], grid=[a, b_even]),
+            "loss-landscapes": lambda m=model: ll_plane(copy.deepcopy(m), x, y, steps, seed=1),
+            "lean loop": lambda m=model, u=u, v=v, a=a, b=b_even: lean_loop(m, x, y, u, v, a, b),
+            "flatness": lambda m=model, u=u, v=v, a=a, b=b_even: L.slice(m, (x, y), [u, v], grid=[a, b]),
         }
         sync(device)
         t = medians(fns, device, repeats, clock)

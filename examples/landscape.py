@@ -29,14 +29,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from torch import nn  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
 
-import flatness.landscape as L  # noqa: E402
-from flatness.optim import SAM  # noqa: E402
+import flatness.landscape as L
+from flatness.optim import SAM
 
 
 def digits(seed: int):
@@ -67,7 +67,7 @@ def train(model, data, *, epochs, lr, batch_size, seed, rho=None, checkpoints=No
         for idx in torch.randperm(len(y), generator=gen).split(batch_size):
             xb, yb = x[idx], y[idx]
 
-            def closure():
+            def closure(xb=xb, yb=yb):
                 loss = F.cross_entropy(model(xb), yb)
                 loss.backward()
                 return loss

@@ -18,9 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.func import functional_call
 
-import flatness
 from flatness import landscape as L
 
 DT = torch.float64
@@ -220,7 +218,7 @@ def test_barrier_matrix_is_pairwise_interpolation():
 
 
 def test_eigen_directions_are_the_hessian_eigenvectors():
-    model, a, w_star = _quadratic()
+    model, a, _ = _quadratic()
     d = L.directions(model, "eigen", k=2, data=QBATCH, loss_fn=_identity_loss, tol=1e-12)
     evals, evecs = torch.linalg.eigh(a)
     assert np.allclose(d.eigenvalues, evals.flip(0)[:2].tolist(), atol=1e-8)
@@ -635,9 +633,46 @@ def test_example_runs_tiny(tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "landscape.py"
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run([sys.executable, str(example), "--tiny", "--out", str(tmp_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "barrier" in proc.stdout
     for name in ("landscape_sgd_vs_sam.png", "landscape_pca_trajectory.png", "landscape_barriers.png",
                  "landscape.json", "landscape.md"):
         assert (tmp_path / name).exists(), name
+
+
+def test_error_barrier_progress_and_the_engine_probe():
+    pytest.importorskip("tqdm")
+    models = [_mlp(s) for s in (1, 2)]
+    batch = (torch.randn(30, 5, dtype=DT), torch.randint(0, 3, (30,)))
+    r = L.interpolate(*models, batch, n_points=5, on="error", barrier="frankle", progress=True)
+    err = 1 - r.accuracy
+    ends = [1 - float((m(batch[0]).argmax(1) == batch[1]).double().mean()) for m in models]
+    assert math.isclose(r.barrier, float(err.max()) - 0.5 * sum(ends), abs_tol=1e-12)
+    with pytest.raises(ValueError, match="accuracy"):
+        L.interpolate(*_quadratic_pair(), QBATCH, on="error", loss_fn=_identity_loss)
+    # the probe that picks an engine on a GPU also runs on a CPU
+    from flatness._landscape import Evaluator, probe_vmap
+    from flatness._model import select_params
+
+    model = models[0]
+    ps = select_params(model)
+    d = L.directions(model, "random")
+    ev = Evaluator(model, ps, [p.detach() for p in ps.params], d.vectors, nn.functional.cross_entropy, {}, {})
+    faster, timing = probe_vmap(ev, batch[0], batch[1], [[0.1, 0.2], [0.3, -0.1]], 2, torch.device("cpu"))
+    assert isinstance(faster, bool) and set(timing) == {"loop_s", "vmap_s"} and ev.forward == 0
+
+
+def _quadratic_pair():
+    return _quadratic(0)[0], _quadratic(0, w=torch.zeros(9, dtype=DT))[0]
+
+
+def test_grid_specs():
+    model = _mlp()
+    batch = (torch.randn(4, 5, dtype=DT), torch.randint(0, 3, (4,)))
+    d = L.directions(model, "filter")
+    assert L.slice(model, batch, d, grid=3).coords == [[-1.0, 0.0, 1.0]] * 2
+    assert L.slice(model, batch, d, grid=[-1, 1]).coords == [[-1.0, 1.0]] * 2  # numbers: coordinates
+    r = L.slice(model, batch, d, grid=[(0.0, 1.0, 3), [0.5]])
+    assert r.coords == [[0.0, 0.5, 1.0], [0.5]] and r.loss.shape == (3, 1)
+    assert L.slice(model, batch, [d[0]], grid=torch.tensor([0.0, 2.0])).coords == [[0.0, 2.0]]

@@ -34,7 +34,15 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from . import _distributed
-from ._model import LossFn, ParamSet, _as_args, _as_kwargs, batch_size, iter_batches, unwrap
+from ._model import (
+    LossFn,
+    ParamSet,
+    _as_args,
+    _as_kwargs,
+    batch_size,
+    iter_batches,
+    unwrap,
+)
 
 __all__ = ["Evaluator", "bn_layers", "recompute_bn"]
 

@@ -357,12 +357,11 @@ def _axis(spec: Any) -> list[float]:
 
 
 def _grid(grid: Any, n_dirs: int) -> list[list[float]]:
-    # One spec for every axis, or a list with one spec per direction.
+    # One spec for every axis, or a list with one spec per direction (a list
+    # of plain numbers is always coordinates).
     if isinstance(grid, list) and len(grid) == n_dirs and all(
         isinstance(g, (list, tuple, Tensor)) or (isinstance(g, int) and not isinstance(g, bool)) for g in grid
     ) and not all(isinstance(g, (int, float)) for g in grid):
-        return [_axis(g) for g in grid]
-    if isinstance(grid, list) and n_dirs == 2 and len(grid) == 2 and all(isinstance(g, int) for g in grid):
         return [_axis(g) for g in grid]
     return [_axis(grid)] * n_dirs
 
@@ -526,14 +525,38 @@ def _evaluate(
     sums = torch.zeros(len(points), ncols, dtype=torch.float64)
     counts = torch.zeros(len(points), dtype=torch.float64)
     info: dict[str, Any] = {}
+    error: Exception | None = None
+    try:
+        _evaluate_local(ev, data, points, mine, sums, counts, info, device=device, dtype=dtype,
+                        n_batches=n_batches, bn=bn, bn_data=bn_data, bn_batches=bn_batches, engine=engine,
+                        chunk_size=chunk_size, split=split, progress=progress, seed=seed, model=model,
+                        reduce_bn=distributed and split == "data")
+    except Exception as exc:
+        if not distributed:
+            raise
+        error = exc  # raised on every rank together below, instead of a hang
+    if distributed:
+        _distributed.gather_or_raise(True, error, "landscape")
+        _distributed.sum_(sums, counts)
+        info.update(world_size=world, split=split)
+    return sums / counts[:, None], info
+
+
+def _evaluate_local(
+    ev: Evaluator, data: Any, points: list[list[float]], mine: list[int], sums: Tensor, counts: Tensor,
+    info: dict[str, Any], *, device: torch.device, dtype: torch.dtype, n_batches: int | None, bn: str,
+    bn_data: Any, bn_batches: int | None, engine: str, chunk_size: int, split: str, progress: bool,
+    seed: int | None, model: nn.Module, reduce_bn: bool,
+) -> None:
+    """Fill ``sums`` (size-weighted scores) and ``counts`` for this rank's points."""
+    ncols = sums.shape[1]
     with ModelGuard(model, train=False), private_rng(seed, device):
         if bn == "recompute":
             layers = bn_layers(model)
             bar = maybe_progress(None, progress, len(mine), "landscape", unit="point")
             for i in mine:
                 stats = recompute_bn(ev, points[i], bn_data, device=device, dtype=dtype,
-                                     n_batches=bn_batches, layers=layers,
-                                     reduce=distributed and split == "data")
+                                     n_batches=bn_batches, layers=layers, reduce=reduce_bn)
                 for inputs, targets in iter_batches(data, device=device, dtype=dtype, n_batches=n_batches):
                     n = batch_size(targets)
                     with torch.no_grad():
@@ -561,10 +584,6 @@ def _evaluate(
                 sums[mine] += n * torch.tensor(rows, dtype=torch.float64).reshape(len(mine), ncols)
                 counts[mine] += n
             info["engine"] = chosen
-    if distributed:
-        _distributed.sum_(sums, counts)
-        info.update(world_size=world, split=split)
-    return sums / counts[:, None], info
 
 
 def _choose(ev: Evaluator, inputs: Any, targets: Tensor, points: list[list[float]], engine: str,
@@ -584,7 +603,7 @@ def _choose(ev: Evaluator, inputs: Any, targets: Tensor, points: list[list[float
     return "vmap" if faster else "loop"
 
 
-def slice(  # noqa: A001 - the natural name; builtins.slice stays reachable as builtins.slice
+def slice(
     model: nn.Module,
     data: Any,
     directions: Directions | Sequence[Any],
@@ -618,7 +637,10 @@ def slice(  # noqa: A001 - the natural name; builtins.slice stays reachable as b
         ``{name: tensor}`` dict).
     grid : int, (lo, hi, n), sequence, or a list of one per direction
         Coordinates along each direction: ``n`` points in ``[-1, 1]`` for an
-        int (default 21), ``n`` points in ``[lo, hi]``, or explicit values.
+        int (default 21), ``n`` points in ``[lo, hi]`` for a tuple whose
+        last entry is an int, or explicit values (a list or tensor of
+        numbers).  For two directions, a list of two such specs gives each
+        axis its own.
     loss_fn : callable, optional
         Mean loss of a batch (default: cross-entropy).
     metrics : dict, optional
