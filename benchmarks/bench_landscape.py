@@ -186,8 +186,8 @@ def main() -> None:
         print(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]:.0f} | {r[4]:.2f}x | {r[5]:.2f}x | {r[6]:.1e} "
               f"| {r[7]:.3f} | {r[8]} | {r[9]} |")
     print()
-    print("flatness evaluates one extra point (the centre); the deep copy handed to loss-landscapes in the "
-          "timed runs costs it under 1 ms.")
+    print("The grids have an even number of points, so flatness evaluates one more point, the centre; "
+          "the deep copy handed to loss-landscapes in the timed runs costs it under 1 ms.")
 
 
 if __name__ == "__main__":

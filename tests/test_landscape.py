@@ -469,6 +469,10 @@ def test_metrics_and_accuracy():
     assert torch.allclose(r.metrics["nll"], r.loss, atol=1e-12)
     mid = (model(batch[0]).argmax(1) == batch[1]).double().mean()
     assert math.isclose(float(r.accuracy[2]), float(mid))
+    # the origin is on the grid: no extra pass for the centre
+    assert r.counts["forward"] == 5 and r.center_loss == float(r.loss[2])
+    off = L.slice(model, batch, d, grid=[0.5, 1.0], metrics={"nll": nll_sum})
+    assert off.counts["forward"] == 3 and math.isclose(off.center_loss, float(r.loss[2]), rel_tol=1e-14)
     assert r.to_dict()["metrics"]["nll"] == r.loss.tolist()
 
 

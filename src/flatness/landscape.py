@@ -388,7 +388,8 @@ class SliceResult(_Result):
         The extra metrics, same shape.
     center_loss : float
         The loss at the unperturbed weights (with ``bn="recompute"``: with
-        statistics re-estimated there too).
+        statistics re-estimated there too); evaluated as one more point when
+        the grid does not contain the origin.
     directions : dict
         ``kind`` and ``settings`` of the directions (plus ``eigenvalues``,
         ``explained_variance_ratio``).
@@ -702,14 +703,18 @@ def slice(
         points = [[a] for a in coords[0]]
     else:
         points = [[a, b] for a in coords[0] for b in coords[1]]
-    points.append([0.0] * len(dirs))  # the centre
+    origin = [0.0] * len(dirs)
+    extra_centre = origin not in points
+    if extra_centre:
+        points.append(origin)  # the centre, when the grid misses it
     scores, engine_info = _evaluate(
         ev, data, points, device=dev, dtype=ps.dtype, n_batches=n_batches, bn=bn,
         bn_data=data if bn_data is None else bn_data, bn_batches=bn_batches, engine=engine,
         chunk_size=chunk_size, split=split, progress=progress, seed=seed, model=model,
     )
     shape = [len(c) for c in coords]
-    grid_scores = scores[:-1].reshape(*shape, scores.shape[1])
+    centre = scores[-1] if extra_centre else scores[points.index(origin)]
+    grid_scores = (scores[:-1] if extra_centre else scores).reshape(*shape, scores.shape[1])
     acc = grid_scores[..., 1]
     desc: dict[str, Any] = {"kind": info.kind if info else "given"}
     if info is not None:
@@ -725,7 +730,7 @@ def slice(
         coords=coords, loss=grid_scores[..., 0].clone(),
         accuracy=None if torch.isnan(acc).all() else acc.clone(),
         metrics={name: grid_scores[..., 2 + i].clone() for i, name in enumerate(metrics)},
-        center_loss=float(scores[-1, 0]), directions=desc,
+        center_loss=float(centre[0]), directions=desc,
         trajectory=info.trajectory if info is not None and info.kind == "pca" and len(dirs) == 2 else None,
         settings=settings, wall_time=time.perf_counter() - start, counts={"forward": ev.forward},
     )
