@@ -171,20 +171,23 @@ def main() -> None:
             "loss-landscapes": lambda m=model: ll_plane(copy.deepcopy(m), x, y, steps, seed=1),
             "lean loop": lambda m=model, u=u, v=v, a=a, b=b_even: lean_loop(m, x, y, u, v, a, b),
             "flatness": lambda m=model, u=u, v=v, a=a, b=b_even: L.slice(m, (x, y), [u, v], grid=[a, b]),
+            "flatness vmap": lambda m=model, u=u, v=v, a=a, b=b_even: L.slice(
+                m, (x, y), [u, v], grid=[a, b], engine="vmap", chunk_size=steps),
         }
         sync(device)
         t = medians(fns, device, repeats, clock)
         pts = steps * steps
         rows.append((name, pts / t["loss-landscapes"], pts / t["lean loop"], pts / t["flatness"],
                      t["loss-landscapes"] / t["flatness"], t["lean loop"] / t["flatness"], err, moved,
-                     ours.settings["engine"], ours.settings["first_layer"]))
+                     ours.settings["engine"], ours.settings["first_layer"], pts / t["flatness vmap"]))
     print()
     print("| model | loss-landscapes pts/s | lean loop pts/s | flatness pts/s | vs loss-landscapes | vs lean loop "
-          "| max rel. diff | loss-landscapes moved weights by | engine | first-layer shortcut |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
+          "| max rel. diff | loss-landscapes moved weights by | engine (auto) | first-layer shortcut "
+          f"| flatness vmap pts/s ({steps} per call) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]:.0f} | {r[4]:.2f}x | {r[5]:.2f}x | {r[6]:.1e} "
-              f"| {r[7]:.3f} | {r[8]} | {r[9]} |")
+              f"| {r[7]:.3f} | {r[8]} | {r[9]} | {r[10]:.0f} |")
     print()
     print("The grids have an even number of points, so flatness evaluates one more point, the centre; "
           "the deep copy handed to loss-landscapes in the timed runs costs it under 1 ms.")
