@@ -24,6 +24,7 @@ grid-split distributed runs both reduce with one sum over ranks.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -36,15 +37,38 @@ from torch.func import functional_call, vmap
 from . import _distributed
 from ._model import (
     LossFn,
+    ModelGuard,
     ParamSet,
     _as_args,
     _as_kwargs,
     batch_size,
+    check_int,
+    default_loss,
     iter_batches,
+    maybe_progress,
+    private_rng,
     unwrap,
 )
 
-__all__ = ["Evaluator", "bn_layers", "recompute_bn"]
+__all__ = [
+    "Evaluator",
+    "axis",
+    "barrier_height",
+    "bn_layers",
+    "check_common",
+    "evaluate",
+    "extra_state",
+    "grid_coords",
+    "matching_params",
+    "normalised",
+    "pca",
+    "probe_vmap",
+    "recompute_bn",
+    "resolve_directions",
+]
+
+BN_MODES = ("keep", "recompute")
+ENGINES = ("auto", "loop", "vmap")
 
 Metric = Callable[[Tensor, Tensor], Tensor]
 
@@ -317,5 +341,292 @@ def probe_vmap(ev: Evaluator, inputs: Any, targets: Tensor, points: Sequence[Seq
     return t_vmap < t_loop, {"loop_s": t_loop, "vmap_s": t_vmap}
 
 
-def batch_samples(targets: Tensor) -> int:
-    return batch_size(targets)
+# --------------------------------------------------------------------------
+# argument checks, directions and grids, the evaluation driver
+# --------------------------------------------------------------------------
+
+
+def normalised(d: Tensor, w: Tensor, per_filter: bool, bias: str) -> Tensor:
+    """Li et al.'s normalisation of one direction tensor ``d`` against ``w``."""
+    if d.dim() <= 1:
+        # Biases and BatchNorm parameters: the paper zeroes them by default;
+        # its "keep" variant uses the weights themselves as the direction.
+        return torch.zeros_like(d) if bias == "zero" else w.detach().clone()
+    if not per_filter:
+        return d * (w.norm() / d.norm())
+    flat_d, flat_w = d.reshape(d.shape[0], -1), w.reshape(w.shape[0], -1)
+    scale = flat_w.norm(dim=1) / flat_d.norm(dim=1)
+    return (flat_d * scale[:, None]).reshape(d.shape)
+
+
+def checkpoint_values(ckpt: Any, ps: ParamSet) -> list[Tensor]:
+    if isinstance(ckpt, nn.Module):
+        named = dict(unwrap(ckpt).named_parameters())
+        missing = [n for n in ps.names if n not in named]
+        if missing:
+            raise ValueError(f"checkpoint model lacks parameters {missing[:3]}")
+        values = [named[n].detach() for n in ps.names]
+    elif isinstance(ckpt, Mapping):
+        missing = [n for n in ps.names if n not in ckpt]
+        if missing:
+            raise ValueError(f"checkpoint state dict lacks {missing[:3]}")
+        values = [ckpt[n] for n in ps.names]
+    elif isinstance(ckpt, (list, tuple)):
+        if len(ckpt) != len(ps.names):
+            raise ValueError(f"checkpoint has {len(ckpt)} tensors, expected {len(ps.names)}")
+        values = list(ckpt)
+    else:
+        raise TypeError("checkpoints must be models, state dicts or lists of tensors, "
+                        f"got {type(ckpt).__name__}")
+    for n, v, p in zip(ps.names, values, ps.params):
+        if not isinstance(v, Tensor) or v.shape != p.shape:
+            raise ValueError(f"checkpoint entry {n!r} has shape "
+                             f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}, "
+                             f"expected {tuple(p.shape)}")
+    return [v.detach().to(p.device, p.dtype) for v, p in zip(values, ps.params)]
+
+
+def pca(ps: ParamSet, checkpoints: Sequence[Any], k: int, center: bool) -> dict[str, Any]:
+    """The fields of a ``Directions`` result of kind ``"pca"``."""
+    if isinstance(checkpoints, (Tensor, nn.Module)) or not isinstance(checkpoints, Sequence):
+        raise TypeError("kind='pca' needs checkpoints=, a list of models, state dicts or tensor lists")
+    if len(checkpoints) < 2:
+        raise ValueError(f"kind='pca' needs at least 2 checkpoints, got {len(checkpoints)}")
+    final = torch.cat([p.detach().reshape(-1).double().cpu() for p in ps.params])
+    rows = [torch.cat([v.reshape(-1).double().cpu() for v in checkpoint_values(c, ps)]) - final
+            for c in checkpoints]
+    diffs = torch.stack(rows)  # (n_checkpoints, n_params), relative to the final weights
+    if k > min(diffs.shape):
+        raise ValueError(f"k={k} exceeds min(checkpoints, parameters) = {min(diffs.shape)}")
+    centred = diffs - diffs.mean(dim=0, keepdim=True) if center else diffs
+    _, s, vt = torch.linalg.svd(centred, full_matrices=False)
+    comps = vt[:k].clone()
+    # A deterministic sign: the entry of largest magnitude is positive.
+    idx = comps.abs().argmax(dim=1)
+    comps *= torch.sign(comps[torch.arange(k), idx])[:, None]
+    var = s**2 / max(len(checkpoints) - 1, 1)
+    ratio = (s[:k] ** 2 / (s**2).sum()).tolist()
+    coords = torch.cat([diffs, torch.zeros(1, diffs.shape[1], dtype=diffs.dtype)]) @ comps.T
+    vectors = []
+    for c in comps:
+        parts, offset = [], 0
+        for p in ps.params:
+            parts.append(c[offset: offset + p.numel()].reshape(p.shape).to(p.device, p.dtype))
+            offset += p.numel()
+        vectors.append(parts)
+    return {
+        "kind": "pca", "names": list(ps.names), "vectors": vectors,
+        "explained_variance": var[:k].tolist(), "explained_variance_ratio": ratio,
+        "trajectory": coords.tolist(), "settings": {"k": k, "center": center, "n_checkpoints": len(checkpoints)},
+    }
+
+
+def resolve_directions(dirs: Any, names: list[str] | None, ps: ParamSet, device: torch.device) -> list[list[Tensor]]:
+    """The ``directions`` argument of ``slice`` as tensors on ``device``;
+    ``names`` are those of a ``Directions`` result (``dirs`` its vectors)."""
+    if names is not None:
+        if list(names) != list(ps.names):
+            raise ValueError("directions were made for other parameters "
+                             f"({len(names)} tensors) than the ones selected ({len(ps.names)})")
+        raw: list[Any] = list(dirs)
+    elif isinstance(dirs, (list, tuple)) and dirs and all(isinstance(t, Tensor) for t in dirs):
+        raw = [dirs]  # one direction given as a list of tensors
+    elif isinstance(dirs, (list, tuple)):
+        raw = list(dirs)
+    else:
+        raise TypeError("directions must be a Directions result or a list of directions "
+                        "(each a list of tensors or a {name: tensor} dict)")
+    if not 1 <= len(raw) <= 2:
+        raise ValueError(f"a slice takes 1 or 2 directions, got {len(raw)}")
+    out = []
+    for d in raw:
+        if isinstance(d, Mapping):
+            missing = [n for n in ps.names if n not in d]
+            if missing:
+                raise ValueError(f"direction lacks entries for {missing[:3]}")
+            d = [d[n] for n in ps.names]
+        if not isinstance(d, (list, tuple)) or len(d) != len(ps.params):
+            raise ValueError(f"each direction needs one tensor per selected parameter ({len(ps.params)})")
+        for t, p, n in zip(d, ps.params, ps.names):
+            if not isinstance(t, Tensor) or t.shape != p.shape:
+                raise ValueError(f"direction entry for {n!r} must have shape {tuple(p.shape)}")
+        out.append([t.detach().to(device, ps.dtype) for t in d])
+    return out
+
+
+def axis(spec: Any) -> list[float]:
+    if isinstance(spec, bool):
+        raise TypeError("grid must be an int, a (lo, hi, n) tuple or a sequence of coordinates")
+    if isinstance(spec, int):
+        check_int("grid", spec, 2)
+        return torch.linspace(-1.0, 1.0, spec, dtype=torch.float64).tolist()
+    if isinstance(spec, tuple) and len(spec) == 3 and isinstance(spec[2], int) and not isinstance(spec[2], bool):
+        lo, hi, n = spec
+        check_int("grid points", n, 2)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"grid range must satisfy lo < hi, got ({lo}, {hi})")
+        return torch.linspace(float(lo), float(hi), n, dtype=torch.float64).tolist()
+    values = torch.as_tensor(spec, dtype=torch.float64).reshape(-1)
+    if values.numel() == 0 or not torch.isfinite(values).all():
+        raise ValueError("grid coordinates must be finite and non-empty")
+    return values.tolist()
+
+
+def grid_coords(grid: Any, n_dirs: int) -> list[list[float]]:
+    # One spec for every axis, or a list with one spec per direction (a list
+    # of plain numbers is always coordinates).
+    if isinstance(grid, list) and len(grid) == n_dirs and all(
+        isinstance(g, (list, tuple, Tensor)) or (isinstance(g, int) and not isinstance(g, bool)) for g in grid
+    ) and not all(isinstance(g, (int, float)) for g in grid):
+        return [axis(g) for g in grid]
+    return [axis(grid)] * n_dirs
+
+
+def check_common(model: Any, loss_fn: Any, metrics: Any, bn: str, engine: str, split: str) -> tuple[LossFn, dict]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if loss_fn is None:
+        loss_fn = default_loss
+    elif not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    metrics = {} if metrics is None else metrics
+    if not isinstance(metrics, Mapping) or not all(isinstance(k, str) and callable(f) for k, f in metrics.items()):
+        raise TypeError("metrics must map names to callables fn(outputs, targets) -> scalar tensor")
+    reserved = {"loss", "accuracy"} & set(metrics)
+    if reserved:
+        raise ValueError(f"metric names {sorted(reserved)} are reserved")
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if split not in ("data", "grid"):
+        raise ValueError(f"split must be 'data' or 'grid', got {split!r}")
+    return loss_fn, dict(metrics)
+
+
+def extra_state(model: nn.Module, ps: ParamSet, device: torch.device) -> dict[str, Tensor]:
+    """Unselected parameters and buffers, copied to ``device`` when it is not
+    the model's (the module itself is never moved)."""
+    if device == ps.device:
+        return {}
+    module = unwrap(model)
+    selected = set(ps.names)
+    state = {n: p.detach() for n, p in module.named_parameters() if n not in selected}
+    state.update(dict(module.named_buffers()))
+    return {n: t.to(device) for n, t in state.items()}
+
+
+def evaluate(
+    ev: Evaluator, data: Any, points: list[list[float]], *, device: torch.device, dtype: torch.dtype,
+    n_batches: int | None, bn: str, bn_data: Any, bn_batches: int | None, engine: str,
+    chunk_size: int, split: str, progress: bool, seed: int | None, model: nn.Module,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Scores of every point: ``(n_points, 2 + n_metrics)`` float64 means
+    (loss, accuracy, metrics...), and the engine settings."""
+    distributed = _distributed.enabled()
+    world, rank = _distributed.world_size(), _distributed.rank()
+    mine = [i for i in range(len(points)) if split == "data" or i % world == rank]
+    ncols = 2 + len(ev.metrics)
+    sums = torch.zeros(len(points), ncols, dtype=torch.float64)
+    counts = torch.zeros(len(points), dtype=torch.float64)
+    info: dict[str, Any] = {}
+    error: Exception | None = None
+    try:
+        evaluate_local(ev, data, points, mine, sums, counts, info, device=device, dtype=dtype,
+                        n_batches=n_batches, bn=bn, bn_data=bn_data, bn_batches=bn_batches, engine=engine,
+                        chunk_size=chunk_size, split=split, progress=progress, seed=seed, model=model,
+                        reduce_bn=distributed and split == "data")
+    except Exception as exc:
+        if not distributed:
+            raise
+        error = exc  # raised on every rank together below, instead of a hang
+    if distributed:
+        _distributed.gather_or_raise(True, error, "landscape")
+        _distributed.sum_(sums, counts)
+        info.update(world_size=world, split=split)
+    return sums / counts[:, None], info
+
+
+def evaluate_local(
+    ev: Evaluator, data: Any, points: list[list[float]], mine: list[int], sums: Tensor, counts: Tensor,
+    info: dict[str, Any], *, device: torch.device, dtype: torch.dtype, n_batches: int | None, bn: str,
+    bn_data: Any, bn_batches: int | None, engine: str, chunk_size: int, split: str, progress: bool,
+    seed: int | None, model: nn.Module, reduce_bn: bool,
+) -> None:
+    """Fill ``sums`` (size-weighted scores) and ``counts`` for this rank's points."""
+    ncols = sums.shape[1]
+    with ModelGuard(model, train=False), private_rng(seed, device):
+        if bn == "recompute":
+            layers = bn_layers(model)
+            bar = maybe_progress(None, progress, len(mine), "landscape", unit="point")
+            for i in mine:
+                stats = recompute_bn(ev, points[i], bn_data, device=device, dtype=dtype,
+                                     n_batches=bn_batches, layers=layers, reduce=reduce_bn)
+                for inputs, targets in iter_batches(data, device=device, dtype=dtype, n_batches=n_batches):
+                    n = batch_size(targets)
+                    with torch.no_grad():
+                        row = ev.batch_loop(inputs, targets, [points[i]], [stats])[0]
+                    sums[i] += n * torch.tensor(row, dtype=torch.float64)
+                    counts[i] += n
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
+            info["engine"] = "loop"
+        else:
+            chosen = None
+            batches = iter_batches(data, device=device, dtype=dtype, n_batches=n_batches)
+            for inputs, targets in maybe_progress(batches, progress, n_batches, "landscape"):
+                n = batch_size(targets)
+                sub = [points[i] for i in mine]
+                with torch.no_grad():
+                    if chosen is None:
+                        chosen = choose_engine(ev, inputs, targets, sub, engine, chunk_size, device, model, info)
+                    if chosen == "vmap":
+                        rows = ev.batch_vmap(inputs, targets, sub, chunk_size)
+                    else:
+                        rows = ev.batch_loop(inputs, targets, sub, first_layer=info.get("first_layer", False))
+                sums[mine] += n * torch.tensor(rows, dtype=torch.float64).reshape(len(mine), ncols)
+                counts[mine] += n
+            info["engine"] = chosen
+
+
+def choose_engine(ev: Evaluator, inputs: Any, targets: Tensor, points: list[list[float]], engine: str,
+            chunk: int, device: torch.device, model: nn.Module, info: dict[str, Any]) -> str:
+    """The engine: ``vmap`` only where the model allows it and, under
+    ``"auto"``, on a GPU where a one-chunk probe shows it faster."""
+    rnn = any(isinstance(m, nn.RNNBase) for m in unwrap(model).modules())
+    if engine == "vmap" and rnn:
+        raise ValueError("engine='vmap' does not support recurrent layers (nn.RNN/LSTM/GRU); use 'loop'")
+    info["first_layer"] = ev.first_layer_ok(inputs)
+    if engine != "auto":
+        return engine
+    if rnn or device.type != "cuda" or len(points) < 2:
+        return "loop"
+    faster, timing = probe_vmap(ev, inputs, targets, points, chunk, device)
+    info["probe"] = timing
+    return "vmap" if faster else "loop"
+
+
+def barrier_height(t: list[float], y: Tensor, ya: float, yb: float, kind: str) -> float:
+    inside = [i for i, ti in enumerate(t) if 0.0 <= ti <= 1.0]
+    if not inside:
+        return float("nan")  # a pure extrapolation: no point of the segment
+    tt = torch.tensor([t[i] for i in inside], dtype=torch.float64)
+    yy = y[inside]
+    if kind == "entezari":
+        # Rise above the chord (Entezari et al., 2022): <= 0 for a convex loss.
+        return float((yy - ((1 - tt) * ya + tt * yb)).max())
+    # Frankle et al. (2020): the highest point minus the mean of the end points.
+    return float(yy.max() - 0.5 * (ya + yb))
+
+
+def matching_params(model_a: nn.Module, model_b: nn.Module, ps: ParamSet) -> dict[str, Tensor]:
+    if not isinstance(model_b, nn.Module):
+        raise TypeError(f"model_b must be a torch.nn.Module, got {type(model_b).__name__}")
+    named_b = dict(unwrap(model_b).named_parameters())
+    for n, p in zip(ps.names, ps.params):
+        if n not in named_b or named_b[n].shape != p.shape:
+            raise ValueError(f"model_b has no parameter {n!r} of shape {tuple(p.shape)}: "
+                             "the models must have the same architecture")
+    return named_b

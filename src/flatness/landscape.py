@@ -20,7 +20,6 @@ untouched.  See :doc:`/guide/landscape`.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -29,18 +28,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _distributed
-from ._landscape import Evaluator, bn_layers, probe_vmap, recompute_bn
+from ._landscape import (
+    Evaluator,
+    axis,
+    barrier_height,
+    bn_layers,
+    check_common,
+    evaluate,
+    extra_state,
+    grid_coords,
+    matching_params,
+    normalised,
+    pca,
+    resolve_directions,
+)
 from ._model import (
     LossFn,
-    ModelGuard,
-    ParamSet,
     ResultMixin,
-    batch_size,
     check_int,
-    default_loss,
-    iter_batches,
-    maybe_progress,
     private_rng,
     select_params,
     unwrap,
@@ -58,8 +63,6 @@ __all__ = [
 ]
 
 KINDS = ("filter", "layer", "random", "eigen", "pca")
-BN_MODES = ("keep", "recompute")
-ENGINES = ("auto", "loop", "vmap")
 BARRIERS = ("entezari", "frankle")
 
 
@@ -137,78 +140,10 @@ class Directions(_Result):
         return self.vectors[i]
 
 
-def _normalised(d: Tensor, w: Tensor, per_filter: bool, bias: str) -> Tensor:
-    """Li et al.'s normalisation of one direction tensor ``d`` against ``w``."""
-    if d.dim() <= 1:
-        # Biases and BatchNorm parameters: the paper zeroes them by default;
-        # its "keep" variant uses the weights themselves as the direction.
-        return torch.zeros_like(d) if bias == "zero" else w.detach().clone()
-    if not per_filter:
-        return d * (w.norm() / d.norm())
-    flat_d, flat_w = d.reshape(d.shape[0], -1), w.reshape(w.shape[0], -1)
-    scale = flat_w.norm(dim=1) / flat_d.norm(dim=1)
-    return (flat_d * scale[:, None]).reshape(d.shape)
 
 
-def _checkpoint_values(ckpt: Any, ps: ParamSet) -> list[Tensor]:
-    if isinstance(ckpt, nn.Module):
-        named = dict(unwrap(ckpt).named_parameters())
-        missing = [n for n in ps.names if n not in named]
-        if missing:
-            raise ValueError(f"checkpoint model lacks parameters {missing[:3]}")
-        values = [named[n].detach() for n in ps.names]
-    elif isinstance(ckpt, Mapping):
-        missing = [n for n in ps.names if n not in ckpt]
-        if missing:
-            raise ValueError(f"checkpoint state dict lacks {missing[:3]}")
-        values = [ckpt[n] for n in ps.names]
-    elif isinstance(ckpt, (list, tuple)):
-        if len(ckpt) != len(ps.names):
-            raise ValueError(f"checkpoint has {len(ckpt)} tensors, expected {len(ps.names)}")
-        values = list(ckpt)
-    else:
-        raise TypeError("checkpoints must be models, state dicts or lists of tensors, "
-                        f"got {type(ckpt).__name__}")
-    for n, v, p in zip(ps.names, values, ps.params):
-        if not isinstance(v, Tensor) or v.shape != p.shape:
-            raise ValueError(f"checkpoint entry {n!r} has shape "
-                             f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}, "
-                             f"expected {tuple(p.shape)}")
-    return [v.detach().to(p.device, p.dtype) for v, p in zip(values, ps.params)]
 
 
-def _pca(ps: ParamSet, checkpoints: Sequence[Any], k: int, center: bool) -> Directions:
-    if isinstance(checkpoints, (Tensor, nn.Module)) or not isinstance(checkpoints, Sequence):
-        raise TypeError("kind='pca' needs checkpoints=, a list of models, state dicts or tensor lists")
-    if len(checkpoints) < 2:
-        raise ValueError(f"kind='pca' needs at least 2 checkpoints, got {len(checkpoints)}")
-    final = torch.cat([p.detach().reshape(-1).double().cpu() for p in ps.params])
-    rows = [torch.cat([v.reshape(-1).double().cpu() for v in _checkpoint_values(c, ps)]) - final
-            for c in checkpoints]
-    diffs = torch.stack(rows)  # (n_checkpoints, n_params), relative to the final weights
-    if k > min(diffs.shape):
-        raise ValueError(f"k={k} exceeds min(checkpoints, parameters) = {min(diffs.shape)}")
-    centred = diffs - diffs.mean(dim=0, keepdim=True) if center else diffs
-    _, s, vt = torch.linalg.svd(centred, full_matrices=False)
-    comps = vt[:k].clone()
-    # A deterministic sign: the entry of largest magnitude is positive.
-    idx = comps.abs().argmax(dim=1)
-    comps *= torch.sign(comps[torch.arange(k), idx])[:, None]
-    var = s**2 / max(len(checkpoints) - 1, 1)
-    ratio = (s[:k] ** 2 / (s**2).sum()).tolist()
-    coords = torch.cat([diffs, torch.zeros(1, diffs.shape[1], dtype=diffs.dtype)]) @ comps.T
-    vectors = []
-    for c in comps:
-        parts, offset = [], 0
-        for p in ps.params:
-            parts.append(c[offset: offset + p.numel()].reshape(p.shape).to(p.device, p.dtype))
-            offset += p.numel()
-        vectors.append(parts)
-    return Directions(
-        kind="pca", names=list(ps.names), vectors=vectors,
-        explained_variance=var[:k].tolist(), explained_variance_ratio=ratio,
-        trajectory=coords.tolist(), settings={"k": k, "center": center, "n_checkpoints": len(checkpoints)},
-    )
 
 
 def directions(
@@ -293,77 +228,22 @@ def directions(
     if kind == "pca":
         if checkpoints is None:
             raise ValueError("kind='pca' needs checkpoints=")
-        return _pca(ps, checkpoints, k, bool(center))
+        return Directions(**pca(ps, checkpoints, k, bool(center)))
     with private_rng(seed, ps.device) as gen:
         vectors = []
         for _ in range(k):
             d = [torch.randn(p.shape, generator=gen, device=ps.device, dtype=ps.dtype) for p in ps.params]
             if kind != "random":
-                d = [_normalised(t, p.detach(), kind == "filter", bias) for t, p in zip(d, ps.params)]
+                d = [normalised(t, p.detach(), kind == "filter", bias) for t, p in zip(d, ps.params)]
             vectors.append(d)
     return Directions(kind=kind, names=list(ps.names), vectors=vectors,
                       settings={"k": k, "seed": seed, "bias": bias if kind != "random" else None})
 
 
-def _as_directions(dirs: Any, ps: ParamSet, device: torch.device) -> tuple[list[list[Tensor]], Directions | None]:
-    """Resolve the ``directions`` argument of :func:`slice`."""
-    info = dirs if isinstance(dirs, Directions) else None
-    if info is not None:
-        if list(info.names) != list(ps.names):
-            raise ValueError("directions were made for other parameters "
-                             f"({len(info.names)} tensors) than the ones selected ({len(ps.names)})")
-        raw: list[Any] = list(info.vectors)
-    elif isinstance(dirs, (list, tuple)) and dirs and all(isinstance(t, Tensor) for t in dirs):
-        raw = [dirs]  # one direction given as a list of tensors
-    elif isinstance(dirs, (list, tuple)):
-        raw = list(dirs)
-    else:
-        raise TypeError("directions must be a Directions result or a list of directions "
-                        "(each a list of tensors or a {name: tensor} dict)")
-    if not 1 <= len(raw) <= 2:
-        raise ValueError(f"a slice takes 1 or 2 directions, got {len(raw)}")
-    out = []
-    for d in raw:
-        if isinstance(d, Mapping):
-            missing = [n for n in ps.names if n not in d]
-            if missing:
-                raise ValueError(f"direction lacks entries for {missing[:3]}")
-            d = [d[n] for n in ps.names]
-        if not isinstance(d, (list, tuple)) or len(d) != len(ps.params):
-            raise ValueError(f"each direction needs one tensor per selected parameter ({len(ps.params)})")
-        for t, p, n in zip(d, ps.params, ps.names):
-            if not isinstance(t, Tensor) or t.shape != p.shape:
-                raise ValueError(f"direction entry for {n!r} must have shape {tuple(p.shape)}")
-        out.append([t.detach().to(device, ps.dtype) for t in d])
-    return out, info
 
 
-def _axis(spec: Any) -> list[float]:
-    if isinstance(spec, bool):
-        raise TypeError("grid must be an int, a (lo, hi, n) tuple or a sequence of coordinates")
-    if isinstance(spec, int):
-        check_int("grid", spec, 2)
-        return torch.linspace(-1.0, 1.0, spec, dtype=torch.float64).tolist()
-    if isinstance(spec, tuple) and len(spec) == 3 and isinstance(spec[2], int) and not isinstance(spec[2], bool):
-        lo, hi, n = spec
-        check_int("grid points", n, 2)
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise ValueError(f"grid range must satisfy lo < hi, got ({lo}, {hi})")
-        return torch.linspace(float(lo), float(hi), n, dtype=torch.float64).tolist()
-    values = torch.as_tensor(spec, dtype=torch.float64).reshape(-1)
-    if values.numel() == 0 or not torch.isfinite(values).all():
-        raise ValueError("grid coordinates must be finite and non-empty")
-    return values.tolist()
 
 
-def _grid(grid: Any, n_dirs: int) -> list[list[float]]:
-    # One spec for every axis, or a list with one spec per direction (a list
-    # of plain numbers is always coordinates).
-    if isinstance(grid, list) and len(grid) == n_dirs and all(
-        isinstance(g, (list, tuple, Tensor)) or (isinstance(g, int) and not isinstance(g, bool)) for g in grid
-    ) and not all(isinstance(g, (int, float)) for g in grid):
-        return [_axis(g) for g in grid]
-    return [_axis(grid)] * n_dirs
 
 
 # --------------------------------------------------------------------------
@@ -478,130 +358,14 @@ class SliceResult(_Result):
         return self.metrics[value]
 
 
-def _check_common(model: Any, loss_fn: Any, metrics: Any, bn: str, engine: str, split: str) -> tuple[LossFn, dict]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if loss_fn is None:
-        loss_fn = default_loss
-    elif not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    metrics = {} if metrics is None else metrics
-    if not isinstance(metrics, Mapping) or not all(isinstance(k, str) and callable(f) for k, f in metrics.items()):
-        raise TypeError("metrics must map names to callables fn(outputs, targets) -> scalar tensor")
-    reserved = {"loss", "accuracy"} & set(metrics)
-    if reserved:
-        raise ValueError(f"metric names {sorted(reserved)} are reserved")
-    if bn not in BN_MODES:
-        raise ValueError(f"bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if split not in ("data", "grid"):
-        raise ValueError(f"split must be 'data' or 'grid', got {split!r}")
-    return loss_fn, dict(metrics)
 
 
-def _extra_state(model: nn.Module, ps: ParamSet, device: torch.device) -> dict[str, Tensor]:
-    """Unselected parameters and buffers, copied to ``device`` when it is not
-    the model's (the module itself is never moved)."""
-    if device == ps.device:
-        return {}
-    module = unwrap(model)
-    selected = set(ps.names)
-    state = {n: p.detach() for n, p in module.named_parameters() if n not in selected}
-    state.update(dict(module.named_buffers()))
-    return {n: t.to(device) for n, t in state.items()}
 
 
-def _evaluate(
-    ev: Evaluator, data: Any, points: list[list[float]], *, device: torch.device, dtype: torch.dtype,
-    n_batches: int | None, bn: str, bn_data: Any, bn_batches: int | None, engine: str,
-    chunk_size: int, split: str, progress: bool, seed: int | None, model: nn.Module,
-) -> tuple[Tensor, dict[str, Any]]:
-    """Scores of every point: ``(n_points, 2 + n_metrics)`` float64 means
-    (loss, accuracy, metrics...), and the engine settings."""
-    distributed = _distributed.enabled()
-    world, rank = _distributed.world_size(), _distributed.rank()
-    mine = [i for i in range(len(points)) if split == "data" or i % world == rank]
-    ncols = 2 + len(ev.metrics)
-    sums = torch.zeros(len(points), ncols, dtype=torch.float64)
-    counts = torch.zeros(len(points), dtype=torch.float64)
-    info: dict[str, Any] = {}
-    error: Exception | None = None
-    try:
-        _evaluate_local(ev, data, points, mine, sums, counts, info, device=device, dtype=dtype,
-                        n_batches=n_batches, bn=bn, bn_data=bn_data, bn_batches=bn_batches, engine=engine,
-                        chunk_size=chunk_size, split=split, progress=progress, seed=seed, model=model,
-                        reduce_bn=distributed and split == "data")
-    except Exception as exc:
-        if not distributed:
-            raise
-        error = exc  # raised on every rank together below, instead of a hang
-    if distributed:
-        _distributed.gather_or_raise(True, error, "landscape")
-        _distributed.sum_(sums, counts)
-        info.update(world_size=world, split=split)
-    return sums / counts[:, None], info
 
 
-def _evaluate_local(
-    ev: Evaluator, data: Any, points: list[list[float]], mine: list[int], sums: Tensor, counts: Tensor,
-    info: dict[str, Any], *, device: torch.device, dtype: torch.dtype, n_batches: int | None, bn: str,
-    bn_data: Any, bn_batches: int | None, engine: str, chunk_size: int, split: str, progress: bool,
-    seed: int | None, model: nn.Module, reduce_bn: bool,
-) -> None:
-    """Fill ``sums`` (size-weighted scores) and ``counts`` for this rank's points."""
-    ncols = sums.shape[1]
-    with ModelGuard(model, train=False), private_rng(seed, device):
-        if bn == "recompute":
-            layers = bn_layers(model)
-            bar = maybe_progress(None, progress, len(mine), "landscape", unit="point")
-            for i in mine:
-                stats = recompute_bn(ev, points[i], bn_data, device=device, dtype=dtype,
-                                     n_batches=bn_batches, layers=layers, reduce=reduce_bn)
-                for inputs, targets in iter_batches(data, device=device, dtype=dtype, n_batches=n_batches):
-                    n = batch_size(targets)
-                    with torch.no_grad():
-                        row = ev.batch_loop(inputs, targets, [points[i]], [stats])[0]
-                    sums[i] += n * torch.tensor(row, dtype=torch.float64)
-                    counts[i] += n
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
-            info["engine"] = "loop"
-        else:
-            chosen = None
-            batches = iter_batches(data, device=device, dtype=dtype, n_batches=n_batches)
-            for inputs, targets in maybe_progress(batches, progress, n_batches, "landscape"):
-                n = batch_size(targets)
-                sub = [points[i] for i in mine]
-                with torch.no_grad():
-                    if chosen is None:
-                        chosen = _choose(ev, inputs, targets, sub, engine, chunk_size, device, model, info)
-                    if chosen == "vmap":
-                        rows = ev.batch_vmap(inputs, targets, sub, chunk_size)
-                    else:
-                        rows = ev.batch_loop(inputs, targets, sub, first_layer=info.get("first_layer", False))
-                sums[mine] += n * torch.tensor(rows, dtype=torch.float64).reshape(len(mine), ncols)
-                counts[mine] += n
-            info["engine"] = chosen
 
 
-def _choose(ev: Evaluator, inputs: Any, targets: Tensor, points: list[list[float]], engine: str,
-            chunk: int, device: torch.device, model: nn.Module, info: dict[str, Any]) -> str:
-    """The engine: ``vmap`` only where the model allows it and, under
-    ``"auto"``, on a GPU where a one-chunk probe shows it faster."""
-    rnn = any(isinstance(m, nn.RNNBase) for m in unwrap(model).modules())
-    if engine == "vmap" and rnn:
-        raise ValueError("engine='vmap' does not support recurrent layers (nn.RNN/LSTM/GRU); use 'loop'")
-    info["first_layer"] = ev.first_layer_ok(inputs)
-    if engine != "auto":
-        return engine
-    if rnn or device.type != "cuda" or len(points) < 2:
-        return "loop"
-    faster, timing = probe_vmap(ev, inputs, targets, points, chunk, device)
-    info["probe"] = timing
-    return "vmap" if faster else "loop"
 
 
 def slice(
@@ -687,18 +451,19 @@ def slice(
     since they are part of the picture.
     """
     start = time.perf_counter()
-    loss_fn, metrics = _check_common(model, loss_fn, metrics, bn, engine, split)
+    loss_fn, metrics = check_common(model, loss_fn, metrics, bn, engine, split)
     check_int("chunk_size", chunk_size, 1)
     check_int("n_batches", n_batches, 1, allow_none=True)
     check_int("bn_batches", bn_batches, 1, allow_none=True)
     ps = select_params(model, params)
     dev = torch.device(device) if device is not None else ps.device
-    dirs, info = _as_directions(directions, ps, dev)
-    coords = _grid(grid, len(dirs))
+    info = directions if isinstance(directions, Directions) else None
+    dirs = resolve_directions(info.vectors if info else directions, info.names if info else None, ps, dev)
+    coords = grid_coords(grid, len(dirs))
     if bn == "recompute" and not bn_layers(model):
         raise ValueError("bn='recompute' needs a BatchNorm layer with running statistics; the model has none")
     ev = Evaluator(model, ps, [p.detach().to(dev) for p in ps.params], dirs, loss_fn, metrics,
-                   _extra_state(model, ps, dev))
+                   extra_state(model, ps, dev))
     if len(dirs) == 1:
         points = [[a] for a in coords[0]]
     else:
@@ -707,7 +472,7 @@ def slice(
     extra_centre = origin not in points
     if extra_centre:
         points.append(origin)  # the centre, when the grid misses it
-    scores, engine_info = _evaluate(
+    scores, engine_info = evaluate(
         ev, data, points, device=dev, dtype=ps.dtype, n_batches=n_batches, bn=bn,
         bn_data=data if bn_data is None else bn_data, bn_batches=bn_batches, engine=engine,
         chunk_size=chunk_size, split=split, progress=progress, seed=seed, model=model,
@@ -799,28 +564,8 @@ class InterpolationResult(_Result):
         return ax
 
 
-def _barrier(t: list[float], y: Tensor, ya: float, yb: float, kind: str) -> float:
-    inside = [i for i, ti in enumerate(t) if 0.0 <= ti <= 1.0]
-    if not inside:
-        return float("nan")  # a pure extrapolation: no point of the segment
-    tt = torch.tensor([t[i] for i in inside], dtype=torch.float64)
-    yy = y[inside]
-    if kind == "entezari":
-        # Rise above the chord (Entezari et al., 2022): <= 0 for a convex loss.
-        return float((yy - ((1 - tt) * ya + tt * yb)).max())
-    # Frankle et al. (2020): the highest point minus the mean of the end points.
-    return float(yy.max() - 0.5 * (ya + yb))
 
 
-def _matching_state(model_a: nn.Module, model_b: nn.Module, ps: ParamSet) -> dict[str, Tensor]:
-    if not isinstance(model_b, nn.Module):
-        raise TypeError(f"model_b must be a torch.nn.Module, got {type(model_b).__name__}")
-    named_b = dict(unwrap(model_b).named_parameters())
-    for n, p in zip(ps.names, ps.params):
-        if n not in named_b or named_b[n].shape != p.shape:
-            raise ValueError(f"model_b has no parameter {n!r} of shape {tuple(p.shape)}: "
-                             "the models must have the same architecture")
-    return named_b
 
 
 def interpolate(
@@ -875,7 +620,7 @@ def interpolate(
     InterpolationResult
     """
     start = time.perf_counter()
-    loss_fn, metrics = _check_common(model_a, loss_fn, metrics, bn, engine, split)
+    loss_fn, metrics = check_common(model_a, loss_fn, metrics, bn, engine, split)
     if barrier not in BARRIERS:
         raise ValueError(f"barrier must be one of {', '.join(BARRIERS)}, got {barrier!r}")
     if on not in ("loss", "error"):
@@ -883,9 +628,9 @@ def interpolate(
     check_int("n_batches", n_batches, 1, allow_none=True)
     check_int("bn_batches", bn_batches, 1, allow_none=True)
     check_int("chunk_size", chunk_size, 1)
-    ts = _axis(t) if t is not None else _axis((0.0, 1.0, check_int("n_points", n_points, 2)))
+    ts = axis(t) if t is not None else axis((0.0, 1.0, check_int("n_points", n_points, 2)))
     ps = select_params(model_a, params)
-    named_b = _matching_state(model_a, model_b, ps)
+    named_b = matching_params(model_a, model_b, ps)
     if bn == "recompute" and not bn_layers(model_a):
         raise ValueError("bn='recompute' needs a BatchNorm layer with running statistics; the model has none")
     dev = torch.device(device) if device is not None else ps.device
@@ -899,10 +644,10 @@ def interpolate(
     dirs = [[named_b[n].detach().to(dev, ps.dtype) - b for n, b in zip(ps.names, base)]]
     b0 = [bufs_a[n].detach().to(dev) for n in moving]
     db = [bufs_b[n].detach().to(dev, bufs_a[n].dtype) - b for n, b in zip(moving, b0)]
-    ev = Evaluator(model_a, ps, base, dirs, loss_fn, metrics, _extra_state(model_a, ps, dev),
+    ev = Evaluator(model_a, ps, base, dirs, loss_fn, metrics, extra_state(model_a, ps, dev),
                    buffers=(moving, b0, db) if moving else None)
     points = [[x] for x in ts] + [[0.0], [1.0]]
-    scores, engine_info = _evaluate(
+    scores, engine_info = evaluate(
         ev, data, points, device=dev, dtype=ps.dtype, n_batches=n_batches, bn=bn,
         bn_data=data if bn_data is None else bn_data, bn_batches=bn_batches, engine=engine,
         chunk_size=chunk_size, split=split, progress=progress, seed=seed, model=model_a,
@@ -923,7 +668,7 @@ def interpolate(
     return InterpolationResult(
         t=ts, loss=line[:, 0].clone(), accuracy=None if torch.isnan(acc).all() else acc.clone(),
         metrics={name: line[:, 2 + i].clone() for i, name in enumerate(metrics)},
-        loss_a=float(ends[0, 0]), loss_b=float(ends[1, 0]), barrier=_barrier(ts, y, ya, yb, barrier),
+        loss_a=float(ends[0, 0]), loss_b=float(ends[1, 0]), barrier=barrier_height(ts, y, ya, yb, barrier),
         barrier_kind=barrier, on=on, settings=settings, wall_time=time.perf_counter() - start,
         counts={"forward": ev.forward},
     )
