@@ -20,6 +20,10 @@ Three ways to evaluate a batch at many points, all exact:
 
 Accumulators are size-weighted sums per point, so data-sharded and
 grid-split distributed runs both reduce with one sum over ranks.
+
+The module also holds the public module's plumbing: argument checks,
+direction normalisation, PCA of checkpoints, grid parsing, the evaluation
+driver (:func:`evaluate`) and the barrier heights.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNo
     ]
 
 
-def _first_linear(module: nn.Module, ps: ParamSet) -> bool:
+def _first_linear(module: nn.Module) -> bool:
     # Only the plain container: a subclass may override forward.
     if type(module) is not nn.Sequential or len(module) < 2:
         return False
@@ -182,7 +186,7 @@ class Evaluator:
     def first_layer_ok(self, inputs: Any) -> bool:
         """Whether the first-layer shortcut is exact and applicable here."""
         return (
-            isinstance(inputs, Tensor) and _first_linear(self.module, self.ps)
+            isinstance(inputs, Tensor) and _first_linear(self.module)
             and self.buffers is None and inputs.dim() >= 1
         )
 

@@ -104,8 +104,7 @@ class Directions(_Result):
     Attributes
     ----------
     kind : str
-        ``"filter"``, ``"layer"``, ``"random"``, ``"eigen"``, ``"pca"`` or
-        ``"given"``.
+        ``"filter"``, ``"layer"``, ``"random"``, ``"eigen"`` or ``"pca"``.
     names : list of str
         Names of the parameters the directions live on.
     vectors : list of list of Tensor
@@ -138,12 +137,6 @@ class Directions(_Result):
 
     def __getitem__(self, i: int) -> list[Tensor]:
         return self.vectors[i]
-
-
-
-
-
-
 
 
 def directions(
@@ -238,12 +231,6 @@ def directions(
             vectors.append(d)
     return Directions(kind=kind, names=list(ps.names), vectors=vectors,
                       settings={"k": k, "seed": seed, "bias": bias if kind != "random" else None})
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------
@@ -356,16 +343,6 @@ class SliceResult(_Result):
         if value not in self.metrics:
             raise ValueError(f"unknown value {value!r}; recorded: loss, accuracy, {', '.join(self.metrics)}")
         return self.metrics[value]
-
-
-
-
-
-
-
-
-
-
 
 
 def slice(
@@ -562,10 +539,6 @@ class InterpolationResult(_Result):
         ax.set_ylabel(value)
         ax.legend()
         return ax
-
-
-
-
 
 
 def interpolate(
