@@ -9,7 +9,8 @@ optimizer from the same initial weights on the same mini-batches:
 * ``SAM``            - :class:`flatness.optim.SAM`;
 * ``ConsistentSAM``  - :class:`flatness.optim.ConsistentSAM` (three passes);
 * ``NonuniformSAM``  - :class:`flatness.optim.NonuniformSAM` (ascent preconditioned by the
-  Kronecker-factored centred gradient covariance, its default).
+  Kronecker-factored centred gradient covariance, centred as the authors'
+  ``GAM`` code does it: its default).
 
 At checkpoints it records the test error, the worst-case adaptive
 l-infinity sharpness (``flatness.sharpness(kind="adaptive_linf")``) and the
