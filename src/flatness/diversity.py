@@ -694,22 +694,34 @@ def _complement(n: int, chosen: Tensor) -> Tensor:
 
 
 def sharpbalance_split(
-    scores: Any, member: int, flat_ratio: float, *, largest: bool = True
+    scores: Any, member: int, flat_ratio: float, *, largest: bool = True, leftover: str = "own"
 ) -> tuple[Tensor, Tensor]:
     """SharpBalance's data split for one ensemble member.
 
     With ``k = floor(flat_ratio * N)`` and ``top_j`` the ``k`` samples that
     rank first by member ``j``'s score (highest first when ``largest``; ties
-    go to the lower sample index), member ``i`` trains with SAM on::
+    go to the lower sample index), the *leftover* samples are those in no
+    member's top set, and ``share_i`` is member ``i``'s round-robin share of
+    them (every ``M``-th, starting at ``i``, in increasing index order).
+    Member ``i`` trains with SAM on::
 
-        union_{j != i} top_j   +   (samples in no top_j)[i::M]
+        leftover="own":     union_{j != i} top_j  +  share_i
+        leftover="others":  union_{j != i} top_j  +  (leftover - share_i)
 
-    i.e. the samples that are in the top set of some *other* member, plus its
-    round-robin share (every ``M``-th, starting at ``i``, in increasing index
-    order) of the samples that are in no member's top set.  All other samples
-    get plain steps.  This is ``boosting_sam_split`` of the authors' code.
-    The authors' ``main.py`` calls it with ``ascend=True``, which ranks the
-    *lowest* scores first: pass ``largest=False`` to reproduce their runs.
+    i.e. the samples in the top set of some *other* member, plus its own
+    share of the leftover samples (``"own"``, the authors'
+    ``boosting_sam_split``) or the other members' shares
+    (``"others"``, their ``boosting_sam_split_boost``).  All other samples
+    get plain steps.  The authors' ``main.py`` uses ``"others"`` for
+    CIFAR-10 and ``"own"`` for every other data set.
+
+    Which end of the ranking: every call in the authors' ``main.py`` passes
+    ``ascend=True``, which takes the ``k`` *lowest* scores (their
+    ``np.argsort(...)[:total]``) while the code names that set
+    ``sharp_indice``; their per-sample score is the one of
+    :func:`per_sample_sharpness`.  The default here, ``largest=True``, takes
+    the highest scores, the sharpest samples as the paper describes them;
+    pass ``largest=False`` to reproduce the code's runs.
 
     Parameters
     ----------
@@ -722,13 +734,18 @@ def sharpbalance_split(
     flat_ratio : float
         Fraction of samples in each member's top set, in ``[0, 1]``.
     largest : bool
-        Rank the highest scores first (default) or the lowest.
+        Rank the highest scores first (default) or the lowest (the authors'
+        ``ascend=True``).
+    leftover : {"own", "others"}
+        Which shares of the samples in no top set the member gets SAM on.
 
     Returns
     -------
     sam_idx, plain_idx : Tensor
         Sorted int64 sample indices; disjoint, together ``0 .. N-1``.
     """
+    if leftover not in ("own", "others"):
+        raise ValueError(f"unknown leftover {leftover!r}; valid: 'own', 'others'")
     mat = _as_score_matrix(scores)
     m, n = mat.shape
     member = _check_member(member, m)
@@ -742,7 +759,12 @@ def sharpbalance_split(
             in_other_top[top] = True
     neither = torch.nonzero(~in_any_top).flatten()
     sam = in_other_top.clone()
-    sam[neither[member::m]] = True
+    if leftover == "own":
+        sam[neither[member::m]] = True
+    else:
+        others = torch.ones(len(neither), dtype=torch.bool)
+        others[member::m] = False
+        sam[neither[others]] = True
     return torch.nonzero(sam).flatten(), torch.nonzero(~sam).flatten()
 
 

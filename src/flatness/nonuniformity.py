@@ -17,9 +17,11 @@ samples drawn without replacement has gradient covariance ``a S`` with
 * :func:`kfac_variance` approximates it with Kronecker factors from one
   forward-backward pass per batch (Linear and Conv2d; other layers exactly).
 * :func:`channel_gradient_norms`, :func:`update_moments` and
-  :func:`class_loss_imbalance` are the descriptive nonuniformity metrics the
-  seed's README names; their formulas are in the user guide
-  (:doc:`/guide/nonuniformity`).
+  :func:`class_loss_imbalance` are this library's own descriptive metrics,
+  not the paper's: a README of the authors' repository names such
+  quantities, but neither their code nor the paper's public abstract
+  defines them, so the definitions (in :doc:`/guide/nonuniformity`) are
+  ours.
 
 All functions follow the library's conventions: ``data`` is one batch or an
 iterable of batches, ``loss_fn`` is a *mean* over the batch, ``params``
@@ -660,6 +662,9 @@ def channel_gradient_norms(
 ) -> ChannelNormResult:
     r"""Variance and coefficient of variation of per-channel gradient norms.
 
+    A descriptive metric of this library (not defined by the nonuniformity
+    paper or its authors' code; see :doc:`/guide/nonuniformity`).
+
     With ``g = (1/n) sum_i g_i`` the mean gradient over ``data``, channel
     ``c`` of a layer is output unit / output channel ``c``: the slice
     ``[c]`` along the first dimension of every selected parameter of the
@@ -756,6 +761,9 @@ def _as_tensors(obj: Any, what: str) -> dict[str, Tensor]:
 
 def update_moments(before: Any, after: Any, *, relative: bool = False) -> UpdateMomentsResult:
     r"""Skewness and kurtosis of update magnitudes across layers.
+
+    A descriptive metric of this library (not defined by the nonuniformity
+    paper or its authors' code; see :doc:`/guide/nonuniformity`).
 
     From two parameter snapshots ``w`` (before) and ``w'`` (after), e.g. one
     optimizer step or one epoch apart, each layer ``l`` (the parameters of
@@ -860,6 +868,9 @@ def class_loss_imbalance(
     progress: bool = False,
 ) -> ClassLossResult:
     r"""Imbalance of the per-class mean losses.
+
+    A descriptive metric of this library (not defined by the nonuniformity
+    paper or its authors' code; see :doc:`/guide/nonuniformity`).
 
     With ``L_c = (1/n_c) sum_{i: y_i = c} l_i`` the mean sample loss of class
     ``c`` (``l_i`` is ``loss_fn`` on sample ``i`` alone) over the classes
