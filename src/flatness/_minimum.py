@@ -195,16 +195,32 @@ def minimize_rescaled_trace(
         return float(coef.sum()), []
     sizes = [D[l].shape[0] for l in range(L - 1)]
 
+    # Each coefficient's exponent is 2 (x[inp] - x[out]) with x the log-scales
+    # of the hidden units and one extra slot fixed at 0 (input and output
+    # units): weights from unit j of layer l-1 to unit k of layer l have
+    # inp = j, out = k; a bias has inp = the 0 slot.
+    zero = sum(sizes)
+    first = [0] + np.cumsum(sizes).tolist()
+    inp_idx, out_idx = [], []
+
+    def unit_ids(l: int, count: int) -> np.ndarray:
+        return np.full(count, zero) if l < 0 or l == L - 1 else first[l] + np.arange(count)
+
+    for l in range(L):
+        k_ids = unit_ids(l, D[l].shape[0])
+        j_ids = unit_ids(l - 1, D[l].shape[1])
+        inp_idx.append(np.broadcast_to(j_ids[None, :], D[l].shape).reshape(-1))
+        out_idx.append(np.broadcast_to(k_ids[:, None], D[l].shape).reshape(-1))
+    for l in range(L):
+        if E[l] is not None:
+            inp_idx.append(np.full(E[l].shape[0], zero))
+            out_idx.append(unit_ids(l, E[l].shape[0]))
+    inp = np.concatenate(inp_idx)
+    out = np.concatenate(out_idx)
+
     def exponents(x: Tensor) -> Tensor:
-        # Exponent of each coefficient: 2 (g_{l-1,j} - g_{l,k}) for weights,
-        # -2 g_{l,k} for biases; input and output units have g = 0.
-        g = list(torch.split(x, sizes)) + [torch.zeros(D[-1].shape[0], dtype=torch.float64)]
-        parts = []
-        for l in range(L):
-            inp = g[l - 1] if l > 0 else torch.zeros(D[0].shape[1], dtype=torch.float64)
-            parts.append((2 * (inp[None, :] - g[l][:, None])).reshape(-1))
-        parts += [-2 * g[l] for l in range(L) if E[l] is not None]
-        return torch.cat(parts)
+        ext = torch.cat([x, torch.zeros(1, dtype=torch.float64)])
+        return 2 * (ext[torch.as_tensor(inp)] - ext[torch.as_tensor(out)])
 
     log_coef = torch.log(coef.clamp_min(0))
     if granularity == "layer" and all(e is None for e in E) and bool((coef > 0).all()):
@@ -221,12 +237,20 @@ def minimize_rescaled_trace(
         else:
             x0 = np.zeros(sum(sizes))
 
+        lc = log_coef.numpy()
+
         def objective(x_np: np.ndarray) -> tuple[float, np.ndarray]:
-            x = torch.as_tensor(x_np, dtype=torch.float64).requires_grad_(True)
             # log of the sum: the same minimizer, better conditioned, convex.
-            f = torch.logsumexp(log_coef + exponents(x), 0)
-            (gx,) = torch.autograd.grad(f, x)
-            return float(f.detach()), gx.numpy()
+            ext = np.append(x_np, 0.0)
+            e = lc + 2 * (ext[inp] - ext[out])
+            top = e.max()
+            if not np.isfinite(top):
+                return math.inf, np.zeros_like(x_np)
+            w = np.exp(e - top)
+            total = w.sum()
+            w /= total  # softmax: d f / d e
+            grad = 2 * (np.bincount(inp, w, zero + 1) - np.bincount(out, w, zero + 1))
+            return float(top + math.log(total)), grad[:-1]
 
         if not np.isfinite(objective(x0)[0]):  # every coefficient <= 0
             return float(coef.sum()), [torch.zeros(n, dtype=torch.float64) for n in sizes]
@@ -750,12 +774,14 @@ def _gn_diagonal(op: CurvatureOperator, chunk_size: int | None, bar: Any) -> tup
                 start += c
                 U, sign = _loss_factors(op.loss_fn, zc, y)
                 grads = vmap(pulled, randomness="different")(x, U)  # each (c, r, *shape)
-                w = sign.double()
+                # sum_{i,r} sign * g**2 as one matrix-vector product per tensor,
+                # in the parameters' dtype (no float64 copy of the gradients).
+                w = sign.reshape(1, -1)
                 offset = 0
                 for g in grads:
                     k = g[0, 0].numel()
-                    sq = g.reshape(c, U.shape[1], k).double().square()
-                    batch_acc[offset:offset + k] += torch.einsum("cr,crk->k", w, sq)
+                    flat = g.reshape(-1, k)
+                    batch_acc[offset:offset + k] += (w @ flat.mul_(flat))[0].double()
                     offset += k
                 n_backward += c * U.shape[1]
                 if bar is not None:
