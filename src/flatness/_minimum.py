@@ -74,6 +74,7 @@ from flatness._model import (
     default_loss,
     disable_running_stats,
     iter_batches,
+    maybe_progress,
     private_rng,
     require_finite,
     split_batch,
@@ -473,8 +474,11 @@ def minimum_sharpness(
     if progress:
         from flatness.hessian import _bar
 
-        total = {"exact": n, "hutchinson": n_samples * len(chain_params), "gn": None}[method]
-        bar = op.progress = _bar(True, total, "minimum sharpness")
+        if method == "gn":  # counts samples
+            bar = maybe_progress(None, True, _n_samples(data, n_batches), "minimum sharpness", unit="sample")
+        else:
+            total = n if method == "exact" else n_samples * len(chain_params)
+            bar = op.progress = _bar(True, total, "minimum sharpness")
     n_backward = 0
     try:
         with private_rng(seed, op.device) as gen:
@@ -542,6 +546,23 @@ def minimum_sharpness(
         },
         wall_time=time.perf_counter() - start,
     )
+
+
+def _n_samples(data: Any, n_batches: int | None) -> int | None:
+    """Samples in ``data`` when that is known without iterating (a batch, a
+    list of batches, a ``DataLoader`` over a sized dataset), else ``None``."""
+    from flatness._model import _is_batch
+
+    if _is_batch(data):
+        return batch_size(data[1])
+    if isinstance(data, (list, tuple)):
+        return sum(batch_size(b[1]) for b in data[:n_batches] if _is_batch(b)) or None
+    if n_batches is None and isinstance(data, torch.utils.data.DataLoader) and not data.drop_last:
+        try:
+            return len(data.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+    return None
 
 
 def _blocks(op: CurvatureOperator, chain: list[nn.Module],
@@ -763,7 +784,11 @@ def _gn_diagonal(op: CurvatureOperator, chunk_size: int | None, bar: Any) -> tup
             nb = batch_size(targets)
             z = vmap(outputs, in_dims=(None, 0), randomness="different")(values, inputs)
             require_finite(z.sum(), "the model's outputs")
-            scale = _reduction_scale(op.loss_fn, z, targets)
+            # The default loss on class indices is a mean by definition; any
+            # other is checked.
+            plain = (op.loss_fn is default_loss and z.dim() == 2 and targets.dim() == 1
+                     and not targets.is_floating_point() and bool((targets >= 0).all()))
+            scale = 1.0 / nb if plain else _reduction_scale(op.loss_fn, z, targets)
             m = z[0].numel()
             chunk = chunk_size or max(1, _GN_CHUNK_BYTES // max(1, m * n * itemsize))
             batch_acc = torch.zeros(n, dtype=torch.float64, device=ps.device)
