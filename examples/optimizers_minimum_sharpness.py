@@ -167,7 +167,7 @@ def run_seed(args, seed: int, measures) -> tuple[list[dict], float, tuple]:
 
 def report_seed(args, seed: int, rows: list[dict], seconds: float, split, cols: list[str]) -> dict:
     """Print one seed's tables; return its taus {(measure, gap): tau}."""
-    train_data, test_data = split
+    test_data = split[1]
     curv = sum(r["curvature time"] for r in rows)
     print(f"seed {seed} - digits: {args.n_train} train / {len(test_data[1])} test; MLP 64-128-128-10 from the "
           f"same initial weights and the same batches (size {args.batch_size}); until train loss < "

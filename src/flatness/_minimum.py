@@ -662,7 +662,7 @@ def _check_gn_structure(model: nn.Module, train: bool) -> None:
         return
     for name, m in unwrap(model).named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 - a bad option, not a bad type
                 f"method='gn' works sample by sample, but {name} ({type(m).__name__}) normalizes by "
                 "the statistics of the batch when train=True: use train=False, method='exact' "
                 "(small models) or method='hutchinson'"
