@@ -58,14 +58,16 @@ SEEDED = {
         m, d, kind="hessian_max_eig", seed=s, max_iter=4), True),
     "sharpness_hessian_trace": (lambda m, d, s: flatness.sharpness(
         m, d, kind="hessian_trace", seed=s, n_samples=6), True),
-    "sharpness_minimum": (lambda m, d, s: flatness.sharpness(m, d, kind="minimum", seed=s, n_samples=4), True),
+    "sharpness_minimum": (lambda m, d, s: flatness.sharpness(
+        m, d, kind="minimum", seed=s, method="hutchinson", n_samples=4), True),
+    "sharpness_minimum_gn": (lambda m, d, s: flatness.sharpness(m, d, kind="minimum", seed=s), False),
     "top_eigenvalues": (lambda m, d, s: top_eigenvalues(m, d, k=2, seed=s, max_iter=4), True),
     "top_eigenvalues_train_dropout": (lambda m, d, s: top_eigenvalues(m, d, seed=s, max_iter=3, train=True), True),
     "trace_hutchpp": (lambda m, d, s: trace(m, d, seed=s, n_samples=6), True),
     "trace_hutchinson": (lambda m, d, s: trace(m, d, method="hutchinson", seed=s, n_samples=4), True),
     "spectral_density": (lambda m, d, s: spectral_density(m, d, seed=s, n_vectors=2, n_steps=4), True),
     "minimum_sharpness_neuron": (lambda m, d, s: minimum_sharpness(
-        m, d, seed=s, n_samples=4, granularity="neuron"), True),
+        m, d, seed=s, method="hutchinson", n_samples=4, granularity="neuron"), True),
     "gradient_variance_train_dropout": (lambda m, d, s: gradient_variance(m, d, seed=s, train=True), True),
     "kfac_variance_train_dropout": (lambda m, d, s: kfac_variance(m, d, seed=s, train=True, factors=True), True),
     "channel_gradient_norms_train_dropout": (lambda m, d, s: channel_gradient_norms(m, d, seed=s, train=True), True),

@@ -575,7 +575,8 @@ def _trace(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any
 
 def _minimum(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any], int]:
     r = minimum_sharpness(model, data, **kw)
-    return r.value, {**r.settings, "trace": r.trace, "trace_std_error": r.trace_std_error}, r.n_hvp
+    return r.value, {**r.settings, "trace": r.trace, "trace_std_error": r.trace_std_error,
+                     "layer_std_errors": r.layer_std_errors, "bias_std_errors": r.bias_std_errors}, r.n_hvp
 
 
 _kind_max_eig = _curvature_kind("hessian_max_eig", _max_eig)
