@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from flatness.optim import GSAM, SAM, LookSAM
+from flatness.optim import GSAM, SAM, WSAM, FriendlySAM, LookSAM
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -374,3 +374,144 @@ def test_gsam_and_looksam_differ_from_sam():
                   "mlp", data, "closure")
     for other in (weights(gsam), weights(look)):
         assert (flat(other) - flat(sam)).abs().max() > 1e-3
+
+
+# ======================================================================
+# WSAM
+# ======================================================================
+
+
+def ref_wsam(kind, data, rho, gamma, decouple):
+    model = MODELS[kind][0]()
+    w = flat(weights(model))
+    sgd = SGDRef()
+    a = gamma / (1 - gamma)
+    for x, y in data:
+        g = grad(model, w, x, y)
+        gs = grad(model, w + sam_e(g, rho), x, y)
+        if decouple:
+            w = sgd(w, g) - LR * a * (gs - g)
+        else:
+            w = sgd(w, (1 - a) * g + a * gs)
+    return unflat(w, list(model.parameters()))
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("decouple", [True, False])
+def test_wsam_matches_written_out_update(kind, style, decouple):
+    data = batches(kind, 5)
+    model, _ = run(lambda m: WSAM(m.parameters(), torch.optim.SGD, rho=0.1, gamma=0.8, decouple=decouple,
+                                  lr=LR, momentum=MU), kind, data, style)
+    assert_close_lists(weights(model), ref_wsam(kind, data, 0.1, 0.8, decouple))
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("decouple", [True, False])
+def test_wsam_gamma_zero_is_the_base_optimizer_bit_for_bit(kind, decouple):
+    data = batches(kind, 5)
+    model, _ = run(lambda m: WSAM(m.parameters(), torch.optim.SGD, rho=0.1, gamma=0.0, decouple=decouple,
+                                  lr=LR, momentum=MU), kind, data, "two_step")
+    plain = MODELS[kind][0]()
+    opt = torch.optim.SGD(plain.parameters(), lr=LR, momentum=MU)
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(plain(x), y).backward()
+        opt.step()
+    assert_same(weights(model), weights(plain))
+
+
+def test_wsam_gamma_half_coupled_is_sam():
+    data = batches("mlp", 5)
+    model, _ = run(lambda m: WSAM(m.parameters(), torch.optim.SGD, rho=0.1, gamma=0.5, decouple=False,
+                                  lr=LR, momentum=MU), "mlp", data, "closure")
+    assert_close_lists(weights(model), weights(sam_run("mlp", data, 0.1)))
+
+
+@pytest.mark.parametrize("decouple", [True, False])
+def test_wsam_matches_pytorch_optimizer(decouple):
+    """``pytorch_optimizer.WSAM``: same update (decoupled by default); its
+    ascent norm is float32 plus ``1e-12``: agreement to ~1e-7."""
+    po = pytest.importorskip("pytorch_optimizer")
+    data = batches("mlp", 10)
+    ours, _ = run(lambda m: WSAM(m.parameters(), torch.optim.SGD, rho=0.1, gamma=0.8, decouple=decouple,
+                                 lr=LR, momentum=MU), "mlp", data, "closure")
+    model = mlp()
+    peer = po.WSAM(model, model.parameters(), torch.optim.SGD, rho=0.1, gamma=0.8, decouple=decouple,
+                   lr=LR, momentum=MU)
+    for x, y in data:
+        peer.zero_grad()
+        peer.step(closure_for(model, x, y))
+    assert_close_lists(weights(ours), weights(model), PEER_TOL)
+    assert (flat(weights(ours)) - flat(weights(sam_run("mlp", data, 0.1)))).abs().max() > 1e-3
+
+
+def test_wsam_bad_gamma():
+    with pytest.raises(ValueError, match="gamma"):
+        WSAM(mlp().parameters(), torch.optim.SGD, gamma=1.0, lr=0.1)
+
+
+# ======================================================================
+# FriendlySAM
+# ======================================================================
+
+
+def ref_fsam(kind, data, rho, sigma, lmbda):
+    model = MODELS[kind][0]()
+    w = flat(weights(model))
+    sgd = SGDRef()
+    m = None
+    for x, y in data:
+        g = grad(model, w, x, y)
+        if m is None:
+            d, m = g, g.clone()
+        else:
+            d, m = g - sigma * m, lmbda * m + (1 - lmbda) * g
+        w = sgd(w, grad(model, w + sam_e(d, rho), x, y))
+    return unflat(w, list(model.parameters()))
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("style", STYLES)
+def test_fsam_matches_written_out_update(kind, style):
+    data = batches(kind, 5)
+    model, _ = run(lambda m: FriendlySAM(m.parameters(), torch.optim.SGD, rho=0.1, sigma=0.8, lmbda=0.6,
+                                         lr=LR, momentum=MU), kind, data, style)
+    assert_close_lists(weights(model), ref_fsam(kind, data, 0.1, 0.8, 0.6))
+
+
+def test_fsam_sigma_zero_is_sam_bit_for_bit():
+    data = batches("cnn", 5)
+    model, _ = run(lambda m: FriendlySAM(m.parameters(), torch.optim.SGD, rho=0.1, sigma=0.0,
+                                         lr=LR, momentum=MU), "cnn", data, "closure")
+    assert_close_lists(weights(model), weights(sam_run("cnn", data, 0.1)), dict(rtol=0, atol=0))
+
+
+def test_fsam_matches_pytorch_optimizer():
+    """``pytorch_optimizer.FriendlySAM`` follows the authors' code as we do
+    (first step: ``m = g``, no subtraction); its ascent norm is float32 plus
+    ``1e-12``: agreement to ~1e-7."""
+    po = pytest.importorskip("pytorch_optimizer")
+    data = batches("mlp", 10)
+    ours, _ = run(lambda m: FriendlySAM(m.parameters(), torch.optim.SGD, rho=0.1, sigma=1.0, lmbda=0.9,
+                                        lr=LR, momentum=MU), "mlp", data, "closure")
+    model = mlp()
+    peer = po.FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.1, sigma=1.0, lmbda=0.9, lr=LR, momentum=MU)
+    for x, y in data:
+        peer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        peer.step(closure_for(model, x, y))
+    assert_close_lists(weights(ours), weights(model), PEER_TOL)
+    assert (flat(weights(ours)) - flat(weights(sam_run("mlp", data, 0.1)))).abs().max() > 1e-3
+
+
+def test_fsam_abandoned_step_keeps_the_moving_average():
+    model = mlp()
+    opt = FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=LR)
+    (x, y), = batches("mlp", 1)
+    step_two_style(opt, model, x, y)
+    m = opt.extra_state[model[0].weight]["fsam_momentum"].clone()
+    F.cross_entropy(model(x * 2), y).backward()
+    opt.first_step(zero_grad=True)
+    opt.restore()
+    torch.testing.assert_close(opt.extra_state[model[0].weight]["fsam_momentum"], m, rtol=0, atol=0)

@@ -18,6 +18,7 @@ from ._base import (
 from .consistent import ConsistentSAM, NonuniformSAM
 from .gsam import GSAM, LookSAM
 from .sam import SAM
+from .wsam import WSAM, FriendlySAM
 from .subset import subset_sam_step
 
 __all__ = [
@@ -25,10 +26,12 @@ __all__ = [
     "AscentGroup",
     "ScaledDirection",
     "ConsistentSAM",
+    "FriendlySAM",
     "GSAM",
     "LookSAM",
     "NonuniformSAM",
     "SharpnessAwareOptimizer",
+    "WSAM",
     "disable_running_stats",
     "global_norm",
     "subset_sam_step",
