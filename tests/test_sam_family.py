@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from flatness.optim import GSAM, SAM, WSAM, FriendlySAM, LookSAM
+from flatness.optim import ESAM, GSAM, SAM, WSAM, FriendlySAM, LookSAM
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -515,3 +515,128 @@ def test_fsam_abandoned_step_keeps_the_moving_average():
     opt.first_step(zero_grad=True)
     opt.restore()
     torch.testing.assert_close(opt.extra_state[model[0].weight]["fsam_momentum"], m, rtol=0, atol=0)
+
+
+# ======================================================================
+# ESAM
+# ======================================================================
+
+
+def esam_closure(model, x, y):
+    def closure(mask=None):
+        xb, yb = (x, y) if mask is None else (x[mask], y[mask])
+        return F.cross_entropy(model(xb), yb, reduction="none")
+
+    return closure
+
+
+def esam_two_step(opt, model, x, y):
+    with opt.first_pass():
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        losses.mean().backward()
+    opt.first_step(zero_grad=True, losses=losses)
+    with torch.no_grad(), opt.second_pass():
+        mask = opt.select(F.cross_entropy(model(x), y, reduction="none"))
+    with opt.second_pass():
+        F.cross_entropy(model(x[mask]), y[mask]).backward()
+    opt.second_step(zero_grad=True)
+
+
+def run_esam(kind, data, style, **kw):
+    model = MODELS[kind][0]()
+    opt = ESAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=MU, seed=3, **kw)
+    masks, samples = [], []
+    for x, y in data:
+        if style == "closure":
+            opt.step(esam_closure(model, x, y))
+        else:
+            esam_two_step(opt, model, x, y)
+        masks.append(opt.swp_mask)
+        samples.append(opt.sample_mask)
+    return model, masks, samples
+
+
+def ref_esam(kind, data, rho, beta, gamma, masks):
+    """``masks``: the SWP draw of each step (the optimizer's private
+    generator; its statistics are tested separately)."""
+    model = MODELS[kind][0]()
+    like = list(model.parameters())
+    w = flat(weights(model))
+    sgd = SGDRef()
+    chosen = []
+    for (x, y), keep in zip(data, masks):
+        keep = [True] * len(like) if keep is None else keep
+        sel = flat([torch.full_like(t, float(k)) for t, k in zip(like, keep)])
+        g = grad(model, w, x, y) * sel
+        e = sam_e(g, rho / beta)
+        sharp = per_sample_loss(model, w + e, x, y) - per_sample_loss(model, w, x, y)
+        k = max(1, int(gamma * len(y)))
+        idx = torch.sort(sharp, descending=True).indices[:k]
+        chosen.append(set(idx.tolist()))
+        w = sgd(w, grad(model, w + e, x[idx], y[idx]))
+    return unflat(w, like), chosen
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("style", STYLES)
+def test_esam_matches_written_out_update(kind, style):
+    data = batches(kind, 5)
+    model, masks, samples = run_esam(kind, data, style, rho=0.1, beta=0.6, gamma=0.5)
+    assert any(not all(m) for m in masks)  # SWP did leave tensors out
+    ref, chosen = ref_esam(kind, data, 0.1, 0.6, 0.5, masks)
+    assert [set(torch.nonzero(s).flatten().tolist()) for s in samples] == chosen
+    assert all(int(s.sum()) == 6 for s in samples)
+    assert_close_lists(weights(model), ref)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("style", STYLES)
+def test_esam_beta1_gamma1_is_sam_bit_for_bit(kind, style):
+    data = batches(kind, 5)
+    model, _, _ = run_esam(kind, data, style, rho=0.1, beta=1.0, gamma=1.0)
+    sam = MODELS[kind][0]()
+    opt = SAM(sam.parameters(), torch.optim.SGD, rho=0.1, lr=LR, momentum=MU)
+    for x, y in data:
+        def closure():
+            loss = F.cross_entropy(sam(x), y, reduction="none").mean()
+            loss.backward()
+            return loss
+        opt.step(closure)
+    assert_same(weights(model), weights(sam))
+
+
+def test_esam_swp_mask_frequency_and_private_rng():
+    model = mlp()
+    opt = ESAM(model.parameters(), torch.optim.SGD, rho=0.1, beta=0.3, gamma=1.0, seed=0, lr=0.01)
+    (x, y), = batches("mlp", 1)
+    state = torch.get_rng_state()
+    kept = []
+    for _ in range(200):
+        opt.step(esam_closure(model, x, y))
+        kept.append(sum(opt.swp_mask))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert min(kept) >= 1  # at least one tensor is perturbed
+    assert 0.2 < sum(kept) / (200 * 4) < 0.45
+    assert all(p.requires_grad for p in model.parameters())  # switched back on
+
+
+def test_esam_errors_and_requires_grad_restored_after_a_failing_first_pass():
+    model = mlp()
+    opt = ESAM(model.parameters(), torch.optim.SGD, rho=0.1, beta=0.5, gamma=0.5, lr=0.1, seed=0)
+    (x, y), = batches("mlp", 1)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="first_pass"):
+        opt.first_step()
+    opt.zero_grad()
+    with pytest.raises(ValueError, match="per-sample"):
+        opt.step(lambda mask=None: F.cross_entropy(model(x), y))
+    assert all(p.requires_grad for p in model.parameters())
+    assert not opt.is_perturbed
+    with opt.first_pass():
+        F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)  # no losses given
+    with pytest.raises(RuntimeError, match="per-sample losses of the first pass"):
+        opt.select(F.cross_entropy(model(x), y, reduction="none"))
+    assert not opt.is_perturbed  # restored
+    with pytest.raises(ValueError, match="beta"):
+        ESAM(model.parameters(), torch.optim.SGD, beta=0.0, lr=0.1)

@@ -16,6 +16,7 @@ from ._base import (
     global_norm,
 )
 from .consistent import ConsistentSAM, NonuniformSAM
+from .esam import ESAM
 from .gsam import GSAM, LookSAM
 from .sam import SAM
 from .wsam import WSAM, FriendlySAM
@@ -26,6 +27,7 @@ __all__ = [
     "AscentGroup",
     "ScaledDirection",
     "ConsistentSAM",
+    "ESAM",
     "FriendlySAM",
     "GSAM",
     "LookSAM",
