@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from flatness.optim import ESAM, GSAM, SAM, WSAM, FriendlySAM, LookSAM
+from flatness.optim import ESAM, GSAM, MESA, SAM, WSAM, FriendlySAM, LookSAM
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -640,3 +640,109 @@ def test_esam_errors_and_requires_grad_restored_after_a_failing_first_pass():
     assert not opt.is_perturbed  # restored
     with pytest.raises(ValueError, match="beta"):
         ESAM(model.parameters(), torch.optim.SGD, beta=0.0, lr=0.1)
+
+
+# ======================================================================
+# MESA
+# ======================================================================
+
+
+def logits_at(model, w, x):
+    names = [n for n, _ in model.named_parameters()]
+    return functional_call(model, dict(zip(names, unflat(w, list(model.parameters())))), (x,))
+
+
+def ref_mesa(kind, data, decay, lam, tau, start):
+    model = MODELS[kind][0]()
+    w = flat(weights(model))
+    ema = w.clone()
+    sgd = SGDRef()
+    for t, (x, y) in enumerate(data):
+        wr = w.detach().requires_grad_(True)
+        out = logits_at(model, wr, x)
+        loss = F.cross_entropy(out, y)
+        if t >= start:
+            p_ema = F.softmax(logits_at(model, ema, x) / tau, dim=-1)
+            kl = (p_ema * (p_ema.log() - F.log_softmax(out / tau, dim=-1))).sum(-1).mean()
+            loss = loss + lam * tau**2 * kl
+        (g,) = torch.autograd.grad(loss, wr)
+        w = sgd(w, g)
+        ema = decay * ema + (1 - decay) * w
+    return unflat(w, list(model.parameters())), unflat(ema, list(model.parameters()))
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("style", ["closure", "loop"])
+def test_mesa_matches_written_out_update(kind, style):
+    data = batches(kind, 5)
+    model = MODELS[kind][0]()
+    opt = MESA(model.parameters(), torch.optim.SGD, model=model, decay=0.7, lam=0.5, tau=2.0, start_step=1,
+               lr=LR, momentum=MU)
+    calls = []
+    for x, y in data:
+        def closure():
+            out = model(x)
+            loss = F.cross_entropy(out, y) + opt.trajectory_loss(out, x)
+            loss.backward()
+            calls.append(1)
+            return loss
+        if style == "closure":
+            opt.zero_grad()
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+            opt.zero_grad()
+    assert len(calls) == 5  # one pass per step
+    ref_w, ref_ema = ref_mesa(kind, data, 0.7, 0.5, 2.0, 1)
+    assert_close_lists(weights(model), ref_w)
+    assert_close_lists([opt.ema[n] for n, _ in model.named_parameters()], ref_ema)
+
+
+def test_mesa_ema_forward_restores_modes_and_bn_statistics():
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3)).to(DT)
+    model[2].eval()  # a mixed state must come back as it was
+    opt = MESA(model.parameters(), torch.optim.SGD, model=model, lr=0.1)
+    (x, y), = batches("mlp", 1)
+    bn = copy.deepcopy(model[1].state_dict())
+    rng = torch.get_rng_state()
+    out = opt.ema_forward(x)
+    assert [m.training for m in model.modules()] == [True, True, True, False, True]
+    assert all(torch.equal(bn[k], v) for k, v in model[1].state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)  # eval mode: no dropout draw
+    assert not out.requires_grad
+    model.eval()
+    torch.testing.assert_close(out, model(x))  # EMA = initial weights at step 0
+
+
+def test_mesa_state_dict_resume_and_errors():
+    data = batches("mlp", 6)
+
+    def train(model, opt, part):
+        for x, y in part:
+            opt.zero_grad()
+            out = model(x)
+            (F.cross_entropy(out, y) + opt.trajectory_loss(out, x)).backward()
+            opt.step()
+
+    a = mlp()
+    oa = MESA(a.parameters(), torch.optim.SGD, model=a, decay=0.5, lr=LR, momentum=MU)
+    train(a, oa, data)
+    b = mlp()
+    ob = MESA(b.parameters(), torch.optim.SGD, model=b, decay=0.5, lr=LR, momentum=MU)
+    train(b, ob, data[:3])
+    buf = io.BytesIO()
+    torch.save({"m": b.state_dict(), "o": ob.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    c = mlp(seed=4)
+    c.load_state_dict(ck["m"])
+    oc = MESA(c.parameters(), torch.optim.SGD, model=c, decay=0.5, lr=LR, momentum=MU)
+    oc.load_state_dict(ck["o"])
+    assert oc.mesa_step == 3
+    train(c, oc, data[3:])
+    assert_same(weights(c), weights(a))
+    with pytest.raises(RuntimeError, match="one pass"):
+        oc.first_step()
+    with pytest.raises(ValueError, match="decay"):
+        MESA(c.parameters(), torch.optim.SGD, model=c, decay=1.0, lr=0.1)

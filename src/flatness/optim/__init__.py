@@ -18,6 +18,7 @@ from ._base import (
 from .consistent import ConsistentSAM, NonuniformSAM
 from .esam import ESAM
 from .gsam import GSAM, LookSAM
+from .mesa import MESA
 from .sam import SAM
 from .wsam import WSAM, FriendlySAM
 from .subset import subset_sam_step
@@ -31,6 +32,7 @@ __all__ = [
     "FriendlySAM",
     "GSAM",
     "LookSAM",
+    "MESA",
     "NonuniformSAM",
     "SharpnessAwareOptimizer",
     "WSAM",
