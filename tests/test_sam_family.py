@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from flatness.optim import ESAM, GSAM, MESA, SAM, WSAM, FriendlySAM, LookSAM
+from flatness.optim import ESAM, BayesianSAM, GSAM, MESA, SAM, WSAM, FriendlySAM, LookSAM
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -746,3 +746,88 @@ def test_mesa_state_dict_resume_and_errors():
         oc.first_step()
     with pytest.raises(ValueError, match="decay"):
         MESA(c.parameters(), torch.optim.SGD, model=c, decay=1.0, lr=0.1)
+
+
+# ======================================================================
+# BayesianSAM
+# ======================================================================
+
+BSAM_KW = dict(num_data=50, lr=0.05, betas=(0.8, 0.9), weight_decay=0.01, rho=0.1, damping=0.1, s_init=2.0)
+
+
+def ref_bsam(kind, data, seed, num_data, lr, betas, weight_decay, rho, damping, s_init):
+    """The authors' ``build_bsam_optimizer`` written out; the noise is
+    drawn as documented (``torch.randn`` per parameter, param order)."""
+    model = MODELS[kind][0]()
+    like = list(model.parameters())
+    w = flat(weights(model))
+    s = torch.full_like(w, s_init)
+    gm = torch.zeros_like(w)
+    gen = torch.Generator().manual_seed(seed)
+    b1, b2 = betas
+    for x, y in data:
+        eps = flat([torch.randn(t.shape, generator=gen, dtype=DT) for t in like]) / (num_data * s).sqrt()
+        g = grad(model, w + eps, x, y)
+        ge = grad(model, w + rho * g / s, x, y)
+        gm = b1 * gm + (1 - b1) * (ge + weight_decay * w)
+        w = w - lr * gm / s
+        s = b2 * s + (1 - b2) * ((s * g**2).sqrt() + damping + weight_decay)
+    return unflat(w, like), unflat(1 / (num_data * s), like)
+
+
+def bsam_two_step(opt, model, x, y):
+    with opt.first_pass():
+        F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    with opt.second_pass():
+        F.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("style", STYLES)
+def test_bsam_matches_written_out_update(kind, style):
+    data = batches(kind, 5)
+    model = MODELS[kind][0]()
+    opt = BayesianSAM(model.parameters(), seed=7, **BSAM_KW)
+    rng = torch.get_rng_state()
+    for x, y in data:
+        if style == "closure":
+            opt.step(closure_for(model, x, y))
+        else:
+            bsam_two_step(opt, model, x, y)
+    assert torch.equal(torch.get_rng_state(), rng)
+    ref_w, ref_var = ref_bsam(kind, data, 7, **BSAM_KW)
+    assert_close_lists(weights(model), ref_w)
+    assert_close_lists(opt.posterior_variance(), ref_var)
+
+
+def test_bsam_state_dict_resume_and_errors():
+    data = batches("mlp", 6)
+    a = mlp()
+    oa = BayesianSAM(a.parameters(), seed=1, **BSAM_KW)
+    for x, y in data:
+        oa.step(closure_for(a, x, y))
+    b = mlp()
+    ob = BayesianSAM(b.parameters(), seed=1, **BSAM_KW)
+    for x, y in data[:3]:
+        ob.step(closure_for(b, x, y))
+    buf = io.BytesIO()
+    torch.save({"m": b.state_dict(), "o": ob.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    c = mlp(seed=9)
+    c.load_state_dict(ck["m"])
+    oc = BayesianSAM(c.parameters(), seed=2, **BSAM_KW)  # the noise stream comes from the checkpoint
+    oc.load_state_dict(ck["o"])
+    for x, y in data[3:]:
+        oc.step(closure_for(c, x, y))
+    assert_same(weights(c), weights(a))
+    (x, y), = data[:1]
+    F.cross_entropy(c(x), y).backward()
+    w = weights(c)
+    with pytest.raises(RuntimeError, match="first_pass"):
+        oc.first_step()
+    assert_same(weights(c), w)
+    with pytest.raises(ValueError, match="num_data"):
+        BayesianSAM(c.parameters(), num_data=0)

@@ -15,6 +15,7 @@ from ._base import (
     disable_running_stats,
     global_norm,
 )
+from .bsam import BayesianSAM
 from .consistent import ConsistentSAM, NonuniformSAM
 from .esam import ESAM
 from .gsam import GSAM, LookSAM
@@ -26,6 +27,7 @@ from .subset import subset_sam_step
 __all__ = [
     "SAM",
     "AscentGroup",
+    "BayesianSAM",
     "ScaledDirection",
     "ConsistentSAM",
     "ESAM",

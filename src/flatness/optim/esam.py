@@ -275,6 +275,16 @@ class ESAM(SAM):
         self._losses_before = None
         super().restore()
 
+    def extra_state_dict(self) -> dict[str, Any]:
+        sd = super().extra_state_dict()
+        sd["generator"] = self._generator.get_state()  # a resumed run draws what the straight one would
+        return sd
+
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_extra_state_dict(state)
+        if "generator" in state:
+            self._generator.set_state(state["generator"])
+
     def step(self, closure: Callable[..., Any] | None = None, *, scaler: Any = None) -> Any:  # type: ignore[override]
         """One ESAM step; ``closure(mask)`` returns the per-sample losses of
         the masked samples (``None``: all) without calling ``backward()``.
