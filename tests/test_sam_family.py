@@ -831,3 +831,127 @@ def test_bsam_state_dict_resume_and_errors():
     assert_same(weights(c), w)
     with pytest.raises(ValueError, match="num_data"):
         BayesianSAM(c.parameters(), num_data=0)
+
+
+# ======================================================================
+# all variants: AMP, accumulation, resume, exceptions
+# ======================================================================
+
+TWO_PASS = {
+    "GSAM": lambda m: GSAM(m.parameters(), torch.optim.SGD, rho=0.1, alpha=0.3, lr=LR, momentum=MU),
+    "LookSAM": lambda m: LookSAM(m.parameters(), torch.optim.SGD, rho=0.1, k=2, lr=LR, momentum=MU),
+    "WSAM": lambda m: WSAM(m.parameters(), torch.optim.SGD, rho=0.1, gamma=0.8, lr=LR, momentum=MU),
+    "FriendlySAM": lambda m: FriendlySAM(m.parameters(), torch.optim.SGD, rho=0.1, sigma=0.8, lr=LR, momentum=MU),
+    "ESAM": lambda m: ESAM(m.parameters(), torch.optim.SGD, rho=0.1, beta=1.0, gamma=1.0, lr=LR, momentum=MU),
+    "BayesianSAM": lambda m: BayesianSAM(m.parameters(), seed=0, **BSAM_KW),
+}
+
+
+def generic_two_step(opt, model, x, y, scaler=None, chunks=1, poison=None):
+    """Two-step loop with optional GradScaler (bf16 autocast) and
+    micro-batches; ``poison`` puts a NaN into the second pass."""
+    parts = list(zip(x.chunk(chunks), y.chunk(chunks)))
+
+    def backward():
+        for xi, yi in parts:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=scaler is not None):
+                loss = F.cross_entropy(model(xi), yi) / len(parts)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    with opt.first_pass():
+        backward()
+    opt.first_step(zero_grad=True, scaler=scaler)
+    if opt.is_perturbed:
+        with opt.second_pass():
+            backward()
+            if poison:
+                model[2].weight.grad[0, 0] = float("nan")
+    opt.second_step(zero_grad=True, scaler=scaler)
+    if scaler is not None:
+        scaler.update()
+
+
+@pytest.mark.parametrize("name", sorted(TWO_PASS))
+def test_gradient_accumulation_equals_full_batch(name):
+    data = batches("mlp", 4)
+    full, acc = mlp(), mlp()
+    of, oa = TWO_PASS[name](full), TWO_PASS[name](acc)
+    for x, y in data:
+        generic_two_step(of, full, x, y)
+        generic_two_step(oa, acc, x, y, chunks=3)
+    assert_close_lists(weights(acc), weights(full), dict(rtol=1e-11, atol=1e-12))
+
+
+@pytest.mark.parametrize("name", sorted(TWO_PASS))
+def test_grad_scaler_matches_unscaled_and_skips_inf(name):
+    data = batches("mlp", 3)
+    a, b = mlp().float(), mlp().float()
+    oa, ob = TWO_PASS[name](a), TWO_PASS[name](b)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    for x, y in data:
+        generic_two_step(oa, a, x.float(), y, scaler=scaler)
+        generic_two_step(ob, b, x.float(), y, scaler=off)
+    assert_close_lists(weights(a), weights(b), dict(rtol=1e-4, atol=1e-5))
+    w = weights(a)
+    x, y = data[0]
+    poisoned = name != "LookSAM" or oa.is_full_step  # a LookSAM reuse step has one pass
+    generic_two_step(oa, a, x.float(), y, scaler=scaler, poison=poisoned)
+    if poisoned:
+        assert_same(weights(a), w)
+        assert scaler.get_scale() == 2.0**9
+        assert not oa.is_perturbed
+
+
+@pytest.mark.parametrize("name", sorted(TWO_PASS))
+def test_state_dict_resume_equals_uninterrupted(name):
+    data = batches("mlp", 6)
+    make = TWO_PASS[name]
+    straight, first = mlp(), mlp()
+    opt0, opt1 = make(straight), make(first)
+    for x, y in data:
+        generic_two_step(opt0, straight, x, y)
+    for x, y in data[:3]:
+        generic_two_step(opt1, first, x, y)
+    buf = io.BytesIO()
+    torch.save({"m": first.state_dict(), "o": opt1.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    resumed = mlp(seed=8)
+    resumed.load_state_dict(ck["m"])
+    opt2 = make(resumed)
+    opt2.load_state_dict(ck["o"])
+    for x, y in data[3:]:
+        generic_two_step(opt2, resumed, x, y)
+    assert_same(weights(resumed), weights(straight))
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("name", sorted(TWO_PASS))
+def test_closure_raising_in_the_second_pass_restores_weights(name):
+    model = mlp()
+    opt = TWO_PASS[name](model)
+    (x, y), = batches("mlp", 1)
+    w = weights(model)
+    calls = []
+
+    def closure(mask=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Boom
+        out = F.cross_entropy(model(x), y, reduction="none" if name == "ESAM" else "mean")
+        if name != "ESAM":
+            out.backward()
+        return out
+
+    with pytest.raises(Boom):
+        opt.step(closure)
+    assert_same(weights(model), w)
+    assert not opt.is_perturbed
+    opt.zero_grad()
+    calls.append(1)  # the next step runs normally
+    opt.step(closure)
+    assert not torch.equal(weights(model)[0], w[0])

@@ -118,15 +118,19 @@ class WSAM(SAM):
         if not first or self._perturbed is None or self._skip_base_step:
             return super().second_step(zero_grad, scaler=scaler)
         scale = fam.grad_scale(scaler)
+        if scale != 1.0:
+            gs = [fam.current_grads(params) for _, params, _ in first]
+            if not bool(torch.isfinite(global_norm(gs, ord=float("inf")))):
+                # leave the non-finite g_s in place: the scaler skips the step
+                return super().second_step(zero_grad, scaler=scaler)
         try:
             sharp = self._combine(first, scale)
         except BaseException:
             self.restore()
             raise
         super().second_step(False, scaler=scaler)
-        if sharp and (scale == 1.0 or bool(torch.isfinite(global_norm([d for _, _, d in sharp], ord=float("inf"))))):
-            for lr_a, params, d in sharp:  # a step the scaler skips skips this too
-                torch._foreach_add_(params, d, alpha=-lr_a)
+        for lr_a, params, d in sharp:
+            torch._foreach_add_(params, d, alpha=-lr_a)
         if zero_grad:
             self.zero_grad()
 
