@@ -4,6 +4,9 @@
 optimizer.  Variants build on :class:`SharpnessAwareOptimizer`, which owns the
 perturb / restore machinery and exposes :meth:`~SharpnessAwareOptimizer.ascent_direction`
 as the one hook to override (see ``flatness/optim/_base.py``).
+
+The SAM family on that base: :class:`GSAM`, :class:`LookSAM`, :class:`WSAM`,
+:class:`FriendlySAM`, :class:`ESAM`, :class:`MESA` and :class:`BayesianSAM`.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from .esam import ESAM
 from .gsam import GSAM, LookSAM
 from .mesa import MESA
 from .sam import SAM
-from .wsam import WSAM, FriendlySAM
 from .subset import subset_sam_step
+from .wsam import WSAM, FriendlySAM
 
 __all__ = [
     "SAM",

@@ -15,7 +15,6 @@ Two savings on SAM's second pass, each optional:
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
