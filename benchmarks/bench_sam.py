@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import time
@@ -250,7 +251,20 @@ def family_steppers(make_model, data, device, rho):
         return loss_closure(m, x, y)()
 
     bsam_closure()  # its state is created from existing gradients (first call only)
-    out["p_opt BayesianSAM"] = lambda: peer_bsam.step(bsam_closure)
+    # It never removes its noise and ascent from the weights, so they drift
+    # and overflow after some tens of steps: start again every 10 steps
+    # (a weight copy, ~1% of a step).
+    start = ({k: v.clone() for k, v in m.state_dict().items()}, copy.deepcopy(peer_bsam.state_dict()))
+    calls = [0]
+
+    def peer_bsam_step(m=m):
+        calls[0] += 1
+        if calls[0] % 10 == 0:
+            m.load_state_dict(start[0])
+            peer_bsam.load_state_dict(start[1])
+        peer_bsam.step(bsam_closure)
+
+    out["p_opt BayesianSAM"] = peer_bsam_step
     return out
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import _family as fam
-from ._base import AscentGroup, ScaledDirection, global_norm
+from ._base import AscentGroup, ScaledDirection, _add_scaled, global_norm
 from .sam import SAM
 
 __all__ = ["GSAM", "LookSAM"]
@@ -340,7 +340,7 @@ class LookSAM(SAM):
             return
         ratio = global_norm([gr for _, gr, _ in have]) * fam.inv(global_norm([v for _, _, v in have]))
         for alpha, grads, gvs in have:
-            torch._foreach_add_(grads, torch._foreach_mul(gvs, (alpha * ratio).to(grads[0].device)))
+            _add_scaled(grads, gvs, alpha * ratio.to(grads[0].device))
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
