@@ -36,6 +36,7 @@ TESTED_ELSEWHERE = {
     "sam_digits.py": "test_sam_example.py",
     "sharpbalance_ensemble.py": "test_sharpbalance_example.py",
     "nonuniformity.py": "test_nonuniformity_example.py",
+    "sam_family.py": "test_sam_family_example.py",
 }
 
 
