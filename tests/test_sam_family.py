@@ -955,3 +955,27 @@ def test_closure_raising_in_the_second_pass_restores_weights(name):
     calls.append(1)  # the next step runs normally
     opt.step(closure)
     assert not torch.equal(weights(model)[0], w[0])
+
+
+def test_bsam_pytorch_optimizer_departs_from_the_paper():
+    """Why ``pytorch_optimizer.BSAM`` is not compared step by step: with
+    ``lr=0`` bSAM must leave the mean ``w`` where it is (the noise and the
+    ascent are only evaluation points), as ours does; the peer's weights
+    keep its noise and ascent."""
+    po = pytest.importorskip("pytorch_optimizer")
+    (x, y), = batches("mlp", 1)
+    ours = mlp()
+    w = weights(ours)
+    opt = BayesianSAM(ours.parameters(), num_data=50, lr=0.0, rho=0.1, seed=0)
+    opt.step(closure_for(ours, x, y))
+    assert_same(weights(ours), w)
+    peer_model = mlp()
+    peer = po.BSAM(peer_model.parameters(), num_data=50, lr=0.0, rho=0.1)
+    F.cross_entropy(peer_model(x), y).backward()  # its state is created from existing gradients
+
+    def closure():
+        peer.zero_grad()
+        return closure_for(peer_model, x, y)()
+
+    peer.step(closure)
+    assert (flat(weights(peer_model)) - flat(w)).abs().max() > 1e-3
