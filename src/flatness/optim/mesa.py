@@ -60,7 +60,7 @@ class MESA(SharpnessAwareOptimizer):
     .sum(-1).mean() * T**2`` weighted by ``--reinforce``, EMA decay
     0.9998, KL from epoch ``kl_start_epoch``); departures: log-softmax for
     both distributions (the same value, without ``log(0)``), the start
-    counted in steps, the EMA updated with ``lerp`` (one rounding).
+    counted in steps.
     ``pytorch_optimizer`` has no MESA.
 
     AMP: pass ``scaler=`` to :meth:`step` (``scaler.step`` on the base
@@ -202,7 +202,10 @@ class MESA(SharpnessAwareOptimizer):
         ema = [self.ema[n] for n in names]
         now = [current[n].detach().to(self.ema[n].dtype) for n in names]
         if ema:
-            torch._foreach_lerp_(ema, now, 1.0 - self.decay)
+            # ema = decay ema + (1 - decay) w, as timm's ModelEmaV2 (two fused
+            # passes; _foreach_lerp_ is ~2x slower than both on CPU)
+            torch._foreach_mul_(ema, self.decay)
+            torch._foreach_add_(ema, now, alpha=1.0 - self.decay)
 
     # -- state -------------------------------------------------------------------
 
