@@ -183,7 +183,7 @@ class FriendlySAM(SAM):
     in :attr:`extra_state` (saved by ``state_dict``) and only updated when
     the step completes (an abandoned step or one skipped by a
     ``GradScaler`` leaves it as it was).  Cost: two passes, as SAM, plus
-    the moving average.
+    the moving average; memory: ``m`` and one reused buffer for ``d``.
 
     Parameters
     ----------
@@ -218,7 +218,8 @@ class FriendlySAM(SAM):
             params, base_optimizer, defaults, same_rng=same_rng, per_replica=per_replica,
             model=model, freeze_bn=freeze_bn, **base_kwargs,
         )
-        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._pending: list[Any] = []
+        self._bufs: dict[Tensor, Tensor] = {}
 
     def _check_setting(self, key: str, value: Any) -> None:
         if key == "sigma":
@@ -229,21 +230,46 @@ class FriendlySAM(SAM):
 
     @torch.no_grad()
     def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
-        """SAM's ascent along ``g - sigma m``; the new ``m`` waits for :meth:`second_step`."""
+        """SAM's ascent along ``d = g - sigma m``; ``m`` is updated in
+        :meth:`second_step` (from ``d``: ``lambda m + (1 - lambda) g =
+        (lambda + (1 - lambda) sigma) m + (1 - lambda) d``)."""
         pending, shifted = [], []
         for g in groups:
-            ds = []
-            for p, x in zip(g.params, g.grads):
-                m = self.extra_state[p].get("fsam_momentum")
-                if m is None:
-                    pending.append((p, x.clone()))
-                    ds.append(x)
-                else:
-                    ds.append(x - g.group["sigma"] * m)
-                    pending.append((p, torch.lerp(m, x, 1.0 - g.group["lmbda"])))
-            shifted.append(AscentGroup(g.group, g.params, ds))
+            have = [(p, x, self.extra_state[p].get("fsam_momentum")) for p, x in zip(g.params, g.grads)]
+            ps = [p for p, _, m in have if m is not None]
+            # d in a reused buffer per parameter (no fresh tensors per step)
+            ds = self._buffers(ps, [x for _, x, m in have if m is not None])
+            if ds:
+                torch._foreach_add_(ds, [m for _, _, m in have if m is not None], alpha=-g.group["sigma"])
+            d_of = dict(zip(ps, ds))
+            first = {p: x.clone() for p, x, m in have if m is None}
+            pending.append((g.group, [(p, d_of[p] if m is not None else first[p], m) for p, x, m in have]))
+            shifted.append(AscentGroup(g.group, g.params, [d_of.get(p, x) for p, x, _ in have]))
         self._pending = pending
         return super().ascent_direction(shifted)
+
+    def _buffers(self, params: list[Tensor], values: list[Tensor]) -> list[Tensor]:
+        out = []
+        for p in params:
+            buf = self._bufs.get(p)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                buf = self._bufs[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            out.append(buf)
+        if out:
+            torch._foreach_copy_(out, values)
+        return out
+
+    @torch.no_grad()
+    def _commit(self, pending: list[Any]) -> None:
+        for group, items in pending:
+            lam, sigma = group["lmbda"], group["sigma"]
+            ms = [m for _, _, m in items if m is not None]
+            if ms:
+                torch._foreach_mul_(ms, lam + (1.0 - lam) * sigma)
+                torch._foreach_add_(ms, [d for _, d, m in items if m is not None], alpha=1.0 - lam)
+            for p, d, m in items:
+                if m is None:  # first step: m = g (= d, a copy taken in ascent_direction)
+                    self.extra_state[p]["fsam_momentum"] = d
 
     def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
         self._pending = []
@@ -253,8 +279,7 @@ class FriendlySAM(SAM):
         pending, self._pending = self._pending, []
         super().second_step(False, scaler=scaler)
         if pending and not self._skipped_by(scaler):
-            for p, m in pending:
-                self.extra_state[p]["fsam_momentum"] = m
+            self._commit(pending)
         if zero_grad:
             self.zero_grad()
 
