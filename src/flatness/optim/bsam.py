@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import _family as fam
-from ._base import AscentGroup, SharpnessAwareOptimizer, global_norm
+from ._base import AscentGroup, ScaledDirection, SharpnessAwareOptimizer, global_norm
 
 __all__ = ["BayesianSAM"]
 
@@ -45,10 +45,10 @@ class _BayesUpdate(Optimizer):
                 state = self.state[p]
                 m = state["momentum"]
                 # g_m <- b1 g_m + (1 - b1)(g_e + delta w);  w <- w - lr g_m / s (old s)
-                m.mul_(b1).add_(p.grad + group["weight_decay"] * p, alpha=1 - b1)
+                m.mul_(b1).add_(p.grad, alpha=1 - b1).add_(p, alpha=(1 - b1) * group["weight_decay"])
                 p.addcdiv_(m, s, value=-group["lr"])
                 # s <- b2 s + (1 - b2)(sqrt(s) |g| + delta + damping)
-                s.mul_(b2).add_(state.pop("gs") + (group["weight_decay"] + group["damping"]), alpha=1 - b2)
+                s.mul_(b2).add_(state.pop("gs"), alpha=1 - b2).add_((1 - b2) * (group["weight_decay"] + group["damping"]))
         return None
 
 
@@ -210,11 +210,10 @@ class BayesianSAM(SharpnessAwareOptimizer):
             groups = self._groups()
             noise = []
             for g, ss in zip(groups, self._precisions(groups)):
-                noise.append([
-                    torch.randn(p.shape, generator=self._generator, dtype=p.dtype).to(p.device)
-                    * (self.num_data * s).rsqrt()
-                    for p, s in zip(g.params, ss)
-                ])
+                eps = [torch.randn(p.shape, generator=self._generator, dtype=p.dtype).to(p.device) for p in g.params]
+                torch._foreach_mul_(eps, torch._foreach_rsqrt(ss))
+                torch._foreach_mul_(eps, self.num_data**-0.5)  # (N s)^(-1/2)
+                noise.append(eps)
             self.perturb(groups, noise)
             try:
                 yield
@@ -246,9 +245,11 @@ class BayesianSAM(SharpnessAwareOptimizer):
             base: _BayesUpdate = self.base_optimizer  # type: ignore[assignment]
             directions = []
             for g, gr, ss in zip(groups, grads, self._precisions(groups)):
-                for p, x, s in zip(g.params, gr, ss):
-                    base.state[p]["gs"] = s.sqrt() * x.abs()
-                directions.append(torch._foreach_div(torch._foreach_mul(gr, g.group["rho"]), ss))
+                gs = torch._foreach_sqrt(ss)
+                torch._foreach_mul_(gs, torch._foreach_abs(gr))  # sqrt(s) |g|
+                for p, v in zip(g.params, gs):
+                    base.state[p]["gs"] = v
+                directions.append(ScaledDirection(torch._foreach_div(gr, ss), g.group["rho"]))  # rho g / s
             self.perturb(groups, directions)
         except BaseException:
             self.restore()
