@@ -92,6 +92,12 @@ class ESAM(SAM):
     exactly ``max(1, int(gamma B))`` with ``torch.topk``.  No ``1e-7`` in
     the ascent norm.  ``pytorch_optimizer`` has no ESAM.
 
+    Gradient accumulation (two-step style): backpropagate the first pass
+    over the micro-batches, pass the concatenated per-sample losses to
+    :meth:`first_step` and the concatenated losses at ``w + e`` to
+    :meth:`select`, then backpropagate the selected samples of each
+    micro-batch with the loss summed and divided by the number selected.
+
     AMP (``scaler=``), ``same_rng`` (replayed in both passes at
     ``w + e``), ``freeze_bn`` (both passes at ``w + e``) and ``state_dict``
     work as for SAM.  Under DDP, SWP switches ``requires_grad`` per step,
