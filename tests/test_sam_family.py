@@ -979,3 +979,27 @@ def test_bsam_pytorch_optimizer_departs_from_the_paper():
 
     peer.step(closure)
     assert (flat(weights(peer_model)) - flat(w)).abs().max() > 1e-3
+
+
+def test_esam_gradient_accumulation_as_documented():
+    data = batches("mlp", 3)
+    full, _, _ = run_esam("mlp", data, "closure", rho=0.1, beta=1.0, gamma=0.5)
+    model = mlp()
+    opt = ESAM(model.parameters(), torch.optim.SGD, rho=0.1, beta=1.0, gamma=0.5, lr=LR, momentum=MU)
+    for x, y in data:
+        parts = list(zip(x.chunk(2), y.chunk(2)))
+        before = []
+        with opt.first_pass():
+            for xi, yi in parts:
+                li = F.cross_entropy(model(xi), yi, reduction="none")
+                (li.sum() / len(y)).backward()
+                before.append(li.detach())
+        opt.first_step(zero_grad=True, losses=torch.cat(before))
+        with torch.no_grad(), opt.second_pass():
+            mask = opt.select(torch.cat([F.cross_entropy(model(xi), yi, reduction="none") for xi, yi in parts]))
+        n_sel = int(mask.sum())
+        with opt.second_pass():
+            for (xi, yi), mi in zip(parts, mask.chunk(2)):
+                (F.cross_entropy(model(xi[mi]), yi[mi], reduction="sum") / n_sel).backward()
+        opt.second_step(zero_grad=True)
+    assert_close_lists(weights(model), weights(full))
