@@ -37,6 +37,7 @@ TESTED_ELSEWHERE = {
     "sharpbalance_ensemble.py": "test_sharpbalance_example.py",
     "nonuniformity.py": "test_nonuniformity_example.py",
     "landscape.py": "test_landscape.py",
+    "sam_family.py": "test_sam_family_example.py",
 }
 
 
