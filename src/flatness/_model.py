@@ -220,6 +220,12 @@ def select_params(model: nn.Module, params: Iterable[Any] | None = None) -> Para
     devices = {p.device for _, p in chosen}
     if len(devices) > 1:
         raise ValueError(f"selected parameters live on several devices {sorted(map(str, devices))}")
+    inference = [n for n, p in chosen if p.is_inference()]
+    if inference:
+        raise ValueError(
+            f"parameters {inference[:3]} are inference tensors (created under torch.inference_mode()) "
+            "and cannot be differentiated; build or load the model outside inference_mode"
+        )
     names, tensors = zip(*chosen)
     return ParamSet(tuple(names), tuple(tensors))
 
@@ -266,6 +272,11 @@ def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) 
     (token ids, class labels) keep theirs.
     """
     if isinstance(obj, Tensor):
+        if obj.is_inference():
+            # Tensors made under torch.inference_mode() cannot enter autograd;
+            # a copy made outside it can (callers run with inference_mode(False)).
+            with torch.inference_mode(False):
+                obj = obj.clone()
         if dtype is not None and obj.is_floating_point():
             return obj.to(device=device, dtype=dtype)
         return obj.to(device=device)

@@ -1,0 +1,132 @@
+"""Every curvature function over the model zoo (``tests/zoo.py``), against
+dense float64 double-backward Hessians and per-sample gradient loops; the
+model must come back bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from zoo import CASES, assert_same_state, dense_hessian, state
+
+from flatness import hessian
+from flatness._hvp import CurvatureOperator
+
+DT = torch.float64
+
+# Cases whose kernels all have forward-mode derivatives (the others need
+# double backward: recurrent kernels, parametrizations, GroupNorm on
+# channels_last tensors, buffers written in forward).
+FORWARD_OK = ["mlp", "cnn_bn", "resnet_block", "transformer", "attention", "tied_embeddings",
+              "dict_outputs", "pre_hook", "frozen_unused"]
+
+
+def _dense_from(op: CurvatureOperator) -> torch.Tensor:
+    return op.matmat(torch.eye(op.shape[0], dtype=DT))
+
+
+def test_operator_matches_dense_hessian(zoo_case):
+    model, batch = zoo_case.build(), zoo_case.batch()
+    before = state(model)
+    op = CurvatureOperator(model, batch, loss_fn=zoo_case.loss_fn, train=zoo_case.train)
+    H = _dense_from(op)
+    ref = dense_hessian(zoo_case, model, batch)
+    assert op.engine in ("forward-over-reverse", "double-backward") and op.engine_reason
+    scale = ref.abs().max()
+    assert torch.allclose(ref, ref.T, rtol=0, atol=1e-12 * scale)  # a Hessian
+    assert torch.allclose(H, ref, rtol=0, atol=1e-10 * scale), (H - ref).abs().max()
+    assert_same_state(before, state(model))
+
+
+@pytest.mark.parametrize("name", FORWARD_OK)
+def test_forward_over_reverse_matches_dense_where_supported(name):
+    case = CASES[name]
+    model, batch = case.build(), case.batch()
+    op = CurvatureOperator(model, batch, loss_fn=case.loss_fn, engine="forward-over-reverse")
+    ref = dense_hessian(case, model, batch)
+    assert torch.allclose(_dense_from(op), ref, rtol=0, atol=1e-10 * ref.abs().max())
+
+
+def test_top_eigenvalue_and_trace_match_dense(zoo_case):
+    model, batch = zoo_case.build(), zoo_case.batch()
+    before = state(model)
+    kw = dict(loss_fn=zoo_case.loss_fn, train=zoo_case.train)
+    eig = hessian.top_eigenvalues(model, batch, k=1, tol=1e-10, **kw)
+    tr = hessian.trace(model, batch, method="exact", **kw)
+    ref = dense_hessian(zoo_case, model, batch)
+    evals = torch.linalg.eigvalsh(ref)
+    assert float(eig.eigenvalues[0]) == pytest.approx(float(evals[-1]), rel=1e-8)
+    assert tr.value == pytest.approx(float(ref.diagonal().sum()), rel=1e-8)
+    assert eig.engine == eig.settings["engine"] and eig.engine in ("forward-over-reverse", "double-backward")
+    assert_same_state(before, state(model))
+
+
+@pytest.mark.parametrize("name, why", [("lstm", "LSTM"), ("gru", "GRU"), ("weight_norm", "parametrized"),
+                                       ("buffer_in_forward", "calls")])
+def test_auto_engine_names_the_module_that_needs_double_backward(name, why):
+    case = CASES[name]
+    batches = [case.batch()] * 6  # several batches: no kept graph, 8 vectors per pass
+    op = CurvatureOperator(case.build(), batches, loss_fn=case.loss_fn)
+    op.matmat(torch.ones(op.shape[0], 8, dtype=DT))
+    assert op.engine == "double-backward" and why in op.engine_reason
+    with pytest.raises(ValueError, match="forward-over-reverse") if case.tags & {"rnn", "parametrized"} else _nothing():
+        CurvatureOperator(case.build(), batches, engine="forward-over-reverse")
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_auto_engine_choice_by_cost():
+    case = CASES["mlp"]
+    model = case.build()
+    one = CurvatureOperator(model, case.batch())
+    one.matvec(torch.ones(one.shape[0], dtype=DT))
+    assert one.engine == "double-backward" and "kept" in one.engine_reason
+    many = CurvatureOperator(model, [case.batch()] * 6)
+    many.matmat(torch.ones(many.shape[0], 8, dtype=DT))
+    assert many.engine == "forward-over-reverse"
+    few = CurvatureOperator(model, [case.batch()] * 6)
+    few.matvec(torch.ones(few.shape[0], dtype=DT))
+    assert few.engine == "double-backward"
+    # channels_last GroupNorm has no working forward-mode formula: the probe sees it
+    cl = CASES["cnn_channels_last"]
+    op = CurvatureOperator(cl.build(), [cl.batch()] * 6)
+    op.matmat(torch.ones(op.shape[0], 8, dtype=DT))
+    assert op.engine == "double-backward" and "probe" in op.engine_reason
+
+
+def test_kept_graph_is_rebuilt_after_the_parameters_change():
+    case = CASES["mlp"]
+    model, batch = case.build(), case.batch()
+    op = CurvatureOperator(model, batch)
+    v = torch.ones(op.shape[0], dtype=DT)
+    op.matvec(v)
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    ref = dense_hessian(case, model, batch)
+    assert torch.allclose(op.matvec(v), ref @ v, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_curvature_under_no_grad_and_inference_mode(mode):
+    case = CASES["transformer"]
+    model, batch = case.build(), case.batch()
+    ref = hessian.trace(model, batch, method="exact").value
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with ctx:
+        batch = case.batch()  # inference tensors when created inside inference_mode
+        assert hessian.trace(model, batch, method="exact").value == pytest.approx(ref, rel=1e-12)
+
+
+def test_compiled_model_top_eigenvalue():
+    case = CASES["compiled"]
+    model, batch = case.build(), case.batch()
+    before = state(model)
+    eig = hessian.top_eigenvalues(model, batch, tol=1e-10)
+    ref = torch.linalg.eigvalsh(dense_hessian(CASES["mlp"], CASES["mlp"].build(), batch))
+    assert float(eig.eigenvalues[0]) == pytest.approx(float(ref[-1]), rel=1e-8)
+    assert_same_state(before, state(model))
