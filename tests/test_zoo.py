@@ -130,3 +130,82 @@ def test_compiled_model_top_eigenvalue():
     ref = torch.linalg.eigvalsh(dense_hessian(CASES["mlp"], CASES["mlp"].build(), batch))
     assert float(eig.eigenvalues[0]) == pytest.approx(float(ref[-1]), rel=1e-8)
     assert_same_state(before, state(model))
+
+
+# -- per-sample gradients and K-FAC ---------------------------------------------
+
+from flatness import nonuniformity as nu  # noqa: E402
+from zoo import per_sample_gradients  # noqa: E402
+
+
+def _singletons(batch):
+    x, y = batch
+    if isinstance(x, dict):
+        return [({k: v[i : i + 1] for k, v in x.items()}, y[i : i + 1]) for i in range(len(y))]
+    return [(x[i : i + 1], y[i : i + 1]) for i in range(len(y))]
+
+
+def test_gradient_variance_matches_per_sample_loop(zoo_case):
+    model, batch = zoo_case.build(), zoo_case.batch()
+    before = state(model)
+    G = per_sample_gradients(zoo_case, model, batch)
+    ref = float((G - G.mean(0)).square().sum(1).mean())
+    r = nu.gradient_variance(model, batch, loss_fn=zoo_case.loss_fn)
+    assert r.total == pytest.approx(ref, rel=1e-10)
+    assert_same_state(before, state(model))
+
+
+SEVERAL_POSITIONS = {"cnn_bn", "cnn_channels_last", "resnet_block", "transformer", "transformer_train"}
+
+
+def test_kfac_variance_exact_on_one_sample_batches_and_nonnegative(zoo_case):
+    model, batch = zoo_case.build(), zoo_case.batch()
+    before = state(model)
+    one = _singletons(batch)
+    exact = nu.gradient_variance(model, one, loss_fn=zoo_case.loss_fn).total
+    approx = nu.kfac_variance(model, one, loss_fn=zoo_case.loss_fn)
+    assert approx.total >= 0 and nu.kfac_variance(model, batch, loss_fn=zoo_case.loss_fn).total >= 0
+    if "transformer" in zoo_case.name:
+        # out_proj is used without being called: computed exactly
+        assert "layer.self_attn.out_proj" in approx.exact_layers
+    if zoo_case.name in SEVERAL_POSITIONS:
+        # layers applied at several positions per sample (convolutions,
+        # linear1 / linear2 of the transformer): A (x) G is an approximation
+        # even for one sample (Grosse and Martens 2016)
+        assert approx.total == pytest.approx(exact, rel=0.3)
+    else:
+        assert approx.total == pytest.approx(exact, rel=1e-10)
+    assert_same_state(before, state(model))
+
+
+def test_kfac_detects_functional_weight_use():
+    class Functional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 5)
+            self.b = torch.nn.Linear(5, 3)
+
+        def forward(self, x):  # b's weight used without calling b, and a's twice
+            h = torch.tanh(self.a(x))
+            return torch.nn.functional.linear(h, self.b.weight, self.b.bias) * (1 + self.a.weight[0, 0])
+
+    torch.manual_seed(0)
+    model = Functional().to(DT)
+    batch = CASES["mlp"].batch()
+    one = _singletons(batch)
+    r = nu.kfac_variance(model, one)
+    assert set(r.settings["hidden_from_hooks"]) == {"a", "b"}
+    assert r.total == pytest.approx(nu.gradient_variance(model, one).total, rel=1e-10)
+
+
+def test_nonuniform_sam_refuses_parameters_it_cannot_perturb():
+    from flatness.optim import NonuniformSAM
+
+    model = CASES["attention"].build()
+    with pytest.raises(ValueError, match="attn.in_proj_weight"):
+        NonuniformSAM(model.parameters(), torch.optim.SGD, lr=0.1, model=model)
+    head = [p for n, p in model.named_parameters() if n.startswith("head")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("head")]
+    opt = NonuniformSAM([{"params": head}, {"params": rest, "perturb": False}], torch.optim.SGD,
+                        lr=0.1, model=model)
+    assert opt is not None

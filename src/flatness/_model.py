@@ -459,8 +459,10 @@ class ModelGuard(contextlib.AbstractContextManager):
     ``KeyboardInterrupt``) the flags, modes and ``.grad`` references are put
     back.  Parameter values are never written by the library (it evaluates
     perturbed weights through ``functional_call``), so they need no copy;
-    buffers are copied only when ``train=True``, because training-mode
-    forward passes update BatchNorm running statistics in place.
+    buffers are copied and written back in place (bit for bit, same
+    storage), in eval mode too: a ``forward`` may update a counter or a
+    running average in any mode, and training-mode passes update BatchNorm
+    running statistics.
 
     Parameters
     ----------
@@ -478,9 +480,9 @@ class ModelGuard(contextlib.AbstractContextManager):
         m = self.model
         self._modes = [(mod, mod.training) for mod in m.modules()]
         self._params = [(p, p.requires_grad, p.grad) for p in m.parameters()]
-        self._buffers: list[tuple[Tensor, Tensor]] = []
-        if self.train:
-            self._buffers = [(b, b.detach().clone()) for b in m.buffers()]
+        # Every buffer, in every mode: forward passes may write buffers in
+        # eval mode too (counters, running averages).
+        self._buffers = [(b, b.detach().clone()) for b in m.buffers()]
         m.train(self.train)
         return self
 

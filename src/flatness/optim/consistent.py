@@ -462,8 +462,10 @@ class NonuniformSAM(_KFACMixin, SharpnessAwareOptimizer):
     in the first pass, every ``update_freq`` steps).  The perturbation
     moves least along directions of large gradient noise (``e^T F e =
     rho^2``).  This is the authors' ``SAMGCM`` (dense inverse covariance) in
-    its scalable K-FAC form (their ``GAM`` class); parameters outside those
-    layers are not perturbed.  Two passes, like SAM.
+    its scalable K-FAC form (their ``GAM`` class).  Every perturbed
+    parameter must belong to such a layer (the constructor refuses others,
+    e.g. ``nn.MultiheadAttention``'s projections or normalization weights:
+    give them a param group with ``perturb=False``).  Two passes, like SAM.
 
     Parameters
     ----------
@@ -499,6 +501,13 @@ class NonuniformSAM(_KFACMixin, SharpnessAwareOptimizer):
             per_replica=per_replica, model=model, freeze_bn=freeze_bn, **base_kwargs,
         )
         self._init_kfac("kfac", model, damping, stat_decay, update_freq)
+        if self._kfac is not None and self._kfac.unsupported:
+            # They would silently stay unperturbed: refuse instead.
+            raise ValueError(
+                "NonuniformSAM perturbs Kronecker-factored Linear/Conv2d layers only; these "
+                f"parameters would not be perturbed: {self._kfac.unsupported}. Put them in a "
+                "param group with perturb=False (or use ConsistentSAM)"
+            )
 
     @torch.no_grad()
     def ascent_direction(self, groups: list[AscentGroup]) -> list[list[Tensor]]:
