@@ -209,3 +209,67 @@ def test_nonuniform_sam_refuses_parameters_it_cannot_perturb():
     opt = NonuniformSAM([{"params": head}, {"params": rest, "perturb": False}], torch.optim.SGD,
                         lr=0.1, model=model)
     assert opt is not None
+
+
+# -- grad modes, RNG, options -----------------------------------------------------
+
+import flatness  # noqa: E402
+from flatness import diversity  # noqa: E402
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("fn", ["l2", "minimum", "kfac", "gvar", "sam_scores", "eig"])
+def test_every_measure_under_the_callers_grad_mode(mode, fn):
+    relu = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).to(DT)
+    run = {
+        "l2": lambda m, b: flatness.sharpness(m, b, kind="l2", rho=1e-2, n_iters=3).value,
+        "minimum": lambda m, b: flatness.sharpness(m, b, kind="minimum").value,
+        "kfac": lambda m, b: nu.kfac_variance(m, b).total,
+        "gvar": lambda m, b: nu.gradient_variance(m, b).total,
+        "sam_scores": lambda m, b: diversity.per_sample_sharpness(m, b, kind="sam").sum().item(),
+        "eig": lambda m, b: hessian.top_eigenvalues(m, b).eigenvalues[0].item(),
+    }[fn]
+    batch = CASES["mlp"].batch()
+    ref = run(relu, batch)
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        batch = CASES["mlp"].batch()
+        assert run(relu, batch) == pytest.approx(ref, rel=1e-12)
+
+
+def test_callers_rng_untouched_by_shuffled_loaders_and_generators():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = CASES["mlp"].batch()
+    model = CASES["mlp"].build()
+    loader = DataLoader(TensorDataset(x, y), batch_size=3, shuffle=True)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    hessian.trace(model, loader, method="hutchinson", n_samples=4)
+    nu.kfac_variance(model, loader)
+    nu.gradient_variance(model, (b for b in [(x, y)]))
+    flatness.sharpness(model, loader, kind="avg_l2", rho=1e-2, n_samples=3)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_n_batches_consumes_exactly_k_batches():
+    x, y = CASES["mlp"].batch()
+    model = CASES["mlp"].build()
+    source = iter([(x, y)] * 5)
+    nu.gradient_variance(model, source, n_batches=2)
+    assert len(list(source)) == 3
+
+
+def test_options_seeds_devices_and_outputs_are_checked():
+    model, batch = CASES["mlp"].build(), CASES["mlp"].batch()
+    with pytest.raises(TypeError, match="train must be True or False"):
+        nu.kfac_variance(model, batch, train="no")
+    with pytest.raises(TypeError, match="train must be"):
+        hessian.trace(model, batch, train="no")
+    with pytest.raises(ValueError, match="64 bits"):
+        hessian.trace(model, batch, seed=2**70)
+    with pytest.raises(ValueError, match="meta device"):
+        hessian.trace(CASES["mlp"].build().to("meta"), batch)
+    dict_case = CASES["dict_outputs"]
+    with pytest.raises(ValueError, match="one tensor of logits"):
+        flatness.sharpness(dict_case.build(), dict_case.batch(), kind="avg_l2", rho=1e-2,
+                           loss_fn=dict_case.loss_fn, normalize_logits=True)

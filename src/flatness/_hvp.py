@@ -381,10 +381,10 @@ def double_backward_hvp(
 
 def _is_one_shot(data: Any) -> bool:
     # A generator or iterator is exhausted after one pass; the operator needs
-    # one pass per product.  A single batch (a pair) is fine.
-    if isinstance(data, (tuple, list)):
-        return False
-    return isinstance(data, Iterable) and iter(data) is data
+    # one pass per product.  A single batch (a pair) is fine.  No iter(data)
+    # here: on a shuffling DataLoader it would draw from the global RNG (and
+    # start worker processes) outside the private generator.
+    return isinstance(data, Iterator)
 
 
 class CurvatureOperator:

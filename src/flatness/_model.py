@@ -17,6 +17,7 @@ This module owns the conventions listed in ``DESIGN.md``:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -38,11 +39,13 @@ __all__ = [
     "ResultMixin",
     "batch_size",
     "call_model",
+    "check_bool",
     "check_int",
     "check_rho",
     "default_loss",
     "disable_running_stats",
     "functional_loss",
+    "grad_enabled",
     "iter_batches",
     "maybe_progress",
     "normalize_logits",
@@ -220,6 +223,11 @@ def select_params(model: nn.Module, params: Iterable[Any] | None = None) -> Para
     devices = {p.device for _, p in chosen}
     if len(devices) > 1:
         raise ValueError(f"selected parameters live on several devices {sorted(map(str, devices))}")
+    if next(iter(devices)).type == "meta":
+        raise ValueError(
+            "the model's parameters are on the meta device (shapes only, no values); "
+            "materialize them first (model.to_empty(device=...) and load a state dict)"
+        )
     inference = [n for n, p in chosen if p.is_inference()]
     if inference:
         raise ValueError(
@@ -238,6 +246,29 @@ def check_int(name: str, value: Any, low: int = 1, *, allow_none: bool = False) 
         raise ValueError(
             f"{name} must be an int >= {low}{' or None' if allow_none else ''}, got {value!r}"
         )
+    return value
+
+
+def grad_enabled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` with autograd on, also when called inside the caller's
+    ``torch.no_grad()`` or ``torch.inference_mode()``: the measurements
+    differentiate internally, and a grad mode set by the caller (for its own
+    evaluation code) must not change their result.  Batches created under
+    ``inference_mode`` are copied by :func:`to_device`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Validate a boolean option: only ``True`` / ``False`` (a string such
+    as ``"no"`` would otherwise count as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
 
 
@@ -335,8 +366,6 @@ def iter_batches(
         source = data
     count = 0
     for batch in source:
-        if n_batches is not None and count >= n_batches:
-            break
         if not _is_batch(batch):
             raise TypeError(
                 "each batch must be a pair (inputs, targets) with targets a tensor, "
@@ -354,6 +383,8 @@ def iter_batches(
             )
         yield to_device(inputs, device, dtype), to_device(targets, device, dtype)
         count += 1
+        if n_batches is not None and count >= n_batches:
+            break  # before pulling another item from a shared iterator
     if count == 0:
         raise ValueError("data yielded no batches")
 
@@ -393,6 +424,12 @@ def call_model(model: nn.Module, inputs: Any) -> Tensor:
 
 def normalize_logits(z: Tensor) -> Tensor:
     """``z <- (z - mean z) / ||z - mean z||`` per sample (last dimension)."""
+    if not isinstance(z, Tensor):
+        raise ValueError(
+            "normalize_logits=True needs a model that returns one tensor of logits, got "
+            f"{type(z).__name__}; normalize inside loss_fn instead (flatness._model.normalize_logits "
+            "on the selected output)"
+        )
     centred = z - z.mean(dim=-1, keepdim=True)
     norm = centred.norm(dim=-1, keepdim=True)
     # A constant logit vector has no direction; leave it at zero, not NaN.
@@ -554,6 +591,8 @@ def private_rng(seed: int | None, device: torch.device) -> Iterator[torch.Genera
     rank 0 and shares it (see :mod:`flatness._distributed`)."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must fit in 64 bits (-2**63 <= seed < 2**64), got {seed}")
     # Inside a process group, seed=None means one fresh seed for all ranks:
     # random vectors applied to an all-reduced operator must agree.
     from ._distributed import shared_seed

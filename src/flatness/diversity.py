@@ -46,6 +46,7 @@ from flatness._model import (
     check_rho,
     default_loss,
     functional_loss,
+    grad_enabled,
     iter_batches,
     maybe_progress,
     require_finite,
@@ -790,6 +791,7 @@ def random_split(
 # --------------------------------------------------------------------------
 
 
+@grad_enabled
 def per_sample_sharpness(
     model: nn.Module,
     data: Any,

@@ -35,6 +35,7 @@ from flatness._model import (
     batch_size,
     check_int,
     functional_loss,
+    grad_enabled,
     iter_batches,
     maybe_progress,
     private_rng,
@@ -230,6 +231,7 @@ def _common_settings(op: CurvatureOperator, seed: int | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 
 
+@grad_enabled
 def hvp(
     model: nn.Module,
     data: Any,
@@ -296,6 +298,7 @@ def hvp(
     return [o if batched else o[0] for o in out]
 
 
+@grad_enabled
 def top_eigenvalues(
     model: nn.Module,
     data: Any,
@@ -395,6 +398,7 @@ def top_eigenvalues(
     )
 
 
+@grad_enabled
 def trace(
     model: nn.Module,
     data: Any,
@@ -468,6 +472,7 @@ def trace(
     )
 
 
+@grad_enabled
 def spectral_density(
     model: nn.Module,
     data: Any,

@@ -49,9 +49,11 @@ from ._model import (
     ModelGuard,
     ParamSet,
     ResultMixin,
+    check_bool,
     check_int,
     default_loss,
     functional_loss,
+    grad_enabled,
     iter_batches,
     maybe_progress,
     private_rng,
@@ -252,6 +254,7 @@ def _finish(
     )
 
 
+@grad_enabled
 def gradient_variance(
     model: nn.Module,
     data: Any,
@@ -325,7 +328,8 @@ def gradient_variance(
     ps = select_params(model, params)
     moments = _Moments(len(ps.params))
     first: int | None = None
-    with ModelGuard(model, train=bool(train)), private_rng(seed, ps.device), torch.inference_mode(False):
+    with ModelGuard(model, train=check_bool("train", train)), private_rng(seed, ps.device), \
+            torch.inference_mode(False):
         batches = iter_batches(data, device=ps.device, dtype=ps.dtype, n_batches=n_batches)
         for inputs, targets in maybe_progress(batches, progress, None, "gradient variance"):
             first = first or _batch_len(targets)
@@ -352,6 +356,7 @@ def gradient_variance(
 _FALLBACKS = ("exact", "skip")
 
 
+@grad_enabled
 def kfac_variance(
     model: nn.Module,
     data: Any,
@@ -438,6 +443,7 @@ def kfac_variance(
         raise ValueError(f"unknown fallback {fallback!r}; valid: {', '.join(_FALLBACKS)}")
     check_int("batch_size", batch_size, allow_none=True)
     check_chunk_size(chunk_size)
+    check_bool("factors", factors)
     ps = select_params(model, params)
     layers, rest = plan(model, ps)
     blind: dict[str, str] = {}
@@ -460,7 +466,7 @@ def kfac_variance(
     fac_sum: dict[str, list[Tensor]] = {}
     n = 0
     first: int | None = None
-    with ModelGuard(model, train=bool(train)), private_rng(seed, ps.device), \
+    with ModelGuard(model, train=check_bool("train", train)), private_rng(seed, ps.device), \
             torch.inference_mode(False), torch.enable_grad():
         batches = iter_batches(data, device=ps.device, dtype=ps.dtype, n_batches=n_batches)
         for inputs, targets in maybe_progress(batches, progress, None, "kfac variance"):
@@ -672,6 +678,7 @@ class ChannelNormResult(ResultMixin):
         return float(self.variance)
 
 
+@grad_enabled
 def channel_gradient_norms(
     model: nn.Module,
     data: Any,
@@ -704,7 +711,8 @@ def channel_gradient_norms(
     start = time.perf_counter()
     loss_fn = _check_common(model, loss_fn)
     ps = select_params(model, params)
-    with ModelGuard(model, train=bool(train)), private_rng(seed, ps.device):
+    with ModelGuard(model, train=check_bool("train", train)), private_rng(seed, ps.device), \
+            torch.inference_mode(False), torch.enable_grad():
         grad = _mean_gradient(model, ps, data, loss_fn, n_batches, progress, "channel norms")
     groups: dict[str, list[Tensor]] = {}
     for name, g in zip(ps.names, grad, strict=True):
@@ -874,6 +882,7 @@ class ClassLossResult(ResultMixin):
     wall_time: float = 0.0
 
 
+@grad_enabled
 def class_loss_imbalance(
     model: nn.Module,
     data: Any,
@@ -909,7 +918,8 @@ def class_loss_imbalance(
     ps = select_params(model, [n for n, _ in unwrap(model).named_parameters()])
     sums: dict[int, float] = {}
     counts: dict[int, int] = {}
-    with ModelGuard(model, train=bool(train)), private_rng(seed, ps.device):
+    with ModelGuard(model, train=check_bool("train", train)), private_rng(seed, ps.device), \
+            torch.inference_mode(False), torch.enable_grad():
         batches = iter_batches(data, device=ps.device, dtype=ps.dtype, n_batches=n_batches)
         for inputs, targets in maybe_progress(batches, progress, None, "class losses"):
             if targets.dim() != 1 or targets.is_floating_point() or targets.is_complex():
