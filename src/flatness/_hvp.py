@@ -93,9 +93,12 @@ ENGINES = ("auto", "forward-over-reverse", "double-backward")
 MAX_KEPT_BATCHES = 4
 
 #: "auto" uses forward-over-reverse only for at least this many vectors per
-#: pass (below it one double-backward product per vector is cheaper, as
-#: measured by benchmarks/bench_hessian.py).
+#: pass: below it one double-backward product per vector is cheaper, as
+#: measured by benchmarks/bench_hessian.py on CPU (MLP, CNN): with graphs
+#: rebuilt for every product (many batches) ...
 FORWARD_MIN_K = 8
+#: ... and with a kept graph (one batch or a few).
+FORWARD_MIN_K_KEPT = 32
 
 Tangents = tuple[Tensor, ...]
 
@@ -626,10 +629,19 @@ class CurvatureOperator:
         written = buffers_written_in_forward(self.model, self.params, inputs, targets, self.loss_fn)
         if written:
             return "double-backward", "buffers written in forward: " + ", ".join(written)
-        if self._keeps_graph():
-            return "double-backward", "one batch (or a few): the gradient's graph is kept, one backward per product"
+        if self._keeps_graph() and k < FORWARD_MIN_K_KEPT:
+            return "double-backward", (
+                f"one batch (or a few) and {k} vector(s) per pass: the gradient's graph is kept, "
+                "one backward per product"
+            )
         if k < FORWARD_MIN_K:
             return "double-backward", f"{k} vector(s) per pass: double backward is cheaper below {FORWARD_MIN_K}"
+        attention = [name or "<root>" for name, m in unwrap(self.model).named_modules()
+                     if isinstance(m, nn.MultiheadAttention)]
+        if attention:
+            # vmap over the math attention kernel costs more than k backward
+            # passes (measured in benchmarks/bench_hessian.py)
+            return "double-backward", "attention modules (" + ", ".join(attention) + ")"
         # A probe product on one sample: some kernels (GroupNorm on
         # channels_last tensors, fused losses) lack forward-mode formulas.
         from flatness._model import _slice

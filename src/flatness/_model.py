@@ -519,7 +519,7 @@ class ModelGuard(contextlib.AbstractContextManager):
         self._params = [(p, p.requires_grad, p.grad) for p in m.parameters()]
         # Every buffer, in every mode: forward passes may write buffers in
         # eval mode too (counters, running averages).
-        self._buffers = [(b, b.detach().clone()) for b in m.buffers()]
+        self._buffers = [(b, b.detach().clone(), b._version) for b in m.buffers()]
         m.train(self.train)
         return self
 
@@ -531,8 +531,11 @@ class ModelGuard(contextlib.AbstractContextManager):
                 p.requires_grad_(req)
             p.grad = grad
         with torch.no_grad():
-            for b, saved in self._buffers:
-                b.copy_(saved)
+            for b, saved, version in self._buffers:
+                # only if written: an untouched buffer keeps its version
+                # counter, so graphs kept across calls stay valid
+                if b._version != version:
+                    b.copy_(saved)
 
 
 @contextlib.contextmanager
