@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from flatness._distributed import sum_
+from flatness._distributed import enabled, sum_
 from flatness._model import ResultMixin as _BaseResult
 from flatness._model import (
     check_int,
@@ -543,6 +543,12 @@ class CurvatureOperator:
         # the caller's no_grad() or inference_mode().  no_grad for the
         # transforms: parameters outside the selection must not record a
         # graph (torch.func differentiates regardless of the outer mode).
+        if self._kept is not None and self._kept_key == self._state_key():
+            # No forward pass: backward passes through the kept graphs only,
+            # which touch neither the module nor the RNG.
+            with torch.inference_mode(False), torch.no_grad(), curvature_kernels():
+                total, acc = self._accumulate((nb, g.products(tangents)) for nb, g in self._kept)
+            return self._finish(k, total, acc)
         with ModelGuard(self.model, train=self.train), torch.inference_mode(False), torch.no_grad(), \
                 curvature_kernels():
             if self.engine is None:
@@ -555,6 +561,9 @@ class CurvatureOperator:
                     total, acc = self._accumulate(
                         (nb, self._batch(inputs, targets, tangents)) for nb, inputs, targets in self._batches()
                     )
+        return self._finish(k, total, acc)
+
+    def _finish(self, k: int, total: int, acc: list[Tensor]) -> Tangents:
         # Inside a torch.distributed process group: the average over every
         # rank's batches (acc summed in place; no-op otherwise).
         total = sum_(*acc, total)[-1]
@@ -563,7 +572,7 @@ class CurvatureOperator:
         self.n_hvp += k
         if self.progress is not None:
             self.progress.update(k)
-        return tuple(a / total for a in acc)
+        return tuple(acc) if total == 1 else tuple(a / total for a in acc)
 
     def _batches(self) -> Iterator[tuple[int, Any, Tensor]]:
         ps = self.params
@@ -572,15 +581,22 @@ class CurvatureOperator:
 
     @staticmethod
     def _accumulate(products: Iterable[tuple[int, Tangents]]) -> tuple[int, list[Tensor]]:
-        total, acc = 0, None
+        """``(N, sum_b n_b C_b v)``; with one batch ``(1, C v)`` (no copy)."""
+        total, acc, first = 0, None, None
         for nb, out in products:
-            if acc is None:
-                acc = [o * nb for o in out]
+            if first is None:
+                first = (nb, out)
             else:
+                if acc is None:
+                    acc = [o * first[0] for o in first[1]]
                 for a, o in zip(acc, out):
                     a.add_(o, alpha=nb)
             total += nb
-        assert acc is not None  # iter_batches raises on empty data
+        assert first is not None  # iter_batches raises on empty data
+        if acc is None:
+            if not enabled():  # one batch: C v itself
+                return 1, list(first[1])
+            acc = [o * first[0] for o in first[1]]  # ranks are weighted by their sizes
         return total, acc
 
     def _state_key(self) -> tuple[Any, ...]:

@@ -436,6 +436,9 @@ def normalize_logits(z: Tensor) -> Tensor:
     return centred / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def functional_loss(
     model: nn.Module,
     params: ParamSet,
@@ -450,7 +453,10 @@ def functional_loss(
     """Loss of ``model`` with the selected parameters replaced by ``values``.
 
     The module itself is not modified: ``torch.func.functional_call`` swaps
-    the tensors for the duration of the forward pass only.  ``extra`` maps
+    the tensors for the duration of the forward pass only.  Outputs of a
+    float16 / bfloat16 model are cast to float32 before ``loss_fn``, so the
+    loss and differences of losses are not quantized to the low precision's
+    step.  ``extra`` maps
     further parameter or buffer names to tensors to use instead of the
     module's (e.g. copies on another device).
     """
@@ -459,6 +465,11 @@ def functional_loss(
     if extra:
         state = {**extra, **state}
     outputs = functional_call(module, state, _as_args(inputs), _as_kwargs(inputs), strict=False)
+    if isinstance(outputs, Tensor) and outputs.dtype in _LOW_PRECISION:
+        # The loss of a float16 / bfloat16 model in float32: in bfloat16 a
+        # loss near 1 has a resolution of 0.0078, coarser than most
+        # sharpness values (differences of two losses).
+        outputs = outputs.float()
     if logit_normalization:
         outputs = normalize_logits(outputs)
     loss = loss_fn(outputs, targets)
@@ -586,6 +597,20 @@ def disable_running_stats(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
+def _forked_rng(device: torch.device) -> Iterator[None]:
+    # torch.random.fork_rng, for the CPU and this one CUDA device only, without
+    # its accelerator lookup (~10 ms per call, paid by every product)
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
+@contextlib.contextmanager
 def private_rng(seed: int | None, device: torch.device) -> Iterator[torch.Generator]:
     """A private generator seeded with ``seed``; the global RNG state is saved
     and restored, so dropout inside the measurement is reproducible from
@@ -601,14 +626,19 @@ def private_rng(seed: int | None, device: torch.device) -> Iterator[torch.Genera
     from ._distributed import shared_seed
 
     seed = shared_seed(seed)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=True):
+    with _forked_rng(device):
         gen = torch.Generator(device=device)
         if seed is None:
             gen.seed()
         else:
             gen.manual_seed(seed)
-            torch.manual_seed(seed)  # dropout etc. inside the forked state
+            # dropout etc. inside the forked state; the generators directly
+            # (torch.manual_seed records a stack trace, ~10 ms per call, and
+            # seeds every CUDA device, not only the forked one)
+            torch.default_generator.manual_seed(seed)
+            if device.type == "cuda":
+                index = device.index if device.index is not None else torch.cuda.current_device()
+                torch.cuda.default_generators[index].manual_seed(seed)
         yield gen
 
 
