@@ -67,6 +67,7 @@ from flatness._model import (
     iter_batches,
     private_rng,
     require_finite,
+    same_bits,
     select_params,
     unwrap,
 )
@@ -161,10 +162,14 @@ def buffers_written_in_forward(
     copies = {name: b.clone() for name, b in module.named_buffers()}
     if not copies:
         return []
+    originals = {name: b.clone() for name, b in copies.items()}
     versions = {name: b._version for name, b in copies.items()}
     with torch.no_grad():
         functional_loss(model, ps, ps.detached(), inputs, targets, loss_fn, extra=copies)
-    return [name for name, b in copies.items() if b._version != versions[name]]
+    # the version counter catches in-place writes by operators; BatchNorm's
+    # kernel updates its statistics without bumping it, so compare values too
+    return [name for name, b in copies.items()
+            if b._version != versions[name] or not same_bits(b, originals[name])]
 
 
 def _plain(value: Any) -> Any:

@@ -187,6 +187,8 @@ def blind_layers(
                 found[layer.name] = "weights used without calling the module (a functional use)"
             continue
         a, e = calls[0]
+        if a.numel() == 0 or e.numel() == 0:
+            continue  # an empty layer: nothing to factor, nothing hidden
         x, g, _ = _positions(layer, a, e)
         rebuilt = []
         if layer.weight is not None:

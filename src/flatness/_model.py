@@ -498,6 +498,20 @@ def _as_kwargs(inputs: Any) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------
 
 
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors of one shape and dtype hold the same bits (NaNs
+    and the sign of zero included, unlike ``torch.equal``)."""
+    if a.dtype.is_floating_point and a.element_size() in _INT_OF_SIZE:
+        kind = _INT_OF_SIZE[a.element_size()]
+        return torch.equal(a.detach().view(kind), b.detach().view(kind))
+    if a.dtype.is_floating_point or a.dtype.is_complex:
+        return False  # no integer view: treat as changed (it is copied back)
+    return torch.equal(a, b)
+
+
 class ModelGuard(contextlib.AbstractContextManager):
     """Put the model in the measurement mode and restore it on exit.
 
@@ -530,7 +544,7 @@ class ModelGuard(contextlib.AbstractContextManager):
         self._params = [(p, p.requires_grad, p.grad) for p in m.parameters()]
         # Every buffer, in every mode: forward passes may write buffers in
         # eval mode too (counters, running averages).
-        self._buffers = [(b, b.detach().clone(), b._version) for b in m.buffers()]
+        self._buffers = [(b, b.detach().clone()) for b in m.buffers()]
         m.train(self.train)
         return self
 
@@ -542,10 +556,12 @@ class ModelGuard(contextlib.AbstractContextManager):
                 p.requires_grad_(req)
             p.grad = grad
         with torch.no_grad():
-            for b, saved, version in self._buffers:
-                # only if written: an untouched buffer keeps its version
-                # counter, so graphs kept across calls stay valid
-                if b._version != version:
+            for b, saved in self._buffers:
+                # only if changed: writing an untouched buffer would bump its
+                # version counter and invalidate graphs kept across calls.
+                # (BatchNorm's kernel updates running statistics without
+                # bumping the counter, so the values are compared.)
+                if not same_bits(b, saved):
                     b.copy_(saved)
 
 
