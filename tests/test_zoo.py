@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zoo import CASES, assert_same_state, dense_hessian, state
+from zoo import CASES, _reference_kernels, assert_same_state, dense_hessian, flat_loss, per_sample_gradients, state
 
-from flatness import hessian
+import flatness
+from flatness import diversity, hessian
+from flatness import nonuniformity as nu
 from flatness._hvp import CurvatureOperator
 
 DT = torch.float64
@@ -49,7 +51,7 @@ def test_forward_over_reverse_matches_dense_where_supported(name):
 def test_top_eigenvalue_and_trace_match_dense(zoo_case):
     model, batch = zoo_case.build(), zoo_case.batch()
     before = state(model)
-    kw = dict(loss_fn=zoo_case.loss_fn, train=zoo_case.train)
+    kw = {"loss_fn": zoo_case.loss_fn, "train": zoo_case.train}
     eig = hessian.top_eigenvalues(model, batch, k=1, tol=1e-10, **kw)
     tr = hessian.trace(model, batch, method="exact", **kw)
     ref = dense_hessian(zoo_case, model, batch)
@@ -134,8 +136,6 @@ def test_compiled_model_top_eigenvalue():
 
 # -- per-sample gradients and K-FAC ---------------------------------------------
 
-from flatness import nonuniformity as nu  # noqa: E402
-from zoo import per_sample_gradients  # noqa: E402
 
 
 def _singletons(batch):
@@ -213,8 +213,6 @@ def test_nonuniform_sam_refuses_parameters_it_cannot_perturb():
 
 # -- grad modes, RNG, options -----------------------------------------------------
 
-import flatness  # noqa: E402
-from flatness import diversity  # noqa: E402
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
@@ -277,7 +275,6 @@ def test_options_seeds_devices_and_outputs_are_checked():
 
 # -- sharpness kinds and SAM --------------------------------------------------------
 
-from zoo import flat_loss  # noqa: E402
 
 FIRST_ORDER = {  # max of the linearized loss over each set, for small rho
     "l2": lambda g, w: g.norm(),
@@ -296,8 +293,6 @@ def test_worst_case_sharpness_matches_first_order_value_for_small_rho(zoo_case, 
     rho = 1e-6
     f, w0, _, _ = flat_loss(zoo_case, model, batch)
     w = w0.clone().requires_grad_(True)
-    from zoo import _reference_kernels
-
     with _reference_kernels():
         (g,) = torch.autograd.grad(f(w), w)
     ref = rho * float(FIRST_ORDER[kind](g, w0))
@@ -322,9 +317,7 @@ def test_one_sam_step_matches_a_hand_written_step(zoo_case):
         pytest.skip("dropout / forward-written buffers: the two passes see different functions")
     model, batch = zoo_case.build(), zoo_case.batch()
     rho, lr = 0.05, 0.1
-    f, w0, names, _ = flat_loss(zoo_case, model, batch)
-    from zoo import _reference_kernels
-
+    f, w0, _, _ = flat_loss(zoo_case, model, batch)
     with _reference_kernels():
         w = w0.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(f(w), w)

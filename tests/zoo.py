@@ -77,6 +77,16 @@ def _sequences(n: int = 5, t: int = 3, d: int = 4, classes: int = 3, seed: int =
     return torch.randn(n, t, d, generator=g, dtype=DT), torch.randint(0, classes, (n,), generator=g)
 
 
+def _channels_last_images():
+    x, y = _images()
+    return x.to(memory_format=torch.channels_last), y
+
+
+def _dict_vectors():
+    x, y = _vectors()
+    return {"input_values": x}, y
+
+
 def _seeded(fn: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         with torch.random.fork_rng():
@@ -244,8 +254,7 @@ CASES: dict[str, Case] = {
     for c in [
         Case("mlp", _seeded(mlp), _vectors),
         Case("cnn_bn", _seeded(cnn_bn), _images),
-        Case("cnn_channels_last", _seeded(cnn_channels_last),
-             lambda: (lambda b: (b[0].to(memory_format=torch.channels_last), b[1]))(_images())),
+        Case("cnn_channels_last", _seeded(cnn_channels_last), _channels_last_images),
         Case("resnet_block", _seeded(ResBlock), _images),
         Case("transformer", _seeded(TransformerClassifier), _sequences, tags=frozenset({"attention", "kfac-blind"})),
         Case("transformer_train", _seeded(TransformerClassifier), _sequences, train=True,
@@ -256,7 +265,7 @@ CASES: dict[str, Case] = {
         Case("tied_embeddings", _seeded(TiedLM), _tokens, tags=frozenset({"tied"})),
         Case("weight_norm", _seeded(weight_norm_mlp), _vectors, tags=frozenset({"parametrized"})),
         Case("spectral_norm", _seeded(spectral_norm_mlp), _vectors, tags=frozenset({"parametrized"})),
-        Case("dict_outputs", _seeded(DictModel), lambda: (lambda b: ({"input_values": b[0]}, b[1]))(_vectors()),
+        Case("dict_outputs", _seeded(DictModel), _dict_vectors,
              loss_fn=dict_loss, tags=frozenset({"dict"})),
         Case("pre_hook", _seeded(pre_hook_mlp), _vectors),
         Case("compiled", _seeded(compiled_mlp), _vectors, tags=frozenset({"compile"})),
@@ -362,7 +371,7 @@ def dense_hessian(case: Case, model: nn.Module, batch: tuple[Any, torch.Tensor],
 def per_sample_gradients(case: Case, model: nn.Module, batch: tuple[Any, torch.Tensor]) -> torch.Tensor:
     """``(n, p)`` per-sample gradients of the loss on batches of one, by a
     plain loop of ``torch.autograd.grad`` (eval mode)."""
-    f_unused, w0, _, ref = flat_loss(case, model, batch)
+    _, w0, _, ref = flat_loss(case, model, batch)
     ref.eval()
     inputs, targets = batch
     rows = []

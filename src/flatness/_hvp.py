@@ -75,13 +75,14 @@ from flatness._model import (
 __all__ = [
     "CURVATURES",
     "ENGINES",
-    "choose_engine",
-    "curvature_kernels",
-    "reverse_only_modules",
     "CurvatureOperator",
+    "KeptGraph",
     "ResultMixin",
     "batch_curvature_products",
+    "buffers_written_in_forward",
+    "curvature_kernels",
     "double_backward_hvp",
+    "reverse_only_modules",
 ]
 
 #: The curvature matrices an operator can represent.
