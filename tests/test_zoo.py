@@ -350,3 +350,22 @@ def test_bfloat16_losses_are_computed_in_float32():
     low = flatness.sharpness(model.to(torch.bfloat16), batch, kind="avg_l2", rho=1e-2, n_samples=20).value
     # in bfloat16 the loss (about 2.3) has a step of 0.0156: the value would be a multiple of it
     assert low == pytest.approx(ref, rel=0.1) and ref > 0
+
+
+def test_worker_loader_leaves_the_callers_rng_alone():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = CASES["mlp"].batch()
+    loader = DataLoader(TensorDataset(x, y), batch_size=3, shuffle=True, num_workers=1)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    hessian.top_eigenvalues(CASES["mlp"].build(), loader, max_iter=3)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_ggn_of_a_dict_output_model_is_refused_clearly():
+    case = CASES["dict_outputs"]
+    with pytest.raises(ValueError, match="returns one tensor"):
+        hessian.top_eigenvalues(case.build(), case.batch(), loss_fn=case.loss_fn, curvature="ggn")
+    with pytest.raises(ValueError, match="LSTM"):
+        hessian.trace(CASES["lstm"].build(), CASES["lstm"].batch(), engine="forward-over-reverse")
