@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 from torch import Tensor, nn
-from torch.func import grad, vmap
 
 from flatness._distributed import cat_over_ranks, sum_
 from flatness._model import (
@@ -47,6 +46,7 @@ from flatness._model import (
     check_rho,
     default_loss,
     functional_loss,
+    grad_enabled,
     iter_batches,
     maybe_progress,
     require_finite,
@@ -54,7 +54,7 @@ from flatness._model import (
     to_device,
     unwrap,
 )
-from flatness._per_sample import _add_batch_dim, check_chunk_size, iter_per_sample_grads
+from flatness._per_sample import check_chunk_size, iter_per_sample_grads
 
 __all__ = [
     "EnsembleMetrics",
@@ -813,6 +813,7 @@ def random_split(
 # --------------------------------------------------------------------------
 
 
+@grad_enabled
 def per_sample_sharpness(
     model: nn.Module,
     data: Any,
@@ -908,12 +909,11 @@ def _sample_losses(
     model: nn.Module, ps: ParamSet, values: list[Tensor], inputs: Any, targets: Tensor,
     loss_fn: LossFn,
 ) -> Tensor:
-    """Each sample's loss: ``loss_fn`` on a batch of one, vmapped."""
+    """Each sample's loss: ``loss_fn`` on a batch of one (vmapped, or looped
+    where vmap cannot run the model: recurrent kernels, buffer writes)."""
+    from flatness._per_sample import per_sample_losses
 
-    def one(x: Any, y: Tensor) -> Tensor:
-        return functional_loss(model, ps, values, _add_batch_dim(x), _add_batch_dim(y), loss_fn)
-
-    return vmap(one)(inputs, targets)
+    return per_sample_losses(model, ps, inputs, targets, loss_fn, values=values)
 
 
 def _sam_scores(
@@ -924,7 +924,14 @@ def _sam_scores(
     rows = []
     batches = iter_batches(data, device=ps.device, dtype=ps.dtype)
     for inputs, targets in maybe_progress(batches, progress, None, "sam scores"):
-        g = grad(lambda v: functional_loss(model, ps, v, inputs, targets, loss_fn))(weights)
+        # plain autograd (not torch.func.grad): works for every module, also
+        # one that writes a buffer in forward (on copies of the buffers)
+        leaves = [w.detach().requires_grad_(True) for w in weights]
+        buffers = {n: b.clone() for n, b in unwrap(model).named_buffers()}
+        with torch.enable_grad():
+            loss = functional_loss(model, ps, leaves, inputs, targets, loss_fn, extra=buffers)
+            g = torch.autograd.grad(loss, leaves, allow_unused=True)
+        g = [torch.zeros_like(w) if gi is None else gi for w, gi in zip(weights, g)]
         with torch.no_grad():
             # ASAM: e = rho * T^2 g / ||T g|| with T = |w|; SAM: T = 1.
             scaled = [w.abs() * gi for w, gi in zip(weights, g)] if adaptive else g

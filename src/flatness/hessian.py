@@ -35,6 +35,7 @@ from flatness._model import (
     batch_size,
     check_int,
     functional_loss,
+    grad_enabled,
     iter_batches,
     maybe_progress,
     private_rng,
@@ -83,6 +84,9 @@ class EigenResult(ResultMixin):
     converged : bool
     settings : dict
     wall_time : float
+    engine : str
+        ``"forward-over-reverse"`` or ``"double-backward"``: how the products
+        were computed (``settings["engine_reason"]`` says why).
     """
 
     eigenvalues: Tensor
@@ -94,6 +98,7 @@ class EigenResult(ResultMixin):
     converged: bool
     settings: dict[str, Any] = field(default_factory=dict)
     wall_time: float = 0.0
+    engine: str = ""
     _skip = ("eigenvectors",)
 
 
@@ -113,6 +118,9 @@ class TraceResult(ResultMixin):
         The random quadratic forms the estimate averages (empty for exact).
     settings : dict
     wall_time : float
+    engine : str
+        ``"forward-over-reverse"`` or ``"double-backward"``: how the products
+        were computed (``settings["engine_reason"]`` says why).
     """
 
     value: float
@@ -122,6 +130,7 @@ class TraceResult(ResultMixin):
     samples: Tensor
     settings: dict[str, Any] = field(default_factory=dict)
     wall_time: float = 0.0
+    engine: str = ""
 
     def __float__(self) -> float:
         return float(self.value)
@@ -146,6 +155,9 @@ class SpectralDensity(ResultMixin):
     n_hvp : int
     settings : dict
     wall_time : float
+    engine : str
+        ``"forward-over-reverse"`` or ``"double-backward"``: how the products
+        were computed (``settings["engine_reason"]`` says why).
     """
 
     grid: Tensor
@@ -156,6 +168,7 @@ class SpectralDensity(ResultMixin):
     n_hvp: int
     settings: dict[str, Any] = field(default_factory=dict)
     wall_time: float = 0.0
+    engine: str = ""
 
     def moment(self, p: int) -> float:
         """Estimate of ``tr(H**p) / n`` from the quadrature (no smoothing)."""
@@ -208,6 +221,8 @@ def _common_settings(op: CurvatureOperator, seed: int | None) -> dict[str, Any]:
         "seed": seed,
         "dtype": str(op.dtype),
         "loss_fn": getattr(op.loss_fn, "__name__", type(op.loss_fn).__name__),
+        "engine": op.engine,
+        "engine_reason": op.engine_reason,
     }
 
 
@@ -216,6 +231,7 @@ def _common_settings(op: CurvatureOperator, seed: int | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 
 
+@grad_enabled
 def hvp(
     model: nn.Module,
     data: Any,
@@ -227,6 +243,7 @@ def hvp(
     n_batches: int | None = None,
     train: bool = False,
     chunk_size: int | None = None,
+    engine: str = "auto",
 ) -> list[Tensor]:
     """Hessian-vector (or GGN-vector) products of the loss.
 
@@ -246,6 +263,9 @@ def hvp(
         The Hessian, or the generalized Gauss-Newton matrix ``J^T H_z J``.
     chunk_size : int, optional
         At most this many vectors per ``vmap`` call.
+    engine : {"auto", "forward-over-reverse", "double-backward"}
+        How the products are computed; ``"auto"`` chooses up front from the
+        module types, a probe and the cost (see :class:`CurvatureOperator`).
 
     Returns
     -------
@@ -254,7 +274,7 @@ def hvp(
     """
     op = CurvatureOperator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
-        n_batches=n_batches, train=train, chunk_size=chunk_size,
+        n_batches=n_batches, train=train, chunk_size=chunk_size, engine=engine,
     )
     shapes = [p.shape for p in op.params.params]
     vectors = list(vectors)
@@ -278,6 +298,7 @@ def hvp(
     return [o if batched else o[0] for o in out]
 
 
+@grad_enabled
 def top_eigenvalues(
     model: nn.Module,
     data: Any,
@@ -295,6 +316,7 @@ def top_eigenvalues(
     progress: bool = False,
     train: bool = False,
     chunk_size: int | None = None,
+    engine: str = "auto",
 ) -> EigenResult:
     """Top eigenpairs of the Hessian by Lanczos with full reorthogonalization.
 
@@ -321,7 +343,7 @@ def top_eigenvalues(
         Seed of the random start vector.
     progress : bool
         tqdm bar over products.
-    loss_fn, params, n_batches, train, chunk_size
+    loss_fn, params, n_batches, train, chunk_size, engine
         As in :func:`hvp`.
 
     Returns
@@ -339,7 +361,7 @@ def top_eigenvalues(
         raise ValueError(f"which must be 'LA', 'LM' or 'SA', got {which!r}")
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
-        n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed,
+        n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed, engine=engine,
     )
     n = op.shape[0]
     if k > n:
@@ -372,9 +394,11 @@ def top_eigenvalues(
         converged=res.converged,
         settings=settings,
         wall_time=time.perf_counter() - start,
+        engine=op.engine or "",
     )
 
 
+@grad_enabled
 def trace(
     model: nn.Module,
     data: Any,
@@ -390,6 +414,7 @@ def trace(
     train: bool = False,
     batch: int = 8,
     chunk_size: int | None = None,
+    engine: str = "auto",
 ) -> TraceResult:
     """Trace of the Hessian with a standard error.
 
@@ -406,7 +431,7 @@ def trace(
         Products to spend (ignored by ``"exact"``).
     batch : int
         Vectors per batched product pass.
-    loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size
+    loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size, engine
         As in :func:`top_eigenvalues`.
 
     Returns
@@ -422,7 +447,7 @@ def trace(
     check_int("batch", batch, 1)
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
-        n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed,
+        n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed, engine=engine,
     )
     n = op.shape[0]
     op.progress = _bar(progress, n if method == "exact" else n_samples, "trace")
@@ -443,10 +468,11 @@ def trace(
     settings.update(method=method, n_samples=n_samples)
     return TraceResult(
         value=value, std_error=std_error, method=method, n_hvp=op.n_hvp, samples=samples,
-        settings=settings, wall_time=time.perf_counter() - start,
+        settings=settings, wall_time=time.perf_counter() - start, engine=op.engine or "",
     )
 
 
+@grad_enabled
 def spectral_density(
     model: nn.Module,
     data: Any,
@@ -463,6 +489,7 @@ def spectral_density(
     progress: bool = False,
     train: bool = False,
     chunk_size: int | None = None,
+    engine: str = "auto",
 ) -> SpectralDensity:
     """Eigenvalue density of the Hessian by stochastic Lanczos quadrature.
 
@@ -483,7 +510,7 @@ def spectral_density(
         Points of the eigenvalue grid, which spans the nodes plus ``5 sigma``.
     sigma : float, optional
         Kernel width; default 1 % of the spectral range.
-    loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size
+    loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size, engine
         As in :func:`top_eigenvalues`.
 
     Returns
@@ -498,7 +525,7 @@ def spectral_density(
         _check_positive("sigma", sigma)
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
-        n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed,
+        n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed, engine=engine,
     )
     n = op.shape[0]
     op.progress = _bar(progress, n_vectors * min(n_steps, n), "slq")
@@ -518,7 +545,7 @@ def spectral_density(
     settings.update(n_vectors=n_vectors, n_steps=n_steps, grid_size=grid_size)
     return SpectralDensity(
         grid=grid, density=density, nodes=nodes, weights=weights, sigma=sigma, n_hvp=op.n_hvp,
-        settings=settings, wall_time=time.perf_counter() - start,
+        settings=settings, wall_time=time.perf_counter() - start, engine=op.engine or "",
     )
 
 

@@ -35,6 +35,7 @@ from ._model import (
     check_rho,
     default_loss,
     functional_loss,
+    grad_enabled,
     iter_batches,
     maybe_progress,
     private_rng,
@@ -361,6 +362,7 @@ KINDS: dict[str, SharpnessFn] = {
 }
 
 
+@grad_enabled
 def sharpness(
     model: nn.Module,
     data: Any,

@@ -515,8 +515,10 @@ class NonuniformSAM(_KFACMixin, SharpnessAwareOptimizer):
     authors' code.  ``centered=False`` is the plain natural direction of the
     second moment (:math:`e^\top F e = \rho^2`; ``gam_scaling`` has no
     effect then).  In every form the perturbation moves least along
-    directions of large gradient noise; parameters outside the factored
-    layers are not perturbed.  Two passes, like SAM.
+    directions of large gradient noise.  Every perturbed parameter must belong
+    to a factored layer (the constructor refuses others, e.g.
+    ``nn.MultiheadAttention``'s projections or normalization weights: give
+    them a param group with ``perturb=False``).  Two passes, like SAM.
 
     K-FAC's ``A (x) G`` is not the exact second moment (for which ``q <=
     1`` always), so ``q`` near or above 1 does happen, and the centring
@@ -583,6 +585,13 @@ class NonuniformSAM(_KFACMixin, SharpnessAwareOptimizer):
             per_replica=per_replica, model=model, freeze_bn=freeze_bn, **base_kwargs,
         )
         self._init_kfac("kfac", model, damping, stat_decay, update_freq)
+        if self._kfac is not None and self._kfac.unsupported:
+            # They would silently stay unperturbed: refuse instead.
+            raise ValueError(
+                "NonuniformSAM perturbs Kronecker-factored Linear/Conv2d layers only; these "
+                f"parameters would not be perturbed: {self._kfac.unsupported}. Put them in a "
+                "param group with perturb=False (or use ConsistentSAM)"
+            )
         self.centered = centered
         self.gam_scaling = gam_scaling
 
