@@ -62,7 +62,7 @@ from torch.func import hessian as func_hessian
 from torch.func import vjp, vmap
 
 from flatness._distributed import sum_
-from flatness._hvp import CurvatureOperator, ResultMixin, _outputs
+from flatness._hvp import CurvatureOperator, ResultMixin, _outputs, double_backward_hvp
 from flatness._lanczos import exact_diagonal, rademacher
 from flatness._model import (
     LossFn,
@@ -684,7 +684,10 @@ def _verify_exactness(op: CurvatureOperator, inputs: Any, targets: Tensor, gn_di
         offset += k
     E = torch.zeros(ps.numel, T, dtype=ps.dtype, device=ps.device)
     E[picks, torch.arange(T)] = 1
-    HE = op.flatten(op._batch(inputs, targets, op.unflatten(E)), batched=True)
+    # one batch, few vectors: double backward, which works for every loss
+    HE = op.flatten(
+        double_backward_hvp(op.model, ps, inputs, targets, op.unflatten(E), loss_fn=op.loss_fn), batched=True
+    )
     h = HE[picks, torch.arange(T)].double()
     gn = gn_diag[picks]
     scale = torch.maximum(gn.abs(), h.abs()).clamp_min(float(gn.abs().max()) * 1e-6)
