@@ -37,8 +37,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _rank_main(rank: int, worker: Callable[..., None], world: int, init_file: str,
+def _rank_main(rank: int, worker: Callable[..., None], world: int, tmp: str,
                args: tuple[Any, ...], group_timeout: float) -> None:
+    init_file = str(Path(tmp) / "init")
     torch.set_num_threads(1)  # ranks share 2 cores: no intra-op oversubscription
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=group_timeout))
@@ -47,6 +48,9 @@ def _rank_main(rank: int, worker: Callable[..., None], world: int, init_file: st
         worker(rank, world, *args)
     except BaseException as exc:  # noqa: BLE001 - re-raised below, after the teardown
         error = "".join(traceback.format_exception(exc))
+        # Written before the teardown: the other ranks notice this one's
+        # exit (a closed connection) only after the file exists.
+        (Path(tmp) / f"error-rank{rank}.txt").write_text(error, encoding="utf-8")
     # The worker's frames, and any DDP reducer in them, are released here.
     gc.collect()
     if error is None:
@@ -70,16 +74,28 @@ def run_gloo(worker: Callable[..., None], world: int, *args: Any, deadline: floa
     if method == "forkserver":
         multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "flatness", worker.__module__])
     with tempfile.TemporaryDirectory(prefix="gloo-") as tmp:
-        init_file = str(Path(tmp) / "init")
-        job = mp.start_processes(_rank_main, args=(worker, world, init_file, args, group_timeout),
+        job = mp.start_processes(_rank_main, args=(worker, world, tmp, args, group_timeout),
                                  nprocs=world, join=False, start_method=method)
         stop = time.monotonic() + deadline
         try:
             while not job.join(timeout=1):
                 if time.monotonic() > stop:
-                    pytest.fail(f"the {world}-process job did not finish in {deadline:.0f} s (a rank hangs)")
+                    pytest.fail(f"the {world}-process job did not finish in {deadline:.0f} s (a rank hangs)"
+                                + _worker_errors(tmp))
+        except mp.ProcessRaisedException as exc:
+            # Report the rank whose worker failed, not a rank that only saw
+            # its peer's connection close during the teardown.
+            errors = _worker_errors(tmp)
+            if errors:
+                raise RuntimeError(errors) from None
+            raise exc
         finally:
             for p in job.processes:
                 if p.is_alive():
                     p.kill()
                     p.join(5)
+
+
+def _worker_errors(tmp: str) -> str:
+    files = sorted(Path(tmp).glob("error-rank*.txt"))
+    return "".join(f"\n{f.stem}:\n{f.read_text(encoding='utf-8')}" for f in files)
