@@ -1,12 +1,12 @@
-"""The ``python -m flatness`` command line (also installed as ``flatness``).
+r"""The ``python -m flatness`` command line (also installed as ``flatness``).
 
 Two subcommands, each loading a model, an optional checkpoint and a data file,
 and writing one JSON document (to ``--output`` or stdout)::
 
-    python -m flatness sharpness --model mymodels:resnet --checkpoint model.pt \\
-        --data test.npz --n-eval 1024 --batch-size 128 \\
+    python -m flatness sharpness --model mymodels:resnet --checkpoint model.pt \
+        --data test.npz --n-eval 1024 --batch-size 128 \
         --kind adaptive_linf --rho 0.001 --normalize-logits --n-iters 20
-    python -m flatness hessian --model path/to/models.py:make_mlp --data train.pt \\
+    python -m flatness hessian --model path/to/models.py:make_mlp --data train.pt \
         --quantity eigenvalues --k 3
 
 The reference evaluator's spellings (Andriushchenko et al. 2023,
