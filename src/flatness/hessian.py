@@ -174,9 +174,24 @@ class SpectralDensity(ResultMixin):
         """Estimate of ``tr(H**p) / n`` from the quadrature (no smoothing)."""
         return float((self.weights * self.nodes**p).sum(1).mean())
 
-    def plot(self, ax: Any = None, *, log: bool = True, **kwargs: Any) -> Any:
+    def plot(self, ax: Any = None, *, log: bool = False, floor: float = 1e-6, **kwargs: Any) -> Any:
         """Plot the density with matplotlib (``pip install flatness[plot]``);
-        returns the axes."""
+        returns the axes.
+
+        Parameters
+        ----------
+        ax : matplotlib Axes, optional
+            Where to draw (default: a new figure).
+        log : bool
+            A logarithmic density axis, which shows the small outlying
+            eigenvalues next to the bulk.  Its lower end is ``floor`` times
+            the peak density: the Gaussian smoothing's tails fall to 1e-300
+            and would otherwise stretch the axis over 300 decades.
+        floor : float
+            Lower end of the log axis, relative to the peak.
+        **kwargs
+            Passed to ``ax.plot``.
+        """
         try:
             import matplotlib.pyplot as plt
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -185,7 +200,11 @@ class SpectralDensity(ResultMixin):
             _, ax = plt.subplots()
         ax.plot(self.grid.numpy(), self.density.numpy(), **kwargs)
         if log:
+            peak = float(self.density.max())
             ax.set_yscale("log")
+            ax.set_ylim(peak * floor, peak * 2)
+        else:
+            ax.set_ylim(bottom=0)
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
         return ax
@@ -404,7 +423,7 @@ def trace(
     data: Any,
     *,
     method: str = "hutch++",
-    n_samples: int = 90,
+    n_samples: int | None = None,
     loss_fn: LossFn | None = None,
     params: Iterable[Any] | None = None,
     curvature: str = "hessian",
@@ -427,8 +446,9 @@ def trace(
         than a constant and much better when a few eigenvalues dominate.
         ``"hutchinson"``: the mean of ``z^T H z`` over Rademacher ``z``.
         ``"exact"``: ``n`` products with the unit vectors (small models).
-    n_samples : int
-        Products to spend (ignored by ``"exact"``).
+    n_samples : int, optional
+        Products to spend (default 90); ``"exact"`` takes none (it spends
+        one per parameter), and passing it there raises ``ValueError``.
     batch : int
         Vectors per batched product pass.
     loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size, engine
@@ -443,6 +463,10 @@ def trace(
     start = time.perf_counter()
     if method not in TRACE_METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(TRACE_METHODS)}")
+    if method == "exact" and n_samples is not None:
+        raise ValueError("flatness.hessian.trace: option n_samples= does not apply to method='exact' "
+                         "(it spends one product per parameter)")
+    n_samples = 90 if n_samples is None else n_samples
     check_int("n_samples", n_samples, 4 if method == "hutch++" else 2)
     check_int("batch", batch, 1)
     op = _operator(
