@@ -6,6 +6,7 @@ with flatness 0.1.0 on the path:
     PYTHONPATH=src python tests/data/make_sam_checkpoint_0_1_0.py
 """
 
+import copy
 from pathlib import Path
 
 import torch
@@ -43,14 +44,14 @@ def main() -> None:
     net = model()
     sam = SAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
     train(sam, net)
-    out["sam"] = sam.state_dict()
+    out["sam"] = copy.deepcopy(sam.state_dict())  # torch returns live state tensors
     out["sam_weights"] = {k: v.clone() for k, v in net.state_dict().items()}
     train(sam, net, 1)  # what 0.1.0 does next: a loaded checkpoint must continue alike
     out["sam_weights_next"] = {k: v.clone() for k, v in net.state_dict().items()}
     net = model()
     csam = ConsistentSAM(net.parameters(), torch.optim.SGD, rho=0.1, rho2=0.2, alpha=0.5, lr=0.1)
     train(csam, net)
-    out["consistent"] = csam.state_dict()
+    out["consistent"] = copy.deepcopy(csam.state_dict())
     out["consistent_weights"] = {k: v.clone() for k, v in net.state_dict().items()}
     train(csam, net, 1)
     out["consistent_weights_next"] = {k: v.clone() for k, v in net.state_dict().items()}
