@@ -63,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import types
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
@@ -376,7 +377,11 @@ class SharpnessAwareOptimizer(Optimizer):
                 self._rename_settings(group, strict=False)
             # Optimizer.__init__ fills the variant's defaults into the base
             # optimizer's own group dicts (same objects).
-            super().__init__(base.param_groups, _prefixed(settings))
+            self._adopting = True
+            try:
+                super().__init__(base.param_groups, _prefixed(settings))
+            finally:
+                del self._adopting
         elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
             if issubclass(base_optimizer, SharpnessAwareOptimizer):
                 raise TypeError("base_optimizer must be a plain optimizer, not another SAM")
@@ -442,6 +447,7 @@ class SharpnessAwareOptimizer(Optimizer):
         the base's; in a group the user writes (``strict``) it is ambiguous
         unless the ``sam_`` spelling is given too, and refused.
         """
+        renamed = []
         for name in self.sam_defaults:
             if name not in group:
                 continue
@@ -456,13 +462,17 @@ class SharpnessAwareOptimizer(Optimizer):
                 continue
             if key in group:
                 raise ValueError(f"param group gives both {name!r} and {key!r}; keep {key!r}")
+            renamed.append(name)
+        if renamed:
             warnings.warn(
-                f"param group key {name!r} is deprecated for {type(self).__name__}'s setting; "
-                f"write {key!r} (keys without the prefix belong to the base optimizer)",
+                f"param group key(s) {renamed} are deprecated for {type(self).__name__}'s settings; "
+                f"write {[SAM_PREFIX + n for n in renamed]} (keys without the prefix belong to the "
+                "base optimizer)",
                 FutureWarning,
                 stacklevel=_user_stacklevel(),
             )
-            group[key] = group.pop(name)
+            for name in renamed:
+                group[SAM_PREFIX + name] = group.pop(name)
 
     def sam_settings(self, group: dict[str, Any]) -> "GroupSettings":
         """A param group as the variant sees it: its settings by short name
@@ -477,7 +487,7 @@ class SharpnessAwareOptimizer(Optimizer):
         """Add a group to this optimizer and to the base optimizer (one list)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        self._rename_settings(param_group, strict=True)
+        self._rename_settings(param_group, strict=not getattr(self, "_adopting", False))
         for key, value in param_group.items():
             if key.startswith(SAM_PREFIX):
                 name = key[len(SAM_PREFIX):]
@@ -968,7 +978,9 @@ class SharpnessAwareOptimizer(Optimizer):
         return {
             k: v
             for k, v in self.__dict__.items()
-            if k not in self._pickle_exclude and not k.startswith("_optimizer_") and not isinstance(v, nn.Module)
+            if k not in self._pickle_exclude
+            and not k.startswith("_optimizer_")  # hooks
+            and not isinstance(v, (nn.Module, types.FunctionType, types.MethodType))  # e.g. a scheduler's step patch
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
