@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._base import (
     AscentGroup,
+    GroupSettings,
     ScaledDirection,
     SharpnessAwareOptimizer,
     disable_running_stats,
@@ -22,6 +23,7 @@ from .subset import subset_sam_step
 __all__ = [
     "SAM",
     "AscentGroup",
+    "GroupSettings",
     "ScaledDirection",
     "ConsistentSAM",
     "NonuniformSAM",

@@ -24,8 +24,10 @@ How a subclass changes the ascent direction
 -------------------------------------------
 Override :meth:`SharpnessAwareOptimizer.ascent_direction`. It receives one
 :class:`AscentGroup` per param group that is perturbed (``perturb=True``) and
-has at least one gradient; each carries the group dict (``group["rho"]`` and
-any keys the subclass added to ``group_defaults``), the parameters that have
+has at least one gradient; each carries the group's settings (a
+:class:`GroupSettings` view: ``group["rho"]`` and any keys the subclass
+added to ``group_defaults``, under their short names, and the base
+optimizer's keys such as ``group["lr"]``), the parameters that have
 a gradient and those gradients (the live ``.grad`` tensors: clone them if you
 need them after the next backward). It returns, per group, the list of
 perturbations ``e`` (one tensor per parameter, same shapes), or a
@@ -50,6 +52,52 @@ goes into ``self.extra_state[p]`` (a dict per parameter, like
 :meth:`load_state_dict` restores it. It is kept apart from the base
 optimizer's ``state`` because torch optimizers initialize a parameter's state
 only while it is empty.
+
+Where the settings live
+-----------------------
+The variant's settings (``group_defaults``: ``rho``, ``adaptive``, ...) are
+stored in the shared param groups under the prefix ``sam_`` (``"sam_rho"``),
+so they never collide with the base optimizer's own keys (Adadelta's
+``rho``, RMSprop's and ASGD's ``alpha``): the wrapper never changes a base
+hyper-parameter.  Subclasses keep using the short names: in
+``group_defaults``, ``defaults``, ``_check_setting`` and, through
+:class:`GroupSettings`, in :meth:`ascent_direction` (``g.group["rho"]``).
+Code that reads a raw group (``self.param_groups[i]``) writes
+``group["sam_rho"]`` or ``self.sam_settings(group)["rho"]``; a raw
+``group["rho"]`` is the base optimizer's (or a ``KeyError``).  Schedulers of
+a setting write ``group["sam_rho"]``.  The constructor's own keywords
+(``rho=``) are the variant's; a base keyword of the same name goes in
+``base_kwargs={"rho": 0.9}``.  In a param group a bare ``"rho"`` is the
+0.1.0 spelling of ``"sam_rho"`` (renamed with a ``FutureWarning``) unless
+the base optimizer has a ``rho`` of its own; then it is ambiguous and
+refused, unless the group also gives ``"sam_rho"``.  ``self.defaults``
+holds the base optimizer's defaults plus the ``sam_`` ones (LR schedulers
+look for ``"momentum"`` / ``"betas"`` there); :attr:`sam_defaults` the
+variant's by short name.
+
+``torch.optim`` protocol
+------------------------
+:meth:`state_dict` and :meth:`load_state_dict` are ``torch.optim.Optimizer``'s
+(hooks registered on the object run; the base optimizer's ``__setstate__``
+upgrades old states).  The state dict records the wrapper's and the base
+optimizer's classes; a load of another one is refused before anything
+changes.  flatness 0.1.0 state dicts (settings under their short names) load.
+Pickling (``copy.deepcopy``, ``torch.save`` of the object) keeps optimizer
+state only: the model and anything holding modules (listed in
+``_pickle_exclude``; subclasses extend it) are dropped.  Base optimizers
+whose ``step`` requires a closure (LBFGS) are refused at construction.
+
+``torch.compile``
+-----------------
+The stages that change the weights or the step's bookkeeping
+(``first_step``, ``middle_step``, ``second_step``, ``restore``,
+``perturb``, ``stash_grad``, ``state_dict``, ``load_state_dict``) are
+wrapped in ``torch.compiler.disable``, in every subclass that defines them
+(``__init_subclass__``): inside a compiled training step they run eagerly,
+between the compiled graphs of the forward and backward passes, so no traced
+graph can skip their side effects.  ``step(closure)`` is disabled for its
+own frame only, so the closure (forward and backward) is compiled.  The base
+optimizer's step runs eagerly inside ``second_step``.
 
 Under DDP the gradients of both passes are all-reduced by DDP itself (one
 global perturbation; ``per_replica=True`` runs the first pass in
@@ -278,12 +326,14 @@ class SharpnessAwareOptimizer(Optimizer):
         (or the same parameters).
     base_optimizer : type or Optimizer
         A ``torch.optim.Optimizer`` subclass (constructed on the same param
-        groups with ``**base_kwargs``) or an optimizer instance.
+        groups with ``**kwargs`` and ``base_kwargs``) or an optimizer
+        instance.  One whose ``step`` requires a closure (LBFGS) is refused.
     defaults : dict, optional
         Group-level settings of the variant (``rho``, ``adaptive``, ...),
         overriding the class's :attr:`group_defaults`.  Groups may override
-        them in turn; ``perturb=False`` leaves a group out of the
-        perturbation (it still takes the base step).
+        them in turn, spelled ``"sam_rho"``, ...; ``"sam_perturb": False``
+        leaves a group out of the perturbation (it still takes the base
+        step).
     same_rng : bool
         Restore the global RNG state (CPU and the parameters' CUDA devices)
         before the second pass, so dropout draws the same masks at ``w`` and
@@ -301,7 +351,12 @@ class SharpnessAwareOptimizer(Optimizer):
         Run the second pass inside :func:`disable_running_stats` (BatchNorm
         running statistics are updated by the first pass only).  Needs
         ``model``.
-    **base_kwargs
+    base_kwargs : dict, optional
+        Arguments of ``base_optimizer`` (when it is a class) whose names the
+        variant also uses (Adadelta's ``rho``: ``base_kwargs={"rho": 0.9}``);
+        any other base argument may be given here too.  A name given both
+        here and as a keyword is refused.
+    **kwargs
         Passed to ``base_optimizer`` when it is a class.
     """
 

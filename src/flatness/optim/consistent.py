@@ -235,7 +235,9 @@ class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
     Parameters
     ----------
     params, base_optimizer, same_rng, per_replica, freeze_bn, **base_kwargs
-        As for :class:`~flatness.optim.SAM`.
+        As for :class:`~flatness.optim.SAM` (groups may set ``"sam_rho"``,
+        ``"sam_rho2"``, ``"sam_alpha"``, ...; RMSprop's own ``alpha`` goes in
+        ``base_kwargs={"alpha": 0.99}``).
     rho : float
         ``rho_1``, the first ascent radius (default 0.1, the paper's value).
     rho2 : float
