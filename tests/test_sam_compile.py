@@ -117,3 +117,41 @@ def test_stages_run_eagerly_in_subclasses():
 
     assert getattr(Counting.first_step, "_flatness_eager", False)
     assert getattr(Counting.__dict__["first_step"], "_torchdynamo_disable", False)
+    # and stages inherited from a mixin (NonuniformSAM's K-FAC bookkeeping)
+    from flatness.optim import NonuniformSAM
+
+    for name in ("first_step", "second_step", "restore", "step"):
+        assert getattr(getattr(NonuniformSAM, name), "_flatness_eager", False), name
+
+
+def test_compiled_step_with_passes_dropout_and_kfac():
+    # first_pass / second_pass (RNG replay, K-FAC capture) inside the compiled step
+    from flatness.optim import NonuniformSAM
+
+    x, y = _data()
+
+    def run(compiled):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 3))
+        opt = NonuniformSAM(model.parameters(), torch.optim.SGD, rho=0.05, model=model, lr=0.1, same_rng=True)
+
+        def train_step():
+            with opt.first_pass():
+                F.cross_entropy(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            with opt.second_pass():
+                F.cross_entropy(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+
+        if compiled:
+            train_step = torch.compile(train_step, backend="aot_eager")
+        torch.manual_seed(3)
+        for _ in range(3):
+            train_step()
+            assert not opt.is_perturbed
+        return [p.detach().clone() for p in model.parameters()], torch.rand(3)
+
+    (got, rng_got), (want, rng_want) = run(True), run(False)
+    _assert_close(got, want)
+    assert torch.equal(rng_got, rng_want)  # dropout drew the same numbers

@@ -205,6 +205,16 @@ def test_deprecated_group_spelling_still_works():
     with pytest.warns(FutureWarning):
         opt = SAM(None, base)
     assert opt.param_groups[0]["sam_rho"] == 0.2
+    # a group added through the base optimizer in the 0.1.0 spelling
+    model2 = _lin()
+    opt = SAM([model2.weight], torch.optim.SGD, lr=0.1)
+    opt.base_optimizer.add_param_group({"params": [model2.bias], "rho": 0.4})
+    x = torch.randn(5, 3)
+    model2(x).square().sum().backward()
+    with pytest.warns(FutureWarning, match="sam_rho"):
+        opt.first_step()
+    opt.restore()
+    assert opt.param_groups[1]["sam_rho"] == 0.4 and "rho" not in opt.param_groups[1]
     # an instance of an optimizer with its own rho keeps it
     base = torch.optim.Adadelta(model.parameters(), rho=0.7)
     with warnings.catch_warnings():

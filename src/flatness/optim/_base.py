@@ -534,8 +534,13 @@ class SharpnessAwareOptimizer(Optimizer):
         (``settings["rho"]`` is ``group["sam_rho"]``), the base optimizer's
         keys (``"lr"``, ...) as they are."""
         for name, value in self.sam_defaults.items():
-            # groups added through the base optimizer lack our keys
-            group.setdefault(SAM_PREFIX + name, value)
+            key = SAM_PREFIX + name
+            if key not in group:
+                # a group added through the base optimizer: the 0.1.0
+                # spelling is renamed (with a warning), missing keys filled
+                if name in group and name not in self._base_keys:
+                    self._rename_settings(group, strict=False)
+                group.setdefault(key, value)
         return GroupSettings(group, self.sam_defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -1078,7 +1083,8 @@ def _run_stages_eagerly(cls: type) -> None:
     the closure it calls, the model's forward and backward, is compiled.
     """
     for name in (*_EAGER_STAGES, "step"):
-        fn = cls.__dict__.get(name)
+        # also stages inherited from a mixin that is not a subclass
+        fn = getattr(cls, name, None)
         if fn is None or getattr(fn, "_flatness_eager", False):
             continue
         eager = torch.compiler.disable(fn, recursive=name != "step")
