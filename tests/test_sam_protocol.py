@@ -400,7 +400,7 @@ def _snapshot(opt):
     ],
 )
 def test_mismatched_state_dict_refused_before_anything_changes(make_other, match):
-    model, opt = _trained_sam(momentum=0.9)
+    _, opt = _trained_sam(momentum=0.9)
     sd = make_other().state_dict()
     before = _snapshot(opt)
     if match is None:
@@ -473,7 +473,7 @@ def test_flatness_0_1_0_checkpoints_load_and_continue_alike():
 
 
 def test_round_trip_through_torch_save_is_exact():
-    model, opt = _trained_sam(torch.optim.Adam, wrapper=ConsistentSAM)
+    _, opt = _trained_sam(torch.optim.Adam, wrapper=ConsistentSAM)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)

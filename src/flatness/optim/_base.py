@@ -220,7 +220,7 @@ def _user_stacklevel() -> int:
     level = 1
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
-        if not (name.startswith("flatness.") or name.startswith("torch.") or name == "flatness"):
+        if not (name.startswith(("flatness.", "torch.")) or name == "flatness"):
             return level
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
@@ -529,7 +529,7 @@ class SharpnessAwareOptimizer(Optimizer):
             for name in renamed:
                 group[SAM_PREFIX + name] = group.pop(name)
 
-    def sam_settings(self, group: dict[str, Any]) -> "GroupSettings":
+    def sam_settings(self, group: dict[str, Any]) -> GroupSettings:
         """A param group as the variant sees it: its settings by short name
         (``settings["rho"]`` is ``group["sam_rho"]``), the base optimizer's
         keys (``"lr"``, ...) as they are."""
