@@ -116,7 +116,7 @@ def test_stages_run_eagerly_in_subclasses():
             super().first_step(zero_grad, **kw)
 
     assert getattr(Counting.first_step, "_flatness_eager", False)
-    assert getattr(Counting.__dict__["first_step"], "_torchdynamo_disable", False)
+    assert getattr(Counting.__dict__["first_step"], "_flatness_eager", False)
     # and stages inherited from a mixin (NonuniformSAM's K-FAC bookkeeping)
     from flatness.optim import NonuniformSAM
 

@@ -92,8 +92,9 @@ whose ``step`` requires a closure (LBFGS) are refused at construction.
 The stages that change the weights or the step's bookkeeping
 (``first_step``, ``middle_step``, ``second_step``, ``restore``,
 ``perturb``, ``stash_grad``, ``state_dict``, ``load_state_dict``) are
-wrapped in ``torch.compiler.disable``, in every subclass that defines them
-(``__init_subclass__``): inside a compiled training step they run eagerly,
+wrapped in ``torch.compiler.disable`` (its lazy form, ``torch._disable_dynamo``,
+which imports ``torch._dynamo`` at the first call only), in every subclass
+that defines or inherits them (``__init_subclass__``): inside a compiled training step they run eagerly,
 between the compiled graphs of the forward and backward passes, so no traced
 graph can skip their side effects.  ``step(closure)`` is disabled for its
 own frame only, so the closure (forward and backward) is compiled.  The base
@@ -285,7 +286,7 @@ def global_norm(tensor_lists: Sequence[Sequence[Tensor]], ord: float = 2.0) -> T
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in flat) else torch.float32
     device = flat[0].device
     parts = [
-        n.to(device)
+        n if n.device == device else n.to(device)
         for ts in tensor_lists
         if len(ts)
         for n in torch._foreach_norm(list(ts), ord, dtype=dtype)
@@ -927,7 +928,7 @@ class SharpnessAwareOptimizer(Optimizer):
         # first in line, so that hooks the user registers see the whole state dict
         self.register_state_dict_post_hook(_add_sam_state, prepend=True)
 
-    @torch.compiler.disable
+    @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.Optimizer.state_dict`` (the hooks registered on this
         object run) of the shared state and param groups (the base
@@ -940,7 +941,7 @@ class SharpnessAwareOptimizer(Optimizer):
             raise RuntimeError("state_dict() called between first_step() and second_step()")
         return super().state_dict()
 
-    @torch.compiler.disable
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load :meth:`state_dict` output, a flatness 0.1.0 checkpoint or a
         plain base-optimizer state dict (the current ``sam_`` settings are
@@ -1087,7 +1088,9 @@ def _run_stages_eagerly(cls: type) -> None:
         fn = getattr(cls, name, None)
         if fn is None or getattr(fn, "_flatness_eager", False):
             continue
-        eager = torch.compiler.disable(fn, recursive=name != "step")
+        # torch's lazy form of torch.compiler.disable (as torch.optim uses for
+        # zero_grad): torch._dynamo is imported at the first call, not here
+        eager = torch._disable_dynamo(fn, recursive=name != "step")
         eager._flatness_eager = True  # type: ignore[attr-defined]
         setattr(cls, name, eager)
 
