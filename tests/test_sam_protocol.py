@@ -215,6 +215,14 @@ def test_deprecated_group_spelling_still_works():
         opt.first_step()
     opt.restore()
     assert opt.param_groups[1]["sam_rho"] == 0.4 and "rho" not in opt.param_groups[1]
+    # old code that schedules rho by writing the 0.1.0 key: the write is honoured
+    opt.param_groups[0]["rho"] = 0.7
+    model2.zero_grad()
+    model2(x).square().sum().backward()
+    with pytest.warns(FutureWarning, match="sam_rho"):
+        opt.first_step()
+    opt.restore()
+    assert opt.param_groups[0]["sam_rho"] == 0.7 and "rho" not in opt.param_groups[0]
     # an instance of an optimizer with its own rho keeps it
     base = torch.optim.Adadelta(model.parameters(), rho=0.7)
     with warnings.catch_warnings():

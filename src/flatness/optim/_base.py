@@ -65,7 +65,9 @@ hyper-parameter.  Subclasses keep using the short names: in
 Code that reads a raw group (``self.param_groups[i]``) writes
 ``group["sam_rho"]`` or ``self.sam_settings(group)["rho"]``; a raw
 ``group["rho"]`` is the base optimizer's (or a ``KeyError``).  Schedulers of
-a setting write ``group["sam_rho"]``.  The constructor's own keywords
+a setting write ``group["sam_rho"]`` (a value written to ``group["rho"]``
+by 0.1.0 code is moved there at the next step, with a ``FutureWarning``,
+where the base optimizer has no ``rho`` of its own).  The constructor's own keywords
 (``rho=``) are the variant's; a base keyword of the same name goes in
 ``base_kwargs={"rho": 0.9}``.  In a param group a bare ``"rho"`` is the
 0.1.0 spelling of ``"sam_rho"`` (renamed with a ``FutureWarning``) unless
@@ -536,12 +538,19 @@ class SharpnessAwareOptimizer(Optimizer):
         keys (``"lr"``, ...) as they are."""
         for name, value in self.sam_defaults.items():
             key = SAM_PREFIX + name
-            if key not in group:
-                # a group added through the base optimizer: the 0.1.0
-                # spelling is renamed (with a warning), missing keys filled
-                if name in group and name not in self._base_keys:
-                    self._rename_settings(group, strict=False)
-                group.setdefault(key, value)
+            if name in group and name not in self._base_keys:
+                # the 0.1.0 spelling, from a group added through the base
+                # optimizer or written by old code (a rho schedule): it is the
+                # latest value, moved to its key with a warning
+                warnings.warn(
+                    f"param group key {name!r} is deprecated for {type(self).__name__}'s setting; "
+                    f"write {key!r} (keys without the prefix belong to the base optimizer)",
+                    FutureWarning,
+                    stacklevel=_user_stacklevel(),
+                )
+                group[key] = group.pop(name)
+            elif key not in group:  # a group added through the base optimizer
+                group[key] = value
         return GroupSettings(group, self.sam_defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
