@@ -231,6 +231,19 @@ def test_deprecated_group_spelling_still_works():
     assert opt.param_groups[0]["rho"] == 0.7 and opt.param_groups[0]["sam_rho"] == 0.1
 
 
+def test_group_settings_view():
+    from flatness.optim import GroupSettings
+
+    group = {"params": [], "lr": 0.1, "rho": 0.9, "sam_rho": 0.05, "sam_adaptive": False}
+    view = GroupSettings(group, ["rho", "adaptive"])
+    assert view["rho"] == 0.05 and view["lr"] == 0.1  # the variant's rho hides the base's
+    view["rho"] = 0.2
+    assert group["sam_rho"] == 0.2 and group["rho"] == 0.9
+    assert sorted(view) == ["adaptive", "lr", "params", "rho"] and len(view) == 4
+    assert view.copy() == {"params": [], "lr": 0.1, "rho": 0.2, "adaptive": False}
+    assert {**view, "rho": 1.0}["rho"] == 1.0 and view.get("eta", 3) == 3
+
+
 def test_defaults_expose_the_base_hyper_parameters():
     model = _lin()
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)

@@ -189,6 +189,10 @@ class GroupSettings(MutableMapping):
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
+    def copy(self) -> dict[str, Any]:
+        """A plain dict with the short names (as ``dict.copy`` of a group did)."""
+        return dict(self)
+
     def __repr__(self) -> str:
         return f"GroupSettings({dict(self)!r})"
 
