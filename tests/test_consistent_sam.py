@@ -370,7 +370,7 @@ def test_param_groups_own_rho2_and_perturb_false():
     model = mlp()
     x, y = data()
     opt = ConsistentSAM(
-        [{"params": model[0].parameters(), "rho2": 0.5}, {"params": model[2].parameters(), "perturb": False}],
+        [{"params": model[0].parameters(), "sam_rho2": 0.5}, {"params": model[2].parameters(), "sam_perturb": False}],
         torch.optim.SGD, rho=0.2, rho2=0.1, lr=0.1,
     )
     # reference: only layer 0 perturbed (both ascents), with its own rho2

@@ -38,6 +38,8 @@ TESTED_ELSEWHERE = {
     "nonuniformity.py": "test_nonuniformity_example.py",
     "landscape.py": "test_landscape.py",
     "sam_family.py": "test_sam_family_example.py",
+    "sam_hf_loop.py": "test_sam_integrations.py",
+    "sam_lightning.py": "test_sam_integrations.py",
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ._base import (
     AscentGroup,
+    GroupSettings,
     ScaledDirection,
     SharpnessAwareOptimizer,
     disable_running_stats,
@@ -31,6 +32,7 @@ __all__ = [
     "SAM",
     "AscentGroup",
     "BayesianSAM",
+    "GroupSettings",
     "ScaledDirection",
     "ConsistentSAM",
     "ESAM",

@@ -63,6 +63,17 @@ class _KFACMixin:
     _kfac_store: dict[str, list[list[Tensor]]] | None  # captured, not yet folded in
     _step_skipped: bool  # the last second_step skipped the base step
 
+    # the factors hook the model's layers: never pickled (see __getstate__)
+    _pickle_exclude = SharpnessAwareOptimizer._pickle_exclude | {"_kfac", "_kfac_store", "_first", "_pending_m"}
+
+    def _reset_transient(self: Any) -> None:
+        SharpnessAwareOptimizer._reset_transient(self)
+        self.__dict__.setdefault("_kfac", None)  # None after unpickling
+        self._kfac_store = None
+        self._kfac_counted = False
+        self._first = None
+        self._pending_m = []
+
     def _init_kfac(
         self: Any,
         preconditioner: str | None,
@@ -92,7 +103,7 @@ class _KFACMixin:
         if preconditioner == "kfac":
             if model is None:
                 raise ValueError("preconditioner='kfac' needs model=<your model> (its layers are hooked)")
-            perturbed = [p for g in self.param_groups if g.get("perturb", True) for p in g["params"]]
+            perturbed = [p for g in self.param_groups if g.get("sam_perturb", True) for p in g["params"]]
             self._kfac = RunningFactors(
                 model, perturbed, damping=float(damping), stat_decay=float(stat_decay),
                 state=self.extra_state,
@@ -160,7 +171,12 @@ class _KFACMixin:
     def _natural(self: Any, groups: list[AscentGroup], vecs: list[list[Tensor]]) -> tuple[list[list[Tensor]], Tensor]:
         """``F^-1 v`` per parameter (zero outside the factored layers) and
         ``sqrt(v^T F^-1 v)``."""
-        assert self._kfac is not None
+        if self._kfac is None:
+            self.restore()
+            raise RuntimeError(
+                "preconditioner='kfac' has no hooked model: a pickled optimizer keeps no model; "
+                "build a new optimizer on the model and load_state_dict() the saved state"
+            )
         if not self._kfac.ready():
             self.restore()
             raise RuntimeError(
@@ -221,7 +237,9 @@ class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
     Parameters
     ----------
     params, base_optimizer, same_rng, per_replica, freeze_bn, **base_kwargs
-        As for :class:`~flatness.optim.SAM`.
+        As for :class:`~flatness.optim.SAM` (groups may set ``"sam_rho"``,
+        ``"sam_rho2"``, ``"sam_alpha"``, ...; RMSprop's own ``alpha`` goes in
+        ``base_kwargs={"alpha": 0.99}``).
     rho : float
         ``rho_1``, the first ascent radius (default 0.1, the paper's value).
     rho2 : float
@@ -303,7 +321,7 @@ class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
             params, base_optimizer, defaults, same_rng=same_rng, per_replica=per_replica,
             model=model, freeze_bn=freeze_bn, **base_kwargs,
         )
-        if preconditioner is not None and any(g["adaptive"] for g in self.param_groups):
+        if preconditioner is not None and any(g["sam_adaptive"] for g in self.param_groups):
             raise ValueError("adaptive=True and preconditioner='kfac' cannot be combined; choose one")
         self._init_kfac(preconditioner, model, damping, stat_decay, update_freq)
         # (group, params, clone of g1, T or None) between first_step and middle_step
@@ -374,7 +392,10 @@ class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
         groups: list[AscentGroup] = []
         diffs: list[list[Tensor]] = []
         for group, params, g1, t in first:
-            g2 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            g2 = [
+                torch.zeros_like(p) if p.grad is None else p.grad.to_dense() if p.grad.is_sparse else p.grad
+                for p in params
+            ]
             if inv_scale != 1.0:
                 g2 = torch._foreach_mul(g2, inv_scale)  # a copy: .grad is left as it is
             diff = torch._foreach_sub(g2, g1)
@@ -396,7 +417,7 @@ class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
             torch._foreach_sub_(d, ms)  # d = g2 - g1 - m
             pending.extend(zip(params, ms))
         self._pending_m = pending
-        if self._kfac is not None:
+        if self.preconditioner == "kfac":
             directions, norm = self._natural(groups, diffs)
             inv = _inv(norm)
             for g, e in zip(groups, directions):
