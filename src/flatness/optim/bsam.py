@@ -174,12 +174,11 @@ class BayesianSAM(SharpnessAwareOptimizer):
     def _groups(self) -> list[AscentGroup]:
         out = []
         for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-            if group["perturb"]:
+            settings = self.sam_settings(group)
+            if settings["perturb"]:
                 params = [p for p in group["params"] if p.requires_grad]
                 if params:
-                    out.append(AscentGroup(group, params, []))
+                    out.append(AscentGroup(settings, params, []))
         return out
 
     def _precisions(self, groups: list[AscentGroup]) -> list[list[Tensor]]:

@@ -167,7 +167,7 @@ class ESAM(SAM):
     # -- SWP -----------------------------------------------------------------
 
     def _perturbable(self) -> list[Tensor]:
-        return [p for g in self.param_groups if g.get("perturb", True) for p in g["params"] if p.requires_grad]
+        return [p for g in self.param_groups if self.sam_settings(g)["perturb"] for p in g["params"] if p.requires_grad]
 
     @contextlib.contextmanager
     def first_pass(self) -> Iterator[None]:

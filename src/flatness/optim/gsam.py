@@ -328,7 +328,7 @@ class LookSAM(SAM):
                 "first_step() called twice: call second_step() (or restore()) before the next first_step()"
             )
         groups = self.ascent_groups()
-        if not groups and any(g.get("perturb", True) for g in self.param_groups):
+        if not groups and any(self.sam_settings(g)["perturb"] for g in self.param_groups):
             raise RuntimeError("first_step() found no gradients: run loss.backward() before first_step()")
         self._reuse(groups)
         self.stash_grad()  # the corrected gradient waits for second_step
