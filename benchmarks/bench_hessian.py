@@ -48,12 +48,12 @@ import types
 
 import torch
 import torch.nn.functional as F
+from _timing import interleaved_medians, sync
 from torch import nn
 
 from flatness import hessian
 from flatness._hvp import batch_curvature_products, double_backward_hvp
 from flatness._model import select_params
-from _timing import interleaved_medians, sync
 
 
 def import_pyhessian():

@@ -30,10 +30,10 @@ import types
 
 import torch
 import torch.nn.functional as F
+from _timing import seconds
 from torch import nn
 
 from flatness.optim import ESAM, GSAM, MESA, SAM, WSAM, BayesianSAM, FriendlySAM, LookSAM
-from _timing import seconds
 
 try:  # optional peer
     from pytorch_optimizer import SAM as PeerSAM

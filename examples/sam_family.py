@@ -23,7 +23,6 @@ second epoch.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from pathlib import Path

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from flatness.optim import ESAM, BayesianSAM, GSAM, MESA, SAM, WSAM, FriendlySAM, LookSAM
+from flatness.optim import ESAM, GSAM, MESA, SAM, WSAM, BayesianSAM, FriendlySAM, LookSAM
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)

@@ -12,4 +12,15 @@ from ._distributed import local_only
 # through ``sys.modules`` (``from flatness.sharpness import KINDS``).
 from .sharpness import NonFiniteLossError, SharpnessResult, sharpness
 
-__all__ = ["NonFiniteLossError", "SharpnessResult", "__version__", "diversity", "hessian", "landscape", "local_only", "nonuniformity", "optim", "sharpness"]
+__all__ = [
+    "NonFiniteLossError",
+    "SharpnessResult",
+    "__version__",
+    "diversity",
+    "hessian",
+    "landscape",
+    "local_only",
+    "nonuniformity",
+    "optim",
+    "sharpness",
+]

@@ -328,7 +328,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     c.add_argument("--k", type=_positive_int, help="eigenvalues: how many (default 1)")
     c.add_argument("--tol", type=float, help="eigenvalues: relative residual tolerance")
     c.add_argument("--max-iter", dest="max_iter", type=_positive_int, help="eigenvalues: Lanczos steps at most")
-    c.add_argument("--method", help="trace: hutch++, hutchinson or exact; minimum: gn (default, exact), exact or hutchinson")
+    c.add_argument(
+        "--method", help="trace: hutch++, hutchinson or exact; minimum: gn (default, exact), exact or hutchinson"
+    )
     c.add_argument("--n-samples", dest="n_samples", type=_positive_int, help="trace/minimum: products to spend")
     c.add_argument("--granularity", choices=("layer", "neuron"), help="minimum: rescaling per layer or neuron")
     c.add_argument("--n-vectors", dest="n_vectors", type=_positive_int, help="density: random start vectors")

@@ -53,15 +53,14 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from flatness._distributed import enabled, sum_
-from flatness._model import ResultMixin as _BaseResult
 from flatness._model import (
-    check_int,
     LossFn,
     ModelGuard,
     ParamSet,
     _as_args,
     _as_kwargs,
     batch_size,
+    check_int,
     default_loss,
     functional_loss,
     iter_batches,
@@ -71,6 +70,7 @@ from flatness._model import (
     select_params,
     unwrap,
 )
+from flatness._model import ResultMixin as _BaseResult
 
 __all__ = [
     "CURVATURES",

@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-
 from typing import Any
 
 import torch

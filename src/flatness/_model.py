@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any

@@ -36,12 +36,12 @@ from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from flatness._model import (
-    _slice,
-    check_int,
-    disable_running_stats,
     LossFn,
     ParamSet,
+    _slice,
+    check_int,
     default_loss,
+    disable_running_stats,
     functional_loss,
     iter_batches,
     split_batch,

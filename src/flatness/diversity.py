@@ -522,7 +522,7 @@ class EnsembleMetrics:
 
 
 def _ensemble_logp(logp: Tensor) -> Tensor:
-    """log of the mean of the members' probabilities, ``(M, b, C) -> (b, C)``."""
+    """Log of the mean of the members' probabilities, ``(M, b, C) -> (b, C)``."""
     return torch.logsumexp(logp, dim=0) - math.log(logp.shape[0])
 
 

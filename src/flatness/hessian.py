@@ -298,7 +298,9 @@ def hvp(
     shapes = [p.shape for p in op.params.params]
     vectors = list(vectors)
     if len(vectors) != len(shapes) or not all(isinstance(v, Tensor) for v in vectors):
-        raise ValueError(f"vectors must be {len(shapes)} tensors, one per selected parameter ({', '.join(op.params.names)})")
+        raise ValueError(
+            f"vectors must be {len(shapes)} tensors, one per selected parameter ({', '.join(op.params.names)})"
+        )
     if all(v.shape == s for v, s in zip(vectors, shapes)):
         batched = False
     elif all(v.dim() == len(s) + 1 and v.shape[1:] == s for v, s in zip(vectors, shapes)) and len(

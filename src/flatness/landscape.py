@@ -691,7 +691,8 @@ class BarrierResult(_Result):
         if annotate:
             for i in range(m.shape[0]):
                 for j in range(m.shape[1]):
-                    ax.text(j, i, f"{m[i, j]:.3g}", ha="center", va="center", color="w" if m[i, j] < m.max() / 2 else "k")
+                    color = "w" if m[i, j] < m.max() / 2 else "k"
+                    ax.text(j, i, f"{m[i, j]:.3g}", ha="center", va="center", color=color)
         ax.set_xticks(range(m.shape[0]))
         ax.set_yticks(range(m.shape[0]))
         ax.set_xlabel("member")

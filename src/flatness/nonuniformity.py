@@ -45,7 +45,6 @@ from . import _distributed
 from ._distributed import gather_objects, merge_moments, sum_
 from ._kfac import KFACLayer, blind_layers, capture, plan, trace_terms
 from ._kfac import factors as kronecker_factors
-from ._model import batch_size as _batch_len
 from ._model import (
     LossFn,
     ModelGuard,
@@ -64,6 +63,7 @@ from ._model import (
     split_batch,
     unwrap,
 )
+from ._model import batch_size as _batch_len
 from ._per_sample import check_chunk_size, per_sample_grads, per_sample_losses
 
 __all__ = [

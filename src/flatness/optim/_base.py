@@ -993,7 +993,8 @@ class SharpnessAwareOptimizer(Optimizer):
         version = ours.get("version", 1)
         if not isinstance(version, int) or version > _STATE_VERSION:
             raise ValueError(
-                f"state dict format version {version!r} is newer than this flatness ({_STATE_VERSION}); upgrade flatness"
+                f"state dict format version {version!r} is newer than this flatness ({_STATE_VERSION}); "
+                "upgrade flatness"
             )
         if version >= 2:
             wrapper, mine = ours.get("wrapper"), _qualname(type(self))
@@ -1022,7 +1023,10 @@ class SharpnessAwareOptimizer(Optimizer):
                     # was SAM's): both keep it, as that optimizer ran.
                     g[SAM_PREFIX + name] = g[name] if name in self._base_keys else g.pop(name)
                 groups.append(g)
-        unknown = {k for g in groups for k in g if k.startswith(SAM_PREFIX) and k[len(SAM_PREFIX):] not in self.sam_defaults}
+        unknown = {
+            k for g in groups for k in g
+            if k.startswith(SAM_PREFIX) and k[len(SAM_PREFIX):] not in self.sam_defaults
+        }
         if unknown:
             raise ValueError(f"the state dict has settings {sorted(unknown)} that {type(self).__name__} does not know")
         sd = {k: v for k, v in state_dict.items() if k != _SAM_STATE_KEY}

@@ -48,7 +48,8 @@ class _BayesUpdate(Optimizer):
                 m.mul_(b1).add_(p.grad, alpha=1 - b1).add_(p, alpha=(1 - b1) * group["weight_decay"])
                 p.addcdiv_(m, s, value=-group["lr"])
                 # s <- b2 s + (1 - b2)(sqrt(s) |g| + delta + damping)
-                s.mul_(b2).add_(state.pop("gs"), alpha=1 - b2).add_((1 - b2) * (group["weight_decay"] + group["damping"]))
+                decay = group["weight_decay"] + group["damping"]
+                s.mul_(b2).add_(state.pop("gs"), alpha=1 - b2).add_((1 - b2) * decay)
         return None
 
 

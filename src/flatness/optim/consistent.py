@@ -391,7 +391,7 @@ class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
             inv_scale = 1.0 / float(scaler.get_scale())
         groups: list[AscentGroup] = []
         diffs: list[list[Tensor]] = []
-        for group, params, g1, t in first:
+        for group, params, g1, _t in first:
             g2 = [
                 torch.zeros_like(p) if p.grad is None else p.grad.to_dense() if p.grad.is_sparse else p.grad
                 for p in params
