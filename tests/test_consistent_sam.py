@@ -230,7 +230,7 @@ def test_consistent_kfac_matches_dense_reference():
 
 
 MODES = {
-    "second_moment": dict(centered=False),
+    "second_moment": dict(centered_covariance=False),
     "centered": dict(gam_scaling=False),
     "gam": dict(),  # the default
 }
@@ -278,8 +278,8 @@ def test_nonuniform_modes_by_hand(damping):
     Fd = dense_kfac(run, damping)
     q = float(gv @ torch.linalg.solve(Fd, gv))
     rho = 0.3
-    plain = first_ascent(model, x, y, rho=rho, damping=damping, centered=False)
-    assert_close(plain, first_ascent(model, x, y, rho=rho, damping=damping, centered=False, gam_scaling=False))
+    plain = first_ascent(model, x, y, rho=rho, damping=damping, centered_covariance=False)
+    assert_close(plain, first_ascent(model, x, y, rho=rho, damping=damping, centered_covariance=False, gam_scaling=False))
     cent = first_ascent(model, x, y, rho=rho, damping=damping, gam_scaling=False)
     gam = first_ascent(model, x, y, rho=rho, damping=damping)
     r = q ** 0.5
@@ -508,7 +508,7 @@ def test_bad_arguments(kwargs, err, match):
 @pytest.mark.parametrize(
     "kwargs, err, match",
     [
-        (dict(centered=1), TypeError, "centered"),
+        (dict(centered_covariance=1), TypeError, "centered_covariance"),
         (dict(gam_scaling="yes"), TypeError, "gam_scaling"),
     ],
 )

@@ -46,7 +46,8 @@ def _project() -> dict:
 def allowed_modules() -> set[str]:
     """Top-level modules a test may import unguarded."""
     project = _project()
-    local = {p.stem for p in TESTS.glob("*.py")}  # shared helpers in tests/
+    # shared helpers in tests/ and the fixture scripts in tests/data/
+    local = {p.stem for p in TESTS.glob("*.py")} | {p.stem for p in TESTS.glob("data/*.py")}
     return (
         set(sys.stdlib_module_names)
         | {"flatness", "_pytest"}

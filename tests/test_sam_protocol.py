@@ -63,7 +63,12 @@ VARIANTS = {
     "SAM": lambda params, cls, model, kw: SAM(params, cls, rho=0.0, **kw),
     "ASAM": lambda params, cls, model, kw: SAM(params, cls, rho=0.0, adaptive=True, eta=0.01, **kw),
     "ConsistentSAM": lambda params, cls, model, kw: ConsistentSAM(params, cls, rho=0.0, rho2=0.0, alpha=0.5, **kw),
-    "NonuniformSAM": lambda params, cls, model, kw: NonuniformSAM(params, cls, rho=0.0, model=model, **kw),
+    # the embedding is not a Kronecker-factored layer: NonuniformSAM refuses
+    # to leave it silently unperturbed, so it goes in a perturb=False group
+    "NonuniformSAM": lambda params, cls, model, kw: NonuniformSAM(
+        [{"params": [model.emb.weight], "sam_perturb": False},
+         {"params": [p for p in params if p is not model.emb.weight]}],
+        cls, rho=0.0, model=model, **kw),
 }
 
 

@@ -15,7 +15,7 @@ of their repository: ``CSAM_Identity``, ``ACSAM_Identity``, ``CSAM``; and the
   with K-FAC's Kronecker-factored second moment in place of a dense one:
   centred as the code's ``GAM`` computes it (default), centred exactly
   (``SAMGCM``'s ``C/b - g g^T + xi I``; ``gam_scaling=False``) or not
-  centred (``centered=False``).
+  centred (``centered_covariance=False``).
 
 Both reuse :class:`~flatness.optim.SharpnessAwareOptimizer`: perturb /
 restore from one saved copy of ``w``, restore on exceptions, ``GradScaler``,
@@ -518,7 +518,7 @@ class NonuniformSAM(_KFACMixin, SharpnessAwareOptimizer):
            \quad \Sigma = F - g g^\top
             &&\text{(gam\_scaling=False: exact centring)}, \\
         e &= \rho \, \frac{F^{-1} g}{\sqrt{q}}
-            &&\text{(centered=False: the second moment)}.
+            &&\text{(centered\_covariance=False: the second moment)}.
 
     Centring uses the covariance of the per-sample gradients,
     :math:`\Sigma = E[g_i g_i^\top] - g g^\top + \text{damping}\, I` (the
@@ -533,7 +533,7 @@ class NonuniformSAM(_KFACMixin, SharpnessAwareOptimizer):
     guards), since it is what the authors' experiments ran.  Where the
     centred matrix is not positive definite (``q >= 1``; for GAM ``sqrt(q)
     > 1``) the ``1 - x`` is replaced by ``1 - exp(-x)``, the fallback of the
-    authors' code.  ``centered=False`` is the plain natural direction of the
+    authors' code.  ``centered_covariance=False`` is the plain natural direction of the
     second moment (:math:`e^\top F e = \rho^2`; ``gam_scaling`` has no
     effect then).  In every form the perturbation moves least along
     directions of large gradient noise.  Every perturbed parameter must belong
@@ -569,12 +569,13 @@ class NonuniformSAM(_KFACMixin, SharpnessAwareOptimizer):
         The model whose layers are hooked (required).
     rho : float
         Radius in the metric of the preconditioner (default 0.05).
-    centered : bool
+    centered_covariance : bool
         Precondition with the centred covariance ``F - g g^T`` (default)
         instead of the uncentred second moment ``F``.
     gam_scaling : bool
         Centre as the authors' ``GAM`` code computes it (default), or
-        exactly (``False``); see above.  No effect with ``centered=False``.
+        exactly (``False``); see above.  No effect with ``centered_covariance=False``.  (Not ``centered``:
+        that is RMSprop's keyword, which goes to the base optimizer.)
     damping, stat_decay, update_freq
         As for :class:`ConsistentSAM`.
     """
@@ -588,7 +589,7 @@ class NonuniformSAM(_KFACMixin, SharpnessAwareOptimizer):
         rho: float = 0.05,
         *,
         model: nn.Module,
-        centered: bool = True,
+        centered_covariance: bool = True,
         gam_scaling: bool = True,
         damping: float = 0.1,
         stat_decay: float = 0.95,
@@ -598,7 +599,7 @@ class NonuniformSAM(_KFACMixin, SharpnessAwareOptimizer):
         freeze_bn: bool = False,
         **base_kwargs: Any,
     ) -> None:
-        for name, value in (("centered", centered), ("gam_scaling", gam_scaling)):
+        for name, value in (("centered_covariance", centered_covariance), ("gam_scaling", gam_scaling)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
         super().__init__(
@@ -613,14 +614,14 @@ class NonuniformSAM(_KFACMixin, SharpnessAwareOptimizer):
                 f"parameters would not be perturbed: {self._kfac.unsupported}. Put them in a "
                 "param group with perturb=False (or use ConsistentSAM)"
             )
-        self.centered = centered
+        self.centered_covariance = centered_covariance
         self.gam_scaling = gam_scaling
 
     @torch.no_grad()
     def ascent_direction(self, groups: list[AscentGroup]) -> list[list[Tensor]]:
-        """``e = rho c F^-1 g`` with ``c`` set by ``centered`` / ``gam_scaling``."""
+        """``e = rho c F^-1 g`` with ``c`` set by ``centered_covariance`` / ``gam_scaling``."""
         directions, norm = self._natural(groups, [g.grads for g in groups])
-        mode = "second_moment" if not self.centered else "gam" if self.gam_scaling else "centered"
+        mode = "second_moment" if not self.centered_covariance else "gam" if self.gam_scaling else "centered"
         scale = _centred_scale(norm, mode)
         for g, e in zip(groups, directions):
             torch._foreach_mul_(e, (g.group["rho"] * scale).to(e[0].device))
