@@ -31,7 +31,8 @@ from the algorithms:
   gradients), independent of ``n_iters``.
 * Lanczos: the float64 Krylov basis, ``2 * steps`` P for float32
   parameters (full reorthogonalization keeps every basis vector), plus the
-  forward-over-reverse product (a few P).
+  forward-over-reverse product (a few P); ``steps`` P with a float32 basis;
+  a few P whatever the steps with ``low_memory=True`` (no stored basis).
 
 Usage::
 
@@ -182,8 +183,8 @@ def operations(n_iters: int, lanczos_steps: int):
     def apgd(kind, iters=n_iters):
         return lambda state: flatness.sharpness(state[0], state[1], kind=kind, rho=1e-3, n_iters=iters)
 
-    def lanczos(state):
-        top_eigenvalues(state[0], state[1], k=1, max_iter=lanczos_steps, tol=1e-12)
+    def lanczos(**kw):
+        return lambda state: top_eigenvalues(state[0], state[1], k=1, max_iter=lanczos_steps, tol=1e-300, **kw)
 
     def one_hvp(state):
         model, batch = state
@@ -197,7 +198,11 @@ def operations(n_iters: int, lanczos_steps: int):
         f"APGD sharpness linf, {n_iters} iters": (fwd_bwd_setup, apgd("linf")),
         f"APGD sharpness adaptive_l2, {n_iters} iters": (fwd_bwd_setup, apgd("adaptive_l2")),
         "one Hessian-vector product": (fwd_bwd_setup, one_hvp),
-        f"Lanczos top eigenvalue, {lanczos_steps} steps": (fwd_bwd_setup, lanczos),
+        f"Lanczos top eigenvalue, {lanczos_steps} steps": (fwd_bwd_setup, lanczos()),
+        "  same, float32 basis": (fwd_bwd_setup, lanczos(basis_dtype=torch.float32)),
+        "  same, low_memory (no basis, float32)": (
+            fwd_bwd_setup, lanczos(low_memory=True, basis_dtype=torch.float32)),
+        "  same, low_memory (no basis, float64)": (fwd_bwd_setup, lanczos(low_memory=True)),
     }
 
 
