@@ -298,3 +298,33 @@ def test_memory_of_float32_basis_and_of_the_recurrence():
     # recurrence a handful whatever the number of steps
     assert peaks["f32"] / (8 * n) <= steps / 2 + 3, peaks
     assert peaks["none"] / (8 * n) <= 5, peaks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trace_estimators_hold_batch_vectors_at_a_time(dtype):
+    # Vectors are drawn block by block in the operator's dtype: with batch=1
+    # the estimators hold a vector, its product and (Hutch++) the sketch.
+    n, m = 100_000, 12
+    d = torch.linspace(-1, 1, n, dtype=dtype)
+    size = n * d.element_size()
+    for estimator, sketch in ((hutchinson, 0), (hutchpp, m // 3)):
+        out = []
+        peak = _peak_allocated(lambda: out.append(estimator(
+            lambda V: d[:, None] * V, n, m, generator=torch.Generator().manual_seed(0), batch=1, dtype=dtype,
+        )))
+        assert out[0][0] == pytest.approx(float(d.double().sum()), abs=1e-3 * n)
+        # the sketch Q for Hutch++ (orthonormalized in place), then a few vectors
+        assert peak / size <= sketch + 4, (estimator.__name__, peak / size)
+
+
+def test_orthonormalize_in_place_matches_qr_range():
+    from flatness._lanczos import _orthonormalize_
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 4, dtype=DT, generator=g)
+    X[:, 3] = X[:, 0] + 2 * X[:, 1]  # dependent column
+    Q = _orthonormalize_(X.clone())
+    assert torch.allclose(Q[:, :3].T @ Q[:, :3], torch.eye(3, dtype=DT), atol=1e-12)
+    assert torch.count_nonzero(Q[:, 3]) == 0
+    P_ref = torch.linalg.qr(X[:, :3])[0]
+    assert torch.allclose(Q[:, :3] @ Q[:, :3].T, P_ref @ P_ref.T, atol=1e-12)

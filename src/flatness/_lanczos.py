@@ -46,10 +46,18 @@ MatMat = Callable[[Tensor], Tensor]
 _WHICH = ("LA", "SA", "LM")
 
 
-def rademacher(n: int, k: int, *, generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
-    """An ``(n, k)`` float64 matrix of independent random signs."""
-    bits = torch.randint(0, 2, (n, k), generator=generator, device=device)
-    return bits.to(torch.float64).mul_(2).sub_(1)
+def rademacher(
+    n: int,
+    k: int,
+    *,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """An ``(n, k)`` matrix of independent random signs (exact in any
+    floating dtype)."""
+    signs = torch.randint(0, 2, (n, k), generator=generator, device=device, dtype=dtype)
+    return signs.mul_(2).sub_(1)
 
 
 def _orthogonalize(W: Tensor, Q: Tensor) -> Tensor:
@@ -468,13 +476,14 @@ def _ritz(alphas: list[np.ndarray], betas: list[np.ndarray]) -> tuple[np.ndarray
 # --------------------------------------------------------------------------
 
 
-def _quadratic_forms(matmat: MatMat, Z: Tensor, batch: int) -> Tensor:
-    """``z_i^T A z_i`` for the columns of ``Z``, ``batch`` products at a time."""
-    out = []
-    for start in range(0, Z.shape[1], batch):
-        Zb = Z[:, start : start + batch]
-        out.append((Zb * matmat(Zb)).sum(0))
-    return torch.cat(out)
+def _column_dots(X: Tensor, Y: Tensor) -> Tensor:
+    """``x_i^T y_i`` for the columns, in float64, without an ``n x k``
+    temporary."""
+    return torch.stack([torch.dot(X[:, i], Y[:, i]).double() for i in range(X.shape[1])])
+
+
+def _blocks(total: int, batch: int) -> list[int]:
+    return [min(batch, total - start) for start in range(0, total, batch)]
 
 
 def exact_diagonal(matmat: MatMat, n: int, *, batch: int = 8, device: torch.device | str = "cpu") -> Tensor:
@@ -496,8 +505,13 @@ def hutchinson(
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     batch: int = 8,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[float, float, Tensor]:
     """Hutchinson's trace estimator with Rademacher vectors.
+
+    The vectors are drawn ``batch`` at a time, so at most ``batch`` of them
+    (and their products) exist at once; ``dtype`` is theirs (random signs
+    are exact in any dtype; the quadratic forms are summed in float64).
 
     Returns
     -------
@@ -510,9 +524,31 @@ def hutchinson(
     """
     if n_samples < 2:
         raise ValueError(f"hutchinson needs n_samples >= 2 for a standard error, got {n_samples}")
-    Z = rademacher(n, n_samples, generator=generator, device=device)
-    q = _quadratic_forms(matmat, Z, batch).cpu()
+    forms = []
+    for b in _blocks(n_samples, batch):
+        Z = rademacher(n, b, generator=generator, device=device, dtype=dtype)
+        forms.append(_column_dots(Z, matmat(Z)))
+    q = torch.cat(forms).cpu()
     return float(q.mean()), float(q.std(unbiased=True) / math.sqrt(n_samples)), q
+
+
+def _orthonormalize_(X: Tensor) -> Tensor:
+    """Orthonormalize the columns of ``X`` in place (Gram-Schmidt, each
+    column twice: "twice is enough"), so no second ``n x k`` matrix exists as
+    it would with a QR factorization.  A column in the span of the previous
+    ones becomes zero: it adds nothing to the range."""
+    scale = float(X.norm()) if X.numel() else 0.0
+    for i in range(X.shape[1]):
+        x = X[:, i]
+        for _ in range(2):
+            if i:
+                x.sub_(X[:, :i] @ (X[:, :i].T @ x))
+        norm = float(x.norm())
+        if norm <= 1e3 * torch.finfo(X.dtype).eps * scale:
+            x.zero_()
+        else:
+            x.div_(norm)
+    return X
 
 
 def hutchpp(
@@ -523,6 +559,7 @@ def hutchpp(
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     batch: int = 8,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[float, float, Tensor]:
     """Hutch++ (Meyer, Musco, Musco and Woodruff 2021) with ``n_samples``
     products.
@@ -533,6 +570,9 @@ def hutchpp(
     unbiased for any ``Q``; its standard error is that of the Hutchinson part
     (the deflated part is all that is random once ``Q`` is fixed).
 
+    Memory: the ``s = n_samples // 3`` columns of ``A S`` (then ``Q``), plus
+    ``batch`` vectors and their products at a time.
+
     Returns
     -------
     estimate, std_error, samples
@@ -542,14 +582,23 @@ def hutchpp(
         raise ValueError(f"hutch++ needs n_samples >= 4 (sketch, projection, >= 2 samples), got {n_samples}")
     s = min(n_samples // 3, n)
     g = n_samples - 2 * s
-    S = rademacher(n, s, generator=generator, device=device)
-    AS = torch.cat([matmat(S[:, i : i + batch]) for i in range(0, s, batch)], dim=1)
-    Q, _ = torch.linalg.qr(AS)
-    AQ = torch.cat([matmat(Q[:, i : i + batch]) for i in range(0, s, batch)], dim=1)
-    exact_part = float((Q * AQ).sum())
-    G = rademacher(n, g, generator=generator, device=device)
-    G = G - Q @ (Q.T @ G)
-    q = _quadratic_forms(matmat, G, batch).cpu()
+    AS = torch.empty(n, s, dtype=dtype, device=device)
+    start = 0
+    for b in _blocks(s, batch):
+        AS[:, start : start + b] = matmat(rademacher(n, b, generator=generator, device=device, dtype=dtype))
+        start += b
+    Q = _orthonormalize_(AS)
+    del AS
+    exact_part = 0.0
+    for start in range(0, s, batch):
+        Qb = Q[:, start : start + batch]
+        exact_part += float(_column_dots(Qb, matmat(Qb)).sum())
+    forms = []
+    for b in _blocks(g, batch):
+        G = rademacher(n, b, generator=generator, device=device, dtype=dtype)
+        G.addmm_(Q, Q.T @ G, alpha=-1)
+        forms.append(_column_dots(G, matmat(G)))
+    q = torch.cat(forms).cpu()
     return exact_part + float(q.mean()), float(q.std(unbiased=True) / math.sqrt(g)), q
 
 

@@ -437,7 +437,11 @@ def trace(
     n_samples : int
         Products to spend (ignored by ``"exact"``).
     batch : int
-        Vectors per batched product pass.
+        Vectors per batched product pass.  Only ``batch`` random vectors (in
+        the parameters' dtype) and their products exist at a time, so
+        ``batch=1`` gives the smallest peak memory (about 5 times the
+        parameter bytes for Hutchinson; Hutch++ also keeps its
+        ``n_samples // 3`` sketch vectors).
     loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size
         As in :func:`top_eigenvalues`.
 
@@ -465,8 +469,11 @@ def trace(
         else:
             estimator = hutchpp if method == "hutch++" else hutchinson
             with private_rng(seed, op.device) as gen:
+                # random signs are exact in any dtype: vectors as small as the
+                # parameters (float32 for half-precision models)
+                dtype = op.dtype if op.dtype in (torch.float32, torch.float64) else torch.float32
                 value, std_error, samples = estimator(
-                    op.matmat, n, n_samples, generator=gen, device=op.device, batch=batch
+                    op.matmat, n, n_samples, generator=gen, device=op.device, batch=batch, dtype=dtype
                 )
     finally:
         if op.progress is not None:
