@@ -39,12 +39,13 @@ SUCCESS_FRACTION = 0.75
 def checkpoints(n_iters: int) -> list[int]:
     """Iterations at which APGD may halve its step size.
 
-    The schedule of Croce and Hein (2020, Section 3.2), as the sharpness
-    reference evaluator uses it: ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j +
+    The schedule of Croce and Hein (2020, Section 3.2): ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j +
     max(p_j - p_{j-1} - 0.03, 0.06)`` and checkpoints ``ceil(p_j * n_iters)``.
     The fractions are kept in integer hundredths, so no rounding noise moves
     a checkpoint.  For ``n = 100``: 22, 41, 57, 70, 80, 87, 93, 99; for
-    ``n = 20``: 5, 9, 12, 14, 16, 18, 19.
+    ``n = 20``: 5, 9, 12, 14, 16, 18, 19.  (The sharpness reference
+    evaluator accumulates the fractions in floating point, which moves some;
+    see ``flatness._apgd_reference.reference_checkpoints``.)
     """
     prev, cur = 0, 22
     points: list[int] = []

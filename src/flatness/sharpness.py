@@ -18,6 +18,11 @@ from torch import Tensor, nn
 from . import _distributed
 from . import hessian as _hessian_kinds
 from ._apgd import apgd
+from ._apgd_reference import (
+    ReferenceGeometry,
+    reference_normalize_logits,
+    reference_worst_case,
+)
 from ._geometry import PerturbationSet
 from ._model import (
     LossFn,
@@ -97,6 +102,9 @@ WORST_CASE: dict[str, tuple[str, bool]] = {
     "adaptive_linf": ("linf", True),
     "adaptive_l2": ("l2", True),
 }
+#: APGD variants of the worst-case kinds: the textbook algorithm (Croce and
+#: Hein 2020) and the iteration of the reference evaluator.
+ALGORITHMS = ("apgd", "reference")
 AVERAGE_CASE: dict[str, tuple[str, bool]] = {
     "avg_linf": ("linf", False),
     "avg_l2": ("l2", False),
@@ -158,21 +166,29 @@ def _finite(loss: Tensor) -> float:
 
 
 def _worst_case_chunk(
-    loss: _Loss, weights: list[Tensor], pset: PerturbationSet, inputs: Any,
-    targets: Tensor, n_iters: int, restarts: int, generator: torch.Generator,
+    loss: _Loss, weights: list[Tensor], pset: PerturbationSet | ReferenceGeometry,
+    inputs: Any, targets: Tensor, n_iters: int, restarts: int, generator: torch.Generator,
 ) -> tuple[float, float]:
     """``(clean loss, max perturbed loss)`` on one chunk."""
 
     values = [w.clone() for w in weights]  # w + d, rewritten in place each step
+    # The reference iteration works on d itself, APGD on scaled coordinates.
+    reference = isinstance(pset, ReferenceGeometry)
 
     def objective(delta: list[Tensor], need_grad: bool) -> tuple[float, list[Tensor] | None]:
         with torch.no_grad():
-            pset.perturbed_(values, weights, delta)
+            if reference:
+                torch._foreach_copy_(values, weights)
+                torch._foreach_add_(values, delta)
+            else:
+                pset.perturbed_(values, weights, delta)
         if not need_grad:
             return loss.value(values, inputs, targets), None
         f, g = loss.value_and_grad(values, inputs, targets)
-        return f, pset.grad_to_scaled_(g)
+        return f, (g if reference else pset.grad_to_scaled_(g))
 
+    if reference:
+        return reference_worst_case(objective, pset, n_iters, restarts, generator)
     run = apgd(objective, pset, n_iters)
     clean, best = run.start_value, run.best_value
     for _ in range(restarts):
@@ -213,6 +229,7 @@ def _perturbation_sharpness(
     normalize_logits: bool = False,
     restarts: int = 0,
     device: str | torch.device | None = None,
+    algorithm: str = "apgd",
 ) -> SharpnessResult:
     if rho is None:
         raise ValueError(f"kind={kind!r} needs rho= (the perturbation radius)")
@@ -223,6 +240,7 @@ def _perturbation_sharpness(
     check_int("restarts", restarts, 0)
     worst = kind in WORST_CASE
     norm, adaptive = (WORST_CASE if worst else AVERAGE_CASE)[kind]
+    reference = _check_algorithm(algorithm, worst, train)
     ps = select_params(model, params)
     dev = torch.device(device) if device is not None else ps.device
     extra = _moved_state(model, ps, dev)
@@ -231,7 +249,8 @@ def _perturbation_sharpness(
         "normalize_logits": bool(normalize_logits), "n_batches": n_batches,
         "seed": seed, "train": train, "params": list(ps.names),
         "device": str(dev), "dtype": str(ps.dtype),
-        **({"n_iters": n_iters, "restarts": restarts} if worst else {"n_samples": n_samples}),
+        **({"n_iters": n_iters, "restarts": restarts, "algorithm": algorithm}
+           if worst else {"n_samples": n_samples}),
     }
 
     start = time.perf_counter()
@@ -239,12 +258,15 @@ def _perturbation_sharpness(
     # Under torch.distributed each rank perturbs for its own batches with its
     # own random stream (rank 0 keeps ``seed``), then the lists are gathered.
     local_seed = _distributed.rank_seed(seed)
-    loss = _Loss(model, ps, loss_fn, normalize_logits, extra)
+    if reference and normalize_logits:
+        loss_fn = reference_normalize_logits(loss_fn)
+    loss = _Loss(model, ps, loss_fn, bool(normalize_logits) and not reference, extra)
     error: Exception | None = None
     try:
         with ModelGuard(model, train=train), private_rng(local_seed, dev) as gen:
             weights = [p.detach().to(dev) for p in ps.params]
-            pset = PerturbationSet(norm, rho, weights, adaptive=adaptive)
+            pset = (ReferenceGeometry if reference else PerturbationSet)(
+                norm, rho, weights, adaptive=adaptive)
             batches = iter_batches(data, device=dev, dtype=ps.dtype, n_batches=n_batches)
             for inputs, targets in maybe_progress(batches, progress, n_batches, kind):
                 n = batch_size(targets)
@@ -281,6 +303,21 @@ def _perturbation_sharpness(
         clean_loss=clean_loss, perturbed_loss=clean_loss + value, settings=settings,
         wall_time=time.perf_counter() - start, counts=counts,
     )
+
+
+def _check_algorithm(algorithm: Any, worst: bool, train: bool) -> bool:
+    """Validate ``algorithm=``; whether it asks for the reference iteration."""
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; valid: {', '.join(ALGORITHMS)}")
+    if algorithm == "reference" and not worst:
+        raise ValueError(
+            "algorithm='reference' applies to the worst-case kinds (linf, l2, adaptive_linf, "
+            "adaptive_l2); the average-case kinds have no iteration to choose")
+    if algorithm == "reference" and train:
+        raise ValueError(
+            "algorithm='reference' measures in eval mode, as the reference evaluator does; "
+            "train=True cannot be honoured")
+    return algorithm == "reference"
 
 
 def _moved_state(model: nn.Module, ps: ParamSet, device: torch.device) -> dict[str, Tensor]:
@@ -384,6 +421,12 @@ def sharpness(
         ``restarts`` (int, default 0)
             Extra APGD runs from random points inside the set; the per-batch
             maximum over all runs is kept (worst case).
+        ``algorithm`` (str, default ``"apgd"``)
+            Worst case: ``"apgd"``, the Auto-PGD of Croce and Hein (2020), or
+            ``"reference"``, the iteration of the evaluator of Andriushchenko
+            et al. (2023) as published, to compare with its numbers (random
+            restarts then start where it does, unprojected).  See
+            :doc:`/definitions` for the differences.
         ``n_samples`` (int, default 100)
             Monte-Carlo draws per batch (average case).
         ``m`` (int, optional)
