@@ -206,7 +206,8 @@ def _average_case_chunk(
     total = 0.0
     for _ in range(n_samples):
         with torch.no_grad():
-            values = torch._foreach_add(weights, pset.average_case_sample(generator))
+            values = pset.average_case_sample(generator)
+            torch._foreach_add_(values, weights)  # w + d in the sample's own buffers
         total += loss.value(values, inputs, targets)
     return clean, total / n_samples
 
