@@ -16,12 +16,22 @@
     count, fair to every method); "own stop" is each method's own stopping
     rule at tolerance 1e-3, with the error it actually reached.
 
+(c) Engine choice of :class:`flatness._hvp.CurvatureOperator`: for k = 1, 8,
+    32 vectors per pass on an MLP, a CNN, a transformer encoder layer and an
+    LSTM classifier, the steady-state seconds per ``matmat`` of the engine
+    ``"auto"`` picks versus each engine forced, on one batch (graph kept)
+    and on a list of 8 batches (graphs rebuilt for every product).
+(d) ``top_eigenvalues`` on one batch at tolerance 1e-6, first call included
+    (each contender's first call in this process), against
+    hessian-eigenthings' Lanczos (same number of Lanczos steps) and
+    PyHessian's power iteration (its own stopping rule at the same tol).
+
 The model is an MLP trained for a few epochs on scikit-learn's digits (or
 generated data when scikit-learn is missing), float32, batch of 512.  Runs on
 CUDA when available (``--device``).  Target: Lanczos needs >= 3x fewer
 products than power iteration.
 
-    python benchmarks/bench_hessian.py [--device cuda] [--repeats 5]
+    python benchmarks/bench_hessian.py [--device cuda] [--repeats 5] [--only c,d]
 
 PyHessian declares torchvision, which this project never installs; if
 ``import pyhessian`` fails for that reason, a stub ``torchvision`` module is
@@ -38,12 +48,12 @@ import types
 
 import torch
 import torch.nn.functional as F
+from _timing import interleaved_medians, sync
 from torch import nn
 
 from flatness import hessian
 from flatness._hvp import batch_curvature_products, double_backward_hvp
 from flatness._model import select_params
-from _timing import interleaved_medians, sync
 
 
 def import_pyhessian():
@@ -228,16 +238,151 @@ def bench_top_eigenvalue(device, name, make):
         print(f"power iteration / Lanczos products to 1e-3: {n_pow / n_ours:.1f}x (target >= 3x)")
 
 
+class _Transformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1))
+
+
+class _LSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.rnn = nn.LSTM(16, 32, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, tokens):
+        return self.head(self.rnn(self.emb(tokens))[0][:, -1])
+
+
+def engine_models(device):
+    """(name, model, batch) for the engine benchmark; batches of 64."""
+    g = torch.Generator().manual_seed(0)
+    X, y = data(device, 256)
+    torch.manual_seed(0)
+    seq = torch.randn(64, 8, 32, generator=g).to(device)
+    tokens = torch.randint(0, 50, (64, 10), generator=g).to(device)
+    labels = torch.randint(0, 10, (64,), generator=g).to(device)
+    return [
+        ("mlp", trained(mlp, X, y, device, epochs=3), (X[:64], y[:64])),
+        ("cnn", trained(cnn, X, y, device, epochs=3), (X[:64], y[:64])),
+        ("transformer", _Transformer().to(device).eval(), (seq, labels)),
+        ("lstm", _LSTM().to(device).eval(), (tokens, labels)),
+    ]
+
+
+def bench_engines(device, repeats):
+    from flatness._hvp import CurvatureOperator
+
+    print(f"\n(c) engine choice: ms per matmat with k vectors, batches of 64, {device}  [median of {repeats}]")
+    print(f"{'model':<12}{'data':<10}{'k':>4}{'auto picks':>22}{'auto ms':>10}{'fwd-rev ms':>12}{'dbl-bwd ms':>12}"
+          f"{'auto/best':>11}")
+    for name, model, batch in engine_models(device):
+        for label, source in (("1 batch", batch), ("8 batches", [batch] * 8)):
+            for k in (1, 8, 32):
+                ops = {e: CurvatureOperator(model, source, engine=e)
+                       for e in ("auto", "forward-over-reverse", "double-backward")
+                       if not (e == "forward-over-reverse" and name == "lstm")}
+                n = ops["auto"].shape[0]
+                V = torch.randn(n, k, generator=torch.Generator().manual_seed(k)).to(device)
+                t = interleaved_medians({e: (lambda op=op: op.matmat(V)) for e, op in ops.items()}, device, repeats)
+                best = min(v for e, v in t.items() if e != "auto")
+                fr = t.get("forward-over-reverse")
+                print(f"{name:<12}{label:<10}{k:>4}{ops['auto'].engine:>22}{t['auto'] * 1e3:>10.1f}"
+                      f"{'n/a' if fr is None else f'{fr * 1e3:.1f}':>12}{t['double-backward'] * 1e3:>12.1f}"
+                      f"{t['auto'] / best:>10.2f}x")
+
+
+FIRST_CALL_CONTENDERS = ("flatness", "hessian-eigenthings", "pyhessian")
+
+
+def _first_call_setup(device):
+    X, y = data(device, 1024)
+    model = trained(mlp, X, y, device)
+    return model, (X[:256], y[:256])
+
+
+def first_call_row(device, contender, tol=1e-6, steps=None):
+    """One contender's whole run on one batch, timed from its first call in
+    a fresh process: ``(label, seconds, products, eigenvalue, steps)``."""
+    model, batch = _first_call_setup(device)
+    start = time.perf_counter()
+    if contender == "flatness":
+        r = hessian.top_eigenvalues(model, batch, tol=tol, seed=0)
+        return f"flatness top_eigenvalues ({r.engine})", time.perf_counter() - start, r.n_hvp, \
+            r.eigenvalues[0].item(), r.n_iter
+    if contender == "hessian-eigenthings":
+        import hessian_eigenthings as he
+
+        op = he.HessianOperator(model, [batch], he.supervised_loss(F.cross_entropy))
+        res = he.lanczos(op, k=1, max_iter=steps, tol=tol, which="LA", seed=0)
+        return f"hessian-eigenthings lanczos ({steps} steps)", time.perf_counter() - start, steps, \
+            float(res.eigenvalues[0]), steps
+    pyh, note = import_pyhessian()
+    ph = sys.modules["pyhessian.hessian"]
+    torch.manual_seed(0)
+    comp = ph.hessian(model, nn.CrossEntropyLoss(), data=batch, cuda=device.type == "cuda")
+    values, _ = comp.eigenvalues(maxIter=1000, tol=tol)
+    return "PyHessian power iteration" + note, time.perf_counter() - start, None, float(values[0]), None
+
+
+def bench_first_call(device):
+    """Each contender in its own process, so that each pays its own first
+    call (lazy initialisation, ``torch.func`` decompositions) and nothing
+    is warmed up by another; hessian-eigenthings runs as many Lanczos steps
+    as flatness needed to reach the tolerance (it has no stopping rule)."""
+    import json
+    import subprocess
+
+    tol, rows, steps = 1e-6, [], None
+    for contender in FIRST_CALL_CONTENDERS:
+        cmd = [sys.executable, __file__, "--device", str(device), "--first-call", contender,
+               "--steps", str(steps or 0)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
+        if not line:
+            print(f"{contender} failed: {out.stderr.strip().splitlines()[-1:]}")
+            continue
+        row = json.loads(line[0][4:])
+        steps = steps or row[4]
+        rows.append(row)
+    model, batch = _first_call_setup(device)
+    ref = hessian.top_eigenvalues(model, batch, tol=1e-10, max_iter=300).eigenvalues[0].item()
+    print(f"\n(d) top eigenvalue, one batch of 256, tol {tol:g}, first call included "
+          f"(each in a fresh process), {device}")
+    print(f"{'method':<52}{'seconds':>9}{'HVPs':>7}{'rel. error':>12}")
+    for name, sec, n, value, _ in rows:
+        print(f"{name:<52}{sec:>9.3f}{'-' if n is None else n:>7}{abs(value - ref) / abs(ref):>12.1e}")
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default="a,b,c,d", help="comma-separated sections to run")
+    parser.add_argument("--first-call", choices=FIRST_CALL_CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.first_call:  # a child process of section (d)
+        import json
+
+        print("ROW " + json.dumps(first_call_row(device, args.first_call, steps=args.steps or None)))
+        return
+    only = set(args.only.split(","))
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
-    bench_batched(device, args.repeats)
-    for name, make in (("MLP", mlp), ("CNN", cnn)):
-        bench_top_eigenvalue(device, name, make)
+    if "d" in only:  # first: the first-call cost is part of what it measures
+        bench_first_call(device)
+    if "c" in only:
+        bench_engines(device, args.repeats)
+    if "a" in only:
+        bench_batched(device, args.repeats)
+    if "b" in only:
+        for name, make in (("MLP", mlp), ("CNN", cnn)):
+            bench_top_eigenvalue(device, name, make)
 
 
 if __name__ == "__main__":

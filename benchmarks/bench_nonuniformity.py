@@ -30,10 +30,10 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from _timing import seconds
 from torch import nn
 
 from flatness import nonuniformity as nu
-from _timing import seconds
 
 
 def cases(device, n_batches, batch):

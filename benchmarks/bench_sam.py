@@ -22,21 +22,27 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import time
+import types
 
 import torch
 import torch.nn.functional as F
+from _timing import seconds
 from torch import nn
 
-from flatness.optim import SAM
-from _timing import seconds
+from flatness.optim import ESAM, GSAM, MESA, SAM, WSAM, BayesianSAM, FriendlySAM, LookSAM
 
 try:  # optional peer
     from pytorch_optimizer import SAM as PeerSAM
 except ImportError:  # pragma: no cover - depends on the environment
     PeerSAM = None
+try:  # the peer's SAM family (pytorch_optimizer >= 3)
+    import pytorch_optimizer as peer_lib
+except ImportError:  # pragma: no cover - depends on the environment
+    peer_lib = None
 
 
 class TransformerBlock(nn.Module):
@@ -133,6 +139,154 @@ def optimizer_only_steppers(make_model, device, rho):
     return out
 
 
+# ----------------------------------------------------------------------
+# the SAM family: one row per optimizer, time per step / plain step
+# ----------------------------------------------------------------------
+
+#: Targets on the CPU MLP (time per step / plain step) from the issue; the
+#: floors are LookSAM(k=5) 1.2x and MESA 1 + one forward without graph.
+FAMILY_TARGETS = {"LookSAM": 1.4, "MESA": 1.45, "ESAM": 1.6}
+
+
+def family_steppers(make_model, data, device, rho):
+    """plain SGD and every family member (ours and, where it exists,
+    pytorch_optimizer's), each with its documented usage."""
+    x, y = data
+    sgd = dict(lr=0.01, momentum=0.9)
+
+    def fresh():
+        torch.manual_seed(0)
+        return make_model().to(device)
+
+    def two_pass(opt, model):
+        return lambda: opt.step(loss_closure(model, x, y))
+
+    out = {}
+    m = fresh()
+    plain_opt = torch.optim.SGD(m.parameters(), **sgd)
+    plain_closure = loss_closure(m, x, y)
+
+    def plain():
+        plain_opt.zero_grad()
+        plain_closure()
+        plain_opt.step()
+
+    out["plain"] = plain
+    m = fresh()
+    out["SAM"] = two_pass(SAM(m.parameters(), torch.optim.SGD, rho=rho, **sgd), m)
+    m = fresh()
+    out["GSAM"] = two_pass(GSAM(m.parameters(), torch.optim.SGD, rho=rho, alpha=0.1, **sgd), m)
+    m = fresh()
+    out["LookSAM"] = two_pass(LookSAM(m.parameters(), torch.optim.SGD, rho=rho, k=5, alpha=0.7, **sgd), m)
+    m = fresh()
+    out["WSAM"] = two_pass(WSAM(m.parameters(), torch.optim.SGD, rho=rho, gamma=0.9, **sgd), m)
+    m = fresh()
+    out["FriendlySAM"] = two_pass(FriendlySAM(m.parameters(), torch.optim.SGD, rho=rho, **sgd), m)
+    m = fresh()
+    out["BayesianSAM"] = two_pass(BayesianSAM(m.parameters(), num_data=50000, lr=0.01, rho=rho, seed=0), m)
+
+    m = fresh()
+    esam = ESAM(m.parameters(), torch.optim.SGD, rho=rho, beta=0.6, gamma=0.5, seed=0, **sgd)
+
+    def esam_closure(mask=None, m=m):
+        xb, yb = (x, y) if mask is None else (x[mask], y[mask])
+        return F.cross_entropy(m(xb), yb, reduction="none")
+
+    out["ESAM"] = lambda: esam.step(esam_closure)
+
+    m = fresh()
+    mesa = MESA(m.parameters(), torch.optim.SGD, model=m, **sgd)
+
+    def mesa_step(m=m):
+        mesa.zero_grad()
+        out_ = m(x)
+        (F.cross_entropy(out_, y) + mesa.trajectory_loss(out_, x)).backward()
+        mesa.step()
+
+    out["MESA"] = mesa_step
+
+    if peer_lib is None:
+        return out
+
+    def backward_then_step(opt, model):  # the peer's documented usage
+        closure = loss_closure(model, x, y)
+
+        def fn():
+            opt.zero_grad()
+            closure()
+            opt.step(closure)
+
+        return fn
+
+    m = fresh()
+    base = torch.optim.SGD(m.parameters(), **sgd)
+    sched = peer_lib.ProportionScheduler(types.SimpleNamespace(last_lr=[0.01]), max_lr=0.01, min_lr=0.01,
+                                         max_value=rho, min_value=rho)
+    peer_gsam = peer_lib.GSAM(m.parameters(), base, m, sched, alpha=0.1)
+
+    def gsam_closure(m=m, base=base):
+        base.zero_grad()
+        with torch.enable_grad():
+            o = m(x)
+            loss = F.cross_entropy(o, y)
+        loss.backward()
+        return o, loss.detach()
+
+    out["p_opt GSAM"] = lambda: peer_gsam.step(gsam_closure)
+    m = fresh()
+    out["p_opt LookSAM"] = backward_then_step(
+        peer_lib.LookSAM(m.parameters(), torch.optim.SGD, rho=rho, k=5, alpha=0.7, **sgd), m)
+    m = fresh()
+    peer_wsam = peer_lib.WSAM(m, m.parameters(), torch.optim.SGD, rho=rho, gamma=0.9, **sgd)
+    wsam_closure = loss_closure(m, x, y)
+    out["p_opt WSAM"] = lambda: (peer_wsam.zero_grad(), peer_wsam.step(wsam_closure))
+    m = fresh()
+    out["p_opt FriendlySAM"] = backward_then_step(
+        peer_lib.FriendlySAM(m.parameters(), torch.optim.SGD, rho=rho, **sgd), m)
+    m = fresh()
+    peer_bsam = peer_lib.BSAM(m.parameters(), num_data=50000, lr=0.01, rho=rho)
+
+    def bsam_closure(m=m):
+        peer_bsam.zero_grad()
+        return loss_closure(m, x, y)()
+
+    bsam_closure()  # its state is created from existing gradients (first call only)
+    # It never removes its noise and ascent from the weights, so they drift
+    # and overflow after some tens of steps: start again every 10 steps
+    # (a weight copy, ~1% of a step).
+    start = ({k: v.clone() for k, v in m.state_dict().items()}, copy.deepcopy(peer_bsam.state_dict()))
+    calls = [0]
+
+    def peer_bsam_step(m=m):
+        calls[0] += 1
+        if calls[0] % 10 == 0:
+            m.load_state_dict(start[0])
+            peer_bsam.load_state_dict(start[1])
+        peer_bsam.step(bsam_closure)
+
+    out["p_opt BayesianSAM"] = peer_bsam_step
+    return out
+
+
+def print_family_table(title, rows):
+    names = ["SAM", "GSAM", "LookSAM", "WSAM", "FriendlySAM", "BayesianSAM", "ESAM", "MESA"]
+    print(title)
+    for case, med in rows:
+        print(f"  {case}  (plain step {med['plain']:.2f} ms)")
+        header = f"    {'optimizer':<14}{'ms/step':>10}{'x plain':>10}{'p_opt ms':>10}{'p_opt x':>10}{'ours/p_opt':>12}{'target':>9}"
+        print(header)
+        for n in names:
+            ours = med[n]
+            peer = med.get(f"p_opt {n}")
+            target = FAMILY_TARGETS.get(n)
+            print(
+                f"    {n:<14}{ours:>10.2f}{ours / med['plain']:>9.2f}x"
+                + (f"{peer:>10.2f}{peer / med['plain']:>9.2f}x{ours / peer:>11.2f}x" if peer else f"{'-':>10}{'-':>10}{'-':>12}")
+                + (f"{'<=' + format(target, '.2f'):>9}" if target else f"{'':>9}")
+            )
+    print()
+
+
 def measure(steppers, args, device):
     """Median (ms) over repeats of the mean time per step in a block; the
     contenders are interleaved so that machine load hits them alike."""
@@ -172,6 +326,9 @@ def main():
                     help="torch.set_num_threads on CPU (default 1: stable timings on a shared machine; 0 keeps torch's default)")
     ap.add_argument("--rho", type=float, default=0.05)
     ap.add_argument("--quick", action="store_true", help="2 repeats of 2 steps (smoke run)")
+    ap.add_argument("--family-only", action="store_true",
+                    help="only the SAM-family table (GSAM, LookSAM, WSAM, F-SAM, bSAM, ESAM, MESA)")
+    ap.add_argument("--cases", default="all", help="comma-separated case indices (0 MLP, 1 CNN, 2 Transformer)")
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.steps, args.warmup = 2, 2, 1
@@ -188,12 +345,20 @@ def main():
         print("pytorch_optimizer is not installed: its column is skipped (pip install pytorch_optimizer)")
     print()
     t_start = time.perf_counter()
-    full, alone = [], []
-    for name, make_model, data in cases(device):
-        full.append((name, measure(make_steppers(make_model, data, device, args.rho), args, device)))
-        alone.append((name, measure(optimizer_only_steppers(make_model, device, args.rho), args, device)))
-    print_table("Training step (forward-backward passes included; floor for SAM: 2.0x plain):", full)
-    print_table("Optimizer work only (fixed gradients; plain = base step, SAM = first_step + second_step):", alone)
+    full, alone, family = [], [], []
+    chosen = cases(device)
+    if args.cases != "all":
+        chosen = [chosen[int(i)] for i in args.cases.split(",")]
+    for name, make_model, data in chosen:
+        if not args.family_only:
+            full.append((name, measure(make_steppers(make_model, data, device, args.rho), args, device)))
+            alone.append((name, measure(optimizer_only_steppers(make_model, device, args.rho), args, device)))
+        family.append((name, measure(family_steppers(make_model, data, device, args.rho), args, device)))
+    if not args.family_only:
+        print_table("Training step (forward-backward passes included; floor for SAM: 2.0x plain):", full)
+        print_table("Optimizer work only (fixed gradients; plain = base step, SAM = first_step + second_step):", alone)
+    print_family_table("SAM family, training step / plain step (LookSAM k=5; ESAM beta=0.6, gamma=0.5; "
+                       "MESA with its EMA forward every step; p_opt = pytorch_optimizer):", family)
     print(f"total {time.perf_counter() - t_start:.0f} s")
 
 

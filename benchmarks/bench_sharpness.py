@@ -19,10 +19,10 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from _timing import interleaved_medians
 from torch import nn
 
 import flatness
-from _timing import interleaved_medians
 
 
 def mlp():

@@ -8,17 +8,22 @@ optimizer from the same initial weights on the same mini-batches:
 * ``SGD``            - plain SGD with momentum;
 * ``SAM``            - :class:`flatness.optim.SAM`;
 * ``ConsistentSAM``  - :class:`flatness.optim.ConsistentSAM` (three passes);
-* ``NonuniformSAM``  - :class:`flatness.optim.NonuniformSAM` (K-FAC ascent).
+* ``NonuniformSAM``  - :class:`flatness.optim.NonuniformSAM` (ascent preconditioned by the
+  Kronecker-factored centred gradient covariance, centred as the authors'
+  ``GAM`` code does it: its default).
 
 At checkpoints it records the test error, the worst-case adaptive
 l-infinity sharpness (``flatness.sharpness(kind="adaptive_linf")``) and the
 Kronecker-factored gradient-noise magnitude
 (``flatness.nonuniformity.kfac_variance``; ``tr S``), both on the training
 set, and prints Kendall's tau between each quantity and the test error over
-all checkpoints of all optimizers, and the ranking of the final models.  A
-plot is written to ``nonuniformity.png`` when matplotlib is installed.
+all checkpoints of all optimizers (with a 95% bootstrap confidence interval
+over the checkpoints), and the ranking of the final models.  All of it is
+repeated for each of ``--seeds`` (data split, initialization, batch order),
+followed by the taus of every seed side by side.  A plot of the first seed
+is written to ``nonuniformity.png`` when matplotlib is installed.
 
-    python examples/nonuniformity.py            # ~1 minute on 2 CPU cores
+    python examples/nonuniformity.py            # 3 seeds, ~4 minutes on 2 CPU cores
     python examples/nonuniformity.py --tiny     # a few seconds (smoke test)
 """
 
@@ -28,6 +33,7 @@ import argparse
 import copy
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.stats import kendalltau
@@ -102,30 +108,36 @@ def measure(model, train_data, test_data, batch_size, n_iters):
                 noise=var.noise)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--every", type=int, default=4, help="epochs between checkpoints")
-    ap.add_argument("--n-train", type=int, default=500)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--plot", default="nonuniformity.png", help="output PNG ('' for none)")
-    ap.add_argument("--tiny", "--quick", action="store_true", help="2 epochs, cheap measurements (smoke test)")
-    args = ap.parse_args()
-    if args.tiny:
-        args.epochs, args.every = 2, 1
-    n_iters = 2 if args.tiny else 10
-    torch.set_num_threads(1)  # tiny model: threads only add overhead
+def bootstrap_ci(a, b, *, n_boot: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of Kendall's tau over the points
+    (resampled with replacement, private NumPy generator; undefined taus of
+    constant resamples dropped)."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
+    taus = np.array([kendalltau(x[i], y[i]).statistic for i in idx])
+    taus = taus[~np.isnan(taus)]
+    if taus.size == 0:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(taus, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
-    train_data, test_data = digits(args.seed, args.n_train)
-    start = make_model(args.seed)
-    names = ["SGD", "SAM", "ConsistentSAM", "NonuniformSAM"]
+
+NAMES = ["SGD", "SAM", "ConsistentSAM", "NonuniformSAM"]
+QUANTITIES = ("sharpness", "kfac_variance")
+
+
+def run_seed(args, seed: int, n_iters: int) -> dict[str, list[dict]]:
+    """Train every optimizer from the same start with one seed; print the
+    final models and every checkpoint; return the checkpoints."""
+    train_data, test_data = digits(seed, args.n_train)
+    start = make_model(seed)
     history: dict[str, list[dict]] = {}
-    for name in names:
+    print(f"== seed {seed}")
+    for name in NAMES:
         model = copy.deepcopy(start)
         opt = make_optimizer(name, model, args.lr)
-        gen = torch.Generator().manual_seed(args.seed)  # same batches for everyone
+        gen = torch.Generator().manual_seed(seed)  # same batches for everyone
         t0 = time.perf_counter()
         history[name] = []
         for epoch in range(1, args.epochs + 1):
@@ -141,30 +153,86 @@ def main() -> None:
               f"(exact {exact.total:.3e})")
 
     print(f"\ndigits CNN, {args.n_train} train / {len(test_data[1])} test, {args.epochs} epochs, "
-          f"batch {args.batch_size}, lr {args.lr}, momentum 0.9")
+          f"batch {args.batch_size}, lr {args.lr}, momentum 0.9, seed {seed}")
     print(f"{'optimizer':<14} | {'epoch':>5} | {'test err':>8} | {'train err':>9} | {'sharpness':>9} | "
           f"{'KFAC tr S':>9} | {'a tr S':>8}")
-    for name in names:
+    for name in NAMES:
         for h in history[name]:
             print(f"{name:<14} | {h['epoch']:>5} | {h['test_error']:>8.4f} | {h['train_error']:>9.4f} | "
                   f"{h['sharpness']:>9.2e} | {h['kfac_variance']:>9.2e} | {h['noise']:>8.1e}")
+    return history
 
-    points = [h for name in names for h in history[name]]
-    fitted = [h for h in points if h["train_error"] == 0]
-    print("\nKendall tau with the test error:")
-    for label, pts in (("all checkpoints", points), ("checkpoints with zero train error", fitted)):
-        if len(pts) < 3:
-            continue
-        err = [h["test_error"] for h in pts]
-        taus = ", ".join(
-            f"{key} {kendalltau([h[key] for h in pts], err).statistic:+.3f}" for key in ("sharpness", "kfac_variance")
-        )
-        print(f"  {label:<34} ({len(pts):>2} points): {taus}")
-    finals = {name: history[name][-1] for name in names}
-    for key in ("test_error", "sharpness", "kfac_variance"):
-        order = sorted(names, key=lambda n: finals[n][key])
-        print(f"final models ranked by {key:<14}: {' < '.join(order)}")
 
+def checkpoint_sets(history):
+    points = [h for name in NAMES for h in history[name]]
+    return {"all checkpoints": points, "zero train error": [h for h in points if h["train_error"] == 0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--every", type=int, default=4, help="epochs between checkpoints")
+    ap.add_argument("--n-train", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="one run per seed (data split, initialization, batch order)")
+    ap.add_argument("--seed", type=int, default=None, help="a single seed (same as --seeds SEED)")
+    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the tau intervals")
+    ap.add_argument("--plot", default="nonuniformity.png", help="output PNG of the first seed ('' for none)")
+    ap.add_argument("--tiny", "--quick", action="store_true", help="2 epochs, cheap measurements (smoke test)")
+    args = ap.parse_args()
+    if args.tiny:
+        args.epochs, args.every, args.seeds, args.n_boot = 2, 1, [0, 1], 50
+    if args.seed is not None:
+        args.seeds = [args.seed]
+    n_iters = 2 if args.tiny else 10
+    torch.set_num_threads(1)  # tiny model: threads only add overhead
+
+    runs = {}
+    taus: dict[tuple[int, str, str], float] = {}
+    for seed in args.seeds:
+        history = runs[seed] = run_seed(args, seed, n_iters)
+        print(f"\nKendall tau with the test error, seed {seed} (95% CI: bootstrap over the checkpoints, "
+              f"{args.n_boot} resamples):")
+        for label, pts in checkpoint_sets(history).items():
+            if len(pts) < 3:
+                print(f"  {label:<17} ({len(pts):>2} points): too few")
+                continue
+            err = [h["test_error"] for h in pts]
+            cells = []
+            for key in QUANTITIES:
+                vals = [h[key] for h in pts]
+                t = taus[seed, label, key] = kendalltau(vals, err).statistic
+                lo, hi = bootstrap_ci(vals, err, n_boot=args.n_boot, seed=seed)
+                cells.append(f"{key} {t:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            print(f"  {label:<17} ({len(pts):>2} points): " + ", ".join(cells))
+        finals = {name: history[name][-1] for name in NAMES}
+        for key in ("test_error", *QUANTITIES):
+            order = sorted(NAMES, key=lambda n: finals[n][key])
+            print(f"final models ranked by {key:<14}: {' < '.join(order)}")
+        print()
+
+    if len(args.seeds) > 1:
+        print(f"== over {len(args.seeds)} seeds: Kendall tau with the test error")
+        print(f"{'checkpoints':<17} | {'quantity':<13} | " + " | ".join(f"seed {s:>2}" for s in args.seeds)
+              + " |    min |    max")
+        for label in ("all checkpoints", "zero train error"):
+            for key in QUANTITIES:
+                vals = [taus.get((s, label, key), float("nan")) for s in args.seeds]
+                known = [v for v in vals if v == v]
+                lo, hi = (min(known), max(known)) if known else (float("nan"), float("nan"))
+                print(f"{label:<17} | {key:<13} | " + " | ".join(f"{v:+7.3f}" for v in vals)
+                      + f" | {lo:+.3f} | {hi:+.3f}")
+            better = [s for s in args.seeds if (s, label, "kfac_variance") in taus
+                      and taus[s, label, "kfac_variance"] > taus[s, label, "sharpness"]]
+            counted = [s for s in args.seeds if (s, label, "kfac_variance") in taus]
+            print(f"{label}: KFAC tr S above sharpness in {len(better)}/{len(counted)} seeds")
+        for key in ("test_error", *QUANTITIES):
+            best = [min(NAMES, key=lambda n, s=s: runs[s][n][-1][key]) for s in args.seeds]
+            print(f"lowest final {key:<14} per seed: {', '.join(best)}")
+
+    history = runs[args.seeds[0]]
     if args.plot:
         try:
             import matplotlib
@@ -175,7 +243,7 @@ def main() -> None:
             print("matplotlib not installed: no plot")
             return
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-        for name in names:
+        for name in NAMES:
             ep = [h["epoch"] for h in history[name]]
             for ax, key in zip(axes, ("test_error", "sharpness", "kfac_variance")):
                 ax.plot(ep, [h[key] for h in history[name]], marker="o", label=name)

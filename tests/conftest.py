@@ -37,3 +37,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=__import__("zoo").FAST)
+def zoo_case(request):
+    """Each case of the model zoo (``tests/zoo.py``) except the compiled one."""
+    return __import__("zoo").CASES[request.param]

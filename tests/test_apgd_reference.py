@@ -397,7 +397,7 @@ def test_zero_weights_stay_unperturbed_instead_of_nan():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"kind": "avg_l2", "algorithm": "reference"}, "worst-case kinds"),
+    ({"kind": "avg_l2", "algorithm": "reference"}, "algorithm= does not apply to kind=.avg_l2."),
     ({"kind": "l2", "algorithm": "reference", "train": True}, "eval mode"),
     ({"kind": "l2", "algorithm": "textbook"}, "unknown algorithm"),
     ({"kind": "l2", "algorithm": None}, "unknown algorithm"),

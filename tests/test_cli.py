@@ -220,8 +220,8 @@ def test_errors_are_one_line_messages(files, capsys):
     assert "not both" in _error(
         ["sharpness", "--model", m, "--data", d, "--kind", "l2", "--algorithm", "m_apgd_l2", "--rho", "1"], capsys)
     assert "matches no" in _error(["sharpness", "--model", m, "--data", d, "--params", "xyz", "--rho", "1"], capsys)
-    assert "n_iters" in _error(["sharpness", "--model", m, "--data", d, "--kind", "hessian_trace",
-                                "--n-iters", "3"], capsys)
+    assert "--n-iters does not apply" in _error(["sharpness", "--model", m, "--data", d, "--kind", "hessian_trace",
+                                                 "--n-iters", "3"], capsys)
     assert "not a device" in _error(["sharpness", "--model", m, "--data", d, "--device", "gpu9"], capsys)
     if not torch.cuda.is_available():
         assert "no CUDA" in _error(["sharpness", "--model", m, "--data", d, "--device", "cuda"], capsys)
@@ -252,3 +252,143 @@ def test_cuda_matches_cpu(files, capsys):
     gpu = _run([*base, "--device", "cuda"], tmp, capsys)["result"]
     assert gpu["settings"]["device"].startswith("cuda")
     assert gpu["clean_loss"] == pytest.approx(cpu["clean_loss"], rel=1e-10)
+
+
+# --------------------------------------------------------------------------
+# the command line's promises, each checked by running it in a subprocess
+# --------------------------------------------------------------------------
+
+
+def _cli(args, cwd, *, launcher=("-m", "flatness"), env=None):
+    proc = subprocess.run([sys.executable, *launcher, *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=180, env=env)
+    return proc
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len([ln for ln in lines if "error:" in ln]) == 1 and lines[-1].count("error:") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in lines[-1], (needle, lines[-1])
+    assert proc.stdout == ""
+    return lines[-1]
+
+
+#: (arguments, the flag that does not apply, the choice it does not apply to)
+NOT_APPLICABLE = [
+    (["sharpness", "--kind", "avg_l2", "--rho", "0.1", "--n-iters", "3"], "--n-iters", "--kind avg_l2"),
+    (["sharpness", "--kind", "avg_linf", "--rho", "0.1", "--restarts", "1"], "--restarts", "--kind avg_linf"),
+    (["sharpness", "--kind", "l2", "--rho", "0.1", "--n-samples", "3"], "--n-samples", "--kind l2"),
+    (["sharpness", "--kind", "hessian_trace", "--rho", "0.1"], "--rho", "--kind hessian_trace"),
+    (["sharpness", "--kind", "hessian_max_eig", "--normalize-logits"], "--normalize-logits", "--kind hessian_max_eig"),
+    (["hessian", "--quantity", "eigenvalues", "--n-vectors", "2"], "--n-vectors", "--quantity eigenvalues"),
+    (["hessian", "--quantity", "eigenvalues", "--granularity", "layer"], "--granularity", "--quantity eigenvalues"),
+    (["hessian", "--quantity", "eigenvalues", "--n-steps", "4"], "--n-steps", "--quantity eigenvalues"),
+    (["hessian", "--quantity", "trace", "--k", "2"], "--k", "--quantity trace"),
+    (["hessian", "--quantity", "density", "--method", "exact"], "--method", "--quantity density"),
+]
+
+
+def _marking_factory(tmp):
+    """A model factory that leaves a file behind when it runs."""
+    marker = tmp / "factory_ran"
+    (tmp / "marking.py").write_text(
+        "import pathlib\nfrom cli_models import mlp\n"
+        f"def make():\n    pathlib.Path({str(marker)!r}).touch()\n    return mlp()\n"
+    )
+    return marker
+
+
+@pytest.mark.parametrize(("argv", "flag", "choice"), NOT_APPLICABLE)
+def test_options_the_measurement_does_not_use_are_errors(files, capsys, monkeypatch, argv, flag, choice):
+    tmp, *_ = files
+    monkeypatch.syspath_prepend(str(tmp))
+    marker = _marking_factory(tmp)
+    err = _error([argv[0], "--model", f"{tmp}/marking.py:make", "--data", str(tmp / "data.pt"), *argv[1:]], capsys)
+    assert len(err.strip().splitlines()) == 1 and f"{flag} does not apply to {choice}" in err
+    assert not marker.exists()  # rejected before the model was built
+
+
+@pytest.mark.parametrize("case", [0, 2, 3, 5])
+def test_options_the_measurement_does_not_use_are_errors_in_a_subprocess(files, case):
+    tmp, *_ = files
+    argv, flag, choice = NOT_APPLICABLE[case]
+    marker = _marking_factory(tmp)
+    proc = _cli([argv[0], "--model", "marking:make", "--data", tmp / "data.pt", *argv[1:]], tmp)
+    _one_line_error(proc, f"{flag} does not apply to {choice}")
+    assert not marker.exists()
+
+
+def test_progress_without_tqdm_is_a_one_line_error(files):
+    tmp, *_ = files
+    code = ("import sys; sys.modules['tqdm'] = None; from flatness._cli import main; "
+            "sys.argv[0] = 'flatness'; sys.exit(main())")
+    proc = _cli(["sharpness", "--model", f"{tmp}/cli_models.py:mlp", "--data", tmp / "data.pt", "--rho", "0.01",
+                 "--progress"], tmp, launcher=("-c", code))
+    _one_line_error(proc, "--progress needs tqdm")
+
+
+def test_float_labels_are_a_clean_error(files):
+    tmp, _, x, y = files
+    np.savez(tmp / "float.npz", x=x.numpy(), y=y.numpy().astype(np.float64))
+    proc = _cli(["sharpness", "--model", f"{tmp}/cli_models.py:mlp", "--data", tmp / "float.npz", "--rho", "0.01"],
+                tmp)
+    _one_line_error(proc, "float64", "integers")
+
+
+@pytest.mark.parametrize("where", ["missing_dir/out.json", "."])
+def test_unwritable_output_fails_before_the_measurement(files, where):
+    tmp, *_ = files
+    marker = _marking_factory(tmp)
+    proc = _cli(["sharpness", "--model", "marking:make", "--data", tmp / "data.pt", "--rho", "0.01",
+                 "--output", tmp / where], tmp)
+    _one_line_error(proc, "--output")
+    assert not marker.exists()
+
+
+def test_console_script_imports_from_the_current_directory_and_says_flatness(files, tmp_path_factory):
+    tmp, model, *_ = files
+    # What pip writes for the `flatness` console script: the script's own
+    # directory, not the current one, is first on sys.path.
+    bindir = tmp_path_factory.mktemp("bin")
+    script = bindir / "flatness"
+    script.write_text("import sys\nfrom flatness.__main__ import main\nsys.exit(main())\n")
+    (tmp / "mymodel.py").write_text("from cli_models import mlp as make\n")
+    ok = _cli(["sharpness", "--model", "mymodel:make", "--checkpoint", tmp / "ckpt.pt", "--data", tmp / "data.pt",
+               "--kind", "l2", "--rho", "0.01", "--n-iters", "1"], tmp, launcher=(str(script),))
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["result"]["kind"] == "l2"
+    bad = _cli(["sharpness", "--model", "mymodel:make", "--data", tmp / "data.pt"], tmp, launcher=(str(script),))
+    line = _one_line_error(bad)
+    assert line.startswith("flatness sharpness: error:") and "python -m" not in bad.stderr
+    usage = _cli(["sharpness"], tmp, launcher=(str(script),))
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: flatness sharpness")
+    # python -m flatness names itself so
+    assert _cli(["sharpness"], tmp).stderr.startswith("usage: python -m flatness sharpness")
+
+
+def test_missing_checkpoint_is_noted_on_stderr(files):
+    tmp, *_ = files
+    proc = _cli(["sharpness", "--model", f"{tmp}/cli_models.py:mlp", "--data", tmp / "data.pt", "--kind", "l2",
+                 "--rho", "0.01", "--n-iters", "1"], tmp)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: no --checkpoint given" in proc.stderr
+    assert json.loads(proc.stdout)["checkpoint"] is None
+    with_ckpt = _cli(["sharpness", "--model", f"{tmp}/cli_models.py:mlp", "--checkpoint", tmp / "ckpt.pt",
+                      "--data", tmp / "data.pt", "--kind", "l2", "--rho", "0.01", "--n-iters", "1"], tmp)
+    assert with_ckpt.returncode == 0 and "note:" not in with_ckpt.stderr
+
+
+def test_pickled_model_and_dataset_say_what_to_save_instead(files):
+    tmp, model, x, y = files
+    torch.save(model, tmp / "whole_model.pt")
+    torch.save(torch.utils.data.TensorDataset(x, y), tmp / "dataset.pt")
+    m, d = f"{tmp}/cli_models.py:mlp", tmp / "data.pt"
+    line = _one_line_error(_cli(["sharpness", "--model", m, "--checkpoint", tmp / "whole_model.pt", "--data", d,
+                                 "--rho", "0.01"], tmp), "model.state_dict()")
+    assert "weights_only" not in line
+    line = _one_line_error(_cli(["sharpness", "--model", m, "--checkpoint", tmp / "ckpt.pt",
+                                 "--data", tmp / "dataset.pt", "--rho", "0.01"], tmp), "numpy.savez")
+    assert "TensorDataset" in line

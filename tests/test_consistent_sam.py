@@ -5,6 +5,7 @@ dense solves for the K-FAC variants), plus the drop-in guarantees."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -126,15 +127,67 @@ def ref_consistent(model, x, y, steps, *, rho1, rho2, alpha, lr, mu=0.0, adaptiv
     return w, m
 
 
-def ref_nonuniform(model, x, y, steps, *, rho, lr, damping, decay):
+def dense_kfac(factors, damping):
+    """blockdiag(kron(A, G)) + damping I over all parameters, in the order of
+    :func:`to_vec`."""
+    return torch.block_diag(*[torch.kron(A, G) for A, G in factors]) + damping * torch.eye(
+        sum(A.shape[0] * G.shape[0] for A, G in factors), dtype=DT)
+
+
+def to_vec(vs):
+    """[W1, b1, W2, b2] -> column-major vec([W1 | b1]) then vec([W2 | b2])."""
+    return torch.cat([torch.cat([W, b[:, None]], 1).T.flatten() for W, b in (vs[0:2], vs[2:4])])
+
+
+def from_vec(v, like):
+    out, start = [], 0
+    for W, _ in (like[0:2], like[2:4]):
+        rows, cols = W.shape[0], W.shape[1] + 1
+        M = v[start:start + rows * cols].reshape(cols, rows).T
+        out += [M[:, :-1], M[:, -1]]
+        start += rows * cols
+    return out
+
+
+def ref_nonuniform_ascent(run, g, *, rho, damping, mode):
+    """The ascent written out with dense matrices: ``second_moment`` solves
+    with F, ``centered`` with Sigma = F - g g^T directly (no Sherman-Morrison),
+    (or, where q = g^T F^-1 g >= 1 and Sigma is indefinite, F^-1 g / sqrt(q (1 -
+    exp(-q)))), ``gam`` follows the authors' GAM.ascent_step line by line."""
+    Fd = dense_kfac(run, damping)
+    gv = to_vec(g)
+    fvp = torch.linalg.solve(Fd, gv)
+    factor = gv @ fvp
+    if mode == "centered":
+        if factor < 1:
+            sol = torch.linalg.solve(Fd - torch.outer(gv, gv), gv)
+            return from_vec(rho * sol / torch.sqrt(gv @ sol), g)
+        # Sigma is not positive definite: 1 - q -> 1 - exp(-q)
+        return from_vec(rho * fvp / torch.sqrt(factor * (1 - torch.exp(-factor))), g)
+    if mode == "second_moment":
+        return from_vec(rho * fvp / torch.sqrt(factor), g)
+    fvp_norm = float(torch.sqrt(factor)) + 1e-16  # GAM: torch.sqrt_(fvp_factor) also overwrites it
+    factor = torch.sqrt(factor)
+    if 1.0 - factor < 0:
+        scaling = float(torch.sqrt(1.0 - torch.exp(-factor))) + 1e-16
+    else:
+        scaling = float(torch.sqrt(1.0 - factor)) + 1e-16
+    return from_vec(fvp * rho / (fvp_norm * scaling), g)
+
+
+def ref_nonuniform(model, x, y, steps, *, rho, lr, damping, decay, mode="second_moment"):
     w = [p.detach().clone() for p in model.parameters()]
     run = None
     for _ in range(steps):
         g = grad_at(model, w, x, y)
         run = ema(run, kfac_factors_ref(model, w, x, y), decay)
-        pg = kfac_solve_ref(run, g, damping)
-        q = torch.sqrt(sum((u * v).sum() for u, v in zip(g, pg)))
-        g2 = grad_at(model, [a + rho * v / q for a, v in zip(w, pg)], x, y)
+        if mode == "second_moment":  # block by block, as K-FAC solves it
+            pg = kfac_solve_ref(run, g, damping)
+            q = torch.sqrt(sum((u * v).sum() for u, v in zip(g, pg)))
+            e = [rho * v / q for v in pg]
+        else:
+            e = ref_nonuniform_ascent(run, g, rho=rho, damping=damping, mode=mode)
+        g2 = grad_at(model, [a + v for a, v in zip(w, e)], x, y)
         w = [v - lr * gg for v, gg in zip(w, g2)]
     return w
 
@@ -176,16 +229,91 @@ def test_consistent_kfac_matches_dense_reference():
     assert all(not m._forward_hooks for m in model.modules())
 
 
-def test_nonuniform_sam_matches_dense_reference():
+MODES = {
+    "second_moment": dict(centered=False),
+    "centered": dict(gam_scaling=False),
+    "gam": dict(),  # the default
+}
+
+
+@pytest.mark.parametrize("damping", [1e-2, 0.3])  # q = g^T F^-1 g above / below 1
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_nonuniform_sam_matches_dense_reference(mode, damping):
     model = mlp()
     x, y = data()
-    w_ref = ref_nonuniform(model, x, y, 3, rho=0.1, lr=0.1, damping=1e-2, decay=0.6)
+    w_ref = ref_nonuniform(model, x, y, 3, rho=0.1, lr=0.1, damping=damping, decay=0.6, mode=mode)
     opt = NonuniformSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, model=model,
-                        damping=1e-2, stat_decay=0.6)
+                        damping=damping, stat_decay=0.6, **MODES[mode])
     for _ in range(3):
         opt.step(closure_for(model, x, y))
     assert_close(model.parameters(), w_ref, tol=1e-10)
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def first_ascent(model, x, y, **kw):
+    """The perturbation NonuniformSAM applies in its first step."""
+    opt = NonuniformSAM(model.parameters(), torch.optim.SGD, lr=0.1, model=model, **kw)
+    w = [p.detach().clone() for p in model.parameters()]
+    with opt.first_pass():
+        F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    e = [p.detach() - v for p, v in zip(model.parameters(), w)]
+    opt.restore()
+    return e
+
+
+@pytest.mark.parametrize("damping", [1e-3, 1e-1, 10.0])
+def test_nonuniform_modes_by_hand(damping):
+    """The three ascents of one step, from the same F^-1 g and q = g^T F^-1 g:
+    the centred one is the second-moment one divided by sqrt(1 - q) (and then
+    equals the dense solve with F - g g^T), by sqrt(1 - exp(-q)) where q >= 1;
+    GAM's by sqrt(1 - sqrt(q)) (sqrt(1 - exp(-sqrt q)) where sqrt(q) > 1).
+    K-FAC's F need not dominate g g^T: q = 2.9, 0.71, 0.015 here."""
+    model = mlp()
+    x, y = data()
+    w = [p.detach().clone() for p in model.parameters()]
+    g = grad_at(model, w, x, y)
+    run = kfac_factors_ref(model, w, x, y)
+    gv = to_vec(g)
+    Fd = dense_kfac(run, damping)
+    q = float(gv @ torch.linalg.solve(Fd, gv))
+    rho = 0.3
+    plain = first_ascent(model, x, y, rho=rho, damping=damping, centered=False)
+    assert_close(plain, first_ascent(model, x, y, rho=rho, damping=damping, centered=False, gam_scaling=False))
+    cent = first_ascent(model, x, y, rho=rho, damping=damping, gam_scaling=False)
+    gam = first_ascent(model, x, y, rho=rho, damping=damping)
+    r = q ** 0.5
+    one_minus_q = 1 - q if q < 1 else 1 - math.exp(-q)
+    s_gam = (1 - r) ** 0.5 if r <= 1 else (1 - math.exp(-r)) ** 0.5
+    for a, b, c in zip(plain, cent, gam):
+        torch.testing.assert_close(b, a / one_minus_q ** 0.5, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(c, a * (r / (r + 1e-16)) / (s_gam + 1e-16), rtol=1e-10, atol=1e-14)
+    assert_close(cent, ref_nonuniform_ascent(run, g, rho=rho, damping=damping, mode="centered"), tol=1e-10)
+    # e^T F e = rho^2 for the second moment; e^T Sigma e = rho^2 for the centred
+    # covariance where it is positive definite
+    ev = to_vec(plain)
+    torch.testing.assert_close(ev @ Fd @ ev, torch.tensor(rho ** 2, dtype=DT), rtol=1e-10, atol=0)
+    if q < 1:
+        ev = to_vec(cent)
+        sigma = Fd - torch.outer(gv, gv)
+        torch.testing.assert_close(ev @ sigma @ ev, torch.tensor(rho ** 2, dtype=DT), rtol=1e-10, atol=0)
+
+
+def test_nonuniform_scale_past_one():
+    """Where q >= 1 the centred covariance is not positive definite: 1 - q
+    becomes 1 - exp(-q) (and GAM's 1 - sqrt(q) becomes 1 - exp(-sqrt(q)))."""
+    from flatness.optim.consistent import _centred_scale
+
+    for q in (0.25, 0.81, 1.0, 2.25, 9.0):
+        n = torch.tensor(q, dtype=DT).sqrt()
+        r = q ** 0.5
+        cent = 1 / (q * (1 - q)) ** 0.5 if q < 1 else 1 / (q * (1 - torch.exp(torch.tensor(-q, dtype=DT)))) ** 0.5
+        s = (1 - r) ** 0.5 if r <= 1 else float(1 - torch.exp(torch.tensor(-r, dtype=DT))) ** 0.5
+        torch.testing.assert_close(_centred_scale(n, "second_moment"), torch.tensor(1 / r, dtype=DT))
+        torch.testing.assert_close(_centred_scale(n, "centered"), torch.as_tensor(cent, dtype=DT))
+        torch.testing.assert_close(_centred_scale(n, "gam"), torch.tensor(1 / ((r + 1e-16) * (s + 1e-16)), dtype=DT))
+    for mode in ("second_moment", "centered", "gam"):  # a zero gradient: no move, no NaN
+        assert _centred_scale(torch.zeros((), dtype=DT), mode) == 0
 
 
 def test_update_freq_keeps_factors_between_updates():
@@ -242,7 +370,7 @@ def test_param_groups_own_rho2_and_perturb_false():
     model = mlp()
     x, y = data()
     opt = ConsistentSAM(
-        [{"params": model[0].parameters(), "rho2": 0.5}, {"params": model[2].parameters(), "perturb": False}],
+        [{"params": model[0].parameters(), "sam_rho2": 0.5}, {"params": model[2].parameters(), "sam_perturb": False}],
         torch.optim.SGD, rho=0.2, rho2=0.1, lr=0.1,
     )
     # reference: only layer 0 perturbed (both ascents), with its own rho2
@@ -375,6 +503,19 @@ def test_bad_arguments(kwargs, err, match):
         kwargs["model"] = model
     with pytest.raises(err, match=match):
         ConsistentSAM(model.parameters(), torch.optim.SGD, lr=0.1, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(centered=1), TypeError, "centered"),
+        (dict(gam_scaling="yes"), TypeError, "gam_scaling"),
+    ],
+)
+def test_nonuniform_bad_arguments(kwargs, err, match):
+    model = mlp()
+    with pytest.raises(err, match=match):
+        NonuniformSAM(model.parameters(), torch.optim.SGD, lr=0.1, model=model, **kwargs)
 
 
 def test_nonuniform_rejects_model_without_factored_layers():

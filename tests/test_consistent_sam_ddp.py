@@ -5,14 +5,13 @@ and the pooled Kronecker factors are those of the whole batch)."""
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_group import run_gloo
 from torch import nn
 
 from flatness.optim import ConsistentSAM, NonuniformSAM
@@ -55,26 +54,20 @@ def _train(name, model, opt, x, y):
         opt.step(closure)
 
 
-def _worker(rank, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        x, y = _data()
-        xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-        out = {}
-        for name in ("consistent", "consistent-kfac", "nonuniform"):
-            inner = _net()
-            ddp = nn.parallel.DistributedDataParallel(inner)
-            _train(name, ddp, _opt(name, ddp, ddp), xs, ys)
-            out[name] = [p.detach().clone() for p in inner.parameters()]
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, out_dir):
+    x, y = _data()
+    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+    out = {}
+    for name in ("consistent", "consistent-kfac", "nonuniform"):
+        inner = _net()
+        ddp = nn.parallel.DistributedDataParallel(inner)
+        _train(name, ddp, _opt(name, ddp, ddp), xs, ys)
+        out[name] = [p.detach().clone() for p in inner.parameters()]
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ddp_matches_single_process(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    run_gloo(_worker, WORLD, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     x, y = _data()
     for name in ("consistent", "consistent-kfac", "nonuniform"):

@@ -49,7 +49,8 @@ def _plain(result):
 # name -> (call(model, data, seed), random: another seed changes the result)
 SEEDED = {
     **{f"sharpness_{k}": (lambda m, d, s, k=k: flatness.sharpness(
-        m, d, kind=k, rho=0.05, seed=s, n_iters=3, restarts=1, n_samples=3), True)
+        m, d, kind=k, rho=0.05, seed=s,
+        **({"n_samples": 3} if k.startswith("avg") else {"n_iters": 3, "restarts": 1})), True)
        for k in ("linf", "l2", "adaptive_linf", "adaptive_l2", "avg_linf", "avg_l2",
                  "avg_adaptive_linf", "avg_adaptive_l2")},
     "sharpness_train_dropout": (lambda m, d, s: flatness.sharpness(
@@ -58,14 +59,16 @@ SEEDED = {
         m, d, kind="hessian_max_eig", seed=s, max_iter=4), True),
     "sharpness_hessian_trace": (lambda m, d, s: flatness.sharpness(
         m, d, kind="hessian_trace", seed=s, n_samples=6), True),
-    "sharpness_minimum": (lambda m, d, s: flatness.sharpness(m, d, kind="minimum", seed=s, n_samples=4), True),
+    "sharpness_minimum": (lambda m, d, s: flatness.sharpness(
+        m, d, kind="minimum", seed=s, method="hutchinson", n_samples=4), True),
+    "sharpness_minimum_gn": (lambda m, d, s: flatness.sharpness(m, d, kind="minimum", seed=s), False),
     "top_eigenvalues": (lambda m, d, s: top_eigenvalues(m, d, k=2, seed=s, max_iter=4), True),
     "top_eigenvalues_train_dropout": (lambda m, d, s: top_eigenvalues(m, d, seed=s, max_iter=3, train=True), True),
     "trace_hutchpp": (lambda m, d, s: trace(m, d, seed=s, n_samples=6), True),
     "trace_hutchinson": (lambda m, d, s: trace(m, d, method="hutchinson", seed=s, n_samples=4), True),
     "spectral_density": (lambda m, d, s: spectral_density(m, d, seed=s, n_vectors=2, n_steps=4), True),
     "minimum_sharpness_neuron": (lambda m, d, s: minimum_sharpness(
-        m, d, seed=s, n_samples=4, granularity="neuron"), True),
+        m, d, seed=s, method="hutchinson", n_samples=4, granularity="neuron"), True),
     "gradient_variance_train_dropout": (lambda m, d, s: gradient_variance(m, d, seed=s, train=True), True),
     "kfac_variance_train_dropout": (lambda m, d, s: kfac_variance(m, d, seed=s, train=True, factors=True), True),
     "channel_gradient_norms_train_dropout": (lambda m, d, s: channel_gradient_norms(m, d, seed=s, train=True), True),

@@ -14,16 +14,12 @@ single-process runs on each shard with that rank's seed
 
 from __future__ import annotations
 
-import datetime
-import gc
-import multiprocessing
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_group import run_gloo
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -93,80 +89,51 @@ def _measure(model: nn.Module, members: list, batches, cal) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        model = _net(0)
-        members = [_net(s) for s in (1, 2, 3)]
-        batches = _shard(world, rank)
-        cal = _shard(world, rank, TensorDataset(*_dataset()[:10]))
-        out = _measure(model, members, batches, cal)
-        # a DDP-wrapped model gives the same numbers
-        ddp = nn.parallel.DistributedDataParallel(model)
-        out["ddp_linf"] = flatness.sharpness(ddp, batches, kind="linf", rho=0.05, n_iters=3, m=3).value
-        out["ddp_eig"] = top_eigenvalues(ddp, batches, k=2, tol=1e-10, max_iter=20).eigenvalues
-        ddp_members = [nn.parallel.DistributedDataParallel(m) for m in members]
-        out["ddp_disagreement"] = disagreement(ddp_members, batches[: rank + 1], pairwise=True)
-        out["ddp_gv"] = gradient_variance(ddp, batches).total
-        # per-rank random streams (average case, APGD restarts)
-        avg = flatness.sharpness(model, batches, kind="avg_l2", rho=0.1, n_samples=4, seed=SEED)
-        out["avg"] = (avg.value, avg.per_batch, avg.batch_sizes, avg.clean_loss)
-        out["restarts"] = flatness.sharpness(model, batches, kind="l2", rho=0.1, n_iters=2, restarts=1, seed=SEED).value
-        # seed=None: one seed shared by all ranks -> the same value everywhere
-        out["hutch_none"] = trace(model, batches, method="hutchinson", n_samples=4, seed=None).value
-        # uneven batch counts per rank: rank r has r + 1 batches
-        uneven = batches[: rank + 1]
-        out["uneven_trace"] = trace(model, uneven, method="hutchinson", n_samples=4).value
-        out["uneven_linf"] = flatness.sharpness(model, uneven, kind="linf", rho=0.05, n_iters=2).value
-        # local_only: this rank's shard alone
-        with flatness.local_only():
-            out["local_trace"] = trace(model, batches, method="hutchinson", n_samples=4).value
-            out["local_gv"] = gradient_variance(model, batches).total
-        # an error on one rank reaches every rank instead of a hang
-        def bad_loss(z, y):
-            if rank == 1:
-                raise ArithmeticError("injected on rank 1")
-            return nn.functional.cross_entropy(z, y)
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    model = _net(0)
+    members = [_net(s) for s in (1, 2, 3)]
+    batches = _shard(world, rank)
+    cal = _shard(world, rank, TensorDataset(*_dataset()[:10]))
+    out = _measure(model, members, batches, cal)
+    # a DDP-wrapped model gives the same numbers
+    ddp = nn.parallel.DistributedDataParallel(model)
+    out["ddp_linf"] = flatness.sharpness(ddp, batches, kind="linf", rho=0.05, n_iters=3, m=3).value
+    out["ddp_eig"] = top_eigenvalues(ddp, batches, k=2, tol=1e-10, max_iter=20).eigenvalues
+    ddp_members = [nn.parallel.DistributedDataParallel(m) for m in members]
+    out["ddp_disagreement"] = disagreement(ddp_members, batches[: rank + 1], pairwise=True)
+    out["ddp_gv"] = gradient_variance(ddp, batches).total
+    # per-rank random streams (average case, APGD restarts)
+    avg = flatness.sharpness(model, batches, kind="avg_l2", rho=0.1, n_samples=4, seed=SEED)
+    out["avg"] = (avg.value, avg.per_batch, avg.batch_sizes, avg.clean_loss)
+    out["restarts"] = flatness.sharpness(model, batches, kind="l2", rho=0.1, n_iters=2, restarts=1, seed=SEED).value
+    # seed=None: one seed shared by all ranks -> the same value everywhere
+    out["hutch_none"] = trace(model, batches, method="hutchinson", n_samples=4, seed=None).value
+    # uneven batch counts per rank: rank r has r + 1 batches
+    uneven = batches[: rank + 1]
+    out["uneven_trace"] = trace(model, uneven, method="hutchinson", n_samples=4).value
+    out["uneven_linf"] = flatness.sharpness(model, uneven, kind="linf", rho=0.05, n_iters=2).value
+    # local_only: this rank's shard alone
+    with flatness.local_only():
+        out["local_trace"] = trace(model, batches, method="hutchinson", n_samples=4).value
+        out["local_gv"] = gradient_variance(model, batches).total
+    # an error on one rank reaches every rank instead of a hang
+    def bad_loss(z, y):
+        if rank == 1:
+            raise ArithmeticError("injected on rank 1")
+        return nn.functional.cross_entropy(z, y)
 
-        try:
-            flatness.sharpness(model, batches, kind="linf", rho=0.05, n_iters=2, loss_fn=bad_loss)
-            out["error"] = None
-        except Exception as exc:  # noqa: BLE001 - the type is what is checked
-            out["error"] = (type(exc).__name__, str(exc))
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-        # Free the DDP reducers while the group is alive: a reducer that
-        # outlives destroy_process_group() destroys the gloo group itself,
-        # holding the GIL that gloo's worker thread may need (a deadlock
-        # seen in torch 2.x at exit).
-        del ddp, ddp_members
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    try:
+        flatness.sharpness(model, batches, kind="linf", rho=0.05, n_iters=2, loss_fn=bad_loss)
+        out["error"] = None
+    except Exception as exc:  # noqa: BLE001 - the type is what is checked
+        out["error"] = (type(exc).__name__, str(exc))
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _run(world: int, tmp_path) -> list[dict]:
-    """Run :func:`_worker` on ``world`` processes and load their results.
-
-    A forkserver that has imported torch (and warmed up ``torch.func``'s lazy
-    imports) once starts the ranks in a fraction of a second each; a spawned
-    process would import torch again.  The process group's 30 s timeout
-    makes a rank that waits for a failed one fail instead of hanging, and a
-    deadline kills a job whose ranks never exit.
-    """
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    if method == "forkserver":
-        multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "flatness", __name__])
-    job = mp.start_processes(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
-                             join=False, start_method=method)
-    deadline = time.monotonic() + 150
-    while not job.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in job.processes:
-                p.kill()
-            pytest.fail(f"the {world}-process job did not finish in 150 s (a rank hangs)")
+    """Run :func:`_worker` on ``world`` processes and load their results
+    (:func:`gloo_group.run_gloo` frees the DDP objects before the teardown)."""
+    run_gloo(_worker, world, str(tmp_path), group_timeout=30)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

@@ -36,6 +36,10 @@ TESTED_ELSEWHERE = {
     "sam_digits.py": "test_sam_example.py",
     "sharpbalance_ensemble.py": "test_sharpbalance_example.py",
     "nonuniformity.py": "test_nonuniformity_example.py",
+    "landscape.py": "test_landscape.py",
+    "sam_family.py": "test_sam_family_example.py",
+    "sam_hf_loop.py": "test_sam_integrations.py",
+    "sam_lightning.py": "test_sam_integrations.py",
 }
 
 

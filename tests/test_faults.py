@@ -36,6 +36,11 @@ from flatness.optim import SAM, ConsistentSAM, NonuniformSAM
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _per_kind(kind, n_iters, n_samples, **worst_case):
+    """APGD iterations (and ``worst_case`` options) for a worst-case kind, draws for an average-case one."""
+    return {"n_samples": n_samples} if kind.startswith("avg") else {"n_iters": n_iters, **worst_case}
+
+
 class Injected(RuntimeError):
     pass
 
@@ -167,7 +172,7 @@ SOURCES = ["loss", "forward", "data"]
 # name -> (needs a ReLU chain without BatchNorm, call(model, data, loss_fn))
 CASES = {
     **{f"sharpness_{kind}": (False, lambda m, d, l, kind=kind: flatness.sharpness(
-        m, d, kind=kind, rho=0.05, loss_fn=l, n_iters=2, n_samples=2, m=4, restarts=1))
+        m, d, kind=kind, rho=0.05, loss_fn=l, m=4, **_per_kind(kind, 2, 2, restarts=1)))
        for kind in ("linf", "l2", "adaptive_linf", "adaptive_l2",
                     "avg_linf", "avg_l2", "avg_adaptive_linf", "avg_adaptive_l2")},
     "sharpness_train_mode": (False, lambda m, d, l: flatness.sharpness(
@@ -397,7 +402,7 @@ def test_sharpness_nan_loss_raises(kind, first_bad):
     model = _model()
     snap = _snapshot(model)
     with pytest.raises(NonFiniteLossError, match="nan"):
-        flatness.sharpness(model, _data(), kind=kind, rho=0.05, loss_fn=_nan_after(first_bad), n_iters=3, n_samples=3)
+        flatness.sharpness(model, _data(), kind=kind, rho=0.05, loss_fn=_nan_after(first_bad), **_per_kind(kind, 3, 3))
     _assert_unchanged(model, snap, "nan")
 
 

@@ -30,6 +30,10 @@ from flatness.nonuniformity import channel_gradient_norms, class_loss_imbalance,
 # Many tiny ops: one intra-op thread (the fixture is in conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+def _per_kind(kind, n_iters, n_samples, **worst_case):
+    """APGD iterations (and ``worst_case`` options) for a worst-case kind, draws for an average-case one."""
+    return {"n_samples": n_samples} if kind.startswith("avg") else {"n_iters": n_iters, **worst_case}
+
 
 def _mlp(dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
@@ -269,8 +273,8 @@ def test_parameters_of_size_zero_change_nothing():
     plain, odd = _mlp(), WithEmpty(_mlp())
     before = _state(odd)
     for kind in ("linf", "adaptive_l2", "avg_adaptive_linf"):
-        a = flatness.sharpness(plain, data, kind=kind, rho=0.02, n_iters=3, n_samples=3)
-        b = flatness.sharpness(odd, data, kind=kind, rho=0.02, n_iters=3, n_samples=3)
+        a = flatness.sharpness(plain, data, kind=kind, rho=0.02, **_per_kind(kind, 3, 3))
+        b = flatness.sharpness(odd, data, kind=kind, rho=0.02, **_per_kind(kind, 3, 3))
         assert a.value == pytest.approx(b.value, rel=1e-12, abs=1e-15), kind
     assert trace(odd, data, method="exact").value == pytest.approx(trace(plain, data, method="exact").value)
     assert top_eigenvalues(odd, data).eigenvalues[0] == pytest.approx(top_eigenvalues(plain, data).eigenvalues[0])

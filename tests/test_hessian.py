@@ -235,10 +235,13 @@ def test_progress_bars_count_products(capsys):
     batch = classification_batches((6,), (5,), 4)[0]
     r = hessian.trace(model, batch, n_samples=6, progress=True)
     e = hessian.top_eigenvalues(model, batch, progress=True, max_iter=5)
-    m = hessian.minimum_sharpness(mlp(act=nn.ReLU), batch, n_samples=4, progress=True)
+    m = hessian.minimum_sharpness(mlp(act=nn.ReLU), batch, method="hutchinson", n_samples=4, progress=True)
     err = capsys.readouterr().err
     assert "trace" in err and "lanczos" in err and "minimum sharpness" in err
-    assert f"{r.n_hvp}/6" in err and f"{m.n_hvp}/4" in err and e.n_hvp <= 5
+    # Hutchinson for minimum sharpness probes each of the 4 parameter tensors
+    assert f"{r.n_hvp}/6" in err and f"{m.n_hvp}/{4 * 4}" in err and e.n_hvp <= 5
+    g = hessian.minimum_sharpness(mlp(act=nn.ReLU), batch, progress=True)
+    assert "6/6 [" in capsys.readouterr().err and g.n_backward == 6 * 4  # samples
 
 
 @pytest.mark.parametrize("name, make, shape, classes", CASES)

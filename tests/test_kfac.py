@@ -229,7 +229,7 @@ def test_grouped_conv_and_tied_weights_are_not_factored():
     assert approx.total == pytest.approx(exact.total, rel=1e-10)
 
 
-def test_module_called_twice_raises_and_model_is_restored():
+def test_module_called_twice_is_treated_exactly_and_model_is_restored():
     class Twice(nn.Module):
         def __init__(self):
             super().__init__()
@@ -242,8 +242,14 @@ def test_module_called_twice_raises_and_model_is_restored():
     model = Twice()
     before = [p.detach().clone() for p in model.parameters()]
     x, y = _data(4, (3,), 3)
-    with pytest.raises(ValueError, match="called 2 times"):
-        nu.kfac_variance(model, (x, y))
+    # the factors of one call do not describe a weight used twice: its part
+    # is computed exactly from per-sample gradients (or skipped)
+    r = nu.kfac_variance(model, (x, y))
+    assert "called 2 times" in r.settings["hidden_from_hooks"]["lin"]
+    assert r.exact_layers == ["lin"]
+    assert r.total == pytest.approx(nu.gradient_variance(model, (x, y)).total, rel=1e-12)
+    skipped = nu.kfac_variance(model, (x, y), fallback="skip")
+    assert skipped.unsupported == ["lin.weight", "lin.bias"] and skipped.total == 0
     assert not model.lin._forward_hooks
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(p.grad is None for p in model.parameters())

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
+import torch.nn.functional as F
 from test_hessian_helpers import (
     DT,
     assert_unchanged,
@@ -187,20 +188,16 @@ def test_hutchinson_estimate_and_restore():
     snap = snapshot(model)
     state = torch.get_rng_state()
     exact = hessian.minimum_sharpness(model, batches, method="exact")
-    est = hessian.minimum_sharpness(model, batches, n_samples=200, seed=0)
+    est = hessian.minimum_sharpness(model, batches, method="hutchinson", n_samples=200, seed=0, batch=300)
     assert torch.equal(torch.get_rng_state(), state)
     assert_unchanged(model, snap)
     assert abs(est.trace - exact.trace) <= 4 * est.trace_std_error
+    for t, e, se in zip(est.layer_traces, exact.layer_traces, est.layer_std_errors):
+        assert se > 0 and abs(t - e) <= 4 * se
     assert est.value == pytest.approx(exact.value, rel=0.2)
-    # per neuron the blocks are small and noisy; the value stays unbiased
-    neuron = hessian.minimum_sharpness(model, batches, granularity="neuron", method="exact").value
-    noisy = [hessian.minimum_sharpness(model, batches, granularity="neuron", n_samples=100, seed=s).value
-             for s in range(4)]
-    assert abs(sum(noisy) / 4 - neuron) <= 3 * float(torch.tensor(noisy).std()) / 2
-    assert est.n_hvp == 200
-    assert hessian.minimum_sharpness(model, batches, n_samples=20, seed=5).value == hessian.minimum_sharpness(
-        model, batches, n_samples=20, seed=5
-    ).value
+    assert est.n_hvp == 200 * 6  # one probe per parameter tensor
+    assert hessian.minimum_sharpness(model, batches, method="hutchinson", n_samples=20, seed=5).value == \
+        hessian.minimum_sharpness(model, batches, method="hutchinson", n_samples=20, seed=5).value
 
 
 def test_rejects_models_without_the_symmetry_and_bad_arguments():
@@ -233,8 +230,9 @@ def test_rejects_models_without_the_symmetry_and_bad_arguments():
 def test_single_layer_and_negative_curvature_warning():
     lin = mlp(sizes=(4, 3))
     batches = classification_batches((6,), (4,), 3)
-    r = hessian.minimum_sharpness(lin, batches, method="exact")
-    assert r.value == pytest.approx(r.trace, rel=1e-12)
+    for method in ("exact", "gn"):
+        r = hessian.minimum_sharpness(lin, batches, method=method)
+        assert r.value == pytest.approx(r.trace, rel=1e-12)
     value, g = minimize_rescaled_trace([torch.tensor([[-1.0, 2.0]]), torch.tensor([[3.0]])], [None, None],
                                        granularity="neuron")
     # the scale minimizes the sum with the negative entry set to 0,
@@ -242,3 +240,272 @@ def test_single_layer_and_negative_curvature_warning():
     c2 = math.sqrt(2 / 3)
     assert g[0].item() == pytest.approx(0.5 * math.log(c2), rel=1e-6)
     assert value == pytest.approx((2 - 1) / c2 + 3 * c2, rel=1e-9)
+
+
+# --------------------------------------------------------------------------
+# the exact default: Gauss-Newton diagonal of a piecewise-linear network
+# --------------------------------------------------------------------------
+
+
+def _tensor_traces(model: nn.Module, batches, loss_fn=F.cross_entropy) -> list[float]:
+    """Trace of every parameter tensor's block of the dense Hessian."""
+    diag = torch.diagonal(dense_hessian(model, batches, loss_fn=loss_fn))
+    return [float(part.sum()) for part in torch.split(diag, [p.numel() for p in model.parameters()])]
+
+
+def _ours(r) -> list[float]:
+    out = []
+    for w, b in zip(r.layer_traces, r.bias_traces):
+        out += [w] + ([] if b is None else [b])
+    return out
+
+
+def _mse(z, y):
+    return F.mse_loss(z, F.one_hot(y, z.shape[1]).to(z.dtype))
+
+
+def _quartic(z, y):
+    # Not convex in the outputs: its Hessian there has both signs.
+    return (torch.sin(z).sum(1) + 0.1 * (z**2).sum(1) - z.gather(1, y[:, None])[:, 0]).mean()
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: relu_mlp(True), (4,)), (lambda: relu_mlp(False), (4,)),
+                                         (relu_cnn, (1, 8, 8))])
+@pytest.mark.parametrize("loss_fn", [None, _mse, _quartic])
+def test_gn_default_equals_the_dense_hessian_block_traces(make, shape, loss_fn):
+    model = make()
+    batches = classification_batches((7, 5), shape, 3)
+    snap = snapshot(model)
+    state = torch.get_rng_state()
+    r = hessian.minimum_sharpness(model, batches, loss_fn=loss_fn)
+    assert r.method == "gn" and r.n_hvp == 0 and r.n_backward == 12 * 3
+    assert_unchanged(model, snap)
+    assert torch.equal(torch.get_rng_state(), state)
+    dense = _tensor_traces(model, batches, loss_fn=loss_fn or F.cross_entropy)
+    assert _ours(r) == pytest.approx(dense, rel=1e-10, abs=1e-13)
+    assert r.trace == pytest.approx(sum(dense), rel=1e-10)
+    assert all(e == 0 for e in r.layer_std_errors)
+    # a DataLoader of uneven batches (size-weighted) and one chunk per sample
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])),
+        batch_size=5,
+    )
+    r2 = hessian.minimum_sharpness(model, loader, loss_fn=loss_fn, chunk_size=1)
+    assert _ours(r2) == pytest.approx(dense, rel=1e-10, abs=1e-13)
+    assert r2.value == pytest.approx(r.value, rel=1e-10)
+
+
+def test_gn_through_the_sharpness_front_door():
+    import flatness
+
+    model = relu_mlp()
+    batches = classification_batches((9,), (4,), 3)
+    s = flatness.sharpness(model, batches, kind="minimum")
+    r = hessian.minimum_sharpness(model, batches, method="exact")
+    assert s.settings["method"] == "gn"
+    assert s.value == pytest.approx(r.value, rel=1e-10)
+    assert s.settings["trace"] == pytest.approx(r.trace, rel=1e-10)
+
+
+@torch.no_grad()
+def _scale_layer(model: nn.Module, a: float) -> nn.Module:
+    """Layer 1 (weights and bias) times a, layer 2's weights over a."""
+    model = copy.deepcopy(model)
+    layers = _layers(model)
+    layers[0].weight.mul_(a)
+    if layers[0].bias is not None:
+        layers[0].bias.mul_(a)
+    layers[1].weight.div_(a)
+    return model
+
+
+@torch.no_grad()
+def _scale_neuron(model: nn.Module, a: float, layer: int = 1, unit: int = 2) -> nn.Module:
+    """One hidden unit times a, the weights leaving it over a."""
+    model = copy.deepcopy(model)
+    layers = _layers(model)
+    layers[layer].weight[unit].mul_(a)
+    if layers[layer].bias is not None:
+        layers[layer].bias[unit].mul_(a)
+    layers[layer + 1].weight[:, unit].div_(a)
+    return model
+
+
+def _reference(model: nn.Module, batches, granularity: str) -> float:
+    """Dense-Hessian block traces, then SciPy over the log-scales: an
+    implementation of the definition that shares no code with the library."""
+    diag = torch.diagonal(dense_hessian(model, batches)).numpy()
+    layers = _layers(model)
+    offsets, i = {}, 0
+    for p in model.parameters():
+        offsets[id(p)] = i
+        i += p.numel()
+    terms = []  # (coefficient, layer, unit k, previous unit j or None for a bias)
+    for l, m in enumerate(layers):
+        w = m.weight
+        o = offsets[id(w)]
+        W = diag[o:o + w.numel()].reshape(w.shape[0], w.shape[1])
+        for k in range(w.shape[0]):
+            for j in range(w.shape[1]):
+                terms.append((W[k, j], l, k, j))
+        if m.bias is not None:
+            o = offsets[id(m.bias)]
+            for k in range(w.shape[0]):
+                terms.append((diag[o + k], l, k, None))
+    hidden = [m.weight.shape[0] for m in layers[:-1]]
+    L = len(layers)
+
+    def logc(g, l, k):  # log-scale of unit k of layer l (inputs and outputs: 0)
+        if l < 0 or l == L - 1:
+            return 0.0
+        if granularity == "layer":
+            return g[l]
+        return g[sum(hidden[:l]) + k]
+
+    def f(g):
+        total = 0.0
+        for c, l, k, j in terms:
+            e = -2 * logc(g, l, k) + (0.0 if j is None else 2 * logc(g, l - 1, j))
+            total += c * np.exp(e)
+        return total
+
+    n = L - 1 if granularity == "layer" else sum(hidden)
+    best = scipy.optimize.minimize(f, np.zeros(n), method="BFGS", options={"gtol": 1e-13, "maxiter": 10000})
+    return float(best.fun)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_default_equals_a_dense_hessian_scipy_minimisation(bias):
+    model = relu_mlp(bias)
+    batches = classification_batches((6, 5), (4,), 3)
+    for gr in ("layer", "neuron"):
+        ours = hessian.minimum_sharpness(model, batches, granularity=gr).value
+        assert ours == pytest.approx(_reference(model, batches, gr), rel=1e-8)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_default_is_invariant_under_layer_and_neuron_rescaling(bias):
+    model = relu_mlp(bias)
+    batches = classification_batches((6, 5), (4,), 3)
+    x = batches[0][0]
+    base = {gr: hessian.minimum_sharpness(model, batches, granularity=gr).value for gr in ("layer", "neuron")}
+    trace = hessian.minimum_sharpness(model, batches).trace
+    for a in (0.01, 0.1, 3.0, 10.0, 100.0):
+        scaled = _scale_layer(model, a)
+        assert torch.allclose(scaled(x), model(x), rtol=1e-12, atol=1e-12)
+        r = hessian.minimum_sharpness(scaled, batches)
+        assert abs(r.trace - trace) > 0.05 * trace  # the plain trace moves
+        assert r.value == pytest.approx(base["layer"], rel=1e-8)
+        assert hessian.minimum_sharpness(scaled, batches, granularity="neuron").value == pytest.approx(
+            base["neuron"], rel=1e-8)
+        one = _scale_neuron(model, a)
+        assert torch.allclose(one(x), model(x), rtol=1e-12, atol=1e-12)
+        assert hessian.minimum_sharpness(one, batches, granularity="neuron").value == pytest.approx(
+            base["neuron"], rel=1e-8)
+
+
+def test_gn_is_faster_than_unit_vector_products_and_counts_its_passes():
+    model = mlp(seed=0, sizes=(8, 16, 16, 4), act=nn.ReLU)
+    batches = classification_batches((32, 32), (8,), 4)
+    r = hessian.minimum_sharpness(model, batches)
+    e = hessian.minimum_sharpness(model, batches, method="exact", batch=64)
+    assert r.value == pytest.approx(e.value, rel=1e-10)
+    assert r.n_backward == 64 * 4 and e.n_hvp == sum(p.numel() for p in model.parameters())
+
+
+def test_gn_refuses_what_it_cannot_do_before_changing_anything():
+    class PairNorm(nn.Module):
+        # sqrt(h_k^2 + h_{k-1}^2): positively homogeneous, so a layer-wise
+        # rescaling leaves the network's function unchanged, but smooth: the
+        # network is not linear in the first layer's weights.
+        def forward(self, h):
+            return torch.sqrt(h**2 + h.roll(1, -1) ** 2)
+
+    torch.manual_seed(0)
+    smooth = nn.Sequential(nn.Linear(4, 6), PairNorm(), nn.Linear(6, 3)).to(DT)
+    batches = classification_batches((6,), (4,), 3)
+    snap = snapshot(smooth)
+    with pytest.raises(ValueError, match="linear in each layer"):
+        hessian.minimum_sharpness(smooth, batches)
+    assert_unchanged(smooth, snap)
+    assert hessian.minimum_sharpness(smooth, batches, method="exact").value > 0  # the exact method works
+    bn = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3), nn.BatchNorm1d(3)).to(DT)
+    with pytest.raises(ValueError, match="statistics of the batch"):
+        hessian.minimum_sharpness(bn, classification_batches((6,), (4,), 3), train=True)
+
+    batches = classification_batches((6,), (4,), 3)
+
+    model = relu_mlp()
+    snap = snapshot(model)
+
+    def coupled(z, y):  # not a mean of per-sample losses
+        return F.cross_entropy(z, y) * z.shape[0] ** 0.5
+
+    with pytest.raises(ValueError, match="per-sample loss"):
+        hessian.minimum_sharpness(model, batches, loss_fn=coupled)
+    with pytest.raises(ValueError, match="method"):
+        hessian.minimum_sharpness(model, batches, method="ggn")
+    assert_unchanged(model, snap)
+    # a sum over samples is fine: the Hessian of the summed loss
+    one = [batches[0]]
+    r = hessian.minimum_sharpness(model, one, loss_fn=lambda z, y: F.cross_entropy(z, y, reduction="sum"))
+    assert r.trace == pytest.approx(6 * hessian.minimum_sharpness(model, one).trace, rel=1e-10)
+
+
+# --------------------------------------------------------------------------
+# Hutchinson, the option: safe and, per layer, invariant for a fixed seed
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Hutchinson's estimates:RuntimeWarning")
+def test_hutchinson_is_never_non_finite_nor_negative_over_50_seeds():
+    # The case that used to give -inf: a bias-free ReLU MLP with its layers
+    # rescaled far apart; few probes.
+    model = relu_mlp(bias=False)
+    batches = classification_batches((6, 5), (4,), 3)
+    scaled = _scale_layer(model, 100.0)
+    for seed in range(50):
+        r = hessian.minimum_sharpness(scaled, batches, method="hutchinson", n_samples=4, seed=seed)
+        assert math.isfinite(r.value) and r.value >= 0
+        assert all(math.isfinite(t) and t >= 0 for t in r.layer_traces)  # PSD blocks
+        assert all(math.isfinite(e) for e in r.layer_std_errors)
+    # same probes: the per-layer value does not see a layer rescaling
+    for a in (0.01, 100.0):
+        for seed in range(3):
+            same = [hessian.minimum_sharpness(m, batches, method="hutchinson", n_samples=4, seed=seed).value
+                    for m in (model, _scale_layer(model, a))]
+            assert same[1] == pytest.approx(same[0], rel=1e-10)
+    # with enough probes it is close to the exact value
+    many = hessian.minimum_sharpness(model, batches, method="hutchinson", n_samples=400, seed=0, batch=300)
+    assert many.value == pytest.approx(hessian.minimum_sharpness(model, batches).value, rel=0.1)
+
+
+def test_hutchinson_standard_errors_match_the_spread_over_seeds():
+    model = relu_mlp()
+    batches = classification_batches((6, 5), (4,), 3)
+    runs = [hessian.minimum_sharpness(model, batches, method="hutchinson", n_samples=24, seed=s, batch=150) for s in range(24)]
+    for l in range(3):
+        spread = float(np.std([r.layer_traces[l] for r in runs], ddof=1))
+        se = float(np.mean([r.layer_std_errors[l] for r in runs]))
+        assert 0.5 < se / spread < 2.0
+
+
+def test_hutchinson_refuses_a_non_positive_layer_trace_and_warns_near_zero():
+    from flatness._minimum import _check_estimates
+
+    model = relu_mlp()
+    batches = classification_batches((6,), (4,), 3)
+    snap = snapshot(model)
+
+    def concave(z, y):  # negative definite in the outputs: every block trace < 0
+        return -F.cross_entropy(z, y)
+
+    with pytest.raises(ValueError, match=r"not positive.*\+-"):
+        hessian.minimum_sharpness(model, batches, loss_fn=concave, method="hutchinson", n_samples=10)
+    assert_unchanged(model, snap)
+    with pytest.warns(RuntimeWarning, match=r"layer 1 weights: 0\.1 \+- 0\.08"):
+        _check_estimates([1.0, 0.1], [0.1, 0.08], [None, None], [None, None], 10)
+    with pytest.warns(RuntimeWarning, match="layer 0 bias"):
+        _check_estimates([1.0, 1.0], [0.1, 0.1], [-0.01, None], [0.1, None], 10)
+    with pytest.raises(ValueError, match="layer 1: -0.1"):
+        _check_estimates([1.0, -0.1], [0.1, 0.08], [None, None], [None, None], 10)

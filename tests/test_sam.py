@@ -229,9 +229,9 @@ def test_param_groups_own_rho_adaptive_and_perturb_false():
     biases = [model[0].bias, model[2].bias]
     opt = SAM(
         [
-            {"params": [weights[0]], "rho": 0.2, "adaptive": True, "eta": 0.01},
+            {"params": [weights[0]], "sam_rho": 0.2, "sam_adaptive": True, "sam_eta": 0.01},
             {"params": [weights[1]]},
-            {"params": biases, "perturb": False},
+            {"params": biases, "sam_perturb": False},
         ],
         torch.optim.SGD,
         rho=0.05,
@@ -266,8 +266,8 @@ def test_schedulers_and_add_param_group_work_on_either_object():
     sched2.step()
     assert opt.param_groups[0]["lr"] == 0.25
     # add_param_group on SAM fills SAM's defaults and the base optimizer's
-    opt.add_param_group({"params": [model[0].bias], "rho": 0.3})
-    assert opt.base_optimizer.param_groups[1]["rho"] == 0.3
+    opt.add_param_group({"params": [model[0].bias], "sam_rho": 0.3})
+    assert opt.base_optimizer.param_groups[1]["sam_rho"] == 0.3
     assert opt.base_optimizer.param_groups[1]["momentum"] == 0
     # add_param_group on the base optimizer is seen by SAM (defaults apply)
     opt.base_optimizer.add_param_group({"params": [model[2].weight]})
@@ -406,7 +406,7 @@ def test_state_dict_resume_equals_uninterrupted(base):
     def make(model, rho0=0.2):
         return SAM(
             [
-                {"params": [model[0].weight], "rho": rho0, "adaptive": True},
+                {"params": [model[0].weight], "sam_rho": rho0, "sam_adaptive": True},
                 {"params": list(model.parameters())[1:]},
             ],
             cls,
@@ -427,7 +427,7 @@ def test_state_dict_resume_equals_uninterrupted(base):
     torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    assert ckpt["opt"]["param_groups"][0]["rho"] == 0.2
+    assert ckpt["opt"]["param_groups"][0]["sam_rho"] == 0.2
     assert ckpt["opt"]["state"]  # momentum / Adam moments are in it
 
     resumed = mlp(seed=5)  # different init: everything comes from the checkpoint
@@ -436,7 +436,7 @@ def test_state_dict_resume_equals_uninterrupted(base):
     opt2.load_state_dict(ckpt["opt"])
     assert opt2.param_groups is opt2.base_optimizer.param_groups
     assert opt2.state is opt2.base_optimizer.state
-    assert opt2.param_groups[0]["rho"] == 0.2 and opt2.param_groups[0]["adaptive"]
+    assert opt2.param_groups[0]["sam_rho"] == 0.2 and opt2.param_groups[0]["sam_adaptive"]
     for _ in range(3):
         opt2.step(closure_for(resumed, opt2, x, y))
     assert_same(params_of(resumed), params_of(straight))
@@ -759,10 +759,10 @@ def test_bad_group_rejected_before_change():
     model = mlp()
     opt = SAM([model[0].weight], torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="rho"):
-        opt.add_param_group({"params": [model[0].bias], "rho": -1.0})
+        opt.add_param_group({"params": [model[0].bias], "sam_rho": -1.0})
     assert len(opt.param_groups) == 1
     with pytest.raises(ValueError, match="rho"):
-        SAM([{"params": [model[0].weight], "rho": -1.0}], torch.optim.SGD, lr=0.1)
+        SAM([{"params": [model[0].weight], "sam_rho": -1.0}], torch.optim.SGD, lr=0.1)
 
 
 def test_stage_errors():
@@ -938,7 +938,7 @@ def test_subclass_overriding_only_the_ascent_direction():
     model = mlp()
     w = params_of(model)
     opt = SignSAM(model.parameters(), torch.optim.SGD, lr=0.1)  # rho from group_defaults
-    assert opt.param_groups[0]["rho"] == 0.05
+    assert opt.param_groups[0]["sam_rho"] == 0.05
     g = ref_grad(model, w, x, y)
     g2 = ref_grad(model, [wi + 0.05 * gi.sign() for wi, gi in zip(w, g)], x, y)
     opt.step(closure_for(model, opt, x, y))
@@ -968,10 +968,10 @@ def test_plain_base_optimizer_state_dict_loads():
     plain.zero_grad()
     F.cross_entropy(model(x), y).backward()
     plain.step()
-    opt = SAM([{"params": model.parameters(), "rho": 0.3}], torch.optim.SGD, rho=0.1, lr=0.5, momentum=0.9)
+    opt = SAM([{"params": model.parameters(), "sam_rho": 0.3}], torch.optim.SGD, rho=0.1, lr=0.5, momentum=0.9)
     opt.load_state_dict(plain.state_dict())
     # the base optimizer's settings come from the file, the group's rho stays
-    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["rho"] == 0.3
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["sam_rho"] == 0.3
     for p in model.parameters():
         assert torch.equal(opt.state[p]["momentum_buffer"], plain.state[p]["momentum_buffer"])
     with pytest.raises(ValueError, match="param_groups"):

@@ -10,14 +10,13 @@ single-process reference written out here:
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_group import run_gloo
 from torch import nn
 from torch.func import functional_call
 
@@ -42,47 +41,37 @@ def _shards():
     return x, y
 
 
-def _worker(rank, init_file, out_dir):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        x, y = _shards()
-        x, y = x[rank], y[rank]
-        results = {}
-        for mode in ("global", "per_replica", "per_replica_two_step"):
-            ddp = nn.parallel.DistributedDataParallel(_model())
-            per_replica = mode != "global"
-            opt = SAM(
-                ddp.parameters(), torch.optim.SGD, rho=RHO, lr=LR, per_replica=per_replica, model=ddp
-            )
-            for _ in range(STEPS):
-                if mode == "per_replica_two_step":
-                    with opt.first_pass():  # runs inside ddp.no_sync()
-                        F.cross_entropy(ddp(x), y).backward()
-                    opt.first_step(zero_grad=True)
+def _worker(rank, world, out_dir):
+    x, y = _shards()
+    x, y = x[rank], y[rank]
+    results = {}
+    for mode in ("global", "per_replica", "per_replica_two_step"):
+        ddp = nn.parallel.DistributedDataParallel(_model())
+        per_replica = mode != "global"
+        opt = SAM(
+            ddp.parameters(), torch.optim.SGD, rho=RHO, lr=LR, per_replica=per_replica, model=ddp
+        )
+        for _ in range(STEPS):
+            if mode == "per_replica_two_step":
+                with opt.first_pass():  # runs inside ddp.no_sync()
                     F.cross_entropy(ddp(x), y).backward()
-                    opt.second_step(zero_grad=True)
-                else:
+                opt.first_step(zero_grad=True)
+                F.cross_entropy(ddp(x), y).backward()
+                opt.second_step(zero_grad=True)
+            else:
 
-                    def closure():
-                        loss = F.cross_entropy(ddp(x), y)
-                        loss.backward()
-                        return loss
+                def closure():
+                    loss = F.cross_entropy(ddp(x), y)
+                    loss.backward()
+                    return loss
 
-                    opt.step(closure)
-            results[mode] = [p.detach().clone() for p in ddp.module.parameters()]
-            # the variants' hook for locally computed quantities
-            local = [torch.full((2, 3), float(rank + 1), dtype=torch.float64), torch.tensor([rank * 4.0])]
-            opt.all_reduce_(local)
-            results[mode + "_all_reduce"] = local
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+                opt.step(closure)
+        results[mode] = [p.detach().clone() for p in ddp.module.parameters()]
+        # the variants' hook for locally computed quantities
+        local = [torch.full((2, 3), float(rank + 1), dtype=torch.float64), torch.tensor([rank * 4.0])]
+        opt.all_reduce_(local)
+        results[mode + "_all_reduce"] = local
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _grad(model, values, x, y):
@@ -114,7 +103,7 @@ def _reference(per_replica):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_global_and_per_replica_perturbations(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    run_gloo(_worker, WORLD, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     expected = {"global": _reference(False), "per_replica": _reference(True)}
     expected["per_replica_two_step"] = expected["per_replica"]

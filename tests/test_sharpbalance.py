@@ -63,6 +63,78 @@ def test_split_lowest_scores_first_and_ties():
     assert as_list(sam0) == [0, 1, 2]
 
 
+def test_split_others_share_hand_made():
+    # The same scores as test_split_hand_made_three_members; leftover="others"
+    # (the authors' CIFAR-10 split): SAM on the other members' top sets and
+    # the other members' round-robin shares of [3, 4, 5, 6, 7]
+    # (shares: 0 -> [3, 6], 1 -> [4, 7], 2 -> [5]).
+    scores = torch.tensor(
+        [
+            [9, 8, 0, 0, 0, 0, 0, 0, 0, 1],
+            [0, 0, 0, 0, 0, 0, 0, 0, 7, 6],
+            [0, 9, 8, 0, 0, 0, 0, 0, 0, 0],
+        ],
+        dtype=torch.float64,
+    )
+    expected_sam = {
+        0: sorted({8, 9} | {1, 2} | {4, 7} | {5}),
+        1: sorted({0, 1} | {1, 2} | {3, 6} | {5}),
+        2: sorted({0, 1} | {8, 9} | {3, 6} | {4, 7}),
+    }
+    for member, sam in expected_sam.items():
+        got_sam, got_plain = dv.sharpbalance_split(scores, member, 0.2, leftover="others")
+        assert as_list(got_sam) == sam
+        assert as_list(got_plain) == sorted(set(range(10)) - set(sam))
+    # one member: no other top sets and no other shares -> no SAM at all
+    got_sam, got_plain = dv.sharpbalance_split(scores[:1], 0, 0.2, leftover="others")
+    assert as_list(got_sam) == [] and as_list(got_plain) == list(range(10))
+    with pytest.raises(ValueError, match="leftover"):
+        dv.sharpbalance_split(scores, 0, 0.2, leftover="mine")
+
+
+def _authors_split(flats, i, flat_ratio, boost, ascend):
+    """``boosting_sam_split`` / ``boosting_sam_split_boost`` of the
+    SharpBalance authors' ``engine.py`` (github.com/haiquanlu/SharpBalance,
+    MIT licence), reimplemented: returns their ``normal_indice`` (the samples
+    with plain steps)."""
+    n = flats[0].shape[0]
+    normal = np.arange(n)
+    total = int(n * flat_ratio)
+
+    def top(j):
+        order = np.argsort(flats[j])
+        return order[:total] if ascend else order[-total:]
+
+    sam = np.array([])
+    for j in flats:
+        if j != i:
+            sam = np.union1d(sam, top(j))
+    sharp = np.array([])
+    for j in flats:
+        sharp = np.union1d(sharp, top(j))
+    flat = list(set(normal) - set(sharp))
+    split = flat[i::len(flats)]
+    extra = list(set(flat) - set(split)) if boost else split
+    sharp = np.union1d(sam, extra)
+    return sorted(int(v) for v in set(normal) - set(sharp))
+
+
+@pytest.mark.parametrize("leftover", ["own", "others"])
+@pytest.mark.parametrize("largest", [False, True])
+def test_split_equals_authors_code(leftover, largest):
+    # distinct scores (the authors' argsort breaks ties arbitrarily)
+    gen = torch.Generator().manual_seed(3)
+    for m, n, ratio in ((2, 30, 0.3), (3, 50, 0.2), (4, 41, 0.1), (5, 20, 0.5)):
+        scores = torch.rand(m, n, generator=gen, dtype=torch.float64)
+        flats = {j: scores[j].numpy() for j in range(m)}
+        for i in range(m):
+            # the authors' ascend=True (main.py) is largest=False
+            plain = _authors_split(flats, i, ratio, boost=leftover == "others", ascend=not largest)
+            got_sam, got_plain = dv.sharpbalance_split(scores, i, ratio, largest=largest, leftover=leftover)
+            assert as_list(got_plain) == plain
+            assert as_list(got_sam) == sorted(set(range(n)) - set(plain))
+
+
 def test_split_edge_ratios():
     scores = torch.arange(12, dtype=torch.float64).reshape(3, 4)
     # flat_ratio = 0: no top sets; SAM only on the round-robin share
@@ -127,6 +199,10 @@ def test_split_properties(scores, ratio, largest):
         assert len(sam) == len(others) + len(share)  # sizes
         assert len(share) == len(neither[i::m])
         shares.append(share)
+        # leftover="others": the same top sets, and the leftover samples the own share lacks
+        sam_o, plain_o = dv.sharpbalance_split(scores, i, ratio, largest=largest, leftover="others")
+        assert set(sam_o.tolist()) == others | (set(neither) - share)
+        assert set(sam_o.tolist()).isdisjoint(plain_o.tolist()) and len(sam_o) + len(plain_o) == n
     # the shares partition the samples in no top set, as evenly as possible
     assert set().union(*shares) == set(neither)
     assert sum(len(s) for s in shares) == len(neither)

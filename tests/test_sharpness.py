@@ -16,6 +16,10 @@ from flatness.sharpness import AVERAGE_CASE, WORST_CASE, NonFiniteLossError
 WORST = list(WORST_CASE)
 AVERAGE = list(AVERAGE_CASE)
 
+def _per_kind(kind, n_iters, n_samples, **worst_case):
+    """APGD iterations (and ``worst_case`` options) for a worst-case kind, draws for an average-case one."""
+    return {"n_samples": n_samples} if kind.startswith("avg") else {"n_iters": n_iters, **worst_case}
+
 
 def bce(z, t):
     return F.binary_cross_entropy_with_logits(z.squeeze(-1), t)
@@ -123,13 +127,13 @@ def test_adaptive_sharpness_invariant_to_relu_neuron_rescaling(seed, neuron, log
     a = math.exp(log_a)
     model = mlp(seed)
     data = batch(seed)
-    before = flatness.sharpness(model, data, kind=kind, rho=0.05, n_iters=10, n_samples=20, seed=3).value
+    before = flatness.sharpness(model, data, kind=kind, rho=0.05, **_per_kind(kind, 10, 20), seed=3).value
     scaled = mlp(seed)
     with torch.no_grad():
         scaled[0].weight[neuron] *= a
         scaled[0].bias[neuron] *= a
         scaled[2].weight[:, neuron] /= a
-    after = flatness.sharpness(scaled, data, kind=kind, rho=0.05, n_iters=10, n_samples=20, seed=3).value
+    after = flatness.sharpness(scaled, data, kind=kind, rho=0.05, **_per_kind(kind, 10, 20), seed=3).value
     assert after == pytest.approx(before, rel=1e-7, abs=1e-12)
 
 
@@ -341,7 +345,7 @@ def bn_model():
 def test_model_restored_bit_for_bit(kind, train):
     model = bn_model()
     snap = snapshot(model)
-    flatness.sharpness(model, batch(1), kind=kind, rho=0.05, n_iters=3, n_samples=3, train=train)
+    flatness.sharpness(model, batch(1), kind=kind, rho=0.05, **_per_kind(kind, 3, 3), train=train)
     assert_same(model, snap)
 
 
@@ -365,7 +369,7 @@ def test_model_restored_when_loss_fn_raises_midway(kind, fail_at, train):
         return F.cross_entropy(out, t)
 
     with pytest.raises(Boom):
-        flatness.sharpness(model, [batch(1), batch(2)], kind=kind, rho=0.05, n_iters=3, n_samples=3,
+        flatness.sharpness(model, [batch(1), batch(2)], kind=kind, rho=0.05, **_per_kind(kind, 3, 3),
                            loss_fn=failing_loss, train=train)
     assert_same(model, snap)
     assert torch.equal(torch.get_rng_state(), state)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import diversity, hessian, nonuniformity, optim
+from . import diversity, hessian, landscape, nonuniformity, optim
 from ._distributed import local_only
 
 # The function shadows its module on purpose: ``flatness.sharpness(...)`` is
@@ -12,4 +12,15 @@ from ._distributed import local_only
 # through ``sys.modules`` (``from flatness.sharpness import KINDS``).
 from .sharpness import NonFiniteLossError, SharpnessResult, sharpness
 
-__all__ = ["NonFiniteLossError", "SharpnessResult", "__version__", "diversity", "hessian", "local_only", "nonuniformity", "optim", "sharpness"]
+__all__ = [
+    "NonFiniteLossError",
+    "SharpnessResult",
+    "__version__",
+    "diversity",
+    "hessian",
+    "landscape",
+    "local_only",
+    "nonuniformity",
+    "optim",
+    "sharpness",
+]

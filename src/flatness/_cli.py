@@ -1,12 +1,12 @@
-"""The ``python -m flatness`` command line (also installed as ``flatness``).
+r"""The ``python -m flatness`` command line (also installed as ``flatness``).
 
 Two subcommands, each loading a model, an optional checkpoint and a data file,
 and writing one JSON document (to ``--output`` or stdout)::
 
-    python -m flatness sharpness --model mymodels:resnet --checkpoint model.pt \\
-        --data test.npz --n-eval 1024 --batch-size 128 \\
+    python -m flatness sharpness --model mymodels:resnet --checkpoint model.pt \
+        --data test.npz --n-eval 1024 --batch-size 128 \
         --kind adaptive_linf --rho 0.001 --normalize-logits --n-iters 20
-    python -m flatness hessian --model path/to/models.py:make_mlp --data train.pt \\
+    python -m flatness hessian --model path/to/models.py:make_mlp --data train.pt \
         --quantity eigenvalues --k 3
 
 The reference evaluator's spellings (Andriushchenko et al. 2023,
@@ -31,6 +31,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import pickle
 import re
 import sys
@@ -46,13 +47,22 @@ from torch import Tensor, nn
 import flatness
 from flatness import hessian as _hessian
 from flatness._model import ModelGuard, call_model, unwrap
-from flatness.sharpness import KINDS
+from flatness.sharpness import AVERAGE_CASE, KINDS, WORST_CASE, kind_options
 
 DATA_KEYS = (("x", "y"), ("inputs", "targets"), ("X", "y"))
 #: reference evaluator's ``--algorithm`` -> our kind (``--adaptive`` prefixes ``adaptive_``)
 ALGORITHMS = {"m_apgd_linf": "linf", "m_apgd_l2": "l2", "avg_linf": "avg_linf", "avg_l2": "avg_l2"}
 QUANTITIES = ("eigenvalues", "trace", "density", "minimum")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: the options of ``hessian`` that each ``--quantity`` takes (argparse dests)
+QUANTITY_OPTIONS = {
+    "eigenvalues": ("k", "tol", "max_iter", "curvature"),
+    "trace": ("method", "n_samples", "curvature"),
+    "density": ("n_vectors", "n_steps", "curvature"),
+    "minimum": ("method", "n_samples", "granularity"),
+}
+#: the options of ``sharpness`` that depend on the kind (argparse dests)
+SHARPNESS_OPTIONS = ("rho", "n_iters", "restarts", "n_samples", "m", "normalize_logits")
 
 
 class CLIError(Exception):
@@ -82,6 +92,10 @@ def load_factory(spec: str) -> Callable[..., Any]:
         sys.modules[name] = module
         file_spec.loader.exec_module(module)
     else:
+        # ``python -m flatness`` finds modules in the current directory; the
+        # installed ``flatness`` script must too.
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(module_part)
         except ImportError as exc:
@@ -96,12 +110,28 @@ def load_factory(spec: str) -> Callable[..., Any]:
     return obj
 
 
-def _torch_load(path: str) -> Any:
+#: what to save instead of a pickled object, by the role of the file
+SAVE_INSTEAD = {
+    "checkpoint": "save the weights instead: torch.save(model.state_dict(), PATH)",
+    "data file": "save the tensors instead: torch.save({'x': inputs, 'y': targets}, PATH) "
+                 "or numpy.savez(PATH, x=inputs, y=targets)",
+}
+
+
+def _torch_load(path: str, role: str) -> Any:
     # weights_only: a checkpoint or data file never runs code when loaded.
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
-        raise CLIError(f"cannot load {path!r} with torch.load(weights_only=True): {exc}") from exc
+    except pickle.UnpicklingError as exc:
+        # torch.save(model) or a saved TensorDataset: unpickling them could
+        # run arbitrary code, and torch's message suggests an option this
+        # command line does not have.
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise CLIError(f"{role} {path!r} holds a pickled Python object{what}, which is not loaded "
+                       f"because unpickling can run code; {SAVE_INSTEAD[role]}") from exc
+    except (RuntimeError, EOFError) as exc:
+        raise CLIError(f"cannot load {role} {path!r} with torch.load: {exc}") from exc
 
 
 def _state_dict(obj: Any, path: str) -> dict[str, Tensor]:
@@ -127,7 +157,7 @@ def load_model(spec: str, kwargs: dict[str, Any], checkpoint: str | None) -> nn.
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise CLIError(f"checkpoint {checkpoint!r} does not exist")
-        state = _state_dict(_torch_load(checkpoint), checkpoint)
+        state = _state_dict(_torch_load(checkpoint, "checkpoint"), checkpoint)
         try:
             unwrap(model).load_state_dict(state)
         except RuntimeError as exc:
@@ -163,7 +193,7 @@ def load_data(path: str) -> tuple[Tensor, Tensor]:
         with np.load(p, allow_pickle=False) as npz:
             x, y = _pick(dict(npz), path)
     elif p.suffix in (".pt", ".pth"):
-        obj = _torch_load(path)
+        obj = _torch_load(path, "data file")
         if isinstance(obj, dict):
             x, y = _pick(obj, path)
         elif isinstance(obj, (tuple, list)) and len(obj) == 2:
@@ -177,6 +207,10 @@ def load_data(path: str) -> tuple[Tensor, Tensor]:
         raise CLIError(f"data file {path!r}: {x.shape[0]} inputs but {y.shape[0]} targets")
     if x.shape[0] == 0:
         raise CLIError(f"data file {path!r} holds no samples")
+    if y.dtype.is_floating_point and y.dim() == 1:
+        raise CLIError(f"data file {path!r}: the targets are {str(y.dtype).replace('torch.', '')} numbers, "
+                       "but the loss is the cross-entropy of class labels: save them as integers "
+                       "(e.g. y.astype(numpy.int64))")
     if not y.dtype.is_floating_point:
         y = y.long()  # cross-entropy wants int64 class indices (npz often has int32)
     return x, y
@@ -248,13 +282,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=sorted(DTYPES), help="cast the model (default: keep its dtype)")
     g.add_argument("--seed", type=int, default=0, help="seed of the private generator (default 0)")
     g.add_argument("--train", action="store_true", help="measure in train mode (default: eval mode)")
-    g.add_argument("--progress", action="store_true", help="tqdm progress bar")
+    g.add_argument("--progress", action="store_true", help="tqdm progress bar (needs tqdm)")
     g.add_argument("--output", "-o", metavar="PATH", help="write the JSON here (default: stdout)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def program_name(argv0: str | None = None) -> str:
+    """How the user invoked the command line: ``flatness`` for the installed
+    script, ``python -m flatness`` otherwise."""
+    argv0 = sys.argv[0] if argv0 is None and sys.argv else (argv0 or "")
+    return "flatness" if Path(argv0).stem == "flatness" else "python -m flatness"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m flatness",
+        prog=prog or program_name(),
         description="Measure sharpness and curvature of a saved model; prints JSON.",
     )
     parser.add_argument("--version", action="version", version=f"flatness {flatness.__version__}")
@@ -284,10 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quantity", choices=QUANTITIES, default="eigenvalues",
                    help="what to compute (default eigenvalues)")
     c.add_argument("--curvature", choices=("hessian", "ggn"), help="Hessian (default) or Gauss-Newton")
-    c.add_argument("--k", type=_positive_int, default=1, help="eigenvalues: how many (default 1)")
+    c.add_argument("--k", type=_positive_int, help="eigenvalues: how many (default 1)")
     c.add_argument("--tol", type=float, help="eigenvalues: relative residual tolerance")
     c.add_argument("--max-iter", dest="max_iter", type=_positive_int, help="eigenvalues: Lanczos steps at most")
-    c.add_argument("--method", help="trace: hutch++, hutchinson or exact; minimum: hutchinson or exact")
+    c.add_argument(
+        "--method", help="trace: hutch++, hutchinson or exact; minimum: gn (default, exact), exact or hutchinson"
+    )
     c.add_argument("--n-samples", dest="n_samples", type=_positive_int, help="trace/minimum: products to spend")
     c.add_argument("--granularity", choices=("layer", "neuron"), help="minimum: rescaling per layer or neuron")
     c.add_argument("--n-vectors", dest="n_vectors", type=_positive_int, help="density: random start vectors")
@@ -326,9 +369,58 @@ def _selected(model: nn.Module, pattern: str | None) -> list[str] | None:
     return names
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _not_applicable(args: argparse.Namespace, valid: Sequence[str], candidates: Sequence[str], choice: str) -> None:
+    given = [d for d in candidates if getattr(args, d) not in (None, False)]
+    for dest in given:
+        if dest not in valid:
+            takes = ", ".join(_flag(d) for d in candidates if d in valid) or "none of these options"
+            raise CLIError(f"{_flag(dest)} does not apply to {choice} (it takes {takes})")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Reject options the chosen measurement does not use (before any work)."""
+    if args.command == "sharpness":
+        kind = _resolve_kind(args)
+        valid = list(kind_options(kind) or ())
+        if kind in WORST_CASE or kind in AVERAGE_CASE:
+            valid.append("rho")
+        _not_applicable(args, valid, SHARPNESS_OPTIONS, f"--kind {kind}")
+    else:
+        candidates = sorted({d for opts in QUANTITY_OPTIONS.values() for d in opts})
+        _not_applicable(args, QUANTITY_OPTIONS[args.quantity], candidates, f"--quantity {args.quantity}")
+    if args.progress:
+        try:
+            import tqdm  # noqa: F401
+        except ImportError:
+            raise CLIError("--progress needs tqdm: pip install tqdm (or 'flatness[progress]')") from None
+
+
+def _open_output(path: str) -> bool:
+    """Check that ``--output`` can be written, before the measurement;
+    returns whether the file was created here (removed again on failure)."""
+    p = Path(path)
+    if p.is_dir():
+        raise CLIError(f"--output {path!r} is a directory")
+    existed = p.exists()
+    try:
+        with open(p, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise CLIError(f"--output {path!r} cannot be written: {exc.strerror or exc}") from exc
+    return not existed
+
+
+def run(args: argparse.Namespace, prog: str = "python -m flatness") -> dict[str, Any]:
     """Carry out one parsed command; returns the JSON document as a dict."""
     start = time.perf_counter()
+    check_options(args)
+    if args.checkpoint is None:
+        print(f"{prog} {args.command}: note: no --checkpoint given; measuring the model as "
+              f"{args.model} initialises it", file=sys.stderr)
     model = load_model(args.model, args.model_kwargs, args.checkpoint)
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -356,7 +448,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         quantity = args.quantity
         common.update(_given(args, ("curvature",)))
         if quantity == "eigenvalues":
-            r = _hessian.top_eigenvalues(model, batches, args.k, **common, **_given(args, ("tol", "max_iter")))
+            r = _hessian.top_eigenvalues(model, batches, args.k or 1, **common, **_given(args, ("tol", "max_iter")))
         elif quantity == "trace":
             r = _hessian.trace(model, batches, **common, **_given(args, ("method", "n_samples")))
         elif quantity == "density":
@@ -389,11 +481,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m flatness`` and the ``flatness`` script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    created = False
     try:
-        doc = run(args)
-    except (CLIError, ValueError, TypeError, NotImplementedError) as exc:
-        # Bad input is reported like an argparse error: one line, exit code 2.
-        parser.exit(2, f"{parser.prog} {args.command}: error: {exc}\n")
+        if args.output:
+            created = _open_output(args.output)
+        doc = run(args, parser.prog)
+    except (CLIError, ValueError, TypeError, NotImplementedError, RuntimeError) as exc:
+        if created:
+            Path(args.output).unlink(missing_ok=True)
+        # Bad input is reported like an argparse error: one line, exit code 2
+        # (torch's and the library's messages can span lines).
+        message = " ".join(str(exc).split())
+        parser.exit(2, f"{parser.prog} {args.command}: error: {message}\n")
     text = json.dumps(doc, indent=2, default=str)
     if args.output:
         Path(args.output).write_text(text + "\n", encoding="utf-8")

@@ -90,7 +90,7 @@ def enabled() -> bool:
 
 
 def rank() -> int:
-    """This process's rank (0 outside a process group)."""
+    """The rank of this process (0 outside a process group)."""
     return torch.distributed.get_rank() if enabled() else 0
 
 

@@ -1,4 +1,4 @@
-"""Hessian- and Gauss-Newton-vector products with ``torch.func``.
+"""Hessian- and Gauss-Newton-vector products: two engines, one chosen up front.
 
 Products are taken with respect to the selected parameters (a
 :class:`~flatness._model.ParamSet`) of the loss evaluated through
@@ -14,15 +14,37 @@ Products are taken with respect to the selected parameters (a
   ``vjp`` back.  It is positive semi-definite whenever ``loss_fn`` is convex
   in the outputs (cross-entropy, mean squared error).
 
+Two engines compute the products (:data:`ENGINES`):
+
+* ``"forward-over-reverse"``: the ``torch.func`` transforms above, ``k``
+  vectors per ``vmap`` call.
+* ``"double-backward"``: reverse-over-reverse (Pearlmutter 1994), one
+  ``create_graph`` gradient and one backward pass per vector.  With one
+  batch (or a few) the gradient's graph is kept and reused by every later
+  product, as PyHessian and hessian-eigenthings do, so a product costs one
+  backward pass and no forward pass.
+
+:func:`choose_engine` picks one before any product runs, from the module
+types (recurrent kernels and parametrizations have no forward-mode
+derivatives in PyTorch), a probe forward pass that looks for buffers written
+in ``forward`` (``torch.func`` refuses in-place writes to captured tensors),
+a probe forward-mode product on one sample, and the cost (with a kept graph
+double backward is cheaper per product).  Attention runs on the math SDPA
+kernel and without the fused ``nn.MultiheadAttention`` fast path inside
+every curvature computation (:func:`curvature_kernels`): the fused kernels
+have neither forward-mode derivatives nor double backward.
+
 Over several batches the operator is the size-weighted average of the
 per-batch operators, ``sum_b (n_b / N) H_b``: the curvature of the mean loss
 over all samples when ``loss_fn`` is a mean over its batch.  Batches are
-re-streamed for every product and never held together in memory.
+re-streamed for every product (unless their graphs are kept) and never held
+together in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -30,37 +52,125 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from flatness._distributed import sum_
-from flatness._model import ResultMixin as _BaseResult
+from flatness._distributed import enabled, sum_
 from flatness._model import (
-    check_int,
     LossFn,
     ModelGuard,
     ParamSet,
     _as_args,
     _as_kwargs,
     batch_size,
+    check_int,
     default_loss,
     functional_loss,
     iter_batches,
     private_rng,
     require_finite,
+    same_bits,
     select_params,
     unwrap,
 )
+from flatness._model import ResultMixin as _BaseResult
 
 __all__ = [
     "CURVATURES",
+    "ENGINES",
     "CurvatureOperator",
+    "KeptGraph",
     "ResultMixin",
     "batch_curvature_products",
+    "buffers_written_in_forward",
+    "curvature_kernels",
     "double_backward_hvp",
+    "reverse_only_modules",
 ]
 
 #: The curvature matrices an operator can represent.
 CURVATURES = ("hessian", "ggn")
 
+#: The engines that compute curvature-vector products ("auto" chooses).
+ENGINES = ("auto", "forward-over-reverse", "double-backward")
+
+#: Graphs of at most this many batches are kept between products.
+MAX_KEPT_BATCHES = 4
+
+#: "auto" uses forward-over-reverse only for at least this many vectors per
+#: pass: below it one double-backward product per vector is cheaper, as
+#: measured by benchmarks/bench_hessian.py on CPU (MLP, CNN): with graphs
+#: rebuilt for every product (many batches) ...
+FORWARD_MIN_K = 8
+#: ... and with a kept graph (one batch or a few).
+FORWARD_MIN_K_KEPT = 32
+
 Tangents = tuple[Tensor, ...]
+
+
+def _composite_weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    # w = g v / ||v|| from differentiable primitives.  The fused
+    # _weight_norm_interface kernel has a wrong double backward on CPU (its
+    # Hessian is not even symmetric) and no forward-mode derivative.
+    return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
+@contextlib.contextmanager
+def curvature_kernels() -> Iterator[None]:
+    """Kernels with correct second derivatives for curvature computations.
+
+    Attention runs on the math SDPA kernel and without the fused
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast path, and
+    ``weight_norm`` (``torch._weight_norm``) on a composite of
+    differentiable primitives: the fused kernels lack forward-mode
+    derivatives or a correct double backward.  Restores everything on exit.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    previous = torch.backends.mha.get_fastpath_enabled()
+    fused_weight_norm = torch._weight_norm
+    torch.backends.mha.set_fastpath_enabled(False)
+    torch._weight_norm = _composite_weight_norm  # type: ignore[assignment]
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch._weight_norm = fused_weight_norm  # type: ignore[assignment]
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def reverse_only_modules(model: nn.Module) -> list[str]:
+    """Submodules whose kernels have no forward-mode derivative in PyTorch,
+    each as ``"name (Type: reason)"``: recurrent layers (the fused RNN
+    kernels) and parametrized modules (``weight_norm``'s fused kernel,
+    parametrizations that run power iterations in training mode)."""
+    from torch.nn.utils import parametrize
+
+    found = []
+    for name, m in unwrap(model).named_modules():
+        label = name or "<root>"
+        if isinstance(m, nn.RNNBase):
+            found.append(f"{label} ({type(m).__name__}: the recurrent kernel has no forward-mode derivative)")
+        elif parametrize.is_parametrized(m):
+            found.append(f"{label} ({type(m).__name__}: parametrized weights)")
+    return found
+
+
+def buffers_written_in_forward(
+    model: nn.Module, ps: ParamSet, inputs: Any, targets: Tensor, loss_fn: LossFn
+) -> list[str]:
+    """Names of the buffers that one forward pass writes in place (BatchNorm
+    in training mode, counters, running averages), found from the version
+    counters of copies (the module's own buffers are not touched)."""
+    module = unwrap(model)
+    copies = {name: b.clone() for name, b in module.named_buffers()}
+    if not copies:
+        return []
+    originals = {name: b.clone() for name, b in copies.items()}
+    versions = {name: b._version for name, b in copies.items()}
+    with torch.no_grad():
+        functional_loss(model, ps, ps.detached(), inputs, targets, loss_fn, extra=copies)
+    # the version counter catches in-place writes by operators; BatchNorm's
+    # kernel updates its statistics without bumping it, so compare values too
+    return [name for name, b in copies.items()
+            if b._version != versions[name] or not same_bits(b, originals[name])]
 
 
 def _plain(value: Any) -> Any:
@@ -142,7 +252,7 @@ def batch_curvature_products(
     # In training mode BatchNorm writes its running statistics in place.  The
     # transforms refuse to mutate a captured tensor, so every forward pass
     # gets fresh copies of the buffers (the module's own are never touched).
-    buffers = dict(module.named_buffers()) if module.training else {}
+    buffers = dict(module.named_buffers())
 
     def fresh_buffers() -> dict[str, Tensor]:
         return {name: b.clone() for name, b in buffers.items()}
@@ -185,6 +295,80 @@ def batch_curvature_products(
     return vmap(product, randomness="same", chunk_size=chunk_size)(tangents)
 
 
+def _scalar_loss(value: Any) -> Tensor:
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise ValueError("loss_fn must return a scalar tensor (the mean loss over the batch)")
+    return value.reshape(())
+
+
+def _zeros_or(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    return tuple(torch.zeros_like(v) if t is None else t.detach() for t, v in zip(tensors, like))
+
+
+class KeptGraph:
+    """One batch's loss gradient with its graph (``create_graph=True``),
+    ready for any number of reverse-over-reverse products.
+
+    Hessian: ``H v = d(g . v)/dw`` with ``g`` the kept gradient.  GGN:
+    ``J v`` by the double-vjp trick (``J^T u`` is linear in a dummy ``u``;
+    its gradient with respect to ``u`` along ``v`` is ``J v``), then
+    ``H_z J v`` and ``J^T (H_z J v)``, all through graphs built once.
+    Buffers are copied, so a forward pass that writes them (BatchNorm in
+    training mode, counters) leaves the module's own untouched.
+    """
+
+    def __init__(
+        self, model: nn.Module, ps: ParamSet, inputs: Any, targets: Tensor,
+        loss_fn: LossFn, curvature: str = "hessian",
+    ) -> None:
+        buffers = {name: b.clone() for name, b in unwrap(model).named_buffers()}
+        self.curvature = curvature
+        self.values = [p.detach().requires_grad_(True) for p in ps.params]
+        with torch.enable_grad():
+            if curvature == "hessian":
+                loss = functional_loss(model, ps, self.values, inputs, targets, loss_fn, extra=buffers)
+                self.grads = torch.autograd.grad(loss, self.values, create_graph=True, allow_unused=True)
+            else:
+                z = _outputs(model, ps, self.values, inputs, buffers)
+                if not isinstance(z, Tensor):
+                    raise ValueError(_GGN_OUTPUTS.format(type(z).__name__))
+                loss = _scalar_loss(loss_fn(z, targets))
+                self.z = z
+                (self.gz,) = torch.autograd.grad(loss, z, create_graph=True)
+                self.u = torch.zeros_like(z, requires_grad=True)
+                self.grads = torch.autograd.grad(z, self.values, self.u, create_graph=True, allow_unused=True)
+
+    def products(self, tangents: Tangents) -> Tangents:
+        """``C v_i`` for the ``k`` vectors of ``tangents`` (``(k, *shape)``)."""
+        k = int(tangents[0].shape[0])
+        rows = [self._one([t[i] for t in tangents]) for i in range(k)]
+        return tuple(torch.stack([r[j] for r in rows]) for j in range(len(self.values)))
+
+    def _one(self, vec: list[Tensor]) -> tuple[Tensor, ...]:
+        live = [(g, v) for g, v in zip(self.grads, vec) if g is not None and g.requires_grad]
+        if not live:  # the gradient does not depend on the parameters
+            return tuple(torch.zeros_like(v) for v in self.values)
+        outs, grad_outs = [g for g, _ in live], [v.to(g.dtype) for g, v in live]
+        with torch.enable_grad():
+            if self.curvature == "hessian":
+                hv = torch.autograd.grad(outs, self.values, grad_outs, retain_graph=True, allow_unused=True)
+                return _zeros_or(hv, self.values)
+            (jv,) = torch.autograd.grad(outs, self.u, grad_outs, retain_graph=True, allow_unused=True)
+            if jv is None or not self.gz.requires_grad:
+                return tuple(torch.zeros_like(v) for v in self.values)
+            (hjv,) = torch.autograd.grad(self.gz, self.z, jv, retain_graph=True, allow_unused=True)
+            if hjv is None:
+                return tuple(torch.zeros_like(v) for v in self.values)
+            hv = torch.autograd.grad(self.z, self.values, hjv, retain_graph=True, allow_unused=True)
+        return _zeros_or(hv, self.values)
+
+
+_GGN_OUTPUTS = (
+    "curvature='ggn' needs a model that returns one tensor (the Gauss-Newton matrix is "
+    "J^T H_z J for outputs z), got {}; use curvature='hessian' with a loss_fn that selects the output"
+)
+
+
 def double_backward_hvp(
     model: nn.Module,
     ps: ParamSet,
@@ -193,39 +377,23 @@ def double_backward_hvp(
     tangents: Tangents,
     *,
     loss_fn: LossFn = default_loss,
+    curvature: str = "hessian",
 ) -> Tangents:
-    """Hessian-vector products by double backward, one vector at a time.
+    """Curvature-vector products by double backward, one vector at a time.
 
     The textbook method (Pearlmutter 1994 via reverse-over-reverse): one
     forward pass, the gradient with ``create_graph=True``, then one backward
-    pass per vector.  The reference the tests and the benchmark compare
-    against.
+    pass per vector (see :class:`KeptGraph`).
     """
-    values = [p.detach().requires_grad_(True) for p in ps.params]
-    with torch.enable_grad():
-        loss = functional_loss(model, ps, values, inputs, targets, loss_fn)
-        g = torch.autograd.grad(loss, values, create_graph=True, allow_unused=True)
-        g = tuple(torch.zeros_like(v) if gi is None else gi for gi, v in zip(g, values))
-        k = tangents[0].shape[0]
-        rows = []
-        for i in range(k):
-            vec = [t[i] for t in tangents]
-            if not any(gi.requires_grad for gi in g):  # loss linear in the params
-                rows.append(tuple(torch.zeros_like(v) for v in values))
-                continue
-            hv = torch.autograd.grad(
-                g, values, grad_outputs=vec, retain_graph=i < k - 1, allow_unused=True
-            )
-            rows.append(tuple(torch.zeros_like(v) if h is None else h.detach() for h, v in zip(hv, values)))
-    return tuple(torch.stack([r[j] for r in rows]) for j in range(len(values)))
+    return KeptGraph(model, ps, inputs, targets, loss_fn, curvature).products(tangents)
 
 
 def _is_one_shot(data: Any) -> bool:
     # A generator or iterator is exhausted after one pass; the operator needs
-    # one pass per product.  A single batch (a pair) is fine.
-    if isinstance(data, (tuple, list)):
-        return False
-    return isinstance(data, Iterable) and iter(data) is data
+    # one pass per product.  A single batch (a pair) is fine.  No iter(data)
+    # here: on a shuffling DataLoader it would draw from the global RNG (and
+    # start worker processes) outside the private generator.
+    return isinstance(data, Iterator)
 
 
 class CurvatureOperator:
@@ -263,6 +431,11 @@ class CurvatureOperator:
         At most this many vectors per ``vmap`` call.
     seed : int
         Seed of dropout masks when ``train=True``.
+    engine : {"auto", "forward-over-reverse", "double-backward"}
+        How products are computed (see :mod:`flatness._hvp`).  ``"auto"``
+        chooses before the first product, from the module types, a probe
+        forward pass and the cost; :attr:`engine` and :attr:`engine_reason`
+        tell what was chosen and why.
 
     Attributes
     ----------
@@ -273,6 +446,10 @@ class CurvatureOperator:
     n_hvp : int
         Number of operator-vector products computed so far (each one a pass
         over all batches).
+    engine : str or None
+        The engine in use (``None`` before the first product).
+    engine_reason : str
+        Why that engine was chosen.
     """
 
     def __init__(
@@ -287,6 +464,7 @@ class CurvatureOperator:
         train: bool = False,
         chunk_size: int | None = None,
         seed: int = 0,
+        engine: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -297,6 +475,10 @@ class CurvatureOperator:
         elif not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         check_int("chunk_size", chunk_size, allow_none=True)
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+        if not isinstance(train, bool):
+            raise TypeError(f"train must be a bool, got {type(train).__name__}")
         if _is_one_shot(data):
             raise TypeError(
                 "data must be one batch or a re-iterable collection of batches (a list or a "
@@ -315,7 +497,18 @@ class CurvatureOperator:
         n = self.params.numel
         self.shape = (n, n)
         self.n_hvp = 0
-        self._reverse_over_forward = False
+        if engine == "forward-over-reverse":
+            blocked = reverse_only_modules(model)
+            if blocked:
+                raise ValueError(
+                    "engine='forward-over-reverse' cannot differentiate these modules: "
+                    + "; ".join(blocked) + "; use engine='double-backward' or 'auto'"
+                )
+        self._requested = engine
+        self.engine: str | None = None if engine == "auto" else engine
+        self.engine_reason = "" if engine == "auto" else "requested"
+        self._kept: list[tuple[int, KeptGraph]] | None = None
+        self._kept_key: Any = None
         self.progress: Any = None  # a tqdm bar updated per product, set by callers
 
     @property
@@ -352,23 +545,31 @@ class CurvatureOperator:
         """Products with parameter-shaped tangents ``(k, *param.shape)``."""
         k = int(tangents[0].shape[0])
         ps = self.params
-        total = 0
-        acc: list[Tensor] | None = None
-        # no_grad: parameters outside the selection must not record a graph
-        # (torch.func transforms differentiate regardless of the outer mode).
-        with ModelGuard(self.model, train=self.train), private_rng(self.seed, ps.device), torch.no_grad():
-            for inputs, targets in iter_batches(
-                self.data, device=ps.device, dtype=ps.dtype, n_batches=self.n_batches
-            ):
-                nb = batch_size(targets)
-                out = self._batch(inputs, targets, tangents)
-                if acc is None:
-                    acc = [o * nb for o in out]
+        # Grad mode is the library's business: products work the same inside
+        # the caller's no_grad() or inference_mode().  no_grad for the
+        # transforms: parameters outside the selection must not record a
+        # graph (torch.func differentiates regardless of the outer mode).
+        if self._kept is not None and self._kept_key == self._state_key():
+            # No forward pass: backward passes through the kept graphs only,
+            # which touch neither the module nor the RNG.
+            with torch.inference_mode(False), torch.no_grad(), curvature_kernels():
+                total, acc = self._accumulate((nb, g.products(tangents)) for nb, g in self._kept)
+            return self._finish(k, total, acc)
+        with ModelGuard(self.model, train=self.train), torch.inference_mode(False), torch.no_grad(), \
+                curvature_kernels():
+            if self.engine is None:
+                with private_rng(self.seed, ps.device):
+                    self.engine, self.engine_reason = self._choose(k)
+            with private_rng(self.seed, ps.device):
+                if self.engine == "double-backward":
+                    total, acc = self._double_backward(tangents)
                 else:
-                    for a, o in zip(acc, out):
-                        a.add_(o, alpha=nb)
-                total += nb
-        assert acc is not None  # iter_batches raises on empty data
+                    total, acc = self._accumulate(
+                        (nb, self._batch(inputs, targets, tangents)) for nb, inputs, targets in self._batches()
+                    )
+        return self._finish(k, total, acc)
+
+    def _finish(self, k: int, total: int, acc: list[Tensor]) -> Tangents:
         # Inside a torch.distributed process group: the average over every
         # rank's batches (acc summed in place; no-op otherwise).
         total = sum_(*acc, total)[-1]
@@ -377,25 +578,110 @@ class CurvatureOperator:
         self.n_hvp += k
         if self.progress is not None:
             self.progress.update(k)
-        return tuple(a / total for a in acc)
+        return tuple(acc) if total == 1 else tuple(a / total for a in acc)
+
+    def _batches(self) -> Iterator[tuple[int, Any, Tensor]]:
+        ps = self.params
+        for inputs, targets in iter_batches(self.data, device=ps.device, dtype=ps.dtype, n_batches=self.n_batches):
+            yield batch_size(targets), inputs, targets
+
+    @staticmethod
+    def _accumulate(products: Iterable[tuple[int, Tangents]]) -> tuple[int, list[Tensor]]:
+        """``(N, sum_b n_b C_b v)``; with one batch ``(1, C v)`` (no copy)."""
+        total, acc, first = 0, None, None
+        for nb, out in products:
+            if first is None:
+                first = (nb, out)
+            else:
+                if acc is None:
+                    acc = [o * first[0] for o in first[1]]
+                for a, o in zip(acc, out):
+                    a.add_(o, alpha=nb)
+            total += nb
+        assert first is not None  # iter_batches raises on empty data
+        if acc is None:
+            if not enabled():  # one batch: C v itself
+                return 1, list(first[1])
+            acc = [o * first[0] for o in first[1]]  # ranks are weighted by their sizes
+        return total, acc
+
+    def _state_key(self) -> tuple[Any, ...]:
+        # Kept graphs hold the values the parameters and buffers had when
+        # they were built: any in-place change since invalidates them.
+        module = unwrap(self.model)
+        return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+
+    def _double_backward(self, tangents: Tangents) -> tuple[int, list[Tensor]]:
+        if self._kept is not None and self._kept_key == self._state_key():
+            return self._accumulate((nb, g.products(tangents)) for nb, g in self._kept)
+        self._kept = None
+        keep = self._keeps_graph()
+        kept: list[tuple[int, KeptGraph]] = []
+
+        def run() -> Iterator[tuple[int, Tangents]]:
+            for nb, inputs, targets in self._batches():
+                g = KeptGraph(self.model, self.params, inputs, targets, self.loss_fn, self.curvature)
+                if keep:
+                    kept.append((nb, g))
+                yield nb, g.products(tangents)
+
+        out = self._accumulate(run())
+        if keep:
+            self._kept, self._kept_key = kept, self._state_key()
+        return out
+
+    def _keeps_graph(self) -> bool:
+        """Whether the data is one batch or a few (a list), whose graphs are
+        kept between products instead of being rebuilt for each."""
+        from flatness._model import _is_batch
+
+        if _is_batch(self.data):
+            return True
+        if isinstance(self.data, (list, tuple)):
+            n = len(self.data) if self.n_batches is None else min(len(self.data), self.n_batches)
+            return n <= MAX_KEPT_BATCHES
+        return False
+
+    def _choose(self, k: int) -> tuple[str, str]:
+        """The engine for this operator, decided before any product runs."""
+        blocked = reverse_only_modules(self.model)
+        if blocked:
+            return "double-backward", "no forward-mode derivative in " + "; ".join(blocked)
+        _, inputs, targets = next(iter(self._batches()))
+        written = buffers_written_in_forward(self.model, self.params, inputs, targets, self.loss_fn)
+        if written:
+            return "double-backward", "buffers written in forward: " + ", ".join(written)
+        if self._keeps_graph() and k < FORWARD_MIN_K_KEPT:
+            return "double-backward", (
+                f"one batch (or a few) and {k} vector(s) per pass: the gradient's graph is kept, "
+                "one backward per product"
+            )
+        if k < FORWARD_MIN_K:
+            return "double-backward", f"{k} vector(s) per pass: double backward is cheaper below {FORWARD_MIN_K}"
+        attention = [name or "<root>" for name, m in unwrap(self.model).named_modules()
+                     if isinstance(m, nn.MultiheadAttention)]
+        if attention:
+            # vmap over the math attention kernel costs more than k backward
+            # passes (measured in benchmarks/bench_hessian.py)
+            return "double-backward", "attention modules (" + ", ".join(attention) + ")"
+        # A probe product on one sample: some kernels (GroupNorm on
+        # channels_last tensors, fused losses) lack forward-mode formulas.
+        from flatness._model import _slice
+
+        x1, y1 = _slice(inputs, 0, 1), targets[:1]
+        probe = tuple(torch.ones((1, *p.shape), dtype=p.dtype, device=p.device) for p in self.params.params)
+        try:
+            batch_curvature_products(self.model, self.params, x1, y1, probe, loss_fn=self.loss_fn,
+                                     curvature=self.curvature)
+        except (RuntimeError, NotImplementedError) as exc:
+            return "double-backward", f"forward-mode probe failed ({type(exc).__name__})"
+        return "forward-over-reverse", f"{k} vectors per pass over several batches: vmapped jvp of grad"
 
     def _batch(self, inputs: Any, targets: Tensor, tangents: Tangents) -> Tangents:
-        def run() -> Tangents:
-            return batch_curvature_products(
-                self.model, self.params, inputs, targets, tangents, loss_fn=self.loss_fn,
-                curvature=self.curvature, chunk_size=self.chunk_size,
-                reverse_over_forward=self._reverse_over_forward,
-            )
-
-        try:
-            return run()
-        except RuntimeError as exc:
-            # PyTorch lacks forward derivatives of some backward formulas
-            # (mse_loss with mean reduction): switch the order for good.
-            if self._reverse_over_forward or "ZeroTensor" not in str(exc):
-                raise
-            self._reverse_over_forward = True
-            return run()
+        return batch_curvature_products(
+            self.model, self.params, inputs, targets, tangents, loss_fn=self.loss_fn,
+            curvature=self.curvature, chunk_size=self.chunk_size,
+        )
 
     def matmat(self, V: Tensor) -> Tensor:
         """``C V`` for flat vectors as the columns of ``V`` (shape ``(n, k)``).

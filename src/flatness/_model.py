@@ -17,8 +17,9 @@ This module owns the conventions listed in ``DESIGN.md``:
 from __future__ import annotations
 
 import contextlib
-import math
+import functools
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -38,11 +39,13 @@ __all__ = [
     "ResultMixin",
     "batch_size",
     "call_model",
+    "check_bool",
     "check_int",
     "check_rho",
     "default_loss",
     "disable_running_stats",
     "functional_loss",
+    "grad_enabled",
     "iter_batches",
     "maybe_progress",
     "normalize_logits",
@@ -220,6 +223,17 @@ def select_params(model: nn.Module, params: Iterable[Any] | None = None) -> Para
     devices = {p.device for _, p in chosen}
     if len(devices) > 1:
         raise ValueError(f"selected parameters live on several devices {sorted(map(str, devices))}")
+    if next(iter(devices)).type == "meta":
+        raise ValueError(
+            "the model's parameters are on the meta device (shapes only, no values); "
+            "materialize them first (model.to_empty(device=...) and load a state dict)"
+        )
+    inference = [n for n, p in chosen if p.is_inference()]
+    if inference:
+        raise ValueError(
+            f"parameters {inference[:3]} are inference tensors (created under torch.inference_mode()) "
+            "and cannot be differentiated; build or load the model outside inference_mode"
+        )
     names, tensors = zip(*chosen)
     return ParamSet(tuple(names), tuple(tensors))
 
@@ -232,6 +246,29 @@ def check_int(name: str, value: Any, low: int = 1, *, allow_none: bool = False) 
         raise ValueError(
             f"{name} must be an int >= {low}{' or None' if allow_none else ''}, got {value!r}"
         )
+    return value
+
+
+def grad_enabled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` with autograd on, also when called inside the caller's
+    ``torch.no_grad()`` or ``torch.inference_mode()``: the measurements
+    differentiate internally, and a grad mode set by the caller (for its own
+    evaluation code) must not change their result.  Batches created under
+    ``inference_mode`` are copied by :func:`to_device`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Validate a boolean option: only ``True`` / ``False`` (a string such
+    as ``"no"`` would otherwise count as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
 
 
@@ -266,6 +303,11 @@ def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) 
     (token ids, class labels) keep theirs.
     """
     if isinstance(obj, Tensor):
+        if obj.is_inference():
+            # Tensors made under torch.inference_mode() cannot enter autograd;
+            # a copy made outside it can (callers run with inference_mode(False)).
+            with torch.inference_mode(False):
+                obj = obj.clone()
         if dtype is not None and obj.is_floating_point():
             return obj.to(device=device, dtype=dtype)
         return obj.to(device=device)
@@ -324,8 +366,6 @@ def iter_batches(
         source = data
     count = 0
     for batch in source:
-        if n_batches is not None and count >= n_batches:
-            break
         if not _is_batch(batch):
             raise TypeError(
                 "each batch must be a pair (inputs, targets) with targets a tensor, "
@@ -343,6 +383,8 @@ def iter_batches(
             )
         yield to_device(inputs, device, dtype), to_device(targets, device, dtype)
         count += 1
+        if n_batches is not None and count >= n_batches:
+            break  # before pulling another item from a shared iterator
     if count == 0:
         raise ValueError("data yielded no batches")
 
@@ -382,10 +424,19 @@ def call_model(model: nn.Module, inputs: Any) -> Tensor:
 
 def normalize_logits(z: Tensor) -> Tensor:
     """``z <- (z - mean z) / ||z - mean z||`` per sample (last dimension)."""
+    if not isinstance(z, Tensor):
+        raise ValueError(
+            "normalize_logits=True needs a model that returns one tensor of logits, got "
+            f"{type(z).__name__}; normalize inside loss_fn instead (flatness._model.normalize_logits "
+            "on the selected output)"
+        )
     centred = z - z.mean(dim=-1, keepdim=True)
     norm = centred.norm(dim=-1, keepdim=True)
     # A constant logit vector has no direction; leave it at zero, not NaN.
     return centred / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def functional_loss(
@@ -402,7 +453,10 @@ def functional_loss(
     """Loss of ``model`` with the selected parameters replaced by ``values``.
 
     The module itself is not modified: ``torch.func.functional_call`` swaps
-    the tensors for the duration of the forward pass only.  ``extra`` maps
+    the tensors for the duration of the forward pass only.  Outputs of a
+    float16 / bfloat16 model are cast to float32 before ``loss_fn``, so the
+    loss and differences of losses are not quantized to the low precision's
+    step.  ``extra`` maps
     further parameter or buffer names to tensors to use instead of the
     module's (e.g. copies on another device).
     """
@@ -411,6 +465,11 @@ def functional_loss(
     if extra:
         state = {**extra, **state}
     outputs = functional_call(module, state, _as_args(inputs), _as_kwargs(inputs), strict=False)
+    if isinstance(outputs, Tensor) and outputs.dtype in _LOW_PRECISION:
+        # The loss of a float16 / bfloat16 model in float32: in bfloat16 a
+        # loss near 1 has a resolution of 0.0078, coarser than most
+        # sharpness values (differences of two losses).
+        outputs = outputs.float()
     if logit_normalization:
         outputs = normalize_logits(outputs)
     loss = loss_fn(outputs, targets)
@@ -439,6 +498,20 @@ def _as_kwargs(inputs: Any) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------
 
 
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors of one shape and dtype hold the same bits (NaNs
+    and the sign of zero included, unlike ``torch.equal``)."""
+    if a.dtype.is_floating_point and a.element_size() in _INT_OF_SIZE:
+        kind = _INT_OF_SIZE[a.element_size()]
+        return torch.equal(a.detach().view(kind), b.detach().view(kind))
+    if a.dtype.is_floating_point or a.dtype.is_complex:
+        return False  # no integer view: treat as changed (it is copied back)
+    return torch.equal(a, b)
+
+
 class ModelGuard(contextlib.AbstractContextManager):
     """Put the model in the measurement mode and restore it on exit.
 
@@ -448,8 +521,10 @@ class ModelGuard(contextlib.AbstractContextManager):
     ``KeyboardInterrupt``) the flags, modes and ``.grad`` references are put
     back.  Parameter values are never written by the library (it evaluates
     perturbed weights through ``functional_call``), so they need no copy;
-    buffers are copied only when ``train=True``, because training-mode
-    forward passes update BatchNorm running statistics in place.
+    buffers are copied and written back in place (bit for bit, same
+    storage), in eval mode too: a ``forward`` may update a counter or a
+    running average in any mode, and training-mode passes update BatchNorm
+    running statistics.
 
     Parameters
     ----------
@@ -467,9 +542,9 @@ class ModelGuard(contextlib.AbstractContextManager):
         m = self.model
         self._modes = [(mod, mod.training) for mod in m.modules()]
         self._params = [(p, p.requires_grad, p.grad) for p in m.parameters()]
-        self._buffers: list[tuple[Tensor, Tensor]] = []
-        if self.train:
-            self._buffers = [(b, b.detach().clone()) for b in m.buffers()]
+        # Every buffer, in every mode: forward passes may write buffers in
+        # eval mode too (counters, running averages).
+        self._buffers = [(b, b.detach().clone()) for b in m.buffers()]
         m.train(self.train)
         return self
 
@@ -482,7 +557,12 @@ class ModelGuard(contextlib.AbstractContextManager):
             p.grad = grad
         with torch.no_grad():
             for b, saved in self._buffers:
-                b.copy_(saved)
+                # only if changed: writing an untouched buffer would bump its
+                # version counter and invalidate graphs kept across calls.
+                # (BatchNorm's kernel updates running statistics without
+                # bumping the counter, so the values are compared.)
+                if not same_bits(b, saved):
+                    b.copy_(saved)
 
 
 @contextlib.contextmanager
@@ -533,6 +613,20 @@ def disable_running_stats(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
+def _forked_rng(device: torch.device) -> Iterator[None]:
+    # torch.random.fork_rng, for the CPU and this one CUDA device only, without
+    # its accelerator lookup (~10 ms per call, paid by every product)
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
+@contextlib.contextmanager
 def private_rng(seed: int | None, device: torch.device) -> Iterator[torch.Generator]:
     """A private generator seeded with ``seed``; the global RNG state is saved
     and restored, so dropout inside the measurement is reproducible from
@@ -541,19 +635,26 @@ def private_rng(seed: int | None, device: torch.device) -> Iterator[torch.Genera
     rank 0 and shares it (see :mod:`flatness._distributed`)."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must fit in 64 bits (-2**63 <= seed < 2**64), got {seed}")
     # Inside a process group, seed=None means one fresh seed for all ranks:
     # random vectors applied to an all-reduced operator must agree.
     from ._distributed import shared_seed
 
     seed = shared_seed(seed)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=True):
+    with _forked_rng(device):
         gen = torch.Generator(device=device)
         if seed is None:
             gen.seed()
         else:
             gen.manual_seed(seed)
-            torch.manual_seed(seed)  # dropout etc. inside the forked state
+            # dropout etc. inside the forked state; the generators directly
+            # (torch.manual_seed records a stack trace, ~10 ms per call, and
+            # seeds every CUDA device, not only the forked one)
+            torch.default_generator.manual_seed(seed)
+            if device.type == "cuda":
+                index = device.index if device.index is not None else torch.cuda.current_device()
+                torch.cuda.default_generators[index].manual_seed(seed)
         yield gen
 
 

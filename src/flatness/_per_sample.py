@@ -12,6 +12,13 @@ The gradients come from ``torch.func.vmap(torch.func.grad(...))`` over
 no ``.grad`` is touched.  Memory is bounded by ``chunk_size``: at most
 ``chunk_size`` copies of the selected parameters exist at once.
 
+Where ``vmap`` has no batching rule (the fused recurrent kernels of
+``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``) or cannot run the model (a forward
+pass that writes a buffer in place, which ``vmap`` refuses), a plain loop
+over the samples computes the same gradients: :func:`per_sample_engine`
+chooses before anything runs, from the module types and a probe forward
+pass on copies of the buffers, never by catching an error.
+
 The model is evaluated in whatever mode it is in.  Callers put it in eval
 mode first (:class:`flatness._model.ModelGuard`): in training mode a
 BatchNorm layer normalizes each sample by its own statistics (and leaves its
@@ -29,18 +36,79 @@ from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from flatness._model import (
-    check_int,
-    disable_running_stats,
     LossFn,
     ParamSet,
+    _slice,
+    check_int,
     default_loss,
+    disable_running_stats,
     functional_loss,
     iter_batches,
     split_batch,
     unwrap,
 )
 
-__all__ = ["check_chunk_size", "iter_per_sample_grads", "per_sample_grads", "per_sample_losses"]
+__all__ = [
+    "check_chunk_size",
+    "iter_per_sample_grads",
+    "per_sample_engine",
+    "per_sample_grads",
+    "per_sample_losses",
+]
+
+#: The engines of per-sample gradients.
+PER_SAMPLE_ENGINES = ("vmap", "loop")
+
+
+def _no_batching_rule(model: nn.Module) -> list[str]:
+    return [
+        f"{name or '<root>'} ({type(m).__name__})"
+        for name, m in unwrap(model).named_modules()
+        if isinstance(m, nn.RNNBase)
+    ]
+
+
+def per_sample_engine(
+    model: nn.Module, params: ParamSet, inputs: Any, targets: Tensor, loss_fn: LossFn = default_loss
+) -> tuple[str, str]:
+    """``("vmap" | "loop", reason)`` for per-sample gradients of ``model``.
+
+    ``"loop"`` where ``vmap`` has no batching rule (recurrent kernels) or
+    where the forward pass writes a buffer in place (found by a probe forward
+    pass on copies of the buffers: the module's own are not touched).
+    """
+    blocked = _no_batching_rule(model)
+    if blocked:
+        return "loop", "no vmap batching rule for " + ", ".join(blocked)
+    from flatness._hvp import buffers_written_in_forward
+
+    written = buffers_written_in_forward(model, params, _slice(inputs, 0, 1), targets[:1], loss_fn)
+    if written:
+        return "loop", "buffers written in forward: " + ", ".join(written)
+    return "vmap", "vmap of grad"
+
+
+def _loop_grads(
+    model: nn.Module, params: ParamSet, values: list[Tensor], inputs: Any, targets: Tensor,
+    loss_fn: LossFn, logit_normalization: bool,
+) -> tuple[list[Tensor], Tensor]:
+    """Per-sample gradients by a loop of single-sample backward passes, each
+    with fresh copies of the buffers."""
+    module = unwrap(model)
+    rows: list[list[Tensor]] = []
+    losses = []
+    for i in range(int(targets.shape[0])):
+        buffers = {name: b.clone() for name, b in module.named_buffers()}
+        leaves = [v.detach().requires_grad_(True) for v in values]
+        with torch.enable_grad():
+            loss = functional_loss(
+                model, params, leaves, _slice(inputs, i, i + 1), targets[i : i + 1], loss_fn,
+                logit_normalization=logit_normalization, extra=buffers,
+            )
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        rows.append([torch.zeros_like(v) if g is None else g.detach() for g, v in zip(grads, leaves)])
+        losses.append(loss.detach())
+    return [torch.stack([r[j] for r in rows]) for j in range(len(values))], torch.stack(losses)
 
 
 def check_chunk_size(chunk_size: int | None) -> int | None:
@@ -63,6 +131,7 @@ def per_sample_grads(
     *,
     values: list[Tensor] | None = None,
     logit_normalization: bool = False,
+    engine: str = "auto",
 ) -> tuple[list[Tensor], Tensor]:
     """Gradients and losses of every sample of one batch.
 
@@ -84,6 +153,8 @@ def per_sample_grads(
         Parameter values to evaluate at (default: the current ones).
     logit_normalization : bool
         Normalize the logits per sample before the loss.
+    engine : {"auto", "vmap", "loop"}
+        ``"auto"`` asks :func:`per_sample_engine`.
 
     Returns
     -------
@@ -94,6 +165,10 @@ def per_sample_grads(
     """
     if values is None:
         values = params.detached()
+    if engine == "auto":
+        engine = per_sample_engine(model, params, inputs, targets, loss_fn)[0]
+    if engine == "loop":
+        return _loop_grads(model, params, list(values), inputs, targets, loss_fn, logit_normalization)
 
     def sample_loss(vals: list[Tensor], x: Any, y: Tensor) -> Tensor:
         return functional_loss(
@@ -108,10 +183,14 @@ def per_sample_grads(
 
     # randomness="different": in training mode each sample draws its own
     # dropout mask, as it would in a loop over samples; eval mode draws none.
+    from flatness._hvp import curvature_kernels  # math attention: batching rules exist
+
     fn = vmap(grad_and_value(sample_loss), in_dims=(None, 0, 0), randomness="different")
-    with disable_running_stats(unwrap(model)):
+    with disable_running_stats(unwrap(model)), curvature_kernels():
         grads, losses = fn(list(values), inputs, targets)
-    return [g.detach() for g in grads], losses.detach()
+    # contiguous: an unused parameter's gradient is an expanded zero, which
+    # in-place consumers (running moments) cannot write to
+    return [g.detach().contiguous() for g in grads], losses.detach()
 
 
 def iter_per_sample_grads(
@@ -167,13 +246,28 @@ def per_sample_losses(
     inputs: Any,
     targets: Tensor,
     loss_fn: LossFn = default_loss,
+    *,
+    values: list[Tensor] | None = None,
 ) -> Tensor:
     """The loss of every sample of one batch (``loss_fn`` on batches of one),
-    without gradients; shape ``(n,)``."""
-    values = params.detached()
+    without gradients, at ``values`` (default: the current parameters);
+    shape ``(n,)``.  Vectorized with ``vmap`` or looped, as
+    :func:`per_sample_engine` decides."""
+    if values is None:
+        values = params.detached()
+    if per_sample_engine(model, params, inputs, targets, loss_fn)[0] == "loop":
+        module = unwrap(model)
+        with torch.no_grad():
+            return torch.stack([
+                functional_loss(model, params, values, _slice(inputs, i, i + 1), targets[i : i + 1], loss_fn,
+                                extra={n: b.clone() for n, b in module.named_buffers()})
+                for i in range(int(targets.shape[0]))
+            ])
 
     def sample_loss(x: Any, y: Tensor) -> Tensor:
         return functional_loss(model, params, values, _add_batch_dim(x), _add_batch_dim(y), loss_fn)
 
-    with torch.no_grad(), disable_running_stats(unwrap(model)):
+    from flatness._hvp import curvature_kernels
+
+    with torch.no_grad(), disable_running_stats(unwrap(model)), curvature_kernels():
         return vmap(sample_loss, randomness="different")(inputs, targets)

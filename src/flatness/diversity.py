@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 from torch import Tensor, nn
-from torch.func import grad, vmap
 
 from flatness._distributed import cat_over_ranks, sum_
 from flatness._model import (
@@ -47,6 +46,7 @@ from flatness._model import (
     check_rho,
     default_loss,
     functional_loss,
+    grad_enabled,
     iter_batches,
     maybe_progress,
     require_finite,
@@ -54,7 +54,7 @@ from flatness._model import (
     to_device,
     unwrap,
 )
-from flatness._per_sample import _add_batch_dim, check_chunk_size, iter_per_sample_grads
+from flatness._per_sample import check_chunk_size, iter_per_sample_grads
 
 __all__ = [
     "EnsembleMetrics",
@@ -522,7 +522,7 @@ class EnsembleMetrics:
 
 
 def _ensemble_logp(logp: Tensor) -> Tensor:
-    """log of the mean of the members' probabilities, ``(M, b, C) -> (b, C)``."""
+    """Log of the mean of the members' probabilities, ``(M, b, C) -> (b, C)``."""
     return torch.logsumexp(logp, dim=0) - math.log(logp.shape[0])
 
 
@@ -694,22 +694,34 @@ def _complement(n: int, chosen: Tensor) -> Tensor:
 
 
 def sharpbalance_split(
-    scores: Any, member: int, flat_ratio: float, *, largest: bool = True
+    scores: Any, member: int, flat_ratio: float, *, largest: bool = True, leftover: str = "own"
 ) -> tuple[Tensor, Tensor]:
     """SharpBalance's data split for one ensemble member.
 
     With ``k = floor(flat_ratio * N)`` and ``top_j`` the ``k`` samples that
     rank first by member ``j``'s score (highest first when ``largest``; ties
-    go to the lower sample index), member ``i`` trains with SAM on::
+    go to the lower sample index), the *leftover* samples are those in no
+    member's top set, and ``share_i`` is member ``i``'s round-robin share of
+    them (every ``M``-th, starting at ``i``, in increasing index order).
+    Member ``i`` trains with SAM on::
 
-        union_{j != i} top_j   +   (samples in no top_j)[i::M]
+        leftover="own":     union_{j != i} top_j  +  share_i
+        leftover="others":  union_{j != i} top_j  +  (leftover - share_i)
 
-    i.e. the samples that are in the top set of some *other* member, plus its
-    round-robin share (every ``M``-th, starting at ``i``, in increasing index
-    order) of the samples that are in no member's top set.  All other samples
-    get plain steps.  This is ``boosting_sam_split`` of the authors' code.
-    The authors' ``main.py`` calls it with ``ascend=True``, which ranks the
-    *lowest* scores first: pass ``largest=False`` to reproduce their runs.
+    i.e. the samples in the top set of some *other* member, plus its own
+    share of the leftover samples (``"own"``, the authors'
+    ``boosting_sam_split``) or the other members' shares
+    (``"others"``, their ``boosting_sam_split_boost``).  All other samples
+    get plain steps.  The authors' ``main.py`` uses ``"others"`` for
+    CIFAR-10 and ``"own"`` for every other data set.
+
+    Which end of the ranking: every call in the authors' ``main.py`` passes
+    ``ascend=True``, which takes the ``k`` *lowest* scores (their
+    ``np.argsort(...)[:total]``) while the code names that set
+    ``sharp_indice``; their per-sample score is the one of
+    :func:`per_sample_sharpness`.  The default here, ``largest=True``, takes
+    the highest scores, the sharpest samples as the paper describes them;
+    pass ``largest=False`` to reproduce the code's runs.
 
     Parameters
     ----------
@@ -722,13 +734,18 @@ def sharpbalance_split(
     flat_ratio : float
         Fraction of samples in each member's top set, in ``[0, 1]``.
     largest : bool
-        Rank the highest scores first (default) or the lowest.
+        Rank the highest scores first (default) or the lowest (the authors'
+        ``ascend=True``).
+    leftover : {"own", "others"}
+        Which shares of the samples in no top set the member gets SAM on.
 
     Returns
     -------
     sam_idx, plain_idx : Tensor
         Sorted int64 sample indices; disjoint, together ``0 .. N-1``.
     """
+    if leftover not in ("own", "others"):
+        raise ValueError(f"unknown leftover {leftover!r}; valid: 'own', 'others'")
     mat = _as_score_matrix(scores)
     m, n = mat.shape
     member = _check_member(member, m)
@@ -742,7 +759,12 @@ def sharpbalance_split(
             in_other_top[top] = True
     neither = torch.nonzero(~in_any_top).flatten()
     sam = in_other_top.clone()
-    sam[neither[member::m]] = True
+    if leftover == "own":
+        sam[neither[member::m]] = True
+    else:
+        others = torch.ones(len(neither), dtype=torch.bool)
+        others[member::m] = False
+        sam[neither[others]] = True
     return torch.nonzero(sam).flatten(), torch.nonzero(~sam).flatten()
 
 
@@ -791,6 +813,7 @@ def random_split(
 # --------------------------------------------------------------------------
 
 
+@grad_enabled
 def per_sample_sharpness(
     model: nn.Module,
     data: Any,
@@ -886,12 +909,11 @@ def _sample_losses(
     model: nn.Module, ps: ParamSet, values: list[Tensor], inputs: Any, targets: Tensor,
     loss_fn: LossFn,
 ) -> Tensor:
-    """Each sample's loss: ``loss_fn`` on a batch of one, vmapped."""
+    """Each sample's loss: ``loss_fn`` on a batch of one (vmapped, or looped
+    where vmap cannot run the model: recurrent kernels, buffer writes)."""
+    from flatness._per_sample import per_sample_losses
 
-    def one(x: Any, y: Tensor) -> Tensor:
-        return functional_loss(model, ps, values, _add_batch_dim(x), _add_batch_dim(y), loss_fn)
-
-    return vmap(one)(inputs, targets)
+    return per_sample_losses(model, ps, inputs, targets, loss_fn, values=values)
 
 
 def _sam_scores(
@@ -902,7 +924,14 @@ def _sam_scores(
     rows = []
     batches = iter_batches(data, device=ps.device, dtype=ps.dtype)
     for inputs, targets in maybe_progress(batches, progress, None, "sam scores"):
-        g = grad(lambda v: functional_loss(model, ps, v, inputs, targets, loss_fn))(weights)
+        # plain autograd (not torch.func.grad): works for every module, also
+        # one that writes a buffer in forward (on copies of the buffers)
+        leaves = [w.detach().requires_grad_(True) for w in weights]
+        buffers = {n: b.clone() for n, b in unwrap(model).named_buffers()}
+        with torch.enable_grad():
+            loss = functional_loss(model, ps, leaves, inputs, targets, loss_fn, extra=buffers)
+            g = torch.autograd.grad(loss, leaves, allow_unused=True)
+        g = [torch.zeros_like(w) if gi is None else gi for w, gi in zip(weights, g)]
         with torch.no_grad():
             # ASAM: e = rho * T^2 g / ||T g|| with T = |w|; SAM: T = 1.
             scaled = [w.abs() * gi for w, gi in zip(weights, g)] if adaptive else g

@@ -35,6 +35,7 @@ from flatness._model import (
     batch_size,
     check_int,
     functional_loss,
+    grad_enabled,
     iter_batches,
     maybe_progress,
     private_rng,
@@ -83,6 +84,9 @@ class EigenResult(ResultMixin):
     converged : bool
     settings : dict
     wall_time : float
+    engine : str
+        ``"forward-over-reverse"`` or ``"double-backward"``: how the products
+        were computed (``settings["engine_reason"]`` says why).
     """
 
     eigenvalues: Tensor
@@ -94,6 +98,7 @@ class EigenResult(ResultMixin):
     converged: bool
     settings: dict[str, Any] = field(default_factory=dict)
     wall_time: float = 0.0
+    engine: str = ""
     _skip = ("eigenvectors",)
 
 
@@ -113,6 +118,9 @@ class TraceResult(ResultMixin):
         The random quadratic forms the estimate averages (empty for exact).
     settings : dict
     wall_time : float
+    engine : str
+        ``"forward-over-reverse"`` or ``"double-backward"``: how the products
+        were computed (``settings["engine_reason"]`` says why).
     """
 
     value: float
@@ -122,6 +130,7 @@ class TraceResult(ResultMixin):
     samples: Tensor
     settings: dict[str, Any] = field(default_factory=dict)
     wall_time: float = 0.0
+    engine: str = ""
 
     def __float__(self) -> float:
         return float(self.value)
@@ -146,6 +155,9 @@ class SpectralDensity(ResultMixin):
     n_hvp : int
     settings : dict
     wall_time : float
+    engine : str
+        ``"forward-over-reverse"`` or ``"double-backward"``: how the products
+        were computed (``settings["engine_reason"]`` says why).
     """
 
     grid: Tensor
@@ -156,14 +168,30 @@ class SpectralDensity(ResultMixin):
     n_hvp: int
     settings: dict[str, Any] = field(default_factory=dict)
     wall_time: float = 0.0
+    engine: str = ""
 
     def moment(self, p: int) -> float:
         """Estimate of ``tr(H**p) / n`` from the quadrature (no smoothing)."""
         return float((self.weights * self.nodes**p).sum(1).mean())
 
-    def plot(self, ax: Any = None, *, log: bool = True, **kwargs: Any) -> Any:
+    def plot(self, ax: Any = None, *, log: bool = False, floor: float = 1e-6, **kwargs: Any) -> Any:
         """Plot the density with matplotlib (``pip install flatness[plot]``);
-        returns the axes."""
+        returns the axes.
+
+        Parameters
+        ----------
+        ax : matplotlib Axes, optional
+            Where to draw (default: a new figure).
+        log : bool
+            A logarithmic density axis, which shows the small outlying
+            eigenvalues next to the bulk.  Its lower end is ``floor`` times
+            the peak density: the Gaussian smoothing's tails fall to 1e-300
+            and would otherwise stretch the axis over 300 decades.
+        floor : float
+            Lower end of the log axis, relative to the peak.
+        **kwargs
+            Passed to ``ax.plot``.
+        """
         try:
             import matplotlib.pyplot as plt
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -172,7 +200,11 @@ class SpectralDensity(ResultMixin):
             _, ax = plt.subplots()
         ax.plot(self.grid.numpy(), self.density.numpy(), **kwargs)
         if log:
+            peak = float(self.density.max())
             ax.set_yscale("log")
+            ax.set_ylim(peak * floor, peak * 2)
+        else:
+            ax.set_ylim(bottom=0)
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
         return ax
@@ -208,6 +240,8 @@ def _common_settings(op: CurvatureOperator, seed: int | None) -> dict[str, Any]:
         "seed": seed,
         "dtype": str(op.dtype),
         "loss_fn": getattr(op.loss_fn, "__name__", type(op.loss_fn).__name__),
+        "engine": op.engine,
+        "engine_reason": op.engine_reason,
     }
 
 
@@ -216,6 +250,7 @@ def _common_settings(op: CurvatureOperator, seed: int | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 
 
+@grad_enabled
 def hvp(
     model: nn.Module,
     data: Any,
@@ -227,6 +262,7 @@ def hvp(
     n_batches: int | None = None,
     train: bool = False,
     chunk_size: int | None = None,
+    engine: str = "auto",
 ) -> list[Tensor]:
     """Hessian-vector (or GGN-vector) products of the loss.
 
@@ -246,6 +282,9 @@ def hvp(
         The Hessian, or the generalized Gauss-Newton matrix ``J^T H_z J``.
     chunk_size : int, optional
         At most this many vectors per ``vmap`` call.
+    engine : {"auto", "forward-over-reverse", "double-backward"}
+        How the products are computed; ``"auto"`` chooses up front from the
+        module types, a probe and the cost (see :class:`CurvatureOperator`).
 
     Returns
     -------
@@ -254,12 +293,14 @@ def hvp(
     """
     op = CurvatureOperator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
-        n_batches=n_batches, train=train, chunk_size=chunk_size,
+        n_batches=n_batches, train=train, chunk_size=chunk_size, engine=engine,
     )
     shapes = [p.shape for p in op.params.params]
     vectors = list(vectors)
     if len(vectors) != len(shapes) or not all(isinstance(v, Tensor) for v in vectors):
-        raise ValueError(f"vectors must be {len(shapes)} tensors, one per selected parameter ({', '.join(op.params.names)})")
+        raise ValueError(
+            f"vectors must be {len(shapes)} tensors, one per selected parameter ({', '.join(op.params.names)})"
+        )
     if all(v.shape == s for v, s in zip(vectors, shapes)):
         batched = False
     elif all(v.dim() == len(s) + 1 and v.shape[1:] == s for v, s in zip(vectors, shapes)) and len(
@@ -278,6 +319,7 @@ def hvp(
     return [o if batched else o[0] for o in out]
 
 
+@grad_enabled
 def top_eigenvalues(
     model: nn.Module,
     data: Any,
@@ -298,6 +340,7 @@ def top_eigenvalues(
     basis_dtype: torch.dtype = torch.float64,
     basis_device: torch.device | str | None = None,
     low_memory: bool = False,
+    engine: str = "auto",
 ) -> EigenResult:
     """Top eigenpairs of the Hessian by Lanczos with full reorthogonalization.
 
@@ -324,7 +367,7 @@ def top_eigenvalues(
         Seed of the random start vector.
     progress : bool
         tqdm bar over products.
-    loss_fn, params, n_batches, train, chunk_size
+    loss_fn, params, n_batches, train, chunk_size, engine
         As in :func:`hvp`.
     basis_dtype : torch.dtype
         Dtype of the stored Lanczos basis: ``torch.float64`` (default, 2x the
@@ -366,7 +409,7 @@ def top_eigenvalues(
         basis_device = torch.device(basis_device)
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
-        n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed,
+        n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed, engine=engine,
     )
     n = op.shape[0]
     if k > n:
@@ -404,15 +447,17 @@ def top_eigenvalues(
         converged=res.converged,
         settings=settings,
         wall_time=time.perf_counter() - start,
+        engine=op.engine or "",
     )
 
 
+@grad_enabled
 def trace(
     model: nn.Module,
     data: Any,
     *,
     method: str = "hutch++",
-    n_samples: int = 90,
+    n_samples: int | None = None,
     loss_fn: LossFn | None = None,
     params: Iterable[Any] | None = None,
     curvature: str = "hessian",
@@ -422,6 +467,7 @@ def trace(
     train: bool = False,
     batch: int = 8,
     chunk_size: int | None = None,
+    engine: str = "auto",
 ) -> TraceResult:
     """Trace of the Hessian with a standard error.
 
@@ -434,15 +480,16 @@ def trace(
         than a constant and much better when a few eigenvalues dominate.
         ``"hutchinson"``: the mean of ``z^T H z`` over Rademacher ``z``.
         ``"exact"``: ``n`` products with the unit vectors (small models).
-    n_samples : int
-        Products to spend (ignored by ``"exact"``).
+    n_samples : int, optional
+        Products to spend (default 90); ``"exact"`` takes none (it spends
+        one per parameter), and passing it there raises ``ValueError``.
     batch : int
         Vectors per batched product pass.  Only ``batch`` random vectors (in
         the parameters' dtype) and their products exist at a time, so
         ``batch=1`` gives the smallest peak memory (about 5 times the
         parameter bytes for Hutchinson; Hutch++ also keeps its
         ``n_samples // 3`` sketch vectors).
-    loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size
+    loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size, engine
         As in :func:`top_eigenvalues`.
 
     Returns
@@ -454,11 +501,15 @@ def trace(
     start = time.perf_counter()
     if method not in TRACE_METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(TRACE_METHODS)}")
+    if method == "exact" and n_samples is not None:
+        raise ValueError("flatness.hessian.trace: option n_samples= does not apply to method='exact' "
+                         "(it spends one product per parameter)")
+    n_samples = 90 if n_samples is None else n_samples
     check_int("n_samples", n_samples, 4 if method == "hutch++" else 2)
     check_int("batch", batch, 1)
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
-        n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed,
+        n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed, engine=engine,
     )
     n = op.shape[0]
     op.progress = _bar(progress, n if method == "exact" else n_samples, "trace")
@@ -482,10 +533,11 @@ def trace(
     settings.update(method=method, n_samples=n_samples)
     return TraceResult(
         value=value, std_error=std_error, method=method, n_hvp=op.n_hvp, samples=samples,
-        settings=settings, wall_time=time.perf_counter() - start,
+        settings=settings, wall_time=time.perf_counter() - start, engine=op.engine or "",
     )
 
 
+@grad_enabled
 def spectral_density(
     model: nn.Module,
     data: Any,
@@ -502,6 +554,7 @@ def spectral_density(
     progress: bool = False,
     train: bool = False,
     chunk_size: int | None = None,
+    engine: str = "auto",
 ) -> SpectralDensity:
     """Eigenvalue density of the Hessian by stochastic Lanczos quadrature.
 
@@ -522,7 +575,7 @@ def spectral_density(
         Points of the eigenvalue grid, which spans the nodes plus ``5 sigma``.
     sigma : float, optional
         Kernel width; default 1 % of the spectral range.
-    loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size
+    loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size, engine
         As in :func:`top_eigenvalues`.
 
     Returns
@@ -537,7 +590,7 @@ def spectral_density(
         _check_positive("sigma", sigma)
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
-        n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed,
+        n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed, engine=engine,
     )
     n = op.shape[0]
     op.progress = _bar(progress, n_vectors * min(n_steps, n), "slq")
@@ -557,7 +610,7 @@ def spectral_density(
     settings.update(n_vectors=n_vectors, n_steps=n_steps, grid_size=grid_size)
     return SpectralDensity(
         grid=grid, density=density, nodes=nodes, weights=weights, sigma=sigma, n_hvp=op.n_hvp,
-        settings=settings, wall_time=time.perf_counter() - start,
+        settings=settings, wall_time=time.perf_counter() - start, engine=op.engine or "",
     )
 
 
@@ -614,7 +667,8 @@ def _trace(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any
 
 def _minimum(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any], int]:
     r = minimum_sharpness(model, data, **kw)
-    return r.value, {**r.settings, "trace": r.trace, "trace_std_error": r.trace_std_error}, r.n_hvp
+    return r.value, {**r.settings, "trace": r.trace, "trace_std_error": r.trace_std_error,
+                     "layer_std_errors": r.layer_std_errors, "bias_std_errors": r.bias_std_errors}, r.n_hvp
 
 
 _kind_max_eig = _curvature_kind("hessian_max_eig", _max_eig)

@@ -17,9 +17,11 @@ samples drawn without replacement has gradient covariance ``a S`` with
 * :func:`kfac_variance` approximates it with Kronecker factors from one
   forward-backward pass per batch (Linear and Conv2d; other layers exactly).
 * :func:`channel_gradient_norms`, :func:`update_moments` and
-  :func:`class_loss_imbalance` are the descriptive nonuniformity metrics the
-  seed's README names; their formulas are in the user guide
-  (:doc:`/guide/nonuniformity`).
+  :func:`class_loss_imbalance` are this library's own descriptive metrics,
+  not the paper's: a README of the authors' repository names such
+  quantities, but neither their code nor the paper's public abstract
+  defines them, so the definitions (in :doc:`/guide/nonuniformity`) are
+  ours.
 
 All functions follow the library's conventions: ``data`` is one batch or an
 iterable of batches, ``loss_fn`` is a *mean* over the batch, ``params``
@@ -41,17 +43,18 @@ from torch import Tensor, nn
 
 from . import _distributed
 from ._distributed import gather_objects, merge_moments, sum_
-from ._kfac import KFACLayer, capture, plan, trace_terms
+from ._kfac import KFACLayer, blind_layers, capture, plan, trace_terms
 from ._kfac import factors as kronecker_factors
-from ._model import batch_size as _batch_len
 from ._model import (
     LossFn,
     ModelGuard,
     ParamSet,
     ResultMixin,
+    check_bool,
     check_int,
     default_loss,
     functional_loss,
+    grad_enabled,
     iter_batches,
     maybe_progress,
     private_rng,
@@ -60,6 +63,7 @@ from ._model import (
     split_batch,
     unwrap,
 )
+from ._model import batch_size as _batch_len
 from ._per_sample import check_chunk_size, per_sample_grads, per_sample_losses
 
 __all__ = [
@@ -252,6 +256,7 @@ def _finish(
     )
 
 
+@grad_enabled
 def gradient_variance(
     model: nn.Module,
     data: Any,
@@ -325,7 +330,8 @@ def gradient_variance(
     ps = select_params(model, params)
     moments = _Moments(len(ps.params))
     first: int | None = None
-    with ModelGuard(model, train=bool(train)), private_rng(seed, ps.device):
+    with ModelGuard(model, train=check_bool("train", train)), private_rng(seed, ps.device), \
+            torch.inference_mode(False):
         batches = iter_batches(data, device=ps.device, dtype=ps.dtype, n_batches=n_batches)
         for inputs, targets in maybe_progress(batches, progress, None, "gradient variance"):
             first = first or _batch_len(targets)
@@ -352,6 +358,7 @@ def gradient_variance(
 _FALLBACKS = ("exact", "skip")
 
 
+@grad_enabled
 def kfac_variance(
     model: nn.Module,
     data: Any,
@@ -404,7 +411,11 @@ def kfac_variance(
         per-sample-loss gradients.
     fallback : {"exact", "skip"}
         Parameters not in a supported layer (other layer types, grouped
-        convolutions, parameters shared between modules): ``"exact"``
+        convolutions, parameters shared between modules, and layers whose
+        weights are used where their hooks cannot see it: the projections
+        of ``nn.MultiheadAttention``, ``F.linear(x, layer.weight)``, a module
+        called twice, found by a probe pass on the first batch and listed in
+        ``settings["hidden_from_hooks"]``): ``"exact"``
         computes their part with per-sample gradients (:func:`gradient_variance`'s
         method, listed in ``exact_layers``); ``"skip"`` leaves them out and
         lists them in ``unsupported``.
@@ -424,8 +435,9 @@ def kfac_variance(
     Raises
     ------
     ValueError
-        Unknown ``fallback``; a factored module called twice in one forward
-        pass; and the conventions' input errors.
+        Unknown ``fallback``; a factored module called twice in a forward
+        pass after the first batch (which decides the plan); and the
+        conventions' input errors.
     """
     start = time.perf_counter()
     loss_fn = _check_common(model, loss_fn)
@@ -433,24 +445,44 @@ def kfac_variance(
         raise ValueError(f"unknown fallback {fallback!r}; valid: {', '.join(_FALLBACKS)}")
     check_int("batch_size", batch_size, allow_none=True)
     check_chunk_size(chunk_size)
+    check_bool("factors", factors)
     ps = select_params(model, params)
     layers, rest = plan(model, ps)
-    exact = _subset(ps, rest) if rest and fallback == "exact" else None
-    factored = [k for layer in layers for k in layer.indices]
+    blind: dict[str, str] = {}
 
-    second = {layer.name: torch.zeros((), dtype=torch.float64, device=ps.device) for layer in layers}
-    # sum over batches of |B| * batch gradient; None until a gradient arrives
-    grad_sum: list[Tensor | None] = [None] * len(factored)
+    def setup() -> None:
+        nonlocal exact, factored, second, grad_sum, moments
+        exact = _subset(ps, rest) if rest and fallback == "exact" else None
+        factored = [k for layer in layers for k in layer.indices]
+        second = {layer.name: torch.zeros((), dtype=torch.float64, device=ps.device) for layer in layers}
+        # sum over batches of |B| * batch gradient; None until a gradient arrives
+        grad_sum = [None] * len(factored)
+        moments = _Moments(len(rest))
+
+    exact: ParamSet | None = None
+    factored: list[int] = []
+    second: dict[str, Tensor] = {}
+    grad_sum: list[Tensor | None] = []
+    moments = _Moments(0)
+    setup()
     fac_sum: dict[str, list[Tensor]] = {}
-    moments = _Moments(len(rest))
     n = 0
     first: int | None = None
-    with ModelGuard(model, train=bool(train)), private_rng(seed, ps.device):
-        for k in factored:
-            ps.params[k].requires_grad_(True)  # restored by the guard
+    with ModelGuard(model, train=check_bool("train", train)), private_rng(seed, ps.device), \
+            torch.inference_mode(False), torch.enable_grad():
         batches = iter_batches(data, device=ps.device, dtype=ps.dtype, n_batches=n_batches)
         for inputs, targets in maybe_progress(batches, progress, None, "kfac variance"):
             nb = _batch_len(targets)
+            if first is None and layers:
+                # Before anything is accumulated: layers whose weights are
+                # used where their hooks cannot see it are treated exactly.
+                blind = blind_layers(model, ps, layers, inputs, targets, loss_fn)
+                if blind:
+                    rest = sorted(rest + [k for layer in layers if layer.name in blind for k in layer.indices])
+                    layers = [layer for layer in layers if layer.name not in blind]
+                    setup()
+                for k in factored:
+                    ps.params[k].requires_grad_(True)  # restored by the guard
             first = first or nb
             n += nb
             if layers:
@@ -494,7 +526,8 @@ def kfac_variance(
         exact_layers=exact_layers, unsupported=unsupported, factors=fac,
         settings={"fallback": fallback, "chunk_size": chunk_size, "n_batches": n_batches,
                   "train": bool(train), "params": list(ps.names),
-                  "kfac_layers": [layer.name for layer in layers]},
+                  "kfac_layers": [layer.name for layer in layers],
+                  "hidden_from_hooks": blind},
     )
     result.wall_time = time.perf_counter() - start
     return result
@@ -647,6 +680,7 @@ class ChannelNormResult(ResultMixin):
         return float(self.variance)
 
 
+@grad_enabled
 def channel_gradient_norms(
     model: nn.Module,
     data: Any,
@@ -659,6 +693,9 @@ def channel_gradient_norms(
     progress: bool = False,
 ) -> ChannelNormResult:
     r"""Variance and coefficient of variation of per-channel gradient norms.
+
+    A descriptive metric of this library (not defined by the nonuniformity
+    paper or its authors' code; see :doc:`/guide/nonuniformity`).
 
     With ``g = (1/n) sum_i g_i`` the mean gradient over ``data``, channel
     ``c`` of a layer is output unit / output channel ``c``: the slice
@@ -679,7 +716,8 @@ def channel_gradient_norms(
     start = time.perf_counter()
     loss_fn = _check_common(model, loss_fn)
     ps = select_params(model, params)
-    with ModelGuard(model, train=bool(train)), private_rng(seed, ps.device):
+    with ModelGuard(model, train=check_bool("train", train)), private_rng(seed, ps.device), \
+            torch.inference_mode(False), torch.enable_grad():
         grad = _mean_gradient(model, ps, data, loss_fn, n_batches, progress, "channel norms")
     groups: dict[str, list[Tensor]] = {}
     for name, g in zip(ps.names, grad, strict=True):
@@ -756,6 +794,9 @@ def _as_tensors(obj: Any, what: str) -> dict[str, Tensor]:
 
 def update_moments(before: Any, after: Any, *, relative: bool = False) -> UpdateMomentsResult:
     r"""Skewness and kurtosis of update magnitudes across layers.
+
+    A descriptive metric of this library (not defined by the nonuniformity
+    paper or its authors' code; see :doc:`/guide/nonuniformity`).
 
     From two parameter snapshots ``w`` (before) and ``w'`` (after), e.g. one
     optimizer step or one epoch apart, each layer ``l`` (the parameters of
@@ -849,6 +890,7 @@ class ClassLossResult(ResultMixin):
     wall_time: float = 0.0
 
 
+@grad_enabled
 def class_loss_imbalance(
     model: nn.Module,
     data: Any,
@@ -860,6 +902,9 @@ def class_loss_imbalance(
     progress: bool = False,
 ) -> ClassLossResult:
     r"""Imbalance of the per-class mean losses.
+
+    A descriptive metric of this library (not defined by the nonuniformity
+    paper or its authors' code; see :doc:`/guide/nonuniformity`).
 
     With ``L_c = (1/n_c) sum_{i: y_i = c} l_i`` the mean sample loss of class
     ``c`` (``l_i`` is ``loss_fn`` on sample ``i`` alone) over the classes
@@ -884,7 +929,8 @@ def class_loss_imbalance(
     ps = select_params(model, [n for n, _ in unwrap(model).named_parameters()])
     sums: dict[int, float] = {}
     counts: dict[int, int] = {}
-    with ModelGuard(model, train=bool(train)), private_rng(seed, ps.device):
+    with ModelGuard(model, train=check_bool("train", train)), private_rng(seed, ps.device), \
+            torch.inference_mode(False), torch.enable_grad():
         batches = iter_batches(data, device=ps.device, dtype=ps.dtype, n_batches=n_batches)
         for inputs, targets in maybe_progress(batches, progress, None, "class losses"):
             if targets.dim() != 1 or targets.is_floating_point() or targets.is_complex():

@@ -6,6 +6,7 @@ registry, :data:`KINDS`; adding a kind is one entry there.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -30,11 +31,13 @@ from ._model import (
     NonFiniteLossError,
     ParamSet,
     ResultMixin,
+    _is_batch,
     batch_size,
     check_int,
     check_rho,
     default_loss,
     functional_loss,
+    grad_enabled,
     iter_batches,
     maybe_progress,
     private_rng,
@@ -42,6 +45,7 @@ from ._model import (
     split_batch,
     unwrap,
 )
+from ._options import check_options
 
 __all__ = ["KINDS", "NonFiniteLossError", "SharpnessResult", "sharpness"]
 
@@ -111,6 +115,10 @@ AVERAGE_CASE: dict[str, tuple[str, bool]] = {
     "avg_adaptive_linf": ("linf", True),
     "avg_adaptive_l2": ("l2", True),
 }
+#: The ``**options`` of :func:`sharpness` that each family of perturbation
+#: kinds takes (a test keeps them in step with ``_perturbation_sharpness``).
+WORST_CASE_OPTIONS = ("n_iters", "restarts", "m", "normalize_logits", "device", "algorithm")
+AVERAGE_CASE_OPTIONS = ("n_samples", "m", "normalize_logits", "device")
 
 
 class _Loss:
@@ -269,7 +277,8 @@ def _perturbation_sharpness(
             pset = (ReferenceGeometry if reference else PerturbationSet)(
                 norm, rho, weights, adaptive=adaptive)
             batches = iter_batches(data, device=dev, dtype=ps.dtype, n_batches=n_batches)
-            for inputs, targets in maybe_progress(batches, progress, n_batches, kind):
+            total = _batch_count(data, n_batches)
+            for inputs, targets in maybe_progress(batches, progress, total, kind):
                 n = batch_size(targets)
                 clean_sum = sharp_sum = 0.0
                 for x, y in split_batch(inputs, targets, m):
@@ -333,6 +342,17 @@ def _moved_state(model: nn.Module, ps: ParamSet, device: torch.device) -> dict[s
     return {n: t.to(device) for n, t in state.items()}
 
 
+def _batch_count(data: Any, n_batches: int | None) -> int | None:
+    """How many batches ``data`` yields, when it has a length (for the bar)."""
+    if _is_batch(data):
+        return 1
+    try:
+        n = len(data)
+    except TypeError:
+        return n_batches
+    return n if n_batches is None else min(n, n_batches)
+
+
 def _weighted_mean(values: list[float], weights: list[int]) -> float:
     return sum(v * w for v, w in zip(values, weights)) / sum(weights)
 
@@ -362,6 +382,40 @@ KINDS: dict[str, SharpnessFn] = {
 }
 
 
+def _curvature_options(kind: str) -> tuple[str, ...] | None:
+    """The options of a curvature kind: the keyword arguments of the
+    function that measures it, less those :func:`sharpness` sets itself."""
+    fn = {"hessian_max_eig": _hessian_kinds.top_eigenvalues, "hessian_trace": _hessian_kinds.trace,
+          "minimum": _hessian_kinds.minimum_sharpness}.get(kind)
+    if fn is None:
+        return None
+    fixed = {"model", "data", "k", "loss_fn", "params", "seed", "n_batches", "progress", "train"}
+    return tuple(n for n, p in inspect.signature(fn).parameters.items()
+                 if n not in fixed and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def kind_options(kind: str) -> tuple[str, ...] | None:
+    """The ``**options`` that ``flatness.sharpness(kind=kind)`` accepts
+    (``None`` for a kind registered without a declared set)."""
+    if kind in WORST_CASE:
+        return WORST_CASE_OPTIONS
+    if kind in AVERAGE_CASE:
+        return AVERAGE_CASE_OPTIONS
+    return _curvature_options(kind)
+
+
+def _check_sharpness_options(kind: str, rho: float | None, options: dict[str, Any]) -> None:
+    valid = kind_options(kind)
+    if valid is None:
+        return
+    perturbation = kind in WORST_CASE or kind in AVERAGE_CASE
+    known = {o for k in KINDS for o in (kind_options(k) or ())} | {"rho"}
+    given = [*options, *(["rho"] if rho is not None else [])]
+    check_options("flatness.sharpness", given, (*valid, *(["rho"] if perturbation else [])),
+                  choice=f"kind={kind!r}", known=known)
+
+
+@grad_enabled
 def sharpness(
     model: nn.Module,
     data: Any,
@@ -415,7 +469,8 @@ def sharpness(
         Measure in training mode (BatchNorm batch statistics, dropout on).
         Default: eval mode.
     **options
-        Options of the kind.  Perturbation kinds:
+        Options of the kind; one that does not apply to ``kind`` raises
+        ``ValueError``, an unknown one ``TypeError``.  Perturbation kinds:
 
         ``n_iters`` (int, default 20)
             APGD iterations per batch (worst case).
@@ -441,6 +496,14 @@ def sharpness(
             Evaluate on this device using copies of the weights (the model
             is not moved).
 
+        Curvature kinds take the keyword options of the function that
+        measures them: ``hessian_max_eig`` those of
+        :func:`flatness.hessian.top_eigenvalues` (``tol``, ``max_iter``,
+        ``curvature`` ...), ``hessian_trace`` those of
+        :func:`flatness.hessian.trace` (``method``, ``n_samples``, ``batch``
+        ...), ``minimum`` those of :func:`flatness.hessian.minimum_sharpness`.
+        They take no ``rho``.
+
     Returns
     -------
     SharpnessResult
@@ -456,9 +519,13 @@ def sharpness(
 
     Raises
     ------
+    TypeError
+        An unknown option (the message suggests the closest valid name).
     ValueError
-        Unknown ``kind`` (the message lists the valid ones), ``rho <= 0``,
-        empty data, a model without parameters, mismatched shapes.  A NaN or
+        Unknown ``kind`` (the message lists the valid ones), an option that
+        does not apply to ``kind`` (``n_iters`` with ``avg_l2``, ``rho``
+        with ``hessian_trace`` ...), ``rho <= 0``, empty data, a model
+        without parameters, mismatched shapes.  A NaN or
         infinite loss raises :class:`NonFiniteLossError` (a ``ValueError``).
 
     Examples
@@ -472,6 +539,7 @@ def sharpness(
     """
     if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    _check_sharpness_options(kind, rho, options)
     if loss_fn is None:
         loss_fn = default_loss
     elif not callable(loss_fn):

@@ -24,8 +24,10 @@ How a subclass changes the ascent direction
 -------------------------------------------
 Override :meth:`SharpnessAwareOptimizer.ascent_direction`. It receives one
 :class:`AscentGroup` per param group that is perturbed (``perturb=True``) and
-has at least one gradient; each carries the group dict (``group["rho"]`` and
-any keys the subclass added to ``group_defaults``), the parameters that have
+has at least one gradient; each carries the group's settings (a
+:class:`GroupSettings` view: ``group["rho"]`` and any keys the subclass
+added to ``group_defaults``, under their short names, and the base
+optimizer's keys such as ``group["lr"]``), the parameters that have
 a gradient and those gradients (the live ``.grad`` tensors: clone them if you
 need them after the next backward). It returns, per group, the list of
 perturbations ``e`` (one tensor per parameter, same shapes), or a
@@ -51,6 +53,55 @@ goes into ``self.extra_state[p]`` (a dict per parameter, like
 optimizer's ``state`` because torch optimizers initialize a parameter's state
 only while it is empty.
 
+Where the settings live
+-----------------------
+The variant's settings (``group_defaults``: ``rho``, ``adaptive``, ...) are
+stored in the shared param groups under the prefix ``sam_`` (``"sam_rho"``),
+so they never collide with the base optimizer's own keys (Adadelta's
+``rho``, RMSprop's and ASGD's ``alpha``): the wrapper never changes a base
+hyper-parameter.  Subclasses keep using the short names: in
+``group_defaults``, ``defaults``, ``_check_setting`` and, through
+:class:`GroupSettings`, in :meth:`ascent_direction` (``g.group["rho"]``).
+Code that reads a raw group (``self.param_groups[i]``) writes
+``group["sam_rho"]`` or ``self.sam_settings(group)["rho"]``; a raw
+``group["rho"]`` is the base optimizer's (or a ``KeyError``).  Schedulers of
+a setting write ``group["sam_rho"]`` (a value written to ``group["rho"]``
+by 0.1.0 code is moved there at the next step, with a ``FutureWarning``,
+where the base optimizer has no ``rho`` of its own).  The constructor's own keywords
+(``rho=``) are the variant's; a base keyword of the same name goes in
+``base_kwargs={"rho": 0.9}``.  In a param group a bare ``"rho"`` is the
+0.1.0 spelling of ``"sam_rho"`` (renamed with a ``FutureWarning``) unless
+the base optimizer has a ``rho`` of its own; then it is ambiguous and
+refused, unless the group also gives ``"sam_rho"``.  ``self.defaults``
+holds the base optimizer's defaults plus the ``sam_`` ones (LR schedulers
+look for ``"momentum"`` / ``"betas"`` there); :attr:`sam_defaults` the
+variant's by short name.
+
+``torch.optim`` protocol
+------------------------
+:meth:`state_dict` and :meth:`load_state_dict` are ``torch.optim.Optimizer``'s
+(hooks registered on the object run; the base optimizer's ``__setstate__``
+upgrades old states).  The state dict records the wrapper's and the base
+optimizer's classes; a load of another one is refused before anything
+changes.  flatness 0.1.0 state dicts (settings under their short names) load.
+Pickling (``copy.deepcopy``, ``torch.save`` of the object) keeps optimizer
+state only: the model and anything holding modules (listed in
+``_pickle_exclude``; subclasses extend it) are dropped.  Base optimizers
+whose ``step`` requires a closure (LBFGS) are refused at construction.
+
+``torch.compile``
+-----------------
+The stages that change the weights or the step's bookkeeping
+(``first_step``, ``middle_step``, ``second_step``, ``restore``,
+``perturb``, ``stash_grad``, ``state_dict``, ``load_state_dict``) are
+wrapped in ``torch.compiler.disable`` (its lazy form, ``torch._disable_dynamo``,
+which imports ``torch._dynamo`` at the first call only), in every subclass
+that defines or inherits them (``__init_subclass__``): inside a compiled training step they run eagerly,
+between the compiled graphs of the forward and backward passes, so no traced
+graph can skip their side effects.  ``step(closure)`` is disabled for its
+own frame only, so the closure (forward and backward) is compiled.  The base
+optimizer's step runs eagerly inside ``second_step``.
+
 Under DDP the gradients of both passes are all-reduced by DDP itself (one
 global perturbation; ``per_replica=True`` runs the first pass in
 ``no_sync()``).  Quantities a variant computes from local data (curvature
@@ -61,8 +112,12 @@ factors, batch statistics) are averaged over the replicas with
 from __future__ import annotations
 
 import contextlib
+import inspect
+import sys
+import types
+import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +130,7 @@ from flatness._model import disable_running_stats
 
 __all__ = [
     "AscentGroup",
+    "GroupSettings",
     "ScaledDirection",
     "SharpnessAwareOptimizer",
     "disable_running_stats",
@@ -82,7 +138,100 @@ __all__ = [
 ]
 
 _SAM_STATE_KEY = "sharpness_aware"
-_STATE_VERSION = 1
+# 1: flatness 0.1.0 (settings under their short names in the param groups);
+# 2: settings under "sam_" names, wrapper and base optimizer classes recorded.
+_STATE_VERSION = 2
+#: Prefix of the variant's settings in the (shared) param groups.
+SAM_PREFIX = "sam_"
+
+
+def _prefixed(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {SAM_PREFIX + k: v for k, v in settings.items()}
+
+
+class GroupSettings(MutableMapping):
+    """A param group seen through the variant's eyes.
+
+    The variant's settings (``rho``, ``adaptive``, ...) are stored in the
+    shared param group as ``"sam_rho"``, ``"sam_adaptive"``, ... so they
+    never collide with a base optimizer's keys (Adadelta's ``rho``,
+    RMSprop's ``alpha``).  This view reads and writes them under their
+    short names; every other key (``"lr"``, ``"momentum"``, ...) is the
+    group's own.  A base key that shares a short name is hidden by the
+    variant's setting (read it from the group itself).
+    """
+
+    __slots__ = ("group", "_names")
+
+    def __init__(self, group: dict[str, Any], names: Iterable[str]) -> None:
+        self.group = group
+        self._names = frozenset(names)
+
+    def _key(self, key: str) -> str:
+        return SAM_PREFIX + key if key in self._names else key
+
+    def __getitem__(self, key: str) -> Any:
+        return self.group[self._key(key)]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.group[self._key(key)] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.group[self._key(key)]
+
+    def __iter__(self) -> Iterator[str]:
+        for key in self.group:
+            if key.startswith(SAM_PREFIX) and key[len(SAM_PREFIX):] in self._names:
+                yield key[len(SAM_PREFIX):]
+            elif key not in self._names:
+                yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def copy(self) -> dict[str, Any]:
+        """A plain dict with the short names (as ``dict.copy`` of a group did)."""
+        return dict(self)
+
+    def __repr__(self) -> str:
+        return f"GroupSettings({dict(self)!r})"
+
+
+def _constructor_keys(cls: type[Optimizer]) -> frozenset[str]:
+    """Hyper-parameter names a base optimizer class takes."""
+    try:
+        names = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return frozenset()
+    return frozenset(n for n, p in names.items() if n != "params" and p.kind is not p.VAR_KEYWORD)
+
+
+def _refuse_closure_optimizer(cls: type[Optimizer]) -> None:
+    """Refuse base optimizers whose ``step`` cannot run without a closure."""
+    try:
+        closure = inspect.signature(cls.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(
+            f"{cls.__name__}.step() requires a closure (it re-evaluates the loss during its "
+            "step, as LBFGS's line search does); a sharpness-aware optimizer steps the base "
+            "optimizer once with the gradient taken at w + e and has no closure that evaluates "
+            "the loss at w to give it. Use a base optimizer whose step() works without a closure"
+        )
+
+
+def _user_stacklevel() -> int:
+    """Stack level of the first frame outside flatness and torch (for warnings)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name.startswith(("flatness.", "torch.")) or name == "flatness"):
+            return level
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return 1
 
 
 @dataclass
@@ -91,16 +240,19 @@ class AscentGroup:
 
     Attributes
     ----------
-    group : dict
-        The param group (shared with the base optimizer): ``"rho"``,
-        ``"adaptive"``, ``"eta"``, ``"lr"``, ...
+    group : GroupSettings or dict
+        The param group as the variant sees it (a :class:`GroupSettings`
+        view of the group shared with the base optimizer): the variant's
+        settings under their short names (``"rho"``, ``"adaptive"``,
+        ``"eta"``; stored as ``"sam_rho"``, ...) and the base optimizer's
+        keys (``"lr"``, ...).
     params : list of Tensor
         The group's parameters that have a gradient.
     grads : list of Tensor
         Their gradients (the live ``.grad`` tensors, not copies).
     """
 
-    group: dict[str, Any]
+    group: MutableMapping[str, Any]
     params: list[Tensor]
     grads: list[Tensor]
 
@@ -140,7 +292,7 @@ def global_norm(tensor_lists: Sequence[Sequence[Tensor]], ord: float = 2.0) -> T
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in flat) else torch.float32
     device = flat[0].device
     parts = [
-        n.to(device)
+        n if n.device == device else n.to(device)
         for ts in tensor_lists
         if len(ts)
         for n in torch._foreach_norm(list(ts), ord, dtype=dtype)
@@ -181,12 +333,14 @@ class SharpnessAwareOptimizer(Optimizer):
         (or the same parameters).
     base_optimizer : type or Optimizer
         A ``torch.optim.Optimizer`` subclass (constructed on the same param
-        groups with ``**base_kwargs``) or an optimizer instance.
+        groups with ``**kwargs`` and ``base_kwargs``) or an optimizer
+        instance.  One whose ``step`` requires a closure (LBFGS) is refused.
     defaults : dict, optional
         Group-level settings of the variant (``rho``, ``adaptive``, ...),
         overriding the class's :attr:`group_defaults`.  Groups may override
-        them in turn; ``perturb=False`` leaves a group out of the
-        perturbation (it still takes the base step).
+        them in turn, spelled ``"sam_rho"``, ...; ``"sam_perturb": False``
+        leaves a group out of the perturbation (it still takes the base
+        step).
     same_rng : bool
         Restore the global RNG state (CPU and the parameters' CUDA devices)
         before the second pass, so dropout draws the same masks at ``w`` and
@@ -204,12 +358,21 @@ class SharpnessAwareOptimizer(Optimizer):
         Run the second pass inside :func:`disable_running_stats` (BatchNorm
         running statistics are updated by the first pass only).  Needs
         ``model``.
-    **base_kwargs
+    base_kwargs : dict, optional
+        Arguments of ``base_optimizer`` (when it is a class) whose names the
+        variant also uses (Adadelta's ``rho``: ``base_kwargs={"rho": 0.9}``);
+        any other base argument may be given here too.  A name given both
+        here and as a keyword is refused.
+    **kwargs
         Passed to ``base_optimizer`` when it is a class.
     """
 
     #: Group keys of the variant and their defaults; subclasses replace it.
     group_defaults: dict[str, Any] = {"rho": 0.05, "perturb": True}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _run_stages_eagerly(cls)
 
     def __init__(
         self,
@@ -221,7 +384,8 @@ class SharpnessAwareOptimizer(Optimizer):
         per_replica: bool = False,
         model: nn.Module | None = None,
         freeze_bn: bool = False,
-        **base_kwargs: Any,
+        base_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
         for name, flag in (("same_rng", same_rng), ("per_replica", per_replica), ("freeze_bn", freeze_bn)):
             if not isinstance(flag, bool):
@@ -236,18 +400,28 @@ class SharpnessAwareOptimizer(Optimizer):
                 "per_replica=True needs model to be a torch.nn.parallel.DistributedDataParallel "
                 f"model (one with no_sync()), got {type(model).__name__}"
             )
-        defaults = {**self.group_defaults, **(defaults or {})}
-        for key, value in defaults.items():
+        if base_kwargs is not None and not isinstance(base_kwargs, dict):
+            raise TypeError(f"base_kwargs must be a dict, got {type(base_kwargs).__name__}")
+        twice = sorted(set(base_kwargs or {}) & set(kwargs))
+        if twice:
+            raise TypeError(f"base optimizer argument(s) {twice} given both as keywords and in base_kwargs")
+        base_kw = {**kwargs, **(base_kwargs or {})}
+        settings = {**self.group_defaults, **(defaults or {})}
+        for key, value in settings.items():
             self._check_setting(key, value)
+        #: The variant's group settings and their defaults, by short name
+        #: (stored in the param groups as ``"sam_" + name``).
+        self.sam_defaults: dict[str, Any] = settings
 
         if isinstance(base_optimizer, Optimizer):
-            if base_kwargs:
+            if base_kw:
                 raise TypeError(
                     "base_optimizer is already constructed; base optimizer arguments "
-                    f"{sorted(base_kwargs)} cannot be applied (pass the class instead)"
+                    f"{sorted(base_kw)} cannot be applied (pass the class instead)"
                 )
             if isinstance(base_optimizer, SharpnessAwareOptimizer):
                 raise TypeError("base_optimizer must be a plain optimizer, not another SAM")
+            _refuse_closure_optimizer(type(base_optimizer))
             if params is not None:
                 given = {id(p) for p in _flatten_params(params)}
                 owned = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
@@ -257,18 +431,31 @@ class SharpnessAwareOptimizer(Optimizer):
                         "instance; pass params=None to use the optimizer's groups"
                     )
             base = base_optimizer
+            self._base_keys = frozenset(base.defaults)
+            # The instance's groups already hold the base's own keys (an
+            # Adadelta "rho" is Adadelta's); 0.1.0-style SAM keys the base does
+            # not know are renamed (deprecated alias).
+            for group in base.param_groups:
+                self._rename_settings(group, strict=False)
             # Optimizer.__init__ fills the variant's defaults into the base
-            # optimizer's own group dicts (same objects), so group["rho"] works.
-            super().__init__(base.param_groups, defaults)
+            # optimizer's own group dicts (same objects).
+            self._adopting = True
+            try:
+                super().__init__(base.param_groups, _prefixed(settings))
+            finally:
+                del self._adopting
         elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
             if issubclass(base_optimizer, SharpnessAwareOptimizer):
                 raise TypeError("base_optimizer must be a plain optimizer, not another SAM")
+            _refuse_closure_optimizer(base_optimizer)
             if params is None:
                 raise ValueError("params is required when base_optimizer is a class")
-            super().__init__(params, defaults)
+            self._base_keys = _constructor_keys(base_optimizer)
+            super().__init__(params, _prefixed(settings))
             # The base optimizer adds its defaults (lr, momentum, ...) to the
             # same group dicts; both objects then hold one list of groups.
-            base = base_optimizer(self.param_groups, **base_kwargs)
+            base = base_optimizer(self.param_groups, **base_kw)
+            self._base_keys = frozenset(base.defaults)
         else:
             raise TypeError(
                 "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) "
@@ -277,25 +464,34 @@ class SharpnessAwareOptimizer(Optimizer):
         self.base_optimizer = base
         self.param_groups = base.param_groups
         self.state = base.state
+        # Tools read the base's hyper-parameters here (LR schedulers check
+        # 'momentum' / 'betas' in optimizer.defaults); the variant's are prefixed.
+        self.defaults = {**base.defaults, **_prefixed(settings)}
         self.same_rng = same_rng
         self.per_replica = per_replica
         self.freeze_bn = freeze_bn
         self.model = model
         #: Persistent per-parameter state of the variant (saved by state_dict).
         self.extra_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        self._reset_transient()
+        self._register_state_hooks()
+
+    def _reset_transient(self) -> None:
+        """The per-step bookkeeping (never pickled or saved)."""
         self._perturbed: list[Tensor] | None = None  # params currently at w + e
         self._saved_w: list[Tensor] = []  # reused between steps (no re-allocation)
         self._saved_key: tuple[int, ...] = ()
         self._skip_base_step = False
         self._stash: dict[Tensor, Tensor] = {}
         self._rng: _RngSnapshot | None = None
+        self._pending_extra: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------
     # settings
     # ------------------------------------------------------------------
 
     def _check_setting(self, key: str, value: Any) -> None:
-        """Validate one group setting; subclasses extend it for their keys."""
+        """Validate one group setting (by short name); subclasses extend it for their keys."""
         if key in ("rho", "eta"):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{key} must be a number, got {type(value).__name__}")
@@ -304,17 +500,81 @@ class SharpnessAwareOptimizer(Optimizer):
         elif key in ("adaptive", "perturb") and not isinstance(value, bool):
             raise TypeError(f"{key} must be a bool (True or False), got {value!r}")
 
+    def _rename_settings(self, group: dict[str, Any], *, strict: bool) -> None:
+        """Bring a param group to the ``sam_`` spelling of the variant's settings.
+
+        A key the base optimizer does not have (``"rho"`` with SGD) is the
+        0.1.0 spelling of the variant's setting: renamed, with a
+        ``FutureWarning``.  A key it does have (``"rho"`` with Adadelta) is
+        the base's; in a group the user writes (``strict``) it is ambiguous
+        unless the ``sam_`` spelling is given too, and refused.
+        """
+        renamed = []
+        for name in self.sam_defaults:
+            if name not in group:
+                continue
+            key = SAM_PREFIX + name
+            if name in self._base_keys:
+                if strict and key not in group:
+                    raise ValueError(
+                        f"param group key {name!r} is ambiguous: the base optimizer has its own "
+                        f"{name!r}. Write {key!r} for {type(self).__name__}'s setting; a group "
+                        f"that also has {key!r} passes {name!r} to the base optimizer"
+                    )
+                continue
+            if key in group:
+                raise ValueError(f"param group gives both {name!r} and {key!r}; keep {key!r}")
+            renamed.append(name)
+        if renamed:
+            warnings.warn(
+                f"param group key(s) {renamed} are deprecated for {type(self).__name__}'s settings; "
+                f"write {[SAM_PREFIX + n for n in renamed]} (keys without the prefix belong to the "
+                "base optimizer)",
+                FutureWarning,
+                stacklevel=_user_stacklevel(),
+            )
+            for name in renamed:
+                group[SAM_PREFIX + name] = group.pop(name)
+
+    def sam_settings(self, group: dict[str, Any]) -> GroupSettings:
+        """A param group as the variant sees it: its settings by short name
+        (``settings["rho"]`` is ``group["sam_rho"]``), the base optimizer's
+        keys (``"lr"``, ...) as they are."""
+        for name, value in self.sam_defaults.items():
+            key = SAM_PREFIX + name
+            if name in group and name not in self._base_keys:
+                # the 0.1.0 spelling, from a group added through the base
+                # optimizer or written by old code (a rho schedule): it is the
+                # latest value, moved to its key with a warning
+                warnings.warn(
+                    f"param group key {name!r} is deprecated for {type(self).__name__}'s setting; "
+                    f"write {key!r} (keys without the prefix belong to the base optimizer)",
+                    FutureWarning,
+                    stacklevel=_user_stacklevel(),
+                )
+                group[key] = group.pop(name)
+            elif key not in group:  # a group added through the base optimizer
+                group[key] = value
+        return GroupSettings(group, self.sam_defaults)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to this optimizer and to the base optimizer (one list)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        self._rename_settings(param_group, strict=not getattr(self, "_adopting", False))
         for key, value in param_group.items():
-            if key != "params":
-                self._check_setting(key, value)
+            if key.startswith(SAM_PREFIX):
+                name = key[len(SAM_PREFIX):]
+                if name not in self.sam_defaults:
+                    raise ValueError(
+                        f"unknown param group key {key!r}; {type(self).__name__}'s settings: "
+                        f"{sorted(SAM_PREFIX + k for k in self.sam_defaults)}"
+                    )
+                self._check_setting(name, value)
         if not hasattr(self, "base_optimizer"):  # during Optimizer.__init__
             super().add_param_group(param_group)
             return
-        for key, value in self.defaults.items():
+        for key, value in _prefixed(self.sam_defaults).items():
             param_group.setdefault(key, value)
         self.base_optimizer.add_param_group(param_group)
         self.param_groups = self.base_optimizer.param_groups
@@ -344,24 +604,25 @@ class SharpnessAwareOptimizer(Optimizer):
     # ------------------------------------------------------------------
 
     def ascent_groups(self) -> list[AscentGroup]:
-        """The groups to perturb, with the parameters that have gradients."""
+        """The groups to perturb, with the parameters that have gradients.
+
+        Sparse gradients (``nn.Embedding(sparse=True)``) are given as dense
+        copies: the perturbation is dense, the base step sees the sparse
+        gradient of the second pass as usual.
+        """
         out = []
         for group in self.param_groups:
-            # groups added through the base optimizer lack our keys
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-            if not group["perturb"]:
+            settings = self.sam_settings(group)
+            if not settings["perturb"]:
                 continue
             params, grads = [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue  # unused this step: skipped, as torch.optim does
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(p.grad.to_dense() if p.grad.is_sparse else p.grad)
             if params:
-                out.append(AscentGroup(group, params, grads))
+                out.append(AscentGroup(settings, params, grads))
         return out
 
     @property
@@ -489,7 +750,7 @@ class SharpnessAwareOptimizer(Optimizer):
         if scaler is not None and scaler.is_enabled():
             scaler.unscale_(self)
         groups = self.ascent_groups()
-        if not groups and any(g.get("perturb", True) for g in self.param_groups):
+        if not groups and any(g.get(SAM_PREFIX + "perturb", True) for g in self.param_groups):
             raise RuntimeError(
                 "first_step() found no gradients: run loss.backward() at the current weights "
                 "before first_step()"
@@ -670,55 +931,202 @@ class SharpnessAwareOptimizer(Optimizer):
                 for k, v in s.items()
             }
 
+    # Attributes never pickled: the model (and anything else holding
+    # modules) and the bookkeeping of a step in progress.  Subclasses extend it.
+    _pickle_exclude: frozenset[str] = frozenset(
+        {"model", "_perturbed", "_saved_w", "_saved_key", "_skip_base_step", "_stash", "_rng", "_pending_extra"}
+    )
+
+    def _register_state_hooks(self) -> None:
+        # first in line, so that hooks the user registers see the whole state dict
+        self.register_state_dict_post_hook(_add_sam_state, prepend=True)
+
+    @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict (``state``: momentum, Adam moments;
-        ``param_groups`` with ``rho`` and the other group settings) plus this
-        optimizer's own settings and :meth:`extra_state_dict`."""
+        """``torch.optim.Optimizer.state_dict`` (the hooks registered on this
+        object run) of the shared state and param groups (the base
+        optimizer's ``state``: momentum, Adam moments; ``param_groups`` with
+        the base's keys and the ``sam_`` settings), plus an entry
+        ``"sharpness_aware"``: the format version, the wrapper's and the base
+        optimizer's classes, the variant's defaults and
+        :meth:`extra_state_dict`."""
         if self._perturbed is not None:
             raise RuntimeError("state_dict() called between first_step() and second_step()")
-        sd = dict(self.base_optimizer.state_dict())
-        sd[_SAM_STATE_KEY] = {
-            "version": _STATE_VERSION,
-            "type": type(self).__name__,
-            "defaults": dict(self.defaults),
-            "extra": self.extra_state_dict(),
-        }
-        return sd
+        return super().state_dict()
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load :meth:`state_dict` output (or a plain base-optimizer state dict)."""
+        """Load :meth:`state_dict` output, a flatness 0.1.0 checkpoint or a
+        plain base-optimizer state dict (the current ``sam_`` settings are
+        kept), through ``torch.optim.Optimizer.load_state_dict`` (the hooks
+        registered on this object run).
+
+        A state dict of another wrapper class or another base optimizer
+        class is refused with a ``ValueError`` before anything changes.
+        """
         if self._perturbed is not None:
             raise RuntimeError("load_state_dict() called between first_step() and second_step()")
-        if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
+        sd, extra = self._prepare_load(state_dict)
+        self._pending_extra = extra
+        try:
+            super().load_state_dict(sd)
+        finally:
+            self._pending_extra = None
+
+    def _prepare_load(self, state_dict: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Check ``state_dict`` against this optimizer and bring it to the
+        current format, without changing it or ``self``."""
+        if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict or "state" not in state_dict:
             raise ValueError("state_dict must be an optimizer state dict with 'state' and 'param_groups'")
         ours = state_dict.get(_SAM_STATE_KEY)
-        base_sd = {k: v for k, v in state_dict.items() if k != _SAM_STATE_KEY}
-        # a plain base-optimizer state dict has no SAM keys: keep the current ones
-        current = [{k: g[k] for k in self.defaults if k in g} for g in self.param_groups]
-        self.base_optimizer.load_state_dict(base_sd)
-        # torch's load_state_dict builds new group dicts: share them again
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
-        for group, settings in zip(self.param_groups, current):
-            for key, value in {**self.defaults, **settings}.items():
-                group.setdefault(key, value)
-        if ours is not None:
-            self.load_extra_state_dict(ours.get("extra", {}))
+        base_name = _qualname(type(self.base_optimizer))
+        saved = state_dict["param_groups"]
+        if ours is None:
+            # a plain base-optimizer state dict: keep the current settings
+            current = [{k: v for k, v in g.items() if k.startswith(SAM_PREFIX)} for g in self.param_groups]
+            self._check_base_keys(saved, "the plain optimizer state dict")
+            groups = [{**g, **c} for g, c in zip(saved, current)] + [dict(g) for g in saved[len(current):]]
+            sd = {**state_dict, "param_groups": groups}
+            return sd, None
+        if not isinstance(ours, Mapping):
+            raise ValueError(f"state_dict[{_SAM_STATE_KEY!r}] must be a dict, got {type(ours).__name__}")
+        version = ours.get("version", 1)
+        if not isinstance(version, int) or version > _STATE_VERSION:
+            raise ValueError(
+                f"state dict format version {version!r} is newer than this flatness ({_STATE_VERSION}); "
+                "upgrade flatness"
+            )
+        if version >= 2:
+            wrapper, mine = ours.get("wrapper"), _qualname(type(self))
+            if wrapper != mine:
+                raise ValueError(f"the state dict was saved by {wrapper}; it cannot be loaded into {mine}")
+            if ours.get("base") != base_name:
+                raise ValueError(
+                    f"the state dict was saved with base optimizer {ours.get('base')}; it cannot be "
+                    f"loaded into {type(self).__name__} around {base_name}"
+                )
+            groups = [dict(g) for g in saved]
+        else:
+            # flatness 0.1.0: the variant's settings under their short names,
+            # in the same dicts as the base's keys; the base class unrecorded.
+            if ours.get("type") != type(self).__name__:
+                raise ValueError(
+                    f"the state dict was saved by {ours.get('type')}; it cannot be loaded into {type(self).__name__}"
+                )
+            self._check_base_keys(saved, "the flatness 0.1.0 state dict")
+            names = set(ours.get("defaults", {})) | set(self.sam_defaults)
+            groups = []
+            for g in saved:
+                g = dict(g)
+                for name in names & set(g):
+                    # 0.1.0 wrote one value for a shared name (Adadelta's rho
+                    # was SAM's): both keep it, as that optimizer ran.
+                    g[SAM_PREFIX + name] = g[name] if name in self._base_keys else g.pop(name)
+                groups.append(g)
+        unknown = {
+            k for g in groups for k in g
+            if k.startswith(SAM_PREFIX) and k[len(SAM_PREFIX):] not in self.sam_defaults
+        }
+        if unknown:
+            raise ValueError(f"the state dict has settings {sorted(unknown)} that {type(self).__name__} does not know")
+        sd = {k: v for k, v in state_dict.items() if k != _SAM_STATE_KEY}
+        sd["param_groups"] = groups
+        return sd, dict(ours.get("extra", {}))
+
+    def _check_base_keys(self, groups: Sequence[Mapping[str, Any]], what: str) -> None:
+        """The base optimizer's hyper-parameters (keys whose defaults are not
+        flags) must be in every saved group; catches, e.g., an Adam state
+        dict loaded into SGD when the class was not recorded."""
+        base = self.base_optimizer
+        needed = {k for k, v in base.defaults.items() if not (v is None or isinstance(v, bool))}
+        for i, g in enumerate(groups):
+            missing = sorted(needed - set(g))
+            if missing:
+                raise ValueError(
+                    f"{what} does not fit base optimizer {type(base).__name__}: param group {i} lacks "
+                    f"{missing} (was it saved with another base optimizer?)"
+                )
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        """Optimizer state only: the model and any other module reference,
+        the hooks and a step in progress are not pickled (an unpickled
+        optimizer has ``model=None``)."""
+        if self._perturbed is not None:
+            raise RuntimeError("cannot pickle the optimizer between first_step() and second_step()")
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in self._pickle_exclude
+            and not k.startswith("_optimizer_")  # hooks
+            and not isinstance(v, (nn.Module, types.FunctionType, types.MethodType))  # e.g. a scheduler's step patch
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        if "base_optimizer" not in state:
+            # From Optimizer.load_state_dict: the loaded state and groups.
+            # They become the base optimizer's, whose own __setstate__ brings
+            # old states up to date (Adam's step as a tensor, new flags).
+            Optimizer.__setstate__(self, state)
+            self.base_optimizer.__setstate__({"state": self.state, "param_groups": self.param_groups})
+            self.param_groups = self.base_optimizer.param_groups
+            self.state = self.base_optimizer.state
+            if self._pending_extra is not None:
+                self.load_extra_state_dict(self._pending_extra)
+            return
+        # unpickling (copy.deepcopy, pickle, torch.save of the object)
+        Optimizer.__setstate__(self, state)
+        self.__dict__.setdefault("model", None)
+        self._reset_transient()
+        self._register_state_hooks()
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
         for i, g in enumerate(self.param_groups):
-            keys = ", ".join(f"{k}={g[k]!r}" for k in self.defaults if k in g)
+            keys = ", ".join(f"{k}={g[k]!r}" for k in _prefixed(self.sam_defaults) if k in g)
             lines.append(f"  group {i}: {keys}")
         lines.append(f"  base_optimizer: {type(self.base_optimizer).__name__}")
         lines.append(")")
         return "\n".join(lines)
+
+
+#: Methods that change the weights or the optimizer's bookkeeping; they run
+#: eagerly inside torch.compile'd code (see the module docstring).
+_EAGER_STAGES = ("first_step", "middle_step", "second_step", "restore", "perturb", "stash_grad")
+
+
+def _run_stages_eagerly(cls: type) -> None:
+    """Wrap the stage methods a class defines in ``torch.compiler.disable``.
+
+    ``step`` is disabled for its own frame only (``recursive=False``), so
+    the closure it calls, the model's forward and backward, is compiled.
+    """
+    for name in (*_EAGER_STAGES, "step"):
+        # also stages inherited from a mixin that is not a subclass
+        fn = getattr(cls, name, None)
+        if fn is None or getattr(fn, "_flatness_eager", False):
+            continue
+        # torch's lazy form of torch.compiler.disable (as torch.optim uses for
+        # zero_grad): torch._dynamo is imported at the first call, not here
+        eager = torch._disable_dynamo(fn, recursive=name != "step")
+        eager._flatness_eager = True  # type: ignore[attr-defined]
+        setattr(cls, name, eager)
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _add_sam_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    """State-dict post hook: the wrapper's own entry."""
+    assert isinstance(optimizer, SharpnessAwareOptimizer)
+    state_dict[_SAM_STATE_KEY] = {
+        "version": _STATE_VERSION,
+        "type": type(optimizer).__name__,
+        "wrapper": _qualname(type(optimizer)),
+        "base": _qualname(type(optimizer.base_optimizer)),
+        "defaults": dict(optimizer.sam_defaults),
+        "extra": optimizer.extra_state_dict(),
+    }
 
 
 def _add_scaled(
@@ -746,3 +1154,6 @@ def _flatten_params(params: Iterable[Any]) -> list[Tensor]:
         else:
             out.append(item)
     return out
+
+
+_run_stages_eagerly(SharpnessAwareOptimizer)

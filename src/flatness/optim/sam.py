@@ -35,15 +35,17 @@ class SAM(SharpnessAwareOptimizer):
     Parameters
     ----------
     params : iterable or None
-        Parameters or param-group dicts.  Groups may set their own ``rho``,
-        ``adaptive``, ``eta`` and ``perturb`` (``perturb=False``: not
-        perturbed, still stepped, e.g. norms and biases) besides the base
-        optimizer's keys (``lr``, ...).  ``None`` when ``base_optimizer`` is
-        an instance.
+        Parameters or param-group dicts.  Groups may set their own
+        ``"sam_rho"``, ``"sam_adaptive"``, ``"sam_eta"`` and
+        ``"sam_perturb"`` (``False``: not perturbed, still stepped, e.g.
+        norms and biases) besides the base optimizer's keys (``lr``, ...;
+        the 0.1.0 spelling ``"rho"`` still works, with a ``FutureWarning``,
+        where the base optimizer has no ``rho`` of its own).  ``None`` when
+        ``base_optimizer`` is an instance.
     base_optimizer : type or torch.optim.Optimizer
         An optimizer class, constructed on the same param groups with
         ``**base_kwargs``, or an already constructed optimizer (its groups may
-        carry ``rho`` etc.).
+        carry ``"sam_rho"`` etc.).  Its hyper-parameters are never changed.
     rho : float
         Neighbourhood radius, ``>= 0``.  ``rho=0`` reproduces the base
         optimizer exactly (at twice the cost).
@@ -65,6 +67,10 @@ class SAM(SharpnessAwareOptimizer):
     freeze_bn : bool
         Freeze BatchNorm running statistics in the second pass (see
         :func:`disable_running_stats`).  Needs ``model``.
+    base_kwargs : dict, optional
+        Base optimizer arguments whose names SAM also uses:
+        ``SAM(params, torch.optim.Adadelta, rho=0.05, base_kwargs={"rho": 0.9})``
+        (``rho=`` is always SAM's).
     **base_kwargs
         Arguments of the base optimizer (``lr``, ``momentum``, ...).
 

@@ -1,0 +1,57 @@
+"""Small helpers shared by the SAM-family optimizers (GSAM, LookSAM, WSAM, ...)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import AscentGroup
+
+
+def inv(norm: Tensor) -> Tensor:
+    """``1 / norm``, and ``0`` for a zero norm (a zero direction, not a NaN)."""
+    return torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
+
+
+def dot(a: Sequence[Sequence[Tensor]], b: Sequence[Sequence[Tensor]]) -> Tensor:
+    """``<a, b>`` over all tensors of all groups, as a 0-d tensor."""
+    parts = [torch.dot(x.reshape(-1), y.reshape(-1)) for xs, ys in zip(a, b) for x, y in zip(xs, ys)]
+    if not parts:
+        return torch.zeros(())
+    return torch.stack(parts).sum()
+
+
+def clone(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Copies of ``tensors`` (the live gradients change at the next backward)."""
+    return [t.clone() for t in tensors]
+
+
+def with_group(groups: Sequence[AscentGroup], **overrides: Any) -> list[AscentGroup]:
+    """The groups with some group settings replaced (e.g. a scheduled ``rho``),
+    so :meth:`SAM.ascent_direction` can be reused on them unchanged."""
+    return [AscentGroup({**g.group, **overrides}, g.params, g.grads) for g in groups]
+
+
+def check_number(name: str, value: Any, low: float, high: float, *, high_open: bool = False) -> None:
+    """TypeError for a non-number, ValueError outside ``[low, high]`` (or ``[low, high)``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    ok = low <= value < high if high_open else low <= value <= high
+    if not ok:
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+
+
+def grad_scale(scaler: Any) -> float:
+    """The ``GradScaler``'s current scale (1 without an enabled scaler)."""
+    if scaler is not None and scaler.is_enabled():
+        return float(scaler.get_scale())
+    return 1.0
+
+
+def current_grads(params: Sequence[Tensor]) -> list[Tensor]:
+    """The live gradients of ``params`` (zeros for a parameter left without one)."""
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]

@@ -1,0 +1,297 @@
+r"""WSAM (weighted sharpness as a regularization term, Yue et al., KDD 2023)
+and Friendly SAM (Li et al., CVPR 2024): SAM variants that change how the
+two gradients are combined (WSAM) or what the ascent follows (F-SAM).
+
+Both are :class:`~flatness.optim.SAM` subclasses: perturb / restore, errors,
+``GradScaler``, ``same_rng``, ``freeze_bn``, DDP and ``state_dict`` come from
+:class:`~flatness.optim.SharpnessAwareOptimizer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from . import _family as fam
+from ._base import AscentGroup, ScaledDirection, global_norm
+from .sam import SAM
+
+__all__ = ["FriendlySAM", "WSAM"]
+
+
+class WSAM(SAM):
+    r"""Weighted SAM: sharpness as a weighted regularization term.
+
+    WSAM minimizes
+
+    .. math::
+
+        L(w) + \frac{\gamma}{1 - \gamma}\,\bigl(L(w + e) - L(w)\bigr),
+        \qquad e = \rho\, g / \lVert g\rVert ,
+
+    whose gradient is ``g + a (g_s - g)`` with ``a = gamma / (1 - gamma)``,
+    ``g = grad L(w)`` and ``g_s = grad L(w + e)``.  In the paper's
+    *decoupled* form (Algorithm 1, the default) the base optimizer steps
+    with the plain gradient ``g`` and the sharpness term is applied
+    afterwards with the group's learning rate, outside the base optimizer's
+    momentum and preconditioning:
+
+    .. math::
+
+        w \leftarrow \mathrm{base\_step}(w, g) - \mathrm{lr}\; a\, (g_s - g) .
+
+    With ``decouple=False`` the base optimizer steps with
+    ``(1 - a) g + a g_s``.  ``gamma = 0`` is the base optimizer with the
+    plain gradient, bit for bit; ``gamma = 1/2`` (``a = 1``, coupled) is
+    SAM.  Cost: two forward-backward passes, as SAM, plus one copy of ``g``.
+
+    Follows the paper and ``pytorch_optimizer.WSAM`` (which follows the
+    authors' code); departures: no ``1e-12`` in the ascent norm, no
+    built-in gradient clipping (``max_norm``).  Its trajectory agrees with
+    ours to ~1e-7 relative (it takes the ascent norm in float32).
+
+    Parameters
+    ----------
+    params, base_optimizer, adaptive, eta, same_rng, per_replica, model, freeze_bn, **base_kwargs
+        As for :class:`~flatness.optim.SAM`.
+    rho : float
+        SAM radius.
+    gamma : float
+        Weight of the sharpness term, in ``[0, 1)`` (the paper: 0.8 to 0.95;
+        ``pytorch_optimizer``'s default 0.9).
+    decouple : bool
+        The paper's decoupled update (default) or the coupled gradient.
+    """
+
+    group_defaults = {"rho": 0.05, "gamma": 0.9, "adaptive": False, "eta": 0.0, "perturb": True}
+
+    def __init__(
+        self,
+        params: Iterable[Any] | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        gamma: float = 0.9,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        *,
+        decouple: bool = True,
+        same_rng: bool = False,
+        per_replica: bool = False,
+        model: nn.Module | None = None,
+        freeze_bn: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
+        if not isinstance(decouple, bool):
+            raise TypeError(f"decouple must be a bool, got {decouple!r}")
+        defaults = {"rho": rho, "gamma": gamma, "adaptive": adaptive, "eta": eta, "perturb": True}
+        super(SAM, self).__init__(
+            params, base_optimizer, defaults, same_rng=same_rng, per_replica=per_replica,
+            model=model, freeze_bn=freeze_bn, **base_kwargs,
+        )
+        self.decouple = decouple
+        self._first: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]] | None = None
+
+    def _check_setting(self, key: str, value: Any) -> None:
+        if key == "gamma":
+            return fam.check_number("gamma", value, 0.0, 1.0, high_open=True)
+        return super()._check_setting(key, value)
+
+    @torch.no_grad()
+    def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
+        """SAM's ascent; keeps a copy of ``g``."""
+        self._first = [(g.group, list(g.params), fam.clone(g.grads)) for g in groups]
+        return super().ascent_direction(groups)
+
+    def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
+        self._first = None
+        super().first_step(zero_grad, scaler=scaler)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
+        """Combine ``g`` and ``g_s``, restore ``w``, take the base step (and,
+        decoupled, the sharpness step)."""
+        first, self._first = self._first, None
+        if not first or self._perturbed is None or self._skip_base_step:
+            return super().second_step(zero_grad, scaler=scaler)
+        scale = fam.grad_scale(scaler)
+        if scale != 1.0:
+            gs = [fam.current_grads(params) for _, params, _ in first]
+            if not bool(torch.isfinite(global_norm(gs, ord=float("inf")))):
+                # leave the non-finite g_s in place: the scaler skips the step
+                return super().second_step(zero_grad, scaler=scaler)
+        try:
+            sharp = self._combine(first, scale)
+        except BaseException:
+            self.restore()
+            raise
+        super().second_step(False, scaler=scaler)
+        for lr_a, params, d in sharp:
+            torch._foreach_add_(params, d, alpha=-lr_a)
+        if zero_grad:
+            self.zero_grad()
+
+    def _combine(self, first: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]], scale: float) -> list[Any]:
+        sharp = []
+        for group, params, g in first:
+            a = group["gamma"] / (1.0 - group["gamma"])
+            gs = fam.current_grads(params)
+            if scale != 1.0:
+                torch._foreach_mul_(g, scale)  # g in the scaler's units, like g_s
+            if self.decouple:
+                if a:
+                    d = torch._foreach_sub(gs, g)  # g_s - g
+                    if scale != 1.0:
+                        torch._foreach_div_(d, scale)
+                    sharp.append((group["lr"] * a, params, d))
+                torch._foreach_copy_(gs, g)
+            elif a == 0:
+                torch._foreach_copy_(gs, g)
+            else:
+                torch._foreach_lerp_(gs, g, 1.0 - a)  # a g_s + (1 - a) g
+            for p, x in zip(params, gs):
+                if p.grad is None:
+                    p.grad = x
+        return sharp
+
+    def restore(self) -> None:
+        self._first = None
+        super().restore()
+
+
+class FriendlySAM(SAM):
+    r"""Friendly SAM (F-SAM): the ascent follows the batch-specific part of
+    the gradient.
+
+    The full gradient's component is estimated by an exponential moving
+    average ``m`` of past stochastic gradients and removed from the ascent:
+
+    .. math::
+
+        d = g - \sigma m_{t-1}, \qquad m_t = \lambda m_{t-1} + (1 - \lambda) g,
+        \qquad e = \rho\, d / \lVert d\rVert
+
+    (or ASAM's ``rho T^2 d / ||T d||`` with ``adaptive=True``); the base
+    optimizer steps with ``grad L(w + e)``.  On the first step ``m`` is set
+    to ``g`` and ``d = g`` (SAM), as in the authors' code
+    (``nblt/F-SAM``, ``utils.py``, ``FriendlySAM.first_step``), which
+    ``pytorch_optimizer.FriendlySAM`` follows too; our trajectories agree to
+    ~1e-7 relative (it adds ``1e-12`` to a float32 norm).  ``m`` is kept
+    in :attr:`extra_state` (saved by ``state_dict``) and only updated when
+    the step completes (an abandoned step or one skipped by a
+    ``GradScaler`` leaves it as it was).  Cost: two passes, as SAM, plus
+    the moving average; memory: ``m`` and one reused buffer for ``d``.
+
+    Parameters
+    ----------
+    params, base_optimizer, rho, adaptive, eta, same_rng, per_replica, model, freeze_bn, **base_kwargs
+        As for :class:`~flatness.optim.SAM`.
+    sigma : float
+        Weight of the removed full-gradient estimate, ``>= 0`` (paper: 1).
+    lmbda : float
+        Decay of the moving average, in ``[0, 1]`` (paper: 0.6 to 0.95; 0.9).
+    """
+
+    group_defaults = {"rho": 0.05, "sigma": 1.0, "lmbda": 0.9, "adaptive": False, "eta": 0.0, "perturb": True}
+
+    def __init__(
+        self,
+        params: Iterable[Any] | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        sigma: float = 1.0,
+        lmbda: float = 0.9,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        *,
+        same_rng: bool = False,
+        per_replica: bool = False,
+        model: nn.Module | None = None,
+        freeze_bn: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
+        defaults = {"rho": rho, "sigma": sigma, "lmbda": lmbda, "adaptive": adaptive, "eta": eta, "perturb": True}
+        super(SAM, self).__init__(
+            params, base_optimizer, defaults, same_rng=same_rng, per_replica=per_replica,
+            model=model, freeze_bn=freeze_bn, **base_kwargs,
+        )
+        self._pending: list[Any] = []
+        self._bufs: dict[Tensor, Tensor] = {}
+
+    def _check_setting(self, key: str, value: Any) -> None:
+        if key == "sigma":
+            return fam.check_number("sigma", value, 0.0, float("inf"), high_open=True)
+        if key == "lmbda":
+            return fam.check_number("lmbda", value, 0.0, 1.0)
+        return super()._check_setting(key, value)
+
+    @torch.no_grad()
+    def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
+        """SAM's ascent along ``d = g - sigma m``; ``m`` is updated in
+        :meth:`second_step` (from ``d``: ``lambda m + (1 - lambda) g =
+        (lambda + (1 - lambda) sigma) m + (1 - lambda) d``)."""
+        pending, shifted = [], []
+        for g in groups:
+            have = [(p, x, self.extra_state[p].get("fsam_momentum")) for p, x in zip(g.params, g.grads)]
+            ps = [p for p, _, m in have if m is not None]
+            # d in a reused buffer per parameter (no fresh tensors per step)
+            ds = self._buffers(ps, [x for _, x, m in have if m is not None])
+            if ds:
+                torch._foreach_add_(ds, [m for _, _, m in have if m is not None], alpha=-g.group["sigma"])
+            d_of = dict(zip(ps, ds))
+            first = {p: x.clone() for p, x, m in have if m is None}
+            pending.append((g.group, [(p, d_of[p] if m is not None else first[p], m) for p, x, m in have]))
+            shifted.append(AscentGroup(g.group, g.params, [d_of.get(p, x) for p, x, _ in have]))
+        self._pending = pending
+        return super().ascent_direction(shifted)
+
+    def _buffers(self, params: list[Tensor], values: list[Tensor]) -> list[Tensor]:
+        out = []
+        for p in params:
+            buf = self._bufs.get(p)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                buf = self._bufs[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            out.append(buf)
+        if out:
+            torch._foreach_copy_(out, values)
+        return out
+
+    @torch.no_grad()
+    def _commit(self, pending: list[Any]) -> None:
+        for group, items in pending:
+            lam, sigma = group["lmbda"], group["sigma"]
+            ms = [m for _, _, m in items if m is not None]
+            if ms:
+                torch._foreach_mul_(ms, lam + (1.0 - lam) * sigma)
+                torch._foreach_add_(ms, [d for _, d, m in items if m is not None], alpha=1.0 - lam)
+            for p, d, m in items:
+                if m is None:  # first step: m = g (= d, a copy taken in ascent_direction)
+                    self.extra_state[p]["fsam_momentum"] = d
+
+    def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
+        self._pending = []
+        super().first_step(zero_grad, scaler=scaler)
+
+    def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
+        pending, self._pending = self._pending, []
+        super().second_step(False, scaler=scaler)
+        if pending and not self._skipped_by(scaler):
+            self._commit(pending)
+        if zero_grad:
+            self.zero_grad()
+
+    def _skipped_by(self, scaler: Any) -> bool:
+        # scaler.step() has unscaled the gradients in place; it skipped the
+        # base step iff one of them is not finite
+        if scaler is None or not scaler.is_enabled():
+            return False
+        grads = [p.grad for p in self._all_params() if p.grad is not None]
+        return bool(grads) and not bool(torch.isfinite(global_norm([grads], ord=float("inf"))))
+
+    def restore(self) -> None:
+        """Abandon the step (``m`` keeps its value from before the step)."""
+        self._pending = []
+        super().restore()
