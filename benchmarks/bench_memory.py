@@ -31,7 +31,8 @@ from the algorithms:
   gradients), independent of ``n_iters``.
 * Lanczos: the float64 Krylov basis, ``2 * steps`` P for float32
   parameters (full reorthogonalization keeps every basis vector), plus the
-  forward-over-reverse product (a few P).
+  forward-over-reverse product (a few P); ``steps`` P with a float32 basis;
+  a few P whatever the steps with ``low_memory=True`` (no stored basis).
 
 Usage::
 
@@ -51,7 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import flatness
-from flatness.hessian import hvp, top_eigenvalues
+from flatness.hessian import hvp, top_eigenvalues, trace
+from flatness.nonuniformity import gradient_variance, kfac_variance
 from flatness.optim import SAM
 
 
@@ -182,8 +184,17 @@ def operations(n_iters: int, lanczos_steps: int):
     def apgd(kind, iters=n_iters):
         return lambda state: flatness.sharpness(state[0], state[1], kind=kind, rho=1e-3, n_iters=iters)
 
-    def lanczos(state):
-        top_eigenvalues(state[0], state[1], k=1, max_iter=lanczos_steps, tol=1e-12)
+    def lanczos(**kw):
+        return lambda state: top_eigenvalues(state[0], state[1], k=1, max_iter=lanczos_steps, tol=1e-300, **kw)
+
+    def avg(kind):
+        return lambda state: flatness.sharpness(state[0], state[1], kind=kind, rho=1e-3, n_samples=5, seed=0)
+
+    def hutch(method, batch=8):
+        return lambda state: trace(state[0], state[1], method=method, n_samples=12, batch=batch)
+
+    def variance(fn):
+        return lambda state: fn(state[0], state[1])
 
     def one_hvp(state):
         model, batch = state
@@ -196,8 +207,20 @@ def operations(n_iters: int, lanczos_steps: int):
         f"APGD sharpness linf, {max(1, n_iters // 4)} iters": (fwd_bwd_setup, apgd("linf", max(1, n_iters // 4))),
         f"APGD sharpness linf, {n_iters} iters": (fwd_bwd_setup, apgd("linf")),
         f"APGD sharpness adaptive_l2, {n_iters} iters": (fwd_bwd_setup, apgd("adaptive_l2")),
+        "average-case sharpness avg_l2, 5 samples": (fwd_bwd_setup, avg("avg_l2")),
+        "average-case avg_adaptive_linf, 5 samples": (fwd_bwd_setup, avg("avg_adaptive_linf")),
         "one Hessian-vector product": (fwd_bwd_setup, one_hvp),
-        f"Lanczos top eigenvalue, {lanczos_steps} steps": (fwd_bwd_setup, lanczos),
+        "trace, Hutch++, 12 products, batch 8": (fwd_bwd_setup, hutch("hutch++")),
+        "trace, Hutch++, 12 products, batch 1": (fwd_bwd_setup, hutch("hutch++", 1)),
+        "trace, Hutchinson, 12 products, batch 8": (fwd_bwd_setup, hutch("hutchinson")),
+        "trace, Hutchinson, 12 products, batch 1": (fwd_bwd_setup, hutch("hutchinson", 1)),
+        "kfac_variance": (fwd_bwd_setup, variance(kfac_variance)),
+        "gradient_variance (exact, per-sample)": (fwd_bwd_setup, variance(gradient_variance)),
+        f"Lanczos top eigenvalue, {lanczos_steps} steps": (fwd_bwd_setup, lanczos()),
+        "  same, float32 basis": (fwd_bwd_setup, lanczos(basis_dtype=torch.float32)),
+        "  same, low_memory (no basis, float32)": (
+            fwd_bwd_setup, lanczos(low_memory=True, basis_dtype=torch.float32)),
+        "  same, low_memory (no basis, float64)": (fwd_bwd_setup, lanczos(low_memory=True)),
     }
 
 

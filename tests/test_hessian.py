@@ -242,3 +242,22 @@ def test_progress_bars_count_products(capsys):
     assert f"{r.n_hvp}/6" in err and f"{m.n_hvp}/{4 * 4}" in err and e.n_hvp <= 5
     g = hessian.minimum_sharpness(mlp(act=nn.ReLU), batch, progress=True)
     assert "6/6 [" in capsys.readouterr().err and g.n_backward == 6 * 4  # samples
+
+
+@pytest.mark.parametrize("name, make, shape, classes", CASES)
+def test_top_eigenvalues_memory_saving_modes_match_dense(name, make, shape, classes):
+    model = make()
+    batches = classification_batches((7, 5), shape, classes)
+    H = dense_hessian(model, batches)
+    want = torch.linalg.eigvalsh(H).flip(0)[:3]
+    scale = float(want.abs().max())
+    f32 = hessian.top_eigenvalues(model, batches, k=3, tol=1e-5, basis_dtype=torch.float32, basis_device="cpu")
+    assert f32.converged and torch.allclose(f32.eigenvalues, want, rtol=0, atol=1e-5 * scale)
+    assert f32.settings["basis_dtype"] == "float32"
+    lean = hessian.top_eigenvalues(model, batches, k=3, tol=1e-8, low_memory=True)
+    assert lean.converged and lean.eigenvectors == []
+    assert torch.allclose(lean.eigenvalues, want, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="block_size"):
+        hessian.top_eigenvalues(model, batches, k=2, block_size=2, low_memory=True)
+    with pytest.raises(ValueError, match="basis_dtype"):
+        hessian.top_eigenvalues(model, batches, basis_dtype=torch.float16)

@@ -178,3 +178,153 @@ def test_slq_density_integrates_to_one_with_random_starts():
     # second moment of the smoothed density adds sigma^2
     second = float(torch.trapezoid(density * grid**2, grid))
     assert second == pytest.approx(float(per_vector.mean()) + sigma**2, rel=1e-8)
+
+
+# --------------------------------------------------------------------------
+# memory-saving modes: float32 basis, basis on another device, no basis
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_float32_basis_matches_float64_to_float32_resolution(which):
+    n = 300
+    ev = _spectrum(n)
+    A = _matrix(n, ev)
+    ref = lanczos(lambda V: A @ V, n, 3, which=which, tol=1e-10, generator=torch.Generator().manual_seed(1))
+    res = lanczos(lambda V: A.to(V.dtype) @ V, n, 3, which=which, tol=1e-5,
+                  generator=torch.Generator().manual_seed(1), basis_dtype=torch.float32)
+    assert res.converged and res.eigenvectors.dtype == torch.float32
+    scale = float(ev.abs().max())
+    # the documented accuracy: about 1e-6 * max |lambda|
+    assert torch.allclose(res.eigenvalues, ref.eigenvalues, rtol=0, atol=1e-6 * scale)
+    Y = res.eigenvectors.double()
+    assert torch.allclose(A @ Y, Y * res.eigenvalues, atol=1e-4 * scale)
+
+
+def test_basis_device_keeps_the_basis_where_asked():
+    n = 50
+    A = _matrix(n, _spectrum(n))
+    devices = []
+
+    def mm(V):
+        devices.append(V.device)
+        return A @ V
+
+    res = lanczos(mm, n, 2, tol=1e-10, generator=torch.Generator().manual_seed(0), basis_device="cpu")
+    assert res.eigenvectors.device.type == "cpu" and set(d.type for d in devices) == {"cpu"}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_recurrence_without_basis_finds_each_eigenvalue_once(which, seed):
+    # Many more steps than convergence needs: without reorthogonalization the
+    # converged eigenvalues come back as copies (checked below), which must be
+    # merged, and spurious Ritz values must not enter the answer.
+    n = 600
+    ev = _spectrum(n, seed=seed)
+    A = _matrix(n, ev, seed=seed)
+    if which == "LA":
+        want = torch.sort(ev, descending=True).values[:3]
+    elif which == "SA":
+        want = torch.sort(ev).values[:3]
+    else:
+        want = ev[torch.argsort(ev.abs(), descending=True)][:3]
+    for steps in (60, 150, 250):
+        res = lanczos(lambda V: A @ V, n, 3, which=which, tol=1e-300, max_iter=steps,
+                      generator=torch.Generator().manual_seed(seed), store_basis=False)
+        assert res.eigenvectors.shape == (n, 0)
+        assert torch.allclose(res.eigenvalues, want, rtol=1e-9, atol=0), (steps, res.eigenvalues)
+
+
+def test_recurrence_without_basis_produces_copies_that_are_merged():
+    # Control for the test above: the raw tridiagonal spectrum after many
+    # steps does hold copies of the top eigenvalue.
+    import flatness._lanczos as L
+
+    n = 600
+    ev = _spectrum(n)
+    A = _matrix(n, ev)
+    raw = []
+    original = L._good_ritz
+
+    def spy(theta, *args):
+        raw.append(theta.copy())
+        return original(theta, *args)
+
+    L._good_ritz = spy
+    try:
+        res = lanczos(lambda V: A @ V, n, 1, tol=1e-300, max_iter=250,
+                      generator=torch.Generator().manual_seed(0), store_basis=False)
+    finally:
+        L._good_ritz = original
+    copies = int(np.sum(np.abs(raw[-1] - 10.0) < 1e-8))
+    assert copies >= 2
+    assert res.eigenvalues.tolist() == pytest.approx([10.0], rel=1e-12)
+
+
+def test_good_ritz_removes_a_spurious_value():
+    # T with a decoupled trailing block: its eigenvalue 7 is simple and is
+    # also an eigenvalue of T without its first row and column (the start
+    # vector never sees it), so Cullum-Willoughby removes it.
+    from flatness._lanczos import _good_ritz
+
+    d = [1.0, 2.0, 7.0]
+    e = [0.5, 0.0]
+    theta, U = __import__("scipy.linalg").linalg.eigh_tridiagonal(np.array(d), np.array(e))
+    values, _ = _good_ritz(theta, np.ones(3), d, e, 7.0)
+    assert 7.0 not in values.tolist() and len(values) == 2
+
+
+def test_store_basis_false_needs_block_size_one_and_dtype_checked():
+    A = torch.eye(4, dtype=DT)
+    with pytest.raises(ValueError, match="block_size"):
+        lanczos(lambda V: A @ V, 4, 1, block_size=2, store_basis=False)
+    with pytest.raises(ValueError, match="basis_dtype"):
+        lanczos(lambda V: A @ V, 4, 1, basis_dtype=torch.float16)
+
+
+def test_memory_of_float32_basis_and_of_the_recurrence():
+    n, steps = 100_000, 20
+    d = torch.linspace(-1, 1, n, dtype=DT)
+    peaks = {}
+    for name, kw in (("f64", {}), ("f32", {"basis_dtype": torch.float32}), ("none", {"store_basis": False})):
+        g = torch.Generator().manual_seed(0)
+        res = []
+        peaks[name] = _peak_allocated(lambda: res.append(lanczos(
+            lambda V: d.to(V.dtype)[:, None] * V, n, 1, max_iter=steps, tol=1e-300, generator=g, **kw,
+        )))
+        assert res[0].n_iter == steps
+    # in float64 vectors (8 n bytes): the float32 basis is half, the
+    # recurrence a handful whatever the number of steps
+    assert peaks["f32"] / (8 * n) <= steps / 2 + 3, peaks
+    assert peaks["none"] / (8 * n) <= 5, peaks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trace_estimators_hold_batch_vectors_at_a_time(dtype):
+    # Vectors are drawn block by block in the operator's dtype: with batch=1
+    # the estimators hold a vector, its product and (Hutch++) the sketch.
+    n, m = 100_000, 12
+    d = torch.linspace(-1, 1, n, dtype=dtype)
+    size = n * d.element_size()
+    for estimator, sketch in ((hutchinson, 0), (hutchpp, m // 3)):
+        out = []
+        peak = _peak_allocated(lambda: out.append(estimator(
+            lambda V: d[:, None] * V, n, m, generator=torch.Generator().manual_seed(0), batch=1, dtype=dtype,
+        )))
+        assert out[0][0] == pytest.approx(float(d.double().sum()), abs=1e-3 * n)
+        # the sketch Q for Hutch++ (orthonormalized in place), then a few vectors
+        assert peak / size <= sketch + 4, (estimator.__name__, peak / size)
+
+
+def test_orthonormalize_in_place_matches_qr_range():
+    from flatness._lanczos import _orthonormalize_
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 4, dtype=DT, generator=g)
+    X[:, 3] = X[:, 0] + 2 * X[:, 1]  # dependent column
+    Q = _orthonormalize_(X.clone())
+    assert torch.allclose(Q[:, :3].T @ Q[:, :3], torch.eye(3, dtype=DT), atol=1e-12)
+    assert torch.count_nonzero(Q[:, 3]) == 0
+    P_ref = torch.linalg.qr(X[:, :3])[0]
+    assert torch.allclose(Q[:, :3] @ Q[:, :3].T, P_ref @ P_ref.T, atol=1e-12)

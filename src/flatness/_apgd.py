@@ -14,7 +14,8 @@ iterates need a gradient, the last one only a forward pass, so one run costs
 ``n_iters`` forward-backward passes plus one forward pass, and ``f(0)`` (the
 clean loss) comes out of the first of them.  Extra memory is a fixed number
 of parameter-sized buffers (iterate, previous iterate, gradient, best iterate
-and its gradient), independent of ``n_iters``.
+and its gradient), independent of ``n_iters``: the old gradient's buffer
+becomes the next step and is freed before the next gradient exists.
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ def apgd(
             torch._foreach_lerp_(x_prev, z, MOMENTUM)
             pset.project_(x_prev)
             x_prev, x = x, x_prev
+        # z (the old gradient's buffer) is dead now: free it before the next
+        # gradient is allocated, so the two never exist at once
+        del z, g_x
         last = k == n_iters - 1
         f_new, g_new = objective(x, not last)
         if f_new > f_x:
@@ -146,7 +150,7 @@ def apgd(
                 # Restart from the best point; momentum restarts with it.
                 torch._foreach_copy_(x, best_x)
                 torch._foreach_copy_(x_prev, best_x)
-                g_x = [t.clone() for t in best_g]
+                torch._foreach_copy_(g_x, best_g)  # into the buffer it replaces
                 f_x = best_f
             successes = 0
             last_ckpt = k + 1

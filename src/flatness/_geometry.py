@@ -160,7 +160,9 @@ class PerturbationSet:
         ``rho * c * N(0, I)`` for l2, ``rho * c * U[-1, 1]`` for linf."""
         draw = self._normal if self.norm == "l2" else self._uniform
         delta = [draw(t, generator).mul_(self.rho) for t in self._like]
-        return self.to_weight_space(delta)
+        if self.scales is not None:
+            torch._foreach_mul_(delta, self.scales)  # in place: no second copy
+        return delta
 
     @staticmethod
     def _uniform(like: Tensor, generator: torch.Generator) -> Tensor:

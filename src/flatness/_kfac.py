@@ -200,6 +200,14 @@ def blind_layers(
     return found
 
 
+def _in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass in this thread
+    (a forward call then is a recomputation by activation checkpointing, not
+    a use of the module)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
 @contextmanager
 def capture(layers: list[KFACLayer]) -> Iterator[dict[str, list[list[Tensor]]]]:
     """Record each layer's inputs and output gradients.
@@ -215,6 +223,8 @@ def capture(layers: list[KFACLayer]) -> Iterator[dict[str, list[list[Tensor]]]]:
 
     def make_hook(name: str):
         def hook(mod: nn.Module, args: tuple, output: Tensor) -> None:
+            if _in_backward():
+                return  # activation checkpointing recomputing the forward pass
             entry = [args[0].detach()]
             store.setdefault(name, []).append(entry)
             if output.requires_grad:

@@ -5,11 +5,18 @@ Every function takes ``matmat(V) -> A V`` for a symmetric ``n x n`` operator
 independent vectors, so a caller can compute them in one batched pass.  The
 functions never see a model, which makes them testable on explicit matrices.
 
-Vectors are kept in float64 whatever the operator's dtype: the Lanczos basis
-is reorthogonalized in full (twice, "twice is enough"), which costs
-``8 n m`` bytes for ``m`` basis vectors (allocated in chunks as the steps
-are taken, never copied), and the small projected eigenproblem
-is solved by SciPy (``eigh_tridiagonal`` for one vector per step, ``eigh`` on
+By default the Lanczos vectors are kept in float64 whatever the operator's
+dtype: the basis is reorthogonalized in full (twice, "twice is enough"),
+which costs ``8 n m`` bytes for ``m`` basis vectors (allocated in chunks as
+the steps are taken, never copied).  Two options trade that memory away:
+a float32 basis (``basis_dtype``, half the bytes; the Ritz values are then
+accurate to about float32's resolution times ``||A||``), kept on another
+device if asked (``basis_device``, e.g. host memory beside a GPU model), and
+an eigenvalues-only mode without a stored basis (``store_basis=False``: the
+plain three-term recurrence, three vectors whatever the number of steps,
+with the spurious and repeated Ritz values that loss of orthogonality creates
+removed by the Cullum-Willoughby test).  The small projected eigenproblem is
+solved by SciPy (``eigh_tridiagonal`` for one vector per step, ``eigh`` on
 the block tridiagonal matrix otherwise).
 """
 
@@ -39,10 +46,18 @@ MatMat = Callable[[Tensor], Tensor]
 _WHICH = ("LA", "SA", "LM")
 
 
-def rademacher(n: int, k: int, *, generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
-    """An ``(n, k)`` float64 matrix of independent random signs."""
-    bits = torch.randint(0, 2, (n, k), generator=generator, device=device)
-    return bits.to(torch.float64).mul_(2).sub_(1)
+def rademacher(
+    n: int,
+    k: int,
+    *,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """An ``(n, k)`` matrix of independent random signs (exact in any
+    floating dtype)."""
+    signs = torch.randint(0, 2, (n, k), generator=generator, device=device, dtype=dtype)
+    return signs.mul_(2).sub_(1)
 
 
 def _orthogonalize(W: Tensor, Q: Tensor) -> Tensor:
@@ -60,7 +75,7 @@ _CHUNK = 8  # Lanczos blocks per chunk of the basis
 
 
 class _Basis:
-    """The Lanczos vectors, float64, in chunks of ``_CHUNK`` blocks of ``b``
+    """The Lanczos vectors, of one dtype and device, in chunks of ``_CHUNK`` blocks of ``b``
     columns allocated as the iteration goes.
 
     Memory follows the steps taken, at most ``_CHUNK - 1`` blocks beyond
@@ -69,8 +84,10 @@ class _Basis:
     at once, about twice the basis).
     """
 
-    def __init__(self, n: int, b: int, max_blocks: int, device: torch.device) -> None:
-        self.n, self.b, self.max_blocks, self.device = n, b, max_blocks, device
+    def __init__(
+        self, n: int, b: int, max_blocks: int, device: torch.device, dtype: torch.dtype = torch.float64
+    ) -> None:
+        self.n, self.b, self.max_blocks, self.device, self.dtype = n, b, max_blocks, device, dtype
         self.chunks: list[Tensor] = []
         self.blocks = 0
 
@@ -79,7 +96,7 @@ class _Basis:
             size = min(_CHUNK, self.max_blocks - self.blocks)
             if size < 1:
                 raise RuntimeError("Lanczos basis is full")
-            self.chunks.append(torch.empty(self.n, size * self.b, dtype=torch.float64, device=self.device))
+            self.chunks.append(torch.empty(self.n, size * self.b, dtype=self.dtype, device=self.device))
         self.blocks += 1
         self.block(self.blocks - 1).copy_(Q)
 
@@ -115,10 +132,10 @@ class _Basis:
 
     def combine(self, S: Tensor) -> Tensor:
         """``basis @ S`` for ``S`` of shape ``(stored columns, k)``."""
-        out = torch.zeros(self.n, S.shape[1], dtype=torch.float64, device=self.device)
+        out = torch.zeros(self.n, S.shape[1], dtype=self.dtype, device=self.device)
         start = 0
         for Q in self.filled():
-            out.addmm_(Q, S[start : start + Q.shape[1]])
+            out.addmm_(Q, S[start : start + Q.shape[1]].to(self.dtype))
             start += Q.shape[1]
         return out
 
@@ -175,6 +192,9 @@ def lanczos(
     device: torch.device | str = "cpu",
     v0: Tensor | None = None,
     callback: Callable[[int, Tensor], None] | None = None,
+    basis_dtype: torch.dtype = torch.float64,
+    basis_device: torch.device | str | None = None,
+    store_basis: bool = True,
 ) -> LanczosResult:
     """Extreme eigenpairs of a symmetric operator by (block) Lanczos with full
     reorthogonalization.
@@ -182,7 +202,8 @@ def lanczos(
     Parameters
     ----------
     matmat : callable
-        ``V -> A V`` on float64 ``(n, b)`` matrices.
+        ``V -> A V`` on ``(n, b)`` matrices, returning ``V``'s dtype and
+        device.
     n : int
         Dimension of ``A``.
     k : int
@@ -207,6 +228,25 @@ def lanczos(
     callback : callable, optional
         Called as ``callback(n_matvec, ritz_values)`` after every step with
         the wanted Ritz values so far (used to trace convergence).
+    basis_dtype : torch.dtype
+        Dtype of the Lanczos vectors (``torch.float64`` or ``torch.float32``).
+        A float32 basis halves the memory; its Ritz values are accurate to
+        about ``1e-6 * max |theta|`` (float32's resolution), so a smaller
+        ``tol`` buys nothing.  The small projected problem is float64 either
+        way.
+    basis_device : torch.device or str, optional
+        Where the basis lives (default ``device``).  ``"cpu"`` beside a GPU
+        operator keeps only the vector being multiplied on the GPU; the
+        reorthogonalization then runs on the host.
+    store_basis : bool
+        ``False`` runs the plain three-term recurrence without
+        reorthogonalization and without storing the basis (three vectors,
+        whatever the number of steps): eigenvalues only (``eigenvectors`` is
+        empty), ``block_size`` 1.  Loss of orthogonality makes converged
+        eigenvalues reappear as copies and leaves spurious Ritz values; the
+        copies are merged and the spurious values removed by the
+        Cullum-Willoughby test, so more steps may be needed than with a
+        stored basis.
 
     Returns
     -------
@@ -218,17 +258,29 @@ def lanczos(
         raise ValueError(f"k must be between 1 and n={n}, got {k}")
     if block_size < 1 or block_size > n:
         raise ValueError(f"block_size must be between 1 and n={n}, got {block_size}")
+    if basis_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"basis_dtype must be torch.float32 or torch.float64, got {basis_dtype}")
+    if not store_basis and block_size != 1:
+        raise ValueError(f"store_basis=False runs single-vector Lanczos: block_size must be 1, got {block_size}")
     if max_iter is None:
         max_iter = max(20 * k, 100)
     b = block_size
-    max_iter = max(1, min(max_iter, math.ceil(n / b)))
+    where = torch.device(device if basis_device is None else basis_device)
     if v0 is None:
+        # drawn in float64 whatever the basis dtype, so a float32 run starts
+        # from the same vector as a float64 one
         X = torch.randn(n, b, generator=generator, device=device, dtype=torch.float64)
     else:
         X = v0.reshape(n, -1).to(device=device, dtype=torch.float64)
         if X.shape[1] != b:
             raise ValueError(f"v0 must have {b} column(s), got {X.shape[1]}")
-    basis = _Basis(n, b, max_iter, X.device)
+    X = X.to(device=where, dtype=basis_dtype)
+    if not store_basis:
+        q = X[:, 0] if v0 is None else X[:, 0].clone()  # normalized in place below
+        del X
+        return _lanczos_recurrence(matmat, q, n, k, which, tol, max(1, max_iter), callback)
+    max_iter = max(1, min(max_iter, math.ceil(n / b)))
+    basis = _Basis(n, b, max_iter, where, basis_dtype)
     basis.append(torch.linalg.qr(X)[0])
     del X
     alphas: list[np.ndarray] = []  # diagonal blocks (b, b)
@@ -254,8 +306,8 @@ def lanczos(
         basis.orthogonalize_(W)
         Qnext, B = torch.linalg.qr(W)
         del W
-        alphas.append(A.cpu().numpy())
-        betas.append(B.cpu().numpy())
+        alphas.append(A.double().cpu().numpy())
+        betas.append(B.double().cpu().numpy())
         theta, S = _ritz(alphas, betas[:-1])
         idx = _pick(theta, min(k, len(theta)), which)
         # Residual of Ritz pair i: ||B_{j+1} s_i[last block]||.
@@ -267,7 +319,7 @@ def lanczos(
         diag = np.abs(np.diag(betas[-1]))
         # The Krylov space is invariant (exhausted, or A has few distinct
         # eigenvalues): the Ritz pairs are exact.
-        invariant = diag.min() <= 1e-10 * scale or (j + 1) * b >= n
+        invariant = diag.min() <= _invariance_threshold(basis_dtype) * scale or (j + 1) * b >= n
         if len(idx) == k and (np.all(residuals <= tol * scale) or invariant):
             converged = True
             break
@@ -288,6 +340,118 @@ def lanczos(
         n_iter=steps,
         converged=converged,
     )
+
+
+def _invariance_threshold(dtype: torch.dtype) -> float:
+    # A new Lanczos vector this small relative to ||A|| is rounding noise:
+    # the Krylov space is invariant to working precision.
+    return 1e-10 if dtype == torch.float64 else 1e-5
+
+
+def _lanczos_recurrence(
+    matmat: MatMat,
+    q: Tensor,
+    n: int,
+    k: int,
+    which: str,
+    tol: float,
+    max_iter: int,
+    callback: Callable[[int, Tensor], None] | None,
+) -> LanczosResult:
+    """Single-vector Lanczos by the three-term recurrence, no stored basis.
+
+    Holds ``q_{j-1}``, ``q_j`` and ``A q_j`` only.  After each step the
+    tridiagonal ``T_j`` is diagonalized and cleaned by :func:`_good_ritz`;
+    the residual of Ritz value ``theta_i`` is ``beta_j |s_{j,i}|`` (Paige:
+    it bounds the true residual in finite precision too, up to rounding).
+    """
+    q = q.div_(q.norm())  # the caller's own copy: no second vector
+    q_prev: Tensor | None = None
+    d: list[float] = []
+    e: list[float] = []
+    beta_prev = 0.0
+    values = np.zeros(0)
+    residuals = np.zeros(0)
+    converged = False
+    steps = 0
+    for j in range(max_iter):
+        steps = j + 1
+        w = matmat(q[:, None])[:, 0]
+        a = float(torch.dot(q, w))
+        w = torch.sub(w, q, alpha=a)  # out of place: matmat's result may be the caller's
+        if q_prev is not None:
+            w.sub_(q_prev, alpha=beta_prev)
+        beta = float(w.norm())
+        d.append(a)
+        theta, last = _tridiagonal_eig(d, e)
+        scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
+        values, residuals = _good_ritz(theta, last * beta, d, e, scale)
+        order = _pick(values, min(k, len(values)), which)
+        values, residuals = values[order], residuals[order]
+        if callback is not None:
+            callback(j + 1, torch.as_tensor(values.copy()))
+        invariant = beta <= _invariance_threshold(q.dtype) * scale
+        if len(values) == k and (np.all(residuals <= tol * scale) or invariant):
+            converged = True
+            break
+        if invariant:
+            break
+        e.append(beta)
+        q_prev, q = q, w.div_(beta)
+        beta_prev = beta
+    return LanczosResult(
+        eigenvalues=torch.as_tensor(values.copy()),
+        eigenvectors=torch.zeros(n, 0, dtype=q.dtype, device=q.device),
+        residuals=torch.as_tensor(np.asarray(residuals, dtype=np.float64)),
+        n_matvec=steps,
+        n_iter=steps,
+        converged=converged,
+    )
+
+
+def _tridiagonal_eig(d: list[float], e: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues of the tridiagonal ``(d, e)`` and the last components of
+    its eigenvectors."""
+    theta, U = scipy.linalg.eigh_tridiagonal(np.array(d), np.array(e[: len(d) - 1]))
+    return theta, np.abs(U[-1, :])
+
+
+def _good_ritz(
+    theta: np.ndarray, residual: np.ndarray, d: list[float], e: list[float], scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The Ritz values of a Lanczos run without reorthogonalization that
+    approximate eigenvalues of ``A``, each once (Cullum and Willoughby 1985).
+
+    Loss of orthogonality makes a converged eigenvalue appear again as a
+    copy, and makes ``T`` have *spurious* eigenvalues that belong to no
+    eigenvalue of ``A``.  Copies agree to rounding and are merged (keeping
+    the smallest residual).  A spurious value is a simple eigenvalue of ``T``
+    that is also an eigenvalue of ``T`` with its first row and column
+    removed: its eigenvector has a negligible first component, so the start
+    vector does not see it.
+    """
+    m = len(theta)
+    eps = np.finfo(np.float64).eps
+    multiple_tol = math.sqrt(eps) * scale  # copies of one eigenvalue
+    spurious_tol = 8 * eps * m * scale     # a coincidence with T-hat's spectrum
+    groups: list[list[int]] = []
+    for i in range(m):  # theta is sorted ascending
+        if groups and theta[i] - theta[groups[-1][-1]] <= multiple_tol:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    if m > 1:
+        hat = scipy.linalg.eigh_tridiagonal(np.array(d[1:]), np.array(e[1 : m - 1]), eigvals_only=True)
+    else:
+        hat = np.zeros(0)
+    values, residuals = [], []
+    for g in groups:
+        if len(g) == 1 and len(hat) and np.min(np.abs(hat - theta[g[0]])) <= spurious_tol:
+            continue
+        best = min(g, key=lambda i: residual[i])
+        values.append(theta[best])
+        residuals.append(residual[best])
+    return np.asarray(values), np.asarray(residuals)
 
 
 def _ritz(alphas: list[np.ndarray], betas: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -312,13 +476,14 @@ def _ritz(alphas: list[np.ndarray], betas: list[np.ndarray]) -> tuple[np.ndarray
 # --------------------------------------------------------------------------
 
 
-def _quadratic_forms(matmat: MatMat, Z: Tensor, batch: int) -> Tensor:
-    """``z_i^T A z_i`` for the columns of ``Z``, ``batch`` products at a time."""
-    out = []
-    for start in range(0, Z.shape[1], batch):
-        Zb = Z[:, start : start + batch]
-        out.append((Zb * matmat(Zb)).sum(0))
-    return torch.cat(out)
+def _column_dots(X: Tensor, Y: Tensor) -> Tensor:
+    """``x_i^T y_i`` for the columns, in float64, without an ``n x k``
+    temporary."""
+    return torch.stack([torch.dot(X[:, i], Y[:, i]).double() for i in range(X.shape[1])])
+
+
+def _blocks(total: int, batch: int) -> list[int]:
+    return [min(batch, total - start) for start in range(0, total, batch)]
 
 
 def exact_diagonal(matmat: MatMat, n: int, *, batch: int = 8, device: torch.device | str = "cpu") -> Tensor:
@@ -340,8 +505,13 @@ def hutchinson(
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     batch: int = 8,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[float, float, Tensor]:
     """Hutchinson's trace estimator with Rademacher vectors.
+
+    The vectors are drawn ``batch`` at a time, so at most ``batch`` of them
+    (and their products) exist at once; ``dtype`` is theirs (random signs
+    are exact in any dtype; the quadratic forms are summed in float64).
 
     Returns
     -------
@@ -354,9 +524,31 @@ def hutchinson(
     """
     if n_samples < 2:
         raise ValueError(f"hutchinson needs n_samples >= 2 for a standard error, got {n_samples}")
-    Z = rademacher(n, n_samples, generator=generator, device=device)
-    q = _quadratic_forms(matmat, Z, batch).cpu()
+    forms = []
+    for b in _blocks(n_samples, batch):
+        Z = rademacher(n, b, generator=generator, device=device, dtype=dtype)
+        forms.append(_column_dots(Z, matmat(Z)))
+    q = torch.cat(forms).cpu()
     return float(q.mean()), float(q.std(unbiased=True) / math.sqrt(n_samples)), q
+
+
+def _orthonormalize_(X: Tensor) -> Tensor:
+    """Orthonormalize the columns of ``X`` in place (Gram-Schmidt, each
+    column twice: "twice is enough"), so no second ``n x k`` matrix exists as
+    it would with a QR factorization.  A column in the span of the previous
+    ones becomes zero: it adds nothing to the range."""
+    scale = float(X.norm()) if X.numel() else 0.0
+    for i in range(X.shape[1]):
+        x = X[:, i]
+        for _ in range(2):
+            if i:
+                x.sub_(X[:, :i] @ (X[:, :i].T @ x))
+        norm = float(x.norm())
+        if norm <= 1e3 * torch.finfo(X.dtype).eps * scale:
+            x.zero_()
+        else:
+            x.div_(norm)
+    return X
 
 
 def hutchpp(
@@ -367,6 +559,7 @@ def hutchpp(
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     batch: int = 8,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[float, float, Tensor]:
     """Hutch++ (Meyer, Musco, Musco and Woodruff 2021) with ``n_samples``
     products.
@@ -377,6 +570,9 @@ def hutchpp(
     unbiased for any ``Q``; its standard error is that of the Hutchinson part
     (the deflated part is all that is random once ``Q`` is fixed).
 
+    Memory: the ``s = n_samples // 3`` columns of ``A S`` (then ``Q``), plus
+    ``batch`` vectors and their products at a time.
+
     Returns
     -------
     estimate, std_error, samples
@@ -386,14 +582,23 @@ def hutchpp(
         raise ValueError(f"hutch++ needs n_samples >= 4 (sketch, projection, >= 2 samples), got {n_samples}")
     s = min(n_samples // 3, n)
     g = n_samples - 2 * s
-    S = rademacher(n, s, generator=generator, device=device)
-    AS = torch.cat([matmat(S[:, i : i + batch]) for i in range(0, s, batch)], dim=1)
-    Q, _ = torch.linalg.qr(AS)
-    AQ = torch.cat([matmat(Q[:, i : i + batch]) for i in range(0, s, batch)], dim=1)
-    exact_part = float((Q * AQ).sum())
-    G = rademacher(n, g, generator=generator, device=device)
-    G = G - Q @ (Q.T @ G)
-    q = _quadratic_forms(matmat, G, batch).cpu()
+    AS = torch.empty(n, s, dtype=dtype, device=device)
+    start = 0
+    for b in _blocks(s, batch):
+        AS[:, start : start + b] = matmat(rademacher(n, b, generator=generator, device=device, dtype=dtype))
+        start += b
+    Q = _orthonormalize_(AS)
+    del AS
+    exact_part = 0.0
+    for start in range(0, s, batch):
+        Qb = Q[:, start : start + batch]
+        exact_part += float(_column_dots(Qb, matmat(Qb)).sum())
+    forms = []
+    for b in _blocks(g, batch):
+        G = rademacher(n, b, generator=generator, device=device, dtype=dtype)
+        G.addmm_(Q, Q.T @ G, alpha=-1)
+        forms.append(_column_dots(G, matmat(G)))
+    q = torch.cat(forms).cpu()
     return exact_part + float(q.mean()), float(q.std(unbiased=True) / math.sqrt(g)), q
 
 

@@ -439,6 +439,49 @@ def normalize_logits(z: Tensor) -> Tensor:
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+@contextlib.contextmanager
+def reparametrized(model: nn.Module, state: Mapping[str, Tensor]) -> Iterator[nn.Module]:
+    """The module with the tensors of ``state`` in place of its own, for the
+    duration of the block (as ``torch.func.functional_call`` does for one
+    call).
+
+    A gradient taken *inside* the block sees the same tensors as the forward
+    pass, also where the backward pass runs the forward again: activation
+    checkpointing (``torch.utils.checkpoint``) recomputes a block from the
+    module's tensors at backward time, which after ``functional_call`` has
+    returned are the module's own again.
+    """
+    # torch.func.functional_call is this context around one call; the
+    # context itself has no public name.
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    with _reparametrize_module(unwrap(model), dict(state), tie_weights=True, strict=False):
+        yield unwrap(model)
+
+
+def functional_loss_and_grad(
+    model: nn.Module,
+    params: ParamSet,
+    values: Sequence[Tensor],
+    inputs: Any,
+    targets: Tensor,
+    loss_fn: LossFn,
+    *,
+    logit_normalization: bool = False,
+    extra: Mapping[str, Tensor] | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """:func:`functional_loss` at ``values`` and its gradient with respect
+    to them (zeros for unused values), both computed while the values are in
+    the module, so activation checkpointing recomputes at ``values`` too."""
+    leaves = [v.detach().requires_grad_(True) for v in values]
+    state = {**(extra or {}), **params.as_dict(leaves)}
+    with torch.enable_grad(), reparametrized(model, state) as module:
+        outputs = module(*_as_args(inputs), **(_as_kwargs(inputs) or {}))
+        loss = _loss_of(outputs, targets, loss_fn, logit_normalization)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return loss.detach(), [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads)]
+
+
 def functional_loss(
     model: nn.Module,
     params: ParamSet,
@@ -465,6 +508,11 @@ def functional_loss(
     if extra:
         state = {**extra, **state}
     outputs = functional_call(module, state, _as_args(inputs), _as_kwargs(inputs), strict=False)
+    return _loss_of(outputs, targets, loss_fn, logit_normalization)
+
+
+def _loss_of(outputs: Any, targets: Tensor, loss_fn: LossFn, logit_normalization: bool) -> Tensor:
+    """``loss_fn`` on the model's outputs, as a scalar (see :func:`functional_loss`)."""
     if isinstance(outputs, Tensor) and outputs.dtype in _LOW_PRECISION:
         # The loss of a float16 / bfloat16 model in float32: in bfloat16 a
         # loss near 1 has a resolution of 0.0078, coarser than most

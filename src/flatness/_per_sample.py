@@ -43,6 +43,7 @@ from flatness._model import (
     default_loss,
     disable_running_stats,
     functional_loss,
+    functional_loss_and_grad,
     iter_batches,
     split_batch,
     unwrap,
@@ -85,6 +86,11 @@ def per_sample_engine(
     written = buffers_written_in_forward(model, params, _slice(inputs, 0, 1), targets[:1], loss_fn)
     if written:
         return "loop", "buffers written in forward: " + ", ".join(written)
+    try:  # a probe on one sample: kernels or hooks the transforms refuse
+        per_sample_grads(model, params, _slice(inputs, 0, 1), targets[:1], loss_fn, engine="vmap")
+    except (RuntimeError, NotImplementedError) as exc:
+        # e.g. activation checkpointing: torch.func refuses saved-tensor hooks
+        return "loop", f"vmap of grad failed on one sample ({type(exc).__name__})"
     return "vmap", "vmap of grad"
 
 
@@ -99,15 +105,12 @@ def _loop_grads(
     losses = []
     for i in range(int(targets.shape[0])):
         buffers = {name: b.clone() for name, b in module.named_buffers()}
-        leaves = [v.detach().requires_grad_(True) for v in values]
-        with torch.enable_grad():
-            loss = functional_loss(
-                model, params, leaves, _slice(inputs, i, i + 1), targets[i : i + 1], loss_fn,
-                logit_normalization=logit_normalization, extra=buffers,
-            )
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        rows.append([torch.zeros_like(v) if g is None else g.detach() for g, v in zip(grads, leaves)])
-        losses.append(loss.detach())
+        loss, grads = functional_loss_and_grad(
+            model, params, values, _slice(inputs, i, i + 1), targets[i : i + 1], loss_fn,
+            logit_normalization=logit_normalization, extra=buffers,
+        )
+        rows.append([g.detach() for g in grads])
+        losses.append(loss)
     return [torch.stack([r[j] for r in rows]) for j in range(len(values))], torch.stack(losses)
 
 

@@ -337,6 +337,9 @@ def top_eigenvalues(
     progress: bool = False,
     train: bool = False,
     chunk_size: int | None = None,
+    basis_dtype: torch.dtype = torch.float64,
+    basis_device: torch.device | str | None = None,
+    low_memory: bool = False,
     engine: str = "auto",
 ) -> EigenResult:
     """Top eigenpairs of the Hessian by Lanczos with full reorthogonalization.
@@ -366,11 +369,27 @@ def top_eigenvalues(
         tqdm bar over products.
     loss_fn, params, n_batches, train, chunk_size, engine
         As in :func:`hvp`.
+    basis_dtype : torch.dtype
+        Dtype of the stored Lanczos basis: ``torch.float64`` (default, 2x the
+        parameter bytes per step for a float32 model) or ``torch.float32``
+        (half that; eigenvalues accurate to about ``1e-6 * max |lambda|``, so
+        ``tol`` below about ``1e-5`` buys nothing).
+    basis_device : torch.device or str, optional
+        Keep the basis there instead of on the model's device, e.g. ``"cpu"``
+        for a model on a GPU: the device then holds one vector and the
+        product, and the reorthogonalization runs on the host.
+    low_memory : bool
+        Eigenvalues only, without a stored basis: the three-term recurrence
+        holds a few vectors whatever the number of steps; repeated and
+        spurious Ritz values (loss of orthogonality) are removed by the
+        Cullum-Willoughby test.  ``eigenvectors`` is then empty and
+        ``block_size`` must be 1; it may need more products than the default.
 
     Returns
     -------
     EigenResult
-        ``eigenvalues``, ``eigenvectors`` (parameter-shaped), ``n_hvp``.
+        ``eigenvalues``, ``eigenvectors`` (parameter-shaped; empty with
+        ``low_memory=True``), ``n_hvp``.
     """
     start = time.perf_counter()
     check_int("k", k, 1)
@@ -380,6 +399,14 @@ def top_eigenvalues(
     check_int("block_size", block_size, 1)
     if which not in ("LA", "LM", "SA"):
         raise ValueError(f"which must be 'LA', 'LM' or 'SA', got {which!r}")
+    if basis_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"basis_dtype must be torch.float32 or torch.float64, got {basis_dtype!r}")
+    if not isinstance(low_memory, bool):
+        raise TypeError(f"low_memory must be a bool, got {low_memory!r}")
+    if low_memory and block_size != 1:
+        raise ValueError(f"low_memory=True runs single-vector Lanczos: block_size must be 1, got {block_size}")
+    if basis_device is not None:
+        basis_device = torch.device(basis_device)
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
         n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed, engine=engine,
@@ -396,15 +423,20 @@ def top_eigenvalues(
             res = lanczos(
                 op.matmat, n, k, which=which, tol=tol, max_iter=max_iter,
                 block_size=block_size, generator=gen, device=op.device,
+                basis_dtype=basis_dtype, basis_device=basis_device, store_basis=not low_memory,
             )
     finally:
         if op.progress is not None:
             op.progress.close()
     vecs = [
-        [t.clone() for t in op.unflatten(res.eigenvectors[:, i].to(op.dtype))] for i in range(res.eigenvectors.shape[1])
+        [t.clone() for t in op.unflatten(res.eigenvectors[:, i].to(device=op.device, dtype=op.dtype))] for i in range(res.eigenvectors.shape[1])
     ]
     settings = _common_settings(op, seed)
-    settings.update(k=k, tol=tol, max_iter=limit, which=which, block_size=block_size)
+    settings.update(
+        k=k, tol=tol, max_iter=limit, which=which, block_size=block_size,
+        basis_dtype=str(basis_dtype).removeprefix("torch."), low_memory=low_memory,
+        basis_device=None if basis_device is None else str(basis_device),
+    )
     return EigenResult(
         eigenvalues=res.eigenvalues,
         eigenvectors=vecs,
@@ -452,7 +484,11 @@ def trace(
         Products to spend (default 90); ``"exact"`` takes none (it spends
         one per parameter), and passing it there raises ``ValueError``.
     batch : int
-        Vectors per batched product pass.
+        Vectors per batched product pass.  Only ``batch`` random vectors (in
+        the parameters' dtype) and their products exist at a time, so
+        ``batch=1`` gives the smallest peak memory (about 5 times the
+        parameter bytes for Hutchinson; Hutch++ also keeps its
+        ``n_samples // 3`` sketch vectors).
     loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size, engine
         As in :func:`top_eigenvalues`.
 
@@ -484,8 +520,11 @@ def trace(
         else:
             estimator = hutchpp if method == "hutch++" else hutchinson
             with private_rng(seed, op.device) as gen:
+                # random signs are exact in any dtype: vectors as small as the
+                # parameters (float32 for half-precision models)
+                dtype = op.dtype if op.dtype in (torch.float32, torch.float64) else torch.float32
                 value, std_error, samples = estimator(
-                    op.matmat, n, n_samples, generator=gen, device=op.device, batch=batch
+                    op.matmat, n, n_samples, generator=gen, device=op.device, batch=batch, dtype=dtype
                 )
     finally:
         if op.progress is not None:

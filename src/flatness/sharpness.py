@@ -37,6 +37,7 @@ from ._model import (
     check_rho,
     default_loss,
     functional_loss,
+    functional_loss_and_grad,
     grad_enabled,
     iter_batches,
     maybe_progress,
@@ -154,13 +155,15 @@ class _Loss:
     ) -> tuple[float, list[Tensor]]:
         # The perturbed weights are leaf tensors of our own, so autograd never
         # reaches the model's parameters or their .grad fields.
-        leaves = [v.detach().requires_grad_(True) for v in values]
-        with torch.enable_grad():
-            loss = self._loss(leaves, inputs, targets)
-            value = _finite(loss)
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        # Forward and backward inside one reparametrization of the module:
+        # activation checkpointing recomputes blocks at w + d, not at w.
+        loss, grads = functional_loss_and_grad(
+            self.model, self.params, values, inputs, targets, self.loss_fn,
+            logit_normalization=self.normalize, extra=self.extra,
+        )
+        value = _finite(loss)
         self.backward += 1
-        return value, [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads)]
+        return value, grads
 
 
 def _finite(loss: Tensor) -> float:
@@ -214,7 +217,8 @@ def _average_case_chunk(
     total = 0.0
     for _ in range(n_samples):
         with torch.no_grad():
-            values = torch._foreach_add(weights, pset.average_case_sample(generator))
+            values = pset.average_case_sample(generator)
+            torch._foreach_add_(values, weights)  # w + d in the sample's own buffers
         total += loss.value(values, inputs, targets)
     return clean, total / n_samples
 
