@@ -210,7 +210,7 @@ def main() -> None:
         tokens = torch.randint(0, vocab, (batch_size, args.seq + 1), generator=g).to(device)
         batch = (tokens[:, :-1], tokens[:, 1:])
 
-        def fwd_bwd() -> None:
+        def fwd_bwd(model: nn.Module = model, batch: tuple = batch) -> None:
             lm_loss(model(batch[0]), batch[1]).backward()
             model.zero_grad(set_to_none=True)
 

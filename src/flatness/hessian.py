@@ -429,7 +429,8 @@ def top_eigenvalues(
         if op.progress is not None:
             op.progress.close()
     vecs = [
-        [t.clone() for t in op.unflatten(res.eigenvectors[:, i].to(device=op.device, dtype=op.dtype))] for i in range(res.eigenvectors.shape[1])
+        [t.clone() for t in op.unflatten(res.eigenvectors[:, i].to(device=op.device, dtype=op.dtype))]
+        for i in range(res.eigenvectors.shape[1])
     ]
     settings = _common_settings(op, seed)
     settings.update(
