@@ -369,3 +369,16 @@ def test_ggn_of_a_dict_output_model_is_refused_clearly():
         hessian.top_eigenvalues(case.build(), case.batch(), loss_fn=case.loss_fn, curvature="ggn")
     with pytest.raises(ValueError, match="LSTM"):
         hessian.trace(CASES["lstm"].build(), CASES["lstm"].batch(), engine="forward-over-reverse")
+
+
+@pytest.mark.parametrize("name, why", [("cnn_channels_last", "probe product"),
+                                       ("buffer_in_forward", r"writes buffers in forward \(calls, ema\)")])
+def test_requested_forward_over_reverse_is_refused_before_any_product(name, why):
+    case = CASES[name]
+    model, batch = case.build(), case.batch()
+    before = state(model)
+    with pytest.raises(ValueError, match=f"engine='forward-over-reverse'.*{why}"):
+        hessian.trace(model, batch, method="exact", engine="forward-over-reverse")
+    with pytest.raises(ValueError, match=why):
+        hessian.top_eigenvalues(model, batch, engine="forward-over-reverse")
+    assert_same_state(before, state(model))
