@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zoo import CASES, _reference_kernels, assert_same_state, dense_hessian, flat_loss, per_sample_gradients, state
+from zoo import CASES, RELU_CASES, _reference_kernels, assert_same_state, dense_hessian, flat_loss, per_sample_gradients, state
 
 import flatness
 from flatness import diversity, hessian
@@ -381,4 +381,120 @@ def test_requested_forward_over_reverse_is_refused_before_any_product(name, why)
         hessian.trace(model, batch, method="exact", engine="forward-over-reverse")
     with pytest.raises(ValueError, match=why):
         hessian.top_eigenvalues(model, batch, engine="forward-over-reverse")
+    assert_same_state(before, state(model))
+
+
+# -- minimum sharpness ----------------------------------------------------------------
+
+#: Every zoo case is refused by minimum sharpness (Ibayashi et al. 2021): it is
+#: defined for chains of Linear/Conv layers joined by ReLU-like activations.
+#: The message names the module and the reason.
+MINIMUM_REFUSED = {
+    "mlp": r"not positively homogeneous: 1 \(Tanh\)",
+    "cnn_bn": r"outside such a chain .*1 \(BatchNorm2d\): weight, bias",
+    "cnn_channels_last": r"outside such a chain .*1 \(GroupNorm\): weight, bias",
+    "resnet_block": r"no such module is registered: look for a functional activation",  # torch.tanh
+    "transformer": r"outside such a chain .*layer.self_attn \(MultiheadAttention\): in_proj_weight",
+    "transformer_train": r"outside such a chain .*layer.self_attn \(MultiheadAttention\): in_proj_weight",
+    "attention": r"outside such a chain .*attn \(MultiheadAttention\): in_proj_weight, in_proj_bias",
+    "lstm": r"outside such a chain .*emb \(Embedding\): weight; rnn \(LSTM\): weight_ih_l0",
+    "gru": r"outside such a chain .*rnn \(GRU\): weight_ih_l0",
+    "tied_embeddings": r"weights tied to a layer\): emb \(Embedding\): weight",
+    "weight_norm": r"cannot use 0 \(ParametrizedLinear\): its weight is computed by a parametrization",
+    "spectral_norm": r"cannot use 0 \(ParametrizedLinear\): its weight is computed by a parametrization",
+    "dict_outputs": r"change under a layer-wise rescaling.*look for a functional activation",  # torch.tanh
+    "pre_hook": r"not positively homogeneous: 1 \(Tanh\)",
+    "compiled": r"not positively homogeneous: _orig_mod.1 \(Tanh\)",
+    "frozen_unused": r"outside such a chain .*<root> \(FrozenUnused\): unused",
+    "buffer_in_forward": r"not positively homogeneous: net.1 \(Tanh\)",
+}
+
+
+def test_minimum_sharpness_refuses_every_zoo_model_naming_the_module(zoo_case):
+    model, batch = zoo_case.build(), zoo_case.batch()
+    before = state(model)
+    for method in ("gn", "exact"):
+        with pytest.raises(ValueError, match=MINIMUM_REFUSED[zoo_case.name]):
+            hessian.minimum_sharpness(model, batch, loss_fn=zoo_case.loss_fn, train=zoo_case.train,
+                                      method=method)
+    with pytest.raises(ValueError, match=MINIMUM_REFUSED[zoo_case.name]):
+        flatness.sharpness(model, batch, kind="minimum", loss_fn=zoo_case.loss_fn, train=zoo_case.train)
+    assert_same_state(before, state(model))
+
+
+def test_minimum_sharpness_refuses_the_compiled_tanh_model():
+    case = CASES["compiled"]
+    with pytest.raises(ValueError, match=MINIMUM_REFUSED["compiled"]):
+        hessian.minimum_sharpness(case.build(), case.batch())
+
+
+def _minimum_reference(model: torch.nn.Module, H: torch.Tensor, granularity: str) -> float:
+    """min over log-scales g of the Hessian trace of the rescaled chain,
+    from the dense Hessian's diagonal, minimized by SciPy's BFGS (the
+    library uses its own log-sum-exp L-BFGS-B)."""
+    import numpy as np
+    import scipy.optimize
+
+    from flatness._model import unwrap
+
+    layers = [m for m in unwrap(model).modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    d = H.diagonal().numpy()
+    blocks, i = [], 0
+    for m in layers:  # the twins have no parameters outside the chain
+        w = m.weight
+        D = d[i:i + w.numel()].reshape(w.shape[0], w.shape[1], -1).sum(-1)
+        i += w.numel()
+        E = d[i:i + m.bias.numel()] if m.bias is not None else None
+        i += 0 if m.bias is None else m.bias.numel()
+        blocks.append((D, E))
+    assert i == len(d)
+    L = len(layers)
+    hidden = [m.weight.shape[0] for m in layers[:-1]]
+    starts = np.cumsum([0, *hidden])
+
+    def unit_scales(g, l):
+        if l < 0 or l == L - 1:
+            return np.zeros(layers[max(l, 0)].weight.shape[0] if l >= 0 else 1)
+        return np.full(hidden[l], g[l]) if granularity == "layer" else g[starts[l]:starts[l + 1]]
+
+    def f(g):
+        total = 0.0
+        for l, (D, E) in enumerate(blocks):
+            out = unit_scales(g, l)
+            inp = np.zeros(D.shape[1]) if l == 0 else np.repeat(unit_scales(g, l - 1), D.shape[1] // hidden[l - 1])
+            total += (D * np.exp(2 * (inp[None, :] - out[:, None]))).sum()
+            if E is not None:
+                total += (E * np.exp(-2 * out)).sum()
+        return total
+
+    n = L - 1 if granularity == "layer" else sum(hidden)
+    best = scipy.optimize.minimize(f, np.zeros(n), method="BFGS", options={"gtol": 1e-12, "maxiter": 10000})
+    return float(best.fun)
+
+
+#: method='gn' refusals on the ReLU twins (it vmaps over samples and factors
+#: the loss's Hessian in one output tensor); method='exact' gives the value.
+GN_REFUSED = {
+    "relu_dict_outputs": r"method='gn' factors the Hessian .* returns a dict; use method='exact'",
+    "relu_buffer_in_forward": r"method='gn' .* cannot write the buffers this model writes in forward \(calls\)",
+}
+
+
+@pytest.mark.parametrize("name", list(RELU_CASES))
+def test_minimum_sharpness_matches_a_dense_hessian_reference_on_relu_twins(name):
+    case = RELU_CASES[name]
+    model, batch = case.build(), case.batch()
+    before = state(model)
+    H = dense_hessian(case, model, batch)
+    for method in ("gn", "exact"):
+        if method == "gn" and name in GN_REFUSED:
+            with pytest.raises(ValueError, match=GN_REFUSED[name]):
+                hessian.minimum_sharpness(model, batch, loss_fn=case.loss_fn, method=method)
+            continue
+        for granularity in ("layer", "neuron"):
+            r = hessian.minimum_sharpness(model, batch, loss_fn=case.loss_fn, method=method,
+                                          granularity=granularity)
+            assert r.trace == pytest.approx(float(H.diagonal().sum()), rel=1e-10)
+            assert r.value == pytest.approx(_minimum_reference(model, H, granularity), rel=1e-7)
+            assert r.value < r.trace
     assert_same_state(before, state(model))
