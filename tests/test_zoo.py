@@ -302,13 +302,35 @@ def test_worst_case_sharpness_matches_first_order_value_for_small_rho(zoo_case, 
 
 
 @pytest.mark.parametrize("kind", ["avg_l2", "avg_adaptive_linf"])
-def test_average_case_sharpness_runs_and_restores(zoo_case, kind):
+def test_average_case_sharpness_matches_its_definition(zoo_case, kind):
+    """E_d L(w + d) - L(w) by a plain loop over the same draws of a private
+    generator seeded with ``seed``: d = rho N(0, I) (l2) or rho |w| U[-1, 1]
+    (adaptive linf), one tensor after another in parameter order."""
     model, batch = zoo_case.build(), zoo_case.batch()
     before = state(model)
-    r = flatness.sharpness(model, batch, kind=kind, rho=1e-2, n_samples=4, loss_fn=zoo_case.loss_fn,
-                           train=zoo_case.train)
-    assert torch.isfinite(torch.tensor(r.value))
+    rho, n, seed = 1e-2, 4, 3
+    r = flatness.sharpness(model, batch, kind=kind, rho=rho, n_samples=n, loss_fn=zoo_case.loss_fn,
+                           train=zoo_case.train, seed=seed)
     assert_same_state(before, state(model))
+    if zoo_case.train:
+        assert torch.isfinite(torch.tensor(r.value))
+        return  # dropout: the loss is random
+    f, w0, _, _ = flat_loss(zoo_case, model, batch)
+    shapes = [p.shape for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(seed)
+    with _reference_kernels(), torch.no_grad():
+        clean = float(f(w0))
+        total = 0.0
+        for _ in range(n):
+            if kind == "avg_l2":
+                d = torch.cat([torch.randn(s, generator=gen, dtype=DT).reshape(-1) for s in shapes])
+                d = rho * d
+            else:
+                d = torch.cat([(torch.rand(s, generator=gen, dtype=DT) * 2 - 1).reshape(-1) for s in shapes])
+                d = rho * w0.abs() * d
+            total += float(f(w0 + d))
+    assert r.value == pytest.approx(total / n - clean, rel=1e-9, abs=1e-13)
+    assert r.clean_loss == pytest.approx(clean, rel=1e-12)
 
 
 def test_one_sam_step_matches_a_hand_written_step(zoo_case):
