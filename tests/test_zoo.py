@@ -520,3 +520,85 @@ def test_minimum_sharpness_matches_a_dense_hessian_reference_on_relu_twins(name)
             assert r.value == pytest.approx(_minimum_reference(model, H, granularity), rel=1e-7)
             assert r.value < r.trace
     assert_same_state(before, state(model))
+
+
+# -- per-sample scores, class losses, channel norms: single-sample loops ---------------
+
+
+def _sample_losses_loop(case, model, batch, w):
+    """Each sample's loss at flat weights ``w``, one batch of one at a time."""
+    out = []
+    with _reference_kernels(), torch.no_grad():
+        for one in _singletons(batch):
+            f, _, _, _ = flat_loss(case, model, one)
+            out.append(float(f(w)))
+    return torch.tensor(out, dtype=DT)
+
+
+def test_per_sample_sharpness_matches_single_sample_loops(zoo_case):
+    model, batch = zoo_case.build(), zoo_case.batch()  # eval mode, as the function runs
+    before = state(model)
+    fisher = diversity.per_sample_sharpness(model, batch, kind="fisher", loss_fn=zoo_case.loss_fn)
+    G = per_sample_gradients(zoo_case, model, batch)
+    assert torch.allclose(fisher, G.square().sum(1), rtol=1e-10, atol=1e-14)
+    rho = 0.05
+    sam = diversity.per_sample_sharpness(model, batch, kind="sam", rho=rho, loss_fn=zoo_case.loss_fn)
+    f, w0, _, _ = flat_loss(zoo_case, model, batch)
+    w = w0.clone().requires_grad_(True)
+    with _reference_kernels():
+        (g,) = torch.autograd.grad(f(w), w)
+    moved = w0 + rho * g / g.norm()
+    ref = _sample_losses_loop(zoo_case, model, batch, moved) - _sample_losses_loop(zoo_case, model, batch, w0)
+    assert torch.allclose(sam, ref, rtol=1e-9, atol=1e-13)
+    assert_same_state(before, state(model))
+
+
+def test_class_loss_imbalance_matches_a_single_sample_loop(zoo_case):
+    model, batch = zoo_case.build(), zoo_case.batch()
+    before = state(model)
+    r = nu.class_loss_imbalance(model, batch, loss_fn=zoo_case.loss_fn)
+    _, w0, _, _ = flat_loss(zoo_case, model, batch)
+    losses = _sample_losses_loop(zoo_case, model, batch, w0)
+    y = batch[1]
+    ref = {int(c): float(losses[y == c].mean()) for c in torch.unique(y)}
+    assert r.per_class.keys() == ref.keys()
+    for c in ref:
+        assert r.per_class[c] == pytest.approx(ref[c], rel=1e-10)
+    v = torch.tensor(list(ref.values()), dtype=DT)
+    assert r.cv == pytest.approx(float(v.std(unbiased=False) / v.mean()), rel=1e-9)
+    assert r.max_min_ratio == pytest.approx(float(v.max() / v.min()), rel=1e-10)
+    assert_same_state(before, state(model))
+
+
+def test_channel_gradient_norms_match_the_batch_gradient(zoo_case):
+    """Norm of each output row (unit / channel) of the mean gradient,
+    pooled over the parameters of one module."""
+    model, batch = zoo_case.build(), zoo_case.batch()
+    before = state(model)
+    r = nu.channel_gradient_norms(model, batch, loss_fn=zoo_case.loss_fn)
+    f, w0, names, ref_model = flat_loss(zoo_case, model, batch)
+    w = w0.clone().requires_grad_(True)
+    with _reference_kernels():
+        (g,) = torch.autograd.grad(f(w), w, allow_unused=True)
+    g = torch.zeros_like(w0) if g is None else g
+    shapes = dict((n, p.shape) for n, p in ref_model.named_parameters() if p.requires_grad)
+    rows: dict[str, list[torch.Tensor]] = {}
+    i = 0
+    for n in names:
+        s = shapes[n]
+        part = g[i:i + s.numel()].reshape(s)
+        i += s.numel()
+        rows.setdefault(n.rpartition(".")[0] or n, []).append(part.reshape(s[0] if len(s) else 1, -1))
+    ref = {}
+    for layer, mats in rows.items():
+        if len({m.shape[0] for m in mats}) == 1:
+            ref[layer] = torch.cat(mats, 1).square().sum(1).sqrt()
+        else:
+            for n, m in zip([n for n in names if (n.rpartition(".")[0] or n) == layer], mats):
+                ref[f"{layer}/{n.rpartition('.')[2]}"] = m.square().sum(1).sqrt()
+    assert r.norms.keys() == ref.keys()
+    for k in ref:
+        assert torch.allclose(torch.tensor(r.norms[k], dtype=DT), ref[k], rtol=1e-10, atol=1e-14), k
+    pooled = torch.cat(list(ref.values()))
+    assert r.variance == pytest.approx(float(pooled.var(unbiased=False)), rel=1e-9, abs=1e-18)
+    assert_same_state(before, state(model))
