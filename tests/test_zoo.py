@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zoo import CASES, RELU_CASES, _reference_kernels, assert_same_state, dense_hessian, flat_loss, per_sample_gradients, state
+from zoo import CASES, RELU_CASES, _reference_kernels, assert_same_state, dense_ggn, dense_hessian, flat_loss, per_sample_gradients, state
 
 import flatness
 from flatness import diversity, hessian
@@ -601,4 +601,50 @@ def test_channel_gradient_norms_match_the_batch_gradient(zoo_case):
         assert torch.allclose(torch.tensor(r.norms[k], dtype=DT), ref[k], rtol=1e-10, atol=1e-14), k
     pooled = torch.cat(list(ref.values()))
     assert r.variance == pytest.approx(float(pooled.var(unbiased=False)), rel=1e-9, abs=1e-18)
+    assert_same_state(before, state(model))
+
+
+# -- spectral density and the Gauss-Newton matrix ---------------------------------------
+
+
+def test_spectral_density_moments_match_the_dense_hessian(zoo_case):
+    """Each start vector's Gauss quadrature reproduces ``v^T H^k v`` for
+    ``k < 2 n_steps`` (Golub and Meurant), the terms whose mean over the
+    Rademacher vectors estimates ``tr(H^k) / n``; the vectors are redrawn from
+    a generator seeded as the library's private one."""
+    from flatness._lanczos import rademacher
+
+    model, batch = zoo_case.build(), zoo_case.batch()
+    before = state(model)
+    seed, n_vectors, n_steps = 2, 3, 3
+    r = hessian.spectral_density(model, batch, n_vectors=n_vectors, n_steps=n_steps, seed=seed,
+                                 loss_fn=zoo_case.loss_fn, train=zoo_case.train)
+    assert_same_state(before, state(model))
+    H = dense_hessian(zoo_case, model, batch, seed=seed)
+    V = rademacher(H.shape[0], n_vectors, generator=torch.Generator().manual_seed(seed), device="cpu")
+    V = V / V.norm(dim=0)
+    assert torch.allclose(r.weights.sum(1), torch.ones(n_vectors, dtype=DT), rtol=0, atol=1e-12)
+    Hk_V = V
+    for k in range(1, 2 * n_steps):
+        Hk_V = H @ Hk_V
+        exact = (V * Hk_V).sum(0)  # v^T H^k v per vector
+        quad = (r.weights * r.nodes**k).sum(1)
+        scale = float(torch.linalg.eigvalsh(H).abs().max()) ** k
+        assert torch.allclose(quad, exact, rtol=0, atol=1e-8 * scale), (k, quad, exact)
+
+
+def test_ggn_top_eigenvalue_and_trace_match_a_dense_gauss_newton_matrix(zoo_case):
+    model, batch = zoo_case.build(), zoo_case.batch()
+    if "dict" in zoo_case.tags:
+        pytest.skip("refused: test_ggn_of_a_dict_output_model_is_refused_clearly")
+    before = state(model)
+    kw = {"loss_fn": zoo_case.loss_fn, "curvature": "ggn"}
+    eig = hessian.top_eigenvalues(model, batch, k=1, tol=1e-10, **kw)
+    tr = hessian.trace(model, batch, method="exact", **kw)
+    G = dense_ggn(zoo_case, model, batch)
+    assert torch.allclose(G, G.T, rtol=0, atol=1e-12 * G.abs().max())
+    evals = torch.linalg.eigvalsh(G)
+    assert float(evals[0]) > -1e-10 * float(evals[-1])  # positive semi-definite
+    assert float(eig.eigenvalues[0]) == pytest.approx(float(evals[-1]), rel=1e-8)
+    assert tr.value == pytest.approx(float(G.diagonal().sum()), rel=1e-8)
     assert_same_state(before, state(model))

@@ -451,3 +451,33 @@ def per_sample_gradients(case: Case, model: nn.Module, batch: tuple[Any, torch.T
             (g,) = torch.autograd.grad(f(w), w, allow_unused=True)
             rows.append(torch.zeros_like(w0) if g is None else g)
     return torch.stack(rows)
+
+
+def dense_ggn(case: Case, model: nn.Module, batch: tuple[Any, torch.Tensor]) -> torch.Tensor:
+    """The generalized Gauss-Newton matrix ``J^T H_z J`` of the loss in the
+    trainable parameters, from the dense Jacobian of the outputs
+    (``torch.autograd.functional.jacobian``) and the dense Hessian of the
+    loss in the outputs (eval mode, one tensor of outputs)."""
+    import copy
+
+    model = copy.deepcopy(model).eval()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for _, p in named]
+    w0 = torch.cat([p.detach().reshape(-1) for _, p in named])
+    inputs, targets = batch
+
+    def outputs(w: torch.Tensor) -> torch.Tensor:
+        state, i = {}, 0
+        for (n, _), s in zip(named, shapes):
+            state[n] = w[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        for n, b in model.named_buffers():
+            state[n] = b.clone()
+        return _call(model, state, inputs)
+
+    with _reference_kernels():
+        z0 = outputs(w0).detach()
+        J = torch.autograd.functional.jacobian(lambda w: outputs(w).reshape(-1), w0)
+        Hz = torch.autograd.functional.hessian(lambda z: case.loss_fn(z.reshape(z0.shape), targets),
+                                               z0.reshape(-1))
+    return J.T @ Hz @ J
