@@ -6,7 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zoo import CASES, RELU_CASES, _reference_kernels, assert_same_state, dense_ggn, dense_hessian, flat_loss, per_sample_gradients, state
+from zoo import (
+    CASES,
+    RELU_CASES,
+    _reference_kernels,
+    assert_same_state,
+    dense_ggn,
+    dense_hessian,
+    flat_loss,
+    per_sample_gradients,
+    state,
+)
 
 import flatness
 from flatness import diversity, hessian
@@ -624,12 +634,12 @@ def test_spectral_density_moments_match_the_dense_hessian(zoo_case):
     V = rademacher(H.shape[0], n_vectors, generator=torch.Generator().manual_seed(seed), device="cpu")
     V = V / V.norm(dim=0)
     assert torch.allclose(r.weights.sum(1), torch.ones(n_vectors, dtype=DT), rtol=0, atol=1e-12)
-    Hk_V = V
+    Hk_V, top = V, float(torch.linalg.eigvalsh(H).abs().max())
     for k in range(1, 2 * n_steps):
         Hk_V = H @ Hk_V
         exact = (V * Hk_V).sum(0)  # v^T H^k v per vector
         quad = (r.weights * r.nodes**k).sum(1)
-        scale = float(torch.linalg.eigvalsh(H).abs().max()) ** k
+        scale = top**k
         assert torch.allclose(quad, exact, rtol=0, atol=1e-8 * scale), (k, quad, exact)
 
 
@@ -647,4 +657,22 @@ def test_ggn_top_eigenvalue_and_trace_match_a_dense_gauss_newton_matrix(zoo_case
     assert float(evals[0]) > -1e-10 * float(evals[-1])  # positive semi-definite
     assert float(eig.eigenvalues[0]) == pytest.approx(float(evals[-1]), rel=1e-8)
     assert tr.value == pytest.approx(float(G.diagonal().sum()), rel=1e-8)
+    assert_same_state(before, state(model))
+
+
+def test_minimum_sharpness_of_an_explicit_chain_in_a_recurrent_model():
+    """layers=[head]: the Hessian of the head's parameters, the LSTM held
+    fixed; one layer, so no rescaling: the value is the head's trace."""
+    case = CASES["lstm"]
+    model, batch = case.build(), case.batch()
+    before = state(model)
+    with pytest.raises(ValueError, match=r"method='gn' .* no batching rule for rnn \(LSTM\)"):
+        hessian.minimum_sharpness(model, batch, layers=[model.head])
+    r = hessian.minimum_sharpness(model, batch, layers=[model.head], method="exact")
+    H = dense_hessian(case, model, batch)
+    _, _, names, _ = flat_loss(case, model, batch)
+    sizes = dict((n, p.numel()) for n, p in model.named_parameters())
+    offsets = torch.cumsum(torch.tensor([0] + [sizes[n] for n in names]), 0)
+    head = [i for n, a, b in zip(names, offsets[:-1], offsets[1:]) if n.startswith("head.") for i in range(a, b)]
+    assert r.value == pytest.approx(float(H.diagonal()[head].sum()), rel=1e-10)
     assert_same_state(before, state(model))

@@ -393,7 +393,6 @@ def _check_invariance(model: nn.Module, op: CurvatureOperator, chain: list[nn.Mo
     of the requested granularity: the definition assumes they are.  Returns
     the outputs on the first batch."""
     ps = op.params
-    L = len(chain)
     g = []
     for m in chain[:-1]:
         size = m.weight.shape[0] if granularity == "neuron" else 1
