@@ -6,7 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zoo import CASES, _reference_kernels, assert_same_state, dense_hessian, flat_loss, per_sample_gradients, state
+from zoo import (
+    CASES,
+    RELU_CASES,
+    _reference_kernels,
+    assert_same_state,
+    dense_ggn,
+    dense_hessian,
+    flat_loss,
+    per_sample_gradients,
+    state,
+)
 
 import flatness
 from flatness import diversity, hessian
@@ -302,13 +312,35 @@ def test_worst_case_sharpness_matches_first_order_value_for_small_rho(zoo_case, 
 
 
 @pytest.mark.parametrize("kind", ["avg_l2", "avg_adaptive_linf"])
-def test_average_case_sharpness_runs_and_restores(zoo_case, kind):
+def test_average_case_sharpness_matches_its_definition(zoo_case, kind):
+    """E_d L(w + d) - L(w) by a plain loop over the same draws of a private
+    generator seeded with ``seed``: d = rho N(0, I) (l2) or rho |w| U[-1, 1]
+    (adaptive linf), one tensor after another in parameter order."""
     model, batch = zoo_case.build(), zoo_case.batch()
     before = state(model)
-    r = flatness.sharpness(model, batch, kind=kind, rho=1e-2, n_samples=4, loss_fn=zoo_case.loss_fn,
-                           train=zoo_case.train)
-    assert torch.isfinite(torch.tensor(r.value))
+    rho, n, seed = 1e-2, 4, 3
+    r = flatness.sharpness(model, batch, kind=kind, rho=rho, n_samples=n, loss_fn=zoo_case.loss_fn,
+                           train=zoo_case.train, seed=seed)
     assert_same_state(before, state(model))
+    if zoo_case.train:
+        assert torch.isfinite(torch.tensor(r.value))
+        return  # dropout: the loss is random
+    f, w0, _, _ = flat_loss(zoo_case, model, batch)
+    shapes = [p.shape for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(seed)
+    with _reference_kernels(), torch.no_grad():
+        clean = float(f(w0))
+        total = 0.0
+        for _ in range(n):
+            if kind == "avg_l2":
+                d = torch.cat([torch.randn(s, generator=gen, dtype=DT).reshape(-1) for s in shapes])
+                d = rho * d
+            else:
+                d = torch.cat([(torch.rand(s, generator=gen, dtype=DT) * 2 - 1).reshape(-1) for s in shapes])
+                d = rho * w0.abs() * d
+            total += float(f(w0 + d))
+    assert r.value == pytest.approx(total / n - clean, rel=1e-9, abs=1e-13)
+    assert r.clean_loss == pytest.approx(clean, rel=1e-12)
 
 
 def test_one_sam_step_matches_a_hand_written_step(zoo_case):
@@ -369,3 +401,278 @@ def test_ggn_of_a_dict_output_model_is_refused_clearly():
         hessian.top_eigenvalues(case.build(), case.batch(), loss_fn=case.loss_fn, curvature="ggn")
     with pytest.raises(ValueError, match="LSTM"):
         hessian.trace(CASES["lstm"].build(), CASES["lstm"].batch(), engine="forward-over-reverse")
+
+
+@pytest.mark.parametrize("name, why", [("cnn_channels_last", "probe product"),
+                                       ("buffer_in_forward", r"writes buffers in forward \(calls, ema\)")])
+def test_requested_forward_over_reverse_is_refused_before_any_product(name, why):
+    case = CASES[name]
+    model, batch = case.build(), case.batch()
+    before = state(model)
+    with pytest.raises(ValueError, match=f"engine='forward-over-reverse'.*{why}"):
+        hessian.trace(model, batch, method="exact", engine="forward-over-reverse")
+    with pytest.raises(ValueError, match=why):
+        hessian.top_eigenvalues(model, batch, engine="forward-over-reverse")
+    assert_same_state(before, state(model))
+
+
+# -- minimum sharpness ----------------------------------------------------------------
+
+#: Every zoo case is refused by minimum sharpness (Ibayashi et al. 2021): it is
+#: defined for chains of Linear/Conv layers joined by ReLU-like activations.
+#: The message names the module and the reason.
+MINIMUM_REFUSED = {
+    "mlp": r"not positively homogeneous: 1 \(Tanh\)",
+    "cnn_bn": r"outside such a chain .*1 \(BatchNorm2d\): weight, bias",
+    "cnn_channels_last": r"outside such a chain .*1 \(GroupNorm\): weight, bias",
+    "resnet_block": r"no such module is registered: look for a functional activation",  # torch.tanh
+    "transformer": r"outside such a chain .*layer.self_attn \(MultiheadAttention\): in_proj_weight",
+    "transformer_train": r"outside such a chain .*layer.self_attn \(MultiheadAttention\): in_proj_weight",
+    "attention": r"outside such a chain .*attn \(MultiheadAttention\): in_proj_weight, in_proj_bias",
+    "lstm": r"outside such a chain .*emb \(Embedding\): weight; rnn \(LSTM\): weight_ih_l0",
+    "gru": r"outside such a chain .*rnn \(GRU\): weight_ih_l0",
+    "tied_embeddings": r"weights tied to a layer\): emb \(Embedding\): weight",
+    "weight_norm": r"cannot use 0 \(ParametrizedLinear\): its weight is computed by a parametrization",
+    "spectral_norm": r"cannot use 0 \(ParametrizedLinear\): its weight is computed by a parametrization",
+    "dict_outputs": r"change under a layer-wise rescaling.*look for a functional activation",  # torch.tanh
+    "pre_hook": r"not positively homogeneous: 1 \(Tanh\)",
+    "compiled": r"not positively homogeneous: _orig_mod.1 \(Tanh\)",
+    "frozen_unused": r"outside such a chain .*<root> \(FrozenUnused\): unused",
+    "buffer_in_forward": r"not positively homogeneous: net.1 \(Tanh\)",
+}
+
+
+def test_minimum_sharpness_refuses_every_zoo_model_naming_the_module(zoo_case):
+    model, batch = zoo_case.build(), zoo_case.batch()
+    before = state(model)
+    for method in ("gn", "exact"):
+        with pytest.raises(ValueError, match=MINIMUM_REFUSED[zoo_case.name]):
+            hessian.minimum_sharpness(model, batch, loss_fn=zoo_case.loss_fn, train=zoo_case.train,
+                                      method=method)
+    with pytest.raises(ValueError, match=MINIMUM_REFUSED[zoo_case.name]):
+        flatness.sharpness(model, batch, kind="minimum", loss_fn=zoo_case.loss_fn, train=zoo_case.train)
+    assert_same_state(before, state(model))
+
+
+def test_minimum_sharpness_refuses_the_compiled_tanh_model():
+    case = CASES["compiled"]
+    with pytest.raises(ValueError, match=MINIMUM_REFUSED["compiled"]):
+        hessian.minimum_sharpness(case.build(), case.batch())
+
+
+def _minimum_reference(model: torch.nn.Module, H: torch.Tensor, granularity: str) -> float:
+    """min over log-scales g of the Hessian trace of the rescaled chain,
+    from the dense Hessian's diagonal, minimized by SciPy's BFGS (the
+    library uses its own log-sum-exp L-BFGS-B)."""
+    import numpy as np
+    import scipy.optimize
+
+    from flatness._model import unwrap
+
+    layers = [m for m in unwrap(model).modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    d = H.diagonal().numpy()
+    blocks, i = [], 0
+    for m in layers:  # the twins have no parameters outside the chain
+        w = m.weight
+        D = d[i:i + w.numel()].reshape(w.shape[0], w.shape[1], -1).sum(-1)
+        i += w.numel()
+        E = d[i:i + m.bias.numel()] if m.bias is not None else None
+        i += 0 if m.bias is None else m.bias.numel()
+        blocks.append((D, E))
+    assert i == len(d)
+    L = len(layers)
+    hidden = [m.weight.shape[0] for m in layers[:-1]]
+    starts = np.cumsum([0, *hidden])
+
+    def unit_scales(g, l):
+        if l < 0 or l == L - 1:
+            return np.zeros(layers[max(l, 0)].weight.shape[0] if l >= 0 else 1)
+        return np.full(hidden[l], g[l]) if granularity == "layer" else g[starts[l]:starts[l + 1]]
+
+    def f(g):
+        total = 0.0
+        for l, (D, E) in enumerate(blocks):
+            out = unit_scales(g, l)
+            inp = np.zeros(D.shape[1]) if l == 0 else np.repeat(unit_scales(g, l - 1), D.shape[1] // hidden[l - 1])
+            total += (D * np.exp(2 * (inp[None, :] - out[:, None]))).sum()
+            if E is not None:
+                total += (E * np.exp(-2 * out)).sum()
+        return total
+
+    n = L - 1 if granularity == "layer" else sum(hidden)
+    best = scipy.optimize.minimize(f, np.zeros(n), method="BFGS", options={"gtol": 1e-12, "maxiter": 10000})
+    return float(best.fun)
+
+
+#: method='gn' refusals on the ReLU twins (it vmaps over samples and factors
+#: the loss's Hessian in one output tensor); method='exact' gives the value.
+GN_REFUSED = {
+    "relu_dict_outputs": r"method='gn' factors the Hessian .* returns a dict; use method='exact'",
+    "relu_buffer_in_forward": r"method='gn' .* cannot write the buffers this model writes in forward \(calls\)",
+}
+
+
+@pytest.mark.parametrize("name", list(RELU_CASES))
+def test_minimum_sharpness_matches_a_dense_hessian_reference_on_relu_twins(name):
+    case = RELU_CASES[name]
+    model, batch = case.build(), case.batch()
+    before = state(model)
+    H = dense_hessian(case, model, batch)
+    for method in ("gn", "exact"):
+        if method == "gn" and name in GN_REFUSED:
+            with pytest.raises(ValueError, match=GN_REFUSED[name]):
+                hessian.minimum_sharpness(model, batch, loss_fn=case.loss_fn, method=method)
+            continue
+        for granularity in ("layer", "neuron"):
+            r = hessian.minimum_sharpness(model, batch, loss_fn=case.loss_fn, method=method,
+                                          granularity=granularity)
+            assert r.trace == pytest.approx(float(H.diagonal().sum()), rel=1e-10)
+            assert r.value == pytest.approx(_minimum_reference(model, H, granularity), rel=1e-7)
+            assert r.value < r.trace
+    assert_same_state(before, state(model))
+
+
+# -- per-sample scores, class losses, channel norms: single-sample loops ---------------
+
+
+def _sample_losses_loop(case, model, batch, w):
+    """Each sample's loss at flat weights ``w``, one batch of one at a time."""
+    out = []
+    with _reference_kernels(), torch.no_grad():
+        for one in _singletons(batch):
+            f, _, _, _ = flat_loss(case, model, one)
+            out.append(float(f(w)))
+    return torch.tensor(out, dtype=DT)
+
+
+def test_per_sample_sharpness_matches_single_sample_loops(zoo_case):
+    model, batch = zoo_case.build(), zoo_case.batch()  # eval mode, as the function runs
+    before = state(model)
+    fisher = diversity.per_sample_sharpness(model, batch, kind="fisher", loss_fn=zoo_case.loss_fn)
+    G = per_sample_gradients(zoo_case, model, batch)
+    assert torch.allclose(fisher, G.square().sum(1), rtol=1e-10, atol=1e-14)
+    rho = 0.05
+    sam = diversity.per_sample_sharpness(model, batch, kind="sam", rho=rho, loss_fn=zoo_case.loss_fn)
+    f, w0, _, _ = flat_loss(zoo_case, model, batch)
+    w = w0.clone().requires_grad_(True)
+    with _reference_kernels():
+        (g,) = torch.autograd.grad(f(w), w)
+    moved = w0 + rho * g / g.norm()
+    ref = _sample_losses_loop(zoo_case, model, batch, moved) - _sample_losses_loop(zoo_case, model, batch, w0)
+    assert torch.allclose(sam, ref, rtol=1e-9, atol=1e-13)
+    assert_same_state(before, state(model))
+
+
+def test_class_loss_imbalance_matches_a_single_sample_loop(zoo_case):
+    model, batch = zoo_case.build(), zoo_case.batch()
+    before = state(model)
+    r = nu.class_loss_imbalance(model, batch, loss_fn=zoo_case.loss_fn)
+    _, w0, _, _ = flat_loss(zoo_case, model, batch)
+    losses = _sample_losses_loop(zoo_case, model, batch, w0)
+    y = batch[1]
+    ref = {int(c): float(losses[y == c].mean()) for c in torch.unique(y)}
+    assert r.per_class.keys() == ref.keys()
+    for c in ref:
+        assert r.per_class[c] == pytest.approx(ref[c], rel=1e-10)
+    v = torch.tensor(list(ref.values()), dtype=DT)
+    assert r.cv == pytest.approx(float(v.std(unbiased=False) / v.mean()), rel=1e-9)
+    assert r.max_min_ratio == pytest.approx(float(v.max() / v.min()), rel=1e-10)
+    assert_same_state(before, state(model))
+
+
+def test_channel_gradient_norms_match_the_batch_gradient(zoo_case):
+    """Norm of each output row (unit / channel) of the mean gradient,
+    pooled over the parameters of one module."""
+    model, batch = zoo_case.build(), zoo_case.batch()
+    before = state(model)
+    r = nu.channel_gradient_norms(model, batch, loss_fn=zoo_case.loss_fn)
+    f, w0, names, ref_model = flat_loss(zoo_case, model, batch)
+    w = w0.clone().requires_grad_(True)
+    with _reference_kernels():
+        (g,) = torch.autograd.grad(f(w), w, allow_unused=True)
+    g = torch.zeros_like(w0) if g is None else g
+    shapes = dict((n, p.shape) for n, p in ref_model.named_parameters() if p.requires_grad)
+    rows: dict[str, list[torch.Tensor]] = {}
+    i = 0
+    for n in names:
+        s = shapes[n]
+        part = g[i:i + s.numel()].reshape(s)
+        i += s.numel()
+        rows.setdefault(n.rpartition(".")[0] or n, []).append(part.reshape(s[0] if len(s) else 1, -1))
+    ref = {}
+    for layer, mats in rows.items():
+        if len({m.shape[0] for m in mats}) == 1:
+            ref[layer] = torch.cat(mats, 1).square().sum(1).sqrt()
+        else:
+            for n, m in zip([n for n in names if (n.rpartition(".")[0] or n) == layer], mats):
+                ref[f"{layer}/{n.rpartition('.')[2]}"] = m.square().sum(1).sqrt()
+    assert r.norms.keys() == ref.keys()
+    for k in ref:
+        assert torch.allclose(torch.tensor(r.norms[k], dtype=DT), ref[k], rtol=1e-10, atol=1e-14), k
+    pooled = torch.cat(list(ref.values()))
+    assert r.variance == pytest.approx(float(pooled.var(unbiased=False)), rel=1e-9, abs=1e-18)
+    assert_same_state(before, state(model))
+
+
+# -- spectral density and the Gauss-Newton matrix ---------------------------------------
+
+
+def test_spectral_density_moments_match_the_dense_hessian(zoo_case):
+    """Each start vector's Gauss quadrature reproduces ``v^T H^k v`` for
+    ``k < 2 n_steps`` (Golub and Meurant), the terms whose mean over the
+    Rademacher vectors estimates ``tr(H^k) / n``; the vectors are redrawn from
+    a generator seeded as the library's private one."""
+    from flatness._lanczos import rademacher
+
+    model, batch = zoo_case.build(), zoo_case.batch()
+    before = state(model)
+    seed, n_vectors, n_steps = 2, 3, 3
+    r = hessian.spectral_density(model, batch, n_vectors=n_vectors, n_steps=n_steps, seed=seed,
+                                 loss_fn=zoo_case.loss_fn, train=zoo_case.train)
+    assert_same_state(before, state(model))
+    H = dense_hessian(zoo_case, model, batch, seed=seed)
+    V = rademacher(H.shape[0], n_vectors, generator=torch.Generator().manual_seed(seed), device="cpu")
+    V = V / V.norm(dim=0)
+    assert torch.allclose(r.weights.sum(1), torch.ones(n_vectors, dtype=DT), rtol=0, atol=1e-12)
+    Hk_V, top = V, float(torch.linalg.eigvalsh(H).abs().max())
+    for k in range(1, 2 * n_steps):
+        Hk_V = H @ Hk_V
+        exact = (V * Hk_V).sum(0)  # v^T H^k v per vector
+        quad = (r.weights * r.nodes**k).sum(1)
+        scale = top**k
+        assert torch.allclose(quad, exact, rtol=0, atol=1e-8 * scale), (k, quad, exact)
+
+
+def test_ggn_top_eigenvalue_and_trace_match_a_dense_gauss_newton_matrix(zoo_case):
+    model, batch = zoo_case.build(), zoo_case.batch()
+    if "dict" in zoo_case.tags:
+        pytest.skip("refused: test_ggn_of_a_dict_output_model_is_refused_clearly")
+    before = state(model)
+    kw = {"loss_fn": zoo_case.loss_fn, "curvature": "ggn"}
+    eig = hessian.top_eigenvalues(model, batch, k=1, tol=1e-10, **kw)
+    tr = hessian.trace(model, batch, method="exact", **kw)
+    G = dense_ggn(zoo_case, model, batch)
+    assert torch.allclose(G, G.T, rtol=0, atol=1e-12 * G.abs().max())
+    evals = torch.linalg.eigvalsh(G)
+    assert float(evals[0]) > -1e-10 * float(evals[-1])  # positive semi-definite
+    assert float(eig.eigenvalues[0]) == pytest.approx(float(evals[-1]), rel=1e-8)
+    assert tr.value == pytest.approx(float(G.diagonal().sum()), rel=1e-8)
+    assert_same_state(before, state(model))
+
+
+def test_minimum_sharpness_of_an_explicit_chain_in_a_recurrent_model():
+    """layers=[head]: the Hessian of the head's parameters, the LSTM held
+    fixed; one layer, so no rescaling: the value is the head's trace."""
+    case = CASES["lstm"]
+    model, batch = case.build(), case.batch()
+    before = state(model)
+    with pytest.raises(ValueError, match=r"method='gn' .* no batching rule for rnn \(LSTM\)"):
+        hessian.minimum_sharpness(model, batch, layers=[model.head])
+    r = hessian.minimum_sharpness(model, batch, layers=[model.head], method="exact")
+    H = dense_hessian(case, model, batch)
+    _, _, names, _ = flat_loss(case, model, batch)
+    sizes = dict((n, p.numel()) for n, p in model.named_parameters())
+    offsets = torch.cumsum(torch.tensor([0] + [sizes[n] for n in names]), 0)
+    head = [i for n, a, b in zip(names, offsets[:-1], offsets[1:]) if n.startswith("head.") for i in range(a, b)]
+    assert r.value == pytest.approx(float(H.diagonal()[head].sum()), rel=1e-10)
+    assert_same_state(before, state(model))

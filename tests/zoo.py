@@ -274,6 +274,74 @@ CASES: dict[str, Case] = {
     ]
 }
 
+
+# -- ReLU twins: the rescaling symmetry of minimum sharpness -------------------
+# Minimum sharpness is defined only for chains of Linear/Conv layers joined by
+# positively homogeneous activations; the zoo's Tanh models are refused.  These
+# twins swap the activation for ReLU (and pooling), so that the value is
+# checked on the same machinery (dict outputs, hooks, buffers, compile, ...).
+
+
+def relu_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+
+
+def relu_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True), nn.Flatten(),
+                         nn.Linear(3 * 2 * 2, 3))
+
+
+def relu_cnn_channels_last() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    return model.to(memory_format=torch.channels_last)
+
+
+class ReluDictModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 5)
+        self.classifier = nn.Linear(5, 3)
+
+    def forward(self, input_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.body(input_values))
+        return {"logits": self.classifier(h), "hidden": h}
+
+
+def relu_pre_hook() -> nn.Module:
+    model = relu_mlp()
+    model[0].register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))
+    return model
+
+
+def relu_compiled() -> nn.Module:
+    return torch.compile(relu_mlp(), backend="eager")
+
+
+class ReluCounting(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = relu_mlp()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.net(x)
+
+
+RELU_CASES: dict[str, Case] = {
+    c.name: c
+    for c in [
+        Case("relu_mlp", _seeded(relu_mlp), _vectors),
+        Case("relu_cnn", _seeded(relu_cnn), _images),
+        Case("relu_cnn_channels_last", _seeded(relu_cnn_channels_last), _channels_last_images),
+        Case("relu_dict_outputs", _seeded(ReluDictModel), _dict_vectors, loss_fn=dict_loss,
+             tags=frozenset({"dict"})),
+        Case("relu_pre_hook", _seeded(relu_pre_hook), _vectors),
+        Case("relu_compiled", _seeded(relu_compiled), _vectors, tags=frozenset({"compile"})),
+        Case("relu_buffer_in_forward", _seeded(ReluCounting), _vectors, tags=frozenset({"buffer"})),
+    ]
+}
+
 #: Case names, for ``pytest.mark.parametrize``.
 NAMES = list(CASES)
 #: Cases without torch.compile (compile is slow: one or two tests use it).
@@ -383,3 +451,33 @@ def per_sample_gradients(case: Case, model: nn.Module, batch: tuple[Any, torch.T
             (g,) = torch.autograd.grad(f(w), w, allow_unused=True)
             rows.append(torch.zeros_like(w0) if g is None else g)
     return torch.stack(rows)
+
+
+def dense_ggn(case: Case, model: nn.Module, batch: tuple[Any, torch.Tensor]) -> torch.Tensor:
+    """The generalized Gauss-Newton matrix ``J^T H_z J`` of the loss in the
+    trainable parameters, from the dense Jacobian of the outputs
+    (``torch.autograd.functional.jacobian``) and the dense Hessian of the
+    loss in the outputs (eval mode, one tensor of outputs)."""
+    import copy
+
+    model = copy.deepcopy(model).eval()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for _, p in named]
+    w0 = torch.cat([p.detach().reshape(-1) for _, p in named])
+    inputs, targets = batch
+
+    def outputs(w: torch.Tensor) -> torch.Tensor:
+        state, i = {}, 0
+        for (n, _), s in zip(named, shapes):
+            state[n] = w[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        for n, b in model.named_buffers():
+            state[n] = b.clone()
+        return _call(model, state, inputs)
+
+    with _reference_kernels():
+        z0 = outputs(w0).detach()
+        J = torch.autograd.functional.jacobian(lambda w: outputs(w).reshape(-1), w0)
+        Hz = torch.autograd.functional.hessian(lambda z: case.loss_fn(z.reshape(z0.shape), targets),
+                                               z0.reshape(-1))
+    return J.T @ Hz @ J

@@ -560,6 +560,10 @@ class CurvatureOperator:
             if self.engine is None:
                 with private_rng(self.seed, ps.device):
                     self.engine, self.engine_reason = self._choose(k)
+            elif self.engine_reason == "requested" and self.engine == "forward-over-reverse":
+                with private_rng(self.seed, ps.device):
+                    self._check_requested_forward()
+                self.engine_reason = "requested (probe passed)"
             with private_rng(self.seed, ps.device):
                 if self.engine == "double-backward":
                     total, acc = self._double_backward(tangents)
@@ -664,8 +668,15 @@ class CurvatureOperator:
             # vmap over the math attention kernel costs more than k backward
             # passes (measured in benchmarks/bench_hessian.py)
             return "double-backward", "attention modules (" + ", ".join(attention) + ")"
-        # A probe product on one sample: some kernels (GroupNorm on
-        # channels_last tensors, fused losses) lack forward-mode formulas.
+        exc = self._forward_probe(inputs, targets)
+        if exc is not None:
+            return "double-backward", f"forward-mode probe failed ({type(exc).__name__})"
+        return "forward-over-reverse", f"{k} vectors per pass over several batches: vmapped jvp of grad"
+
+    def _forward_probe(self, inputs: Any, targets: Tensor) -> Exception | None:
+        """A forward-over-reverse product on one sample: the error it raises,
+        or ``None``.  Some kernels (GroupNorm on channels_last tensors, fused
+        losses) lack forward-mode formulas that the module types do not show."""
         from flatness._model import _slice
 
         x1, y1 = _slice(inputs, 0, 1), targets[:1]
@@ -674,8 +685,29 @@ class CurvatureOperator:
             batch_curvature_products(self.model, self.params, x1, y1, probe, loss_fn=self.loss_fn,
                                      curvature=self.curvature)
         except (RuntimeError, NotImplementedError) as exc:
-            return "double-backward", f"forward-mode probe failed ({type(exc).__name__})"
-        return "forward-over-reverse", f"{k} vectors per pass over several batches: vmapped jvp of grad"
+            return exc
+        return None
+
+    def _check_requested_forward(self) -> None:
+        """Refuse a requested forward-over-reverse engine, before the first
+        product, where it cannot run: buffers written in ``forward`` (the
+        vmapped transforms cannot write them) or a kernel without a
+        forward-mode formula (found by the probe product)."""
+        _, inputs, targets = next(iter(self._batches()))
+        written = buffers_written_in_forward(self.model, self.params, inputs, targets, self.loss_fn)
+        if written:
+            raise ValueError(
+                "engine='forward-over-reverse' cannot run a model that writes buffers in forward ("
+                + ", ".join(written) + "); use engine='double-backward' or 'auto'"
+            )
+        exc = self._forward_probe(inputs, targets)
+        if exc is not None:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ValueError(
+                "engine='forward-over-reverse' failed on a probe product of one sample: a kernel of "
+                f"this model has no forward-mode derivative ({type(exc).__name__}: {first}); "
+                "use engine='double-backward' or 'auto'"
+            )
 
     def _batch(self, inputs: Any, targets: Tensor, tangents: Tangents) -> Tangents:
         return batch_curvature_products(

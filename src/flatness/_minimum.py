@@ -299,6 +299,66 @@ def _chain(model: nn.Module, layers: Iterable[nn.Module] | None) -> list[nn.Modu
     return chain
 
 
+#: Activation and normalization modules that are not positively homogeneous:
+#: named in the error when a rescaling changes the outputs.
+_NOT_HOMOGENEOUS = (
+    nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Mish,
+    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
+    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+)
+
+
+def _label(names: dict[int, str], m: nn.Module) -> str:
+    return f"{names.get(id(m)) or '<root>'} ({type(m).__name__})"
+
+
+def _check_structure(model: nn.Module, chain: list[nn.Module], explicit: bool, method: str) -> None:
+    """Refuse, before anything runs, models whose structure rules out the
+    rescaling symmetry or the chosen method, naming the modules."""
+    from torch.nn.utils import parametrize
+
+    from flatness._per_sample import _no_batching_rule
+
+    module = unwrap(model)
+    names = {id(m): n for n, m in module.named_modules()}
+    for m in chain:
+        if parametrize.is_parametrized(m):
+            tensors = ", ".join(m.parametrizations.keys())
+            raise ValueError(
+                f"minimum sharpness cannot use {_label(names, m)}: its {tensors} is computed by a "
+                "parametrization (weight_norm, spectral_norm, ...) from other parameters, so "
+                "rescaling its units does not act on the parameters; remove the parametrization "
+                "first (torch.nn.utils.parametrize.remove_parametrizations)"
+            )
+    if not explicit:
+        # Every trainable parameter must be a weight or bias of the chain:
+        # the Hessian trace of the others (recurrent kernels, attention's
+        # input projections, normalization, embeddings) has no rescaling
+        # symmetry to minimize over.
+        in_chain = {id(m) for m in chain}
+        outside = []
+        for m in module.modules():
+            own = [n for n, p in m.named_parameters(recurse=False) if p.requires_grad]
+            if own and id(m) not in in_chain:
+                outside.append(f"{_label(names, m)}: {', '.join(own)}")
+        if outside:
+            raise ValueError(
+                "minimum sharpness is defined for chains of Linear/Conv layers joined by "
+                "positively homogeneous activations (ReLU), whose function is unchanged by "
+                "rescaling units; these modules hold trainable parameters outside such a chain "
+                "(no rescaling symmetry, or weights tied to a layer): " + "; ".join(outside)
+                + ". Pass layers= to measure a chain with the other parameters held fixed"
+            )
+    if method == "gn":
+        blocked = _no_batching_rule(model)
+        if blocked:
+            raise ValueError(
+                "method='gn' differentiates the model sample by sample with torch.func.vmap, "
+                f"which has no batching rule for {', '.join(blocked)}; use method='exact' or "
+                "method='hutchinson'"
+            )
+
+
 def _unit_of_input(chain: list[nn.Module], i: int) -> int:
     """How many input coordinates of layer ``i`` belong to one unit of layer
     ``i - 1`` (> 1 when a conv feature map is flattened into a Linear)."""
@@ -328,13 +388,11 @@ def _rescaled(chain: list[nn.Module], g: list[Tensor]) -> dict[int, Tensor]:
 
 
 def _check_invariance(model: nn.Module, op: CurvatureOperator, chain: list[nn.Module],
-                      granularity: str, gen: torch.Generator) -> None:
+                      granularity: str, gen: torch.Generator) -> Any:
     """Raise unless the network's outputs are unchanged by a random rescaling
-    of the requested granularity: the definition assumes they are."""
+    of the requested granularity: the definition assumes they are.  Returns
+    the outputs on the first batch."""
     ps = op.params
-    L = len(chain)
-    if L == 1:
-        return
     g = []
     for m in chain[:-1]:
         size = m.weight.shape[0] if granularity == "neuron" else 1
@@ -343,19 +401,34 @@ def _check_invariance(model: nn.Module, op: CurvatureOperator, chain: list[nn.Mo
     scaled = _rescaled(chain, g)
     values = [scaled.get(id(p), p.detach()) for p in ps.params]
     with ModelGuard(model, train=op.train), torch.no_grad():
-        inputs, _ = next(iter(iter_batches(op.data, device=ps.device, dtype=ps.dtype, n_batches=1)))
+        inputs, targets = next(iter(iter_batches(op.data, device=ps.device, dtype=ps.dtype, n_batches=1)))
         z0 = _outputs(model, ps, ps.detached(), inputs, {})
         z1 = _outputs(model, ps, values, inputs, {})
-    err = float((z1 - z0).abs().max())
-    scale = float(z0.abs().max()) + 1e-30
+        if isinstance(z0, Tensor):
+            t0, t1 = [z0], [z1]
+        else:
+            # dict / tuple outputs may hold hidden states, which a rescaling
+            # changes: the loss is what must not change
+            t0, t1 = [op.loss_fn(z0, targets)], [op.loss_fn(z1, targets)]
+    err = max(float((b - a).abs().max()) for a, b in zip(t0, t1))
+    scale = max(float(a.abs().max()) for a in t0) + 1e-30
     tol = 100 * math.sqrt(torch.finfo(ps.dtype).eps)
     if not err <= tol * scale:
+        names = {id(m): n for n, m in unwrap(model).named_modules()}
+        suspects = [_label(names, m) for m in unwrap(model).modules() if isinstance(m, _NOT_HOMOGENEOUS)]
+        culprit = (
+            "; not positively homogeneous: " + ", ".join(suspects) if suspects
+            else "; no such module is registered: look for a functional activation or "
+                 "normalization (torch.tanh, F.layer_norm, ...) in forward"
+        )
         raise ValueError(
             f"the model's outputs change under a {granularity}-wise rescaling of its Linear/Conv "
             f"layers (relative change {err / scale:.2e}); minimum sharpness needs a chain of "
             "Linear/Conv layers joined by positively homogeneous activations (ReLU, max/avg "
             "pooling, flatten) in forward order, without normalization layers between them"
+            + culprit
         )
+    return z0
 
 
 # --------------------------------------------------------------------------
@@ -388,8 +461,14 @@ def minimum_sharpness(
     model : nn.Module
         Linear / Conv layers (``groups=1``) joined by positively homogeneous
         activations, listed in forward order by ``model.modules()`` (or pass
-        ``layers``).  The invariance is checked on the first batch: a random
-        rescaling must leave the outputs unchanged, else ``ValueError``.
+        ``layers``).  Refused up front, naming the module: parametrized
+        layers (``weight_norm``, ``spectral_norm``) and, without ``layers``,
+        trainable parameters outside the chain (recurrent layers,
+        attention's input projections, normalization, embeddings, tied
+        weights).  The invariance is checked on the first batch: a random
+        rescaling must leave the outputs (the loss, for dict or tuple
+        outputs) unchanged, else ``ValueError`` naming the activation and
+        normalization modules that are not positively homogeneous.
     data : batch or re-iterable of batches
         Over several batches the Hessian is the size-weighted average.
     granularity : {"layer", "neuron"}
@@ -427,7 +506,8 @@ def minimum_sharpness(
     n_samples : int
         Products for Hutchinson.
     layers : iterable of nn.Module, optional
-        The Linear/Conv layers of the chain in forward order.
+        The Linear/Conv layers of the chain in forward order; the Hessian is
+        then that of their parameters, the others held fixed.
     params : None
         Minimum sharpness is defined over all weights and biases of the
         chain; only ``None`` is accepted (select layers with ``layers``).
@@ -445,9 +525,11 @@ def minimum_sharpness(
     ------
     ValueError
         Bad options, a model without the rescaling symmetry, a ``"gn"`` call
-        on a model with normalization layers that use batch statistics or
-        with a loss that is not a mean or sum over samples, or a Hutchinson
-        layer trace that is not positive.
+        on a model with normalization layers that use batch statistics,
+        recurrent layers (no ``vmap`` batching rule), outputs that are not
+        one tensor, buffers written in ``forward``, or a loss that is not a
+        mean or sum over samples, or a Hutchinson layer trace that is not
+        positive.
     """
     start = time.perf_counter()
     if granularity not in GRANULARITIES:
@@ -462,6 +544,7 @@ def minimum_sharpness(
             "pass params=None and choose the layers with layers="
         )
     chain = _chain(model, layers)
+    _check_structure(model, chain, layers is not None, method)
     chain_params = [t for m in chain for t in (m.weight, m.bias) if t is not None]
     op = CurvatureOperator(
         model, data, loss_fn=loss_fn, params=chain_params, n_batches=n_batches, train=train,
@@ -482,7 +565,9 @@ def minimum_sharpness(
     n_backward = 0
     try:
         with private_rng(seed, op.device) as gen:
-            _check_invariance(model, op, chain, granularity, gen)
+            z0 = _check_invariance(model, op, chain, granularity, gen)
+            if method == "gn":
+                _check_gn_outputs(op, z0)
             if method == "gn":
                 diag, n_backward = _gn_diagonal(op, chunk_size, bar)
                 samples = None
@@ -701,6 +786,29 @@ def _verify_exactness(op: CurvatureOperator, inputs: Any, targets: Tensor, gn_di
             f"differs from the Gauss-Newton one in {', '.join(names)} (Hessian {float(h[bad[0]]):.6g}, "
             f"Gauss-Newton {float(gn[bad[0]]):.6g}): use method='exact' (small models) or "
             "method='hutchinson'"
+        )
+
+
+def _check_gn_outputs(op: CurvatureOperator, z0: Any) -> None:
+    """``method="gn"`` factors the loss's Hessian in the outputs of each
+    sample, vmapped: one output tensor, no buffer written in ``forward``."""
+    from flatness._hvp import buffers_written_in_forward
+
+    if not isinstance(z0, Tensor):
+        raise ValueError(
+            "method='gn' factors the Hessian of the loss in the model's outputs, which must be "
+            f"one tensor, but this model returns a {type(z0).__name__}; use method='exact' or "
+            "method='hutchinson'"
+        )
+    ps = op.params
+    with ModelGuard(op.model, train=op.train):
+        inputs, targets = next(iter(iter_batches(op.data, device=ps.device, dtype=ps.dtype, n_batches=1)))
+        written = buffers_written_in_forward(op.model, ps, inputs, targets, op.loss_fn)
+    if written:
+        raise ValueError(
+            "method='gn' differentiates the model sample by sample with torch.func, which cannot "
+            f"write the buffers this model writes in forward ({', '.join(written)}); use "
+            "method='exact' or method='hutchinson'"
         )
 
 
