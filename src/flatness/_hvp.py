@@ -64,6 +64,7 @@ from flatness._model import (
     default_loss,
     functional_loss,
     iter_batches,
+    maybe_progress,
     private_rng,
     require_finite,
     same_bits,
@@ -394,6 +395,11 @@ def _is_one_shot(data: Any) -> bool:
     # here: on a shuffling DataLoader it would draw from the global RNG (and
     # start worker processes) outside the private generator.
     return isinstance(data, Iterator)
+
+
+def hvp_bar(progress: bool, total: int | None, desc: str) -> Any:
+    """A tqdm bar counting Hessian-vector products, or ``None`` without ``progress``."""
+    return maybe_progress(None, progress, total, desc, unit="hvp")
 
 
 class CurvatureOperator:

@@ -62,7 +62,7 @@ from torch.func import hessian as func_hessian
 from torch.func import vjp, vmap
 
 from flatness._distributed import sum_
-from flatness._hvp import CurvatureOperator, ResultMixin, _outputs, double_backward_hvp
+from flatness._hvp import CurvatureOperator, ResultMixin, _outputs, double_backward_hvp, hvp_bar
 from flatness._lanczos import exact_diagonal, rademacher
 from flatness._model import (
     LossFn,
@@ -472,13 +472,11 @@ def minimum_sharpness(
     n = op.shape[0]
     bar = None
     if progress:
-        from flatness.hessian import _bar
-
         if method == "gn":  # counts samples
             bar = maybe_progress(None, True, _n_samples(data, n_batches), "minimum sharpness", unit="sample")
         else:
             total = n if method == "exact" else n_samples * len(chain_params)
-            bar = op.progress = _bar(True, total, "minimum sharpness")
+            bar = op.progress = hvp_bar(True, total, "minimum sharpness")
     n_backward = 0
     try:
         with private_rng(seed, op.device) as gen:

@@ -25,19 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flatness._distributed import sum_
-from flatness._hvp import CurvatureOperator, ResultMixin
+from flatness._hvp import CurvatureOperator, ResultMixin, hvp_bar
 from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
 from flatness._minimum import MinimumSharpnessResult, minimum_sharpness
 from flatness._model import (
     LossFn,
-    ModelGuard,
-    batch_size,
     check_int,
-    functional_loss,
     grad_enabled,
-    iter_batches,
-    maybe_progress,
     private_rng,
 )
 
@@ -221,8 +215,7 @@ def _check_positive(name: str, value: Any) -> float:
     return float(value)
 
 
-def _bar(progress: bool, total: int | None, desc: str) -> Any:
-    return maybe_progress(None, progress, total, desc, unit="hvp")
+
 
 
 def _operator(model: nn.Module, data: Any, **kwargs: Any) -> CurvatureOperator:
@@ -417,7 +410,7 @@ def top_eigenvalues(
     if block_size > n:
         raise ValueError(f"block_size={block_size} exceeds the number of selected parameters ({n})")
     limit = max_iter if max_iter is not None else max(20 * k, 100)
-    op.progress = _bar(progress, limit * block_size, "lanczos")
+    op.progress = hvp_bar(progress, limit * block_size, "lanczos")
     try:
         with private_rng(seed, op.device) as gen:
             res = lanczos(
@@ -513,7 +506,7 @@ def trace(
         n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed, engine=engine,
     )
     n = op.shape[0]
-    op.progress = _bar(progress, n if method == "exact" else n_samples, "trace")
+    op.progress = hvp_bar(progress, n if method == "exact" else n_samples, "trace")
     try:
         if method == "exact":
             value = float(exact_diagonal(op.matmat, n, batch=batch, device=op.device).sum())
@@ -594,7 +587,7 @@ def spectral_density(
         n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed, engine=engine,
     )
     n = op.shape[0]
-    op.progress = _bar(progress, n_vectors * min(n_steps, n), "slq")
+    op.progress = hvp_bar(progress, n_vectors * min(n_steps, n), "slq")
     try:
         with private_rng(seed, op.device) as gen:
             nodes, weights = slq_nodes(op.matmat, n, n_vectors, n_steps, generator=gen, device=op.device)
@@ -613,65 +606,3 @@ def spectral_density(
         grid=grid, density=density, nodes=nodes, weights=weights, sigma=sigma, n_hvp=op.n_hvp,
         settings=settings, wall_time=time.perf_counter() - start, engine=op.engine or "",
     )
-
-
-# --------------------------------------------------------------------------
-# flatness.sharpness kinds
-# --------------------------------------------------------------------------
-
-
-def _clean_loss(op: CurvatureOperator) -> tuple[float, int]:
-    """Size-weighted mean loss over the operator's data, and the sample count."""
-    total, acc = 0, 0.0
-    ps = op.params
-    with ModelGuard(op.model, train=op.train), private_rng(op.seed, ps.device), torch.no_grad():
-        for inputs, targets in iter_batches(op.data, device=ps.device, dtype=ps.dtype, n_batches=op.n_batches):
-            nb = batch_size(targets)
-            acc += float(functional_loss(op.model, ps, ps.detached(), inputs, targets, op.loss_fn)) * nb
-            total += nb
-    acc, total = sum_(acc, total)  # over all ranks inside a process group
-    return acc / total, total
-
-
-def _curvature_kind(kind: str, measure: Any) -> Any:
-    """A ``flatness.sharpness`` kind from ``measure(model, data, **kw) ->
-    (value, settings, n_hvp)``; ``rho`` does not apply and is ignored."""
-
-    def fn(model: nn.Module, data: Any, *, rho: Any = None, loss_fn: LossFn | None = None,
-           params: Any = None, seed: int | None = 0, n_batches: int | None = None,
-           progress: bool = False, train: bool = False, **options: Any) -> Any:
-        from flatness.sharpness import SharpnessResult  # sharpness imports this module
-
-        start = time.perf_counter()
-        common = dict(loss_fn=loss_fn, params=params, n_batches=n_batches, train=train, seed=seed)
-        value, settings, n_hvp = measure(model, data, progress=progress, **common, **options)
-        loss, total = _clean_loss(_operator(model, data, **common))
-        return SharpnessResult(
-            kind=kind, rho=None, value=float(value), per_batch=[float(value)], batch_sizes=[total],
-            clean_loss=loss, perturbed_loss=None, settings=settings,
-            wall_time=time.perf_counter() - start, counts={"hvp": n_hvp},
-        )
-
-    fn.__doc__ = f"``flatness.sharpness(kind={kind!r})``."
-    return fn
-
-
-def _max_eig(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any], int]:
-    r = top_eigenvalues(model, data, 1, **kw)
-    return float(r.eigenvalues[0]), {**r.settings, "residual": float(r.residuals[0]), "converged": r.converged}, r.n_hvp
-
-
-def _trace(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any], int]:
-    r = trace(model, data, **kw)
-    return r.value, {**r.settings, "std_error": r.std_error}, r.n_hvp
-
-
-def _minimum(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any], int]:
-    r = minimum_sharpness(model, data, **kw)
-    return r.value, {**r.settings, "trace": r.trace, "trace_std_error": r.trace_std_error,
-                     "layer_std_errors": r.layer_std_errors, "bias_std_errors": r.bias_std_errors}, r.n_hvp
-
-
-_kind_max_eig = _curvature_kind("hessian_max_eig", _max_eig)
-_kind_trace = _curvature_kind("hessian_trace", _trace)
-_kind_minimum = _curvature_kind("minimum", _minimum)
