@@ -1,8 +1,8 @@
 """Hessian- and Gauss-Newton-vector products: two engines, one chosen up front.
 
 Products are taken with respect to the selected parameters (a
-:class:`~flatness._model.ParamSet`) of the loss evaluated through
-:func:`~flatness._model.functional_loss`, so the module is never written.
+:class:`~flatness._params.ParamSet`) of the loss evaluated through
+:func:`~flatness._functional.functional_loss`, so the module is never written.
 
 * Hessian: forward-over-reverse, ``jvp(grad(loss), (w,), (v,))``; ``k``
   vectors go through one ``vmap`` call (one batched forward and backward
@@ -45,40 +45,25 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from flatness._checks import check_int, maybe_progress, require_finite
+from flatness._data import batch_size, iter_batches
 from flatness._distributed import enabled, sum_
-from flatness._model import (
-    LossFn,
-    ModelGuard,
-    ParamSet,
-    _as_args,
-    _as_kwargs,
-    batch_size,
-    check_int,
-    default_loss,
-    functional_loss,
-    iter_batches,
-    maybe_progress,
-    private_rng,
-    require_finite,
-    same_bits,
-    select_params,
-    unwrap,
-)
-from flatness._model import ResultMixin as _BaseResult
+from flatness._functional import LossFn, _as_args, _as_kwargs, default_loss, functional_loss
+from flatness._guard import ModelGuard, same_bits
+from flatness._params import ParamSet, select_params, unwrap
+from flatness._rng import private_rng
 
 __all__ = [
     "CURVATURES",
     "ENGINES",
     "CurvatureOperator",
     "KeptGraph",
-    "ResultMixin",
     "batch_curvature_products",
     "buffers_written_in_forward",
     "curvature_kernels",
@@ -172,27 +157,6 @@ def buffers_written_in_forward(
     # kernel updates its statistics without bumping it, so compare values too
     return [name for name, b in copies.items()
             if b._version != versions[name] or not same_bits(b, originals[name])]
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().cpu().tolist()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-class ResultMixin(_BaseResult):
-    """Result dataclasses holding tensors: ``to_dict`` turns them into lists
-    and leaves out the fields named in ``_skip`` (such as eigenvectors)."""
-
-    _skip: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dictionary of the result."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in self._skip}  # type: ignore[arg-type]
 
 
 def _outputs(
@@ -410,7 +374,7 @@ class CurvatureOperator:
     ----------
     model : nn.Module
         The network.  Each product runs under
-        :class:`~flatness._model.ModelGuard`, so the model is in eval mode
+        :class:`~flatness._guard.ModelGuard`, so the model is in eval mode
         (unless ``train=True``) only while a product runs and comes back
         unchanged after each.
     data : batch or re-iterable of batches
@@ -639,7 +603,7 @@ class CurvatureOperator:
     def _keeps_graph(self) -> bool:
         """Whether the data is one batch or a few (a list), whose graphs are
         kept between products instead of being rebuilt for each."""
-        from flatness._model import _is_batch
+        from flatness._data import _is_batch
 
         if _is_batch(self.data):
             return True
@@ -672,7 +636,7 @@ class CurvatureOperator:
             return "double-backward", "attention modules (" + ", ".join(attention) + ")"
         # A probe product on one sample: some kernels (GroupNorm on
         # channels_last tensors, fused losses) lack forward-mode formulas.
-        from flatness._model import _slice
+        from flatness._data import _slice
 
         x1, y1 = _slice(inputs, 0, 1), targets[:1]
         probe = tuple(torch.ones((1, *p.shape), dtype=p.dtype, device=p.device) for p in self.params.params)

@@ -61,26 +61,17 @@ from torch import Tensor, nn
 from torch.func import hessian as func_hessian
 from torch.func import vjp, vmap
 
+from flatness._checks import check_int, maybe_progress, require_finite
+from flatness._data import batch_size, iter_batches, split_batch
 from flatness._distributed import sum_
-from flatness._hvp import CurvatureOperator, ResultMixin, _outputs, double_backward_hvp, hvp_bar
+from flatness._functional import LossFn, _as_args, _as_kwargs, default_loss
+from flatness._guard import ModelGuard, disable_running_stats
+from flatness._hvp import CurvatureOperator, _outputs, double_backward_hvp, hvp_bar
 from flatness._lanczos import exact_diagonal, rademacher
-from flatness._model import (
-    LossFn,
-    ModelGuard,
-    _as_args,
-    _as_kwargs,
-    batch_size,
-    check_int,
-    default_loss,
-    disable_running_stats,
-    iter_batches,
-    maybe_progress,
-    private_rng,
-    require_finite,
-    split_batch,
-    unwrap,
-)
+from flatness._params import unwrap
 from flatness._per_sample import _add_batch_dim
+from flatness._results import ResultMixin
+from flatness._rng import private_rng
 
 __all__ = ["MinimumSharpnessResult", "minimize_rescaled_trace", "minimum_sharpness"]
 
@@ -549,7 +540,7 @@ def minimum_sharpness(
 def _n_samples(data: Any, n_batches: int | None) -> int | None:
     """Samples in ``data`` when that is known without iterating (a batch, a
     list of batches, a ``DataLoader`` over a sized dataset), else ``None``."""
-    from flatness._model import _is_batch
+    from flatness._data import _is_batch
 
     if _is_batch(data):
         return batch_size(data[1])

@@ -36,24 +36,12 @@ import torch
 from scipy.optimize import minimize_scalar
 from torch import Tensor, nn
 
+from flatness._checks import check_int, check_rho, maybe_progress, require_finite
+from flatness._data import iter_batches, to_device
 from flatness._distributed import cat_over_ranks, sum_
-from flatness._model import (
-    LossFn,
-    ModelGuard,
-    ParamSet,
-    call_model,
-    check_int,
-    check_rho,
-    default_loss,
-    functional_loss,
-    grad_enabled,
-    iter_batches,
-    maybe_progress,
-    require_finite,
-    select_params,
-    to_device,
-    unwrap,
-)
+from flatness._functional import LossFn, call_model, default_loss, functional_loss, grad_enabled
+from flatness._guard import ModelGuard
+from flatness._params import ParamSet, select_params, unwrap
 from flatness._per_sample import check_chunk_size, iter_per_sample_grads
 
 __all__ = [

@@ -25,15 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flatness._hvp import CurvatureOperator, ResultMixin, hvp_bar
+from flatness._checks import check_int
+from flatness._functional import LossFn, grad_enabled
+from flatness._hvp import CurvatureOperator, hvp_bar
 from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
 from flatness._minimum import MinimumSharpnessResult, minimum_sharpness
-from flatness._model import (
-    LossFn,
-    check_int,
-    grad_enabled,
-    private_rng,
-)
+from flatness._results import ResultMixin
+from flatness._rng import private_rng
 
 __all__ = [
     "CurvatureOperator",

@@ -42,29 +42,18 @@ import torch
 from torch import Tensor, nn
 
 from . import _distributed
+from ._checks import check_bool, check_int, maybe_progress, require_finite
+from ._data import batch_size as _batch_len
+from ._data import iter_batches, split_batch
 from ._distributed import gather_objects, merge_moments, sum_
+from ._functional import LossFn, default_loss, functional_loss, grad_enabled
+from ._guard import ModelGuard
 from ._kfac import KFACLayer, blind_layers, capture, plan, trace_terms
 from ._kfac import factors as kronecker_factors
-from ._model import (
-    LossFn,
-    ModelGuard,
-    ParamSet,
-    ResultMixin,
-    check_bool,
-    check_int,
-    default_loss,
-    functional_loss,
-    grad_enabled,
-    iter_batches,
-    maybe_progress,
-    private_rng,
-    require_finite,
-    select_params,
-    split_batch,
-    unwrap,
-)
-from ._model import batch_size as _batch_len
+from ._params import ParamSet, select_params, unwrap
 from ._per_sample import check_chunk_size, per_sample_grads, per_sample_losses
+from ._results import ResultMixin
+from ._rng import private_rng
 
 __all__ = [
     "ChannelNormResult",

@@ -24,30 +24,22 @@ from ._apgd_reference import (
     reference_normalize_logits,
     reference_worst_case,
 )
-from ._geometry import PerturbationSet
-from ._hvp import CurvatureOperator
-from ._model import (
+from ._checks import NonFiniteLossError, check_int, check_rho, maybe_progress
+from ._data import _is_batch, batch_size, iter_batches, split_batch
+from ._functional import (
     LossFn,
-    ModelGuard,
-    NonFiniteLossError,
-    ParamSet,
-    ResultMixin,
-    _is_batch,
-    batch_size,
-    check_int,
-    check_rho,
     default_loss,
     functional_loss,
     functional_loss_and_grad,
     grad_enabled,
-    iter_batches,
-    maybe_progress,
-    private_rng,
-    select_params,
-    split_batch,
-    unwrap,
 )
+from ._geometry import PerturbationSet
+from ._guard import ModelGuard
+from ._hvp import CurvatureOperator
 from ._options import check_options
+from ._params import ParamSet, select_params, unwrap
+from ._results import ResultMixin
+from ._rng import private_rng
 
 __all__ = ["KINDS", "NonFiniteLossError", "SharpnessResult", "sharpness"]
 
