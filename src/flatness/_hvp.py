@@ -44,14 +44,14 @@ together in memory.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from flatness._checks import check_int, maybe_progress, require_finite
+from flatness._checks import check_int, require_finite
 from flatness._data import batch_size, iter_batches
 from flatness._distributed import enabled, sum_
 from flatness._functional import LossFn, _as_args, _as_kwargs, default_loss, functional_loss
@@ -361,9 +361,38 @@ def _is_one_shot(data: Any) -> bool:
     return isinstance(data, Iterator)
 
 
-def hvp_bar(progress: bool, total: int | None, desc: str) -> Any:
-    """A tqdm bar counting Hessian-vector products, or ``None`` without ``progress``."""
-    return maybe_progress(None, progress, total, desc, unit="hvp")
+class ProductBar:
+    """A tqdm bar counting curvature-vector products, handed to
+    :class:`CurvatureOperator` as ``progress=``.
+
+    The bar opens at the first product, so no bar shows when the inputs are
+    refused; ``total`` may be set once the operator's size is known.  tqdm is
+    imported here, so a missing tqdm is reported before any work.
+    """
+
+    def __init__(self, desc: str, total: int | None = None) -> None:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("progress=True needs tqdm: pip install 'flatness[progress]'") from exc
+        self._tqdm = tqdm
+        self.desc = desc
+        self.total = total
+        self._bar: Any = None
+
+    def update(self, k: int) -> None:
+        if self._bar is None:
+            self._bar = self._tqdm(total=self.total, desc=self.desc, unit="hvp")
+        self._bar.update(k)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def product_bar(progress: bool, desc: str) -> ProductBar | None:
+    """A :class:`ProductBar` when ``progress`` is true, else ``None``."""
+    return ProductBar(desc) if progress else None
 
 
 class CurvatureOperator:
@@ -406,6 +435,16 @@ class CurvatureOperator:
         chooses before the first product, from the module types, a probe
         forward pass and the cost; :attr:`engine` and :attr:`engine_reason`
         tell what was chosen and why.
+    progress : ProductBar, optional
+        Anything with ``update(k)``, called with the number of products
+        after each pass (a :class:`ProductBar`).  Default: none.
+    reduce : callable or None
+        How the products of this rank's batches are summed with those of
+        other ranks: ``reduce(*tensors, count)`` sums in place and returns
+        the values, as :func:`flatness._distributed.sum_` (the default:
+        every rank of the default ``torch.distributed`` process group when
+        one is initialized, outside :func:`flatness.local_only`).  ``None``:
+        this rank's batches only.
 
     Attributes
     ----------
@@ -435,6 +474,8 @@ class CurvatureOperator:
         chunk_size: int | None = None,
         seed: int = 0,
         engine: str = "auto",
+        progress: Any = None,
+        reduce: Callable[..., Any] | None = sum_,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -449,6 +490,10 @@ class CurvatureOperator:
             raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
         if not isinstance(train, bool):
             raise TypeError(f"train must be a bool, got {type(train).__name__}")
+        if progress is not None and not callable(getattr(progress, "update", None)):
+            raise TypeError(f"progress must have an update(k) method, got {type(progress).__name__}")
+        if reduce is not None and not callable(reduce):
+            raise TypeError(f"reduce must be callable or None, got {type(reduce).__name__}")
         if _is_one_shot(data):
             raise TypeError(
                 "data must be one batch or a re-iterable collection of batches (a list or a "
@@ -479,7 +524,8 @@ class CurvatureOperator:
         self.engine_reason = "" if engine == "auto" else "requested"
         self._kept: list[tuple[int, KeptGraph]] | None = None
         self._kept_key: Any = None
-        self.progress: Any = None  # a tqdm bar updated per product, set by callers
+        self.progress = progress
+        self.reduce = reduce
 
     @property
     def dtype(self) -> torch.dtype:
@@ -542,7 +588,8 @@ class CurvatureOperator:
     def _finish(self, k: int, total: int, acc: list[Tensor]) -> Tangents:
         # Inside a torch.distributed process group: the average over every
         # rank's batches (acc summed in place; no-op otherwise).
-        total = sum_(*acc, total)[-1]
+        if self.reduce is not None:
+            total = self.reduce(*acc, total)[-1]
         for a in acc:  # a NaN/inf would poison Lanczos and every estimate
             require_finite(a, "a curvature-vector product (Hessian or GGN times a vector)")
         self.n_hvp += k
@@ -555,8 +602,11 @@ class CurvatureOperator:
         for inputs, targets in iter_batches(self.data, device=ps.device, dtype=ps.dtype, n_batches=self.n_batches):
             yield batch_size(targets), inputs, targets
 
-    @staticmethod
-    def _accumulate(products: Iterable[tuple[int, Tangents]]) -> tuple[int, list[Tensor]]:
+    def _reduces(self) -> bool:
+        """Whether :meth:`_finish` will sum the products over ranks."""
+        return self.reduce is not None and (self.reduce is not sum_ or enabled())
+
+    def _accumulate(self, products: Iterable[tuple[int, Tangents]]) -> tuple[int, list[Tensor]]:
         """``(N, sum_b n_b C_b v)``; with one batch ``(1, C v)`` (no copy)."""
         total, acc, first = 0, None, None
         for nb, out in products:
@@ -570,7 +620,7 @@ class CurvatureOperator:
             total += nb
         assert first is not None  # iter_batches raises on empty data
         if acc is None:
-            if not enabled():  # one batch: C v itself
+            if not self._reduces():  # one batch: C v itself
                 return 1, list(first[1])
             acc = [o * first[0] for o in first[1]]  # ranks are weighted by their sizes
         return total, acc

@@ -66,7 +66,7 @@ from flatness._data import batch_size, iter_batches, split_batch
 from flatness._distributed import sum_
 from flatness._functional import LossFn, _as_args, _as_kwargs, default_loss
 from flatness._guard import ModelGuard, disable_running_stats
-from flatness._hvp import CurvatureOperator, _outputs, double_backward_hvp, hvp_bar
+from flatness._hvp import CurvatureOperator, _outputs, double_backward_hvp, product_bar
 from flatness._lanczos import exact_diagonal, rademacher
 from flatness._params import unwrap
 from flatness._per_sample import _add_batch_dim
@@ -454,9 +454,12 @@ def minimum_sharpness(
         )
     chain = _chain(model, layers)
     chain_params = [t for m in chain for t in (m.weight, m.bias) if t is not None]
+    # the Hessian diagonal's products count on the bar; the GN diagonal counts samples
+    hvps = product_bar(bool(progress) and method != "gn", "minimum sharpness")
     op = CurvatureOperator(
         model, data, loss_fn=loss_fn, params=chain_params, n_batches=n_batches, train=train,
         chunk_size=None if method == "gn" else chunk_size, seed=0 if seed is None else seed,
+        progress=hvps,
     )
     if method == "gn":
         _check_gn_structure(model, train)
@@ -466,8 +469,8 @@ def minimum_sharpness(
         if method == "gn":  # counts samples
             bar = maybe_progress(None, True, _n_samples(data, n_batches), "minimum sharpness", unit="sample")
         else:
-            total = n if method == "exact" else n_samples * len(chain_params)
-            bar = op.progress = hvp_bar(True, total, "minimum sharpness")
+            bar = hvps
+            bar.total = n if method == "exact" else n_samples * len(chain_params)
     n_backward = 0
     try:
         with private_rng(seed, op.device) as gen:

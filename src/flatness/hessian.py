@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from flatness._checks import check_int
 from flatness._functional import LossFn, grad_enabled
-from flatness._hvp import CurvatureOperator, hvp_bar
+from flatness._hvp import CurvatureOperator, product_bar
 from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
 from flatness._minimum import MinimumSharpnessResult, minimum_sharpness
 from flatness._results import ResultMixin
@@ -398,9 +398,11 @@ def top_eigenvalues(
         raise ValueError(f"low_memory=True runs single-vector Lanczos: block_size must be 1, got {block_size}")
     if basis_device is not None:
         basis_device = torch.device(basis_device)
+    bar = product_bar(progress, "lanczos")
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
         n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed, engine=engine,
+        progress=bar,
     )
     n = op.shape[0]
     if k > n:
@@ -408,7 +410,8 @@ def top_eigenvalues(
     if block_size > n:
         raise ValueError(f"block_size={block_size} exceeds the number of selected parameters ({n})")
     limit = max_iter if max_iter is not None else max(20 * k, 100)
-    op.progress = hvp_bar(progress, limit * block_size, "lanczos")
+    if bar is not None:
+        bar.total = limit * block_size
     try:
         with private_rng(seed, op.device) as gen:
             res = lanczos(
@@ -417,8 +420,8 @@ def top_eigenvalues(
                 basis_dtype=basis_dtype, basis_device=basis_device, store_basis=not low_memory,
             )
     finally:
-        if op.progress is not None:
-            op.progress.close()
+        if bar is not None:
+            bar.close()
     vecs = [
         [t.clone() for t in op.unflatten(res.eigenvectors[:, i].to(device=op.device, dtype=op.dtype))]
         for i in range(res.eigenvectors.shape[1])
@@ -499,12 +502,15 @@ def trace(
     n_samples = 90 if n_samples is None else n_samples
     check_int("n_samples", n_samples, 4 if method == "hutch++" else 2)
     check_int("batch", batch, 1)
+    bar = product_bar(progress, "trace")
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
         n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed, engine=engine,
+        progress=bar,
     )
     n = op.shape[0]
-    op.progress = hvp_bar(progress, n if method == "exact" else n_samples, "trace")
+    if bar is not None:
+        bar.total = n if method == "exact" else n_samples
     try:
         if method == "exact":
             value = float(exact_diagonal(op.matmat, n, batch=batch, device=op.device).sum())
@@ -519,8 +525,8 @@ def trace(
                     op.matmat, n, n_samples, generator=gen, device=op.device, batch=batch, dtype=dtype
                 )
     finally:
-        if op.progress is not None:
-            op.progress.close()
+        if bar is not None:
+            bar.close()
     settings = _common_settings(op, seed)
     settings.update(method=method, n_samples=n_samples)
     return TraceResult(
@@ -580,18 +586,21 @@ def spectral_density(
     check_int("grid_size", grid_size, 2)
     if sigma is not None:
         _check_positive("sigma", sigma)
+    bar = product_bar(progress, "slq")
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
         n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed, engine=engine,
+        progress=bar,
     )
     n = op.shape[0]
-    op.progress = hvp_bar(progress, n_vectors * min(n_steps, n), "slq")
+    if bar is not None:
+        bar.total = n_vectors * min(n_steps, n)
     try:
         with private_rng(seed, op.device) as gen:
             nodes, weights = slq_nodes(op.matmat, n, n_vectors, n_steps, generator=gen, device=op.device)
     finally:
-        if op.progress is not None:
-            op.progress.close()
+        if bar is not None:
+            bar.close()
     used = weights > 0
     lo, hi = float(nodes[used].min()), float(nodes[used].max())
     if sigma is None:
