@@ -153,7 +153,7 @@ def ensemble_metrics(
 
     * ``accuracy``: fraction with ``argmax p == y``;
     * ``nll``: ``-(1/N) sum_n log p(y_n | x_n)``;
-    * ``cnll`` (seed 002's calibrated NLL): the NLL of
+    * ``cnll`` (the calibrated NLL of Foret et al.'s SAM results): the NLL of
       ``softmax(log p / T)`` where ``T`` minimizes that NLL on the held-out
       ``calibration`` split (:func:`fit_temperature`), fitted separately for
       each member and for the ensemble, then applied to ``data``;

@@ -15,7 +15,7 @@ All arithmetic is in float64.  A member's prediction is the ``argmax`` of its
 outputs; ties go to the lowest class index (as ``numpy.argmax``).  The
 ensemble predicts with the mean of the members' probabilities.
 
-SharpBalance (Lu et al., 2024, seed ``003-sharpbalance``) trains each member
+SharpBalance (Lu et al., 2024) trains each member
 with SAM on a subset of the data chosen from every member's per-sample
 sharpness: :func:`per_sample_sharpness` gives the scores,
 :func:`sharpbalance_split` the subsets (and :func:`random_split` the
