@@ -171,3 +171,25 @@ def test_graph_sees_function_level_imports(tmp_path):
 def test_no_import_cycles():
     cycles = knots(import_graph())
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+#: Which way imports run (docs/architecture.rst): a module imports only from
+#: its own layer or a lower one.  A new module gets a layer here.
+LAYERS = {
+    0: "_checks _data _distributed _functional _geometry _guard _options _params _results _rng",
+    1: "_apgd _apgd_reference _ensemble _hvp _kfac _lanczos _per_sample",
+    2: "_calibration _descriptive _diversity _landscape _minimum _noise _sharpbalance",
+    3: "diversity hessian landscape nonuniformity optim optim._base optim._family optim.bsam optim.consistent "
+       "optim.esam optim.gsam optim.mesa optim.sam optim.subset optim.wsam",
+    4: "sharpness",
+    5: "_cli __main__ flatness",
+}
+
+
+def test_imports_run_down_the_layers():
+    layer = {("flatness." + m if m != "flatness" else m): n for n, ms in LAYERS.items() for m in ms.split()}
+    graph = import_graph()
+    assert set(graph) == set(layer), f"modules without a layer: {sorted(set(graph) - set(layer))}"
+    upward = [f"{a} (layer {layer[a]}) -> {b} (layer {layer[b]})"
+              for a in sorted(graph) for b in sorted(graph[a]) if layer[b] > layer[a]]
+    assert not upward, "imports against the layers:\n" + "\n".join(upward)
