@@ -53,7 +53,7 @@ from torch import nn
 
 from flatness import hessian
 from flatness._hvp import batch_curvature_products, double_backward_hvp
-from flatness._model import select_params
+from flatness._params import select_params
 
 
 def import_pyhessian():

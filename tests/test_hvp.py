@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flatness import hessian
 from flatness._hvp import CurvatureOperator, double_backward_hvp
-from flatness._model import select_params
+from flatness._params import select_params
 
 
 def _dense_from_operator(op: CurvatureOperator) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 
 from flatness import nonuniformity as nu
 from flatness._kfac import _positions, factors, plan, trace_terms
-from flatness._model import select_params
+from flatness._params import select_params
 
 
 @pytest.fixture(autouse=True)

@@ -657,7 +657,7 @@ def test_error_barrier_progress_and_the_engine_probe():
         L.interpolate(*_quadratic_pair(), QBATCH, on="error", loss_fn=_identity_loss)
     # the probe that picks an engine on a GPU also runs on a CPU
     from flatness._landscape import Evaluator, probe_vmap
-    from flatness._model import select_params
+    from flatness._params import select_params
 
     model = models[0]
     ps = select_params(model)

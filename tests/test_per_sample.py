@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatness._model import ModelGuard, select_params
+from flatness._guard import ModelGuard
+from flatness._params import select_params
 from flatness._per_sample import iter_per_sample_grads, per_sample_grads
 
 

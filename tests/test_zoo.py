@@ -467,7 +467,7 @@ def _minimum_reference(model: torch.nn.Module, H: torch.Tensor, granularity: str
     import numpy as np
     import scipy.optimize
 
-    from flatness._model import unwrap
+    from flatness._params import unwrap
 
     layers = [m for m in unwrap(model).modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     d = H.diagonal().numpy()

@@ -46,7 +46,9 @@ from torch import Tensor, nn
 
 import flatness
 from flatness import hessian as _hessian
-from flatness._model import ModelGuard, call_model, unwrap
+from flatness._functional import call_model
+from flatness._guard import ModelGuard
+from flatness._params import unwrap
 from flatness.sharpness import AVERAGE_CASE, KINDS, WORST_CASE, kind_options
 
 DATA_KEYS = (("x", "y"), ("inputs", "targets"), ("X", "y"))

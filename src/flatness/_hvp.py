@@ -1,8 +1,8 @@
 """Hessian- and Gauss-Newton-vector products: two engines, one chosen up front.
 
 Products are taken with respect to the selected parameters (a
-:class:`~flatness._model.ParamSet`) of the loss evaluated through
-:func:`~flatness._model.functional_loss`, so the module is never written.
+:class:`~flatness._params.ParamSet`) of the loss evaluated through
+:func:`~flatness._functional.functional_loss`, so the module is never written.
 
 * Hessian: forward-over-reverse, ``jvp(grad(loss), (w,), (v,))``; ``k``
   vectors go through one ``vmap`` call (one batched forward and backward
@@ -44,40 +44,26 @@ together in memory.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import fields
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from flatness._checks import check_int, require_finite
+from flatness._data import batch_size, iter_batches
 from flatness._distributed import enabled, sum_
-from flatness._model import (
-    LossFn,
-    ModelGuard,
-    ParamSet,
-    _as_args,
-    _as_kwargs,
-    batch_size,
-    check_int,
-    default_loss,
-    functional_loss,
-    iter_batches,
-    private_rng,
-    require_finite,
-    same_bits,
-    select_params,
-    unwrap,
-)
-from flatness._model import ResultMixin as _BaseResult
+from flatness._functional import LossFn, _as_args, _as_kwargs, default_loss, functional_loss
+from flatness._guard import ModelGuard, same_bits
+from flatness._params import ParamSet, select_params, unwrap
+from flatness._rng import private_rng
 
 __all__ = [
     "CURVATURES",
     "ENGINES",
     "CurvatureOperator",
     "KeptGraph",
-    "ResultMixin",
     "batch_curvature_products",
     "buffers_written_in_forward",
     "curvature_kernels",
@@ -171,27 +157,6 @@ def buffers_written_in_forward(
     # kernel updates its statistics without bumping it, so compare values too
     return [name for name, b in copies.items()
             if b._version != versions[name] or not same_bits(b, originals[name])]
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().cpu().tolist()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-class ResultMixin(_BaseResult):
-    """Result dataclasses holding tensors: ``to_dict`` turns them into lists
-    and leaves out the fields named in ``_skip`` (such as eigenvectors)."""
-
-    _skip: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dictionary of the result."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in self._skip}  # type: ignore[arg-type]
 
 
 def _outputs(
@@ -396,6 +361,40 @@ def _is_one_shot(data: Any) -> bool:
     return isinstance(data, Iterator)
 
 
+class ProductBar:
+    """A tqdm bar counting curvature-vector products, handed to
+    :class:`CurvatureOperator` as ``progress=``.
+
+    The bar opens at the first product, so no bar shows when the inputs are
+    refused; ``total`` may be set once the operator's size is known.  tqdm is
+    imported here, so a missing tqdm is reported before any work.
+    """
+
+    def __init__(self, desc: str, total: int | None = None) -> None:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("progress=True needs tqdm: pip install 'flatness[progress]'") from exc
+        self._tqdm = tqdm
+        self.desc = desc
+        self.total = total
+        self._bar: Any = None
+
+    def update(self, k: int) -> None:
+        if self._bar is None:
+            self._bar = self._tqdm(total=self.total, desc=self.desc, unit="hvp")
+        self._bar.update(k)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def product_bar(progress: bool, desc: str) -> ProductBar | None:
+    """A :class:`ProductBar` when ``progress`` is true, else ``None``."""
+    return ProductBar(desc) if progress else None
+
+
 class CurvatureOperator:
     """The Hessian (or GGN) of the loss of ``model`` on ``data`` as a linear
     operator on flat parameter vectors.
@@ -404,7 +403,7 @@ class CurvatureOperator:
     ----------
     model : nn.Module
         The network.  Each product runs under
-        :class:`~flatness._model.ModelGuard`, so the model is in eval mode
+        :class:`~flatness._guard.ModelGuard`, so the model is in eval mode
         (unless ``train=True``) only while a product runs and comes back
         unchanged after each.
     data : batch or re-iterable of batches
@@ -436,6 +435,16 @@ class CurvatureOperator:
         chooses before the first product, from the module types, a probe
         forward pass and the cost; :attr:`engine` and :attr:`engine_reason`
         tell what was chosen and why.
+    progress : ProductBar, optional
+        Anything with ``update(k)``, called with the number of products
+        after each pass (a :class:`ProductBar`).  Default: none.
+    reduce : callable or None
+        How the products of this rank's batches are summed with those of
+        other ranks: ``reduce(*tensors, count)`` sums in place and returns
+        the values, as :func:`flatness._distributed.sum_` (the default:
+        every rank of the default ``torch.distributed`` process group when
+        one is initialized, outside :func:`flatness.local_only`).  ``None``:
+        this rank's batches only.
 
     Attributes
     ----------
@@ -465,6 +474,8 @@ class CurvatureOperator:
         chunk_size: int | None = None,
         seed: int = 0,
         engine: str = "auto",
+        progress: Any = None,
+        reduce: Callable[..., Any] | None = sum_,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -479,6 +490,10 @@ class CurvatureOperator:
             raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
         if not isinstance(train, bool):
             raise TypeError(f"train must be a bool, got {type(train).__name__}")
+        if progress is not None and not callable(getattr(progress, "update", None)):
+            raise TypeError(f"progress must have an update(k) method, got {type(progress).__name__}")
+        if reduce is not None and not callable(reduce):
+            raise TypeError(f"reduce must be callable or None, got {type(reduce).__name__}")
         if _is_one_shot(data):
             raise TypeError(
                 "data must be one batch or a re-iterable collection of batches (a list or a "
@@ -509,7 +524,8 @@ class CurvatureOperator:
         self.engine_reason = "" if engine == "auto" else "requested"
         self._kept: list[tuple[int, KeptGraph]] | None = None
         self._kept_key: Any = None
-        self.progress: Any = None  # a tqdm bar updated per product, set by callers
+        self.progress = progress
+        self.reduce = reduce
 
     @property
     def dtype(self) -> torch.dtype:
@@ -576,7 +592,8 @@ class CurvatureOperator:
     def _finish(self, k: int, total: int, acc: list[Tensor]) -> Tangents:
         # Inside a torch.distributed process group: the average over every
         # rank's batches (acc summed in place; no-op otherwise).
-        total = sum_(*acc, total)[-1]
+        if self.reduce is not None:
+            total = self.reduce(*acc, total)[-1]
         for a in acc:  # a NaN/inf would poison Lanczos and every estimate
             require_finite(a, "a curvature-vector product (Hessian or GGN times a vector)")
         self.n_hvp += k
@@ -589,8 +606,11 @@ class CurvatureOperator:
         for inputs, targets in iter_batches(self.data, device=ps.device, dtype=ps.dtype, n_batches=self.n_batches):
             yield batch_size(targets), inputs, targets
 
-    @staticmethod
-    def _accumulate(products: Iterable[tuple[int, Tangents]]) -> tuple[int, list[Tensor]]:
+    def _reduces(self) -> bool:
+        """Whether :meth:`_finish` will sum the products over ranks."""
+        return self.reduce is not None and (self.reduce is not sum_ or enabled())
+
+    def _accumulate(self, products: Iterable[tuple[int, Tangents]]) -> tuple[int, list[Tensor]]:
         """``(N, sum_b n_b C_b v)``; with one batch ``(1, C v)`` (no copy)."""
         total, acc, first = 0, None, None
         for nb, out in products:
@@ -604,7 +624,7 @@ class CurvatureOperator:
             total += nb
         assert first is not None  # iter_batches raises on empty data
         if acc is None:
-            if not enabled():  # one batch: C v itself
+            if not self._reduces():  # one batch: C v itself
                 return 1, list(first[1])
             acc = [o * first[0] for o in first[1]]  # ranks are weighted by their sizes
         return total, acc
@@ -637,7 +657,7 @@ class CurvatureOperator:
     def _keeps_graph(self) -> bool:
         """Whether the data is one batch or a few (a list), whose graphs are
         kept between products instead of being rebuilt for each."""
-        from flatness._model import _is_batch
+        from flatness._data import _is_batch
 
         if _is_batch(self.data):
             return True
@@ -677,7 +697,7 @@ class CurvatureOperator:
         """A forward-over-reverse product on one sample: the error it raises,
         or ``None``.  Some kernels (GroupNorm on channels_last tensors, fused
         losses) lack forward-mode formulas that the module types do not show."""
-        from flatness._model import _slice
+        from flatness._data import _slice
 
         x1, y1 = _slice(inputs, 0, 1), targets[:1]
         probe = tuple(torch.ones((1, *p.shape), dtype=p.dtype, device=p.device) for p in self.params.params)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatness._distributed import sum_
-from flatness._model import ParamSet, select_params, unwrap
+from flatness._params import ParamSet, select_params, unwrap
 
 __all__ = [
     "KFACLayer",
@@ -62,7 +62,7 @@ class KFACLayer:
         The module's name in ``model.named_modules()``.
     module : nn.Module
     weight : int or None
-        Index of the weight in the :class:`~flatness._model.ParamSet`
+        Index of the weight in the :class:`~flatness._params.ParamSet`
         (``None`` if the weight is not selected).
     bias : int or None
         Index of the bias (``None`` if absent or not selected).
@@ -155,7 +155,7 @@ def blind_layers(
     them: the weight gradient rebuilt from the hooks' inputs and output
     gradients must equal the gradient autograd computes.
     """
-    from flatness._model import functional_loss
+    from flatness._functional import functional_loss
 
     found: dict[str, str] = {}
     hidden = _inside_attention(model)

@@ -39,20 +39,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from . import _distributed
-from ._model import (
-    LossFn,
-    ModelGuard,
-    ParamSet,
-    _as_args,
-    _as_kwargs,
-    batch_size,
-    check_int,
-    default_loss,
-    iter_batches,
-    maybe_progress,
-    private_rng,
-    unwrap,
-)
+from ._checks import check_int, maybe_progress
+from ._data import batch_size, iter_batches
+from ._functional import LossFn, _as_args, _as_kwargs, default_loss
+from ._guard import ModelGuard
+from ._params import ParamSet, unwrap
+from ._rng import private_rng
 
 __all__ = [
     "Evaluator",

@@ -61,26 +61,17 @@ from torch import Tensor, nn
 from torch.func import hessian as func_hessian
 from torch.func import vjp, vmap
 
+from flatness._checks import check_int, maybe_progress, require_finite
+from flatness._data import batch_size, iter_batches, split_batch
 from flatness._distributed import sum_
-from flatness._hvp import CurvatureOperator, ResultMixin, _outputs, double_backward_hvp
+from flatness._functional import LossFn, _as_args, _as_kwargs, default_loss
+from flatness._guard import ModelGuard, disable_running_stats
+from flatness._hvp import CurvatureOperator, _outputs, double_backward_hvp, product_bar
 from flatness._lanczos import exact_diagonal, rademacher
-from flatness._model import (
-    LossFn,
-    ModelGuard,
-    _as_args,
-    _as_kwargs,
-    batch_size,
-    check_int,
-    default_loss,
-    disable_running_stats,
-    iter_batches,
-    maybe_progress,
-    private_rng,
-    require_finite,
-    split_batch,
-    unwrap,
-)
+from flatness._params import unwrap
 from flatness._per_sample import _add_batch_dim
+from flatness._results import ResultMixin
+from flatness._rng import private_rng
 
 __all__ = ["MinimumSharpnessResult", "minimize_rescaled_trace", "minimum_sharpness"]
 
@@ -546,22 +537,23 @@ def minimum_sharpness(
     chain = _chain(model, layers)
     _check_structure(model, chain, layers is not None, method)
     chain_params = [t for m in chain for t in (m.weight, m.bias) if t is not None]
+    # the Hessian diagonal's products count on the bar; the GN diagonal counts samples
+    hvps = product_bar(bool(progress) and method != "gn", "minimum sharpness")
     op = CurvatureOperator(
         model, data, loss_fn=loss_fn, params=chain_params, n_batches=n_batches, train=train,
         chunk_size=None if method == "gn" else chunk_size, seed=0 if seed is None else seed,
+        progress=hvps,
     )
     if method == "gn":
         _check_gn_structure(model, train)
     n = op.shape[0]
     bar = None
     if progress:
-        from flatness.hessian import _bar
-
         if method == "gn":  # counts samples
             bar = maybe_progress(None, True, _n_samples(data, n_batches), "minimum sharpness", unit="sample")
         else:
-            total = n if method == "exact" else n_samples * len(chain_params)
-            bar = op.progress = _bar(True, total, "minimum sharpness")
+            bar = hvps
+            bar.total = n if method == "exact" else n_samples * len(chain_params)
     n_backward = 0
     try:
         with private_rng(seed, op.device) as gen:
@@ -636,7 +628,7 @@ def minimum_sharpness(
 def _n_samples(data: Any, n_batches: int | None) -> int | None:
     """Samples in ``data`` when that is known without iterating (a batch, a
     list of batches, a ``DataLoader`` over a sized dataset), else ``None``."""
-    from flatness._model import _is_batch
+    from flatness._data import _is_batch
 
     if _is_batch(data):
         return batch_size(data[1])

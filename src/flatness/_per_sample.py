@@ -8,7 +8,7 @@ the same value, with any other reduction the result is whatever ``loss_fn``
 returns on one sample.
 
 The gradients come from ``torch.func.vmap(torch.func.grad(...))`` over
-:func:`flatness._model.functional_loss`, so the module is never written and
+:func:`flatness._functional.functional_loss`, so the module is never written and
 no ``.grad`` is touched.  Memory is bounded by ``chunk_size``: at most
 ``chunk_size`` copies of the selected parameters exist at once.
 
@@ -20,7 +20,7 @@ chooses before anything runs, from the module types and a probe forward
 pass on copies of the buffers, never by catching an error.
 
 The model is evaluated in whatever mode it is in.  Callers put it in eval
-mode first (:class:`flatness._model.ModelGuard`): in training mode a
+mode first (:class:`flatness._guard.ModelGuard`): in training mode a
 BatchNorm layer normalizes each sample by its own statistics (and leaves its
 running statistics alone: an in-place update cannot run under ``vmap``).
 """
@@ -35,19 +35,11 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
-from flatness._model import (
-    LossFn,
-    ParamSet,
-    _slice,
-    check_int,
-    default_loss,
-    disable_running_stats,
-    functional_loss,
-    functional_loss_and_grad,
-    iter_batches,
-    split_batch,
-    unwrap,
-)
+from flatness._checks import check_int
+from flatness._data import _slice, iter_batches, split_batch
+from flatness._functional import LossFn, default_loss, functional_loss, functional_loss_and_grad
+from flatness._guard import disable_running_stats
+from flatness._params import ParamSet, unwrap
 
 __all__ = [
     "check_chunk_size",

@@ -25,21 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flatness._distributed import sum_
-from flatness._hvp import CurvatureOperator, ResultMixin
+from flatness._checks import check_int
+from flatness._functional import LossFn, grad_enabled
+from flatness._hvp import CurvatureOperator, product_bar
 from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
 from flatness._minimum import MinimumSharpnessResult, minimum_sharpness
-from flatness._model import (
-    LossFn,
-    ModelGuard,
-    batch_size,
-    check_int,
-    functional_loss,
-    grad_enabled,
-    iter_batches,
-    maybe_progress,
-    private_rng,
-)
+from flatness._results import ResultMixin
+from flatness._rng import private_rng
 
 __all__ = [
     "CurvatureOperator",
@@ -221,8 +213,7 @@ def _check_positive(name: str, value: Any) -> float:
     return float(value)
 
 
-def _bar(progress: bool, total: int | None, desc: str) -> Any:
-    return maybe_progress(None, progress, total, desc, unit="hvp")
+
 
 
 def _operator(model: nn.Module, data: Any, **kwargs: Any) -> CurvatureOperator:
@@ -407,9 +398,11 @@ def top_eigenvalues(
         raise ValueError(f"low_memory=True runs single-vector Lanczos: block_size must be 1, got {block_size}")
     if basis_device is not None:
         basis_device = torch.device(basis_device)
+    bar = product_bar(progress, "lanczos")
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
         n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed, engine=engine,
+        progress=bar,
     )
     n = op.shape[0]
     if k > n:
@@ -417,7 +410,8 @@ def top_eigenvalues(
     if block_size > n:
         raise ValueError(f"block_size={block_size} exceeds the number of selected parameters ({n})")
     limit = max_iter if max_iter is not None else max(20 * k, 100)
-    op.progress = _bar(progress, limit * block_size, "lanczos")
+    if bar is not None:
+        bar.total = limit * block_size
     try:
         with private_rng(seed, op.device) as gen:
             res = lanczos(
@@ -426,8 +420,8 @@ def top_eigenvalues(
                 basis_dtype=basis_dtype, basis_device=basis_device, store_basis=not low_memory,
             )
     finally:
-        if op.progress is not None:
-            op.progress.close()
+        if bar is not None:
+            bar.close()
     vecs = [
         [t.clone() for t in op.unflatten(res.eigenvectors[:, i].to(device=op.device, dtype=op.dtype))]
         for i in range(res.eigenvectors.shape[1])
@@ -508,12 +502,15 @@ def trace(
     n_samples = 90 if n_samples is None else n_samples
     check_int("n_samples", n_samples, 4 if method == "hutch++" else 2)
     check_int("batch", batch, 1)
+    bar = product_bar(progress, "trace")
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
         n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed, engine=engine,
+        progress=bar,
     )
     n = op.shape[0]
-    op.progress = _bar(progress, n if method == "exact" else n_samples, "trace")
+    if bar is not None:
+        bar.total = n if method == "exact" else n_samples
     try:
         if method == "exact":
             value = float(exact_diagonal(op.matmat, n, batch=batch, device=op.device).sum())
@@ -528,8 +525,8 @@ def trace(
                     op.matmat, n, n_samples, generator=gen, device=op.device, batch=batch, dtype=dtype
                 )
     finally:
-        if op.progress is not None:
-            op.progress.close()
+        if bar is not None:
+            bar.close()
     settings = _common_settings(op, seed)
     settings.update(method=method, n_samples=n_samples)
     return TraceResult(
@@ -589,18 +586,21 @@ def spectral_density(
     check_int("grid_size", grid_size, 2)
     if sigma is not None:
         _check_positive("sigma", sigma)
+    bar = product_bar(progress, "slq")
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
         n_batches=n_batches, train=train, chunk_size=chunk_size, seed=seed, engine=engine,
+        progress=bar,
     )
     n = op.shape[0]
-    op.progress = _bar(progress, n_vectors * min(n_steps, n), "slq")
+    if bar is not None:
+        bar.total = n_vectors * min(n_steps, n)
     try:
         with private_rng(seed, op.device) as gen:
             nodes, weights = slq_nodes(op.matmat, n, n_vectors, n_steps, generator=gen, device=op.device)
     finally:
-        if op.progress is not None:
-            op.progress.close()
+        if bar is not None:
+            bar.close()
     used = weights > 0
     lo, hi = float(nodes[used].min()), float(nodes[used].max())
     if sigma is None:
@@ -613,65 +613,3 @@ def spectral_density(
         grid=grid, density=density, nodes=nodes, weights=weights, sigma=sigma, n_hvp=op.n_hvp,
         settings=settings, wall_time=time.perf_counter() - start, engine=op.engine or "",
     )
-
-
-# --------------------------------------------------------------------------
-# flatness.sharpness kinds
-# --------------------------------------------------------------------------
-
-
-def _clean_loss(op: CurvatureOperator) -> tuple[float, int]:
-    """Size-weighted mean loss over the operator's data, and the sample count."""
-    total, acc = 0, 0.0
-    ps = op.params
-    with ModelGuard(op.model, train=op.train), private_rng(op.seed, ps.device), torch.no_grad():
-        for inputs, targets in iter_batches(op.data, device=ps.device, dtype=ps.dtype, n_batches=op.n_batches):
-            nb = batch_size(targets)
-            acc += float(functional_loss(op.model, ps, ps.detached(), inputs, targets, op.loss_fn)) * nb
-            total += nb
-    acc, total = sum_(acc, total)  # over all ranks inside a process group
-    return acc / total, total
-
-
-def _curvature_kind(kind: str, measure: Any) -> Any:
-    """A ``flatness.sharpness`` kind from ``measure(model, data, **kw) ->
-    (value, settings, n_hvp)``; ``rho`` does not apply and is ignored."""
-
-    def fn(model: nn.Module, data: Any, *, rho: Any = None, loss_fn: LossFn | None = None,
-           params: Any = None, seed: int | None = 0, n_batches: int | None = None,
-           progress: bool = False, train: bool = False, **options: Any) -> Any:
-        from flatness.sharpness import SharpnessResult  # sharpness imports this module
-
-        start = time.perf_counter()
-        common = dict(loss_fn=loss_fn, params=params, n_batches=n_batches, train=train, seed=seed)
-        value, settings, n_hvp = measure(model, data, progress=progress, **common, **options)
-        loss, total = _clean_loss(_operator(model, data, **common))
-        return SharpnessResult(
-            kind=kind, rho=None, value=float(value), per_batch=[float(value)], batch_sizes=[total],
-            clean_loss=loss, perturbed_loss=None, settings=settings,
-            wall_time=time.perf_counter() - start, counts={"hvp": n_hvp},
-        )
-
-    fn.__doc__ = f"``flatness.sharpness(kind={kind!r})``."
-    return fn
-
-
-def _max_eig(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any], int]:
-    r = top_eigenvalues(model, data, 1, **kw)
-    return float(r.eigenvalues[0]), {**r.settings, "residual": float(r.residuals[0]), "converged": r.converged}, r.n_hvp
-
-
-def _trace(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any], int]:
-    r = trace(model, data, **kw)
-    return r.value, {**r.settings, "std_error": r.std_error}, r.n_hvp
-
-
-def _minimum(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any], int]:
-    r = minimum_sharpness(model, data, **kw)
-    return r.value, {**r.settings, "trace": r.trace, "trace_std_error": r.trace_std_error,
-                     "layer_std_errors": r.layer_std_errors, "bias_std_errors": r.bias_std_errors}, r.n_hvp
-
-
-_kind_max_eig = _curvature_kind("hessian_max_eig", _max_eig)
-_kind_trace = _curvature_kind("hessian_trace", _trace)
-_kind_minimum = _curvature_kind("minimum", _minimum)

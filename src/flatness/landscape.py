@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int
+from ._functional import LossFn
 from ._landscape import (
     Evaluator,
     axis,
@@ -42,14 +44,9 @@ from ._landscape import (
     pca,
     resolve_directions,
 )
-from ._model import (
-    LossFn,
-    ResultMixin,
-    check_int,
-    private_rng,
-    select_params,
-    unwrap,
-)
+from ._params import select_params, unwrap
+from ._results import ResultMixin
+from ._rng import private_rng
 
 __all__ = [
     "BarrierResult",
@@ -66,24 +63,6 @@ KINDS = ("filter", "layer", "random", "eigen", "pca")
 BARRIERS = ("entezari", "frankle")
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().cpu().tolist()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-class _Result(ResultMixin):
-    _skip: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dictionary (tensors as nested lists)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in self._skip}  # type: ignore[arg-type]
-
-
 def _pyplot() -> Any:
     try:
         import matplotlib.pyplot as plt
@@ -98,7 +77,7 @@ def _pyplot() -> Any:
 
 
 @dataclass
-class Directions(_Result):
+class Directions(ResultMixin):
     """Directions in parameter space (the outcome of :func:`directions`).
 
     Attributes
@@ -239,7 +218,7 @@ def directions(
 
 
 @dataclass
-class SliceResult(_Result):
+class SliceResult(ResultMixin):
     """Outcome of :func:`slice` (and the grid part of :func:`interpolate`).
 
     Attributes
@@ -484,7 +463,7 @@ def slice(
 
 
 @dataclass
-class InterpolationResult(_Result):
+class InterpolationResult(ResultMixin):
     """Outcome of :func:`interpolate`.
 
     Attributes
@@ -648,7 +627,7 @@ def interpolate(
 
 
 @dataclass
-class BarrierResult(_Result):
+class BarrierResult(ResultMixin):
     """Outcome of :func:`loss_barrier`.
 
     Attributes

@@ -17,36 +17,29 @@ import torch
 from torch import Tensor, nn
 
 from . import _distributed
-from . import hessian as _hessian_kinds
+from . import hessian as _hessian
 from ._apgd import apgd
 from ._apgd_reference import (
     ReferenceGeometry,
     reference_normalize_logits,
     reference_worst_case,
 )
-from ._geometry import PerturbationSet
-from ._model import (
+from ._checks import NonFiniteLossError, check_int, check_rho, maybe_progress
+from ._data import _is_batch, batch_size, iter_batches, split_batch
+from ._functional import (
     LossFn,
-    ModelGuard,
-    NonFiniteLossError,
-    ParamSet,
-    ResultMixin,
-    _is_batch,
-    batch_size,
-    check_int,
-    check_rho,
     default_loss,
     functional_loss,
     functional_loss_and_grad,
     grad_enabled,
-    iter_batches,
-    maybe_progress,
-    private_rng,
-    select_params,
-    split_batch,
-    unwrap,
 )
+from ._geometry import PerturbationSet
+from ._guard import ModelGuard
+from ._hvp import CurvatureOperator
 from ._options import check_options
+from ._params import ParamSet, select_params, unwrap
+from ._results import ResultMixin
+from ._rng import private_rng
 
 __all__ = ["KINDS", "NonFiniteLossError", "SharpnessResult", "sharpness"]
 
@@ -374,22 +367,77 @@ def _perturbation(kind: str) -> SharpnessFn:
     return fn
 
 
+# --------------------------------------------------------------------------
+# Curvature kinds: adapters from flatness.hessian's measures to SharpnessResult
+# --------------------------------------------------------------------------
+
+
+def _clean_loss(op: CurvatureOperator) -> tuple[float, int]:
+    """Size-weighted mean loss over the operator's data, and the sample count."""
+    total, acc = 0, 0.0
+    ps = op.params
+    with ModelGuard(op.model, train=op.train), private_rng(op.seed, ps.device), torch.no_grad():
+        for inputs, targets in iter_batches(op.data, device=ps.device, dtype=ps.dtype, n_batches=op.n_batches):
+            nb = batch_size(targets)
+            acc += float(functional_loss(op.model, ps, ps.detached(), inputs, targets, op.loss_fn)) * nb
+            total += nb
+    acc, total = _distributed.sum_(acc, total)  # over all ranks inside a process group
+    return acc / total, total
+
+
+def _curvature_kind(kind: str, measure: Any) -> SharpnessFn:
+    """A ``flatness.sharpness`` kind from ``measure(model, data, **kw) ->
+    (value, settings, n_hvp)``; ``rho`` does not apply and is ignored."""
+
+    def fn(model: nn.Module, data: Any, *, rho: Any = None, loss_fn: LossFn | None = None,
+           params: Any = None, seed: int | None = 0, n_batches: int | None = None,
+           progress: bool = False, train: bool = False, **options: Any) -> Any:
+        start = time.perf_counter()
+        common = dict(loss_fn=loss_fn, params=params, n_batches=n_batches, train=train, seed=seed)
+        value, settings, n_hvp = measure(model, data, progress=progress, **common, **options)
+        loss, total = _clean_loss(_hessian._operator(model, data, **common))
+        return SharpnessResult(
+            kind=kind, rho=None, value=float(value), per_batch=[float(value)], batch_sizes=[total],
+            clean_loss=loss, perturbed_loss=None, settings=settings,
+            wall_time=time.perf_counter() - start, counts={"hvp": n_hvp},
+        )
+
+    fn.__doc__ = f"``flatness.sharpness(kind={kind!r})``."
+    return fn
+
+
+def _max_eig(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any], int]:
+    r = _hessian.top_eigenvalues(model, data, 1, **kw)
+    return float(r.eigenvalues[0]), {**r.settings, "residual": float(r.residuals[0]), "converged": r.converged}, r.n_hvp
+
+
+def _trace(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any], int]:
+    r = _hessian.trace(model, data, **kw)
+    return r.value, {**r.settings, "std_error": r.std_error}, r.n_hvp
+
+
+def _minimum(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any], int]:
+    r = _hessian.minimum_sharpness(model, data, **kw)
+    return r.value, {**r.settings, "trace": r.trace, "trace_std_error": r.trace_std_error,
+                     "layer_std_errors": r.layer_std_errors, "bias_std_errors": r.bias_std_errors}, r.n_hvp
+
+
 #: Every kind ``flatness.sharpness`` accepts, mapped to the function that
 #: measures it: ``fn(model, data, *, rho, loss_fn, params, seed, n_batches,
 #: progress, train, **options) -> SharpnessResult``.
 KINDS: dict[str, SharpnessFn] = {
     **{kind: _perturbation(kind) for kind in (*WORST_CASE, *AVERAGE_CASE)},
-    "hessian_max_eig": _hessian_kinds._kind_max_eig,
-    "hessian_trace": _hessian_kinds._kind_trace,
-    "minimum": _hessian_kinds._kind_minimum,
+    "hessian_max_eig": _curvature_kind("hessian_max_eig", _max_eig),
+    "hessian_trace": _curvature_kind("hessian_trace", _trace),
+    "minimum": _curvature_kind("minimum", _minimum),
 }
 
 
 def _curvature_options(kind: str) -> tuple[str, ...] | None:
     """The options of a curvature kind: the keyword arguments of the
     function that measures it, less those :func:`sharpness` sets itself."""
-    fn = {"hessian_max_eig": _hessian_kinds.top_eigenvalues, "hessian_trace": _hessian_kinds.trace,
-          "minimum": _hessian_kinds.minimum_sharpness}.get(kind)
+    fn = {"hessian_max_eig": _hessian.top_eigenvalues, "hessian_trace": _hessian.trace,
+          "minimum": _hessian.minimum_sharpness}.get(kind)
     if fn is None:
         return None
     fixed = {"model", "data", "k", "loss_fn", "params", "seed", "n_batches", "progress", "train"}

@@ -126,7 +126,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 # Lives with the other model plumbing; re-exported as flatness.optim.disable_running_stats.
-from flatness._model import disable_running_stats
+from flatness._guard import disable_running_stats
 
 __all__ = [
     "AscentGroup",

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from flatness._model import LossFn, call_model, default_loss
+from flatness._functional import LossFn, call_model, default_loss
 
 from ._base import SharpnessAwareOptimizer
 

@@ -1,0 +1,78 @@
+"""Option checks and errors shared by every measurement: integer, boolean
+and radius options, finite losses (:class:`NonFiniteLossError`), and the
+optional tqdm progress bar."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class NonFiniteLossError(ValueError, FloatingPointError):
+    """The loss (or a quantity derived from it) was NaN or infinite, so no
+    meaningful measurement exists.
+
+    Raised rather than averaged into a result; it subclasses both
+    ``ValueError`` and ``FloatingPointError``.
+    """
+
+
+def require_finite(value: Tensor | float, what: str) -> None:
+    """Raise :class:`NonFiniteLossError` naming ``what`` unless every entry
+    of ``value`` is finite."""
+    ok = bool(torch.isfinite(value).all()) if isinstance(value, Tensor) else math.isfinite(value)
+    if not ok:
+        raise NonFiniteLossError(
+            f"{what} is not finite (NaN or inf): check the data and the model for NaN/inf "
+            "inputs or outputs, or the loss_fn"
+        )
+
+
+def maybe_progress(
+    iterable: Iterable[Any] | None, progress: bool, total: int | None, desc: str,
+    *, unit: str = "batch",
+) -> Any:
+    """A tqdm bar over ``iterable`` (or, with ``iterable=None``, one to update
+    by hand) when ``progress`` is true; otherwise ``iterable`` unchanged."""
+    if not progress:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("progress=True needs tqdm: pip install 'flatness[progress]'") from exc
+    return tqdm(iterable, total=total, desc=desc, unit=unit)
+
+
+def check_int(name: str, value: Any, low: int = 1, *, allow_none: bool = False) -> Any:
+    """Validate an integer option (``bool`` is not accepted as an int)."""
+    if value is None and allow_none:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(
+            f"{name} must be an int >= {low}{' or None' if allow_none else ''}, got {value!r}"
+        )
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Validate a boolean option: only ``True`` / ``False`` (a string such
+    as ``"no"`` would otherwise count as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_rho(rho: float, *, allow_zero: bool = False) -> float:
+    """Validate a perturbation radius."""
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
+        raise TypeError(f"rho must be a number, got {type(rho).__name__}")
+    rho = float(rho)
+    if not torch.isfinite(torch.tensor(rho)):
+        raise ValueError(f"rho must be finite, got {rho}")
+    if rho < 0 or (rho == 0 and not allow_zero):
+        raise ValueError(f"rho must be {'>= 0' if allow_zero else '> 0'}, got {rho}")
+    return rho

@@ -1,0 +1,169 @@
+"""Functional evaluation: the model's outputs and loss at given parameter
+values through ``torch.func.functional_call``, without writing the module
+(:func:`functional_loss`, :func:`reparametrized`), the default loss and
+logit normalization."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from flatness._params import ParamSet, unwrap
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy, the default ``loss_fn`` of the library."""
+    return F.cross_entropy(outputs, targets)
+
+
+def grad_enabled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` with autograd on, also when called inside the caller's
+    ``torch.no_grad()`` or ``torch.inference_mode()``: the measurements
+    differentiate internally, and a grad mode set by the caller (for its own
+    evaluation code) must not change their result.  Batches created under
+    ``inference_mode`` are copied by :func:`to_device`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def call_model(model: nn.Module, inputs: Any) -> Tensor:
+    """Call ``model`` on batch inputs: a dict is passed as keyword arguments,
+    a tuple as positional arguments, anything else as the one argument."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple) and not hasattr(inputs, "_fields"):
+        return model(*inputs)
+    return model(inputs)
+
+
+def normalize_logits(z: Tensor) -> Tensor:
+    """``z <- (z - mean z) / ||z - mean z||`` per sample (last dimension)."""
+    if not isinstance(z, Tensor):
+        raise ValueError(
+            "normalize_logits=True needs a model that returns one tensor of logits, got "
+            f"{type(z).__name__}; normalize inside loss_fn instead (flatness._functional.normalize_logits "
+            "on the selected output)"
+        )
+    centred = z - z.mean(dim=-1, keepdim=True)
+    norm = centred.norm(dim=-1, keepdim=True)
+    # A constant logit vector has no direction; leave it at zero, not NaN.
+    return centred / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def reparametrized(model: nn.Module, state: Mapping[str, Tensor]) -> Iterator[nn.Module]:
+    """The module with the tensors of ``state`` in place of its own, for the
+    duration of the block (as ``torch.func.functional_call`` does for one
+    call).
+
+    A gradient taken *inside* the block sees the same tensors as the forward
+    pass, also where the backward pass runs the forward again: activation
+    checkpointing (``torch.utils.checkpoint``) recomputes a block from the
+    module's tensors at backward time, which after ``functional_call`` has
+    returned are the module's own again.
+    """
+    # torch.func.functional_call is this context around one call; the
+    # context itself has no public name.
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    with _reparametrize_module(unwrap(model), dict(state), tie_weights=True, strict=False):
+        yield unwrap(model)
+
+
+def functional_loss_and_grad(
+    model: nn.Module,
+    params: ParamSet,
+    values: Sequence[Tensor],
+    inputs: Any,
+    targets: Tensor,
+    loss_fn: LossFn,
+    *,
+    logit_normalization: bool = False,
+    extra: Mapping[str, Tensor] | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """:func:`functional_loss` at ``values`` and its gradient with respect
+    to them (zeros for unused values), both computed while the values are in
+    the module, so activation checkpointing recomputes at ``values`` too."""
+    leaves = [v.detach().requires_grad_(True) for v in values]
+    state = {**(extra or {}), **params.as_dict(leaves)}
+    with torch.enable_grad(), reparametrized(model, state) as module:
+        outputs = module(*_as_args(inputs), **(_as_kwargs(inputs) or {}))
+        loss = _loss_of(outputs, targets, loss_fn, logit_normalization)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return loss.detach(), [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads)]
+
+
+def functional_loss(
+    model: nn.Module,
+    params: ParamSet,
+    values: Sequence[Tensor],
+    inputs: Any,
+    targets: Tensor,
+    loss_fn: LossFn,
+    *,
+    logit_normalization: bool = False,
+    extra: Mapping[str, Tensor] | None = None,
+) -> Tensor:
+    """Loss of ``model`` with the selected parameters replaced by ``values``.
+
+    The module itself is not modified: ``torch.func.functional_call`` swaps
+    the tensors for the duration of the forward pass only.  Outputs of a
+    float16 / bfloat16 model are cast to float32 before ``loss_fn``, so the
+    loss and differences of losses are not quantized to the low precision's
+    step.  ``extra`` maps
+    further parameter or buffer names to tensors to use instead of the
+    module's (e.g. copies on another device).
+    """
+    module = unwrap(model)
+    state = params.as_dict(values)
+    if extra:
+        state = {**extra, **state}
+    outputs = functional_call(module, state, _as_args(inputs), _as_kwargs(inputs), strict=False)
+    return _loss_of(outputs, targets, loss_fn, logit_normalization)
+
+
+def _loss_of(outputs: Any, targets: Tensor, loss_fn: LossFn, logit_normalization: bool) -> Tensor:
+    """``loss_fn`` on the model's outputs, as a scalar (see :func:`functional_loss`)."""
+    if isinstance(outputs, Tensor) and outputs.dtype in _LOW_PRECISION:
+        # The loss of a float16 / bfloat16 model in float32: in bfloat16 a
+        # loss near 1 has a resolution of 0.0078, coarser than most
+        # sharpness values (differences of two losses).
+        outputs = outputs.float()
+    if logit_normalization:
+        outputs = normalize_logits(outputs)
+    loss = loss_fn(outputs, targets)
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError(
+            "loss_fn must return a scalar tensor (the mean loss over the batch), "
+            f"got {tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}"
+        )
+    return loss.reshape(())
+
+
+def _as_args(inputs: Any) -> tuple[Any, ...]:
+    if isinstance(inputs, Mapping):
+        return ()
+    if isinstance(inputs, tuple) and not hasattr(inputs, "_fields"):
+        return inputs
+    return (inputs,)
+
+
+def _as_kwargs(inputs: Any) -> dict[str, Any] | None:
+    return dict(inputs) if isinstance(inputs, Mapping) else None

@@ -1,0 +1,124 @@
+"""The restore guarantee: the model comes back bit for bit as it went in,
+also when the call raises (:class:`ModelGuard`), and BatchNorm running
+statistics frozen for SAM's second pass (:func:`disable_running_stats`)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors of one shape and dtype hold the same bits (NaNs
+    and the sign of zero included, unlike ``torch.equal``)."""
+    if a.dtype.is_floating_point and a.element_size() in _INT_OF_SIZE:
+        kind = _INT_OF_SIZE[a.element_size()]
+        return torch.equal(a.detach().view(kind), b.detach().view(kind))
+    if a.dtype.is_floating_point or a.dtype.is_complex:
+        return False  # no integer view: treat as changed (it is copied back)
+    return torch.equal(a, b)
+
+
+class ModelGuard(contextlib.AbstractContextManager):
+    """Put the model in the measurement mode and restore it on exit.
+
+    On entry it records, for every parameter and buffer of the model, the
+    tensor object, its ``requires_grad`` and ``.grad`` reference, and the
+    ``training`` flag of every submodule.  On exit (normal, exception or
+    ``KeyboardInterrupt``) the flags, modes and ``.grad`` references are put
+    back.  Parameter values are never written by the library (it evaluates
+    perturbed weights through ``functional_call``), so they need no copy;
+    buffers are copied and written back in place (bit for bit, same
+    storage), in eval mode too: a ``forward`` may update a counter or a
+    running average in any mode, and training-mode passes update BatchNorm
+    running statistics.
+
+    Parameters
+    ----------
+    model : nn.Module
+    train : bool
+        Run the measurement in training mode (BatchNorm batch statistics,
+        active dropout).  Default ``False``: eval mode.
+    """
+
+    def __init__(self, model: nn.Module, *, train: bool = False) -> None:
+        self.model = model
+        self.train = train
+
+    def __enter__(self) -> ModelGuard:
+        m = self.model
+        self._modes = [(mod, mod.training) for mod in m.modules()]
+        self._params = [(p, p.requires_grad, p.grad) for p in m.parameters()]
+        # Every buffer, in every mode: forward passes may write buffers in
+        # eval mode too (counters, running averages).
+        self._buffers = [(b, b.detach().clone()) for b in m.buffers()]
+        m.train(self.train)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for mod, mode in self._modes:
+            mod.training = mode
+        for p, req, grad in self._params:
+            if p.requires_grad != req:
+                p.requires_grad_(req)
+            p.grad = grad
+        with torch.no_grad():
+            for b, saved in self._buffers:
+                # only if changed: writing an untouched buffer would bump its
+                # version counter and invalidate graphs kept across calls.
+                # (BatchNorm's kernel updates running statistics without
+                # bumping the counter, so the values are compared.)
+                if not same_bits(b, saved):
+                    b.copy_(saved)
+
+
+@contextlib.contextmanager
+def disable_running_stats(model: nn.Module) -> Iterator[nn.Module]:
+    """Freeze BatchNorm running statistics inside the ``with`` block.
+
+    SAM's second forward pass runs at the perturbed weights ``w + e``; letting
+    it update ``running_mean`` / ``running_var`` / ``num_batches_tracked``
+    would mix statistics of weights that are never kept.  Inside the block
+    every ``BatchNorm*`` / ``SyncBatchNorm`` layer in training mode still
+    normalizes with the batch statistics (the gradient is the same as
+    without the block) but leaves its buffers untouched.  The flags are
+    restored on exit, also after an exception.
+
+    Parameters
+    ----------
+    model : nn.Module
+
+    Examples
+    --------
+    >>> loss_fn(model(x), y).backward()
+    >>> opt.first_step(zero_grad=True)
+    >>> with disable_running_stats(model):
+    ...     loss_fn(model(x), y).backward()
+    >>> opt.second_step(zero_grad=True)
+
+    Notes
+    -----
+    Only ``torch.nn.modules.batchnorm._BatchNorm`` subclasses are affected
+    (``InstanceNorm`` with ``track_running_stats=True`` is not).  The layers'
+    ``track_running_stats`` flag is switched off for the duration of the
+    block, which is what makes PyTorch skip the buffer update.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    changed = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    for m in changed:
+        m.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for m in changed:
+            m.track_running_stats = True

@@ -1,0 +1,147 @@
+"""Parameter selection: which tensors a measurement differentiates and
+perturbs (:class:`ParamSet`, :func:`select_params`), and the user's module
+inside a data-parallel wrapper (:func:`unwrap`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Return the user's module inside a ``DistributedDataParallel`` or
+    ``DataParallel`` wrapper (their forward would re-broadcast or all-reduce)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inner = getattr(model, "module", None)
+    if isinstance(inner, nn.Module) and isinstance(
+        model, (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    ):
+        return inner
+    return model
+
+
+@dataclass(frozen=True)
+class ParamSet:
+    """The parameters a measurement is taken with respect to.
+
+    Attributes
+    ----------
+    names : tuple of str
+        Names as in ``model.named_parameters()`` (first name of a tied tensor).
+    params : tuple of Tensor
+        The parameter tensors themselves (never modified by the library).
+    """
+
+    names: tuple[str, ...]
+    params: tuple[Tensor, ...]
+
+    @property
+    def numel(self) -> int:
+        """Total number of scalar entries."""
+        return sum(p.numel() for p in self.params)
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    def detached(self) -> list[Tensor]:
+        """Detached views of the parameters (no copy)."""
+        return [p.detach() for p in self.params]
+
+    def as_dict(self, tensors: Sequence[Tensor]) -> dict[str, Tensor]:
+        """Map ``tensors`` (one per parameter) to their parameter names."""
+        return dict(zip(self.names, tensors, strict=True))
+
+
+def select_params(model: nn.Module, params: Iterable[Any] | None = None) -> ParamSet:
+    """Resolve the ``params=`` argument of the public functions.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model (a DDP wrapper is looked through).
+    params : iterable, optional
+        ``None`` selects every parameter with ``requires_grad``.  Otherwise an
+        iterable of parameter tensors of ``model``, of their names, or of
+        submodules (whose trainable parameters are all selected).
+
+    Returns
+    -------
+    ParamSet
+
+    Raises
+    ------
+    ValueError
+        If nothing is selected, a name is unknown or a tensor is not a
+        parameter of ``model``.
+    """
+    module = unwrap(model)
+    # remove_duplicate=True: a tied tensor appears once, under its first name.
+    named = list(module.named_parameters())
+    if not named:
+        raise ValueError("model has no parameters")
+    by_id = {id(p): n for n, p in named}
+    by_name = dict(named)
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+        if not chosen:
+            raise ValueError(
+                "model has no parameters with requires_grad=True; pass params= "
+                "explicitly to measure with respect to frozen parameters"
+            )
+    else:
+        if isinstance(params, (Tensor, str, nn.Module)):
+            params = [params]
+        wanted: dict[int, None] = {}
+        for item in params:
+            if isinstance(item, str):
+                if item not in by_name:
+                    raise ValueError(f"unknown parameter name {item!r}")
+                wanted[id(by_name[item])] = None
+            elif isinstance(item, nn.Module):
+                for p in item.parameters():
+                    if p.requires_grad:
+                        wanted[id(p)] = None
+            elif isinstance(item, Tensor):
+                if id(item) not in by_id:
+                    raise ValueError("params= contains a tensor that is not a parameter of model")
+                wanted[id(item)] = None
+            elif isinstance(item, Mapping) and "params" in item:
+                raise TypeError("params= takes tensors, names or modules, not param-group dicts")
+            else:
+                raise TypeError(
+                    f"params= items must be tensors, names or modules, got {type(item).__name__}"
+                )
+        chosen = [(n, p) for n, p in named if id(p) in wanted]
+        if not chosen:
+            raise ValueError("params= selects no parameters")
+    dtypes = {p.dtype for _, p in chosen}
+    if len(dtypes) > 1:
+        raise ValueError(f"selected parameters have mixed dtypes {sorted(map(str, dtypes))}")
+    if not chosen[0][1].dtype.is_floating_point:
+        raise TypeError(f"parameters must be floating point, got {chosen[0][1].dtype}")
+    devices = {p.device for _, p in chosen}
+    if len(devices) > 1:
+        raise ValueError(f"selected parameters live on several devices {sorted(map(str, devices))}")
+    if next(iter(devices)).type == "meta":
+        raise ValueError(
+            "the model's parameters are on the meta device (shapes only, no values); "
+            "materialize them first (model.to_empty(device=...) and load a state dict)"
+        )
+    inference = [n for n, p in chosen if p.is_inference()]
+    if inference:
+        raise ValueError(
+            f"parameters {inference[:3]} are inference tensors (created under torch.inference_mode()) "
+            "and cannot be differentiated; build or load the model outside inference_mode"
+        )
+    names, tensors = zip(*chosen)
+    return ParamSet(tuple(names), tuple(tensors))
