@@ -29,6 +29,12 @@ from the algorithms:
   iterate, gradient, best iterate, its gradient, the perturbed weights, the
   scaling ``|w|`` for adaptive kinds, the autograd leaves and their
   gradients), independent of ``n_iters``.
+* one HVP: the vector (1 P, allocated in the row), the gradient and the
+  product; double backward keeps the gradient's graph instead of its
+  tangent.
+* gradient_variance: the chunk's per-sample gradients (``chunk`` P) and the
+  running mean (1 P); with ``memory_limit`` below ``P`` one group of layers'
+  per-sample gradients at a time.
 * Lanczos: the float64 Krylov basis, ``2 * steps`` P for float32
   parameters (full reorthogonalization keeps every basis vector), plus the
   forward-over-reverse product (a few P); ``steps`` P with a float32 basis;
@@ -196,9 +202,18 @@ def operations(n_iters: int, lanczos_steps: int):
     def variance(fn):
         return lambda state: fn(state[0], state[1])
 
-    def one_hvp(state):
-        model, batch = state
-        hvp(model, batch, [torch.ones_like(p) for p in model.parameters()])
+    def one_hvp(engine="auto"):
+        def run(state):
+            model, batch = state
+            hvp(model, batch, [torch.ones_like(p) for p in model.parameters()], engine=engine)
+        return run
+
+    def variance_kw(fn, **kw):
+        return lambda state: fn(state[0], state[1], **kw)
+
+    def quarter_of_p(state):  # a memory_limit below one sample's gradient
+        model = state[0]
+        return sum(p.numel() * p.element_size() for p in model.parameters()) // 4
 
     return {
         "forward-backward (reference)": (fwd_bwd_setup, fwd_bwd),
@@ -209,13 +224,18 @@ def operations(n_iters: int, lanczos_steps: int):
         f"APGD sharpness adaptive_l2, {n_iters} iters": (fwd_bwd_setup, apgd("adaptive_l2")),
         "average-case sharpness avg_l2, 5 samples": (fwd_bwd_setup, avg("avg_l2")),
         "average-case avg_adaptive_linf, 5 samples": (fwd_bwd_setup, avg("avg_adaptive_linf")),
-        "one Hessian-vector product": (fwd_bwd_setup, one_hvp),
+        "one Hessian-vector product (auto engine)": (fwd_bwd_setup, one_hvp()),
+        "  same, forward-over-reverse": (fwd_bwd_setup, one_hvp("forward-over-reverse")),
+        "  same, double-backward": (fwd_bwd_setup, one_hvp("double-backward")),
         "trace, Hutch++, 12 products, batch 8": (fwd_bwd_setup, hutch("hutch++")),
         "trace, Hutch++, 12 products, batch 1": (fwd_bwd_setup, hutch("hutch++", 1)),
         "trace, Hutchinson, 12 products, batch 8": (fwd_bwd_setup, hutch("hutchinson")),
         "trace, Hutchinson, 12 products, batch 1": (fwd_bwd_setup, hutch("hutchinson", 1)),
         "kfac_variance": (fwd_bwd_setup, variance(kfac_variance)),
         "gradient_variance (exact, per-sample)": (fwd_bwd_setup, variance(gradient_variance)),
+        "  same, chunk_size=1": (fwd_bwd_setup, variance_kw(gradient_variance, chunk_size=1)),
+        "  same, memory_limit=P/4 (layer groups)": (
+            fwd_bwd_setup, lambda state: gradient_variance(state[0], state[1], memory_limit=quarter_of_p(state))),
         f"Lanczos top eigenvalue, {lanczos_steps} steps": (fwd_bwd_setup, lanczos()),
         "  same, float32 basis": (fwd_bwd_setup, lanczos(basis_dtype=torch.float32)),
         "  same, low_memory (no basis, float32)": (

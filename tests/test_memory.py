@@ -94,13 +94,20 @@ def test_average_case_memory(setting, kind, bound):
     assert peak <= bound, peak
 
 
-# One product, the vector allocated outside the call: forward-over-reverse
-# 2.0 P (the gradient's tangent and the product), double backward 3.0 P
-# (the gradient with its graph, its dot product's gradient, the product).
-@pytest.mark.parametrize("engine, bound", [("forward-over-reverse", 2.3), ("double-backward", 3.3)])
-def test_one_hvp_memory(setting, engine, bound):
+# Products, the vectors allocated outside the call.  One vector:
+# forward-over-reverse 2.0 P (the gradient and its tangent, the product),
+# double backward 2.1 P (the gradient with its graph and the product; 3.0
+# before the single product was returned as a view instead of stacked).
+# Three vectors: 4.1 P (three products and the gradient) and 5.0 P (the
+# gradient, the output and one product in flight; 7.0 when the rows were
+# all kept and then stacked).
+@pytest.mark.parametrize("engine, k, bound", [
+    ("forward-over-reverse", 1, 2.3), ("double-backward", 1, 2.4),
+    ("forward-over-reverse", 3, 4.4), ("double-backward", 3, 5.3),
+])
+def test_hvp_memory(setting, engine, k, bound):
     model = setting[0]
-    v = [torch.ones_like(p) for p in model.parameters()]
+    v = [torch.ones(k, *p.shape) for p in model.parameters()]
     peak = _multiple(setting, lambda m, b: hvp(m, b, v, engine=engine))
     assert peak <= bound, peak
 
