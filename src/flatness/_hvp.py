@@ -350,7 +350,7 @@ class KeptGraph:
             row = list(self._one([t[i] for t in tangents]))
             for j in range(len(out)):
                 out[j][i].copy_(row[j])
-                row[j] = None  # type: ignore[call-overload]
+                row[j] = None  # released once copied
         return tuple(out)
 
     def _one(self, vec: list[Tensor]) -> tuple[Tensor, ...]:

@@ -125,9 +125,9 @@ class _Moments:
     The state is one flattened running mean per parameter (1 P in all) and
     one float64 scalar per parameter.  A chunk is folded in parameter by
     parameter (:meth:`fold`), each per-sample gradient tensor is consumed in
-    place and released as soon as it is folded, and :meth:`advance` then
-    counts the chunk's samples: a chunk may arrive as several groups of
-    parameters.
+    place and released as soon as it is folded (:func:`_stream_moments`), and
+    :meth:`advance` then counts the chunk's samples: a chunk may arrive as
+    several groups of parameters.
     """
 
     def __init__(self, count: int) -> None:
@@ -159,16 +159,6 @@ class _Moments:
     def advance(self, c: int) -> None:
         """Count the ``c`` samples of the chunk just folded."""
         self.n += c
-
-    def add(self, grads: list[Tensor], indices: list[int] | None = None) -> None:
-        """Fold in a chunk of per-sample gradients ``(c, *shape)``, one per
-        parameter (``indices``: which; default all) and count it.  The list's
-        entries are released one by one (the caller's tensors are consumed)."""
-        c = grads[0].shape[0]
-        for j, k in enumerate(range(len(grads)) if indices is None else indices):
-            g, grads[j] = grads[j], None  # type: ignore[call-overload]
-            self.fold(k, g)
-        self.advance(c)
 
     def variance(self, k: int) -> float:
         m2 = self.m2[k]
