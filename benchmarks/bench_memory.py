@@ -29,6 +29,12 @@ from the algorithms:
   iterate, gradient, best iterate, its gradient, the perturbed weights, the
   scaling ``|w|`` for adaptive kinds, the autograd leaves and their
   gradients), independent of ``n_iters``.
+* one HVP: the vector (1 P, allocated in the row), the gradient and the
+  product; double backward keeps the gradient's graph instead of its
+  tangent.
+* gradient_variance: the chunk's per-sample gradients (``chunk`` P) and the
+  running mean (1 P); with ``memory_limit`` below ``P`` one group of layers'
+  per-sample gradients at a time.
 * Lanczos: the float64 Krylov basis, ``2 * steps`` P for float32
   parameters (full reorthogonalization keeps every basis vector), plus the
   forward-over-reverse product (a few P); ``steps`` P with a float32 basis;
@@ -39,6 +45,7 @@ Usage::
     python benchmarks/bench_memory.py                       # CPU, ~6M parameters
     python benchmarks/bench_memory.py --device cuda --large # >= 50M parameters
     python benchmarks/bench_memory.py --quick               # smoke run
+    python benchmarks/bench_memory.py --large --skip 'Lanczos top|float32 basis|batch 8'  # ~50M on CPU, < 6 GiB
 """
 
 from __future__ import annotations
@@ -196,9 +203,18 @@ def operations(n_iters: int, lanczos_steps: int):
     def variance(fn):
         return lambda state: fn(state[0], state[1])
 
-    def one_hvp(state):
-        model, batch = state
-        hvp(model, batch, [torch.ones_like(p) for p in model.parameters()])
+    def one_hvp(engine="auto"):
+        def run(state):
+            model, batch = state
+            hvp(model, batch, [torch.ones_like(p) for p in model.parameters()], engine=engine)
+        return run
+
+    def variance_kw(fn, **kw):
+        return lambda state: fn(state[0], state[1], **kw)
+
+    def quarter_of_p(state):  # a memory_limit below one sample's gradient
+        model = state[0]
+        return sum(p.numel() * p.element_size() for p in model.parameters()) // 4
 
     return {
         "forward-backward (reference)": (fwd_bwd_setup, fwd_bwd),
@@ -209,13 +225,18 @@ def operations(n_iters: int, lanczos_steps: int):
         f"APGD sharpness adaptive_l2, {n_iters} iters": (fwd_bwd_setup, apgd("adaptive_l2")),
         "average-case sharpness avg_l2, 5 samples": (fwd_bwd_setup, avg("avg_l2")),
         "average-case avg_adaptive_linf, 5 samples": (fwd_bwd_setup, avg("avg_adaptive_linf")),
-        "one Hessian-vector product": (fwd_bwd_setup, one_hvp),
+        "one Hessian-vector product (auto engine)": (fwd_bwd_setup, one_hvp()),
+        "  same, forward-over-reverse": (fwd_bwd_setup, one_hvp("forward-over-reverse")),
+        "  same, double-backward": (fwd_bwd_setup, one_hvp("double-backward")),
         "trace, Hutch++, 12 products, batch 8": (fwd_bwd_setup, hutch("hutch++")),
         "trace, Hutch++, 12 products, batch 1": (fwd_bwd_setup, hutch("hutch++", 1)),
         "trace, Hutchinson, 12 products, batch 8": (fwd_bwd_setup, hutch("hutchinson")),
         "trace, Hutchinson, 12 products, batch 1": (fwd_bwd_setup, hutch("hutchinson", 1)),
         "kfac_variance": (fwd_bwd_setup, variance(kfac_variance)),
         "gradient_variance (exact, per-sample)": (fwd_bwd_setup, variance(gradient_variance)),
+        "  same, chunk_size=1": (fwd_bwd_setup, variance_kw(gradient_variance, chunk_size=1)),
+        "  same, memory_limit=P/4 (layer groups)": (
+            fwd_bwd_setup, lambda state: gradient_variance(state[0], state[1], memory_limit=quarter_of_p(state))),
         f"Lanczos top eigenvalue, {lanczos_steps} steps": (fwd_bwd_setup, lanczos()),
         "  same, float32 basis": (fwd_bwd_setup, lanczos(basis_dtype=torch.float32)),
         "  same, low_memory (no basis, float32)": (
@@ -230,6 +251,8 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="a >= 50M-parameter model (width 4096)")
     parser.add_argument("--quick", action="store_true", help="a small model and few iterations (smoke test)")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--skip", default=None, metavar="REGEX",
+                        help="leave out the rows whose name matches (e.g. the float64 Lanczos basis at --large)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -249,6 +272,10 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch,), device=device)
     P = sum(p.numel() * p.element_size() for p in model.parameters())
     ops = operations(n_iters, steps)
+    if args.skip:
+        import re
+
+        ops = {name: op for name, op in ops.items() if not re.search(args.skip, name)}
 
     # Warm-up on a tiny model: lazy imports and first-call caches are not
     # charged to the measured operation.

@@ -46,6 +46,7 @@ __all__ = [
     "merge_moments",
     "rank",
     "rank_seed",
+    "refuse_sharded",
     "shared_seed",
     "sum_",
     "world_size",
@@ -223,6 +224,31 @@ def merge_moments(moments: Any) -> None:
         spread = m2_r + (mean_r - mean).double().pow(2).sum() * n_local
         moments.mean[k], moments.m2[k] = mean, sum_(spread)
     moments.n = n
+
+
+def refuse_sharded(named: list[tuple[str, Tensor]], what: str) -> None:
+    """Raise ``TypeError`` when a parameter is a ``DTensor``.
+
+    FSDP2 (``torch.distributed.fsdp.fully_shard``) and tensor parallelism
+    replace each parameter by a ``DTensor`` that holds one shard per rank.
+    The library's perturbations, norms and per-sample transforms act on
+    plain tensors (and ``torch.func`` and the ``_foreach`` kernels have no
+    sharding rules for what they need), so a sharded model is refused up
+    front, before anything changes, instead of failing half-way.
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except (ImportError, RuntimeError):  # pragma: no cover - torch without distributed
+        return
+    sharded = [name for name, p in named if isinstance(p, DTensor)]
+    if sharded:
+        shown = ", ".join(sharded[:3]) + (", ..." if len(sharded) > 3 else "")
+        raise TypeError(
+            f"{what}: sharded (DTensor) parameters are not supported (made by FSDP2's fully_shard "
+            f"or tensor parallelism): {shown}. Measure an unsharded copy instead: load the full state dict "
+            "(torch.distributed.checkpoint.state_dict.get_model_state_dict with "
+            "StateDictOptions(full_state_dict=True)) into a plain model on each rank, or use DDP"
+        )
 
 
 def gather_or_raise(local: Any, error: BaseException | None, what: str) -> list[Any]:

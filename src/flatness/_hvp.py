@@ -306,8 +306,17 @@ class KeptGraph:
     def products(self, tangents: Tangents) -> Tangents:
         """``C v_i`` for the ``k`` vectors of ``tangents`` (``(k, *shape)``)."""
         k = int(tangents[0].shape[0])
-        rows = [self._one([t[i] for t in tangents]) for i in range(k)]
-        return tuple(torch.stack([r[j] for r in rows]) for j in range(len(self.values)))
+        if k == 1:  # a view of the one product: no stacked copy
+            return tuple(r.unsqueeze(0) for r in self._one([t[0] for t in tangents]))
+        # Each product is written into the output and released parameter by
+        # parameter: never the k products and their stacked copy at once.
+        out = [torch.empty((k, *v.shape), dtype=v.dtype, device=v.device) for v in self.values]
+        for i in range(k):
+            row = list(self._one([t[i] for t in tangents]))
+            for j in range(len(out)):
+                out[j][i].copy_(row[j])
+                row[j] = None  # released once copied
+        return tuple(out)
 
     def _one(self, vec: list[Tensor]) -> tuple[Tensor, ...]:
         live = [(g, v) for g, v in zip(self.grads, vec) if g is not None and g.requires_grad]

@@ -23,7 +23,7 @@ from flatness._guard import ModelGuard
 from flatness._kfac import KFACLayer, blind_layers, capture, plan, trace_terms
 from flatness._kfac import factors as kronecker_factors
 from flatness._params import ParamSet, select_params
-from flatness._per_sample import check_chunk_size, per_sample_grads
+from flatness._per_sample import check_chunk_size, per_sample_engine, per_sample_grads
 from flatness._results import ResultMixin
 from flatness._rng import private_rng
 
@@ -62,31 +62,45 @@ def noise_factor(n: int, b: int) -> float:
 class _Moments:
     """Streaming mean and sum of squared deviations of per-sample gradients,
     one parameter at a time (Chan et al.'s pairwise update: no cancellation
-    between ``E||g||^2`` and ``||E g||^2``)."""
+    between ``E||g||^2`` and ``||E g||^2``).
+
+    The state is one flattened running mean per parameter (1 P in all) and
+    one float64 scalar per parameter.  A chunk is folded in parameter by
+    parameter (:meth:`fold`), each per-sample gradient tensor is consumed in
+    place and released as soon as it is folded (:func:`_stream_moments`), and
+    :meth:`advance` then counts the chunk's samples: a chunk may arrive as
+    several groups of parameters.
+    """
 
     def __init__(self, count: int) -> None:
         self.n = 0
         self.mean: list[Tensor | None] = [None] * count
         self.m2: list[Tensor | None] = [None] * count
 
-    def add(self, grads: list[Tensor]) -> None:
-        """Fold in a chunk of per-sample gradients ``(c, *shape)``; they are
-        centred in place (the caller's tensors are consumed)."""
-        c = grads[0].shape[0]
+    def fold(self, k: int, g: Tensor) -> None:
+        """Fold in parameter ``k``'s per-sample gradients ``(c, *shape)`` of
+        a chunk not yet counted (``g`` is centred in place: consumed)."""
+        c = g.shape[0]
         total = self.n + c
-        for k, g in enumerate(grads):
-            g = g.reshape(c, -1)
+        g = g.reshape(c, -1)
+        if c == 1:  # the sample is the chunk's mean: no copy
+            mean_c, m2_c = g[0], torch.zeros((), dtype=torch.float64, device=g.device)
+        else:
             mean_c = g.mean(0)
             # in place: no temporary of the chunk's size (memory-bound)
             m2_c = torch.linalg.vector_norm(g.sub_(mean_c)).double().square()
-            mean, m2 = self.mean[k], self.m2[k]
-            if mean is None or m2 is None:
-                self.mean[k], self.m2[k] = mean_c, m2_c
-            else:
-                delta = mean_c - mean
-                self.mean[k] = mean + delta * (c / total)
-                self.m2[k] = m2 + m2_c + delta.pow(2).sum().double() * (self.n * c / total)
-        self.n = total
+        del g
+        mean, m2 = self.mean[k], self.m2[k]
+        if mean is None or m2 is None:
+            self.mean[k], self.m2[k] = mean_c, m2_c
+            return
+        delta = mean_c.sub_(mean)  # mean_c is ours: reused for the difference
+        self.m2[k] = m2 + m2_c + torch.linalg.vector_norm(delta).double().square() * (self.n * c / total)
+        mean.add_(delta, alpha=c / total)
+
+    def advance(self, c: int) -> None:
+        """Count the ``c`` samples of the chunk just folded."""
+        self.n += c
 
     def variance(self, k: int) -> float:
         m2 = self.m2[k]
@@ -94,7 +108,64 @@ class _Moments:
 
     def mean_sqnorm(self, k: int) -> float:
         mean = self.mean[k]
-        return 0.0 if mean is None else float(mean.double().pow(2).sum())
+        if mean is None:
+            return 0.0
+        # in float64 slice by slice: no parameter-sized float64 copy
+        return sum(float(part.double().pow(2).sum()) for part in mean.split(1 << 16))
+
+
+#: Default bound on the bytes of per-sample gradients held at once.
+PER_SAMPLE_MEMORY = 1 << 30
+
+
+def _plan_chunks(ps: ParamSet, chunk_size: int | None, memory_limit: int | None) -> tuple[int | None, list[list[int]]]:
+    """The sample chunk and the parameter groups of a streamed pass.
+
+    ``chunk_size`` samples at most, fewer when their per-sample gradients of
+    every parameter would exceed ``memory_limit`` bytes (down to one sample);
+    when one sample's gradient alone exceeds it, the parameters are split
+    into groups of whole layers (consecutive in ``ps``) of at most
+    ``memory_limit`` bytes each (a larger layer forms its own group), each
+    group differentiated by its own pass over the chunk.
+    """
+    every = list(range(len(ps.params)))
+    if memory_limit is None:
+        return chunk_size, [every]
+    sizes = [p.numel() * p.element_size() for p in ps.params]
+    fit = max(1, memory_limit // max(1, sum(sizes)))
+    chunk = fit if chunk_size is None else min(chunk_size, fit)
+    if sum(sizes) * chunk <= memory_limit:
+        return chunk, [every]
+    groups: list[list[int]] = []
+    used = 0
+    for k in every:
+        same_layer = groups and _layer_of(ps.names[groups[-1][-1]]) == _layer_of(ps.names[k])
+        if groups and (same_layer or used + sizes[k] <= memory_limit):
+            groups[-1].append(k)
+            used += sizes[k]
+        else:
+            groups.append([k])
+            used = sizes[k]
+    return chunk, groups
+
+
+def _stream_moments(
+    model: nn.Module, ps: ParamSet, inputs: Any, targets: Tensor, loss_fn: LossFn, moments: _Moments,
+    chunk: int | None, groups: list[list[int]], engines: dict[int, str],
+) -> None:
+    """Fold the per-sample gradients of one batch into ``moments``, chunk by
+    chunk and group by group (``engines`` caches each group's engine)."""
+    for x, y in split_batch(inputs, targets, chunk):
+        for gi, group in enumerate(groups):
+            sub = ps if len(groups) == 1 else _subset(ps, group)
+            if gi not in engines:  # chosen once per call, on its first chunk
+                engines[gi] = per_sample_engine(model, sub, x, y, loss_fn)[0]
+            grads, _ = per_sample_grads(model, sub, x, y, loss_fn, engine=engines[gi])
+            for j, k in enumerate(group):
+                g, grads[j] = grads[j], None
+                moments.fold(k, g)
+            del grads
+        moments.advance(_batch_len(y))
 
 
 def _subset(params: ParamSet, indices: list[int]) -> ParamSet:
@@ -202,6 +273,7 @@ def gradient_variance(
     params: Iterable[Any] | None = None,
     batch_size: int | None = None,
     chunk_size: int | None = 64,
+    memory_limit: int | None = PER_SAMPLE_MEMORY,
     n_batches: int | None = None,
     train: bool = False,
     seed: int | None = 0,
@@ -218,7 +290,7 @@ def gradient_variance(
     ``n`` samples of ``data``.  Per-sample gradients come from
     ``torch.func.vmap(grad)`` in chunks of ``chunk_size`` samples; the sums
     are streamed, so memory stays at ``chunk_size`` gradient copies plus one
-    for the running mean.
+    for the running mean (and fewer where ``memory_limit`` says so).
 
     Parameters
     ----------
@@ -236,6 +308,17 @@ def gradient_variance(
         of the first batch of ``data`` (so one batch gives ``noise = 0``).
     chunk_size : int or None
         Samples differentiated at once (``None``: a whole batch).
+    memory_limit : int or None
+        Bytes of per-sample gradients held at once (default 1 GiB; ``None``:
+        no limit).  The chunk shrinks below ``chunk_size`` until its
+        per-sample gradients fit (down to one sample); where one sample's
+        gradient of every selected parameter is larger, the parameters are
+        split into groups of whole layers of at most this size, and each
+        group costs its own forward-backward pass per chunk.  The state kept
+        between chunks is one running mean per parameter (1 P) and a scalar
+        per parameter; the peak is about ``chunk * min(P, memory_limit)``
+        plus that mean and the pass's activations.  The value does not
+        depend on the chunking beyond rounding.
     n_batches : int, optional
         Use at most this many batches.
     train : bool
@@ -264,17 +347,18 @@ def gradient_variance(
     loss_fn = _check_common(model, loss_fn)
     check_int("batch_size", batch_size, allow_none=True)
     check_chunk_size(chunk_size)
+    check_int("memory_limit", memory_limit, allow_none=True)
     ps = select_params(model, params)
     moments = _Moments(len(ps.params))
+    chunk, groups = _plan_chunks(ps, chunk_size, memory_limit)
+    engines: dict[int, str] = {}
     first: int | None = None
     with ModelGuard(model, train=check_bool("train", train)), private_rng(seed, ps.device), \
             torch.inference_mode(False):
         batches = iter_batches(data, device=ps.device, dtype=ps.dtype, n_batches=n_batches)
         for inputs, targets in maybe_progress(batches, progress, None, "gradient variance"):
             first = first or _batch_len(targets)
-            for x, y in split_batch(inputs, targets, chunk_size):
-                grads, _ = per_sample_grads(model, ps, x, y, loss_fn)
-                moments.add(grads)
+            _stream_moments(model, ps, inputs, targets, loss_fn, moments, chunk, groups, engines)
     # Inside a torch.distributed process group: pool every rank's samples.
     merge_moments(moments)
     first = gather_objects(first)[0]
@@ -285,7 +369,8 @@ def gradient_variance(
     result = _finish(
         "exact", per_layer, sum(per_layer.values()) + mean_sq, mean_sq, moments.n,
         batch_size or first,
-        settings={"chunk_size": chunk_size, "n_batches": n_batches, "train": bool(train),
+        settings={"chunk_size": chunk_size, "memory_limit": memory_limit, "chunk": chunk,
+                  "param_groups": len(groups), "n_batches": n_batches, "train": bool(train),
                   "params": list(ps.names)},
     )
     result.wall_time = time.perf_counter() - start
@@ -306,6 +391,7 @@ def kfac_variance(
     fallback: str = "exact",
     factors: bool = False,
     chunk_size: int | None = 64,
+    memory_limit: int | None = PER_SAMPLE_MEMORY,
     n_batches: int | None = None,
     train: bool = False,
     seed: int | None = 0,
@@ -361,8 +447,22 @@ def kfac_variance(
         ``G = sum_B |B| G_B / n`` of every factored layer in
         ``result.factors`` (costs a matrix product per layer and batch; see
         :func:`flatness._kfac.factors` for their index order).
-    chunk_size : int or None
-        Chunk size of the exact fallback.
+    chunk_size, memory_limit : int or None
+        Chunking of the exact fallback, as in :func:`gradient_variance`.
+
+    Notes
+    -----
+    Memory.  The state kept across batches is, per factored layer, a
+    float64 scalar (the running ``sum tr(A_B) tr(G_B)``) and the running
+    sum of its batch gradients (the size of the layer's parameters: 1 P
+    over all factored layers), plus with ``factors=True`` the two factors
+    (``(d_in + 1)^2`` and ``d_out^2`` entries for a Linear layer,
+    ``(C_in k_h k_w + 1)^2`` and ``C_out^2`` for a convolution).  During a
+    batch the hooks hold each layer's inputs and output gradients (the
+    activations of one forward-backward pass) and the batch gradient (1 P).
+    No per-sample gradient of a factored layer is ever formed; the exact
+    fallback streams as :func:`gradient_variance` does (its running mean
+    and at most ``memory_limit`` bytes of per-sample gradients).
 
     Returns
     -------
@@ -382,6 +482,7 @@ def kfac_variance(
         raise ValueError(f"unknown fallback {fallback!r}; valid: {', '.join(_FALLBACKS)}")
     check_int("batch_size", batch_size, allow_none=True)
     check_chunk_size(chunk_size)
+    check_int("memory_limit", memory_limit, allow_none=True)
     check_bool("factors", factors)
     ps = select_params(model, params)
     layers, rest = plan(model, ps)
@@ -403,6 +504,8 @@ def kfac_variance(
     moments = _Moments(0)
     setup()
     fac_sum: dict[str, list[Tensor]] = {}
+    plan_exact: tuple[int | None, list[list[int]]] | None = None
+    engines: dict[int, str] = {}
     n = 0
     first: int | None = None
     with ModelGuard(model, train=check_bool("train", train)), private_rng(seed, ps.device), \
@@ -426,8 +529,9 @@ def kfac_variance(
                 _kfac_batch(model, ps, layers, factored, inputs, targets, loss_fn, nb,
                             second, grad_sum, fac_sum if factors else None)
             if exact is not None:
-                for x, y in split_batch(inputs, targets, chunk_size):
-                    moments.add(per_sample_grads(model, exact, x, y, loss_fn)[0])
+                if plan_exact is None:
+                    plan_exact = _plan_chunks(exact, chunk_size, memory_limit)
+                _stream_moments(model, exact, inputs, targets, loss_fn, moments, *plan_exact, engines)
     grad_sum = [torch.zeros_like(ps.params[k]) if g is None else g for k, g in zip(factored, grad_sum)]
     _reduce_kfac(second, grad_sum, fac_sum, moments)
     n = sum_(n)
@@ -461,7 +565,8 @@ def kfac_variance(
     result = _finish(
         "kfac", per_layer, second_total, mean_sq, n, batch_size or first,
         exact_layers=exact_layers, unsupported=unsupported, factors=fac,
-        settings={"fallback": fallback, "chunk_size": chunk_size, "n_batches": n_batches,
+        settings={"fallback": fallback, "chunk_size": chunk_size, "memory_limit": memory_limit,
+                  "n_batches": n_batches,
                   "train": bool(train), "params": list(ps.names),
                   "kfac_layers": [layer.name for layer in layers],
                   "hidden_from_hooks": blind},

@@ -143,5 +143,8 @@ def select_params(model: nn.Module, params: Iterable[Any] | None = None) -> Para
             f"parameters {inference[:3]} are inference tensors (created under torch.inference_mode()) "
             "and cannot be differentiated; build or load the model outside inference_mode"
         )
+    from flatness._distributed import refuse_sharded
+
+    refuse_sharded(chosen, "flatness")
     names, tensors = zip(*chosen)
     return ParamSet(tuple(names), tuple(tensors))

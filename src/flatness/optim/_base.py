@@ -461,6 +461,11 @@ class SharpnessAwareOptimizer(Optimizer):
                 "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) "
                 f"or an optimizer instance, got {base_optimizer!r}"
             )
+        from flatness._distributed import refuse_sharded
+
+        refuse_sharded([(f"param_groups[{i}]['params'][{j}]", p) for i, g in enumerate(base.param_groups)
+                        for j, p in enumerate(g["params"])],
+                       type(self).__name__)
         self.base_optimizer = base
         self.param_groups = base.param_groups
         self.state = base.state

@@ -1,0 +1,111 @@
+"""FSDP2 (``fully_shard``) on CPU: two gloo processes.
+
+``fully_shard`` runs on CPU with the gloo backend: each parameter becomes a
+``DTensor`` holding one shard per rank.  The library's measurements and SAM
+refuse such parameters up front (a ``TypeError`` naming FSDP2, nothing
+changed); the documented way to measure is an unsharded copy built from the
+full state dict, which gives the single-process result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gloo_group import run_gloo
+from torch import nn
+
+import flatness
+from flatness.hessian import top_eigenvalues
+from flatness.nonuniformity import gradient_variance
+from flatness.optim import SAM
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+if not hasattr(fsdp, "fully_shard"):  # pragma: no cover - torch < 2.6
+    pytest.skip("torch.distributed.fsdp.fully_shard is not available", allow_module_level=True)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(6, 8, dtype=torch.float64, generator=g), torch.randint(0, 3, (6,), generator=g)
+
+
+def _measures(model, batch):
+    return {
+        "linf": flatness.sharpness(model, batch, kind="linf", rho=1e-2, n_iters=3, seed=0).value,
+        "avg_l2": flatness.sharpness(model, batch, kind="avg_l2", rho=1e-2, n_samples=3, seed=0).value,
+    }
+
+
+def _sam_step(model, batch):
+    x, y = batch
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+
+    def closure():
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _worker(rank, world, out):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = _model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    batch = _batch()
+    before = [p.full_tensor().clone() for p in model.parameters()]
+    messages = []
+    for call in (
+        lambda: flatness.sharpness(model, batch, kind="linf", rho=1e-2, n_iters=3),
+        lambda: flatness.sharpness(model, batch, kind="avg_l2", rho=1e-2),
+        lambda: top_eigenvalues(model, batch, k=1),
+        lambda: gradient_variance(model, batch),
+        lambda: SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1),
+    ):
+        try:
+            call()
+        except TypeError as exc:
+            messages.append(str(exc))
+        else:
+            messages.append(None)
+    # nothing changed: the shards hold what they held
+    assert all(torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters()))
+    # the documented recipe: a plain copy from the full state dict
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    plain = _model()
+    plain.load_state_dict(full)
+    with flatness.local_only():  # each rank measures its own copy on the same batch
+        values = _measures(plain, batch)
+    weights = _sam_step(plain, batch)
+    torch.save({"messages": messages, "values": values, "weights": weights}, out / f"rank{rank}.pt")
+
+
+def test_fsdp2_is_refused_clearly_and_the_full_copy_matches(tmp_path):
+    run_gloo(_worker, 2, tmp_path)
+    model, batch = _model(), _batch()
+    ref = _measures(model, batch)
+    ref_w = _sam_step(model, batch)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for msg in got["messages"]:
+            assert msg is not None and "DTensor" in msg and "FSDP2" in msg, msg
+        assert "SAM" in got["messages"][-1]
+        for kind, value in ref.items():
+            assert got["values"][kind] == pytest.approx(value, rel=1e-6, abs=1e-12), kind
+        for a, b in zip(got["weights"], ref_w):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)

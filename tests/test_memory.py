@@ -1,0 +1,219 @@
+"""Peak memory of the heavy operations, as multiples of the parameters' bytes.
+
+A regression that keeps one more parameter-sized buffer alive fails here.
+The model is a wide MLP on a batch of four, so parameter-sized tensors
+dominate and the activations are a few percent of ``P``.  The probe is the
+profiler's allocation records (deterministic, unlike the process RSS): the
+peak of live CPU tensors allocated inside the call, above what existed
+before it.  Each bound is today's figure (in the comment next to it) plus a
+small margin; ``benchmarks/bench_memory.py`` measures the same operations on
+a larger model with the process's resident set.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import flatness
+from flatness.hessian import hvp, top_eigenvalues, trace
+from flatness.nonuniformity import gradient_variance, kfac_variance
+
+WIDTH = 512
+
+
+def _peak_allocated(fn) -> int:
+    """Peak bytes of live CPU tensors allocated while ``fn`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.fixture(scope="module")
+def setting():
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(64, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(),
+            nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10),
+        )
+    batch = (torch.randn(4, 64, generator=g), torch.randint(0, 10, (4,), generator=g))
+    P = sum(p.numel() * p.element_size() for p in model.parameters())
+    return model, batch, P
+
+
+def _multiple(setting, fn) -> float:
+    model, batch, P = setting
+    fn(model, batch)  # first call: lazy imports and caches are not charged
+    out = []
+    peak = _peak_allocated(lambda: out.append(fn(model, batch)))
+    return peak / P
+
+
+def test_probe_sees_parameter_sized_tensors(setting):
+    # the probe itself: two parameter-sized allocations alive at once
+    model, _, P = setting
+
+    def two():
+        a = [torch.empty_like(p) for p in model.parameters()]
+        b = [torch.empty_like(p) for p in model.parameters()]
+        return a, b
+
+    assert 1.99 <= _peak_allocated(two) / P <= 2.01
+
+
+# APGD keeps a fixed set of parameter-sized buffers whatever n_iters is:
+# linf (iterate, previous iterate, best, gradient, perturbed weights, ...)
+# measured 6.0 P at 2 iterations and 7.0 P at 8 and 16 (the step's
+# buffers exist from the second iteration on); adaptive_l2 one more for
+# the scaling |w|: 7.0 and 8.0 P.
+@pytest.mark.parametrize("kind, bound", [("linf", 7.5), ("adaptive_l2", 8.5)])
+def test_apgd_memory_is_independent_of_n_iters(setting, kind, bound):
+    peaks = {
+        n: _multiple(setting, lambda m, b, n=n: flatness.sharpness(m, b, kind=kind, rho=1e-3, n_iters=n))
+        for n in (2, 8, 16)
+    }
+    assert max(peaks.values()) <= bound, peaks
+    # no growth with the iterations beyond the first few
+    assert abs(peaks[16] - peaks[8]) <= 0.1, peaks
+
+
+# average case: the noise and the perturbed weights (2.0 P); adaptive
+# kinds hold the scaling |w| as well (3.0 P)
+@pytest.mark.parametrize("kind, bound", [("avg_l2", 2.3), ("avg_adaptive_linf", 3.3)])
+def test_average_case_memory(setting, kind, bound):
+    peak = _multiple(setting, lambda m, b: flatness.sharpness(m, b, kind=kind, rho=1e-3, n_samples=3, seed=0))
+    assert peak <= bound, peak
+
+
+# Products, the vectors allocated outside the call.  One vector:
+# forward-over-reverse 2.0 P (the gradient and its tangent, the product),
+# double backward 2.1 P (the gradient with its graph and the product; 3.0
+# before the single product was returned as a view instead of stacked).
+# Three vectors: 4.1 P (three products and the gradient) and 5.0 P (the
+# gradient, the output and one product in flight; 7.0 when the rows were
+# all kept and then stacked).
+@pytest.mark.parametrize("engine, k, bound", [
+    # forced forward-over-reverse first runs a one-sample probe product with a
+    # vector of its own (to refuse kernels without forward-mode formulas up
+    # front): the vector, the gradient and the product, 3.0 P
+    ("forward-over-reverse", 1, 3.3), ("double-backward", 1, 2.4),
+    ("forward-over-reverse", 3, 4.4), ("double-backward", 3, 5.3),
+])
+def test_hvp_memory(setting, engine, k, bound):
+    model = setting[0]
+    v = [torch.ones(k, *p.shape) for p in model.parameters()]
+    peak = _multiple(setting, lambda m, b: hvp(m, b, v, engine=engine))
+    assert peak <= bound, peak
+
+
+# Lanczos, 10 steps: the float64 basis (2 P a step for float32 parameters)
+# plus the product, 25.0 P; a float32 basis 13.0 P; without a basis
+# (low_memory) 6.0 P whatever the steps.
+@pytest.mark.parametrize("kw, bound", [
+    ({}, 25.5),
+    ({"basis_dtype": torch.float32}, 13.5),
+    ({"low_memory": True, "basis_dtype": torch.float32}, 6.5),
+])
+def test_lanczos_memory(setting, kw, bound):
+    peak = _multiple(setting, lambda m, b: top_eigenvalues(m, b, k=1, max_iter=10, tol=1e-300, **kw))
+    assert peak <= bound, peak
+
+
+def test_lanczos_low_memory_is_independent_of_steps(setting):
+    peaks = [
+        _multiple(setting, lambda m, b, s=s: top_eigenvalues(
+            m, b, k=1, max_iter=s, tol=1e-300, low_memory=True, basis_dtype=torch.float32))
+        for s in (5, 20)
+    ]
+    assert abs(peaks[1] - peaks[0]) <= 0.1, peaks
+
+
+# Hutchinson with batch=1: a vector, its product and the HVP's buffers, 4.0 P
+def test_trace_batch_one_memory(setting):
+    peak = _multiple(setting, lambda m, b: trace(m, b, method="hutchinson", n_samples=4, batch=1))
+    assert peak <= 4.3, peak
+
+
+# K-FAC: the batch gradient, the running gradient sum of every factored
+# layer and the hooks' activations, 2.4 P; no per-sample gradient.
+def test_kfac_variance_memory(setting):
+    peak = _multiple(setting, lambda m, b: kfac_variance(m, b))
+    assert peak <= 2.7, peak
+
+
+# Exact variance: the chunk's per-sample gradients (c P) and the running
+# mean (1 P), each parameter's gradients released once folded in: 4.3 P
+# for a chunk of 4, 2.0 P for a chunk of 1 (the batch is 4).
+@pytest.mark.parametrize("chunk, bound", [(None, 4.6), (1, 2.3)])
+def test_gradient_variance_memory_is_the_chunk(setting, chunk, bound):
+    peak = _multiple(setting, lambda m, b: gradient_variance(m, b, chunk_size=chunk))
+    assert peak <= bound, peak
+
+
+def _exact_variance(model, batch):
+    """tr S per layer from a loop of single-sample backward passes."""
+    x, y = batch
+    grads = [
+        torch.autograd.grad(nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), list(model.parameters()))
+        for i in range(len(y))
+    ]
+    out = {}
+    for k, (name, _) in enumerate(model.named_parameters()):
+        g = torch.stack([gs[k] for gs in grads]).flatten(1)
+        layer = name.rpartition(".")[0]
+        out[layer] = out.get(layer, 0.0) + float((g - g.mean(0)).pow(2).sum(1).mean())
+    return out
+
+
+def test_gradient_variance_memory_limit_splits_samples_and_layers(setting):
+    # A limit below one sample's gradient: chunks of one sample and groups
+    # of whole layers (one pass each); the value is that of a loop over
+    # samples (float64).
+    import copy
+
+    model, batch, P = setting
+    m64 = copy.deepcopy(model).double()
+    b64 = (batch[0].double(), batch[1])
+    ref = _exact_variance(m64, b64)
+    for limit in (None, P, 2 * P // 3):  # P: one sample in 2 groups (float64 doubles it)
+        out = gradient_variance(m64, b64, memory_limit=limit)
+        assert out.per_layer == pytest.approx(ref, rel=1e-10), limit
+    out = gradient_variance(m64, b64, memory_limit=2 * P // 3)
+    assert out.settings["chunk"] == 1 and out.settings["param_groups"] >= 3
+    assert gradient_variance(m64, b64, memory_limit=4 * P).settings["chunk"] == 2
+    # the peak: one group's per-sample gradient (here a layer of 0.47 P)
+    # plus the running mean, 1.5 P measured
+    peak = _multiple(setting, lambda m, b: gradient_variance(m, b, memory_limit=P // 3))
+    assert peak <= 1.8, peak
+
+
+def test_kfac_exact_fallback_follows_memory_limit():
+    # LayerNorm is not a factored layer: its parameters take the exact
+    # path, chunked by memory_limit like gradient_variance
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 3)).double()
+    batch = (torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    ref = gradient_variance(model, batch, memory_limit=None)
+    for limit in (None, 1):
+        out = kfac_variance(model, batch, memory_limit=limit)
+        assert out.exact_layers == ["1"]
+        assert out.per_layer["1"] == pytest.approx(ref.per_layer["1"], rel=1e-10)
+    assert out.settings["memory_limit"] == 1
+
+
+def test_memory_limit_input_errors(setting):
+    model, batch, _ = setting
+    for fn in (gradient_variance, kfac_variance):
+        with pytest.raises((TypeError, ValueError), match="memory_limit"):
+            fn(model, batch, memory_limit=0)
+        with pytest.raises((TypeError, ValueError), match="memory_limit"):
+            fn(model, batch, memory_limit=1.5)
