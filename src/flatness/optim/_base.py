@@ -128,6 +128,8 @@ from torch.optim import Optimizer
 # Lives with the other model plumbing; re-exported as flatness.optim.disable_running_stats.
 from flatness._model import disable_running_stats
 
+from ._functional import ScaledDirection, global_norm
+
 __all__ = [
     "AscentGroup",
     "GroupSettings",
@@ -255,49 +257,6 @@ class AscentGroup:
     group: MutableMapping[str, Any]
     params: list[Tensor]
     grads: list[Tensor]
-
-
-@dataclass
-class ScaledDirection:
-    """A perturbation ``e = scale * tensors`` of one group.
-
-    Returning it from :meth:`~SharpnessAwareOptimizer.ascent_direction`
-    instead of the product lets :meth:`~SharpnessAwareOptimizer.perturb`
-    fuse the scaling into the update (``w += scale * t`` in one pass on CPU,
-    no temporary).  ``tensors`` may be the live gradients: they are only read.
-
-    Attributes
-    ----------
-    tensors : list of Tensor
-    scale : Tensor or float
-        A 0-d tensor (kept on the device; no host synchronization on CUDA)
-        or a number.
-    """
-
-    tensors: list[Tensor]
-    scale: Tensor | float
-
-
-def global_norm(tensor_lists: Sequence[Sequence[Tensor]], ord: float = 2.0) -> Tensor:
-    """Norm of the concatenation of all tensors in ``tensor_lists``.
-
-    One ``torch._foreach_norm`` per list; the result is a 0-d tensor on the
-    first tensor's device, in float64 if any tensor is float64 and float32
-    otherwise (so half-precision gradients do not overflow).  An empty input
-    gives ``0``.
-    """
-    flat = [t for ts in tensor_lists for t in ts]
-    if not flat:
-        return torch.zeros(())
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in flat) else torch.float32
-    device = flat[0].device
-    parts = [
-        n if n.device == device else n.to(device)
-        for ts in tensor_lists
-        if len(ts)
-        for n in torch._foreach_norm(list(ts), ord, dtype=dtype)
-    ]
-    return torch.linalg.vector_norm(torch.stack(parts), ord)
 
 
 def _rng_devices(params: Iterable[Tensor]) -> list[torch.device]:

@@ -9,11 +9,7 @@ import torch
 from torch import Tensor
 
 from ._base import AscentGroup
-
-
-def inv(norm: Tensor) -> Tensor:
-    """``1 / norm``, and ``0`` for a zero norm (a zero direction, not a NaN)."""
-    return torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
+from ._functional import safe_inv as inv  # noqa: F401  (the family's name for it)
 
 
 def dot(a: Sequence[Sequence[Tensor]], b: Sequence[Sequence[Tensor]]) -> Tensor:

@@ -34,16 +34,21 @@ from torch.optim import Optimizer
 
 from flatness._kfac import RunningFactors, capture
 
-from ._base import AscentGroup, SharpnessAwareOptimizer, global_norm
+from ._base import AscentGroup, SharpnessAwareOptimizer
+from ._functional import (
+    consistent_direction,
+    consistent_momentum_,
+    global_norm,
+    nonuniform_scale,
+    safe_inv,
+    sam_direction,
+)
 
 __all__ = ["ConsistentSAM", "NonuniformSAM"]
 
+_centred_scale = nonuniform_scale  # the former private name
+
 _PRECONDITIONERS = (None, "kfac")
-
-
-def _inv(norm: Tensor) -> Tensor:
-    # 1 / norm, and 0 for a zero norm (a zero direction, not a NaN)
-    return torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
 
 
 class _KFACMixin:
@@ -353,8 +358,8 @@ class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
                 torch._foreach_add_(t, g.group["eta"])
             first.append((g.group, list(g.params), [x.clone() for x in g.grads], t))
         self._first = first
-        inv = _inv(global_norm([g.grads for g in groups]))
-        return [torch._foreach_mul(g.grads, (g.group["rho"] * inv).to(g.grads[0].device)) for g in groups]
+        e1 = sam_direction([g.grads for g in groups], [g.params for g in groups], [g.group["rho"] for g in groups])
+        return [torch._foreach_mul(d.tensors, d.scale) for d in e1]
 
     def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
         self._first = None
@@ -410,27 +415,17 @@ class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
         for (group, params, _, _), d in zip(first, diffs):
             old = [self.extra_state[p].get("consistent_momentum") for p in params]
             old = [torch.zeros_like(p) if m is None else m for p, m in zip(params, old)]
-            # new m = alpha m + (1 - alpha)(g2 - g1), kept aside until
-            # second_step so that an abandoned step leaves m as it was
-            ms = torch._foreach_mul(old, group["alpha"])
-            torch._foreach_add_(ms, d, alpha=1 - group["alpha"])
-            torch._foreach_sub_(d, ms)  # d = g2 - g1 - m
-            pending.extend(zip(params, ms))
+            # the new m is kept aside until second_step so that an abandoned
+            # step leaves m as it was; d becomes g2 - g1 - m
+            pending.extend(zip(params, consistent_momentum_(d, old, group["alpha"])))
         self._pending_m = pending
         if self.preconditioner == "kfac":
             directions, norm = self._natural(groups, diffs)
-            inv = _inv(norm)
+            inv = safe_inv(norm)
             for g, e in zip(groups, directions):
                 torch._foreach_mul_(e, (g.group["rho2"] * inv).to(e[0].device))
         else:
-            scaled = [torch._foreach_mul(d, t) if t is not None else d for (_, _, _, t), d in zip(first, diffs)]
-            inv = _inv(global_norm(scaled))
-            directions = []
-            for (group, _, _, t), s in zip(first, scaled):
-                e = torch._foreach_mul(s, (group["rho2"] * inv).to(s[0].device))
-                if t is not None:
-                    torch._foreach_mul_(e, t)
-                directions.append(e)
+            directions = consistent_direction(diffs, [g.group["rho2"] for g in groups], [t for *_, t in first])
         self.perturb(groups, directions)
 
     # -- pass 3: back to w, base step with g3 -------------------------------
@@ -475,28 +470,6 @@ class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
             closure()
         self.second_step(scaler=scaler)
         return loss
-
-
-def _centred_scale(norm: Tensor, mode: str) -> Tensor:
-    """The factor ``c`` of :class:`NonuniformSAM`'s ascent ``e = rho c F^-1 g``
-    from ``norm = sqrt(q)``, ``q = g^T F^-1 g`` (a 0-d tensor, no host sync).
-
-    ``"second_moment"``: ``1 / sqrt(q)``.  ``"centered"``: ``1 / sqrt(q (1 - q))``,
-    with ``1 - q`` replaced by ``1 - exp(-q)`` where ``q >= 1``.  ``"gam"``:
-    the arithmetic of the authors' ``GAM.ascent_step``, ``1 / ((r + 1e-16)(s +
-    1e-16))`` with ``r = sqrt(q)`` and ``s = sqrt(1 - r)`` (``sqrt(1 -
-    exp(-r))`` where ``r > 1``).  A zero ``q`` gives 0 (a zero direction)."""
-    q = norm * norm
-    if mode == "second_moment":
-        return _inv(norm)
-    if mode == "centered":
-        one_minus = torch.where(q < 1, 1 - q, -torch.expm1(-q))
-        return torch.where(q > 0, torch.rsqrt(q * one_minus), torch.zeros_like(q))
-    # "gam": the code takes sqrt_ of g^T F^-1 g in place, so its "x" in
-    # sqrt(1 - x) is sqrt(q), not q; it also adds 1e-16 to both factors
-    r = norm
-    s = torch.where(r > 1, -torch.expm1(-r), 1 - r).clamp_min(0).sqrt()
-    return torch.where(q > 0, 1 / ((r + 1e-16) * (s + 1e-16)), torch.zeros_like(q))
 
 
 class NonuniformSAM(_KFACMixin, SharpnessAwareOptimizer):
@@ -622,7 +595,7 @@ class NonuniformSAM(_KFACMixin, SharpnessAwareOptimizer):
         """``e = rho c F^-1 g`` with ``c`` set by ``centered_covariance`` / ``gam_scaling``."""
         directions, norm = self._natural(groups, [g.grads for g in groups])
         mode = "second_moment" if not self.centered_covariance else "gam" if self.gam_scaling else "centered"
-        scale = _centred_scale(norm, mode)
+        scale = nonuniform_scale(norm, mode)
         for g, e in zip(groups, directions):
             torch._foreach_mul_(e, (g.group["rho"] * scale).to(e[0].device))
         return directions
