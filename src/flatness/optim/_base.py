@@ -118,7 +118,7 @@ import types
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -274,6 +274,50 @@ class _RngSnapshot:
         torch.set_rng_state(self.cpu)
         for d, state in self.cuda:
             torch.cuda.set_rng_state(state, d)
+
+
+@dataclass
+class _Stage:
+    """Where the step in progress stands: the optimizer's only per-step state.
+
+    Never saved or pickled.  ``perturbed is None`` means the weights are
+    ``w``; otherwise ``perturbed`` holds the parameters now at ``w + e`` and
+    ``saved_w`` the copy of ``w`` they go back to (buffers reused from step
+    to step while the parameters stay the same).
+    """
+
+    perturbed: list[Tensor] | None = None
+    saved_w: list[Tensor] = field(default_factory=list)
+    saved_ids: tuple[int, ...] = ()
+    #: The GradScaler found inf/NaN in the first pass: no base step.
+    skip_base_step: bool = False
+    #: Gradient terms taken at ``w`` (:meth:`~SharpnessAwareOptimizer.stash_grad`).
+    stash: dict[Tensor, Tensor] = field(default_factory=dict)
+    #: The RNG state of the first pass (``same_rng=True``).
+    rng: _RngSnapshot | None = None
+
+    def save(self, params: list[Tensor]) -> None:
+        """Copy ``w`` of ``params`` aside and mark them perturbed."""
+        ids = tuple(map(id, params))
+        if ids != self.saved_ids:
+            self.saved_w = [torch.empty_like(p) for p in params]
+            self.saved_ids = ids
+        if params:
+            torch._foreach_copy_(self.saved_w, params)
+        self.perturbed = params
+
+    def put_back(self) -> None:
+        """Copy the saved ``w`` back (bit for bit); the weights are ``w`` again."""
+        if self.perturbed:
+            torch._foreach_copy_(self.perturbed, self.saved_w)
+        self.perturbed = None
+
+    def clear(self) -> None:
+        """Put ``w`` back and forget the step (the buffers are kept)."""
+        self.put_back()
+        self.stash = {}
+        self.rng = None
+        self.skip_base_step = False
 
 
 class SharpnessAwareOptimizer(Optimizer):
@@ -437,13 +481,17 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _reset_transient(self) -> None:
         """The per-step bookkeeping (never pickled or saved)."""
-        self._perturbed: list[Tensor] | None = None  # params currently at w + e
-        self._saved_w: list[Tensor] = []  # reused between steps (no re-allocation)
-        self._saved_key: tuple[int, ...] = ()
-        self._skip_base_step = False
-        self._stash: dict[Tensor, Tensor] = {}
-        self._rng: _RngSnapshot | None = None
+        self._stage = _Stage()
         self._pending_extra: dict[str, Any] | None = None
+
+    # read-only spellings of the stage from before it was one object
+    @property
+    def _perturbed(self) -> list[Tensor] | None:
+        return self._stage.perturbed
+
+    @property
+    def _saved_w(self) -> list[Tensor]:
+        return self._stage.saved_w
 
     # ------------------------------------------------------------------
     # settings
@@ -587,7 +635,7 @@ class SharpnessAwareOptimizer(Optimizer):
     @property
     def is_perturbed(self) -> bool:
         """True between :meth:`first_step` and :meth:`second_step`."""
-        return self._perturbed is not None
+        return self._stage.perturbed is not None
 
     @torch.no_grad()
     def perturb(
@@ -607,18 +655,13 @@ class SharpnessAwareOptimizer(Optimizer):
             if n != len(g.params):
                 raise RuntimeError(f"ascent_direction returned {n} tensors for {len(g.params)} parameters")
         params = [p for g in groups for p in g.params]
-        if self._perturbed is None:
-            key = tuple(map(id, params))
-            if key != self._saved_key:
-                self._saved_w = [torch.empty_like(p) for p in params]
-                self._saved_key = key
-            if params:
-                torch._foreach_copy_(self._saved_w, params)
-            self._perturbed = params
-        elif [id(p) for p in self._perturbed] != [id(p) for p in params]:
+        stage = self._stage
+        if stage.perturbed is None:
+            stage.save(params)
+        elif [id(p) for p in stage.perturbed] != [id(p) for p in params]:
             raise RuntimeError("perturb() called again with a different set of parameters")
         elif params:
-            torch._foreach_copy_(params, self._saved_w)
+            torch._foreach_copy_(params, stage.saved_w)
         try:
             for g, d in zip(groups, directions):
                 if isinstance(d, ScaledDirection):
@@ -638,15 +681,7 @@ class SharpnessAwareOptimizer(Optimizer):
         fails between :meth:`first_step` and :meth:`second_step` outside
         :meth:`second_pass`.
         """
-        self._restore_weights()
-        self._stash = {}
-        self._rng = None
-        self._skip_base_step = False
-
-    def _restore_weights(self) -> None:
-        if self._perturbed:
-            torch._foreach_copy_(self._perturbed, self._saved_w)
-        self._perturbed = None
+        self._stage.clear()
 
     # ------------------------------------------------------------------
     # gradient stash (terms taken at w)
@@ -665,24 +700,22 @@ class SharpnessAwareOptimizer(Optimizer):
         """
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         for p in params:
-            held = self._stash.get(p)
+            held = self._stage.stash.get(p)
             if held is None:
-                self._stash[p] = p.grad
+                self._stage.stash[p] = p.grad
             else:
                 held.add_(p.grad)
             p.grad = None
 
     @torch.no_grad()
     def _unstash(self) -> None:
-        if not self._stash:
-            return
-        have = [(p, s) for p, s in self._stash.items() if p.grad is not None]
+        stash, self._stage.stash = self._stage.stash, {}
+        have = [(p, s) for p, s in stash.items() if p.grad is not None]
         if have:
             torch._foreach_add_([p.grad for p, _ in have], [s for _, s in have])
-        for p, s in self._stash.items():
+        for p, s in stash.items():
             if p.grad is None:
                 p.grad = s
-        self._stash = {}
 
     # ------------------------------------------------------------------
     # the two steps
@@ -701,11 +734,11 @@ class SharpnessAwareOptimizer(Optimizer):
             inf/NaN the weights are not perturbed and :meth:`second_step`
             skips the base step (the scaler lowers its scale in ``update()``).
         """
-        if self._perturbed is not None:
+        if self._stage.perturbed is not None:
             raise RuntimeError(
                 "first_step() called twice: call second_step() (or restore()) before the next first_step()"
             )
-        self._skip_base_step = False
+        self._stage.skip_base_step = False
         if scaler is not None and scaler.is_enabled():
             scaler.unscale_(self)
         groups = self.ascent_groups()
@@ -718,7 +751,7 @@ class SharpnessAwareOptimizer(Optimizer):
             # max |g|: finite iff every entry is finite (no overflow of a sum)
             worst = global_norm([g.grads for g in groups], ord=float("inf"))
             if not bool(torch.isfinite(worst)):
-                self._skip_base_step = True
+                self._stage.skip_base_step = True
                 groups = []
         directions = self.ascent_direction(groups) if groups else []
         self.perturb(groups, directions)
@@ -738,21 +771,32 @@ class SharpnessAwareOptimizer(Optimizer):
             Steps through ``scaler.step(base_optimizer)`` (unscale, skip on
             inf/NaN).  Call ``scaler.update()`` afterwards as usual.
         """
-        if self._perturbed is None:
+        stage = self._stage
+        if stage.perturbed is None:
             raise RuntimeError("second_step() called without first_step()")
-        self._restore_weights()
-        self._rng = None
+        stage.put_back()
+        stage.rng = None
         self._unstash()
-        if not self._skip_base_step:
-            if scaler is not None and scaler.is_enabled():
-                scaler.step(self.base_optimizer)
-            else:
-                self.base_optimizer.step()
-        self._skip_base_step = False
-        # an LR scheduler attached to this object checks this flag
-        self._opt_called = True  # type: ignore[attr-defined]
+        if not stage.skip_base_step:
+            self._base_step(scaler)
+        stage.skip_base_step = False
         if zero_grad:
             self.zero_grad()
+
+    def _base_step(self, scaler: Any = None) -> None:
+        """The base optimizer's step (through ``scaler.step`` when a
+        ``GradScaler`` is enabled), counted as a step of this optimizer.
+
+        An LR scheduler attached to this object patches its ``step`` to set
+        ``_opt_called`` (its check that the optimizer stepped first); the
+        stages step the base optimizer instead, so they set it here, the one
+        place that does.
+        """
+        if scaler is not None and scaler.is_enabled():
+            scaler.step(self.base_optimizer)
+        else:
+            self.base_optimizer.step()
+        self._opt_called = True
 
     # ------------------------------------------------------------------
     # the passes
@@ -766,9 +810,9 @@ class SharpnessAwareOptimizer(Optimizer):
         ``per_replica=True``, runs inside ``model.no_sync()``.  Optional
         otherwise.
         """
-        if self._perturbed is not None:
+        if self._stage.perturbed is not None:
             raise RuntimeError("first_pass() entered while perturbed: call second_step() first")
-        self._rng = _RngSnapshot(_rng_devices(self._all_params())) if self.same_rng else None
+        self._stage.rng = _RngSnapshot(_rng_devices(self._all_params())) if self.same_rng else None
         with self.model.no_sync() if self.per_replica else contextlib.nullcontext():  # type: ignore[union-attr,operator]
             yield
 
@@ -780,15 +824,15 @@ class SharpnessAwareOptimizer(Optimizer):
         freezes BatchNorm statistics (``freeze_bn=True``), and restores ``w``
         if the block raises.
         """
-        if self._perturbed is None:
+        if self._stage.perturbed is None:
             raise RuntimeError("second_pass() entered without first_step()")
         if self.same_rng:
-            if self._rng is None:
+            if self._stage.rng is None:
                 self.restore()
                 raise RuntimeError(
                     "same_rng=True: run the first forward pass inside `with opt.first_pass():`"
                 )
-            self._rng.restore()
+            self._stage.rng.restore()
         try:
             with disable_running_stats(self.model) if self.freeze_bn else contextlib.nullcontext():  # type: ignore[arg-type]
                 yield
@@ -893,7 +937,7 @@ class SharpnessAwareOptimizer(Optimizer):
     # Attributes never pickled: the model (and anything else holding
     # modules) and the bookkeeping of a step in progress.  Subclasses extend it.
     _pickle_exclude: frozenset[str] = frozenset(
-        {"model", "_perturbed", "_saved_w", "_saved_key", "_skip_base_step", "_stash", "_rng", "_pending_extra"}
+{"model", "_stage", "_pending_extra"}
     )
 
     def _register_state_hooks(self) -> None:
@@ -909,7 +953,7 @@ class SharpnessAwareOptimizer(Optimizer):
         ``"sharpness_aware"``: the format version, the wrapper's and the base
         optimizer's classes, the variant's defaults and
         :meth:`extra_state_dict`."""
-        if self._perturbed is not None:
+        if self._stage.perturbed is not None:
             raise RuntimeError("state_dict() called between first_step() and second_step()")
         return super().state_dict()
 
@@ -923,7 +967,7 @@ class SharpnessAwareOptimizer(Optimizer):
         A state dict of another wrapper class or another base optimizer
         class is refused with a ``ValueError`` before anything changes.
         """
-        if self._perturbed is not None:
+        if self._stage.perturbed is not None:
             raise RuntimeError("load_state_dict() called between first_step() and second_step()")
         sd, extra = self._prepare_load(state_dict)
         self._pending_extra = extra
@@ -1010,7 +1054,7 @@ class SharpnessAwareOptimizer(Optimizer):
         """Optimizer state only: the model and any other module reference,
         the hooks and a step in progress are not pickled (an unpickled
         optimizer has ``model=None``)."""
-        if self._perturbed is not None:
+        if self._stage.perturbed is not None:
             raise RuntimeError("cannot pickle the optimizer between first_step() and second_step()")
         return {
             k: v

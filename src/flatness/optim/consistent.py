@@ -139,7 +139,7 @@ class _KFACMixin:
 
     def first_step(self: Any, zero_grad: bool = False, *, scaler: Any = None) -> None:
         store, self._kfac_store = self._kfac_store, None
-        if store is not None and self._perturbed is None:
+        if store is not None and self._stage.perturbed is None:
             # The output gradients are those of scaler.scale(loss): divide
             # the scale out of G.  Every rank folds (a collective under DDP)
             # before the inf/NaN check, which per_replica makes local; a
@@ -150,7 +150,7 @@ class _KFACMixin:
         SharpnessAwareOptimizer.first_step(self, zero_grad, scaler=scaler)
 
     def second_step(self: Any, zero_grad: bool = False, *, scaler: Any = None) -> None:
-        skipped = self._skip_base_step
+        skipped = self._stage.skip_base_step
         SharpnessAwareOptimizer.second_step(self, False, scaler=scaler)
         if not skipped and scaler is not None and scaler.is_enabled():
             # scaler.step() has unscaled the gradients in place and skipped
@@ -408,7 +408,7 @@ class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
             diffs.append(diff)
         if scaler is not None and scaler.is_enabled() and diffs:
             if not bool(torch.isfinite(global_norm(diffs, ord=float("inf")))):
-                self._skip_base_step = True
+                self._stage.skip_base_step = True
                 self.perturb(groups, [[torch.zeros_like(p) for p in g.params] for g in groups])
                 return
         pending = []

@@ -165,7 +165,7 @@ class GSAM(SAM):
         """Replace the gradient by ``g_p - alpha g_perp``, restore ``w`` and
         take the base step."""
         first, self._first = self._first, None
-        if first and self._perturbed is not None and not self._skip_base_step:
+        if first and self._stage.perturbed is not None and not self._stage.skip_base_step:
             try:
                 self._decompose(first, fam.grad_scale(scaler))
             except BaseException:
@@ -323,7 +323,7 @@ class LookSAM(SAM):
         self._first = None
         if self.is_full_step:
             return super().first_step(zero_grad, scaler=scaler)
-        if self._perturbed is not None:
+        if self._stage.perturbed is not None:
             raise RuntimeError(
                 "first_step() called twice: call second_step() (or restore()) before the next first_step()"
             )
@@ -373,14 +373,10 @@ class LookSAM(SAM):
                 )
             self._lazy = False
             self._unstash()
-            if scaler is not None and scaler.is_enabled():
-                scaler.step(self.base_optimizer)
-            else:
-                self.base_optimizer.step()
-            self._opt_called = True  # type: ignore[attr-defined]
+            self._base_step(scaler)
         else:
             first, self._first = self._first, None
-            if first and self._perturbed is not None and not self._skip_base_step:
+            if first and self._stage.perturbed is not None and not self._stage.skip_base_step:
                 try:
                     self._store_gv(first, scaler is not None and scaler.is_enabled())
                 except BaseException:

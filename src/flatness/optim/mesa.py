@@ -182,14 +182,11 @@ class MESA(SharpnessAwareOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._base_step(scaler)
+        skipped = False
         if scaler is not None and scaler.is_enabled():
-            scaler.step(self.base_optimizer)
             grads = [p.grad for p in self._all_params() if p.grad is not None]
             skipped = bool(grads) and not bool(torch.isfinite(global_norm([grads], ord=float("inf"))))
-        else:
-            self.base_optimizer.step()
-            skipped = False
-        self._opt_called = True  # type: ignore[attr-defined]
         if not skipped:
             self._update_ema()
         self.mesa_step += 1

@@ -115,7 +115,7 @@ class WSAM(SAM):
         """Combine ``g`` and ``g_s``, restore ``w``, take the base step (and,
         decoupled, the sharpness step)."""
         first, self._first = self._first, None
-        if not first or self._perturbed is None or self._skip_base_step:
+        if not first or self._stage.perturbed is None or self._stage.skip_base_step:
             return super().second_step(zero_grad, scaler=scaler)
         scale = fam.grad_scale(scaler)
         if scale != 1.0:
