@@ -13,7 +13,7 @@ from torch.func import functional_call
 from torch.optim import Optimizer
 
 from . import _family as fam
-from ._base import SharpnessAwareOptimizer, global_norm
+from ._base import SharpnessAwareOptimizer
 
 __all__ = ["MESA"]
 
@@ -183,11 +183,7 @@ class MESA(SharpnessAwareOptimizer):
             with torch.enable_grad():
                 loss = closure()
         self._base_step(scaler)
-        skipped = False
-        if scaler is not None and scaler.is_enabled():
-            grads = [p.grad for p in self._all_params() if p.grad is not None]
-            skipped = bool(grads) and not bool(torch.isfinite(global_norm([grads], ord=float("inf"))))
-        if not skipped:
+        if not fam.skipped_by(scaler, self._all_params()):
             self._update_ema()
         self.mesa_step += 1
         return loss
