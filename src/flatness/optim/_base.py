@@ -1,40 +1,42 @@
-"""Machinery shared by the sharpness-aware optimizers (SAM, ASAM and variants).
+"""The base class of the sharpness-aware optimizers (SAM, ASAM and variants).
 
-A sharpness-aware step has the same shape for every variant::
+Every variant takes the same step::
 
-    g   = grad L(w)                       # first pass (the user's backward)
-    e   = ascent_direction(g, w)          # the only part a variant changes
-    w  <- w + e                           # perturb()   (w saved once)
-    g'  = grad L(w + e)                   # second pass (the user's backward)
-    w  <- w                               # restore()   (exact copy back)
-    base_optimizer.step() with g'         # second_step()
+    g   = grad L(w)                     # first pass (the user's backward)
+    e   = ascent_direction(groups)      # the only part a variant changes
+    w  <- w + e                         # perturb()   (w saved once)
+    g'  = grad L(w + e)                 # second pass (the user's backward)
+    w  <- w                             # the saved copy, bit for bit
+    base_optimizer.step() with g'       # second_step()
 
-:class:`SharpnessAwareOptimizer` owns everything except the ascent
-direction: the shared param groups with the base optimizer, the saved copy
-of ``w`` and the ``torch._foreach_*`` perturb / restore, the stages and their
-errors, exception safety (weights are restored before an exception leaves
-:meth:`~SharpnessAwareOptimizer.step` or
-:meth:`~SharpnessAwareOptimizer.second_pass`), ``GradScaler`` unscaling and
-inf/NaN skipping, identical dropout masks in both passes (``same_rng``),
-per-replica perturbations under DDP (``per_replica``), BatchNorm freezing in
-the second pass, the gradient stash for terms taken at ``w``
-(:meth:`~SharpnessAwareOptimizer.stash_grad`) and ``state_dict`` round trips.
+The math of the ascent directions lives in functions on lists of tensors
+(:mod:`flatness.optim._functional`, e.g. ``sam_direction``); the classes
+gather the groups' parameters and gradients and call them.
 
-How a subclass changes the ascent direction
--------------------------------------------
-Override :meth:`SharpnessAwareOptimizer.ascent_direction`. It receives one
-:class:`AscentGroup` per param group that is perturbed (``perturb=True``) and
-has at least one gradient; each carries the group's settings (a
-:class:`GroupSettings` view: ``group["rho"]`` and any keys the subclass
-added to ``group_defaults``, under their short names, and the base
-optimizer's keys such as ``group["lr"]``), the parameters that have
-a gradient and those gradients (the live ``.grad`` tensors: clone them if you
-need them after the next backward). It returns, per group, the list of
-perturbations ``e`` (one tensor per parameter, same shapes), or a
-:class:`ScaledDirection` ``(tensors, scale)`` meaning ``e = scale * tensors``,
-which :meth:`perturb` applies in one fused pass without a temporary. Use
-:func:`global_norm` for norms over several groups and ``torch._foreach_*``
-ops to stay loop-free::
+What :class:`SharpnessAwareOptimizer` holds:
+
+* the base optimizer, whose ``param_groups`` and ``state`` it shares (the
+  variant's settings sit in the same groups as ``"sam_rho"``, ...; see
+  :class:`GroupSettings`);
+* ``extra_state``: the variant's persistent per-parameter state (a running
+  mean), saved by ``state_dict``;
+* ``_stage``: a :class:`_Stage`, the step in progress and nothing else
+  (which parameters are at ``w + e``, the saved ``w``, the ``GradScaler``'s
+  skip flag, gradients stashed at ``w``, the first pass's RNG state).
+
+It restores ``w`` before an exception leaves a stage, unscales and skips
+inf/NaN steps under a ``GradScaler``, replays dropout masks
+(``same_rng``), runs the first pass in ``no_sync()`` (``per_replica``),
+freezes BatchNorm statistics in the second pass (``freeze_bn``) and keeps
+the ``torch.optim`` protocol (``state_dict`` hooks, schedulers,
+``add_param_group``).  Its stage methods run eagerly inside
+``torch.compile`` (:func:`_run_stages_eagerly`).
+
+A variant overrides :meth:`~SharpnessAwareOptimizer.ascent_direction`.  It
+receives one :class:`AscentGroup` per perturbed param group that has a
+gradient (``g.group``: the settings by short name, ``g.group["rho"]``;
+``g.params``; ``g.grads``, the live ``.grad`` tensors) and returns per group
+the tensors ``e`` or a :class:`ScaledDirection` ``(tensors, scale)``::
 
     class SignSAM(SharpnessAwareOptimizer):
         group_defaults = {"rho": 0.05, "perturb": True}
@@ -43,81 +45,20 @@ ops to stay loop-free::
             return [torch._foreach_mul(torch._foreach_sign(g.grads), g.group["rho"])
                     for g in groups]
 
-Variants with more passes (consistent SAM) call :meth:`perturb` several
-times: each call sets the weights to ``w + e`` from the *saved* ``w``, so
-``perturb(e1)`` ... ``perturb(e2)`` evaluates at ``w + e2``, never at
-``w + e1 + e2``. Persistent per-parameter state of a variant (a running mean)
-goes into ``self.extra_state[p]`` (a dict per parameter, like
-``torch.optim``'s ``state``); :meth:`state_dict` saves it and
-:meth:`load_state_dict` restores it. It is kept apart from the base
-optimizer's ``state`` because torch optimizers initialize a parameter's state
-only while it is empty.
-
-Where the settings live
------------------------
-The variant's settings (``group_defaults``: ``rho``, ``adaptive``, ...) are
-stored in the shared param groups under the prefix ``sam_`` (``"sam_rho"``),
-so they never collide with the base optimizer's own keys (Adadelta's
-``rho``, RMSprop's and ASGD's ``alpha``): the wrapper never changes a base
-hyper-parameter.  Subclasses keep using the short names: in
-``group_defaults``, ``defaults``, ``_check_setting`` and, through
-:class:`GroupSettings`, in :meth:`ascent_direction` (``g.group["rho"]``).
-Code that reads a raw group (``self.param_groups[i]``) writes
-``group["sam_rho"]`` or ``self.sam_settings(group)["rho"]``; a raw
-``group["rho"]`` is the base optimizer's (or a ``KeyError``).  Schedulers of
-a setting write ``group["sam_rho"]`` (a value written to ``group["rho"]``
-by 0.1.0 code is moved there at the next step, with a ``FutureWarning``,
-where the base optimizer has no ``rho`` of its own).  The constructor's own keywords
-(``rho=``) are the variant's; a base keyword of the same name goes in
-``base_kwargs={"rho": 0.9}``.  In a param group a bare ``"rho"`` is the
-0.1.0 spelling of ``"sam_rho"`` (renamed with a ``FutureWarning``) unless
-the base optimizer has a ``rho`` of its own; then it is ambiguous and
-refused, unless the group also gives ``"sam_rho"``.  ``self.defaults``
-holds the base optimizer's defaults plus the ``sam_`` ones (LR schedulers
-look for ``"momentum"`` / ``"betas"`` there); :attr:`sam_defaults` the
-variant's by short name.
-
-``torch.optim`` protocol
-------------------------
-:meth:`state_dict` and :meth:`load_state_dict` are ``torch.optim.Optimizer``'s
-(hooks registered on the object run; the base optimizer's ``__setstate__``
-upgrades old states).  The state dict records the wrapper's and the base
-optimizer's classes; a load of another one is refused before anything
-changes.  flatness 0.1.0 state dicts (settings under their short names) load.
-Pickling (``copy.deepcopy``, ``torch.save`` of the object) keeps optimizer
-state only: the model and anything holding modules (listed in
-``_pickle_exclude``; subclasses extend it) are dropped.  Base optimizers
-whose ``step`` requires a closure (LBFGS) are refused at construction.
-
-``torch.compile``
------------------
-The stages that change the weights or the step's bookkeeping
-(``first_step``, ``middle_step``, ``second_step``, ``restore``,
-``perturb``, ``stash_grad``, ``state_dict``, ``load_state_dict``) are
-wrapped in ``torch.compiler.disable`` (its lazy form, ``torch._disable_dynamo``,
-which imports ``torch._dynamo`` at the first call only), in every subclass
-that defines or inherits them (``__init_subclass__``): inside a compiled training step they run eagerly,
-between the compiled graphs of the forward and backward passes, so no traced
-graph can skip their side effects.  ``step(closure)`` is disabled for its
-own frame only, so the closure (forward and backward) is compiled.  The base
-optimizer's step runs eagerly inside ``second_step``.
-
-Under DDP the gradients of both passes are all-reduced by DDP itself (one
-global perturbation; ``per_replica=True`` runs the first pass in
-``no_sync()``).  Quantities a variant computes from local data (curvature
-factors, batch statistics) are averaged over the replicas with
+Variants with more passes (consistent SAM) call :meth:`perturb` again:
+each call starts from the saved ``w``, so ``perturb(e2)`` after
+``perturb(e1)`` evaluates at ``w + e2``.  Quantities a variant computes
+from local data are averaged over DDP replicas with
 :meth:`~SharpnessAwareOptimizer.all_reduce_`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import sys
 import types
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +70,17 @@ from torch.optim import Optimizer
 from flatness._model import disable_running_stats
 
 from ._functional import ScaledDirection, global_norm
+from ._settings import (
+    SAM_PREFIX,
+    GroupSettings,
+    _constructor_keys,
+    _flatten_params,
+    _prefixed,
+    _refuse_closure_optimizer,
+    _user_stacklevel,
+    add_sam_state,
+    prepare_load,
+)
 
 __all__ = [
     "AscentGroup",
@@ -138,103 +90,6 @@ __all__ = [
     "disable_running_stats",
     "global_norm",
 ]
-
-_SAM_STATE_KEY = "sharpness_aware"
-# 1: flatness 0.1.0 (settings under their short names in the param groups);
-# 2: settings under "sam_" names, wrapper and base optimizer classes recorded.
-_STATE_VERSION = 2
-#: Prefix of the variant's settings in the (shared) param groups.
-SAM_PREFIX = "sam_"
-
-
-def _prefixed(settings: Mapping[str, Any]) -> dict[str, Any]:
-    return {SAM_PREFIX + k: v for k, v in settings.items()}
-
-
-class GroupSettings(MutableMapping):
-    """A param group seen through the variant's eyes.
-
-    The variant's settings (``rho``, ``adaptive``, ...) are stored in the
-    shared param group as ``"sam_rho"``, ``"sam_adaptive"``, ... so they
-    never collide with a base optimizer's keys (Adadelta's ``rho``,
-    RMSprop's ``alpha``).  This view reads and writes them under their
-    short names; every other key (``"lr"``, ``"momentum"``, ...) is the
-    group's own.  A base key that shares a short name is hidden by the
-    variant's setting (read it from the group itself).
-    """
-
-    __slots__ = ("group", "_names")
-
-    def __init__(self, group: dict[str, Any], names: Iterable[str]) -> None:
-        self.group = group
-        self._names = frozenset(names)
-
-    def _key(self, key: str) -> str:
-        return SAM_PREFIX + key if key in self._names else key
-
-    def __getitem__(self, key: str) -> Any:
-        return self.group[self._key(key)]
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.group[self._key(key)] = value
-
-    def __delitem__(self, key: str) -> None:
-        del self.group[self._key(key)]
-
-    def __iter__(self) -> Iterator[str]:
-        for key in self.group:
-            if key.startswith(SAM_PREFIX) and key[len(SAM_PREFIX):] in self._names:
-                yield key[len(SAM_PREFIX):]
-            elif key not in self._names:
-                yield key
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-    def copy(self) -> dict[str, Any]:
-        """A plain dict with the short names (as ``dict.copy`` of a group did)."""
-        return dict(self)
-
-    def __repr__(self) -> str:
-        return f"GroupSettings({dict(self)!r})"
-
-
-def _constructor_keys(cls: type[Optimizer]) -> frozenset[str]:
-    """Hyper-parameter names a base optimizer class takes."""
-    try:
-        names = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return frozenset()
-    return frozenset(n for n, p in names.items() if n != "params" and p.kind is not p.VAR_KEYWORD)
-
-
-def _refuse_closure_optimizer(cls: type[Optimizer]) -> None:
-    """Refuse base optimizers whose ``step`` cannot run without a closure."""
-    try:
-        closure = inspect.signature(cls.step).parameters.get("closure")
-    except (TypeError, ValueError):
-        return
-    if closure is not None and closure.default is inspect.Parameter.empty:
-        raise TypeError(
-            f"{cls.__name__}.step() requires a closure (it re-evaluates the loss during its "
-            "step, as LBFGS's line search does); a sharpness-aware optimizer steps the base "
-            "optimizer once with the gradient taken at w + e and has no closure that evaluates "
-            "the loss at w to give it. Use a base optimizer whose step() works without a closure"
-        )
-
-
-def _user_stacklevel() -> int:
-    """Stack level of the first frame outside flatness and torch (for warnings)."""
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None:
-        name = frame.f_globals.get("__name__", "")
-        if not (name.startswith(("flatness.", "torch.")) or name == "flatness"):
-            return level
-        frame = frame.f_back  # type: ignore[assignment]
-        level += 1
-    return 1
-
 
 @dataclass
 class AscentGroup:
@@ -942,7 +797,7 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _register_state_hooks(self) -> None:
         # first in line, so that hooks the user registers see the whole state dict
-        self.register_state_dict_post_hook(_add_sam_state, prepend=True)
+        self.register_state_dict_post_hook(add_sam_state, prepend=True)
 
     @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
@@ -969,86 +824,12 @@ class SharpnessAwareOptimizer(Optimizer):
         """
         if self._stage.perturbed is not None:
             raise RuntimeError("load_state_dict() called between first_step() and second_step()")
-        sd, extra = self._prepare_load(state_dict)
+        sd, extra = prepare_load(self, state_dict)
         self._pending_extra = extra
         try:
             super().load_state_dict(sd)
         finally:
             self._pending_extra = None
-
-    def _prepare_load(self, state_dict: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Check ``state_dict`` against this optimizer and bring it to the
-        current format, without changing it or ``self``."""
-        if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict or "state" not in state_dict:
-            raise ValueError("state_dict must be an optimizer state dict with 'state' and 'param_groups'")
-        ours = state_dict.get(_SAM_STATE_KEY)
-        base_name = _qualname(type(self.base_optimizer))
-        saved = state_dict["param_groups"]
-        if ours is None:
-            # a plain base-optimizer state dict: keep the current settings
-            current = [{k: v for k, v in g.items() if k.startswith(SAM_PREFIX)} for g in self.param_groups]
-            self._check_base_keys(saved, "the plain optimizer state dict")
-            groups = [{**g, **c} for g, c in zip(saved, current)] + [dict(g) for g in saved[len(current):]]
-            sd = {**state_dict, "param_groups": groups}
-            return sd, None
-        if not isinstance(ours, Mapping):
-            raise ValueError(f"state_dict[{_SAM_STATE_KEY!r}] must be a dict, got {type(ours).__name__}")
-        version = ours.get("version", 1)
-        if not isinstance(version, int) or version > _STATE_VERSION:
-            raise ValueError(
-                f"state dict format version {version!r} is newer than this flatness ({_STATE_VERSION}); "
-                "upgrade flatness"
-            )
-        if version >= 2:
-            wrapper, mine = ours.get("wrapper"), _qualname(type(self))
-            if wrapper != mine:
-                raise ValueError(f"the state dict was saved by {wrapper}; it cannot be loaded into {mine}")
-            if ours.get("base") != base_name:
-                raise ValueError(
-                    f"the state dict was saved with base optimizer {ours.get('base')}; it cannot be "
-                    f"loaded into {type(self).__name__} around {base_name}"
-                )
-            groups = [dict(g) for g in saved]
-        else:
-            # flatness 0.1.0: the variant's settings under their short names,
-            # in the same dicts as the base's keys; the base class unrecorded.
-            if ours.get("type") != type(self).__name__:
-                raise ValueError(
-                    f"the state dict was saved by {ours.get('type')}; it cannot be loaded into {type(self).__name__}"
-                )
-            self._check_base_keys(saved, "the flatness 0.1.0 state dict")
-            names = set(ours.get("defaults", {})) | set(self.sam_defaults)
-            groups = []
-            for g in saved:
-                g = dict(g)
-                for name in names & set(g):
-                    # 0.1.0 wrote one value for a shared name (Adadelta's rho
-                    # was SAM's): both keep it, as that optimizer ran.
-                    g[SAM_PREFIX + name] = g[name] if name in self._base_keys else g.pop(name)
-                groups.append(g)
-        unknown = {
-            k for g in groups for k in g
-            if k.startswith(SAM_PREFIX) and k[len(SAM_PREFIX):] not in self.sam_defaults
-        }
-        if unknown:
-            raise ValueError(f"the state dict has settings {sorted(unknown)} that {type(self).__name__} does not know")
-        sd = {k: v for k, v in state_dict.items() if k != _SAM_STATE_KEY}
-        sd["param_groups"] = groups
-        return sd, dict(ours.get("extra", {}))
-
-    def _check_base_keys(self, groups: Sequence[Mapping[str, Any]], what: str) -> None:
-        """The base optimizer's hyper-parameters (keys whose defaults are not
-        flags) must be in every saved group; catches, e.g., an Adam state
-        dict loaded into SGD when the class was not recorded."""
-        base = self.base_optimizer
-        needed = {k for k, v in base.defaults.items() if not (v is None or isinstance(v, bool))}
-        for i, g in enumerate(groups):
-            missing = sorted(needed - set(g))
-            if missing:
-                raise ValueError(
-                    f"{what} does not fit base optimizer {type(base).__name__}: param group {i} lacks "
-                    f"{missing} (was it saved with another base optimizer?)"
-                )
 
     def __getstate__(self) -> dict[str, Any]:
         """Optimizer state only: the model and any other module reference,
@@ -1100,8 +881,14 @@ _EAGER_STAGES = ("first_step", "middle_step", "second_step", "restore", "perturb
 def _run_stages_eagerly(cls: type) -> None:
     """Wrap the stage methods a class defines in ``torch.compiler.disable``.
 
-    ``step`` is disabled for its own frame only (``recursive=False``), so
-    the closure it calls, the model's forward and backward, is compiled.
+    Called for every subclass (``__init_subclass__``).  The stages that change
+    the weights or the step's bookkeeping then run eagerly inside a compiled
+    training step, between the compiled graphs of the forward and backward
+    passes, so no traced graph can skip their side effects.  The lazy form,
+    ``torch._disable_dynamo``, imports ``torch._dynamo`` at the first call
+    only.  ``step`` is disabled for its own frame only (``recursive=False``),
+    so the closure it calls, the model's forward and backward, is compiled;
+    the base optimizer's step runs eagerly inside ``second_step``.
     """
     for name in (*_EAGER_STAGES, "step"):
         # also stages inherited from a mixin that is not a subclass
@@ -1113,23 +900,6 @@ def _run_stages_eagerly(cls: type) -> None:
         eager = torch._disable_dynamo(fn, recursive=name != "step")
         eager._flatness_eager = True  # type: ignore[attr-defined]
         setattr(cls, name, eager)
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _add_sam_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
-    """State-dict post hook: the wrapper's own entry."""
-    assert isinstance(optimizer, SharpnessAwareOptimizer)
-    state_dict[_SAM_STATE_KEY] = {
-        "version": _STATE_VERSION,
-        "type": type(optimizer).__name__,
-        "wrapper": _qualname(type(optimizer)),
-        "base": _qualname(type(optimizer.base_optimizer)),
-        "defaults": dict(optimizer.sam_defaults),
-        "extra": optimizer.extra_state_dict(),
-    }
 
 
 def _add_scaled(
@@ -1144,19 +914,6 @@ def _add_scaled(
     else:
         # no host sync on accelerators: scale on the device, then add
         torch._foreach_add_(params, torch._foreach_mul(tensors, scale))
-
-
-def _flatten_params(params: Iterable[Any]) -> list[Tensor]:
-    if isinstance(params, Tensor):
-        return [params]
-    out: list[Tensor] = []
-    for item in params:
-        if isinstance(item, dict):
-            ps = item["params"]
-            out.extend([ps] if isinstance(ps, Tensor) else list(ps))
-        else:
-            out.append(item)
-    return out
 
 
 _run_stages_eagerly(SharpnessAwareOptimizer)
