@@ -128,3 +128,23 @@ def test_global_norm_and_safe_inv():
     assert float(global_norm(grads, ord=float("inf"))) == float(_flat([t for gs in grads for t in gs]).abs().max())
     assert float(global_norm([])) == 0
     assert float(safe_inv(torch.tensor(0.0))) == 0 and float(safe_inv(torch.tensor(4.0))) == 0.25
+
+
+@pytest.mark.parametrize("scale", [1.0, 8.0])
+def test_gsam_gradient_against_formula(scale):
+    from flatness.optim._functional import gsam_gradient_
+
+    _, g = _groups(5)
+    _, gp = _groups(6)
+    alpha = [0.3, 0.0]
+    gf, gpf = _flat([t for ts in g for t in ts]), _flat([t for ts in gp for t in ts])
+    perp = gf - (gf @ gpf) / (gpf @ gpf) * gpf
+    sizes = [sum(t.numel() for t in ts) for ts in g]
+    perp0 = perp[: sizes[0]]
+    want0 = _flat(gp[0]) - alpha[0] * scale * perp0
+    want1 = _flat(gp[1]).clone()  # alpha = 0: untouched
+    g1_before = _flat(g[1]).clone()
+    gsam_gradient_(gp, g, alpha, scale)
+    torch.testing.assert_close(_flat(gp[0]), want0, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(_flat(g[0]), perp0, rtol=1e-13, atol=1e-14)
+    assert torch.equal(_flat(gp[1]), want1) and torch.equal(_flat(g[1]), g1_before)

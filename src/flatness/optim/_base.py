@@ -91,6 +91,7 @@ __all__ = [
     "global_norm",
 ]
 
+
 @dataclass
 class AscentGroup:
     """One perturbed param group as seen by :meth:`~SharpnessAwareOptimizer.ascent_direction`.

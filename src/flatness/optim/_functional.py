@@ -10,7 +10,8 @@ no optimizer state, and can be tested on tensors alone:
 * :func:`consistent_momentum_` and :func:`consistent_direction` - the
   second ascent of consistent SAM;
 * :func:`nonuniform_scale` - the factor of NonuniformSAM's
-  ``e = rho c F^-1 g``.
+  ``e = rho c F^-1 g``;
+* :func:`gsam_gradient_` - GSAM's descent gradient ``g_p - alpha g_perp``.
 
 A zero gradient gives a zero direction (never a NaN).
 """
@@ -30,6 +31,7 @@ __all__ = [
     "consistent_direction",
     "consistent_momentum_",
     "global_norm",
+    "gsam_gradient_",
     "nonuniform_scale",
     "safe_inv",
     "sam_direction",
@@ -223,3 +225,36 @@ def nonuniform_scale(norm: Tensor, mode: str) -> Tensor:
     r = norm
     s = torch.where(r > 1, -torch.expm1(-r), 1 - r).clamp_min(0).sqrt()
     return torch.where(q > 0, 1 / ((r + 1e-16) * (s + 1e-16)), torch.zeros_like(q))
+
+
+@torch.no_grad()
+def gsam_gradient_(
+    grads: Sequence[Sequence[Tensor]],
+    first: Sequence[Sequence[Tensor]],
+    alpha: float | Sequence[float],
+    scale: float = 1.0,
+) -> None:
+    r"""GSAM's descent gradient (Zhuang et al., 2022), in place.
+
+    With ``g_p`` the gradient at ``w + e`` (``grads``) and ``g`` the one at
+    ``w`` (``first``), both per group,
+
+    .. math::
+
+        g_\perp = g - \frac{\langle g, g_p \rangle}{\lVert g_p \rVert^2} g_p,
+        \qquad g_p \leftarrow g_p - \alpha_k \, s \, g_\perp
+
+    with one projection over all groups.  ``first`` becomes ``g_perp`` in
+    groups with ``alpha != 0`` (the others are left as they are).  ``scale``
+    ``s`` is a ``GradScaler``'s scale when ``grads`` carries it and ``first``
+    does not (the projection coefficient is invariant to it).
+    """
+    alpha = _per_group(alpha, len(grads))
+    parts = [torch.dot(x.reshape(-1), y.reshape(-1)) for xs, ys in zip(first, grads) for x, y in zip(xs, ys)]
+    dot = torch.stack(parts).sum() if parts else torch.zeros(())
+    c = dot * safe_inv(global_norm(grads) ** 2)
+    for a, gp, g in zip(alpha, grads, first):
+        if not a:
+            continue
+        torch._foreach_add_(list(g), torch._foreach_mul(list(gp), c.to(gp[0].device)), alpha=-1.0)  # g_perp
+        torch._foreach_add_(list(gp), list(g), alpha=-a * scale)
