@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import types
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -77,9 +76,10 @@ from ._settings import (
     _flatten_params,
     _prefixed,
     _refuse_closure_optimizer,
-    _user_stacklevel,
     add_sam_state,
+    fill_settings,
     prepare_load,
+    rename_settings,
 )
 
 __all__ = [
@@ -134,7 +134,7 @@ class _RngSnapshot:
 
 @dataclass
 class _Stage:
-    """Where the step in progress stands: the optimizer's only per-step state.
+    """Where the step in progress stands: the base class's only per-step state.
 
     Never saved or pickled.  ``perturbed is None`` means the weights are
     ``w``; otherwise ``perturbed`` holds the parameters now at ``w + e`` and
@@ -295,7 +295,7 @@ class SharpnessAwareOptimizer(Optimizer):
             # Adadelta "rho" is Adadelta's); 0.1.0-style SAM keys the base does
             # not know are renamed (deprecated alias).
             for group in base.param_groups:
-                self._rename_settings(group, strict=False)
+                rename_settings(self, group, strict=False)
             # Optimizer.__init__ fills the variant's defaults into the base
             # optimizer's own group dicts (same objects).
             self._adopting = True
@@ -363,68 +363,18 @@ class SharpnessAwareOptimizer(Optimizer):
         elif key in ("adaptive", "perturb") and not isinstance(value, bool):
             raise TypeError(f"{key} must be a bool (True or False), got {value!r}")
 
-    def _rename_settings(self, group: dict[str, Any], *, strict: bool) -> None:
-        """Bring a param group to the ``sam_`` spelling of the variant's settings.
-
-        A key the base optimizer does not have (``"rho"`` with SGD) is the
-        0.1.0 spelling of the variant's setting: renamed, with a
-        ``FutureWarning``.  A key it does have (``"rho"`` with Adadelta) is
-        the base's; in a group the user writes (``strict``) it is ambiguous
-        unless the ``sam_`` spelling is given too, and refused.
-        """
-        renamed = []
-        for name in self.sam_defaults:
-            if name not in group:
-                continue
-            key = SAM_PREFIX + name
-            if name in self._base_keys:
-                if strict and key not in group:
-                    raise ValueError(
-                        f"param group key {name!r} is ambiguous: the base optimizer has its own "
-                        f"{name!r}. Write {key!r} for {type(self).__name__}'s setting; a group "
-                        f"that also has {key!r} passes {name!r} to the base optimizer"
-                    )
-                continue
-            if key in group:
-                raise ValueError(f"param group gives both {name!r} and {key!r}; keep {key!r}")
-            renamed.append(name)
-        if renamed:
-            warnings.warn(
-                f"param group key(s) {renamed} are deprecated for {type(self).__name__}'s settings; "
-                f"write {[SAM_PREFIX + n for n in renamed]} (keys without the prefix belong to the "
-                "base optimizer)",
-                FutureWarning,
-                stacklevel=_user_stacklevel(),
-            )
-            for name in renamed:
-                group[SAM_PREFIX + name] = group.pop(name)
-
     def sam_settings(self, group: dict[str, Any]) -> GroupSettings:
         """A param group as the variant sees it: its settings by short name
         (``settings["rho"]`` is ``group["sam_rho"]``), the base optimizer's
         keys (``"lr"``, ...) as they are."""
-        for name, value in self.sam_defaults.items():
-            key = SAM_PREFIX + name
-            if name in group and name not in self._base_keys:
-                # the 0.1.0 spelling, from a group added through the base
-                # optimizer or written by old code (a rho schedule): it is the
-                # latest value, moved to its key with a warning
-                warnings.warn(
-                    f"param group key {name!r} is deprecated for {type(self).__name__}'s setting; "
-                    f"write {key!r} (keys without the prefix belong to the base optimizer)",
-                    FutureWarning,
-                    stacklevel=_user_stacklevel(),
-                )
-                group[key] = group.pop(name)
-            elif key not in group:  # a group added through the base optimizer
-                group[key] = value
+        fill_settings(self, group)
         return GroupSettings(group, self.sam_defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to this optimizer and to the base optimizer (one list)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        self._rename_settings(param_group, strict=not getattr(self, "_adopting", False))
+        rename_settings(self, param_group, strict=not getattr(self, "_adopting", False))
         for key, value in param_group.items():
             if key.startswith(SAM_PREFIX):
                 name = key[len(SAM_PREFIX):]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -126,6 +127,64 @@ def _user_stacklevel() -> int:
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
     return 1
+
+
+def rename_settings(opt: Any, group: dict[str, Any], *, strict: bool) -> None:
+    """Bring a param group to the ``sam_`` spelling of ``opt``'s settings.
+
+    A key the base optimizer does not have (``"rho"`` with SGD) is the
+    0.1.0 spelling of the variant's setting: renamed, with a
+    ``FutureWarning``.  A key it does have (``"rho"`` with Adadelta) is
+    the base's; in a group the user writes (``strict``) it is ambiguous
+    unless the ``sam_`` spelling is given too, and refused.
+    """
+    renamed = []
+    for name in opt.sam_defaults:
+        if name not in group:
+            continue
+        key = SAM_PREFIX + name
+        if name in opt._base_keys:
+            if strict and key not in group:
+                raise ValueError(
+                    f"param group key {name!r} is ambiguous: the base optimizer has its own "
+                    f"{name!r}. Write {key!r} for {type(opt).__name__}'s setting; a group "
+                    f"that also has {key!r} passes {name!r} to the base optimizer"
+                )
+            continue
+        if key in group:
+            raise ValueError(f"param group gives both {name!r} and {key!r}; keep {key!r}")
+        renamed.append(name)
+    if renamed:
+        warnings.warn(
+            f"param group key(s) {renamed} are deprecated for {type(opt).__name__}'s settings; "
+            f"write {[SAM_PREFIX + n for n in renamed]} (keys without the prefix belong to the "
+            "base optimizer)",
+            FutureWarning,
+            stacklevel=_user_stacklevel(),
+        )
+        for name in renamed:
+            group[SAM_PREFIX + name] = group.pop(name)
+
+
+def fill_settings(opt: Any, group: dict[str, Any]) -> None:
+    """Give a param group every setting of ``opt`` under its ``sam_`` key.
+
+    A group added through the base optimizer lacks them (the defaults are
+    filled in); one written by 0.1.0 code (a ``rho`` schedule) has the short
+    name, the latest value, moved to its key with a ``FutureWarning``.
+    """
+    for name, value in opt.sam_defaults.items():
+        key = SAM_PREFIX + name
+        if name in group and name not in opt._base_keys:
+            warnings.warn(
+                f"param group key {name!r} is deprecated for {type(opt).__name__}'s setting; "
+                f"write {key!r} (keys without the prefix belong to the base optimizer)",
+                FutureWarning,
+                stacklevel=_user_stacklevel(),
+            )
+            group[key] = group.pop(name)
+        elif key not in group:
+            group[key] = value
 
 
 def prepare_load(opt: Any, state_dict: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
