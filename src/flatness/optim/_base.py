@@ -1,40 +1,42 @@
-"""Machinery shared by the sharpness-aware optimizers (SAM, ASAM and variants).
+"""The base class of the sharpness-aware optimizers (SAM, ASAM and variants).
 
-A sharpness-aware step has the same shape for every variant::
+Every variant takes the same step::
 
-    g   = grad L(w)                       # first pass (the user's backward)
-    e   = ascent_direction(g, w)          # the only part a variant changes
-    w  <- w + e                           # perturb()   (w saved once)
-    g'  = grad L(w + e)                   # second pass (the user's backward)
-    w  <- w                               # restore()   (exact copy back)
-    base_optimizer.step() with g'         # second_step()
+    g   = grad L(w)                     # first pass (the user's backward)
+    e   = ascent_direction(groups)      # the only part a variant changes
+    w  <- w + e                         # perturb()   (w saved once)
+    g'  = grad L(w + e)                 # second pass (the user's backward)
+    w  <- w                             # the saved copy, bit for bit
+    base_optimizer.step() with g'       # second_step()
 
-:class:`SharpnessAwareOptimizer` owns everything except the ascent
-direction: the shared param groups with the base optimizer, the saved copy
-of ``w`` and the ``torch._foreach_*`` perturb / restore, the stages and their
-errors, exception safety (weights are restored before an exception leaves
-:meth:`~SharpnessAwareOptimizer.step` or
-:meth:`~SharpnessAwareOptimizer.second_pass`), ``GradScaler`` unscaling and
-inf/NaN skipping, identical dropout masks in both passes (``same_rng``),
-per-replica perturbations under DDP (``per_replica``), BatchNorm freezing in
-the second pass, the gradient stash for terms taken at ``w``
-(:meth:`~SharpnessAwareOptimizer.stash_grad`) and ``state_dict`` round trips.
+The math of the ascent directions lives in functions on lists of tensors
+(:mod:`flatness.optim._functional`, e.g. ``sam_direction``); the classes
+gather the groups' parameters and gradients and call them.
 
-How a subclass changes the ascent direction
--------------------------------------------
-Override :meth:`SharpnessAwareOptimizer.ascent_direction`. It receives one
-:class:`AscentGroup` per param group that is perturbed (``perturb=True``) and
-has at least one gradient; each carries the group's settings (a
-:class:`GroupSettings` view: ``group["rho"]`` and any keys the subclass
-added to ``group_defaults``, under their short names, and the base
-optimizer's keys such as ``group["lr"]``), the parameters that have
-a gradient and those gradients (the live ``.grad`` tensors: clone them if you
-need them after the next backward). It returns, per group, the list of
-perturbations ``e`` (one tensor per parameter, same shapes), or a
-:class:`ScaledDirection` ``(tensors, scale)`` meaning ``e = scale * tensors``,
-which :meth:`perturb` applies in one fused pass without a temporary. Use
-:func:`global_norm` for norms over several groups and ``torch._foreach_*``
-ops to stay loop-free::
+What :class:`SharpnessAwareOptimizer` holds:
+
+* the base optimizer, whose ``param_groups`` and ``state`` it shares (the
+  variant's settings sit in the same groups as ``"sam_rho"``, ...; see
+  :class:`GroupSettings`);
+* ``extra_state``: the variant's persistent per-parameter state (a running
+  mean), saved by ``state_dict``;
+* ``_stage``: a :class:`_Stage`, the step in progress and nothing else
+  (which parameters are at ``w + e``, the saved ``w``, the ``GradScaler``'s
+  skip flag, gradients stashed at ``w``, the first pass's RNG state).
+
+It restores ``w`` before an exception leaves a stage, unscales and skips
+inf/NaN steps under a ``GradScaler``, replays dropout masks
+(``same_rng``), runs the first pass in ``no_sync()`` (``per_replica``),
+freezes BatchNorm statistics in the second pass (``freeze_bn``) and keeps
+the ``torch.optim`` protocol (``state_dict`` hooks, schedulers,
+``add_param_group``).  Its stage methods run eagerly inside
+``torch.compile`` (:func:`_run_stages_eagerly`).
+
+A variant overrides :meth:`~SharpnessAwareOptimizer.ascent_direction`.  It
+receives one :class:`AscentGroup` per perturbed param group that has a
+gradient (``g.group``: the settings by short name, ``g.group["rho"]``;
+``g.params``; ``g.grads``, the live ``.grad`` tensors) and returns per group
+the tensors ``e`` or a :class:`ScaledDirection` ``(tensors, scale)``::
 
     class SignSAM(SharpnessAwareOptimizer):
         group_defaults = {"rho": 0.05, "perturb": True}
@@ -43,82 +45,20 @@ ops to stay loop-free::
             return [torch._foreach_mul(torch._foreach_sign(g.grads), g.group["rho"])
                     for g in groups]
 
-Variants with more passes (consistent SAM) call :meth:`perturb` several
-times: each call sets the weights to ``w + e`` from the *saved* ``w``, so
-``perturb(e1)`` ... ``perturb(e2)`` evaluates at ``w + e2``, never at
-``w + e1 + e2``. Persistent per-parameter state of a variant (a running mean)
-goes into ``self.extra_state[p]`` (a dict per parameter, like
-``torch.optim``'s ``state``); :meth:`state_dict` saves it and
-:meth:`load_state_dict` restores it. It is kept apart from the base
-optimizer's ``state`` because torch optimizers initialize a parameter's state
-only while it is empty.
-
-Where the settings live
------------------------
-The variant's settings (``group_defaults``: ``rho``, ``adaptive``, ...) are
-stored in the shared param groups under the prefix ``sam_`` (``"sam_rho"``),
-so they never collide with the base optimizer's own keys (Adadelta's
-``rho``, RMSprop's and ASGD's ``alpha``): the wrapper never changes a base
-hyper-parameter.  Subclasses keep using the short names: in
-``group_defaults``, ``defaults``, ``_check_setting`` and, through
-:class:`GroupSettings`, in :meth:`ascent_direction` (``g.group["rho"]``).
-Code that reads a raw group (``self.param_groups[i]``) writes
-``group["sam_rho"]`` or ``self.sam_settings(group)["rho"]``; a raw
-``group["rho"]`` is the base optimizer's (or a ``KeyError``).  Schedulers of
-a setting write ``group["sam_rho"]`` (a value written to ``group["rho"]``
-by 0.1.0 code is moved there at the next step, with a ``FutureWarning``,
-where the base optimizer has no ``rho`` of its own).  The constructor's own keywords
-(``rho=``) are the variant's; a base keyword of the same name goes in
-``base_kwargs={"rho": 0.9}``.  In a param group a bare ``"rho"`` is the
-0.1.0 spelling of ``"sam_rho"`` (renamed with a ``FutureWarning``) unless
-the base optimizer has a ``rho`` of its own; then it is ambiguous and
-refused, unless the group also gives ``"sam_rho"``.  ``self.defaults``
-holds the base optimizer's defaults plus the ``sam_`` ones (LR schedulers
-look for ``"momentum"`` / ``"betas"`` there); :attr:`sam_defaults` the
-variant's by short name.
-
-``torch.optim`` protocol
-------------------------
-:meth:`state_dict` and :meth:`load_state_dict` are ``torch.optim.Optimizer``'s
-(hooks registered on the object run; the base optimizer's ``__setstate__``
-upgrades old states).  The state dict records the wrapper's and the base
-optimizer's classes; a load of another one is refused before anything
-changes.  flatness 0.1.0 state dicts (settings under their short names) load.
-Pickling (``copy.deepcopy``, ``torch.save`` of the object) keeps optimizer
-state only: the model and anything holding modules (listed in
-``_pickle_exclude``; subclasses extend it) are dropped.  Base optimizers
-whose ``step`` requires a closure (LBFGS) are refused at construction.
-
-``torch.compile``
------------------
-The stages that change the weights or the step's bookkeeping
-(``first_step``, ``middle_step``, ``second_step``, ``restore``,
-``perturb``, ``stash_grad``, ``state_dict``, ``load_state_dict``) are
-wrapped in ``torch.compiler.disable`` (its lazy form, ``torch._disable_dynamo``,
-which imports ``torch._dynamo`` at the first call only), in every subclass
-that defines or inherits them (``__init_subclass__``): inside a compiled training step they run eagerly,
-between the compiled graphs of the forward and backward passes, so no traced
-graph can skip their side effects.  ``step(closure)`` is disabled for its
-own frame only, so the closure (forward and backward) is compiled.  The base
-optimizer's step runs eagerly inside ``second_step``.
-
-Under DDP the gradients of both passes are all-reduced by DDP itself (one
-global perturbation; ``per_replica=True`` runs the first pass in
-``no_sync()``).  Quantities a variant computes from local data (curvature
-factors, batch statistics) are averaged over the replicas with
+Variants with more passes (consistent SAM) call :meth:`perturb` again:
+each call starts from the saved ``w``, so ``perturb(e2)`` after
+``perturb(e1)`` evaluates at ``w + e2``.  Quantities a variant computes
+from local data are averaged over DDP replicas with
 :meth:`~SharpnessAwareOptimizer.all_reduce_`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import sys
 import types
-import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -128,6 +68,20 @@ from torch.optim import Optimizer
 # Lives with the other model plumbing; re-exported as flatness.optim.disable_running_stats.
 from flatness._guard import disable_running_stats
 
+from ._functional import ScaledDirection, global_norm
+from ._settings import (
+    SAM_PREFIX,
+    GroupSettings,
+    _constructor_keys,
+    _flatten_params,
+    _prefixed,
+    _refuse_closure_optimizer,
+    add_sam_state,
+    fill_settings,
+    prepare_load,
+    rename_settings,
+)
+
 __all__ = [
     "AscentGroup",
     "GroupSettings",
@@ -136,102 +90,6 @@ __all__ = [
     "disable_running_stats",
     "global_norm",
 ]
-
-_SAM_STATE_KEY = "sharpness_aware"
-# 1: flatness 0.1.0 (settings under their short names in the param groups);
-# 2: settings under "sam_" names, wrapper and base optimizer classes recorded.
-_STATE_VERSION = 2
-#: Prefix of the variant's settings in the (shared) param groups.
-SAM_PREFIX = "sam_"
-
-
-def _prefixed(settings: Mapping[str, Any]) -> dict[str, Any]:
-    return {SAM_PREFIX + k: v for k, v in settings.items()}
-
-
-class GroupSettings(MutableMapping):
-    """A param group seen through the variant's eyes.
-
-    The variant's settings (``rho``, ``adaptive``, ...) are stored in the
-    shared param group as ``"sam_rho"``, ``"sam_adaptive"``, ... so they
-    never collide with a base optimizer's keys (Adadelta's ``rho``,
-    RMSprop's ``alpha``).  This view reads and writes them under their
-    short names; every other key (``"lr"``, ``"momentum"``, ...) is the
-    group's own.  A base key that shares a short name is hidden by the
-    variant's setting (read it from the group itself).
-    """
-
-    __slots__ = ("group", "_names")
-
-    def __init__(self, group: dict[str, Any], names: Iterable[str]) -> None:
-        self.group = group
-        self._names = frozenset(names)
-
-    def _key(self, key: str) -> str:
-        return SAM_PREFIX + key if key in self._names else key
-
-    def __getitem__(self, key: str) -> Any:
-        return self.group[self._key(key)]
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.group[self._key(key)] = value
-
-    def __delitem__(self, key: str) -> None:
-        del self.group[self._key(key)]
-
-    def __iter__(self) -> Iterator[str]:
-        for key in self.group:
-            if key.startswith(SAM_PREFIX) and key[len(SAM_PREFIX):] in self._names:
-                yield key[len(SAM_PREFIX):]
-            elif key not in self._names:
-                yield key
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-    def copy(self) -> dict[str, Any]:
-        """A plain dict with the short names (as ``dict.copy`` of a group did)."""
-        return dict(self)
-
-    def __repr__(self) -> str:
-        return f"GroupSettings({dict(self)!r})"
-
-
-def _constructor_keys(cls: type[Optimizer]) -> frozenset[str]:
-    """Hyper-parameter names a base optimizer class takes."""
-    try:
-        names = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return frozenset()
-    return frozenset(n for n, p in names.items() if n != "params" and p.kind is not p.VAR_KEYWORD)
-
-
-def _refuse_closure_optimizer(cls: type[Optimizer]) -> None:
-    """Refuse base optimizers whose ``step`` cannot run without a closure."""
-    try:
-        closure = inspect.signature(cls.step).parameters.get("closure")
-    except (TypeError, ValueError):
-        return
-    if closure is not None and closure.default is inspect.Parameter.empty:
-        raise TypeError(
-            f"{cls.__name__}.step() requires a closure (it re-evaluates the loss during its "
-            "step, as LBFGS's line search does); a sharpness-aware optimizer steps the base "
-            "optimizer once with the gradient taken at w + e and has no closure that evaluates "
-            "the loss at w to give it. Use a base optimizer whose step() works without a closure"
-        )
-
-
-def _user_stacklevel() -> int:
-    """Stack level of the first frame outside flatness and torch (for warnings)."""
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None:
-        name = frame.f_globals.get("__name__", "")
-        if not (name.startswith(("flatness.", "torch.")) or name == "flatness"):
-            return level
-        frame = frame.f_back  # type: ignore[assignment]
-        level += 1
-    return 1
 
 
 @dataclass
@@ -257,49 +115,6 @@ class AscentGroup:
     grads: list[Tensor]
 
 
-@dataclass
-class ScaledDirection:
-    """A perturbation ``e = scale * tensors`` of one group.
-
-    Returning it from :meth:`~SharpnessAwareOptimizer.ascent_direction`
-    instead of the product lets :meth:`~SharpnessAwareOptimizer.perturb`
-    fuse the scaling into the update (``w += scale * t`` in one pass on CPU,
-    no temporary).  ``tensors`` may be the live gradients: they are only read.
-
-    Attributes
-    ----------
-    tensors : list of Tensor
-    scale : Tensor or float
-        A 0-d tensor (kept on the device; no host synchronization on CUDA)
-        or a number.
-    """
-
-    tensors: list[Tensor]
-    scale: Tensor | float
-
-
-def global_norm(tensor_lists: Sequence[Sequence[Tensor]], ord: float = 2.0) -> Tensor:
-    """Norm of the concatenation of all tensors in ``tensor_lists``.
-
-    One ``torch._foreach_norm`` per list; the result is a 0-d tensor on the
-    first tensor's device, in float64 if any tensor is float64 and float32
-    otherwise (so half-precision gradients do not overflow).  An empty input
-    gives ``0``.
-    """
-    flat = [t for ts in tensor_lists for t in ts]
-    if not flat:
-        return torch.zeros(())
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in flat) else torch.float32
-    device = flat[0].device
-    parts = [
-        n if n.device == device else n.to(device)
-        for ts in tensor_lists
-        if len(ts)
-        for n in torch._foreach_norm(list(ts), ord, dtype=dtype)
-    ]
-    return torch.linalg.vector_norm(torch.stack(parts), ord)
-
-
 def _rng_devices(params: Iterable[Tensor]) -> list[torch.device]:
     return sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
 
@@ -315,6 +130,50 @@ class _RngSnapshot:
         torch.set_rng_state(self.cpu)
         for d, state in self.cuda:
             torch.cuda.set_rng_state(state, d)
+
+
+@dataclass
+class _Stage:
+    """Where the step in progress stands: the base class's only per-step state.
+
+    Never saved or pickled.  ``perturbed is None`` means the weights are
+    ``w``; otherwise ``perturbed`` holds the parameters now at ``w + e`` and
+    ``saved_w`` the copy of ``w`` they go back to (buffers reused from step
+    to step while the parameters stay the same).
+    """
+
+    perturbed: list[Tensor] | None = None
+    saved_w: list[Tensor] = field(default_factory=list)
+    saved_ids: tuple[int, ...] = ()
+    #: The GradScaler found inf/NaN in the first pass: no base step.
+    skip_base_step: bool = False
+    #: Gradient terms taken at ``w`` (:meth:`~SharpnessAwareOptimizer.stash_grad`).
+    stash: dict[Tensor, Tensor] = field(default_factory=dict)
+    #: The RNG state of the first pass (``same_rng=True``).
+    rng: _RngSnapshot | None = None
+
+    def save(self, params: list[Tensor]) -> None:
+        """Copy ``w`` of ``params`` aside and mark them perturbed."""
+        ids = tuple(map(id, params))
+        if ids != self.saved_ids:
+            self.saved_w = [torch.empty_like(p) for p in params]
+            self.saved_ids = ids
+        if params:
+            torch._foreach_copy_(self.saved_w, params)
+        self.perturbed = params
+
+    def put_back(self) -> None:
+        """Copy the saved ``w`` back (bit for bit); the weights are ``w`` again."""
+        if self.perturbed:
+            torch._foreach_copy_(self.perturbed, self.saved_w)
+        self.perturbed = None
+
+    def clear(self) -> None:
+        """Put ``w`` back and forget the step (the buffers are kept)."""
+        self.put_back()
+        self.stash = {}
+        self.rng = None
+        self.skip_base_step = False
 
 
 class SharpnessAwareOptimizer(Optimizer):
@@ -436,7 +295,7 @@ class SharpnessAwareOptimizer(Optimizer):
             # Adadelta "rho" is Adadelta's); 0.1.0-style SAM keys the base does
             # not know are renamed (deprecated alias).
             for group in base.param_groups:
-                self._rename_settings(group, strict=False)
+                rename_settings(self, group, strict=False)
             # Optimizer.__init__ fills the variant's defaults into the base
             # optimizer's own group dicts (same objects).
             self._adopting = True
@@ -483,13 +342,17 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _reset_transient(self) -> None:
         """The per-step bookkeeping (never pickled or saved)."""
-        self._perturbed: list[Tensor] | None = None  # params currently at w + e
-        self._saved_w: list[Tensor] = []  # reused between steps (no re-allocation)
-        self._saved_key: tuple[int, ...] = ()
-        self._skip_base_step = False
-        self._stash: dict[Tensor, Tensor] = {}
-        self._rng: _RngSnapshot | None = None
+        self._stage = _Stage()
         self._pending_extra: dict[str, Any] | None = None
+
+    # read-only spellings of the stage from before it was one object
+    @property
+    def _perturbed(self) -> list[Tensor] | None:
+        return self._stage.perturbed
+
+    @property
+    def _saved_w(self) -> list[Tensor]:
+        return self._stage.saved_w
 
     # ------------------------------------------------------------------
     # settings
@@ -505,68 +368,18 @@ class SharpnessAwareOptimizer(Optimizer):
         elif key in ("adaptive", "perturb") and not isinstance(value, bool):
             raise TypeError(f"{key} must be a bool (True or False), got {value!r}")
 
-    def _rename_settings(self, group: dict[str, Any], *, strict: bool) -> None:
-        """Bring a param group to the ``sam_`` spelling of the variant's settings.
-
-        A key the base optimizer does not have (``"rho"`` with SGD) is the
-        0.1.0 spelling of the variant's setting: renamed, with a
-        ``FutureWarning``.  A key it does have (``"rho"`` with Adadelta) is
-        the base's; in a group the user writes (``strict``) it is ambiguous
-        unless the ``sam_`` spelling is given too, and refused.
-        """
-        renamed = []
-        for name in self.sam_defaults:
-            if name not in group:
-                continue
-            key = SAM_PREFIX + name
-            if name in self._base_keys:
-                if strict and key not in group:
-                    raise ValueError(
-                        f"param group key {name!r} is ambiguous: the base optimizer has its own "
-                        f"{name!r}. Write {key!r} for {type(self).__name__}'s setting; a group "
-                        f"that also has {key!r} passes {name!r} to the base optimizer"
-                    )
-                continue
-            if key in group:
-                raise ValueError(f"param group gives both {name!r} and {key!r}; keep {key!r}")
-            renamed.append(name)
-        if renamed:
-            warnings.warn(
-                f"param group key(s) {renamed} are deprecated for {type(self).__name__}'s settings; "
-                f"write {[SAM_PREFIX + n for n in renamed]} (keys without the prefix belong to the "
-                "base optimizer)",
-                FutureWarning,
-                stacklevel=_user_stacklevel(),
-            )
-            for name in renamed:
-                group[SAM_PREFIX + name] = group.pop(name)
-
     def sam_settings(self, group: dict[str, Any]) -> GroupSettings:
         """A param group as the variant sees it: its settings by short name
         (``settings["rho"]`` is ``group["sam_rho"]``), the base optimizer's
         keys (``"lr"``, ...) as they are."""
-        for name, value in self.sam_defaults.items():
-            key = SAM_PREFIX + name
-            if name in group and name not in self._base_keys:
-                # the 0.1.0 spelling, from a group added through the base
-                # optimizer or written by old code (a rho schedule): it is the
-                # latest value, moved to its key with a warning
-                warnings.warn(
-                    f"param group key {name!r} is deprecated for {type(self).__name__}'s setting; "
-                    f"write {key!r} (keys without the prefix belong to the base optimizer)",
-                    FutureWarning,
-                    stacklevel=_user_stacklevel(),
-                )
-                group[key] = group.pop(name)
-            elif key not in group:  # a group added through the base optimizer
-                group[key] = value
+        fill_settings(self, group)
         return GroupSettings(group, self.sam_defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to this optimizer and to the base optimizer (one list)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        self._rename_settings(param_group, strict=not getattr(self, "_adopting", False))
+        rename_settings(self, param_group, strict=not getattr(self, "_adopting", False))
         for key, value in param_group.items():
             if key.startswith(SAM_PREFIX):
                 name = key[len(SAM_PREFIX):]
@@ -633,7 +446,7 @@ class SharpnessAwareOptimizer(Optimizer):
     @property
     def is_perturbed(self) -> bool:
         """True between :meth:`first_step` and :meth:`second_step`."""
-        return self._perturbed is not None
+        return self._stage.perturbed is not None
 
     @torch.no_grad()
     def perturb(
@@ -653,18 +466,13 @@ class SharpnessAwareOptimizer(Optimizer):
             if n != len(g.params):
                 raise RuntimeError(f"ascent_direction returned {n} tensors for {len(g.params)} parameters")
         params = [p for g in groups for p in g.params]
-        if self._perturbed is None:
-            key = tuple(map(id, params))
-            if key != self._saved_key:
-                self._saved_w = [torch.empty_like(p) for p in params]
-                self._saved_key = key
-            if params:
-                torch._foreach_copy_(self._saved_w, params)
-            self._perturbed = params
-        elif [id(p) for p in self._perturbed] != [id(p) for p in params]:
+        stage = self._stage
+        if stage.perturbed is None:
+            stage.save(params)
+        elif [id(p) for p in stage.perturbed] != [id(p) for p in params]:
             raise RuntimeError("perturb() called again with a different set of parameters")
         elif params:
-            torch._foreach_copy_(params, self._saved_w)
+            torch._foreach_copy_(params, stage.saved_w)
         try:
             for g, d in zip(groups, directions):
                 if isinstance(d, ScaledDirection):
@@ -684,15 +492,7 @@ class SharpnessAwareOptimizer(Optimizer):
         fails between :meth:`first_step` and :meth:`second_step` outside
         :meth:`second_pass`.
         """
-        self._restore_weights()
-        self._stash = {}
-        self._rng = None
-        self._skip_base_step = False
-
-    def _restore_weights(self) -> None:
-        if self._perturbed:
-            torch._foreach_copy_(self._perturbed, self._saved_w)
-        self._perturbed = None
+        self._stage.clear()
 
     # ------------------------------------------------------------------
     # gradient stash (terms taken at w)
@@ -711,24 +511,22 @@ class SharpnessAwareOptimizer(Optimizer):
         """
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         for p in params:
-            held = self._stash.get(p)
+            held = self._stage.stash.get(p)
             if held is None:
-                self._stash[p] = p.grad
+                self._stage.stash[p] = p.grad
             else:
                 held.add_(p.grad)
             p.grad = None
 
     @torch.no_grad()
     def _unstash(self) -> None:
-        if not self._stash:
-            return
-        have = [(p, s) for p, s in self._stash.items() if p.grad is not None]
+        stash, self._stage.stash = self._stage.stash, {}
+        have = [(p, s) for p, s in stash.items() if p.grad is not None]
         if have:
             torch._foreach_add_([p.grad for p, _ in have], [s for _, s in have])
-        for p, s in self._stash.items():
+        for p, s in stash.items():
             if p.grad is None:
                 p.grad = s
-        self._stash = {}
 
     # ------------------------------------------------------------------
     # the two steps
@@ -747,11 +545,11 @@ class SharpnessAwareOptimizer(Optimizer):
             inf/NaN the weights are not perturbed and :meth:`second_step`
             skips the base step (the scaler lowers its scale in ``update()``).
         """
-        if self._perturbed is not None:
+        if self._stage.perturbed is not None:
             raise RuntimeError(
                 "first_step() called twice: call second_step() (or restore()) before the next first_step()"
             )
-        self._skip_base_step = False
+        self._stage.skip_base_step = False
         if scaler is not None and scaler.is_enabled():
             scaler.unscale_(self)
         groups = self.ascent_groups()
@@ -764,7 +562,7 @@ class SharpnessAwareOptimizer(Optimizer):
             # max |g|: finite iff every entry is finite (no overflow of a sum)
             worst = global_norm([g.grads for g in groups], ord=float("inf"))
             if not bool(torch.isfinite(worst)):
-                self._skip_base_step = True
+                self._stage.skip_base_step = True
                 groups = []
         directions = self.ascent_direction(groups) if groups else []
         self.perturb(groups, directions)
@@ -784,21 +582,32 @@ class SharpnessAwareOptimizer(Optimizer):
             Steps through ``scaler.step(base_optimizer)`` (unscale, skip on
             inf/NaN).  Call ``scaler.update()`` afterwards as usual.
         """
-        if self._perturbed is None:
+        stage = self._stage
+        if stage.perturbed is None:
             raise RuntimeError("second_step() called without first_step()")
-        self._restore_weights()
-        self._rng = None
+        stage.put_back()
+        stage.rng = None
         self._unstash()
-        if not self._skip_base_step:
-            if scaler is not None and scaler.is_enabled():
-                scaler.step(self.base_optimizer)
-            else:
-                self.base_optimizer.step()
-        self._skip_base_step = False
-        # an LR scheduler attached to this object checks this flag
-        self._opt_called = True  # type: ignore[attr-defined]
+        if not stage.skip_base_step:
+            self._base_step(scaler)
+        stage.skip_base_step = False
         if zero_grad:
             self.zero_grad()
+
+    def _base_step(self, scaler: Any = None) -> None:
+        """The base optimizer's step (through ``scaler.step`` when a
+        ``GradScaler`` is enabled), counted as a step of this optimizer.
+
+        An LR scheduler attached to this object patches its ``step`` to set
+        ``_opt_called`` (its check that the optimizer stepped first); the
+        stages step the base optimizer instead, so they set it here, the one
+        place that does.
+        """
+        if scaler is not None and scaler.is_enabled():
+            scaler.step(self.base_optimizer)
+        else:
+            self.base_optimizer.step()
+        self._opt_called = True
 
     # ------------------------------------------------------------------
     # the passes
@@ -812,9 +621,9 @@ class SharpnessAwareOptimizer(Optimizer):
         ``per_replica=True``, runs inside ``model.no_sync()``.  Optional
         otherwise.
         """
-        if self._perturbed is not None:
+        if self._stage.perturbed is not None:
             raise RuntimeError("first_pass() entered while perturbed: call second_step() first")
-        self._rng = _RngSnapshot(_rng_devices(self._all_params())) if self.same_rng else None
+        self._stage.rng = _RngSnapshot(_rng_devices(self._all_params())) if self.same_rng else None
         with self.model.no_sync() if self.per_replica else contextlib.nullcontext():  # type: ignore[union-attr,operator]
             yield
 
@@ -826,15 +635,15 @@ class SharpnessAwareOptimizer(Optimizer):
         freezes BatchNorm statistics (``freeze_bn=True``), and restores ``w``
         if the block raises.
         """
-        if self._perturbed is None:
+        if self._stage.perturbed is None:
             raise RuntimeError("second_pass() entered without first_step()")
         if self.same_rng:
-            if self._rng is None:
+            if self._stage.rng is None:
                 self.restore()
                 raise RuntimeError(
                     "same_rng=True: run the first forward pass inside `with opt.first_pass():`"
                 )
-            self._rng.restore()
+            self._stage.rng.restore()
         try:
             with disable_running_stats(self.model) if self.freeze_bn else contextlib.nullcontext():  # type: ignore[arg-type]
                 yield
@@ -939,12 +748,12 @@ class SharpnessAwareOptimizer(Optimizer):
     # Attributes never pickled: the model (and anything else holding
     # modules) and the bookkeeping of a step in progress.  Subclasses extend it.
     _pickle_exclude: frozenset[str] = frozenset(
-        {"model", "_perturbed", "_saved_w", "_saved_key", "_skip_base_step", "_stash", "_rng", "_pending_extra"}
+{"model", "_stage", "_pending_extra"}
     )
 
     def _register_state_hooks(self) -> None:
         # first in line, so that hooks the user registers see the whole state dict
-        self.register_state_dict_post_hook(_add_sam_state, prepend=True)
+        self.register_state_dict_post_hook(add_sam_state, prepend=True)
 
     @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
@@ -955,7 +764,7 @@ class SharpnessAwareOptimizer(Optimizer):
         ``"sharpness_aware"``: the format version, the wrapper's and the base
         optimizer's classes, the variant's defaults and
         :meth:`extra_state_dict`."""
-        if self._perturbed is not None:
+        if self._stage.perturbed is not None:
             raise RuntimeError("state_dict() called between first_step() and second_step()")
         return super().state_dict()
 
@@ -969,94 +778,20 @@ class SharpnessAwareOptimizer(Optimizer):
         A state dict of another wrapper class or another base optimizer
         class is refused with a ``ValueError`` before anything changes.
         """
-        if self._perturbed is not None:
+        if self._stage.perturbed is not None:
             raise RuntimeError("load_state_dict() called between first_step() and second_step()")
-        sd, extra = self._prepare_load(state_dict)
+        sd, extra = prepare_load(self, state_dict)
         self._pending_extra = extra
         try:
             super().load_state_dict(sd)
         finally:
             self._pending_extra = None
 
-    def _prepare_load(self, state_dict: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Check ``state_dict`` against this optimizer and bring it to the
-        current format, without changing it or ``self``."""
-        if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict or "state" not in state_dict:
-            raise ValueError("state_dict must be an optimizer state dict with 'state' and 'param_groups'")
-        ours = state_dict.get(_SAM_STATE_KEY)
-        base_name = _qualname(type(self.base_optimizer))
-        saved = state_dict["param_groups"]
-        if ours is None:
-            # a plain base-optimizer state dict: keep the current settings
-            current = [{k: v for k, v in g.items() if k.startswith(SAM_PREFIX)} for g in self.param_groups]
-            self._check_base_keys(saved, "the plain optimizer state dict")
-            groups = [{**g, **c} for g, c in zip(saved, current)] + [dict(g) for g in saved[len(current):]]
-            sd = {**state_dict, "param_groups": groups}
-            return sd, None
-        if not isinstance(ours, Mapping):
-            raise ValueError(f"state_dict[{_SAM_STATE_KEY!r}] must be a dict, got {type(ours).__name__}")
-        version = ours.get("version", 1)
-        if not isinstance(version, int) or version > _STATE_VERSION:
-            raise ValueError(
-                f"state dict format version {version!r} is newer than this flatness ({_STATE_VERSION}); "
-                "upgrade flatness"
-            )
-        if version >= 2:
-            wrapper, mine = ours.get("wrapper"), _qualname(type(self))
-            if wrapper != mine:
-                raise ValueError(f"the state dict was saved by {wrapper}; it cannot be loaded into {mine}")
-            if ours.get("base") != base_name:
-                raise ValueError(
-                    f"the state dict was saved with base optimizer {ours.get('base')}; it cannot be "
-                    f"loaded into {type(self).__name__} around {base_name}"
-                )
-            groups = [dict(g) for g in saved]
-        else:
-            # flatness 0.1.0: the variant's settings under their short names,
-            # in the same dicts as the base's keys; the base class unrecorded.
-            if ours.get("type") != type(self).__name__:
-                raise ValueError(
-                    f"the state dict was saved by {ours.get('type')}; it cannot be loaded into {type(self).__name__}"
-                )
-            self._check_base_keys(saved, "the flatness 0.1.0 state dict")
-            names = set(ours.get("defaults", {})) | set(self.sam_defaults)
-            groups = []
-            for g in saved:
-                g = dict(g)
-                for name in names & set(g):
-                    # 0.1.0 wrote one value for a shared name (Adadelta's rho
-                    # was SAM's): both keep it, as that optimizer ran.
-                    g[SAM_PREFIX + name] = g[name] if name in self._base_keys else g.pop(name)
-                groups.append(g)
-        unknown = {
-            k for g in groups for k in g
-            if k.startswith(SAM_PREFIX) and k[len(SAM_PREFIX):] not in self.sam_defaults
-        }
-        if unknown:
-            raise ValueError(f"the state dict has settings {sorted(unknown)} that {type(self).__name__} does not know")
-        sd = {k: v for k, v in state_dict.items() if k != _SAM_STATE_KEY}
-        sd["param_groups"] = groups
-        return sd, dict(ours.get("extra", {}))
-
-    def _check_base_keys(self, groups: Sequence[Mapping[str, Any]], what: str) -> None:
-        """The base optimizer's hyper-parameters (keys whose defaults are not
-        flags) must be in every saved group; catches, e.g., an Adam state
-        dict loaded into SGD when the class was not recorded."""
-        base = self.base_optimizer
-        needed = {k for k, v in base.defaults.items() if not (v is None or isinstance(v, bool))}
-        for i, g in enumerate(groups):
-            missing = sorted(needed - set(g))
-            if missing:
-                raise ValueError(
-                    f"{what} does not fit base optimizer {type(base).__name__}: param group {i} lacks "
-                    f"{missing} (was it saved with another base optimizer?)"
-                )
-
     def __getstate__(self) -> dict[str, Any]:
         """Optimizer state only: the model and any other module reference,
         the hooks and a step in progress are not pickled (an unpickled
         optimizer has ``model=None``)."""
-        if self._perturbed is not None:
+        if self._stage.perturbed is not None:
             raise RuntimeError("cannot pickle the optimizer between first_step() and second_step()")
         return {
             k: v
@@ -1102,8 +837,14 @@ _EAGER_STAGES = ("first_step", "middle_step", "second_step", "restore", "perturb
 def _run_stages_eagerly(cls: type) -> None:
     """Wrap the stage methods a class defines in ``torch.compiler.disable``.
 
-    ``step`` is disabled for its own frame only (``recursive=False``), so
-    the closure it calls, the model's forward and backward, is compiled.
+    Called for every subclass (``__init_subclass__``).  The stages that change
+    the weights or the step's bookkeeping then run eagerly inside a compiled
+    training step, between the compiled graphs of the forward and backward
+    passes, so no traced graph can skip their side effects.  The lazy form,
+    ``torch._disable_dynamo``, imports ``torch._dynamo`` at the first call
+    only.  ``step`` is disabled for its own frame only (``recursive=False``),
+    so the closure it calls, the model's forward and backward, is compiled;
+    the base optimizer's step runs eagerly inside ``second_step``.
     """
     for name in (*_EAGER_STAGES, "step"):
         # also stages inherited from a mixin that is not a subclass
@@ -1115,23 +856,6 @@ def _run_stages_eagerly(cls: type) -> None:
         eager = torch._disable_dynamo(fn, recursive=name != "step")
         eager._flatness_eager = True  # type: ignore[attr-defined]
         setattr(cls, name, eager)
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _add_sam_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
-    """State-dict post hook: the wrapper's own entry."""
-    assert isinstance(optimizer, SharpnessAwareOptimizer)
-    state_dict[_SAM_STATE_KEY] = {
-        "version": _STATE_VERSION,
-        "type": type(optimizer).__name__,
-        "wrapper": _qualname(type(optimizer)),
-        "base": _qualname(type(optimizer.base_optimizer)),
-        "defaults": dict(optimizer.sam_defaults),
-        "extra": optimizer.extra_state_dict(),
-    }
 
 
 def _add_scaled(
@@ -1146,19 +870,6 @@ def _add_scaled(
     else:
         # no host sync on accelerators: scale on the device, then add
         torch._foreach_add_(params, torch._foreach_mul(tensors, scale))
-
-
-def _flatten_params(params: Iterable[Any]) -> list[Tensor]:
-    if isinstance(params, Tensor):
-        return [params]
-    out: list[Tensor] = []
-    for item in params:
-        if isinstance(item, dict):
-            ps = item["params"]
-            out.extend([ps] if isinstance(ps, Tensor) else list(ps))
-        else:
-            out.append(item)
-    return out
 
 
 _run_stages_eagerly(SharpnessAwareOptimizer)

@@ -9,11 +9,8 @@ import torch
 from torch import Tensor
 
 from ._base import AscentGroup
-
-
-def inv(norm: Tensor) -> Tensor:
-    """``1 / norm``, and ``0`` for a zero norm (a zero direction, not a NaN)."""
-    return torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
+from ._functional import global_norm
+from ._functional import safe_inv as inv  # noqa: F401  (the family's name for it)
 
 
 def dot(a: Sequence[Sequence[Tensor]], b: Sequence[Sequence[Tensor]]) -> Tensor:
@@ -55,3 +52,12 @@ def grad_scale(scaler: Any) -> float:
 def current_grads(params: Sequence[Tensor]) -> list[Tensor]:
     """The live gradients of ``params`` (zeros for a parameter left without one)."""
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def skipped_by(scaler: Any, params: Sequence[Tensor]) -> bool:
+    """Whether ``scaler.step()`` just skipped the base step: it has unscaled
+    the gradients in place and skips iff one of them is not finite."""
+    if scaler is None or not scaler.is_enabled():
+        return False
+    grads = [p.grad for p in params if p.grad is not None]
+    return bool(grads) and not bool(torch.isfinite(global_norm([grads], ord=float("inf"))))

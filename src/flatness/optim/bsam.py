@@ -233,13 +233,13 @@ class BayesianSAM(SharpnessAwareOptimizer):
                 "(it samples the weights); step(closure) does it"
             )
         try:
-            self._skip_base_step = False
+            self._stage.skip_base_step = False
             if scaler is not None and scaler.is_enabled():
                 scaler.unscale_(self)
             grads = [fam.current_grads(g.params) for g in groups]
             if scaler is not None and scaler.is_enabled():
                 if not bool(torch.isfinite(global_norm(grads, ord=float("inf")))):
-                    self._skip_base_step = True
+                    self._stage.skip_base_step = True
                     self.perturb(groups, [[torch.zeros_like(p) for p in g.params] for g in groups])
                     return
             base: _BayesUpdate = self.base_optimizer  # type: ignore[assignment]

@@ -32,187 +32,56 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from flatness._kfac import RunningFactors, capture
-
-from ._base import AscentGroup, SharpnessAwareOptimizer, global_norm
+from . import _family as fam
+from ._base import AscentGroup, SharpnessAwareOptimizer
+from ._functional import (
+    consistent_direction,
+    consistent_momentum_,
+    global_norm,
+    nonuniform_scale,
+    safe_inv,
+    sam_direction,
+)
+from ._preconditioner import KFACPreconditioner
 
 __all__ = ["ConsistentSAM", "NonuniformSAM"]
+
+_centred_scale = nonuniform_scale  # the former private name
 
 _PRECONDITIONERS = (None, "kfac")
 
 
-def _inv(norm: Tensor) -> Tensor:
-    # 1 / norm, and 0 for a zero norm (a zero direction, not a NaN)
-    return torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
+def _make_kfac(
+    opt: SharpnessAwareOptimizer,
+    preconditioner: str | None,
+    model: nn.Module | None,
+    damping: float,
+    stat_decay: float,
+    update_freq: int,
+) -> KFACPreconditioner:
+    """Check the K-FAC arguments and build the optimizer's preconditioner
+    (one without a model for ``preconditioner=None``: it only counts steps)."""
+    if preconditioner not in _PRECONDITIONERS:
+        raise ValueError(f"unknown preconditioner {preconditioner!r}; valid: None, 'kfac'")
+    for name, value, low in (("damping", damping, 0.0), ("stat_decay", stat_decay, 0.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not (value >= low and value < (1.0 if name == "stat_decay" else float("inf"))):
+            raise ValueError(f"{name} out of range: {value}")
+    if preconditioner == "kfac" and not damping > 0:
+        raise ValueError(f"damping must be > 0, got {damping}")
+    if isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1:
+        raise ValueError(f"update_freq must be a positive int, got {update_freq!r}")
+    if preconditioner == "kfac" and model is None:
+        raise ValueError("preconditioner='kfac' needs model=<your model> (its layers are hooked)")
+    perturbed = [p for g in opt.param_groups if g.get("sam_perturb", True) for p in g["params"]]
+    return KFACPreconditioner(
+        model if preconditioner == "kfac" else None, perturbed, damping=float(damping),
+        stat_decay=float(stat_decay), update_freq=update_freq, state=opt.extra_state,
+    )
 
 
-class _KFACMixin:
-    """K-FAC bookkeeping shared by the two optimizers: factors are captured
-    during :meth:`first_pass` every ``update_freq`` steps.
-
-    The captured inputs and output gradients are folded into the factors in
-    :meth:`first_step`, which knows the ``GradScaler`` (if any) whose scale
-    the output gradients carry.  The new factors and the step count are
-    pending until :meth:`second_step` (like ConsistentSAM's running mean): a
-    step that fails, is abandoned or is skipped by the scaler (inf/NaN)
-    leaves them as they were."""
-
-    _kfac: RunningFactors | None
-    _kfac_steps: int
-    _kfac_counted: bool  # a first pass of the current step counts
-    _kfac_store: dict[str, list[list[Tensor]]] | None  # captured, not yet folded in
-    _step_skipped: bool  # the last second_step skipped the base step
-
-    # the factors hook the model's layers: never pickled (see __getstate__)
-    _pickle_exclude = SharpnessAwareOptimizer._pickle_exclude | {"_kfac", "_kfac_store", "_first", "_pending_m"}
-
-    def _reset_transient(self: Any) -> None:
-        SharpnessAwareOptimizer._reset_transient(self)
-        self.__dict__.setdefault("_kfac", None)  # None after unpickling
-        self._kfac_store = None
-        self._kfac_counted = False
-        self._first = None
-        self._pending_m = []
-
-    def _init_kfac(
-        self: Any,
-        preconditioner: str | None,
-        model: nn.Module | None,
-        damping: float,
-        stat_decay: float,
-        update_freq: int,
-    ) -> None:
-        if preconditioner not in _PRECONDITIONERS:
-            raise ValueError(f"unknown preconditioner {preconditioner!r}; valid: None, 'kfac'")
-        for name, value, low in (("damping", damping, 0.0), ("stat_decay", stat_decay, 0.0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-            if not (value >= low and value < (1.0 if name == "stat_decay" else float("inf"))):
-                raise ValueError(f"{name} out of range: {value}")
-        if preconditioner == "kfac" and not damping > 0:
-            raise ValueError(f"damping must be > 0, got {damping}")
-        if isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1:
-            raise ValueError(f"update_freq must be a positive int, got {update_freq!r}")
-        self.preconditioner = preconditioner
-        self.update_freq = update_freq
-        self._kfac_steps = 0
-        self._kfac_counted = False
-        self._kfac_store = None
-        self._step_skipped = False
-        self._kfac = None
-        if preconditioner == "kfac":
-            if model is None:
-                raise ValueError("preconditioner='kfac' needs model=<your model> (its layers are hooked)")
-            perturbed = [p for g in self.param_groups if g.get("sam_perturb", True) for p in g["params"]]
-            self._kfac = RunningFactors(
-                model, perturbed, damping=float(damping), stat_decay=float(stat_decay),
-                state=self.extra_state,
-            )
-
-    @contextlib.contextmanager
-    def first_pass(self: Any) -> Iterator[None]:
-        """Context for the forward-backward at ``w``; with
-        ``preconditioner="kfac"`` it also records the Kronecker factors
-        (every ``update_freq`` steps), so the first pass must run inside it
-        (``step(closure)`` does this)."""
-        with SharpnessAwareOptimizer.first_pass(self):
-            self._discard_kfac()  # left by a step given up without restore()
-            if self._kfac is None or self._kfac_steps % self.update_freq:
-                yield
-                self._kfac_counted = True
-                return
-            with capture(self._kfac.layers) as store:
-                yield
-            self._kfac_store = store  # folded in by first_step (it knows the scaler)
-            self._kfac_counted = True
-
-    def _discard_kfac(self: Any) -> None:
-        self._kfac_counted = False
-        self._kfac_store = None
-        if self._kfac is not None:
-            self._kfac.discard()
-
-    def first_step(self: Any, zero_grad: bool = False, *, scaler: Any = None) -> None:
-        store, self._kfac_store = self._kfac_store, None
-        if store is not None and self._perturbed is None:
-            # The output gradients are those of scaler.scale(loss): divide
-            # the scale out of G.  Every rank folds (a collective under DDP)
-            # before the inf/NaN check, which per_replica makes local; a
-            # skipped step discards the result in second_step.
-            scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-            # one global set of factors, unless each replica perturbs alone
-            self._kfac.update(store, pool=not self.per_replica, grad_scale=scale)
-        SharpnessAwareOptimizer.first_step(self, zero_grad, scaler=scaler)
-
-    def second_step(self: Any, zero_grad: bool = False, *, scaler: Any = None) -> None:
-        skipped = self._skip_base_step
-        SharpnessAwareOptimizer.second_step(self, False, scaler=scaler)
-        if not skipped and scaler is not None and scaler.is_enabled():
-            # scaler.step() has unscaled the gradients in place and skipped
-            # the base step iff one of them is not finite
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            skipped = bool(grads) and not bool(torch.isfinite(global_norm([grads], ord=float("inf"))))
-        self._step_skipped = skipped
-        if skipped:  # a skipped step leaves the factors and the count as they were
-            self._discard_kfac()
-        elif self._kfac is not None:
-            self._kfac.commit()
-        self._kfac_steps += self._kfac_counted
-        self._kfac_counted = False
-        if zero_grad:
-            self.zero_grad()
-
-    def restore(self: Any) -> None:
-        """Put the saved ``w`` back and abandon the step (the K-FAC factors
-        and step count keep their values from before the step)."""
-        self._discard_kfac()
-        SharpnessAwareOptimizer.restore(self)
-
-    def _natural(self: Any, groups: list[AscentGroup], vecs: list[list[Tensor]]) -> tuple[list[list[Tensor]], Tensor]:
-        """``F^-1 v`` per parameter (zero outside the factored layers) and
-        ``sqrt(v^T F^-1 v)``."""
-        if self._kfac is None:
-            self.restore()
-            raise RuntimeError(
-                "preconditioner='kfac' has no hooked model: a pickled optimizer keeps no model; "
-                "build a new optimizer on the model and load_state_dict() the saved state"
-            )
-        if not self._kfac.ready():
-            self.restore()
-            raise RuntimeError(
-                "preconditioner='kfac' has no Kronecker factors yet: run the first forward-backward "
-                "inside `with opt.first_pass():` (step(closure) does it)"
-            )
-        solved = self._kfac.solve({p: v for g, vs in zip(groups, vecs) for p, v in zip(g.params, vs)})
-        out = [[solved.get(p, torch.zeros_like(v)) for p, v in zip(g.params, vs)] for g, vs in zip(groups, vecs)]
-        dots = [torch.dot(v.flatten(), s.flatten()) for vs, ss in zip(vecs, out) for v, s in zip(vs, ss)]
-        if not dots:
-            return out, torch.zeros(())
-        return out, torch.stack(dots).sum().clamp_min(0).sqrt()
-
-    def extra_state_dict(self: Any) -> dict[str, Any]:
-        sd = SharpnessAwareOptimizer.extra_state_dict(self)
-        sd["kfac_steps"] = self._kfac_steps
-        return sd
-
-    def load_extra_state_dict(self: Any, state: dict[str, Any]) -> None:
-        SharpnessAwareOptimizer.load_extra_state_dict(self, state)
-        # the running mean and factors are updated in place: never share
-        # them with the optimizer the state dict came from
-        for slot in self.extra_state.values():
-            for k, v in slot.items():
-                if isinstance(v, Tensor):
-                    slot[k] = v.clone()
-        self._kfac_steps = int(state.get("kfac_steps", 0))
-        self._kfac_counted = False
-        self._kfac_store = None
-        if self._kfac is not None:
-            self._kfac.state = self.extra_state
-            self._kfac._eig = {}
-            self._kfac.pending = {}
-
-
-class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
+class ConsistentSAM(SharpnessAwareOptimizer):
     r"""Consistent SAM: three forward-backward passes on the same batch.
 
     .. math::
@@ -323,10 +192,19 @@ class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
         )
         if preconditioner is not None and any(g["sam_adaptive"] for g in self.param_groups):
             raise ValueError("adaptive=True and preconditioner='kfac' cannot be combined; choose one")
-        self._init_kfac(preconditioner, model, damping, stat_decay, update_freq)
+        self.preconditioner = preconditioner
+        self.update_freq = update_freq
+        #: The K-FAC collaborator (without a model for ``preconditioner=None``).
+        self.kfac = _make_kfac(self, preconditioner, model, damping, stat_decay, update_freq)
+
+    # the stage of the three passes (never saved or pickled)
+    _pickle_exclude = SharpnessAwareOptimizer._pickle_exclude | {"_first", "_pending_m"}
+
+    def _reset_transient(self) -> None:
+        super()._reset_transient()
         # (group, params, clone of g1, T or None) between first_step and middle_step
         self._first: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor] | None]] | None = None
-        self._pending_m: list[tuple[Tensor, Tensor]] = []
+        self._pending_m: list[tuple[Tensor, Tensor]] = []  # the new running mean, until second_step
 
     def _check_setting(self, key: str, value: Any) -> None:
         if key == "rho2":
@@ -353,11 +231,22 @@ class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
                 torch._foreach_add_(t, g.group["eta"])
             first.append((g.group, list(g.params), [x.clone() for x in g.grads], t))
         self._first = first
-        inv = _inv(global_norm([g.grads for g in groups]))
-        return [torch._foreach_mul(g.grads, (g.group["rho"] * inv).to(g.grads[0].device)) for g in groups]
+        e1 = sam_direction([g.grads for g in groups], [g.params for g in groups], [g.group["rho"] for g in groups])
+        return [torch._foreach_mul(d.tensors, d.scale) for d in e1]
+
+    @contextlib.contextmanager
+    def first_pass(self) -> Iterator[None]:
+        """Context for the forward-backward at ``w``; with
+        ``preconditioner="kfac"`` it also records the Kronecker factors
+        (every ``update_freq`` steps), so the first pass must run inside it
+        (``step(closure)`` does this)."""
+        with super().first_pass(), self.kfac.recording():
+            yield
 
     def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
         self._first = None
+        if self._stage.perturbed is None:
+            self.kfac.fold(scaler, pool=not self.per_replica)
         super().first_step(zero_grad, scaler=scaler)
         if self._first is None:  # inf/NaN under a scaler: nothing to continue from
             self._first = []
@@ -403,34 +292,24 @@ class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
             diffs.append(diff)
         if scaler is not None and scaler.is_enabled() and diffs:
             if not bool(torch.isfinite(global_norm(diffs, ord=float("inf")))):
-                self._skip_base_step = True
+                self._stage.skip_base_step = True
                 self.perturb(groups, [[torch.zeros_like(p) for p in g.params] for g in groups])
                 return
         pending = []
         for (group, params, _, _), d in zip(first, diffs):
             old = [self.extra_state[p].get("consistent_momentum") for p in params]
             old = [torch.zeros_like(p) if m is None else m for p, m in zip(params, old)]
-            # new m = alpha m + (1 - alpha)(g2 - g1), kept aside until
-            # second_step so that an abandoned step leaves m as it was
-            ms = torch._foreach_mul(old, group["alpha"])
-            torch._foreach_add_(ms, d, alpha=1 - group["alpha"])
-            torch._foreach_sub_(d, ms)  # d = g2 - g1 - m
-            pending.extend(zip(params, ms))
+            # the new m is kept aside until second_step so that an abandoned
+            # step leaves m as it was; d becomes g2 - g1 - m
+            pending.extend(zip(params, consistent_momentum_(d, old, group["alpha"])))
         self._pending_m = pending
         if self.preconditioner == "kfac":
-            directions, norm = self._natural(groups, diffs)
-            inv = _inv(norm)
+            directions, norm = self.kfac.solve([g.params for g in groups], diffs)
+            inv = safe_inv(norm)
             for g, e in zip(groups, directions):
                 torch._foreach_mul_(e, (g.group["rho2"] * inv).to(e[0].device))
         else:
-            scaled = [torch._foreach_mul(d, t) if t is not None else d for (_, _, _, t), d in zip(first, diffs)]
-            inv = _inv(global_norm(scaled))
-            directions = []
-            for (group, _, _, t), s in zip(first, scaled):
-                e = torch._foreach_mul(s, (group["rho2"] * inv).to(s[0].device))
-                if t is not None:
-                    torch._foreach_mul_(e, t)
-                directions.append(e)
+            directions = consistent_direction(diffs, [g.group["rho2"] for g in groups], [t for *_, t in first])
         self.perturb(groups, directions)
 
     # -- pass 3: back to w, base step with g3 -------------------------------
@@ -440,18 +319,32 @@ class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
         if self._first is not None:
             self.restore()
             raise RuntimeError("second_step() called before middle_step(): ConsistentSAM takes three passes")
-        super().second_step(zero_grad, scaler=scaler)
-        if not self._step_skipped:  # a step the scaler skips leaves m as it was
+        skipped = self._stage.skip_base_step
+        super().second_step(False, scaler=scaler)
+        skipped = skipped or fam.skipped_by(scaler, self._all_params())
+        self.kfac.finish(skipped)
+        if not skipped:  # a step the scaler skips leaves m as it was
             for p, m in self._pending_m:
                 self.extra_state[p]["consistent_momentum"] = m
         self._pending_m = []
+        if zero_grad:
+            self.zero_grad()
 
     def restore(self) -> None:
         """Put the saved ``w`` back and abandon the step (the running mean
-        ``m`` keeps its value from before the step)."""
+        ``m``, the K-FAC factors and step count keep their values from
+        before the step)."""
         self._first = None
         self._pending_m = []
+        self.kfac.discard()
         super().restore()
+
+    def extra_state_dict(self) -> dict[str, Any]:
+        return {**super().extra_state_dict(), "kfac_steps": self.kfac.steps}
+
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_extra_state_dict(state)
+        self.kfac.reset(int(state.get("kfac_steps", 0)), self.extra_state)
 
     def step(self, closure: Callable[[], Any] | None = None, *, scaler: Any = None) -> Any:  # type: ignore[override]
         """One consistent-SAM step; the closure (forward, ``backward()``,
@@ -477,29 +370,7 @@ class ConsistentSAM(_KFACMixin, SharpnessAwareOptimizer):
         return loss
 
 
-def _centred_scale(norm: Tensor, mode: str) -> Tensor:
-    """The factor ``c`` of :class:`NonuniformSAM`'s ascent ``e = rho c F^-1 g``
-    from ``norm = sqrt(q)``, ``q = g^T F^-1 g`` (a 0-d tensor, no host sync).
-
-    ``"second_moment"``: ``1 / sqrt(q)``.  ``"centered"``: ``1 / sqrt(q (1 - q))``,
-    with ``1 - q`` replaced by ``1 - exp(-q)`` where ``q >= 1``.  ``"gam"``:
-    the arithmetic of the authors' ``GAM.ascent_step``, ``1 / ((r + 1e-16)(s +
-    1e-16))`` with ``r = sqrt(q)`` and ``s = sqrt(1 - r)`` (``sqrt(1 -
-    exp(-r))`` where ``r > 1``).  A zero ``q`` gives 0 (a zero direction)."""
-    q = norm * norm
-    if mode == "second_moment":
-        return _inv(norm)
-    if mode == "centered":
-        one_minus = torch.where(q < 1, 1 - q, -torch.expm1(-q))
-        return torch.where(q > 0, torch.rsqrt(q * one_minus), torch.zeros_like(q))
-    # "gam": the code takes sqrt_ of g^T F^-1 g in place, so its "x" in
-    # sqrt(1 - x) is sqrt(q), not q; it also adds 1e-16 to both factors
-    r = norm
-    s = torch.where(r > 1, -torch.expm1(-r), 1 - r).clamp_min(0).sqrt()
-    return torch.where(q > 0, 1 / ((r + 1e-16) * (s + 1e-16)), torch.zeros_like(q))
-
-
-class NonuniformSAM(_KFACMixin, SharpnessAwareOptimizer):
+class NonuniformSAM(SharpnessAwareOptimizer):
     r"""SAM whose ascent is preconditioned by the gradient noise's structure.
 
     With ``F = blockdiag(A_l (x) G_l) + damping I``, ``A_l (x) G_l`` the
@@ -606,23 +477,77 @@ class NonuniformSAM(_KFACMixin, SharpnessAwareOptimizer):
             params, base_optimizer, {"rho": rho, "perturb": True}, same_rng=same_rng,
             per_replica=per_replica, model=model, freeze_bn=freeze_bn, **base_kwargs,
         )
-        self._init_kfac("kfac", model, damping, stat_decay, update_freq)
-        if self._kfac is not None and self._kfac.unsupported:
+        self.preconditioner = "kfac"
+        self.update_freq = update_freq
+        #: The K-FAC collaborator.
+        self.kfac = _make_kfac(self, "kfac", model, damping, stat_decay, update_freq)
+        if self.kfac.factors is not None and self.kfac.factors.unsupported:
             # They would silently stay unperturbed: refuse instead.
             raise ValueError(
                 "NonuniformSAM perturbs Kronecker-factored Linear/Conv2d layers only; these "
-                f"parameters would not be perturbed: {self._kfac.unsupported}. Put them in a "
+                f"parameters would not be perturbed: {self.kfac.factors.unsupported}. Put them in a "
                 "param group with perturb=False (or use ConsistentSAM)"
             )
         self.centered_covariance = centered_covariance
         self.gam_scaling = gam_scaling
 
+    @contextlib.contextmanager
+    def first_pass(self) -> Iterator[None]:
+        """Context for the forward-backward at ``w``; it also records the
+        Kronecker factors (every ``update_freq`` steps), so the first pass
+        must run inside it (``step(closure)`` does this)."""
+        with super().first_pass(), self.kfac.recording():
+            yield
+
+    def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
+        if self._stage.perturbed is None:
+            self.kfac.fold(scaler, pool=not self.per_replica)
+        super().first_step(zero_grad, scaler=scaler)
+
+    def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
+        skipped = self._stage.skip_base_step
+        super().second_step(False, scaler=scaler)
+        self.kfac.finish(skipped or fam.skipped_by(scaler, self._all_params()))
+        if zero_grad:
+            self.zero_grad()
+
+    def restore(self) -> None:
+        """Put the saved ``w`` back and abandon the step (the K-FAC factors
+        and step count keep their values from before the step)."""
+        self.kfac.discard()
+        super().restore()
+
+    def extra_state_dict(self) -> dict[str, Any]:
+        return {**super().extra_state_dict(), "kfac_steps": self.kfac.steps}
+
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_extra_state_dict(state)
+        self.kfac.reset(int(state.get("kfac_steps", 0)), self.extra_state)
+
     @torch.no_grad()
     def ascent_direction(self, groups: list[AscentGroup]) -> list[list[Tensor]]:
         """``e = rho c F^-1 g`` with ``c`` set by ``centered_covariance`` / ``gam_scaling``."""
-        directions, norm = self._natural(groups, [g.grads for g in groups])
+        try:
+            directions, norm = self.kfac.solve([g.params for g in groups], [g.grads for g in groups])
+        except RuntimeError:
+            self.restore()
+            raise
         mode = "second_moment" if not self.centered_covariance else "gam" if self.gam_scaling else "centered"
-        scale = _centred_scale(norm, mode)
+        scale = nonuniform_scale(norm, mode)
         for g, e in zip(groups, directions):
             torch._foreach_mul_(e, (g.group["rho"] * scale).to(e[0].device))
         return directions
+
+
+def _kfac_factors(self: Any) -> Any:
+    return self.kfac.factors
+
+
+def _kfac_steps(self: Any) -> int:
+    return self.kfac.steps
+
+
+# read-only spellings from before K-FAC was a collaborator
+for _cls in (ConsistentSAM, NonuniformSAM):
+    _cls._kfac = property(_kfac_factors)  # type: ignore[attr-defined]
+    _cls._kfac_steps = property(_kfac_steps)  # type: ignore[attr-defined]

@@ -244,7 +244,7 @@ class ESAM(SAM):
         Tensor
             A bool mask over the batch, also kept in :attr:`sample_mask`.
         """
-        if self._perturbed is None:
+        if self._stage.perturbed is None:
             raise RuntimeError("select() must be called between first_step() and second_step()")
         before = self._losses_before
         if self.gamma >= 1.0:
@@ -313,7 +313,7 @@ class ESAM(SAM):
             backward(before)
         self.first_step(zero_grad=True, scaler=scaler, losses=before)
         mask = None
-        if self.gamma < 1.0 and self._perturbed:
+        if self.gamma < 1.0 and self._stage.perturbed:
             with torch.no_grad(), self.second_pass():
                 after = closure(None)
             mask = self.select(after)

@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 
 from . import _family as fam
 from ._base import AscentGroup, ScaledDirection, _add_scaled, global_norm
+from ._functional import gsam_gradient_
 from .sam import SAM
 
 __all__ = ["GSAM", "LookSAM"]
@@ -165,7 +166,7 @@ class GSAM(SAM):
         """Replace the gradient by ``g_p - alpha g_perp``, restore ``w`` and
         take the base step."""
         first, self._first = self._first, None
-        if first and self._perturbed is not None and not self._skip_base_step:
+        if first and self._stage.perturbed is not None and not self._stage.skip_base_step:
             try:
                 self._decompose(first, fam.grad_scale(scaler))
             except BaseException:
@@ -177,18 +178,14 @@ class GSAM(SAM):
         if not any(group["alpha"] for group, _, _ in first):
             return  # SAM, bit for bit
         gp = [fam.current_grads(params) for _, params, _ in first]
-        g1 = [g for _, _, g in first]
-        # projection coefficient <g, g_p> / ||g_p||^2, invariant to the
-        # GradScaler's scale of g_p; g_perp = g - c g_p is in unscaled units
-        c = fam.dot(g1, gp) * fam.inv(global_norm(gp) ** 2)
-        for (group, params, g), grads in zip(first, gp):
-            if not group["alpha"]:
-                continue
-            torch._foreach_add_(g, torch._foreach_mul(grads, c.to(grads[0].device)), alpha=-1.0)  # g_perp
-            torch._foreach_add_(grads, g, alpha=-group["alpha"] * scale)
-            for p, d in zip(params, grads):
-                if p.grad is None:
-                    p.grad = d
+        # g_p - alpha g_perp in place of g_p; the projection is invariant to
+        # the GradScaler's scale of g_p, g_perp is in unscaled units
+        gsam_gradient_(gp, [g for _, _, g in first], [group["alpha"] for group, _, _ in first], scale)
+        for (group, params, _), grads in zip(first, gp):
+            if group["alpha"]:
+                for p, d in zip(params, grads):
+                    if p.grad is None:
+                        p.grad = d
 
     def restore(self) -> None:
         self._first = None
@@ -323,7 +320,7 @@ class LookSAM(SAM):
         self._first = None
         if self.is_full_step:
             return super().first_step(zero_grad, scaler=scaler)
-        if self._perturbed is not None:
+        if self._stage.perturbed is not None:
             raise RuntimeError(
                 "first_step() called twice: call second_step() (or restore()) before the next first_step()"
             )
@@ -373,14 +370,10 @@ class LookSAM(SAM):
                 )
             self._lazy = False
             self._unstash()
-            if scaler is not None and scaler.is_enabled():
-                scaler.step(self.base_optimizer)
-            else:
-                self.base_optimizer.step()
-            self._opt_called = True  # type: ignore[attr-defined]
+            self._base_step(scaler)
         else:
             first, self._first = self._first, None
-            if first and self._perturbed is not None and not self._skip_base_step:
+            if first and self._stage.perturbed is not None and not self._stage.skip_base_step:
                 try:
                     self._store_gv(first, scaler is not None and scaler.is_enabled())
                 except BaseException:

@@ -13,7 +13,7 @@ from torch.func import functional_call
 from torch.optim import Optimizer
 
 from . import _family as fam
-from ._base import SharpnessAwareOptimizer, global_norm
+from ._base import SharpnessAwareOptimizer
 
 __all__ = ["MESA"]
 
@@ -182,15 +182,8 @@ class MESA(SharpnessAwareOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if scaler is not None and scaler.is_enabled():
-            scaler.step(self.base_optimizer)
-            grads = [p.grad for p in self._all_params() if p.grad is not None]
-            skipped = bool(grads) and not bool(torch.isfinite(global_norm([grads], ord=float("inf"))))
-        else:
-            self.base_optimizer.step()
-            skipped = False
-        self._opt_called = True  # type: ignore[attr-defined]
-        if not skipped:
+        self._base_step(scaler)
+        if not fam.skipped_by(scaler, self._all_params()):
             self._update_ema()
         self.mesa_step += 1
         return loss

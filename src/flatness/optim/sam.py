@@ -7,10 +7,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.optim import Optimizer
 
-from ._base import AscentGroup, ScaledDirection, SharpnessAwareOptimizer, global_norm
+from ._base import AscentGroup, SharpnessAwareOptimizer
+from ._functional import ScaledDirection, sam_direction
 
 __all__ = ["SAM"]
 
@@ -123,26 +124,11 @@ class SAM(SharpnessAwareOptimizer):
 
     @torch.no_grad()
     def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
-        """``e = rho * T^2 g / ||T g||`` per group, with one joint norm."""
-        scaled: list[list[Tensor]] = []  # T g (g itself for plain SAM)
-        weights: list[list[Tensor] | None] = []  # T, adaptive groups only
-        for g in groups:
-            if g.group["adaptive"]:
-                t = torch._foreach_abs(g.params)
-                if g.group["eta"]:
-                    torch._foreach_add_(t, g.group["eta"])
-                scaled.append(torch._foreach_mul(t, g.grads))
-                weights.append(t)
-            else:
-                scaled.append(g.grads)
-                weights.append(None)
-        norm = global_norm(scaled)
-        # e = 0 for a zero gradient, instead of dividing by an epsilon
-        inv = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
-        out = []
-        for g, tg, t in zip(groups, scaled, weights):
-            if t is not None:
-                torch._foreach_mul_(t, tg)  # T^2 g, in the buffer of T
-                tg = t
-            out.append(ScaledDirection(tg, (g.group["rho"] * inv).to(tg[0].device)))
-        return out
+        """``e = rho * T^2 g / ||T g||`` per group, with one joint norm (:func:`sam_direction`)."""
+        return sam_direction(
+            [g.grads for g in groups],
+            [g.params for g in groups],
+            [g.group["rho"] for g in groups],
+            [g.group["adaptive"] for g in groups],
+            [g.group["eta"] for g in groups],
+        )

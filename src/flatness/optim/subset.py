@@ -114,8 +114,7 @@ def subset_sam_step(
             (loss * (1.0 - frac_sam)).backward()
         total += float(loss.detach()) * (1.0 - frac_sam)
         if n_sam == 0:
-            optimizer.base_optimizer.step()
-            optimizer._opt_called = True  # type: ignore[attr-defined]  # as second_step(): LR schedulers check it
+            optimizer._base_step()  # counted as the optimizer's step (LR schedulers check it)
             optimizer.zero_grad()
             return total
         optimizer.stash_grad()

@@ -115,7 +115,7 @@ class WSAM(SAM):
         """Combine ``g`` and ``g_s``, restore ``w``, take the base step (and,
         decoupled, the sharpness step)."""
         first, self._first = self._first, None
-        if not first or self._perturbed is None or self._skip_base_step:
+        if not first or self._stage.perturbed is None or self._stage.skip_base_step:
             return super().second_step(zero_grad, scaler=scaler)
         scale = fam.grad_scale(scaler)
         if scale != 1.0:
@@ -278,18 +278,10 @@ class FriendlySAM(SAM):
     def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
         pending, self._pending = self._pending, []
         super().second_step(False, scaler=scaler)
-        if pending and not self._skipped_by(scaler):
+        if pending and not fam.skipped_by(scaler, self._all_params()):
             self._commit(pending)
         if zero_grad:
             self.zero_grad()
-
-    def _skipped_by(self, scaler: Any) -> bool:
-        # scaler.step() has unscaled the gradients in place; it skipped the
-        # base step iff one of them is not finite
-        if scaler is None or not scaler.is_enabled():
-            return False
-        grads = [p.grad for p in self._all_params() if p.grad is not None]
-        return bool(grads) and not bool(torch.isfinite(global_norm([grads], ord=float("inf"))))
 
     def restore(self) -> None:
         """Abandon the step (``m`` keeps its value from before the step)."""
