@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 
+import cases
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,13 +20,11 @@ DT = torch.float64
 
 
 def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    return cases.mlp(seed, (4, 6, 3))
 
 
 def data(seed=1, n=12):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g)
+    return cases.classification_batch(n, (4,), 3, seed)
 
 
 def closure_for(model, x, y, fail_on=None):

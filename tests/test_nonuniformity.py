@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 
+import cases
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,7 @@ from flatness import nonuniformity as nu
 
 
 def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return cases.mlp(seed, (5, 6, 3))
 
 
 def _cnn(seed=1):
@@ -32,11 +32,7 @@ def _cnn(seed=1):
 
 
 def _data(n, shape, classes, seed=2):
-    gen = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(n, *shape, generator=gen, dtype=torch.float64),
-        torch.randint(0, classes, (n,), generator=gen),
-    )
+    return cases.classification_batch(n, shape, classes, seed)
 
 
 def _loop_grads(model, x, y):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 
+import cases
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,13 +20,11 @@ DT = torch.float64
 
 
 def mlp(seed=0, dtype=DT, width=8):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, width), nn.Tanh(), nn.Linear(width, 3)).to(dtype)
+    return cases.mlp(seed, (5, width, 3), dtype=dtype)
 
 
 def data(seed=1, n=24, dtype=DT):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+    return cases.classification_batch(n, (5,), 3, seed, dtype)
 
 
 def closure_for(model, opt, x, y):

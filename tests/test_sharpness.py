@@ -3,6 +3,7 @@
 import json
 import math
 
+import cases
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -103,13 +104,11 @@ def test_average_case_matches_independent_monte_carlo(kind):
 
 
 def mlp(seed, width=8, dtype=torch.float64, bias=True):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, width, bias=bias), nn.ReLU(), nn.Linear(width, 3, bias=bias)).to(dtype)
+    return cases.mlp(seed, (5, width, 3), act=nn.ReLU, bias=bias, dtype=dtype)
 
 
 def batch(seed, n=16, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
+    return cases.classification_batch(n, (5,), 3, seed, dtype)
 
 
 @settings(max_examples=15)

@@ -1,9 +1,12 @@
-"""Dense float64 references shared by the curvature tests (no tests here).
+"""Shared test cases: small models, data and dense float64 references.
 
-Everything is computed independently of ``flatness._hvp``: the loss is a
+The factories are seeded, so a test file that asks for
+``mlp(0, (5, 7, 3))`` gets the same weights wherever it asks.  The dense
+references are computed independently of ``flatness._hvp``: the loss is a
 plain function of one flat parameter vector evaluated with
 ``torch.func.functional_call``, differentiated by
-``torch.autograd.functional.hessian`` / ``jacobian``.
+``torch.autograd.functional.hessian`` / ``jacobian``.  The architecture zoo
+(models of every kind the library supports) is ``zoo.py``.
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ from torch.func import functional_call
 DT = torch.float64
 
 
-def mlp(seed: int = 0, sizes: tuple[int, ...] = (5, 6, 4), act: type[nn.Module] = nn.Tanh, bias: bool = True) -> nn.Module:
+def mlp(seed: int = 0, sizes: tuple[int, ...] = (5, 6, 4), act: type[nn.Module] = nn.Tanh, bias: bool = True,
+        dtype: torch.dtype = DT) -> nn.Module:
+    """Linear layers of ``sizes`` with ``act`` between them, initialised by
+    ``torch.manual_seed(seed)`` (in float32, then cast to ``dtype``)."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
         layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias))
         if i < len(sizes) - 2:
             layers.append(act())
-    return nn.Sequential(*layers).to(DT)
+    return nn.Sequential(*layers).to(dtype)
 
 
 def cnn(seed: int = 0) -> nn.Module:
@@ -41,12 +47,20 @@ def cnn(seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def classification_batches(sizes: tuple[int, ...], shape: tuple[int, ...], classes: int, seed: int = 1):
+def classification_batches(sizes: tuple[int, ...], shape: tuple[int, ...], classes: int, seed: int = 1,
+                           dtype: torch.dtype = DT):
+    """Batches of ``sizes`` samples: standard normal inputs of ``shape``,
+    uniform labels, all drawn from one generator seeded with ``seed``."""
     g = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(n, *shape, generator=g, dtype=DT), torch.randint(0, classes, (n,), generator=g))
+        (torch.randn(n, *shape, generator=g, dtype=dtype), torch.randint(0, classes, (n,), generator=g))
         for n in sizes
     ]
+
+
+def classification_batch(n: int, shape: tuple[int, ...], classes: int, seed: int = 1, dtype: torch.dtype = DT):
+    """One batch of :func:`classification_batches`."""
+    return classification_batches((n,), shape, classes, seed, dtype)[0]
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
@@ -73,12 +87,26 @@ def mean_loss(model: nn.Module, w: torch.Tensor, batches, loss_fn=F.cross_entrop
 
 
 def dense_hessian(model: nn.Module, batches, loss_fn=F.cross_entropy) -> torch.Tensor:
+    """Hessian of the loss of the concatenated batches (the size-weighted
+    mean of the batch losses) in the trainable parameters, in eval mode.
+    Tied parameters appear once; frozen ones are held fixed."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, shapes = [n for n, _ in named], [p.shape for _, p in named]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        parts, i = {}, 0
+        for name, shape in zip(names, shapes):
+            parts[name] = w[i : i + shape.numel()].reshape(shape)
+            i += shape.numel()
+        return loss_fn(functional_call(model, parts, (x,)), y)
+
     was = model.training
     model.eval()
     try:
-        return torch.autograd.functional.hessian(
-            lambda w: mean_loss(model, w, batches, loss_fn), flat_params(model), vectorize=True
-        )
+        flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+        return torch.autograd.functional.hessian(loss, flat, vectorize=True)
     finally:
         model.train(was)
 
