@@ -141,3 +141,107 @@ def assert_unchanged(model: nn.Module, snap) -> None:
         assert b is b0 and b.data_ptr() == ptr and torch.equal(b, value)
     for m, mode in snap["modes"]:
         assert m.training == mode
+
+
+# ----------------------------------------------------------------------
+# SAM (test_sam_*.py): model, data, closure, gradients by plain autograd
+# and the update rules written out
+# ----------------------------------------------------------------------
+
+
+def sam_mlp(seed=0, dtype=DT, width=8):
+    """The SAM tests' MLP: 5 -> width -> 3, tanh."""
+    return mlp(seed, (5, width, 3), dtype=dtype)
+
+
+def sam_data(seed=1, n=24, dtype=DT):
+    """The SAM tests' batch: 24 samples of 5 features, 3 classes."""
+    return classification_batch(n, (5,), 3, seed, dtype)
+
+
+def closure_for(model, opt, x, y):
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def params_of(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_same(a, b):
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+def ref_grad(model, values, x, y):
+    names = [n for n, _ in model.named_parameters()]
+    vals = [v.detach().requires_grad_(True) for v in values]
+    out = functional_call(model, dict(zip(names, vals)), (x,))
+    return list(torch.autograd.grad(F.cross_entropy(out, y), vals))
+
+
+def ref_ascent(w, g, rho, adaptive=False, eta=0.0):
+    if not adaptive:
+        norm = torch.cat([t.flatten() for t in g]).norm()
+        return [rho * t / norm for t in g]
+    T = [wi.abs() + eta for wi in w]
+    norm = torch.cat([(ti * gi).flatten() for ti, gi in zip(T, g)]).norm()
+    return [rho * ti**2 * gi / norm for ti, gi in zip(T, g)]
+
+
+def ref_sgd_momentum(lr, mu, wd=0.0):
+    bufs = []
+
+    def step(w, g):
+        g = [gi + wd * wi for gi, wi in zip(g, w)]
+        if not bufs:
+            bufs.extend(gi.clone() for gi in g)
+        else:
+            for b, gi in zip(bufs, g):
+                b.mul_(mu).add_(gi)
+        return [wi - lr * b for wi, b in zip(w, bufs)]
+
+    return step
+
+
+def ref_adamw(lr, b1, b2, eps, wd):
+    m, v, t = [], [], [0]
+
+    def step(w, g):
+        t[0] += 1
+        if not m:
+            m.extend(torch.zeros_like(gi) for gi in g)
+            v.extend(torch.zeros_like(gi) for gi in g)
+        out = []
+        for i, (wi, gi) in enumerate(zip(w, g)):
+            wi = wi * (1 - lr * wd)
+            m[i] = b1 * m[i] + (1 - b1) * gi
+            v[i] = b2 * v[i] + (1 - b2) * gi * gi
+            mhat = m[i] / (1 - b1 ** t[0])
+            vhat = v[i] / (1 - b2 ** t[0])
+            out.append(wi - lr * mhat / (vhat.sqrt() + eps))
+        return out
+
+    return step
+
+
+#: base optimizer name -> (class, kwargs, reference step factory)
+BASES = {
+    "sgd_momentum": (
+        torch.optim.SGD,
+        dict(lr=0.1, momentum=0.9, weight_decay=1e-3),
+        lambda: ref_sgd_momentum(0.1, 0.9, 1e-3),
+    ),
+    "adamw": (
+        torch.optim.AdamW,
+        dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1),
+        lambda: ref_adamw(1e-2, 0.9, 0.99, 1e-8, 0.1),
+    ),
+}
+
+
+class Boom(RuntimeError):
+    """An exception injected into a pass."""
