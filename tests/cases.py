@@ -63,6 +63,14 @@ def classification_batch(n: int, shape: tuple[int, ...], classes: int, seed: int
     return classification_batches((n,), shape, classes, seed, dtype)[0]
 
 
+#: Curvature cases, served by the ``curvature_case`` fixture (conftest.py):
+#: name -> (model factory, input shape, number of classes).
+CURVATURE_CASES = {
+    "mlp": (lambda: mlp(sizes=(5, 8, 4)), (5,), 4),
+    "cnn": (cnn, (1, 6, 6), 3),
+}
+
+
 def flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
