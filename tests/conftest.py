@@ -43,3 +43,10 @@ def one_thread():
 def zoo_case(request):
     """Each case of the model zoo (``tests/zoo.py``) except the compiled one."""
     return __import__("zoo").CASES[request.param]
+
+
+@pytest.fixture(params=sorted(__import__("cases").CURVATURE_CASES))
+def curvature_case(request):
+    """Each small float64 curvature case of ``tests/cases.py``: (model
+    factory, input shape, number of classes)."""
+    return __import__("cases").CURVATURE_CASES[request.param]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 
+import cases
 import pytest
 import torch
 import torch.nn.functional as F
@@ -223,12 +224,9 @@ def _cnn():
 
 
 def _data(model_name, n, seed=2):
-    g = torch.Generator().manual_seed(seed)
     if model_name == "mlp":
-        x = torch.randn(n, 6, generator=g, dtype=torch.float64)
-        return x, torch.randint(0, 4, (n,), generator=g)
-    x = torch.randn(n, 2, 8, 8, generator=g, dtype=torch.float64)
-    return x, torch.randint(0, 3, (n,), generator=g)
+        return cases.classification_batch(n, (6,), 4, seed)
+    return cases.classification_batch(n, (2, 8, 8), 3, seed)
 
 
 MODELS = {"mlp": _mlp, "cnn": _cnn}

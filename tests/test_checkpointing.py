@@ -4,6 +4,7 @@ result as the same model without it."""
 
 from __future__ import annotations
 
+import cases
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,8 +41,7 @@ def _pair() -> tuple[nn.Module, nn.Module]:
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(6, 5, dtype=DT, generator=g), torch.randint(0, 3, (6,), generator=g)
+    return cases.classification_batch(6, (5,), 3, seed=1, dtype=DT)
 
 
 MEASURES = {

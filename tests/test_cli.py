@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import cases
 import numpy as np
 import pytest
 import torch
@@ -38,8 +39,7 @@ MODELS = textwrap.dedent(
 
 
 def _model(width=6, dtype=torch.float32):
-    torch.manual_seed(7)
-    return nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 3)).to(dtype)
+    return cases.mlp(7, (4, width, 3), act=nn.ReLU, dtype=dtype)
 
 
 @pytest.fixture

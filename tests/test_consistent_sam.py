@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 
+import cases
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,13 +20,11 @@ DT = torch.float64
 
 
 def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    return cases.mlp(seed, (4, 6, 3))
 
 
 def data(seed=1, n=12):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g)
+    return cases.classification_batch(n, (4,), 3, seed)
 
 
 def closure_for(model, x, y, fail_on=None):
@@ -214,6 +213,39 @@ def test_consistent_matches_reference(adaptive):
         opt.step(closure_for(model, x, y))
     assert_close(model.parameters(), w_ref)
     assert_close([opt.extra_state[p]["consistent_momentum"] for p in model.parameters()], m_ref)
+
+
+def test_consistent_alpha_zero_written_out():
+    """alpha = 0: m = g2 - g1 at every step, so d = g2 - g1 - m = 0, e2 = 0
+    (a zero direction, not NaN) and the third pass is at w itself: the base
+    optimizer steps with g1 = grad L(w); m keeps g2 - g1 of the last step."""
+    model = mlp()
+    x, y = data()
+    lr, mu, rho1 = 0.1, 0.9, 0.3
+    w = [p.detach().clone() for p in model.parameters()]
+    buf = None
+    for _ in range(3):
+        g1 = grad_at(model, w, x, y)
+        n1 = norm(g1)
+        g2 = grad_at(model, [a + rho1 * g / n1 for a, g in zip(w, g1)], x, y)
+        m = [b - a for a, b in zip(g1, g2)]
+        buf = g1 if buf is None else [mu * b + g for b, g in zip(buf, g1)]
+        w = [v - lr * b for v, b in zip(w, buf)]
+    opt = ConsistentSAM(model.parameters(), torch.optim.SGD, rho=rho1, rho2=0.2, alpha=0.0,
+                        lr=lr, momentum=mu)
+    seen = []
+    inner = closure_for(model, x, y)
+
+    def closure():
+        seen.append([p.detach().clone() for p in model.parameters()])
+        return inner()
+
+    for _ in range(3):
+        opt.step(closure)
+    assert_close(model.parameters(), w)
+    assert_close([opt.extra_state[p]["consistent_momentum"] for p in model.parameters()], m)
+    for step in range(3):  # the third pass of each step runs at w
+        assert_close(seen[3 * step + 2], seen[3 * step], tol=0)
 
 
 def test_consistent_kfac_matches_dense_reference():

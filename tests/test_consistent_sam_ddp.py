@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import cases
 import pytest
 import torch
 import torch.distributed as dist
@@ -26,13 +27,11 @@ WORLD, STEPS = 2, 3
 
 
 def _net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return cases.mlp(0, (4, 6, 3))
 
 
 def _data():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    return cases.classification_batch(8, (4,), 3, seed=1)
 
 
 def _opt(name, model, inner):

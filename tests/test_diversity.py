@@ -296,6 +296,25 @@ def test_ensemble_metrics_ties_and_single_member():
     assert res.ensemble["cnll"] is None and res.ensemble["temperature"] is None
 
 
+def test_ece_with_confidences_on_bin_edges_by_hand():
+    """Bins ``(k/B, (k+1)/B]``: with B = 4, confidence 0.5 belongs to the
+    second bin (0.25, 0.5] and 0.75 to the third (0.5, 0.75].
+
+    bin (0.25, 0.5]: confidences 0.5 (right) and 0.4375 (wrong):
+        |0.9375 - 1| = 0.0625 (sum of confidences minus hits);
+    bin (0.5, 0.75]: confidences 0.75 (wrong) and 0.625 (right):
+        |1.375 - 1| = 0.375;
+    ECE = (0.0625 + 0.375) / 4 = 0.109375.  (With 0.5 and 0.75 in the bins
+    above it would be (0.4375 + 0.125) / 4 = 0.140625.)
+    """
+    p = torch.tensor([[0.5, 0.25, 0.25], [0.125, 0.75, 0.125], [0.625, 0.25, 0.125],
+                      [0.25, 0.4375, 0.3125]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 2])
+    res = dv.ensemble_metrics(p[None], targets=y, outputs="probs", n_bins=4)
+    assert res.members[0]["ece"] == 0.109375
+    assert res.members[0]["accuracy"] == 0.5
+
+
 def test_temperature_fit_on_calibration_split_lowers_its_nll():
     z, y = overconfident_logits(m=1, n=200, c=5, seed=10)
     logp = torch.log_softmax(torch.tensor(z[0]), -1)

@@ -12,15 +12,14 @@
 
 from __future__ import annotations
 
-import math
-
+import cases
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import dense_hessian
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
-from torch.func import functional_call
 
 import flatness
 from flatness.diversity import disagreement, ensemble_metrics, per_sample_sharpness, prediction_variance
@@ -36,36 +35,12 @@ def _per_kind(kind, n_iters, n_samples, **worst_case):
 
 
 def _mlp(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
+    return cases.mlp(seed, (3, 4, 3), dtype=dtype)
 
 
 # --------------------------------------------------------------------------
 # references
 # --------------------------------------------------------------------------
-
-
-def _loss_of_flat(model, names, shapes):
-    def f(flat, x, y):
-        parts, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = math.prod(s)
-            parts[n] = flat[i : i + k].reshape(s)
-            i += k
-        return F.cross_entropy(functional_call(model, parts, (x,)), y)
-
-    return f
-
-
-def dense_hessian(model, batches):
-    """Size-weighted mean of the per-batch dense Hessians (float64)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    names, shapes = [n for n, _ in named], [p.shape for _, p in named]
-    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
-    f = _loss_of_flat(model, names, shapes)
-    total = sum(len(y) for _, y in batches)
-    return sum(len(y) / total * torch.autograd.functional.hessian(lambda w: f(w, x, y), flat)
-               for x, y in batches)
 
 
 def per_sample_trace_cov(model, batches):

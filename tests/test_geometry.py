@@ -124,3 +124,23 @@ def test_checkpoints_follow_the_paper_schedule():
     for n in (1, 2, 5, 20, 37):
         pts = checkpoints(n)
         assert pts == sorted(set(pts)) and all(0 < p < n for p in pts)
+
+
+def test_ellipsoid_projection_of_a_point_inside_the_ball_but_outside_the_ellipsoid():
+    """d = (0.3, 0.1), c = (0.5, 0.1), rho = 0.5: ||d||_2 = 0.32 < rho but
+    ||d / c||_2 = sqrt(0.36 + 1) > rho, so d must move.  The KKT point is
+    x_i = d_i c_i^2 / (c_i^2 + lam) with lam the root of
+    sum_i (d_i c_i / (c_i^2 + lam))^2 = rho^2 (scipy's brentq here)."""
+    scipy_opt = pytest.importorskip("scipy.optimize")
+    d = np.array([0.3, 0.1])
+    c = np.array([0.5, 0.1])
+    rho = 0.5
+    assert np.linalg.norm(d) < rho < np.linalg.norm(d / c)
+    lam = scipy_opt.brentq(lambda t: np.sum((d * c / (c**2 + t)) ** 2) - rho**2, 0.0, 10.0, xtol=1e-15)
+    expected = d * c**2 / (c**2 + lam)
+    (x,) = project_weight_space([torch.tensor(d)], rho, "l2", [torch.tensor(c)])
+    np.testing.assert_allclose(x.numpy(), expected, rtol=1e-9, atol=1e-12)
+    assert np.linalg.norm(x.numpy() / c) == pytest.approx(rho, rel=1e-9)
+    # A point inside the ellipsoid stays where it is.
+    (inside,) = project_weight_space([torch.tensor(0.5 * expected)], rho, "l2", [torch.tensor(c)])
+    np.testing.assert_array_equal(inside.numpy(), 0.5 * expected)

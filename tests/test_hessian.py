@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_hessian_helpers import (
+from cases import (
     DT,
     assert_unchanged,
     classification_batches,
@@ -22,14 +22,9 @@ from torch import nn
 import flatness
 from flatness import hessian
 
-CASES = [
-    ("mlp", lambda: mlp(sizes=(5, 8, 4)), (5,), 4),
-    ("cnn", cnn, (1, 6, 6), 3),
-]
 
-
-@pytest.mark.parametrize("name, make, shape, classes", CASES)
-def test_top3_eigenvalues_match_dense(name, make, shape, classes):
+def test_top3_eigenvalues_match_dense(curvature_case):
+    make, shape, classes = curvature_case
     model = make()
     batches = classification_batches((7, 5), shape, classes)
     H = dense_hessian(model, batches)
@@ -244,8 +239,8 @@ def test_progress_bars_count_products(capsys):
     assert "6/6 [" in capsys.readouterr().err and g.n_backward == 6 * 4  # samples
 
 
-@pytest.mark.parametrize("name, make, shape, classes", CASES)
-def test_top_eigenvalues_memory_saving_modes_match_dense(name, make, shape, classes):
+def test_top_eigenvalues_memory_saving_modes_match_dense(curvature_case):
+    make, shape, classes = curvature_case
     model = make()
     batches = classification_batches((7, 5), shape, classes)
     H = dense_hessian(model, batches)

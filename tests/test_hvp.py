@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_hessian_helpers import (
+from cases import (
     DT,
     assert_unchanged,
     classification_batches,

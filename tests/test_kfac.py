@@ -4,6 +4,7 @@ against curvlinops' KFAC factors."""
 
 from __future__ import annotations
 
+import cases
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,7 @@ def _float64():
 
 
 def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    return cases.mlp(seed, (5, 7, 3), dtype=torch.get_default_dtype())
 
 
 def _cnn(seed=1, bn=False):
@@ -44,8 +44,7 @@ def _cnn(seed=1, bn=False):
 
 
 def _data(n, shape, classes, seed=2):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *shape, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+    return cases.classification_batch(n, shape, classes, seed, dtype=torch.get_default_dtype())
 
 
 def _singletons(x, y):

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import cases
 import numpy as np
 import pytest
 import torch
@@ -68,8 +69,7 @@ def _flat(vectors):
 
 
 def _mlp(seed=0, width=8):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, width), nn.ReLU(), nn.Linear(width, 3)).to(DT)
+    return cases.mlp(seed, (5, width, 3), act=nn.ReLU, dtype=DT)
 
 
 class CNN(nn.Module):

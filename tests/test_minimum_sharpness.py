@@ -13,7 +13,7 @@ import pytest
 import scipy.optimize
 import torch
 import torch.nn.functional as F
-from test_hessian_helpers import (
+from cases import (
     DT,
     assert_unchanged,
     classification_batches,

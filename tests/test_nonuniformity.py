@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 
+import cases
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,7 @@ from flatness import nonuniformity as nu
 
 
 def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return cases.mlp(seed, (5, 6, 3))
 
 
 def _cnn(seed=1):
@@ -32,11 +32,7 @@ def _cnn(seed=1):
 
 
 def _data(n, shape, classes, seed=2):
-    gen = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(n, *shape, generator=gen, dtype=torch.float64),
-        torch.randint(0, classes, (n,), generator=gen),
-    )
+    return cases.classification_batch(n, shape, classes, seed)
 
 
 def _loop_grads(model, x, y):
@@ -302,3 +298,71 @@ def test_progress_bar_runs(capsys):
     nu.gradient_variance(model, batches, progress=True)
     assert loud.total == quiet.total
     assert "kfac variance" in capsys.readouterr().err
+
+
+def test_moments_merge_over_uneven_shards_by_size():
+    """``merge_moments`` pools each rank's (n, mean, m2) into the moments of
+    the union: ranks of 5, 2 and 9 samples (uneven, as shards without
+    padding are) against the mean and sum of squared deviations of all 16.
+    The ranks are threads and the all-reduce a sum over them."""
+    import threading
+    from types import SimpleNamespace
+
+    from flatness import _distributed
+
+    sizes = [5, 2, 9]
+    g = torch.Generator().manual_seed(4)
+    shards = [[torch.randn(n, 3, 2, generator=g, dtype=torch.float64) * (r + 1) + r,
+               torch.randn(n, 4, generator=g, dtype=torch.float64)] for r, n in enumerate(sizes)]
+    world = len(sizes)
+    slots: list = [None] * world
+    barrier = threading.Barrier(world)
+    local = threading.local()
+
+    def fake_sum(value):
+        slots[local.rank] = value.clone() if isinstance(value, torch.Tensor) else value
+        barrier.wait()
+        total = slots[0]
+        for v in slots[1:]:
+            total = total + v
+        barrier.wait()  # every rank has read the slots
+        if isinstance(value, torch.Tensor):
+            return value.copy_(total)
+        return total
+
+    results: list = [None] * world
+    errors: list = []
+
+    def rank_main(r):
+        local.rank = r
+        try:
+            shard = shards[r]
+            moments = SimpleNamespace(
+                n=sizes[r],
+                mean=[t.mean(0) for t in shard],
+                m2=[(t - t.mean(0)).pow(2).sum() for t in shard],
+            )
+            _distributed.merge_moments(moments)
+            results[r] = moments
+        except BaseException as exc:  # reported in the main thread
+            errors.append(exc)
+            barrier.abort()
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(_distributed, "enabled", lambda: True)
+    mp.setattr(_distributed, "sum_", fake_sum)
+    try:
+        threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        mp.undo()
+    assert not errors, errors
+    union = [torch.cat([s[k] for s in shards]) for k in range(2)]
+    for moments in results:
+        assert moments.n == sum(sizes)
+        for k, t in enumerate(union):
+            torch.testing.assert_close(moments.mean[k], t.mean(0), rtol=1e-13, atol=1e-13)
+            torch.testing.assert_close(moments.m2[k], (t - t.mean(0)).pow(2).sum(), rtol=1e-13, atol=1e-13)

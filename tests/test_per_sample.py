@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cases
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +14,7 @@ from flatness._per_sample import iter_per_sample_grads, per_sample_grads
 
 
 def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    return cases.mlp(0, (5, 7, 3))
 
 
 def _cnn() -> nn.Module:

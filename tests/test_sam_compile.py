@@ -13,6 +13,7 @@ tests and the default inductor backend once.
 
 from __future__ import annotations
 
+import cases
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,13 +25,11 @@ STEPS = 5
 
 
 def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    return cases.mlp(0, (4, 8, 3), dtype=torch.float32)
 
 
 def _data():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+    return cases.classification_batch(16, (4,), 3, seed=1, dtype=torch.float32)
 
 
 def _make_opt(model, variant):

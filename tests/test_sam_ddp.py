@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import cases
 import pytest
 import torch
 import torch.distributed as dist
@@ -29,8 +30,7 @@ RHO, LR, STEPS = 0.2, 0.1, 2
 
 
 def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return cases.mlp(0, (4, 6, 3))
 
 
 def _shards():

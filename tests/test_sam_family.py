@@ -16,6 +16,7 @@ import copy
 import io
 import types
 
+import cases
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,7 @@ LR, MU = 0.1, 0.9
 
 
 def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    return cases.mlp(seed, (5, 8, 3))
 
 
 def cnn(seed=0):
@@ -46,12 +46,7 @@ MODELS = {"mlp": (mlp, (5,)), "cnn": (cnn, (1, 6, 6))}
 
 
 def batches(kind, steps, n=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    shape = MODELS[kind][1]
-    return [
-        (torch.randn(n, *shape, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g))
-        for _ in range(steps)
-    ]
+    return cases.classification_batches((n,) * steps, MODELS[kind][1], 3, seed)
 
 
 def weights(model):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 
+import cases
 import pytest
 import torch
 import torch.distributed as dist
@@ -29,8 +30,7 @@ NAMES = ["GSAM", "LookSAM", "WSAM", "FriendlySAM", "BayesianSAM", "ESAM", "MESA"
 
 
 def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return cases.mlp(0, (4, 6, 3))
 
 
 def _data():

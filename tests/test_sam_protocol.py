@@ -21,6 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import cases
 import pytest
 import torch
 import torch.nn.functional as F
@@ -311,8 +312,7 @@ def test_every_torch_scheduler_is_in_the_matrix():
 
 
 def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    return cases.mlp(0, (4, 6, 3), dtype=torch.float32)
 
 
 def _run_schedule(opt, sched, model, style):

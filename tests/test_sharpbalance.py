@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import cases
 import numpy as np
 import pytest
 import torch
@@ -253,14 +254,9 @@ def cnn_bn():
 
 
 def data_for(model, n=11, seed=2):
-    gen = torch.Generator().manual_seed(seed)
     if isinstance(model[0], nn.Conv2d):
-        x = torch.randn(n, 2, 5, 5, generator=gen, dtype=torch.float64)
-        y = torch.randint(0, 4, (n,), generator=gen)
-    else:
-        x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
-        y = torch.randint(0, 3, (n,), generator=gen)
-    return x, y
+        return cases.classification_batch(n, (2, 5, 5), 4, seed)
+    return cases.classification_batch(n, (5,), 3, seed)
 
 
 def loop_fisher(model, x, y):

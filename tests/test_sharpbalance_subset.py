@@ -4,25 +4,20 @@ from __future__ import annotations
 
 import copy
 
+import cases
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from flatness.optim import SAM, subset_sam_step
 
 
 def mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return cases.mlp(0, (4, 6, 3))
 
 
 def batch(n=10, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(n, 4, generator=gen, dtype=torch.float64),
-        torch.randint(0, 3, (n,), generator=gen),
-    )
+    return cases.classification_batch(n, (4,), 3, seed)
 
 
 MASK = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0, 0, 0], dtype=torch.bool)

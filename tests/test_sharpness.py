@@ -3,6 +3,7 @@
 import json
 import math
 
+import cases
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -103,13 +104,11 @@ def test_average_case_matches_independent_monte_carlo(kind):
 
 
 def mlp(seed, width=8, dtype=torch.float64, bias=True):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, width, bias=bias), nn.ReLU(), nn.Linear(width, 3, bias=bias)).to(dtype)
+    return cases.mlp(seed, (5, width, 3), act=nn.ReLU, bias=bias, dtype=dtype)
 
 
 def batch(seed, n=16, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
+    return cases.classification_batch(n, (5,), 3, seed, dtype)
 
 
 @settings(max_examples=15)
@@ -277,6 +276,39 @@ def test_normalize_logits_invariant_to_logit_scale():
         model[2].weight *= 5
         model[2].bias *= 5
     assert flatness.sharpness(model, data, **kw).value == pytest.approx(before, rel=1e-9)
+
+
+class _FixedLogits(nn.Module):
+    """Returns its input as the logits; its one parameter moves nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def forward(self, z):
+        return z + 0.0 * self.unused
+
+
+@pytest.mark.parametrize("kind", ["l2", "linf"])
+def test_normalize_logits_by_hand(kind):
+    """``z <- (z - mean z) / ||z - mean z||`` per sample: for z = (1, 2, 4),
+    mean 7/3, centred (-4, -1, 5) / 3 with norm sqrt(42) / 3; for (0, 0, 3),
+    centred (-1, -1, 2) with norm sqrt(6); a constant row stays at zero."""
+    z = torch.tensor([[1.0, 2.0, 4.0], [0.0, 0.0, 3.0], [2.0, 2.0, 2.0]], dtype=torch.float64)
+    expected = torch.tensor([[-4.0, -1.0, 5.0], [-1.0, -1.0, 2.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    expected[0] /= math.sqrt(42)
+    expected[1] /= math.sqrt(6)
+    seen = []
+
+    def loss_fn(out, y):
+        seen.append(out.detach().clone())
+        return F.cross_entropy(out, y)
+
+    flatness.sharpness(_FixedLogits(), (z, torch.tensor([0, 1, 2])), kind=kind, rho=0.1,
+                       loss_fn=loss_fn, normalize_logits=True, **_per_kind(kind, 2, 2))
+    assert seen
+    for out in seen:
+        torch.testing.assert_close(out, expected, rtol=1e-15, atol=1e-15)
 
 
 def test_determinism_and_global_rng_untouched():
