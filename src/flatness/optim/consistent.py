@@ -1,5 +1,5 @@
-r"""Nonuniformity-guided SAM (seed 004, "Beyond Sharpness: The Role of
-Nonuniformity in Generalization", Zhou et al., AAAI 2025).
+r"""Nonuniformity-guided SAM ("Beyond Sharpness: The Role of
+Nonuniformity in Generalization").
 
 The update rules follow the authors' public code (``optimizer/minimizer.py``
 of their repository: ``CSAM_Identity``, ``ACSAM_Identity``, ``CSAM``; and the
