@@ -253,3 +253,17 @@ BASES = {
 
 class Boom(RuntimeError):
     """An exception injected into a pass."""
+
+
+def peak_allocated(fn) -> int:
+    """Peak bytes of live CPU tensors while ``fn`` runs, from the profiler's
+    allocation records (deterministic, unlike the process RSS)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak

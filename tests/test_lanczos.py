@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from cases import peak_allocated
 
 from flatness._lanczos import (
     exact_diagonal,
@@ -71,18 +72,6 @@ def test_lanczos_exhausts_small_space_and_counts_products():
     assert sum(calls) == res.n_matvec
 
 
-def _peak_allocated(fn) -> int:
-    """Peak bytes of live CPU tensors while ``fn`` runs, from the profiler's
-    allocation records (deterministic, unlike the process RSS)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.mark.parametrize("block_size", [1, 2])
@@ -94,7 +83,7 @@ def test_lanczos_memory_is_the_basis_plus_a_few_vectors(block_size):
     d = torch.linspace(-1, 1, n, dtype=DT)
     g = torch.Generator().manual_seed(0)
     res = []
-    peak = _peak_allocated(lambda: res.append(lanczos(
+    peak = peak_allocated(lambda: res.append(lanczos(
         lambda V: d[:, None] * V, n, 1, max_iter=steps, tol=1e-14, generator=g, block_size=block_size,
     )))
     assert res[0].n_iter == steps
@@ -290,7 +279,7 @@ def test_memory_of_float32_basis_and_of_the_recurrence():
     for name, kw in (("f64", {}), ("f32", {"basis_dtype": torch.float32}), ("none", {"store_basis": False})):
         g = torch.Generator().manual_seed(0)
         res = []
-        peaks[name] = _peak_allocated(lambda: res.append(lanczos(
+        peaks[name] = peak_allocated(lambda: res.append(lanczos(
             lambda V: d.to(V.dtype)[:, None] * V, n, 1, max_iter=steps, tol=1e-300, generator=g, **kw,
         )))
         assert res[0].n_iter == steps
@@ -309,7 +298,7 @@ def test_trace_estimators_hold_batch_vectors_at_a_time(dtype):
     size = n * d.element_size()
     for estimator, sketch in ((hutchinson, 0), (hutchpp, m // 3)):
         out = []
-        peak = _peak_allocated(lambda: out.append(estimator(
+        peak = peak_allocated(lambda: out.append(estimator(
             lambda V: d[:, None] * V, n, m, generator=torch.Generator().manual_seed(0), batch=1, dtype=dtype,
         )))
         assert out[0][0] == pytest.approx(float(d.double().sum()), abs=1e-3 * n)

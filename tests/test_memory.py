@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import peak_allocated
 from torch import nn
 
 import flatness
@@ -23,17 +24,6 @@ from flatness.nonuniformity import gradient_variance, kfac_variance
 WIDTH = 512
 
 
-def _peak_allocated(fn) -> int:
-    """Peak bytes of live CPU tensors allocated while ``fn`` runs."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +44,7 @@ def _multiple(setting, fn) -> float:
     model, batch, P = setting
     fn(model, batch)  # first call: lazy imports and caches are not charged
     out = []
-    peak = _peak_allocated(lambda: out.append(fn(model, batch)))
+    peak = peak_allocated(lambda: out.append(fn(model, batch)))
     return peak / P
 
 
@@ -67,7 +57,7 @@ def test_probe_sees_parameter_sized_tensors(setting):
         b = [torch.empty_like(p) for p in model.parameters()]
         return a, b
 
-    assert 1.99 <= _peak_allocated(two) / P <= 2.01
+    assert 1.99 <= peak_allocated(two) / P <= 2.01
 
 
 # APGD keeps a fixed set of parameter-sized buffers whatever n_iters is:
