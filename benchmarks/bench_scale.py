@@ -118,7 +118,9 @@ class Row:
     peaks: dict[str, float | str]
 
 
-def operations(batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, tuple[str, Callable[[nn.Module], object]]]:
+def operations(
+    batch: tuple[torch.Tensor, torch.Tensor], lanczos_steps: int | None = None, trace_batch: int = 8
+) -> dict[str, tuple[str, Callable[[nn.Module], object]]]:
     """name -> (floor in forward-backward passes, run(model))."""
     x, y = batch
 
@@ -148,9 +150,11 @@ def operations(batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, tuple[str,
         ),
         "top_eigenvalues k=1 tol=1e-2": (
             "~3 per HVP",
-            lambda m: top_eigenvalues(m, batch, k=1, tol=1e-2, loss_fn=lm_loss, low_memory=True),
+            lambda m: top_eigenvalues(m, batch, k=1, tol=1e-2, loss_fn=lm_loss, low_memory=True,
+                                      max_iter=lanczos_steps),
         ),
-        "trace n_samples=10": ("~3 per HVP x 10", lambda m: trace(m, batch, n_samples=10, loss_fn=lm_loss)),
+        "trace n_samples=10": (
+            "~3 per HVP x 10", lambda m: trace(m, batch, n_samples=10, loss_fn=lm_loss, batch=trace_batch)),
         "kfac_variance": ("1 + exact layers", lambda m: kfac_variance(m, batch, loss_fn=lm_loss)),
     }
 
@@ -177,6 +181,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="sequences per batch (default 2 CPU, 8 CUDA)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--plot", default=None, help="write a log-log plot of time and memory to this file")
+    parser.add_argument("--lanczos-steps", type=int, default=None,
+                        help="cap on top_eigenvalues' Lanczos steps (default: its own, 100)")
+    parser.add_argument("--trace-batch", type=int, default=8,
+                        help="vectors per product pass in trace (1: least memory)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -226,7 +234,7 @@ def main() -> None:
         fb_ms.append(fb * 1e3)
         print(f"{label}: {n_params[-1] / 1e6:.1f}M parameters, P = {P / 2**20:.0f} MiB, "
               f"forward-backward {fb * 1e3:.0f} ms", flush=True)
-        for name, (floor, run) in operations(batch).items():
+        for name, (floor, run) in operations(batch, args.lanczos_steps, args.trace_batch).items():
             row = rows.setdefault(name, Row(name, floor, {}, {}))
             try:
                 with Peak(device) as peak:
