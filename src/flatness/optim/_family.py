@@ -61,3 +61,35 @@ def skipped_by(scaler: Any, params: Sequence[Tensor]) -> bool:
         return False
     grads = [p.grad for p in params if p.grad is not None]
     return bool(grads) and not bool(torch.isfinite(global_norm([grads], ord=float("inf"))))
+
+
+def check_seed(seed: Any) -> None:
+    """TypeError unless ``seed`` is an int or ``None``."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+
+
+class SeededDraws:
+    """A private ``torch.Generator`` for a variant's own random draws (the
+    global RNG is never used), saved in the optimizer's state dict so that a
+    resumed run draws what the uninterrupted one would.  Mixed in before the
+    optimizer base; :meth:`_init_generator` runs in the constructor."""
+
+    _generator: torch.Generator
+
+    def _init_generator(self, seed: int | None) -> None:
+        self._generator = torch.Generator()
+        if seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(seed)
+
+    def extra_state_dict(self) -> dict[str, Any]:
+        sd = super().extra_state_dict()  # type: ignore[misc]
+        sd["generator"] = self._generator.get_state()
+        return sd
+
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_extra_state_dict(state)  # type: ignore[misc]
+        if "generator" in state:
+            self._generator.set_state(state["generator"])

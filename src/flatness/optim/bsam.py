@@ -53,7 +53,7 @@ class _BayesUpdate(Optimizer):
         return None
 
 
-class BayesianSAM(SharpnessAwareOptimizer):
+class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
     r"""Bayesian SAM: SAM as a relaxation of Bayes, with a Gaussian
     posterior ``N(w, diag(1 / (N s)))``.
 
@@ -157,19 +157,14 @@ class BayesianSAM(SharpnessAwareOptimizer):
         fam.check_number("s_init", s_init, 0.0, float("inf"), high_open=True)
         if not s_init > 0:
             raise ValueError(f"s_init must be > 0, got {s_init}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        fam.check_seed(seed)
         super().__init__(
             params, _BayesUpdate, {"rho": rho, "perturb": True}, same_rng=same_rng, per_replica=per_replica,
             model=model, freeze_bn=freeze_bn, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
             damping=damping, s_init=s_init,
         )
         self.num_data = num_data
-        self._generator = torch.Generator()
-        if seed is None:
-            self._generator.seed()
-        else:
-            self._generator.manual_seed(seed)
+        self._init_generator(seed)
         self._noisy: list[AscentGroup] | None = None
 
     def _groups(self) -> list[AscentGroup]:
@@ -261,13 +256,3 @@ class BayesianSAM(SharpnessAwareOptimizer):
     def restore(self) -> None:
         self._noisy = None
         super().restore()
-
-    def extra_state_dict(self) -> dict[str, Any]:
-        sd = super().extra_state_dict()
-        sd["generator"] = self._generator.get_state()  # a resumed run draws what the straight one would
-        return sd
-
-    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_extra_state_dict(state)
-        if "generator" in state:
-            self._generator.set_state(state["generator"])

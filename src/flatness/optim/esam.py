@@ -29,7 +29,7 @@ from .sam import SAM
 __all__ = ["ESAM"]
 
 
-class ESAM(SAM):
+class ESAM(fam.SeededDraws, SAM):
     r"""Efficient SAM: stochastic weight perturbation and sharpness-sensitive
     data selection.
 
@@ -144,19 +144,14 @@ class ESAM(SAM):
             fam.check_number(name, value, 0.0, 1.0)
             if value <= 0:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        fam.check_seed(seed)
         super().__init__(
             params, base_optimizer, rho, adaptive, eta, same_rng=same_rng, per_replica=per_replica,
             model=model, freeze_bn=freeze_bn, **base_kwargs,
         )
         self.beta = float(beta)
         self.gamma = float(gamma)
-        self._generator = torch.Generator()
-        if seed is None:
-            self._generator.seed()
-        else:
-            self._generator.manual_seed(seed)
+        self._init_generator(seed)
         #: The SWP mask of the last first pass (one bool per perturbable tensor).
         self.swp_mask: tuple[bool, ...] | None = None
         #: The samples of the second pass (bool tensor over the batch); None: all.
@@ -279,16 +274,6 @@ class ESAM(SAM):
     def restore(self) -> None:
         self._losses_before = None
         super().restore()
-
-    def extra_state_dict(self) -> dict[str, Any]:
-        sd = super().extra_state_dict()
-        sd["generator"] = self._generator.get_state()  # a resumed run draws what the straight one would
-        return sd
-
-    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_extra_state_dict(state)
-        if "generator" in state:
-            self._generator.set_state(state["generator"])
 
     def step(self, closure: Callable[..., Any] | None = None, *, scaler: Any = None) -> Any:  # type: ignore[override]
         """One ESAM step; ``closure(mask)`` returns the per-sample losses of
