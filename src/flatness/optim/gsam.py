@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import _family as fam
-from ._base import AscentGroup, ScaledDirection, _add_scaled, global_norm
+from ._base import AscentGroup, ScaledDirection, global_norm
 from ._functional import gsam_gradient_
+from ._stage import add_scaled
 from .sam import SAM
 
 __all__ = ["GSAM", "LookSAM"]
@@ -355,7 +356,7 @@ class LookSAM(SAM):
             self._gv_norm = (key, global_norm([v for _, _, v in have]))
         ratio = global_norm([gr for _, gr, _ in have]) * fam.inv(self._gv_norm[1])
         for alpha, grads, gvs in have:
-            _add_scaled(grads, gvs, alpha * ratio.to(grads[0].device))
+            add_scaled(grads, gvs, alpha * ratio.to(grads[0].device))
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
