@@ -171,7 +171,7 @@ def test_global_rng_untouched_without_dropout():
 
 
 def test_fused_and_device_paths_of_the_scaled_add_agree():
-    from flatness.optim._stage import add_scaled
+    from flatness.optim._functional import add_scaled
 
     torch.manual_seed(0)
     w = [torch.randn(3, 4, dtype=DT), torch.randn(5, dtype=DT)]

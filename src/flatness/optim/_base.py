@@ -80,7 +80,7 @@ from ._checks import (
     check_setting,
     merge_base_kwargs,
 )
-from ._functional import ScaledDirection, global_norm
+from ._functional import ScaledDirection, add_scaled, global_norm
 from ._settings import (
     SAM_PREFIX,
     GroupSettings,
@@ -90,7 +90,7 @@ from ._settings import (
     rename_settings,
     share_param_groups,
 )
-from ._stage import _Stage, add_scaled, run_stages_eagerly
+from ._stage import _Stage, run_stages_eagerly
 
 __all__ = [
     "AscentGroup",

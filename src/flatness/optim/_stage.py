@@ -106,20 +106,6 @@ class _Stage:
                 p.grad = s
 
 
-def add_scaled(
-    params: list[Tensor], tensors: list[Tensor], scale: Tensor | float, *, fused: bool | None = None
-) -> None:
-    """``params += scale * tensors`` with multi-tensor ops."""
-    if fused is None:
-        fused = params[0].device.type == "cpu"
-    if fused:
-        # one pass, no temporary (reading a CPU scalar costs no sync)
-        torch._foreach_add_(params, tensors, alpha=float(scale))
-    else:
-        # no host sync on accelerators: scale on the device, then add
-        torch._foreach_add_(params, torch._foreach_mul(tensors, scale))
-
-
 #: Methods that change the weights or the optimizer's bookkeeping; they run
 #: eagerly inside torch.compile'd code.
 _EAGER_STAGES = ("first_step", "middle_step", "second_step", "restore", "perturb", "stash_grad")
