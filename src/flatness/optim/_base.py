@@ -74,8 +74,9 @@ from flatness._guard import disable_running_stats
 from . import _stage, _state
 from ._checks import (
     check_base_optimizer,
+    check_closure,
     check_directions,
-    check_group_settings,
+    check_new_group,
     check_options,
     check_setting,
     merge_base_kwargs,
@@ -87,7 +88,6 @@ from ._settings import (
     _prefixed,
     describe,
     fill_settings,
-    rename_settings,
     share_param_groups,
 )
 from ._stage import _Stage, run_stages_eagerly
@@ -220,10 +220,7 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to this optimizer and to the base optimizer (one list)."""
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        rename_settings(self, param_group, strict=True)
-        check_group_settings(self, param_group)
+        check_new_group(self, param_group)
         if not hasattr(self, "base_optimizer"):  # during Optimizer.__init__
             super().add_param_group(param_group)
             return
@@ -387,13 +384,7 @@ class SharpnessAwareOptimizer(Optimizer):
         """One full step: the closure (forward, ``backward()`` or
         ``scaler.scale(loss).backward()``, return the loss) runs at ``w`` and
         at ``w + e``, gradients cleared before each.  Returns its value at ``w``."""
-        if closure is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.step() needs a closure that computes the loss and calls "
-                "backward(); without one, use first_step() ... backward ... second_step()"
-            )
-        if not callable(closure):
-            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        check_closure(self, closure)
         self.zero_grad()
         with torch.enable_grad(), self.first_pass():
             loss = closure()

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from ._settings import SAM_PREFIX, _flatten_params, _refuse_closure_optimizer
+from ._settings import SAM_PREFIX, _flatten_params, _refuse_closure_optimizer, rename_settings
 
 
 def check_options(same_rng: Any, per_replica: Any, freeze_bn: Any, model: Any) -> None:
@@ -92,9 +92,13 @@ def check_setting(key: str, value: Any) -> None:
         raise TypeError(f"{key} must be a bool (True or False), got {value!r}")
 
 
-def check_group_settings(opt: Any, group: dict[str, Any]) -> None:
-    """Every ``sam_`` key of a new param group is one of ``opt``'s settings
-    with a valid value (``opt._check_setting``)."""
+def check_new_group(opt: Any, group: Any) -> None:
+    """A param group given to ``opt.add_param_group``: a dict, brought to the
+    ``sam_`` spelling (:func:`rename_settings`), whose every ``sam_`` key is
+    one of ``opt``'s settings with a valid value (``opt._check_setting``)."""
+    if not isinstance(group, dict):
+        raise TypeError(f"param_group must be a dict, got {type(group).__name__}")
+    rename_settings(opt, group, strict=True)
     for key, value in group.items():
         if key.startswith(SAM_PREFIX):
             name = key[len(SAM_PREFIX):]
@@ -115,3 +119,14 @@ def check_directions(groups: Sequence[Any], directions: Sequence[Any]) -> None:
         n = len(d.tensors) if hasattr(d, "tensors") else len(d)
         if n != len(g.params):
             raise RuntimeError(f"ascent_direction returned {n} tensors for {len(g.params)} parameters")
+
+
+def check_closure(opt: Any, closure: Any) -> None:
+    """``opt.step(closure)`` needs a callable closure."""
+    if closure is None:
+        raise RuntimeError(
+            f"{type(opt).__name__}.step() needs a closure that computes the loss and calls "
+            "backward(); without one, use first_step() ... backward ... second_step()"
+        )
+    if not callable(closure):
+        raise TypeError(f"closure must be callable, got {type(closure).__name__}")
