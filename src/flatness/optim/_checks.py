@@ -1,7 +1,11 @@
-"""Argument checks of the sharpness-aware optimizers' constructors.
+"""Argument checks of the sharpness-aware optimizers.
 
-Each raises a ``TypeError`` / ``ValueError`` before anything changes (the
-base optimizer, the param groups and the model stay as they were).
+The constructor's checks raise a ``TypeError`` / ``ValueError`` before
+anything changes (the base optimizer, the param groups and the model stay
+as they were); :func:`check_new_group` (``add_param_group``) brings a group
+to the ``sam_`` spelling first, as it always did; :func:`check_directions`
+and :func:`check_closure` check what a variant's hook returned and what
+``step`` was given.
 """
 
 from __future__ import annotations
