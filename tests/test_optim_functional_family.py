@@ -124,6 +124,7 @@ def test_gsam_rho_schedule_by_hand():
     assert gsam_rho(0.5, 0.1, 0.01, 0.0, 1.0) == pytest.approx(0.055, rel=1e-15)
     assert gsam_rho(1.0, 0.1, 0.01, 0.0, 1.0) == pytest.approx(0.1, rel=1e-15)  # lr_max: rho
     assert gsam_rho(0.2, 0.1, 0.01, 0.2, 1.0) == pytest.approx(0.01, rel=1e-15)  # lr_min: rho_min
+    assert gsam_rho(0.6, 0.1, 0.01, 0.2, 1.0) == pytest.approx(0.055, rel=1e-14)  # halfway from lr_min
     assert gsam_rho(0.3, 0.1, None, 0.0, 1.0) == 0.1  # no schedule
     assert gsam_rho(0.3, 0.1, 0.01, 1.0, 1.0) == 0.1  # lr_max <= lr_min: constant
 
@@ -218,6 +219,10 @@ def test_esam_select_by_hand():
     assert esam_select(before, after, 0.1).tolist() == [False, True, False, False]  # at least one
     assert esam_select(before, after, 1.0).tolist() == [True] * 4
     assert esam_select(before, after, 0.75).tolist() == [True, True, False, True]  # int(3.0)
+    assert esam_select(before, after, 0.7).tolist() == [False, True, False, True]  # int(2.8): rounded down
+    # the rise from w, not the loss at w + e: sample 1 has the largest loss, sample 3 the largest rise
+    before = t(1.0, 2.5, 0.0, 1.0)  # rises 0.5, 0.5, 0, 1
+    assert esam_select(before, after, 0.25).tolist() == [False, False, False, True]
 
 
 # -- Bayesian SAM ---------------------------------------------------------------------
