@@ -334,18 +334,18 @@ def test_nonuniform_modes_by_hand(damping):
 def test_nonuniform_scale_past_one():
     """Where q >= 1 the centred covariance is not positive definite: 1 - q
     becomes 1 - exp(-q) (and GAM's 1 - sqrt(q) becomes 1 - exp(-sqrt(q)))."""
-    from flatness.optim.consistent import _centred_scale
+    from flatness.optim._functional import nonuniform_scale
 
     for q in (0.25, 0.81, 1.0, 2.25, 9.0):
         n = torch.tensor(q, dtype=DT).sqrt()
         r = q ** 0.5
         cent = 1 / (q * (1 - q)) ** 0.5 if q < 1 else 1 / (q * (1 - torch.exp(torch.tensor(-q, dtype=DT)))) ** 0.5
         s = (1 - r) ** 0.5 if r <= 1 else float(1 - torch.exp(torch.tensor(-r, dtype=DT))) ** 0.5
-        torch.testing.assert_close(_centred_scale(n, "second_moment"), torch.tensor(1 / r, dtype=DT))
-        torch.testing.assert_close(_centred_scale(n, "centered"), torch.as_tensor(cent, dtype=DT))
-        torch.testing.assert_close(_centred_scale(n, "gam"), torch.tensor(1 / ((r + 1e-16) * (s + 1e-16)), dtype=DT))
+        torch.testing.assert_close(nonuniform_scale(n, "second_moment"), torch.tensor(1 / r, dtype=DT))
+        torch.testing.assert_close(nonuniform_scale(n, "centered"), torch.as_tensor(cent, dtype=DT))
+        torch.testing.assert_close(nonuniform_scale(n, "gam"), torch.tensor(1 / ((r + 1e-16) * (s + 1e-16)), dtype=DT))
     for mode in ("second_moment", "centered", "gam"):  # a zero gradient: no move, no NaN
-        assert _centred_scale(torch.zeros((), dtype=DT), mode) == 0
+        assert nonuniform_scale(torch.zeros((), dtype=DT), mode) == 0
 
 
 def test_update_freq_keeps_factors_between_updates():
@@ -629,7 +629,7 @@ def test_kfac_grad_scaler_matches_unscaled(make):
     assert state_a.keys() == state_b.keys() and any(k[0] == "kfac_G" for k in state_a)
     for k in state_a:
         torch.testing.assert_close(state_b[k], state_a[k], rtol=1e-5, atol=1e-6, msg=str(k))
-    assert opt_a._kfac_steps == opt_b._kfac_steps == 3
+    assert opt_a.kfac.steps == opt_b.kfac.steps == 3
     for p, q in zip(model_b.parameters(), model_a.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
@@ -649,7 +649,7 @@ def test_kfac_grad_scaler_skipped_step_changes_no_state(name, poison_on):
     w = [p.detach().clone() for p in model.parameters()]
     state = kfac_state(opt, model)
     base = copy.deepcopy(opt.base_optimizer.state_dict())
-    steps = opt._kfac_steps
+    steps = opt.kfac.steps
     opt.step(scaled_closure_for(model, x, y, scaler, poison_on=poison_on), scaler=scaler)
     scaler.update()
     if poison_on != 2:  # (see the xfail below for ConsistentSAM's middle pass)
@@ -658,13 +658,13 @@ def test_kfac_grad_scaler_skipped_step_changes_no_state(name, poison_on):
     after = kfac_state(opt, model)
     assert after.keys() == state.keys()
     assert all(torch.equal(after[k], state[k]) for k in state), "factors or m changed"
-    assert opt._kfac_steps == steps
-    assert not opt._kfac.pending
+    assert opt.kfac.steps == steps
+    assert not opt.kfac.factors.pending
     now = opt.base_optimizer.state_dict()
     for k, v in base["state"].items():
         assert torch.equal(now["state"][k]["momentum_buffer"], v["momentum_buffer"])
     opt.step(scaled_closure_for(model, x, y, scaler), scaler=scaler)  # training goes on
-    assert opt._kfac_steps == steps + 1
+    assert opt.kfac.steps == steps + 1
 
 
 @pytest.mark.xfail(strict=True, reason="middle_step unscales g2 by hand: the scaler never sees its inf")

@@ -316,7 +316,7 @@ def _fault_every_pass(name: str, whole_state: bool) -> None:
                 assert torch.equal(p.detach(), w0) and p.data_ptr() == ptr, f"weights not restored (call {at})"
             now = opt.state_dict() if whole_state else opt.base_optimizer.state_dict()
             _same_state(state, now, f"{name} state after a fault at call {at}")
-            assert opt._perturbed is None
+            assert not opt.is_perturbed
             assert _snapshot(model)["hooks"] == hooks
             continue
         finally:

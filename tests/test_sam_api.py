@@ -46,10 +46,10 @@ def _count_foreach_calls(depth, monkeypatch):
         return loss
 
     opt.step(closure)
-    saved = [b.data_ptr() for b in opt._saved_w]
+    saved = [b.data_ptr() for b in opt._stage.saved_w]
     assert len(saved) == 2 * depth  # exactly one copy of w
     opt.step(closure)
-    assert [b.data_ptr() for b in opt._saved_w] == saved  # reused, not reallocated
+    assert [b.data_ptr() for b in opt._stage.saved_w] == saved  # reused, not reallocated
     monkeypatch.undo()
     return calls
 

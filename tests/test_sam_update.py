@@ -171,15 +171,15 @@ def test_global_rng_untouched_without_dropout():
 
 
 def test_fused_and_device_paths_of_the_scaled_add_agree():
-    from flatness.optim._base import _add_scaled
+    from flatness.optim._functional import add_scaled
 
     torch.manual_seed(0)
     w = [torch.randn(3, 4, dtype=DT), torch.randn(5, dtype=DT)]
     g = [torch.randn(3, 4, dtype=DT), torch.randn(5, dtype=DT)]
     a, b = [t.clone() for t in w], [t.clone() for t in w]
     scale = torch.tensor(0.37, dtype=DT)
-    _add_scaled(a, g, scale, fused=True)
-    _add_scaled(b, g, scale, fused=False)  # the path taken on CUDA
+    add_scaled(a, g, scale, fused=True)
+    add_scaled(b, g, scale, fused=False)  # the path taken on CUDA
     for u, v, wi, gi in zip(a, b, w, g):
         torch.testing.assert_close(u, wi + 0.37 * gi, rtol=1e-15, atol=1e-15)
         torch.testing.assert_close(v, wi + 0.37 * gi, rtol=1e-15, atol=1e-15)

@@ -4,8 +4,8 @@
 optimizer.  Variants build on :class:`SharpnessAwareOptimizer`, which owns the
 perturb / restore machinery and exposes :meth:`~SharpnessAwareOptimizer.ascent_direction`
 as the one hook to override (see ``flatness/optim/_base.py``); the math of
-the built-in ascent directions is in functions on lists of tensors
-(``flatness/optim/_functional.py``).
+the built-in variants is in functions on lists of tensors
+(``flatness/optim/_functional.py``, ``flatness/optim/_family_functional.py``).
 
 The SAM family on that base: :class:`GSAM`, :class:`LookSAM`, :class:`WSAM`,
 :class:`FriendlySAM`, :class:`ESAM`, :class:`MESA` and :class:`BayesianSAM`.

@@ -1,4 +1,6 @@
-"""Small helpers shared by the SAM-family optimizers (GSAM, LookSAM, WSAM, ...)."""
+"""Small helpers shared by the SAM-family optimizers (GSAM, LookSAM, WSAM, ...):
+argument checks, gradient copies, ``GradScaler`` queries and the seeded
+generator; their arithmetic is in :mod:`flatness.optim._family_functional`."""
 
 from __future__ import annotations
 
@@ -10,15 +12,6 @@ from torch import Tensor
 
 from ._base import AscentGroup
 from ._functional import global_norm
-from ._functional import safe_inv as inv  # noqa: F401  (the family's name for it)
-
-
-def dot(a: Sequence[Sequence[Tensor]], b: Sequence[Sequence[Tensor]]) -> Tensor:
-    """``<a, b>`` over all tensors of all groups, as a 0-d tensor."""
-    parts = [torch.dot(x.reshape(-1), y.reshape(-1)) for xs, ys in zip(a, b) for x, y in zip(xs, ys)]
-    if not parts:
-        return torch.zeros(())
-    return torch.stack(parts).sum()
 
 
 def clone(tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -9,9 +9,13 @@ no optimizer state, and can be tested on tensors alone:
 * :func:`sam_direction` - SAM / ASAM, ``e = rho T^2 g / ||T g||``;
 * :func:`consistent_momentum_` and :func:`consistent_direction` - the
   second ascent of consistent SAM;
-* :func:`nonuniform_scale` - the factor of NonuniformSAM's
-  ``e = rho c F^-1 g``;
-* :func:`gsam_gradient_` - GSAM's descent gradient ``g_p - alpha g_perp``.
+* :func:`nonuniform_scale` and :func:`natural_ascent_` - NonuniformSAM's
+  ``e = rho c F^-1 g`` (and consistent SAM's K-FAC ascent);
+* :func:`gsam_gradient_` - GSAM's descent gradient ``g_p - alpha g_perp``;
+* :func:`add_scaled` - ``w += scale * e``, the update of a
+  :class:`ScaledDirection`.
+
+The other variants' arithmetic is in :mod:`flatness.optim._family_functional`.
 
 A zero gradient gives a zero direction (never a NaN).
 """
@@ -27,11 +31,13 @@ from torch import Tensor
 
 __all__ = [
     "ScaledDirection",
+    "add_scaled",
     "asam_weights",
     "consistent_direction",
     "consistent_momentum_",
     "global_norm",
     "gsam_gradient_",
+    "natural_ascent_",
     "nonuniform_scale",
     "safe_inv",
     "sam_direction",
@@ -228,6 +234,25 @@ def nonuniform_scale(norm: Tensor, mode: str) -> Tensor:
 
 
 @torch.no_grad()
+def natural_ascent_(
+    solved: Sequence[Sequence[Tensor]], norm: Tensor, rho: float | Sequence[float], mode: str = "second_moment"
+) -> None:
+    r"""Scale preconditioned directions into the ascent, in place.
+
+    .. math:: e_k = \rho_k \, c(q)\, F^{-1} g_k, \qquad q = g^\top F^{-1} g
+
+    with ``solved`` = :math:`F^{-1} g` per group, ``norm`` = :math:`\sqrt q`
+    and ``c`` = :func:`nonuniform_scale` of ``mode``.  ``"second_moment"``
+    (``c = 1 / sqrt(q)``) is the natural-gradient ascent of radius ``rho``
+    in the metric ``F``: NonuniformSAM with ``centered_covariance=False``
+    and consistent SAM's second ascent with ``preconditioner="kfac"``.
+    """
+    scale = nonuniform_scale(norm, mode)
+    for r, e in zip(_per_group(rho, len(solved)), solved):
+        torch._foreach_mul_(list(e), (r * scale).to(e[0].device))
+
+
+@torch.no_grad()
 def gsam_gradient_(
     grads: Sequence[Sequence[Tensor]],
     first: Sequence[Sequence[Tensor]],
@@ -258,3 +283,17 @@ def gsam_gradient_(
             continue
         torch._foreach_add_(list(g), torch._foreach_mul(list(gp), c.to(gp[0].device)), alpha=-1.0)  # g_perp
         torch._foreach_add_(list(gp), list(g), alpha=-a * scale)
+
+
+def add_scaled(
+    params: list[Tensor], tensors: list[Tensor], scale: Tensor | float, *, fused: bool | None = None
+) -> None:
+    """``params += scale * tensors`` with multi-tensor ops."""
+    if fused is None:
+        fused = params[0].device.type == "cpu"
+    if fused:
+        # one pass, no temporary (reading a CPU scalar costs no sync)
+        torch._foreach_add_(params, tensors, alpha=float(scale))
+    else:
+        # no host sync on accelerators: scale on the device, then add
+        torch._foreach_add_(params, torch._foreach_mul(tensors, scale))

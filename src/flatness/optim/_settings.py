@@ -1,15 +1,11 @@
-"""Where a sharpness-aware optimizer keeps its settings, and its
-``state_dict`` format.
+"""Where a sharpness-aware optimizer keeps its settings.
 
 The variant's settings (``group_defaults``: ``rho``, ``adaptive``, ...) live
 in the param groups it shares with the base optimizer, under the prefix
 ``sam_`` (``"sam_rho"``), so they never collide with the base optimizer's
 own keys (Adadelta's ``rho``, RMSprop's ``alpha``); :class:`GroupSettings`
-shows a group with the short names.  The state dict is
-``torch.optim.Optimizer``'s plus an entry ``"sharpness_aware"``
-(:func:`add_sam_state`); :func:`prepare_load` checks one before anything
-changes and reads flatness 0.1.0 checkpoints (settings under their short
-names) and plain base-optimizer state dicts.
+shows a group with the short names.  The ``state_dict`` format is in
+:mod:`flatness.optim._state`.
 """
 
 from __future__ import annotations
@@ -17,16 +13,12 @@ from __future__ import annotations
 import inspect
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from torch import Tensor
 from torch.optim import Optimizer
 
-_SAM_STATE_KEY = "sharpness_aware"
-# 1: flatness 0.1.0 (settings under their short names in the param groups);
-# 2: settings under "sam_" names, wrapper and base optimizer classes recorded.
-_STATE_VERSION = 2
 #: Prefix of the variant's settings in the (shared) param groups.
 SAM_PREFIX = "sam_"
 
@@ -187,98 +179,6 @@ def fill_settings(opt: Any, group: dict[str, Any]) -> None:
             group[key] = value
 
 
-def prepare_load(opt: Any, state_dict: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Check ``state_dict`` against the optimizer ``opt`` and bring it to
-    the current format, without changing either; returns the state dict for
-    ``torch.optim.Optimizer.load_state_dict`` and the variant's extra state."""
-    if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict or "state" not in state_dict:
-        raise ValueError("state_dict must be an optimizer state dict with 'state' and 'param_groups'")
-    ours = state_dict.get(_SAM_STATE_KEY)
-    base_name = _qualname(type(opt.base_optimizer))
-    saved = state_dict["param_groups"]
-    if ours is None:
-        # a plain base-optimizer state dict: keep the current settings
-        current = [{k: v for k, v in g.items() if k.startswith(SAM_PREFIX)} for g in opt.param_groups]
-        check_base_keys(opt, saved, "the plain optimizer state dict")
-        groups = [{**g, **c} for g, c in zip(saved, current)] + [dict(g) for g in saved[len(current):]]
-        sd = {**state_dict, "param_groups": groups}
-        return sd, None
-    if not isinstance(ours, Mapping):
-        raise ValueError(f"state_dict[{_SAM_STATE_KEY!r}] must be a dict, got {type(ours).__name__}")
-    version = ours.get("version", 1)
-    if not isinstance(version, int) or version > _STATE_VERSION:
-        raise ValueError(
-            f"state dict format version {version!r} is newer than this flatness ({_STATE_VERSION}); "
-            "upgrade flatness"
-        )
-    if version >= 2:
-        wrapper, mine = ours.get("wrapper"), _qualname(type(opt))
-        if wrapper != mine:
-            raise ValueError(f"the state dict was saved by {wrapper}; it cannot be loaded into {mine}")
-        if ours.get("base") != base_name:
-            raise ValueError(
-                f"the state dict was saved with base optimizer {ours.get('base')}; it cannot be "
-                f"loaded into {type(opt).__name__} around {base_name}"
-            )
-        groups = [dict(g) for g in saved]
-    else:
-        # flatness 0.1.0: the variant's settings under their short names,
-        # in the same dicts as the base's keys; the base class unrecorded.
-        if ours.get("type") != type(opt).__name__:
-            raise ValueError(
-                f"the state dict was saved by {ours.get('type')}; it cannot be loaded into {type(opt).__name__}"
-            )
-        check_base_keys(opt, saved, "the flatness 0.1.0 state dict")
-        names = set(ours.get("defaults", {})) | set(opt.sam_defaults)
-        groups = []
-        for g in saved:
-            g = dict(g)
-            for name in names & set(g):
-                # 0.1.0 wrote one value for a shared name (Adadelta's rho
-                # was SAM's): both keep it, as that optimizer ran.
-                g[SAM_PREFIX + name] = g[name] if name in opt._base_keys else g.pop(name)
-            groups.append(g)
-    unknown = {
-        k for g in groups for k in g
-        if k.startswith(SAM_PREFIX) and k[len(SAM_PREFIX):] not in opt.sam_defaults
-    }
-    if unknown:
-        raise ValueError(f"the state dict has settings {sorted(unknown)} that {type(opt).__name__} does not know")
-    sd = {k: v for k, v in state_dict.items() if k != _SAM_STATE_KEY}
-    sd["param_groups"] = groups
-    return sd, dict(ours.get("extra", {}))
-
-def check_base_keys(opt: Any, groups: Sequence[Mapping[str, Any]], what: str) -> None:
-    """The base optimizer's hyper-parameters (keys whose defaults are not
-    flags) must be in every saved group; catches, e.g., an Adam state
-    dict loaded into SGD when the class was not recorded."""
-    base = opt.base_optimizer
-    needed = {k for k, v in base.defaults.items() if not (v is None or isinstance(v, bool))}
-    for i, g in enumerate(groups):
-        missing = sorted(needed - set(g))
-        if missing:
-            raise ValueError(
-                f"{what} does not fit base optimizer {type(base).__name__}: param group {i} lacks "
-                f"{missing} (was it saved with another base optimizer?)"
-            )
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def add_sam_state(optimizer: Any, state_dict: dict[str, Any]) -> None:
-    """State-dict post hook: the wrapper's own entry."""
-    state_dict[_SAM_STATE_KEY] = {
-        "version": _STATE_VERSION,
-        "type": type(optimizer).__name__,
-        "wrapper": _qualname(type(optimizer)),
-        "base": _qualname(type(optimizer.base_optimizer)),
-        "defaults": dict(optimizer.sam_defaults),
-        "extra": optimizer.extra_state_dict(),
-    }
-
-
 def _flatten_params(params: Iterable[Any]) -> list[Tensor]:
     if isinstance(params, Tensor):
         return [params]
@@ -290,3 +190,40 @@ def _flatten_params(params: Iterable[Any]) -> list[Tensor]:
         else:
             out.append(item)
     return out
+
+
+def share_param_groups(
+    opt: Any, params: Any, base_optimizer: Any, settings: dict[str, Any], base_kw: dict[str, Any]
+) -> Optimizer:
+    """Run ``torch.optim.Optimizer.__init__`` on ``opt`` so that it and the
+    base optimizer hold one list of param groups (the same dicts, with the
+    base's keys and the ``sam_`` settings); returns the base optimizer.
+
+    An instance's groups are adopted: they hold the base's own keys (an
+    Adadelta ``rho`` is Adadelta's); 0.1.0-style SAM keys the base does not
+    know are renamed (deprecated alias) and the variant's defaults filled
+    in.  A class is constructed on ``opt``'s groups, adding its defaults
+    (``lr``, ``momentum``, ...) to the same dicts.
+    """
+    if isinstance(base_optimizer, Optimizer):
+        opt._base_keys = frozenset(base_optimizer.defaults)
+        for group in base_optimizer.param_groups:
+            rename_settings(opt, group, strict=False)
+            for key, value in _prefixed(settings).items():
+                group.setdefault(key, value)
+        Optimizer.__init__(opt, base_optimizer.param_groups, _prefixed(settings))
+        return base_optimizer
+    opt._base_keys = _constructor_keys(base_optimizer)
+    Optimizer.__init__(opt, params, _prefixed(settings))
+    base = base_optimizer(opt.param_groups, **base_kw)
+    opt._base_keys = frozenset(base.defaults)
+    return base
+
+
+def describe(opt: Any) -> str:
+    """``repr(opt)``: the ``sam_`` settings of each group and the base optimizer's class."""
+    keys = _prefixed(opt.sam_defaults)
+    groups = [f"  group {i}: " + ", ".join(f"{k}={g[k]!r}" for k in keys if k in g)
+              for i, g in enumerate(opt.param_groups)]
+    base = f"  base_optimizer: {type(opt.base_optimizer).__name__}"
+    return "\n".join([f"{type(opt).__name__} (", *groups, base, ")"])

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import _family as fam
-from ._base import AscentGroup, ScaledDirection, SharpnessAwareOptimizer, global_norm
+from ._base import AscentGroup, SharpnessAwareOptimizer, global_norm
+from ._family_functional import bsam_direction, bsam_noise, bsam_update_
 
 __all__ = ["BayesianSAM"]
 
@@ -37,19 +38,13 @@ class _BayesUpdate(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None or "gs" not in self.state[p]:
-                    continue
-                s = self.precision(p, group)
-                state = self.state[p]
-                m = state["momentum"]
-                # g_m <- b1 g_m + (1 - b1)(g_e + delta w);  w <- w - lr g_m / s (old s)
-                m.mul_(b1).add_(p.grad, alpha=1 - b1).add_(p, alpha=(1 - b1) * group["weight_decay"])
-                p.addcdiv_(m, s, value=-group["lr"])
-                # s <- b2 s + (1 - b2)(sqrt(s) |g| + delta + damping)
-                decay = group["weight_decay"] + group["damping"]
-                s.mul_(b2).add_(state.pop("gs"), alpha=1 - b2).add_((1 - b2) * decay)
+            params = [p for p in group["params"] if p.grad is not None and "gs" in self.state[p]]
+            precisions = [self.precision(p, group) for p in params]
+            bsam_update_(
+                params, [p.grad for p in params], [self.state[p]["momentum"] for p in params], precisions,
+                [self.state[p].pop("gs") for p in params], lr=group["lr"], betas=group["betas"],
+                weight_decay=group["weight_decay"], damping=group["damping"],
+            )
         return None
 
 
@@ -205,10 +200,7 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
             groups = self._groups()
             noise = []
             for g, ss in zip(groups, self._precisions(groups)):
-                eps = [torch.randn(p.shape, generator=self._generator, dtype=p.dtype).to(p.device) for p in g.params]
-                torch._foreach_mul_(eps, torch._foreach_rsqrt(ss))
-                torch._foreach_mul_(eps, self.num_data**-0.5)  # (N s)^(-1/2)
-                noise.append(eps)
+                noise.append(bsam_noise(g.params, ss, self.num_data, self._generator))
             self.perturb(groups, noise)
             try:
                 yield
@@ -240,11 +232,10 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
             base: _BayesUpdate = self.base_optimizer  # type: ignore[assignment]
             directions = []
             for g, gr, ss in zip(groups, grads, self._precisions(groups)):
-                gs = torch._foreach_sqrt(ss)
-                torch._foreach_mul_(gs, torch._foreach_abs(gr))  # sqrt(s) |g|
+                e, gs = bsam_direction(gr, ss, g.group["rho"])  # rho g / s, sqrt(s) |g|
                 for p, v in zip(g.params, gs):
                     base.state[p]["gs"] = v
-                directions.append(ScaledDirection(torch._foreach_div(gr, ss), g.group["rho"]))  # rho g / s
+                directions.append(e)
             self.perturb(groups, directions)
         except BaseException:
             self.restore()

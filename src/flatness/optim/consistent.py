@@ -35,18 +35,16 @@ from torch.optim import Optimizer
 from . import _family as fam
 from ._base import AscentGroup, SharpnessAwareOptimizer
 from ._functional import (
+    asam_weights,
     consistent_direction,
     consistent_momentum_,
     global_norm,
-    nonuniform_scale,
-    safe_inv,
+    natural_ascent_,
     sam_direction,
 )
 from ._preconditioner import KFACPreconditioner
 
 __all__ = ["ConsistentSAM", "NonuniformSAM"]
-
-_centred_scale = nonuniform_scale  # the former private name
 
 _PRECONDITIONERS = (None, "kfac")
 
@@ -225,10 +223,7 @@ class ConsistentSAM(SharpnessAwareOptimizer):
         ``T = |w| + eta`` for adaptive groups) for :meth:`middle_step`."""
         first = []
         for g in groups:
-            t = None
-            if g.group["adaptive"]:
-                t = torch._foreach_abs(g.params)
-                torch._foreach_add_(t, g.group["eta"])
+            t = asam_weights(g.params, g.group["eta"]) if g.group["adaptive"] else None
             first.append((g.group, list(g.params), [x.clone() for x in g.grads], t))
         self._first = first
         e1 = sam_direction([g.grads for g in groups], [g.params for g in groups], [g.group["rho"] for g in groups])
@@ -305,9 +300,7 @@ class ConsistentSAM(SharpnessAwareOptimizer):
         self._pending_m = pending
         if self.preconditioner == "kfac":
             directions, norm = self.kfac.solve([g.params for g in groups], diffs)
-            inv = safe_inv(norm)
-            for g, e in zip(groups, directions):
-                torch._foreach_mul_(e, (g.group["rho2"] * inv).to(e[0].device))
+            natural_ascent_(directions, norm, [g.group["rho2"] for g in groups])
         else:
             directions = consistent_direction(diffs, [g.group["rho2"] for g in groups], [t for *_, t in first])
         self.perturb(groups, directions)
@@ -533,21 +526,6 @@ class NonuniformSAM(SharpnessAwareOptimizer):
             self.restore()
             raise
         mode = "second_moment" if not self.centered_covariance else "gam" if self.gam_scaling else "centered"
-        scale = nonuniform_scale(norm, mode)
-        for g, e in zip(groups, directions):
-            torch._foreach_mul_(e, (g.group["rho"] * scale).to(e[0].device))
+        natural_ascent_(directions, norm, [g.group["rho"] for g in groups], mode)
         return directions
 
-
-def _kfac_factors(self: Any) -> Any:
-    return self.kfac.factors
-
-
-def _kfac_steps(self: Any) -> int:
-    return self.kfac.steps
-
-
-# read-only spellings from before K-FAC was a collaborator
-for _cls in (ConsistentSAM, NonuniformSAM):
-    _cls._kfac = property(_kfac_factors)  # type: ignore[attr-defined]
-    _cls._kfac_steps = property(_kfac_steps)  # type: ignore[attr-defined]

@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 
 from . import _family as fam
 from ._base import AscentGroup, ScaledDirection, SharpnessAwareOptimizer
+from ._family_functional import esam_select, esam_swp_mask
 from .sam import SAM
 
 __all__ = ["ESAM"]
@@ -177,9 +178,7 @@ class ESAM(fam.SeededDraws, SAM):
                 yield
                 return
             params = self._perturbable()
-            keep = (torch.rand(len(params), generator=self._generator) < self.beta).tolist()
-            if params and not any(keep):
-                keep[int(torch.randint(len(params), (1,), generator=self._generator))] = True
+            keep = esam_swp_mask(len(params), self.beta, self._generator)
             self.swp_mask = tuple(keep)
             off = [p for p, k in zip(params, keep) if not k]
             try:
@@ -260,10 +259,7 @@ class ESAM(fam.SeededDraws, SAM):
             if after.shape != before.shape:
                 self.restore()
                 raise ValueError(f"losses_after has shape {tuple(after.shape)}, the first pass {tuple(before.shape)}")
-            k = max(1, int(self.gamma * len(after)))
-            idx = torch.topk(after - before, k).indices
-            mask = torch.zeros(len(after), dtype=torch.bool, device=after.device)
-            mask[idx] = True
+            mask = esam_select(before, after, self.gamma)
         self.sample_mask = mask
         return mask
 

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import _family as fam
-from ._base import AscentGroup, ScaledDirection, _add_scaled, global_norm
+from ._base import AscentGroup, ScaledDirection, global_norm
+from ._family_functional import gsam_rho, looksam_gradient_, looksam_orthogonal_
 from ._functional import gsam_gradient_
 from .sam import SAM
 
@@ -143,13 +144,9 @@ class GSAM(SAM):
         if group["rho_min"] is None:
             return group["rho"]
         lr_max = group["lr_max"]
-        if lr_max is None:
+        if lr_max is None:  # the first learning rate seen
             lr_max = group.setdefault("gsam_lr_max", group["lr"])
-        lr_min = group["lr_min"]
-        if not lr_max > lr_min:
-            return group["rho"]
-        frac = (group["lr"] - lr_min) / (lr_max - lr_min)
-        return group["rho_min"] + (group["rho"] - group["rho_min"]) * frac
+        return gsam_rho(group["lr"], group["rho"], group["rho_min"], group["lr_min"], lr_max)
 
     @torch.no_grad()
     def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
@@ -344,18 +341,14 @@ class LookSAM(SAM):
                 have.append((g.group["alpha"], [x for x, _ in pairs], [v for _, v in pairs]))
         if not have:
             return
+        alphas, grads, gvs = [a for a, _, _ in have], [gr for _, gr, _ in have], [v for _, _, v in have]
         if self.per_tensor:
-            for alpha, grads, gvs in have:
-                ratio = [n * fam.inv(m) for n, m in zip(torch._foreach_norm(grads), torch._foreach_norm(gvs))]
-                torch._foreach_add_(grads, torch._foreach_mul(gvs, [alpha * r for r in ratio]))
-            return
+            return looksam_gradient_(grads, gvs, alphas, per_tensor=True)
         # ||g_v|| is fixed between full steps: computed once per set of tensors
-        key = tuple(id(v) for _, _, vs in have for v in vs)
+        key = tuple(id(v) for vs in gvs for v in vs)
         if self._gv_norm is None or self._gv_norm[0] != key:
-            self._gv_norm = (key, global_norm([v for _, _, v in have]))
-        ratio = global_norm([gr for _, gr, _ in have]) * fam.inv(self._gv_norm[1])
-        for alpha, grads, gvs in have:
-            _add_scaled(grads, gvs, alpha * ratio.to(grads[0].device))
+            self._gv_norm = (key, global_norm(gvs))
+        looksam_gradient_(grads, gvs, alphas, gv_norm=self._gv_norm[1])
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
@@ -388,22 +381,9 @@ class LookSAM(SAM):
         # g_v only matters through its direction, so g_s may carry a
         # GradScaler's scale; a non-finite g_v (a skipped step) is not kept
         gs = [fam.current_grads(params) for _, params, _ in first]
-        g1 = [g for _, _, g in first]
-        if self.per_tensor:
-            gvs = []
-            for a, b in zip(g1, gs):
-                coef = [torch.dot(x.reshape(-1), y.reshape(-1)) * fam.inv(n) ** 2
-                        for x, y, n in zip(a, b, torch._foreach_norm(a))]
-                gvs.append(torch._foreach_sub(b, torch._foreach_mul(a, coef)))
-        else:
-            c = fam.dot(g1, gs) * fam.inv(global_norm(g1) ** 2)
-            # g_v = g_s - c g, in place in the buffers of g (which then hold
-            # g_v, and the previous g_v becomes the next step's g buffer)
-            gvs = []
-            for a, b in zip(g1, gs):
-                torch._foreach_mul_(a, -c.to(a[0].device))
-                torch._foreach_add_(a, b)
-                gvs.append(a)
+        # jointly, g_v is computed in the buffers of g (which then hold g_v,
+        # and the previous g_v becomes the next step's g buffer)
+        gvs = looksam_orthogonal_([g for _, _, g in first], gs, per_tensor=self.per_tensor)
         # only a GradScaler step can bring inf/NaN here (then the base step
         # is skipped); the 2-norm is ~15x cheaper than max |.| on CPU, and
         # an overflow of it only keeps the previous g_v

@@ -7,13 +7,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.optim import Optimizer
 
 from . import _family as fam
 from ._base import SharpnessAwareOptimizer
+from ._family_functional import ema_update_, mesa_trajectory_loss
 
 __all__ = ["MESA"]
 
@@ -166,10 +166,7 @@ class MESA(SharpnessAwareOptimizer):
         teacher = self.ema_forward(*args, **kwargs)
         if not isinstance(teacher, Tensor) or teacher.shape != outputs.shape:
             raise ValueError("the model's output at the EMA weights does not have the shape of outputs")
-        log_p = F.log_softmax(outputs / self.tau, dim=-1)
-        log_q = F.log_softmax(teacher.to(outputs.dtype) / self.tau, dim=-1)
-        kl = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1).mean()
-        return self.lam * self.tau**2 * kl
+        return mesa_trajectory_loss(outputs, teacher, self.tau, self.lam)
 
     # -- the step ----------------------------------------------------------------
 
@@ -194,11 +191,7 @@ class MESA(SharpnessAwareOptimizer):
         names = [n for n in self.ema if n in current]
         ema = [self.ema[n] for n in names]
         now = [current[n].detach().to(self.ema[n].dtype) for n in names]
-        if ema:
-            # ema = decay ema + (1 - decay) w, as timm's ModelEmaV2 (two fused
-            # passes; _foreach_lerp_ is ~2x slower than both on CPU)
-            torch._foreach_mul_(ema, self.decay)
-            torch._foreach_add_(ema, now, alpha=1.0 - self.decay)
+        ema_update_(ema, now, self.decay)
 
     # -- state -------------------------------------------------------------------
 

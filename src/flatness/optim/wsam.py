@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 
 from . import _family as fam
 from ._base import AscentGroup, ScaledDirection, global_norm
+from ._family_functional import friendly_direction_, friendly_momentum_, wsam_gradient_
 from .sam import SAM
 
 __all__ = ["FriendlySAM", "WSAM"]
@@ -139,19 +140,9 @@ class WSAM(SAM):
         for group, params, g in first:
             a = group["gamma"] / (1.0 - group["gamma"])
             gs = fam.current_grads(params)
-            if scale != 1.0:
-                torch._foreach_mul_(g, scale)  # g in the scaler's units, like g_s
-            if self.decouple:
-                if a:
-                    d = torch._foreach_sub(gs, g)  # g_s - g
-                    if scale != 1.0:
-                        torch._foreach_div_(d, scale)
-                    sharp.append((group["lr"] * a, params, d))
-                torch._foreach_copy_(gs, g)
-            elif a == 0:
-                torch._foreach_copy_(gs, g)
-            else:
-                torch._foreach_lerp_(gs, g, 1.0 - a)  # a g_s + (1 - a) g
+            d = wsam_gradient_(gs, g, a, decouple=self.decouple, scale=scale)
+            if d is not None:
+                sharp.append((group["lr"] * a, params, d))
             for p, x in zip(params, gs):
                 if p.grad is None:
                     p.grad = x
@@ -240,7 +231,7 @@ class FriendlySAM(SAM):
             # d in a reused buffer per parameter (no fresh tensors per step)
             ds = self._buffers(ps, [x for _, x, m in have if m is not None])
             if ds:
-                torch._foreach_add_(ds, [m for _, _, m in have if m is not None], alpha=-g.group["sigma"])
+                friendly_direction_(ds, [m for _, _, m in have if m is not None], g.group["sigma"])
             d_of = dict(zip(ps, ds))
             first = {p: x.clone() for p, x, m in have if m is None}
             pending.append((g.group, [(p, d_of[p] if m is not None else first[p], m) for p, x, m in have]))
@@ -265,8 +256,7 @@ class FriendlySAM(SAM):
             lam, sigma = group["lmbda"], group["sigma"]
             ms = [m for _, _, m in items if m is not None]
             if ms:
-                torch._foreach_mul_(ms, lam + (1.0 - lam) * sigma)
-                torch._foreach_add_(ms, [d for _, d, m in items if m is not None], alpha=1.0 - lam)
+                friendly_momentum_(ms, [d for _, d, m in items if m is not None], lam, sigma)
             for p, d, m in items:
                 if m is None:  # first step: m = g (= d, a copy taken in ascent_direction)
                     self.extra_state[p]["fsam_momentum"] = d

@@ -1,0 +1,136 @@
+"""Argument checks of the sharpness-aware optimizers.
+
+The constructor's checks raise a ``TypeError`` / ``ValueError`` before
+anything changes (the base optimizer, the param groups and the model stay
+as they were); :func:`check_new_group` (``add_param_group``) brings a group
+to the ``sam_`` spelling first, as it always did; :func:`check_directions`
+and :func:`check_closure` check what a variant's hook returned and what
+``step`` was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from ._settings import SAM_PREFIX, _flatten_params, _refuse_closure_optimizer, rename_settings
+
+
+def check_options(same_rng: Any, per_replica: Any, freeze_bn: Any, model: Any) -> None:
+    """The base class's keyword options and the ``model`` they need."""
+    for name, flag in (("same_rng", same_rng), ("per_replica", per_replica), ("freeze_bn", freeze_bn)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+    if (per_replica or freeze_bn) and model is None:
+        which = "per_replica=True" if per_replica else "freeze_bn=True"
+        raise ValueError(f"{which} needs model=<your model> (the DDP-wrapped one under DDP)")
+    if per_replica and not hasattr(model, "no_sync"):
+        raise ValueError(
+            "per_replica=True needs model to be a torch.nn.parallel.DistributedDataParallel "
+            f"model (one with no_sync()), got {type(model).__name__}"
+        )
+
+
+def merge_base_kwargs(base_kwargs: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The base optimizer's arguments: ``**kwargs`` plus ``base_kwargs``
+    (a name given in both is refused)."""
+    if base_kwargs is not None and not isinstance(base_kwargs, dict):
+        raise TypeError(f"base_kwargs must be a dict, got {type(base_kwargs).__name__}")
+    twice = sorted(set(base_kwargs or {}) & set(kwargs))
+    if twice:
+        raise TypeError(f"base optimizer argument(s) {twice} given both as keywords and in base_kwargs")
+    return {**kwargs, **(base_kwargs or {})}
+
+
+def check_base_optimizer(
+    base_optimizer: Any, params: Iterable[Any] | None, base_kw: dict[str, Any], sam_class: type
+) -> None:
+    """``base_optimizer`` is a plain ``torch.optim`` class, or an instance
+    owning exactly ``params`` (``None``: its own groups), whose ``step``
+    works without a closure.  ``sam_class``: the base class of the wrappers
+    (a wrapper is not a base optimizer)."""
+    if isinstance(base_optimizer, Optimizer):
+        if base_kw:
+            raise TypeError(
+                "base_optimizer is already constructed; base optimizer arguments "
+                f"{sorted(base_kw)} cannot be applied (pass the class instead)"
+            )
+        if isinstance(base_optimizer, sam_class):
+            raise TypeError("base_optimizer must be a plain optimizer, not another SAM")
+        _refuse_closure_optimizer(type(base_optimizer))
+        if params is not None:
+            given = {id(p) for p in _flatten_params(params)}
+            owned = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+            if given != owned:
+                raise ValueError(
+                    "params differ from the parameters of the given base_optimizer "
+                    "instance; pass params=None to use the optimizer's groups"
+                )
+    elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+        if issubclass(base_optimizer, sam_class):
+            raise TypeError("base_optimizer must be a plain optimizer, not another SAM")
+        _refuse_closure_optimizer(base_optimizer)
+        if params is None:
+            raise ValueError("params is required when base_optimizer is a class")
+    else:
+        raise TypeError(
+            "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) "
+            f"or an optimizer instance, got {base_optimizer!r}"
+        )
+
+
+def check_setting(key: str, value: Any) -> None:
+    """The base class's group settings: ``rho`` and ``eta`` finite numbers
+    ``>= 0``, ``adaptive`` and ``perturb`` bools (other keys pass)."""
+    if key in ("rho", "eta"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{key} must be a number, got {type(value).__name__}")
+        if not (value >= 0 and value < float("inf")):
+            raise ValueError(f"{key} must be finite and >= 0, got {value}")
+    elif key in ("adaptive", "perturb") and not isinstance(value, bool):
+        raise TypeError(f"{key} must be a bool (True or False), got {value!r}")
+
+
+def check_new_group(opt: Any, group: Any) -> None:
+    """A param group given to ``opt.add_param_group``: a dict, brought to the
+    ``sam_`` spelling (:func:`rename_settings`), whose every ``sam_`` key is
+    one of ``opt``'s settings with a valid value (``opt._check_setting``)."""
+    if not isinstance(group, dict):
+        raise TypeError(f"param_group must be a dict, got {type(group).__name__}")
+    rename_settings(opt, group, strict=True)
+    for key, value in group.items():
+        if key.startswith(SAM_PREFIX):
+            name = key[len(SAM_PREFIX):]
+            if name not in opt.sam_defaults:
+                raise ValueError(
+                    f"unknown param group key {key!r}; {type(opt).__name__}'s settings: "
+                    f"{sorted(SAM_PREFIX + k for k in opt.sam_defaults)}"
+                )
+            opt._check_setting(name, value)
+
+
+def check_directions(groups: Sequence[Any], directions: Sequence[Any]) -> None:
+    """What ``ascent_direction`` returned has one entry per group and one
+    tensor per parameter (a list, or a ``ScaledDirection``'s ``tensors``)."""
+    if len(directions) != len(groups):
+        raise RuntimeError(f"ascent_direction returned {len(directions)} groups for {len(groups)}")
+    for g, d in zip(groups, directions):
+        n = len(d.tensors) if hasattr(d, "tensors") else len(d)
+        if n != len(g.params):
+            raise RuntimeError(f"ascent_direction returned {n} tensors for {len(g.params)} parameters")
+
+
+def check_closure(opt: Any, closure: Any) -> None:
+    """``opt.step(closure)`` needs a callable closure."""
+    if closure is None:
+        raise RuntimeError(
+            f"{type(opt).__name__}.step() needs a closure that computes the loss and calls "
+            "backward(); without one, use first_step() ... backward ... second_step()"
+        )
+    if not callable(closure):
+        raise TypeError(f"closure must be callable, got {type(closure).__name__}")
