@@ -24,7 +24,7 @@ from cases import (
 from torch import nn
 
 from flatness import hessian
-from flatness._minimum import minimize_rescaled_trace
+from flatness._rescaling import minimize_rescaled_trace
 
 
 def relu_mlp(bias: bool = True) -> nn.Module:
@@ -492,7 +492,7 @@ def test_hutchinson_standard_errors_match_the_spread_over_seeds():
 
 
 def test_hutchinson_refuses_a_non_positive_layer_trace_and_warns_near_zero():
-    from flatness._minimum import _check_estimates
+    from flatness._diagonal import _check_estimates
 
     model = relu_mlp()
     batches = classification_batches((6,), (4,), 3)
