@@ -1,0 +1,223 @@
+"""Reference tests for public functions whose other tests check properties
+only (unbiasedness over seeds, norms, counts, a lower loss).
+
+Each test compares with a value written out independently: a closed form on
+a tiny model, a dense float64 Hessian, a mixture computed with SciPy, an
+exhaustive count.  Each one fails on a plausible one-line bug that the
+property tests let through (named in its docstring).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import DT, dense_hessian, mlp
+from torch import nn
+
+from flatness import diversity, hessian
+from flatness import landscape as L
+
+# --------------------------------------------------------------------------
+# Hessian trace: a least-squares model whose Hessian is diagonal
+# --------------------------------------------------------------------------
+
+
+def _diagonal_least_squares():
+    """``Linear(3, 2, bias=False)`` under mean squared error on inputs with
+    orthogonal columns, ``X = diag(1, 2, 3)``: the loss is
+    ``(1/6) sum_{n,k} (w_k . x_n - y_nk)**2``, so the Hessian is
+    ``(2/6) diag(X^T X)`` for each output row, ``(1/3) diag(1, 4, 9, 1, 4, 9)``,
+    of trace ``28/3``."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2, bias=False).to(DT)
+    x = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=DT))
+    y = torch.randn(3, 2, dtype=DT)
+    return model, (x, y)
+
+
+def test_trace_estimators_are_exact_on_a_diagonal_hessian():
+    """A Rademacher probe ``z`` has ``z_i**2 = 1``, so ``z^T D z = tr D`` for
+    a diagonal ``D``: Hutchinson's estimate is the exact trace for every seed,
+    with zero spread.  Hutch++ is exact once its sketch spans the space
+    (``n_samples // 3 >= n``).  The closed form is ``28/3``.
+
+    Kills: Gaussian probes instead of Rademacher ones, a mean over
+    ``n_samples - 1``, Hutch++'s exact part ``tr(Q^T A Q)`` summed wrongly
+    (the other tests only check the mean over 25 seeds)."""
+    model, batch = _diagonal_least_squares()
+    H = dense_hessian(model, [batch], loss_fn=F.mse_loss)
+    assert torch.allclose(H, torch.diag(torch.tensor([1, 4, 9, 1, 4, 9], dtype=DT) / 3), atol=1e-14)
+    want = 28 / 3
+    assert hessian.trace(model, batch, loss_fn=F.mse_loss, method="exact").value == pytest.approx(want, rel=1e-13)
+    for seed in (0, 1, 2):
+        r = hessian.trace(model, batch, loss_fn=F.mse_loss, method="hutchinson", n_samples=5, seed=seed)
+        assert r.value == pytest.approx(want, rel=1e-13)
+        assert r.std_error == pytest.approx(0.0, abs=1e-13)
+        r = hessian.trace(model, batch, loss_fn=F.mse_loss, method="hutch++", n_samples=3 * 6 + 2, seed=seed)
+        assert r.value == pytest.approx(want, rel=1e-12)
+
+
+# --------------------------------------------------------------------------
+# minimum sharpness, Hutchinson: each tensor's block diagonal
+# --------------------------------------------------------------------------
+
+
+def test_minimum_sharpness_hutchinson_is_exact_when_every_tensor_block_is_diagonal():
+    """``Linear(1, 1) - ReLU - Linear(1, 2)`` under mean squared error: the
+    first layer's weight and bias are scalars, and the second layer's output
+    ``k`` depends on row ``k`` only, so the diagonal block of every parameter
+    tensor is a diagonal matrix (the blocks between tensors are not).  The
+    Hutchinson diagonal, which probes one tensor at a time, is then exact for
+    any seed, and so is the minimum sharpness; the reference is the dense
+    Hessian's diagonal.
+
+    Kills: probing all tensors at once (the cross-tensor blocks then enter
+    the estimate: unbiased, so the statistical tests pass)."""
+    model = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2)).to(DT)
+    with torch.no_grad():
+        model[0].weight.fill_(1.5)
+        model[0].bias.fill_(0.2)
+        model[2].weight.copy_(torch.tensor([[0.7], [-1.1]]))
+        model[2].bias.copy_(torch.tensor([0.3, -0.4]))
+    x = torch.linspace(0.5, 2.0, 6, dtype=DT)[:, None]
+    y = torch.stack([torch.sin(3 * x[:, 0]), torch.cos(2 * x[:, 0])], 1)
+    batch = (x, y)
+    diag = dense_hessian(model, [batch], loss_fn=F.mse_loss).diagonal()
+    # per-tensor traces of the dense diagonal: W1, b1, W2, b2
+    want = [float(diag[0]), float(diag[1]), float(diag[2:4].sum()), float(diag[4:6].sum())]
+    exact = hessian.minimum_sharpness(model, batch, loss_fn=F.mse_loss, method="exact")
+    assert exact.layer_traces == pytest.approx([want[0], want[2]], rel=1e-12)
+    assert exact.bias_traces == pytest.approx([want[1], want[3]], rel=1e-12)
+    for seed in (0, 3):
+        r = hessian.minimum_sharpness(model, batch, loss_fn=F.mse_loss, method="hutchinson", n_samples=3,
+                                      seed=seed)
+        assert r.layer_traces == pytest.approx([want[0], want[2]], rel=1e-12)
+        assert r.bias_traces == pytest.approx([want[1], want[3]], rel=1e-12)
+        assert r.trace == pytest.approx(sum(want), rel=1e-12)
+        assert r.value == pytest.approx(exact.value, rel=1e-9)
+        assert r.trace_std_error == pytest.approx(0.0, abs=1e-12)
+
+
+# --------------------------------------------------------------------------
+# SharpBalance's random baseline: uniform without replacement
+# --------------------------------------------------------------------------
+
+
+def test_random_split_draws_every_subset_equally_often():
+    """``floor(flat_ratio * n)`` samples drawn uniformly without replacement:
+    over 1200 seeds, each of the ``C(6, 3) = 20`` subsets of 3 of 6 samples
+    appears about 60 times (a chi-square test at the 0.1 % level; the
+    seeds are fixed, so the test is deterministic).
+
+    Kills: a draw that never reaches the last sample (``randperm(n - 1)``)
+    or always keeps the first one; the property tests check only the
+    count, the partition and that members differ."""
+    from scipy.stats import chi2
+
+    n, k, trials = 6, 3, 1200
+    subsets = {s: 0 for s in itertools.combinations(range(n), k)}
+    for seed in range(trials):
+        sam, plain = diversity.random_split(n, 0, 0.5, seed=seed)
+        subsets[tuple(sam.tolist())] += 1
+        assert sorted(sam.tolist() + plain.tolist()) == list(range(n))
+    expected = trials / len(subsets)
+    stat = sum((c - expected) ** 2 / expected for c in subsets.values())
+    assert stat < chi2.ppf(0.999, len(subsets) - 1), subsets
+    # same=False: member 1's subsets follow the same law, independently of member 0's
+    pairs = [(tuple(diversity.random_split(n, 0, 0.5, seed=s)[0].tolist()),
+              tuple(diversity.random_split(n, 1, 0.5, seed=s)[0].tolist())) for s in range(200)]
+    assert sum(a == b for a, b in pairs) < 200 * 3 / len(subsets)
+
+
+# --------------------------------------------------------------------------
+# spectral density: the smoothing and the quadrature
+# --------------------------------------------------------------------------
+
+
+def test_spectral_density_is_the_gaussian_mixture_of_the_quadrature():
+    """With ``n_steps`` at least the number of parameters, Lanczos exhausts
+    the space: every node carrying weight is an eigenvalue of the dense
+    Hessian and each vector's weights sum to 1.  The density is
+    ``mean_v sum_i w_vi N(t; theta_vi, sigma**2)`` (written out with
+    SciPy), on a grid from ``lo - 5 sigma`` to ``hi + 5 sigma`` with
+    ``sigma`` 1 % of the range of the nodes, as documented.
+
+    Kills: a default ``sigma`` other than 1 % of the range, or a kernel of
+    width ``sigma**2``, when the density still integrates to 1 (the only
+    check of the smoothing elsewhere)."""
+    from scipy.stats import norm
+
+    model = mlp(sizes=(3, 3, 2))
+    batches = [(torch.randn(7, 3, generator=torch.Generator().manual_seed(4), dtype=DT),
+                torch.tensor([0, 1, 1, 0, 1, 0, 0]))]
+    ev = torch.linalg.eigvalsh(dense_hessian(model, batches))
+    n = ev.numel()
+    d = hessian.spectral_density(model, batches, n_vectors=3, n_steps=n, grid_size=200, seed=0)
+    used = d.weights > 1e-10
+    gap = (d.nodes[used][:, None] - ev[None]).abs().min(1).values
+    assert float(gap.max()) <= 1e-7 * float(ev.abs().max())
+    assert torch.allclose(d.weights.sum(1), torch.ones(3, dtype=DT), atol=1e-12)
+    lo, hi = float(d.nodes[d.weights > 0].min()), float(d.nodes[d.weights > 0].max())
+    assert d.sigma == pytest.approx(0.01 * (hi - lo), rel=1e-12)
+    assert float(d.grid[0]) == pytest.approx(lo - 5 * d.sigma, rel=1e-12, abs=1e-15)
+    assert float(d.grid[-1]) == pytest.approx(hi + 5 * d.sigma, rel=1e-12, abs=1e-15)
+    t = d.grid.numpy()[:, None, None]
+    ref = (d.weights.numpy()[None] * norm.pdf(t, loc=d.nodes.numpy()[None], scale=d.sigma)).sum(-1).mean(-1)
+    assert torch.allclose(d.density, torch.as_tensor(ref), rtol=1e-10, atol=1e-12 * float(ref.max()))
+
+
+# --------------------------------------------------------------------------
+# temperature scaling: a closed form
+# --------------------------------------------------------------------------
+
+
+def test_fit_temperature_closed_form_for_two_classes():
+    """Two classes, logit margin ``a`` on every sample, a fraction ``q`` of
+    them correct: the NLL at inverse temperature ``b`` is
+    ``q log(1 + e^{-ab}) + (1 - q) log(1 + e^{ab})``, stationary where
+    ``sigmoid(ab) = q``, so ``T = a / log(q / (1 - q))``.  Here ``a = 2``,
+    ``q = 3/4``: ``T = 2 / log 3``.  A per-sample shift of the logits
+    (log-probabilities instead) changes nothing.
+
+    Kills: scaling by ``T`` instead of ``1/T`` (gives ``log 3 / 2``)."""
+    z = torch.tensor([[2.0, 0.0]] * 4, dtype=DT)
+    y = torch.tensor([0, 0, 0, 1])
+    want = 2 / math.log(3)
+    assert diversity.fit_temperature(z, y) == pytest.approx(want, rel=1e-6)
+    assert diversity.fit_temperature(torch.log_softmax(z, -1) + 5.0, y) == pytest.approx(want, rel=1e-6)
+    # more correct samples: a sharper, colder fit (q = 7/8: T = 2 / log 7)
+    z8, y8 = torch.tensor([[2.0, 0.0]] * 8, dtype=DT), torch.tensor([0] * 7 + [1])
+    assert diversity.fit_temperature(z8, y8) == pytest.approx(2 / math.log(7), rel=1e-6)
+
+
+# --------------------------------------------------------------------------
+# loss-landscape directions: Li et al.'s normalisation of the random draw
+# --------------------------------------------------------------------------
+
+
+def test_filter_and_layer_directions_rescale_the_random_draw():
+    """``kind="filter"`` and ``"layer"`` are the ``kind="random"`` draw of
+    the same seed with each filter (each tensor) rescaled to the weights'
+    norm: ``d_f |w_f| / |d_f|``, written out here; one-dimensional tensors
+    get zero (``bias="zero"``).
+
+    Kills: returning the weights themselves rescaled (``w |w| / |w|``) as the
+    direction, which has exactly the norms the other test checks."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4)).to(DT)
+    rnd = L.directions(model, "random", seed=5)
+    filt = L.directions(model, "filter", seed=5)
+    lay = L.directions(model, "layer", seed=5)
+    for j in range(2):
+        for p, r, f, g in zip(model.parameters(), rnd[j], filt[j], lay[j]):
+            w = p.detach()
+            if w.dim() <= 1:
+                assert torch.equal(f, torch.zeros_like(w)) and torch.equal(g, torch.zeros_like(w))
+                continue
+            rows_r, rows_w = r.reshape(r.shape[0], -1), w.reshape(w.shape[0], -1)
+            want = rows_r * (rows_w.norm(dim=1) / rows_r.norm(dim=1))[:, None]
+            assert torch.allclose(f, want.reshape(w.shape), rtol=1e-13, atol=0)
+            assert torch.allclose(g, r * (w.norm() / r.norm()), rtol=1e-13, atol=0)
