@@ -57,8 +57,12 @@ def test_trace_estimators_are_exact_on_a_diagonal_hessian():
         r = hessian.trace(model, batch, loss_fn=F.mse_loss, method="hutchinson", n_samples=5, seed=seed)
         assert r.value == pytest.approx(want, rel=1e-13)
         assert r.std_error == pytest.approx(0.0, abs=1e-13)
+        # each probe's quadratic form is the trace itself
+        assert r.samples.tolist() == pytest.approx([want] * 5, rel=1e-13)
         r = hessian.trace(model, batch, loss_fn=F.mse_loss, method="hutch++", n_samples=3 * 6 + 2, seed=seed)
         assert r.value == pytest.approx(want, rel=1e-12)
+        # the sketch spans the space: the deflated forms (Hutch++'s samples) vanish
+        assert r.samples.abs().max() <= 1e-12 * want
 
 
 # --------------------------------------------------------------------------
@@ -252,3 +256,64 @@ def test_eigen_residuals_are_those_of_the_dense_hessian(block_size, which):
     if block_size == 1:
         lean = hessian.top_eigenvalues(model, batches, k=2, max_iter=6, which=which, low_memory=True)
         assert lean.residuals.tolist() == pytest.approx(want, rel=1e-6)
+
+
+# --------------------------------------------------------------------------
+# loss landscapes: PCA variances and the barrier curves
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_pca_explained_variance_matches_scikit_learn(k):
+    """``kind="pca"`` with ``center=True`` is scikit-learn's PCA of the
+    checkpoints' differences from the weights (as the paper's code runs it):
+    the same components up to sign, explained variances (``s**2 / (m - 1)``)
+    and ratios.
+
+    Kills: the variance divided by ``m`` instead of ``m - 1``; the other
+    test reads only the ratios."""
+    decomposition = pytest.importorskip("sklearn.decomposition")
+    model = mlp(sizes=(3, 4, 2))
+    g = torch.Generator().manual_seed(7)
+    names = [n for n, _ in model.named_parameters()]
+    ckpts = [{n: p.detach() + torch.randn(p.shape, generator=g, dtype=DT) * (0.5 + i) for n, p in
+              model.named_parameters()} for i in range(5)]
+    d = L.directions(model, "pca", k=k, checkpoints=ckpts)
+    final = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    X = torch.stack([torch.cat([c[n].reshape(-1) for n in names]) - final for c in ckpts]).numpy()
+    pca = decomposition.PCA(n_components=k, svd_solver="full").fit(X)
+    assert d.explained_variance == pytest.approx(pca.explained_variance_.tolist(), rel=1e-10)
+    assert d.explained_variance_ratio == pytest.approx(pca.explained_variance_ratio_.tolist(), rel=1e-10)
+    for i in range(k):
+        ours = torch.cat([t.reshape(-1) for t in d[i]]).numpy()
+        assert abs(float(ours @ pca.components_[i])) == pytest.approx(1.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("on", ["loss", "error"])
+def test_barrier_curves_are_the_loss_and_error_along_each_line(on):
+    """``curves["i-j"]`` is the loss (or the error rate) of
+    ``(1 - t) w_i + t w_j`` at the points ``t``, computed here with
+    ``functional_call``; the Frankle barrier of each pair is the curve's
+    maximum minus the mean of its ends.
+
+    Kills: the accuracy stored as the error curve (``r.accuracy`` for
+    ``1 - r.accuracy``), or the pair's line taken from ``j`` to ``i``; the
+    other tests read only the key names of ``curves``."""
+    from torch.func import functional_call
+
+    models = [mlp(seed=s, sizes=(4, 5, 3), act=nn.ReLU) for s in (1, 2, 3)]
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(3), dtype=DT)
+    y = torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(4))
+    res = L.loss_barrier(models, (x, y), n_points=5, kind="frankle", on=on)
+    assert res.t == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        want = []
+        for t in res.t:
+            params = {n: (1 - t) * a.detach() + t * b.detach()
+                      for (n, a), b in zip(models[i].named_parameters(), models[j].parameters())}
+            z = functional_call(models[0], params, (x,))
+            want.append(float(F.cross_entropy(z, y)) if on == "loss"
+                        else 1 - float((z.argmax(1) == y).double().mean()))
+        assert res.curves[f"{i}-{j}"] == pytest.approx(want, rel=1e-12, abs=1e-14)
+        assert float(res.matrix[i, j]) == pytest.approx(max(want) - 0.5 * (want[0] + want[-1]), rel=1e-12,
+                                                        abs=1e-14)
