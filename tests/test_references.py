@@ -9,13 +9,14 @@ property tests let through (named in its docstring).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import DT, classification_batches, dense_hessian, mlp
+from cases import DT, classification_batches, cnn, dense_hessian, mlp
 from torch import nn
 
 from flatness import diversity, hessian
@@ -169,9 +170,13 @@ def test_spectral_density_is_the_gaussian_mixture_of_the_quadrature():
     assert d.sigma == pytest.approx(0.01 * (hi - lo), rel=1e-12)
     assert float(d.grid[0]) == pytest.approx(lo - 5 * d.sigma, rel=1e-12, abs=1e-15)
     assert float(d.grid[-1]) == pytest.approx(hi + 5 * d.sigma, rel=1e-12, abs=1e-15)
-    t = d.grid.numpy()[:, None, None]
-    ref = (d.weights.numpy()[None] * norm.pdf(t, loc=d.nodes.numpy()[None], scale=d.sigma)).sum(-1).mean(-1)
-    assert torch.allclose(d.density, torch.as_tensor(ref), rtol=1e-10, atol=1e-12 * float(ref.max()))
+    # the default sigma, and one given
+    given = hessian.spectral_density(model, batches, n_vectors=3, n_steps=n, grid_size=200, seed=0, sigma=0.05)
+    assert given.sigma == 0.05 and float(given.grid[-1]) == pytest.approx(hi + 0.25, rel=1e-12)
+    for r in (d, given):
+        t = r.grid.numpy()[:, None, None]
+        ref = (r.weights.numpy()[None] * norm.pdf(t, loc=r.nodes.numpy()[None], scale=r.sigma)).sum(-1).mean(-1)
+        assert torch.allclose(r.density, torch.as_tensor(ref), rtol=1e-10, atol=1e-12 * float(ref.max()))
 
 
 # --------------------------------------------------------------------------
@@ -317,3 +322,34 @@ def test_barrier_curves_are_the_loss_and_error_along_each_line(on):
         assert res.curves[f"{i}-{j}"] == pytest.approx(want, rel=1e-12, abs=1e-14)
         assert float(res.matrix[i, j]) == pytest.approx(max(want) - 0.5 * (want[0] + want[-1]), rel=1e-12,
                                                         abs=1e-14)
+
+
+def test_bn_recompute_on_the_first_bn_batches_only():
+    """``bn="recompute", bn_batches=1``: at each point the BatchNorm
+    statistics are those of one training-mode pass over the first batch of
+    ``bn_data`` (default: ``data``), then the loss is the size-weighted mean
+    over all of ``data``; recomputed here by hand on a copy of the model.
+
+    Kills: ``bn_batches`` not passed on (every batch then enters the
+    statistics); no other test sets it."""
+    model = cnn()
+    batches = classification_batches((5, 4, 6), (1, 6, 6), 3)
+    d = L.directions(model, "filter", seed=0)
+    res = L.slice(model, batches, d, grid=(-0.5, 0.5, 3), bn="recompute", bn_batches=1)
+    coords = [-0.5, 0.0, 0.5]
+    names = [n for n, _ in model.named_parameters()]
+    for i, j in [(0, 2), (1, 1), (2, 0)]:
+        m = copy.deepcopy(model)
+        named = dict(m.named_parameters())
+        with torch.no_grad():
+            for k, n in enumerate(names):
+                named[n].add_(coords[i] * d[0][k] + coords[j] * d[1][k])
+            m.train()
+            for mod in m.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.reset_running_stats()
+                    mod.momentum = None
+            m(batches[0][0])
+            m.eval()
+            want = sum(F.cross_entropy(m(x), y).item() * len(y) for x, y in batches) / 15
+        assert float(res.loss[i, j]) == pytest.approx(want, rel=1e-10)
