@@ -396,3 +396,32 @@ def test_public_hvp_equals_dense_products():
     got = flat_out(hessian.hvp(model, batches[0], vs, curvature="ggn"))
     assert torch.allclose(got, G @ flat, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(G, dense_hessian(model, batches[:1]), atol=1e-6)  # they differ here
+
+
+def test_trace_and_density_of_the_ggn_and_of_a_block_equal_the_dense_ones():
+    """``trace(curvature="ggn")`` is the trace of the dense ``J^T H_z J``,
+    ``trace(params=[head])`` that of the dense Hessian's block, and an
+    exhaustive ``spectral_density(curvature="ggn")`` puts its nodes on the
+    GGN's eigenvalues (which are not the Hessian's here).
+
+    Kills: ``curvature`` or ``params`` not passed on by ``trace`` or
+    ``spectral_density``; no other test compares their GGN or block values
+    with a reference."""
+    from cases import dense_ggn
+
+    model = mlp(sizes=(4, 5, 3))
+    batch = classification_batches((7,), (4,), 3)[0]
+    G = dense_ggn(model, batch)
+    H = dense_hessian(model, [batch])
+    assert abs(float(G.trace() - H.trace())) > 1e-6
+    t = hessian.trace(model, batch, method="exact", curvature="ggn").value
+    assert t == pytest.approx(float(G.trace()), rel=1e-10)
+    head = model[2]
+    n_head = head.weight.numel() + head.bias.numel()
+    t = hessian.trace(model, batch, method="exact", params=[head]).value
+    assert t == pytest.approx(float(H[-n_head:, -n_head:].trace()), rel=1e-10)
+    ev = torch.linalg.eigvalsh(G)
+    d = hessian.spectral_density(model, batch, n_vectors=2, n_steps=G.shape[0], curvature="ggn")
+    used = d.weights > 1e-10
+    gap = (d.nodes[used][:, None] - ev[None]).abs().min(1).values
+    assert float(gap.max()) <= 1e-7 * float(ev.abs().max())
