@@ -3,8 +3,8 @@ only (unbiasedness over seeds, norms, counts, a lower loss).
 
 Each test compares with a value written out independently: a closed form on
 a tiny model, a dense float64 Hessian, a mixture computed with SciPy, an
-exhaustive count.  Each one fails on a plausible one-line bug that the
-property tests let through (named in its docstring).
+exhaustive count.  Each one fails on a plausible one-line bug, named in
+its docstring (most of them pass every other test).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import DT, classification_batches, cnn, dense_hessian, mlp
+from cases import DT, classification_batches, cnn, dense_ggn, dense_hessian, mlp
 from torch import nn
 
 from flatness import diversity, hessian
@@ -47,8 +47,8 @@ def test_trace_estimators_are_exact_on_a_diagonal_hessian():
     (``n_samples // 3 >= n``).  The closed form is ``28/3``.
 
     Kills: Gaussian probes instead of Rademacher ones, a mean over
-    ``n_samples - 1``, Hutch++'s exact part ``tr(Q^T A Q)`` summed wrongly
-    (the other tests only check the mean over 25 seeds)."""
+    ``n_samples - 1``, a Hutch++ sketch one column short of the space
+    (the other tests of the estimates check their mean over seeds)."""
     model, batch = _diagonal_least_squares()
     H = dense_hessian(model, [batch], loss_fn=F.mse_loss)
     assert torch.allclose(H, torch.diag(torch.tensor([1, 4, 9, 1, 4, 9], dtype=DT) / 3), atol=1e-14)
@@ -81,7 +81,7 @@ def test_minimum_sharpness_hutchinson_is_exact_when_every_tensor_block_is_diagon
     Hessian's diagonal.
 
     Kills: probing all tensors at once (the cross-tensor blocks then enter
-    the estimate: unbiased, so the statistical tests pass)."""
+    the estimate: still unbiased, only noisier)."""
     model = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2)).to(DT)
     with torch.no_grad():
         model[0].weight.fill_(1.5)
@@ -118,8 +118,8 @@ def test_random_split_draws_every_subset_equally_often():
     appears about 60 times (a chi-square test at the 0.1 % level; the
     seeds are fixed, so the test is deterministic).
 
-    Kills: a draw that never reaches the last sample (``randperm(n - 1)``)
-    or always keeps the first one; the property tests check only the
+    Kills: a draw that never reaches the last sample (``randperm(n - 1)``
+    when fewer than ``n`` are drawn); the property tests check only the
     count, the partition and that members differ."""
     from scipy.stats import chi2
 
@@ -151,9 +151,9 @@ def test_spectral_density_is_the_gaussian_mixture_of_the_quadrature():
     SciPy), on a grid from ``lo - 5 sigma`` to ``hi + 5 sigma`` with
     ``sigma`` 1 % of the range of the nodes, as documented.
 
-    Kills: a default ``sigma`` other than 1 % of the range, or a kernel of
-    width ``sigma**2``, when the density still integrates to 1 (the only
-    check of the smoothing elsewhere)."""
+    Kills: a default ``sigma`` other than 1 % of the range, or a given
+    ``sigma`` ignored: the density still integrates to 1, the other check
+    of the smoothing."""
     from scipy.stats import norm
 
     model = mlp(sizes=(3, 3, 2))
@@ -244,9 +244,9 @@ def test_eigen_residuals_are_those_of_the_dense_hessian(block_size, which):
     dense Hessian and the returned pair (the recurrence gives it without a
     product).  The low-memory recurrence reports the same values.
 
-    Kills: the residual taken from the first block of the Ritz vectors
-    instead of the last (``S[:b]``), which no other test reads (the
-    eigenvalues still converge once the Krylov space is exhausted)."""
+    Kills: the low-memory recurrence's residual without its ``beta``, and
+    the residual taken from the first block of the Ritz vectors instead of
+    the last (``S[:b]``); no other test reads the public field."""
     model = mlp(sizes=(5, 6, 4))
     batches = classification_batches((9,), (5,), 4)
     H = dense_hessian(model, batches)
@@ -368,8 +368,6 @@ def test_public_hvp_equals_dense_products():
     Kills: ``curvature`` not passed on to the operator (the Hessian comes
     back for ``"ggn"``); the other test of the public function checks only
     that single and batched calls agree."""
-    from cases import dense_ggn
-
     model = mlp(sizes=(4, 5, 3))
     batches = classification_batches((6, 3), (4,), 3)
     params = list(model.parameters())
@@ -407,8 +405,6 @@ def test_trace_and_density_of_the_ggn_and_of_a_block_equal_the_dense_ones():
     Kills: ``curvature`` or ``params`` not passed on by ``trace`` or
     ``spectral_density``; no other test compares their GGN or block values
     with a reference."""
-    from cases import dense_ggn
-
     model = mlp(sizes=(4, 5, 3))
     batch = classification_batches((7,), (4,), 3)[0]
     G = dense_ggn(model, batch)
