@@ -178,7 +178,8 @@ def test_no_import_cycles():
 LAYERS = {
     0: "_checks _data _distributed _functional _geometry _guard _options _params _results _rng",
     1: "_apgd _apgd_reference _ensemble _hvp _kfac _lanczos _per_sample",
-    2: "_calibration _descriptive _diversity _landscape _minimum _noise _sharpbalance",
+    2: "_calibration _descriptive _diagonal _diversity _gn_diagonal _landscape _minimum _noise _rescaling "
+       "_sharpbalance",
     3: "diversity hessian landscape nonuniformity optim optim._base optim._checks optim._family "
        "optim._family_functional optim._functional optim._preconditioner optim._settings optim._stage "
        "optim._state optim.bsam optim.consistent optim.esam optim.gsam optim.mesa optim.sam optim.subset "

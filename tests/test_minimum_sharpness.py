@@ -24,7 +24,7 @@ from cases import (
 from torch import nn
 
 from flatness import hessian
-from flatness._minimum import minimize_rescaled_trace
+from flatness._rescaling import minimize_rescaled_trace
 
 
 def relu_mlp(bias: bool = True) -> nn.Module:
@@ -489,10 +489,17 @@ def test_hutchinson_standard_errors_match_the_spread_over_seeds():
         spread = float(np.std([r.layer_traces[l] for r in runs], ddof=1))
         se = float(np.mean([r.layer_std_errors[l] for r in runs]))
         assert 0.5 < se / spread < 2.0
+        # the biases' standard errors, likewise
+        spread = float(np.std([r.bias_traces[l] for r in runs], ddof=1))
+        se = float(np.mean([r.bias_std_errors[l] for r in runs]))
+        assert 0.5 < se / spread < 2.0
+    # the whole trace's, too
+    spread = float(np.std([r.trace for r in runs], ddof=1))
+    assert 0.5 < float(np.mean([r.trace_std_error for r in runs])) / spread < 2.0
 
 
 def test_hutchinson_refuses_a_non_positive_layer_trace_and_warns_near_zero():
-    from flatness._minimum import _check_estimates
+    from flatness._diagonal import _check_estimates
 
     model = relu_mlp()
     batches = classification_batches((6,), (4,), 3)
