@@ -104,7 +104,9 @@ def apgd(
     f_x, g_x = objective(x, True)
     start_value = f_x
     best_x = [t.clone() for t in x]
-    best_g = [t.clone() for t in g_x]
+    # Of the best point's gradient only its steepest-ascent direction is
+    # ever used (after a restart): its signs, a byte each, for linf.
+    best_g = pset.save_direction(g_x)
     best_f = f_x
     x_prev = [t.clone() for t in x]
 
@@ -139,8 +141,9 @@ def apgd(
             best_f = f_new
             torch._foreach_copy_(best_x, x)
             if g_new is not None:
-                torch._foreach_copy_(best_g, g_new)
+                pset.save_direction(g_new, into=best_g)
         f_x, g_x = f_new, g_new  # type: ignore[assignment]
+        del g_new  # one name per buffer: it is freed as soon as g_x is
 
         if (k + 1) in ckpts and not last:
             stalled = successes < SUCCESS_FRACTION * (k + 1 - last_ckpt)
@@ -150,7 +153,9 @@ def apgd(
                 # Restart from the best point; momentum restarts with it.
                 torch._foreach_copy_(x, best_x)
                 torch._foreach_copy_(x_prev, best_x)
-                torch._foreach_copy_(g_x, best_g)  # into the buffer it replaces
+                # into the buffer it replaces; steepest_ascent_ of the
+                # saved signs is that of the gradient they came from
+                torch._foreach_copy_(g_x, best_g)
                 f_x = best_f
             successes = 0
             last_ckpt = k + 1
