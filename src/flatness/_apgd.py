@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._geometry import PerturbationSet
+from ._geometry import PerturbationSet, _global_norm, blocks
 
 #: ``objective(delta, need_grad) -> (value, grad_delta or None)``
 Objective = Callable[[list[Tensor], bool], tuple[float, list[Tensor] | None]]
@@ -115,20 +115,14 @@ def apgd(
     eta_at_last, best_at_last = eta, best_f
 
     for k in range(n_iters):
-        # z = P(x + eta * dir(g)), built in the gradient's own buffer: g_x is
-        # not needed after this (best_g holds a copy when it matters).
-        z = pset.steepest_ascent_(g_x, scale=eta)
-        torch._foreach_add_(z, x)
-        pset.project_(z)
+        # z = P(x + eta * dir(g)) in the gradient's own buffer (g_x is not
+        # needed after this; best_g holds what a restart needs of it), then
+        # x_new = P(x + a (z - x) + (1 - a)(x - x_prev)) in x_prev's
+        # buffer, or z itself for the first step.
+        z = _step(pset, g_x, x, x_prev, eta, first=k == 0)
         if k == 0:
             x_prev, x = x, z
         else:
-            # x_new = P(x + a (z - x) + (1 - a)(x - x_prev))
-            #       = P(lerp(t, z, a)) with t = 2 x - x_prev = lerp(x_prev, x, 2),
-            # built in x_prev's buffer with two passes.
-            torch._foreach_lerp_(x_prev, x, 2.0)
-            torch._foreach_lerp_(x_prev, z, MOMENTUM)
-            pset.project_(x_prev)
             x_prev, x = x, x_prev
         # z (the old gradient's buffer) is dead now: free it before the next
         # gradient is allocated, so the two never exist at once
@@ -162,3 +156,47 @@ def apgd(
             eta_at_last, best_at_last = eta, best_f
 
     return APGDResult(best_f, best_x, start_value)
+
+
+def _step(
+    pset: PerturbationSet, g: list[Tensor], x: list[Tensor], x_prev: list[Tensor],
+    eta: float, *, first: bool,
+) -> list[Tensor]:
+    """One APGD step: ``z = P(x + eta dir(g))`` written into ``g``; then,
+    unless ``first``, ``x_new = P(lerp(lerp(x_prev, x, 2), z, a))`` (that is
+    ``P(x + a (z - x) + (1 - a)(x - x_prev))``) written into ``x_prev``.
+    Returns the buffer holding the new iterate.
+
+    The elementwise operations run block by block (``_geometry.blocks``),
+    so each block of ``g``, ``x`` and ``x_prev`` is read from memory once for
+    all of them; the operations and their order per element are those of
+    the plain formulas, so the values are the same bit for bit.  For l2 the
+    global norms need three passes: the gradient's norm, ``z``'s, ``x_new``'s.
+    """
+    rho = pset.rho
+    if pset.norm == "linf":
+        for gb, xb, pb in blocks(g, x, x_prev):
+            gb.sign_()
+            torch.add(xb, gb, alpha=eta, out=gb)  # eta * sign(g) is exact: one rounding
+            gb.clamp_(-rho, rho)
+            if not first:
+                pb.lerp_(xb, 2.0)
+                pb.lerp_(gb, MOMENTUM)
+                pb.clamp_(-rho, rho)
+        new = g if first else x_prev
+        pset._zero_unscaled_(new)
+        return new
+    norm = float(_global_norm(g))
+    scale = eta / norm if norm > 0 else None
+    for gb, xb in blocks(g, x):
+        if scale is not None:
+            gb.mul_(scale)
+        gb.add_(xb)
+    pset.project_(g)
+    if first:
+        return g
+    for gb, xb, pb in blocks(g, x, x_prev):
+        pb.lerp_(xb, 2.0)
+        pb.lerp_(gb, MOMENTUM)
+    pset.project_(x_prev)
+    return x_prev

@@ -39,10 +39,13 @@ def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))))
 
 
-#: Elements per block of the fused elementwise passes: a few float32 blocks
-#: (256 KiB each) fit in a core's L2 cache, so a temporary such as ``|w|``
-#: never grows beyond a block and never costs a pass through main memory.
+#: Elements per block of the fused elementwise passes on CPU: a few float32
+#: blocks (256 KiB each) fit in a core's L2 cache, so the several
+#: operations of one pass read main memory once, and a temporary such as
+#: ``|w|`` never grows beyond a block.  On accelerators a larger block keeps
+#: the kernel launches few.
 BLOCK = 1 << 16
+DEVICE_BLOCK = 1 << 22
 
 
 def blocks(*lists: Sequence[Tensor]) -> Iterator[tuple[Tensor, ...]]:
@@ -52,12 +55,13 @@ def blocks(*lists: Sequence[Tensor]) -> Iterator[tuple[Tensor, ...]]:
     the values of the same work done tensor by tensor."""
     for ts in zip(*lists):
         n = ts[0].numel()
-        if n <= BLOCK or not all(t.is_contiguous() for t in ts):
+        size = BLOCK if ts[0].device.type == "cpu" else DEVICE_BLOCK
+        if n <= size or not all(t.is_contiguous() for t in ts):
             yield ts
             continue
         flats = [t.view(-1) for t in ts]
-        for s in range(0, n, BLOCK):
-            yield tuple(f[s : s + BLOCK] for f in flats)
+        for s in range(0, n, size):
+            yield tuple(f[s : s + size] for f in flats)
 
 
 class PerturbationSet:
@@ -98,6 +102,25 @@ class PerturbationSet:
         self._fixed: list[Tensor | None] = [None] * len(self._like)
         if adaptive:
             self._fixed = [self._zeros_of(w) for w in self._like]
+        self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def _scratch_like(self, t: Tensor) -> Tensor | None:
+        """A scratch tensor shaped like one piece from :func:`blocks`,
+        reused by the next call (``None`` for a piece larger than a block)."""
+        n = t.numel()
+        if not t.is_contiguous() or n > (BLOCK if t.device.type == "cpu" else DEVICE_BLOCK):
+            return None
+        buf = self._scratch.get((t.dtype, t.device))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, BLOCK), dtype=t.dtype, device=t.device)
+            self._scratch[(t.dtype, t.device)] = buf
+        return buf[:n].view(t.shape)
+
+    def abs_block(self, w: Tensor) -> Tensor:
+        """``|w|`` of one piece from :func:`blocks`, in a scratch buffer
+        that the next call overwrites (no allocation per piece)."""
+        buf = self._scratch_like(w)
+        return w.abs() if buf is None else torch.abs(w, out=buf)
 
     @staticmethod
     def _zeros_of(w: Tensor) -> Tensor | None:
@@ -127,38 +150,38 @@ class PerturbationSet:
             return list(delta)
         out = [torch.empty_like(t) for t in delta]
         for o, t, w in blocks(out, delta, self._like):
-            torch.mul(t, w.abs(), out=o)
+            torch.mul(t, self.abs_block(w), out=o)
         return out
 
     def grad_to_scaled_(self, grad: list[Tensor]) -> list[Tensor]:
         """Chain rule, in place: the gradient in ``delta`` is ``c * grad_d``."""
         if self.adaptive:
             for g, w in blocks(grad, self._like):
-                g.mul_(w.abs())
+                g.mul_(self.abs_block(w))
         return grad
 
-    def grad_to_scaled_at_(self, i: int, grad: Tensor) -> Tensor:
-        """:meth:`grad_to_scaled_` for the ``i``-th tensor alone."""
-        if self.adaptive:
-            for g, w in blocks([grad], [self._like[i]]):
-                g.mul_(w.abs())
-        return grad
+    def scaled_grad_into(self, i: int, grad: Tensor, out: Tensor) -> None:
+        """``out = c * grad`` for the ``i``-th tensor (the chain rule of
+        :meth:`grad_to_scaled_`), in one pass."""
+        if not self.adaptive:
+            out.copy_(grad)
+            return
+        if not grad.is_contiguous():
+            out.copy_(grad)
+            grad = out
+        for o, g, w in blocks([out], [grad], [self._like[i]]):
+            torch.mul(g, self.abs_block(w), out=o)
 
     def perturbed(self, delta: Sequence[Tensor]) -> list[Tensor]:
         """New tensors ``w + c * delta``, in one pass."""
         out = [torch.empty_like(w) for w in self._like]
-        for o, w, t in blocks(out, self._like, delta):
-            if self.adaptive:
-                torch.addcmul(w, w.abs(), t, out=o)
-            else:
-                torch.add(w, t, out=o)
-        return out
+        return self.perturbed_(out, self._like, delta)
 
     def perturbed_(self, out: list[Tensor], weights: Sequence[Tensor], delta: Sequence[Tensor]) -> list[Tensor]:
         """Write ``w + c * delta`` into the buffers ``out`` (no allocation)."""
         for o, w, t in blocks(out, list(weights), delta):
             if self.adaptive:
-                torch.addcmul(w, w.abs(), t, out=o)
+                torch.addcmul(w, self.abs_block(w), t, out=o)
             else:
                 torch.add(w, t, out=o)
         return out
@@ -200,7 +223,8 @@ class PerturbationSet:
             into = [torch.empty_like(g, dtype=dtype) for g in grad]
         if self.norm == "linf":
             for s, g in blocks(into, grad):
-                s.copy_(torch.sign(g))
+                buf = self._scratch_like(g)
+                s.copy_(g.sign() if buf is None else torch.sign(g, out=buf))
         else:
             torch._foreach_copy_(into, list(grad))
         return into
@@ -240,7 +264,7 @@ class PerturbationSet:
         delta = [draw(t, generator).mul_(self.rho) for t in self._like]
         if self.adaptive:
             for t, w in blocks(delta, self._like):
-                t.mul_(w.abs())  # in place: no second copy
+                t.mul_(self.abs_block(w))  # in place: no second copy
         return delta
 
     def average_case_values(self, generator: torch.Generator) -> list[Tensor]:
@@ -253,7 +277,7 @@ class PerturbationSet:
             t = draw(w, generator).mul_(self.rho)
             for tb, wb in blocks([t], [w]):
                 if self.adaptive:
-                    tb.mul_(wb.abs())
+                    tb.mul_(self.abs_block(wb))
                 tb.add_(wb)
             values.append(t)
         return values

@@ -184,12 +184,6 @@ def _worst_case_chunk(
     if isinstance(pset, ReferenceGeometry):
         return _reference_chunk(loss, weights, pset, inputs, targets, n_iters, restarts, generator)
 
-    def scaled(i: int, grad: Tensor, out: Tensor) -> None:
-        # the gradient in scaled coordinates, written over the perturbed
-        # weights w + c * delta it was taken at (no longer needed)
-        out.copy_(grad)
-        pset.grad_to_scaled_at_(i, out)
-
     def objective(delta: list[Tensor], need_grad: bool) -> tuple[float, list[Tensor] | None]:
         # w + c * delta in new buffers, which the gradient then takes over:
         # one parameter-sized set of tensors for both, whatever n_iters is
@@ -199,7 +193,9 @@ def _worst_case_chunk(
             return loss.value(values, inputs, targets), None
         if loss.in_place_grads:
             try:
-                return loss.value_and_grad(values, inputs, targets, into_values=scaled)
+                # the gradient in scaled coordinates, written over the perturbed
+                # weights w + c * delta it was taken at
+                return loss.value_and_grad(values, inputs, targets, into_values=pset.scaled_grad_into)
             except RuntimeError as exc:
                 # A detached alias of a weight used after that weight's
                 # gradient was complete: autograd refused the overwritten
