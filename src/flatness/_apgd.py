@@ -98,44 +98,53 @@ def apgd(
     eta = 2.0 * pset.rho
     ckpts = set(checkpoints(n_iters))
 
-    # Fixed buffers, updated in place: iterate, previous iterate, best
-    # iterate and its gradient.  Allocating fresh parameter-sized
-    # tensors every step costs more than the arithmetic on CPU.
+    # The roles x, x_prev and best are held by at most three buffers, and
+    # may share one: the best point is never copied, its buffer is only kept
+    # from being overwritten (a step then writes into a free buffer).  Of
+    # the best point's gradient only its steepest-ascent direction is ever
+    # used (after a restart): its signs, a byte each, for linf, saved
+    # during the step that reads the gradient anyway.
     f_x, g_x = objective(x, True)
     start_value = f_x
-    best_x = [t.clone() for t in x]
-    # Of the best point's gradient only its steepest-ascent direction is
-    # ever used (after a restart): its signs, a byte each, for linf.
-    best_g = pset.save_direction(g_x)
+    best_x, x_prev = x, x
+    pool = [x]
     best_f = f_x
-    x_prev = [t.clone() for t in x]
+    best_g: list[Tensor] | None = None
+    pending = True  # g_x is the best point's gradient, not yet saved
 
     successes = 0
     last_ckpt = 0
     eta_at_last, best_at_last = eta, best_f
 
     for k in range(n_iters):
-        # z = P(x + eta * dir(g)) in the gradient's own buffer (g_x is not
-        # needed after this; best_g holds what a restart needs of it), then
-        # x_new = P(x + a (z - x) + (1 - a)(x - x_prev)) in x_prev's
-        # buffer, or z itself for the first step.
-        z = _step(pset, g_x, x, x_prev, eta, first=k == 0)
+        # z = P(x + eta * dir(g)) in the gradient's own buffer, then
+        # x_new = P(x + a (z - x) + (1 - a)(x - x_prev)) in x_prev's buffer
+        # when nothing else holds it, else in a free one; for the first
+        # step x_new = z.
+        if pending and best_g is None:
+            best_g = pset.direction_buffer(g_x)
+        out = None
+        if k > 0:
+            out = x_prev if x_prev is not x and x_prev is not best_x else _free(pool, x, x_prev, best_x, pset)
+        x_new = _step(pset, g_x, x, x_prev, out, eta, save=best_g if pending else None)
+        pending = False
         if k == 0:
-            x_prev, x = x, z
+            x_prev, x = x, x_new  # x_new is z, in the gradient's buffer
+            pool.append(x_new)
         else:
-            x_prev, x = x, x_prev
-        # z (the old gradient's buffer) is dead now: free it before the next
-        # gradient is allocated, so the two never exist at once
-        del z, g_x
+            x_prev, x = x, x_new
+            # z (the old gradient's buffer) is dead: the next perturbed
+            # weights are built in it instead of in new memory
+            pset.recycle(g_x)
+        del x_new, g_x, out
         last = k == n_iters - 1
         f_new, g_new = objective(x, not last)
         if f_new > f_x:
             successes += 1
         if f_new > best_f:
             best_f = f_new
-            torch._foreach_copy_(best_x, x)
-            if g_new is not None:
-                pset.save_direction(g_new, into=best_g)
+            best_x = x
+            pending = g_new is not None
         f_x, g_x = f_new, g_new  # type: ignore[assignment]
         del g_new  # one name per buffer: it is freed as soon as g_x is
 
@@ -145,27 +154,46 @@ def apgd(
             if stalled or unchanged:
                 eta /= 2
                 # Restart from the best point; momentum restarts with it.
-                torch._foreach_copy_(x, best_x)
-                torch._foreach_copy_(x_prev, best_x)
-                # into the buffer it replaces; steepest_ascent_ of the
-                # saved signs is that of the gradient they came from
-                torch._foreach_copy_(g_x, best_g)
+                x, x_prev = best_x, best_x
+                if not pending:
+                    # the best point's direction, into the buffer of the
+                    # gradient it replaces (steepest_ascent of the saved
+                    # signs is that of the gradient they came from)
+                    torch._foreach_copy_(g_x, best_g)
                 f_x = best_f
             successes = 0
             last_ckpt = k + 1
             eta_at_last, best_at_last = eta, best_f
 
+    pset.recycle(None)
     return APGDResult(best_f, best_x, start_value)
+
+
+def _free(
+    pool: list[list[Tensor]], x: list[Tensor], x_prev: list[Tensor], best: list[Tensor],
+    pset: PerturbationSet,
+) -> list[Tensor]:
+    """A buffer of ``pool`` that none of the roles holds (a new one if all
+    are held; there are never more than three)."""
+    for buf in pool:
+        if buf is not x and buf is not x_prev and buf is not best:
+            return buf
+    buf = [torch.empty_like(t) for t in x]
+    pool.append(buf)
+    return buf
 
 
 def _step(
     pset: PerturbationSet, g: list[Tensor], x: list[Tensor], x_prev: list[Tensor],
-    eta: float, *, first: bool,
+    out: list[Tensor] | None, eta: float, *, save: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """One APGD step: ``z = P(x + eta dir(g))`` written into ``g``; then,
-    unless ``first``, ``x_new = P(lerp(lerp(x_prev, x, 2), z, a))`` (that is
-    ``P(x + a (z - x) + (1 - a)(x - x_prev))``) written into ``x_prev``.
-    Returns the buffer holding the new iterate.
+    with ``out`` (every step but the first), ``x_new = P(lerp(lerp(x_prev, x,
+    2), z, a))``, that is ``P(x + a (z - x) + (1 - a)(x - x_prev))``, written
+    into ``out`` (which may be ``x_prev``).  Returns the buffer holding the
+    new iterate.  ``save``: buffers from :meth:`PerturbationSet.direction_buffer`
+    that receive what a restart needs of ``g`` (see
+    :meth:`PerturbationSet.save_direction`).
 
     The elementwise operations run block by block (``_geometry.blocks``),
     so each block of ``g``, ``x`` and ``x_prev`` is read from memory once for
@@ -174,29 +202,33 @@ def _step(
     global norms need three passes: the gradient's norm, ``z``'s, ``x_new``'s.
     """
     rho = pset.rho
+    target = g if out is None else out
     if pset.norm == "linf":
-        for gb, xb, pb in blocks(g, x, x_prev):
+        for gb, xb, pb, ob, sb in blocks(g, x, x_prev, target, save or g):
             gb.sign_()
+            if save is not None:
+                sb.copy_(gb)  # the signs, exactly, into int8
             torch.add(xb, gb, alpha=eta, out=gb)  # eta * sign(g) is exact: one rounding
             gb.clamp_(-rho, rho)
-            if not first:
-                pb.lerp_(xb, 2.0)
-                pb.lerp_(gb, MOMENTUM)
-                pb.clamp_(-rho, rho)
-        new = g if first else x_prev
-        pset._zero_unscaled_(new)
-        return new
+            if out is not None:
+                torch.lerp(pb, xb, 2.0, out=ob)
+                ob.lerp_(gb, MOMENTUM)
+                ob.clamp_(-rho, rho)
+        pset._zero_unscaled_(target)
+        return target
     norm = float(_global_norm(g))
     scale = eta / norm if norm > 0 else None
-    for gb, xb in blocks(g, x):
+    for gb, xb, sb in blocks(g, x, save or g):
+        if save is not None:
+            sb.copy_(gb)
         if scale is not None:
             gb.mul_(scale)
         gb.add_(xb)
     pset.project_(g)
-    if first:
+    if out is None:
         return g
-    for gb, xb, pb in blocks(g, x, x_prev):
-        pb.lerp_(xb, 2.0)
-        pb.lerp_(gb, MOMENTUM)
-    pset.project_(x_prev)
-    return x_prev
+    for gb, xb, pb, ob in blocks(g, x, x_prev, out):
+        torch.lerp(pb, xb, 2.0, out=ob)
+        ob.lerp_(gb, MOMENTUM)
+    pset.project_(out)
+    return out

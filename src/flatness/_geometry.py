@@ -103,6 +103,7 @@ class PerturbationSet:
         if adaptive:
             self._fixed = [self._zeros_of(w) for w in self._like]
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._spare: list[Tensor] | None = None
 
     def _scratch_like(self, t: Tensor) -> Tensor | None:
         """A scratch tensor shaped like one piece from :func:`blocks`,
@@ -174,8 +175,16 @@ class PerturbationSet:
 
     def perturbed(self, delta: Sequence[Tensor]) -> list[Tensor]:
         """New tensors ``w + c * delta``, in one pass."""
-        out = [torch.empty_like(w) for w in self._like]
+        out, self._spare = self._spare, None
+        if out is None:
+            out = [torch.empty_like(w) for w in self._like]
         return self.perturbed_(out, self._like, delta)
+
+    def recycle(self, buffers: list[Tensor] | None) -> None:
+        """Hand dead buffers shaped like the weights to the next
+        :meth:`perturbed`, which then allocates nothing (``None``: drop
+        the ones held)."""
+        self._spare = buffers
 
     def perturbed_(self, out: list[Tensor], weights: Sequence[Tensor], delta: Sequence[Tensor]) -> list[Tensor]:
         """Write ``w + c * delta`` into the buffers ``out`` (no allocation)."""
@@ -214,13 +223,18 @@ class PerturbationSet:
                 torch._foreach_mul_(grad, scale / norm)
         return grad
 
+    def direction_buffer(self, like: Sequence[Tensor]) -> list[Tensor]:
+        """Buffers for :meth:`save_direction`: one byte per coordinate for
+        linf (a quarter of a float32 copy), the gradient's dtype for l2."""
+        dtype = torch.int8 if self.norm == "linf" else None
+        return [torch.empty_like(g, dtype=dtype) for g in like]
+
     def save_direction(self, grad: Sequence[Tensor], into: list[Tensor] | None = None) -> list[Tensor]:
         """What :meth:`steepest_ascent_` needs of ``grad``, kept for later:
-        its signs, one byte each, for linf (a quarter of a float32 copy);
-        a copy for l2.  Written into ``into`` when given."""
+        its signs for linf, a copy for l2 (into :meth:`direction_buffer`).
+        Written into ``into`` when given."""
         if into is None:
-            dtype = torch.int8 if self.norm == "linf" else None
-            into = [torch.empty_like(g, dtype=dtype) for g in grad]
+            into = self.direction_buffer(grad)
         if self.norm == "linf":
             for s, g in blocks(into, grad):
                 buf = self._scratch_like(g)
