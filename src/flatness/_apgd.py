@@ -126,16 +126,17 @@ def apgd(
         out = None
         if k > 0:
             out = x_prev if x_prev is not x and x_prev is not best_x else _free(pool, x, x_prev, best_x, pset)
-        x_new = _step(pset, g_x, x, x_prev, out, eta, save=best_g if pending else None)
+        x_new = _step(pset, g_x, x, x_prev, out, eta, save=best_g if pending else None,
+                      values=k > 0)
         pending = False
         if k == 0:
             x_prev, x = x, x_new  # x_new is z, in the gradient's buffer
             pool.append(x_new)
         else:
             x_prev, x = x, x_new
-            # z (the old gradient's buffer) is dead: the next perturbed
-            # weights are built in it instead of in new memory
-            pset.recycle(g_x)
+            # z (the old gradient's buffer) is dead: the step wrote the next
+            # perturbed weights w + c * x_new into it, block by block
+            pset.recycle(g_x, holding=x_new)
         del x_new, g_x, out
         last = k == n_iters - 1
         f_new, g_new = objective(x, not last)
@@ -186,6 +187,7 @@ def _free(
 def _step(
     pset: PerturbationSet, g: list[Tensor], x: list[Tensor], x_prev: list[Tensor],
     out: list[Tensor] | None, eta: float, *, save: list[Tensor] | None = None,
+    values: bool = False,
 ) -> list[Tensor]:
     """One APGD step: ``z = P(x + eta dir(g))`` written into ``g``; then,
     with ``out`` (every step but the first), ``x_new = P(lerp(lerp(x_prev, x,
@@ -193,7 +195,9 @@ def _step(
     into ``out`` (which may be ``x_prev``).  Returns the buffer holding the
     new iterate.  ``save``: buffers from :meth:`PerturbationSet.direction_buffer`
     that receive what a restart needs of ``g`` (see
-    :meth:`PerturbationSet.save_direction`).
+    :meth:`PerturbationSet.save_direction`).  ``values`` (with ``out``): ``z``
+    is dead once ``x_new`` is known, and its buffer receives the perturbed
+    weights ``w + c * x_new`` of the next evaluation.
 
     The elementwise operations run block by block (``_geometry.blocks``),
     so each block of ``g``, ``x`` and ``x_prev`` is read from memory once for
@@ -203,8 +207,9 @@ def _step(
     """
     rho = pset.rho
     target = g if out is None else out
+    values = values and out is not None
     if pset.norm == "linf":
-        for gb, xb, pb, ob, sb in blocks(g, x, x_prev, target, save or g):
+        for gb, xb, pb, ob, sb, wb in blocks(g, x, x_prev, target, save or g, pset._like):
             gb.sign_()
             if save is not None:
                 sb.copy_(gb)  # the signs, exactly, into int8
@@ -214,6 +219,8 @@ def _step(
                 torch.lerp(pb, xb, 2.0, out=ob)
                 ob.lerp_(gb, MOMENTUM)
                 ob.clamp_(-rho, rho)
+                if values:
+                    pset.perturbed_block_(gb, wb, ob)
         pset._zero_unscaled_(target)
         return target
     norm = float(_global_norm(g))
@@ -230,5 +237,13 @@ def _step(
     for gb, xb, pb, ob in blocks(g, x, x_prev, out):
         torch.lerp(pb, xb, 2.0, out=ob)
         ob.lerp_(gb, MOMENTUM)
-    pset.project_(out)
+    # P(x_new) and, z being dead, w + c * x_new in z's buffer: one pass
+    norm = float(_global_norm(out))
+    factor = pset.rho / norm if norm > pset.rho else None
+    for gb, ob, wb in blocks(g, out, pset._like):
+        if factor is not None:
+            ob.mul_(factor)
+        if values:
+            pset.perturbed_block_(gb, wb, ob)
+    pset._zero_unscaled_(out)
     return out

@@ -102,19 +102,24 @@ class PerturbationSet:
         self._fixed: list[Tensor | None] = [None] * len(self._like)
         if adaptive:
             self._fixed = [self._zeros_of(w) for w in self._like]
-        self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        # one scratch block per dtype, on the weights' device
+        self._scratch: dict[torch.dtype, Tensor] = {}
+        self._device = self._like[0].device if self._like else torch.device("cpu")
+        self._block = BLOCK if self._device.type == "cpu" else DEVICE_BLOCK
+        if any(w.device != self._device for w in self._like):
+            self._block = 0  # weights on several devices: no shared scratch
         self._spare: list[Tensor] | None = None
+        self._spare_of: list[Tensor] | None = None
 
     def _scratch_like(self, t: Tensor) -> Tensor | None:
         """A scratch tensor shaped like one piece from :func:`blocks`,
         reused by the next call (``None`` for a piece larger than a block)."""
         n = t.numel()
-        if not t.is_contiguous() or n > (BLOCK if t.device.type == "cpu" else DEVICE_BLOCK):
-            return None
-        buf = self._scratch.get((t.dtype, t.device))
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, BLOCK), dtype=t.dtype, device=t.device)
-            self._scratch[(t.dtype, t.device)] = buf
+        if n > self._block or not t.is_contiguous():
+            return None  # larger than a block: the caller allocates
+        buf = self._scratch.get(t.dtype)
+        if buf is None:
+            buf = self._scratch[t.dtype] = torch.empty(self._block, dtype=t.dtype, device=self._device)
         return buf[:n].view(t.shape)
 
     def abs_block(self, w: Tensor) -> Tensor:
@@ -175,24 +180,31 @@ class PerturbationSet:
 
     def perturbed(self, delta: Sequence[Tensor]) -> list[Tensor]:
         """New tensors ``w + c * delta``, in one pass."""
-        out, self._spare = self._spare, None
+        out, of = self._spare, self._spare_of
+        self._spare = self._spare_of = None
+        if out is not None and of is delta:
+            return out  # computed already (by the step that made delta)
         if out is None:
             out = [torch.empty_like(w) for w in self._like]
         return self.perturbed_(out, self._like, delta)
 
-    def recycle(self, buffers: list[Tensor] | None) -> None:
+    def perturbed_block_(self, out: Tensor, w: Tensor, delta: Tensor) -> Tensor:
+        """``out = w + c * delta`` for one piece from :func:`blocks`."""
+        if self.adaptive:
+            return torch.addcmul(w, self.abs_block(w), delta, out=out)
+        return torch.add(w, delta, out=out)
+
+    def recycle(self, buffers: list[Tensor] | None, *, holding: list[Tensor] | None = None) -> None:
         """Hand dead buffers shaped like the weights to the next
         :meth:`perturbed`, which then allocates nothing (``None``: drop
-        the ones held)."""
-        self._spare = buffers
+        the ones held).  ``holding``: the buffers hold ``w + c * holding``
+        already, which :meth:`perturbed` of that very list returns as is."""
+        self._spare, self._spare_of = buffers, holding
 
     def perturbed_(self, out: list[Tensor], weights: Sequence[Tensor], delta: Sequence[Tensor]) -> list[Tensor]:
         """Write ``w + c * delta`` into the buffers ``out`` (no allocation)."""
         for o, w, t in blocks(out, list(weights), delta):
-            if self.adaptive:
-                torch.addcmul(w, self.abs_block(w), t, out=o)
-            else:
-                torch.add(w, t, out=o)
+            self.perturbed_block_(o, w, t)
         return out
 
     # -- geometry in scaled coordinates --------------------------------------
