@@ -61,30 +61,34 @@ def test_probe_sees_parameter_sized_tensors(setting):
 
 
 # APGD keeps a fixed set of parameter-sized buffers whatever n_iters is:
-# the iterate, the previous iterate, the best iterate and what a restart
-# needs of its gradient (its signs, a byte each, for linf; a copy for l2),
-# plus the perturbed weights w + c * delta, whose buffers the gradient takes
-# over as backpropagation completes each tensor (the scaling |w| is never
-# stored).  Measured: linf kinds 4.73 P, l2 kinds 5.48 P at every
-# n_iters (4.25 and 5.0 P, plus the gradient of the largest layer, here
-# 0.47 P, in flight).  Before: 6.0-7.0 P (linf), 7.0-8.0 P (adaptive).
+# the iterate, the previous iterate and the best iterate (at most three
+# buffers, shared while two roles hold the same point), what a restart
+# needs of the best point's gradient (its signs, a byte each, for linf; a
+# copy for l2), plus the perturbed weights w + c * delta, whose buffers the
+# gradient takes over as backpropagation completes each tensor (|w| is
+# never stored).  Measured: linf 3.73 P (2 and 8 iterations) and 4.73 P
+# (16 and more: the third iterate buffer exists once the best point falls
+# two steps behind), l2 4.48 and 5.48 P, that is 4.25 and 5.0 P plus the
+# gradient of the largest layer (0.47 P here) in flight; adaptive kinds
+# add the scratch block of |w| (256 KiB, 0.12 P of this small model).
+# Before: 6.0-7.0 P (linf, l2), 7.0-8.0 P (adaptive).
 @pytest.mark.parametrize("kind, bound", [
-    ("linf", 4.85), ("adaptive_linf", 4.85), ("l2", 5.6), ("adaptive_l2", 5.6),
+    ("linf", 4.85), ("adaptive_linf", 4.95), ("l2", 5.6), ("adaptive_l2", 5.7),
 ])
 def test_apgd_memory_is_independent_of_n_iters(setting, kind, bound):
     peaks = {
         n: _multiple(setting, lambda m, b, n=n: flatness.sharpness(m, b, kind=kind, rho=1e-3, n_iters=n))
-        for n in (2, 8)
+        for n in (16, 24)
     }
     assert max(peaks.values()) <= bound, peaks
     # no growth with the iterations
-    assert abs(peaks[8] - peaks[2]) <= 0.05, peaks
+    assert abs(peaks[24] - peaks[16]) <= 0.05, peaks
 
 
-# average case: one draw's perturbed weights w + d at a time (1.0 P); the
-# adaptive scaling |w| one block at a time (0.1 P of this small model).
-# Before: 2.0 and 3.0 P.
-@pytest.mark.parametrize("kind, bound", [("avg_l2", 1.1), ("avg_adaptive_linf", 1.2)])
+# average case: one draw's perturbed weights w + d at a time (1.01 P); the
+# adaptive scaling |w| one block at a time (1.13 P: the 256 KiB scratch
+# block is 0.12 P of this small model).  Before: 2.0 and 3.0 P.
+@pytest.mark.parametrize("kind, bound", [("avg_l2", 1.1), ("avg_adaptive_linf", 1.25)])
 def test_average_case_memory(setting, kind, bound):
     peak = _multiple(setting, lambda m, b: flatness.sharpness(m, b, kind=kind, rho=1e-3, n_samples=3, seed=0))
     assert peak <= bound, peak
