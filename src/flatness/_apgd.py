@@ -13,9 +13,13 @@ Cost: ``n_iters`` new iterates.  The start and the first ``n_iters - 1``
 iterates need a gradient, the last one only a forward pass, so one run costs
 ``n_iters`` forward-backward passes plus one forward pass, and ``f(0)`` (the
 clean loss) comes out of the first of them.  Extra memory is a fixed number
-of parameter-sized buffers (iterate, previous iterate, gradient, best iterate
-and its gradient), independent of ``n_iters``: the old gradient's buffer
-becomes the next step and is freed before the next gradient exists.
+of parameter-sized buffers, independent of ``n_iters``: at most three for
+the iterate, the previous iterate and the best iterate (shared while two of
+them are the same point, never copied), what a restart needs of the best
+point's gradient (its signs, one byte each, for linf; a copy for l2), and
+the gradient, whose buffer becomes the step ``z`` and then holds the next
+perturbed weights (handed to the objective through
+:meth:`PerturbationSet.recycle`).
 """
 
 from __future__ import annotations
