@@ -130,10 +130,10 @@ class PerturbationSet:
 
     @staticmethod
     def _zeros_of(w: Tensor) -> Tensor | None:
-        mask = w == 0
-        count = int(mask.sum())
+        count = w.numel() - int(torch.count_nonzero(w))  # one read, no mask
         if count == 0:
             return None
+        mask = w == 0
         if w.is_contiguous() and 8 * count <= w.numel():
             return mask.view(-1).nonzero().squeeze(1)
         return mask
