@@ -25,10 +25,15 @@ from the algorithms:
 * SGD step (momentum): the gradients (1 P); the momentum exists already.
 * SAM step: gradients (1 P) + the saved weights (1 P) + the perturbation
   (1 P, freed before the base step) + activations.
-* APGD sharpness: a fixed set of parameter-sized buffers (iterate, previous
-  iterate, gradient, best iterate, its gradient, the perturbed weights, the
-  scaling ``|w|`` for adaptive kinds, the autograd leaves and their
-  gradients), independent of ``n_iters``.
+* APGD sharpness: a fixed set of parameter-sized buffers, independent of
+  ``n_iters`` and the same for adaptive kinds (``|w|`` is never stored):
+  the iterate, the previous iterate and the best iterate (three buffers at
+  most, shared while two of them are equal), what a restart needs of the
+  best point's gradient (its signs, a quarter of ``P``, for linf; a copy
+  for l2), and the perturbed weights, whose buffers the gradient takes over
+  as backpropagation completes it (plus the one layer's gradient in
+  flight): 4.25 P + a layer for linf kinds, 5 P + a layer for l2 kinds.
+* average-case sharpness: one draw's perturbed weights (1 P).
 * one HVP: the vector (1 P, allocated in the row), the gradient and the
   product; double backward keeps the gradient's graph instead of its
   tangent.
@@ -46,6 +51,7 @@ Usage::
     python benchmarks/bench_memory.py --device cuda --large # >= 50M parameters
     python benchmarks/bench_memory.py --quick               # smoke run
     python benchmarks/bench_memory.py --large --skip 'Lanczos top|float32 basis|batch 8'  # ~50M on CPU, < 6 GiB
+    python benchmarks/bench_memory.py --skip '^(?!forward|SGD|APGD|average)'  # the sharpness rows only
 """
 
 from __future__ import annotations
@@ -222,9 +228,13 @@ def operations(n_iters: int, lanczos_steps: int):
         "SAM step (SGD momentum)": (sam_setup, sam_step),
         f"APGD sharpness linf, {max(1, n_iters // 4)} iters": (fwd_bwd_setup, apgd("linf", max(1, n_iters // 4))),
         f"APGD sharpness linf, {n_iters} iters": (fwd_bwd_setup, apgd("linf")),
+        f"APGD sharpness l2, {n_iters} iters": (fwd_bwd_setup, apgd("l2")),
+        f"APGD sharpness adaptive_linf, {n_iters} iters": (fwd_bwd_setup, apgd("adaptive_linf")),
         f"APGD sharpness adaptive_l2, {n_iters} iters": (fwd_bwd_setup, apgd("adaptive_l2")),
         "average-case sharpness avg_l2, 5 samples": (fwd_bwd_setup, avg("avg_l2")),
+        "average-case avg_linf, 5 samples": (fwd_bwd_setup, avg("avg_linf")),
         "average-case avg_adaptive_linf, 5 samples": (fwd_bwd_setup, avg("avg_adaptive_linf")),
+        "average-case avg_adaptive_l2, 5 samples": (fwd_bwd_setup, avg("avg_adaptive_l2")),
         "one Hessian-vector product (auto engine)": (fwd_bwd_setup, one_hvp()),
         "  same, forward-over-reverse": (fwd_bwd_setup, one_hvp("forward-over-reverse")),
         "  same, double-backward": (fwd_bwd_setup, one_hvp("double-backward")),

@@ -13,9 +13,13 @@ Cost: ``n_iters`` new iterates.  The start and the first ``n_iters - 1``
 iterates need a gradient, the last one only a forward pass, so one run costs
 ``n_iters`` forward-backward passes plus one forward pass, and ``f(0)`` (the
 clean loss) comes out of the first of them.  Extra memory is a fixed number
-of parameter-sized buffers (iterate, previous iterate, gradient, best iterate
-and its gradient), independent of ``n_iters``: the old gradient's buffer
-becomes the next step and is freed before the next gradient exists.
+of parameter-sized buffers, independent of ``n_iters``: at most three for
+the iterate, the previous iterate and the best iterate (shared while two of
+them are the same point, never copied), what a restart needs of the best
+point's gradient (its signs, one byte each, for linf; a copy for l2), and
+the gradient, whose buffer becomes the step ``z`` and then holds the next
+perturbed weights (handed to the objective through
+:meth:`PerturbationSet.recycle`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._geometry import PerturbationSet
+from ._geometry import PerturbationSet, _global_norm, blocks
 
 #: ``objective(delta, need_grad) -> (value, grad_delta or None)``
 Objective = Callable[[list[Tensor], bool], tuple[float, list[Tensor] | None]]
@@ -98,49 +102,56 @@ def apgd(
     eta = 2.0 * pset.rho
     ckpts = set(checkpoints(n_iters))
 
-    # Fixed buffers, updated in place: iterate, previous iterate, best
-    # iterate and its gradient.  Allocating fresh parameter-sized
-    # tensors every step costs more than the arithmetic on CPU.
+    # The roles x, x_prev and best are held by at most three buffers, and
+    # may share one: the best point is never copied, its buffer is only kept
+    # from being overwritten (a step then writes into a free buffer).  Of
+    # the best point's gradient only its steepest-ascent direction is ever
+    # used (after a restart): its signs, a byte each, for linf, saved
+    # during the step that reads the gradient anyway.
     f_x, g_x = objective(x, True)
     start_value = f_x
-    best_x = [t.clone() for t in x]
-    best_g = [t.clone() for t in g_x]
+    best_x, x_prev = x, x
+    pool = [x]
     best_f = f_x
-    x_prev = [t.clone() for t in x]
+    best_g: list[Tensor] | None = None
+    pending = True  # g_x is the best point's gradient, not yet saved
 
     successes = 0
     last_ckpt = 0
     eta_at_last, best_at_last = eta, best_f
 
     for k in range(n_iters):
-        # z = P(x + eta * dir(g)), built in the gradient's own buffer: g_x is
-        # not needed after this (best_g holds a copy when it matters).
-        z = pset.steepest_ascent_(g_x, scale=eta)
-        torch._foreach_add_(z, x)
-        pset.project_(z)
+        # z = P(x + eta * dir(g)) in the gradient's own buffer, then
+        # x_new = P(x + a (z - x) + (1 - a)(x - x_prev)) in x_prev's buffer
+        # when nothing else holds it, else in a free one; for the first
+        # step x_new = z.
+        if pending and best_g is None:
+            best_g = pset.direction_buffer(g_x)
+        out = None
+        if k > 0:
+            out = x_prev if x_prev is not x and x_prev is not best_x else _free(pool, x, x_prev, best_x, pset)
+        x_new = _step(pset, g_x, x, x_prev, out, eta, save=best_g if pending else None,
+                      values=k > 0)
+        pending = False
         if k == 0:
-            x_prev, x = x, z
+            x_prev, x = x, x_new  # x_new is z, in the gradient's buffer
+            pool.append(x_new)
         else:
-            # x_new = P(x + a (z - x) + (1 - a)(x - x_prev))
-            #       = P(lerp(t, z, a)) with t = 2 x - x_prev = lerp(x_prev, x, 2),
-            # built in x_prev's buffer with two passes.
-            torch._foreach_lerp_(x_prev, x, 2.0)
-            torch._foreach_lerp_(x_prev, z, MOMENTUM)
-            pset.project_(x_prev)
-            x_prev, x = x, x_prev
-        # z (the old gradient's buffer) is dead now: free it before the next
-        # gradient is allocated, so the two never exist at once
-        del z, g_x
+            x_prev, x = x, x_new
+            # z (the old gradient's buffer) is dead: the step wrote the next
+            # perturbed weights w + c * x_new into it, block by block
+            pset.recycle(g_x, holding=x_new)
+        del x_new, g_x, out
         last = k == n_iters - 1
         f_new, g_new = objective(x, not last)
         if f_new > f_x:
             successes += 1
         if f_new > best_f:
             best_f = f_new
-            torch._foreach_copy_(best_x, x)
-            if g_new is not None:
-                torch._foreach_copy_(best_g, g_new)
+            best_x = x
+            pending = g_new is not None
         f_x, g_x = f_new, g_new  # type: ignore[assignment]
+        del g_new  # one name per buffer: it is freed as soon as g_x is
 
         if (k + 1) in ckpts and not last:
             stalled = successes < SUCCESS_FRACTION * (k + 1 - last_ckpt)
@@ -148,12 +159,95 @@ def apgd(
             if stalled or unchanged:
                 eta /= 2
                 # Restart from the best point; momentum restarts with it.
-                torch._foreach_copy_(x, best_x)
-                torch._foreach_copy_(x_prev, best_x)
-                torch._foreach_copy_(g_x, best_g)  # into the buffer it replaces
+                x, x_prev = best_x, best_x
+                if not pending:
+                    # the best point's direction, into the buffer of the
+                    # gradient it replaces (steepest_ascent of the saved
+                    # signs is that of the gradient they came from)
+                    torch._foreach_copy_(g_x, best_g)
                 f_x = best_f
             successes = 0
             last_ckpt = k + 1
             eta_at_last, best_at_last = eta, best_f
 
+    pset.recycle(None)
     return APGDResult(best_f, best_x, start_value)
+
+
+def _free(
+    pool: list[list[Tensor]], x: list[Tensor], x_prev: list[Tensor], best: list[Tensor],
+    pset: PerturbationSet,
+) -> list[Tensor]:
+    """A buffer of ``pool`` that none of the roles holds (a new one if all
+    are held; there are never more than three)."""
+    for buf in pool:
+        if buf is not x and buf is not x_prev and buf is not best:
+            return buf
+    buf = [torch.empty_like(t) for t in x]
+    pool.append(buf)
+    return buf
+
+
+def _step(
+    pset: PerturbationSet, g: list[Tensor], x: list[Tensor], x_prev: list[Tensor],
+    out: list[Tensor] | None, eta: float, *, save: list[Tensor] | None = None,
+    values: bool = False,
+) -> list[Tensor]:
+    """One APGD step: ``z = P(x + eta dir(g))`` written into ``g``; then,
+    with ``out`` (every step but the first), ``x_new = P(lerp(lerp(x_prev, x,
+    2), z, a))``, that is ``P(x + a (z - x) + (1 - a)(x - x_prev))``, written
+    into ``out`` (which may be ``x_prev``).  Returns the buffer holding the
+    new iterate.  ``save``: buffers from :meth:`PerturbationSet.direction_buffer`
+    that receive what a restart needs of ``g`` (see
+    :meth:`PerturbationSet.save_direction`).  ``values`` (with ``out``): ``z``
+    is dead once ``x_new`` is known, and its buffer receives the perturbed
+    weights ``w + c * x_new`` of the next evaluation.
+
+    The elementwise operations run block by block (``_geometry.blocks``),
+    so each block of ``g``, ``x`` and ``x_prev`` is read from memory once for
+    all of them; the operations and their order per element are those of
+    the plain formulas, so the values are the same bit for bit.  For l2 the
+    global norms need three passes: the gradient's norm, ``z``'s, ``x_new``'s.
+    """
+    rho = pset.rho
+    target = g if out is None else out
+    values = values and out is not None
+    if pset.norm == "linf":
+        for gb, xb, pb, ob, sb, wb in blocks(g, x, x_prev, target, save or g, pset._like):
+            gb.sign_()
+            if save is not None:
+                sb.copy_(gb)  # the signs, exactly, into int8
+            torch.add(xb, gb, alpha=eta, out=gb)  # eta * sign(g) is exact: one rounding
+            gb.clamp_(-rho, rho)
+            if out is not None:
+                torch.lerp(pb, xb, 2.0, out=ob)
+                ob.lerp_(gb, MOMENTUM)
+                ob.clamp_(-rho, rho)
+                if values:
+                    pset.perturbed_block_(gb, wb, ob)
+        pset._zero_unscaled_(target)
+        return target
+    norm = float(_global_norm(g))
+    scale = eta / norm if norm > 0 else None
+    for gb, xb, sb in blocks(g, x, save or g):
+        if save is not None:
+            sb.copy_(gb)
+        if scale is not None:
+            gb.mul_(scale)
+        gb.add_(xb)
+    pset.project_(g)
+    if out is None:
+        return g
+    for gb, xb, pb, ob in blocks(g, x, x_prev, out):
+        torch.lerp(pb, xb, 2.0, out=ob)
+        ob.lerp_(gb, MOMENTUM)
+    # P(x_new) and, z being dead, w + c * x_new in z's buffer: one pass
+    norm = float(_global_norm(out))
+    factor = pset.rho / norm if norm > pset.rho else None
+    for gb, ob, wb in blocks(g, out, pset._like):
+        if factor is not None:
+            ob.mul_(factor)
+        if values:
+            pset.perturbed_block_(gb, wb, ob)
+    pset._zero_unscaled_(out)
+    return out

@@ -97,17 +97,44 @@ def functional_loss_and_grad(
     *,
     logit_normalization: bool = False,
     extra: Mapping[str, Tensor] | None = None,
+    into_values: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """:func:`functional_loss` at ``values`` and its gradient with respect
     to them (zeros for unused values), both computed while the values are in
-    the module, so activation checkpointing recomputes at ``values`` too."""
+    the module, so activation checkpointing recomputes at ``values`` too.
+
+    With ``into_values``, the gradients are returned in the values' own
+    storage: as soon as the gradient ``g`` of ``values[i]`` is complete,
+    autograd no longer needs ``values[i]``, and ``into_values(i, g, out)``
+    writes the gradient (or a function of it, elementwise) into
+    ``out = values[i]``.  The values and the gradients then never exist at
+    once: the peak memory is one parameter-sized set of tensors less.  (A
+    model that uses a value again after its gradient is complete, through
+    a detached alias, fails with autograd's in-place modification error,
+    never silently.)
+    """
     leaves = [v.detach().requires_grad_(True) for v in values]
+    if into_values is not None:
+        for i, leaf in enumerate(leaves):
+            # the hook holds a detached alias (same storage and version
+            # counter), not the leaf: no reference cycle keeps it alive
+            leaf.register_hook(functools.partial(_write_into, into_values, i, leaf.detach()))
     state = {**(extra or {}), **params.as_dict(leaves)}
     with torch.enable_grad(), reparametrized(model, state) as module:
         outputs = module(*_as_args(inputs), **(_as_kwargs(inputs) or {}))
         loss = _loss_of(outputs, targets, loss_fn, logit_normalization)
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    if into_values is not None:
+        return loss.detach(), [v.detach().zero_() if g is None else g for v, g in zip(leaves, grads)]
     return loss.detach(), [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads)]
+
+
+def _write_into(fn: Callable[[int, Tensor, Tensor], None], i: int, out: Tensor, grad: Tensor) -> Tensor:
+    """Gradient hook of :func:`functional_loss_and_grad`: the complete
+    gradient of a leaf written into ``out``, the leaf's own storage."""
+    with torch.no_grad():
+        fn(i, grad, out)
+    return out
 
 
 def functional_loss(

@@ -23,7 +23,7 @@ ellipsoid, projected by solving for the Lagrange multiplier).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -39,6 +39,31 @@ def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))))
 
 
+#: Elements per block of the fused elementwise passes on CPU: a few float32
+#: blocks (256 KiB each) fit in a core's L2 cache, so the several
+#: operations of one pass read main memory once, and a temporary such as
+#: ``|w|`` never grows beyond a block.  On accelerators a larger block keeps
+#: the kernel launches few.
+BLOCK = 1 << 16
+DEVICE_BLOCK = 1 << 22
+
+
+def blocks(*lists: Sequence[Tensor]) -> Iterator[tuple[Tensor, ...]]:
+    """Matching pieces of same-shaped tensors, tensor by tensor, each piece
+    at most :data:`BLOCK` elements (a tensor that is not contiguous in all
+    lists is one piece).  Elementwise work done piece by piece gives exactly
+    the values of the same work done tensor by tensor."""
+    for ts in zip(*lists):
+        n = ts[0].numel()
+        size = BLOCK if ts[0].device.type == "cpu" else DEVICE_BLOCK
+        if n <= size or not all(t.is_contiguous() for t in ts):
+            yield ts
+            continue
+        flats = [t.view(-1) for t in ts]
+        for s in range(0, n, size):
+            yield tuple(f[s : s + size] for f in flats)
+
+
 class PerturbationSet:
     """A norm ball around the weights, in scaled coordinates.
 
@@ -49,9 +74,18 @@ class PerturbationSet:
     rho : float
         Its radius (in scaled coordinates for adaptive sets).
     weights : sequence of Tensor
-        The unperturbed parameter values ``w``.
+        The unperturbed parameter values ``w``.  They are referenced, not
+        copied, and must not change while the set is in use.
     adaptive : bool
         Scale coordinates by ``|w|`` (ASAM-style adaptive sharpness).
+
+    Notes
+    -----
+    Memory: the set stores no parameter-sized tensor.  The scales ``|w|``
+    are computed block by block from the weights where they are needed
+    (:func:`blocks`), and the coordinates that cannot move (``w_i = 0`` in
+    an adaptive set) are kept as a list of indices, or as a one-byte mask
+    for a tensor where they are more than one in eight.
     """
 
     def __init__(
@@ -62,15 +96,53 @@ class PerturbationSet:
         self.norm = norm
         self.rho = float(rho)
         self.adaptive = adaptive
-        self.scales: list[Tensor] | None = (
-            [w.detach().abs() for w in weights] if adaptive else None
-        )
         self._like = [w.detach() for w in weights]
-        # 0/1 masks of the coordinates that may move, kept only when some
-        # weight is exactly zero (multiplying by them is one foreach op).
-        self._movable: list[Tensor] | None = None
-        if self.scales is not None and any(bool((c == 0).any()) for c in self.scales):
-            self._movable = [(c != 0).to(c.dtype) for c in self.scales]
+        # Per tensor: None (every coordinate may move), the flat indices of
+        # the zero weights, or a boolean mask of them.
+        self._fixed: list[Tensor | None] = [None] * len(self._like)
+        if adaptive:
+            self._fixed = [self._zeros_of(w) for w in self._like]
+        # one scratch block per dtype, on the weights' device
+        self._scratch: dict[torch.dtype, Tensor] = {}
+        self._device = self._like[0].device if self._like else torch.device("cpu")
+        self._block = BLOCK if self._device.type == "cpu" else DEVICE_BLOCK
+        if any(w.device != self._device for w in self._like):
+            self._block = 0  # weights on several devices: no shared scratch
+        self._spare: list[Tensor] | None = None
+        self._spare_of: list[Tensor] | None = None
+
+    def _scratch_like(self, t: Tensor) -> Tensor | None:
+        """A scratch tensor shaped like one piece from :func:`blocks`,
+        reused by the next call (``None`` for a piece larger than a block)."""
+        n = t.numel()
+        if n > self._block or not t.is_contiguous():
+            return None  # larger than a block: the caller allocates
+        buf = self._scratch.get(t.dtype)
+        if buf is None:
+            buf = self._scratch[t.dtype] = torch.empty(self._block, dtype=t.dtype, device=self._device)
+        return buf[:n].view(t.shape)
+
+    def abs_block(self, w: Tensor) -> Tensor:
+        """``|w|`` of one piece from :func:`blocks`, in a scratch buffer
+        that the next call overwrites (no allocation per piece)."""
+        buf = self._scratch_like(w)
+        return w.abs() if buf is None else torch.abs(w, out=buf)
+
+    @staticmethod
+    def _zeros_of(w: Tensor) -> Tensor | None:
+        count = w.numel() - int(torch.count_nonzero(w))  # one read, no mask
+        if count == 0:
+            return None
+        mask = w == 0
+        if w.is_contiguous() and 8 * count <= w.numel():
+            return mask.view(-1).nonzero().squeeze(1)
+        return mask
+
+    @property
+    def scales(self) -> list[Tensor] | None:
+        """The scales ``c = |w|`` (``None`` for non-adaptive sets), as new
+        tensors: the set itself does not store them."""
+        return [w.abs() for w in self._like] if self.adaptive else None
 
     # -- coordinates --------------------------------------------------------
 
@@ -80,23 +152,59 @@ class PerturbationSet:
 
     def to_weight_space(self, delta: Sequence[Tensor]) -> list[Tensor]:
         """``d = c * delta``."""
-        if self.scales is None:
+        if not self.adaptive:
             return list(delta)
-        return torch._foreach_mul(list(delta), self.scales)
+        out = [torch.empty_like(t) for t in delta]
+        for o, t, w in blocks(out, delta, self._like):
+            torch.mul(t, self.abs_block(w), out=o)
+        return out
 
     def grad_to_scaled_(self, grad: list[Tensor]) -> list[Tensor]:
         """Chain rule, in place: the gradient in ``delta`` is ``c * grad_d``."""
-        if self.scales is not None:
-            torch._foreach_mul_(grad, self.scales)
+        if self.adaptive:
+            for g, w in blocks(grad, self._like):
+                g.mul_(self.abs_block(w))
         return grad
+
+    def scaled_grad_into(self, i: int, grad: Tensor, out: Tensor) -> None:
+        """``out = c * grad`` for the ``i``-th tensor (the chain rule of
+        :meth:`grad_to_scaled_`), in one pass."""
+        if not self.adaptive:
+            out.copy_(grad)
+            return
+        if not grad.is_contiguous():
+            out.copy_(grad)
+            grad = out
+        for o, g, w in blocks([out], [grad], [self._like[i]]):
+            torch.mul(g, self.abs_block(w), out=o)
+
+    def perturbed(self, delta: Sequence[Tensor]) -> list[Tensor]:
+        """New tensors ``w + c * delta``, in one pass."""
+        out, of = self._spare, self._spare_of
+        self._spare = self._spare_of = None
+        if out is not None and of is delta:
+            return out  # computed already (by the step that made delta)
+        if out is None:
+            out = [torch.empty_like(w) for w in self._like]
+        return self.perturbed_(out, self._like, delta)
+
+    def perturbed_block_(self, out: Tensor, w: Tensor, delta: Tensor) -> Tensor:
+        """``out = w + c * delta`` for one piece from :func:`blocks`."""
+        if self.adaptive:
+            return torch.addcmul(w, self.abs_block(w), delta, out=out)
+        return torch.add(w, delta, out=out)
+
+    def recycle(self, buffers: list[Tensor] | None, *, holding: list[Tensor] | None = None) -> None:
+        """Hand dead buffers shaped like the weights to the next
+        :meth:`perturbed`, which then allocates nothing (``None``: drop
+        the ones held).  ``holding``: the buffers hold ``w + c * holding``
+        already, which :meth:`perturbed` of that very list returns as is."""
+        self._spare, self._spare_of = buffers, holding
 
     def perturbed_(self, out: list[Tensor], weights: Sequence[Tensor], delta: Sequence[Tensor]) -> list[Tensor]:
         """Write ``w + c * delta`` into the buffers ``out`` (no allocation)."""
-        torch._foreach_copy_(out, list(weights))
-        if self.scales is None:
-            torch._foreach_add_(out, list(delta))
-        else:
-            torch._foreach_addcmul_(out, self.scales, list(delta))
+        for o, w, t in blocks(out, list(weights), delta):
+            self.perturbed_block_(o, w, t)
         return out
 
     # -- geometry in scaled coordinates --------------------------------------
@@ -104,8 +212,8 @@ class PerturbationSet:
     def project_(self, delta: list[Tensor]) -> list[Tensor]:
         """Project ``delta`` onto the ball of radius ``rho``, in place."""
         if self.norm == "linf":
-            torch._foreach_clamp_min_(delta, -self.rho)
-            torch._foreach_clamp_max_(delta, self.rho)
+            for t in delta:
+                t.clamp_(-self.rho, self.rho)
         else:
             norm = float(_global_norm(delta))
             if norm > self.rho:
@@ -126,6 +234,26 @@ class PerturbationSet:
             if norm > 0:
                 torch._foreach_mul_(grad, scale / norm)
         return grad
+
+    def direction_buffer(self, like: Sequence[Tensor]) -> list[Tensor]:
+        """Buffers for :meth:`save_direction`: one byte per coordinate for
+        linf (a quarter of a float32 copy), the gradient's dtype for l2."""
+        dtype = torch.int8 if self.norm == "linf" else None
+        return [torch.empty_like(g, dtype=dtype) for g in like]
+
+    def save_direction(self, grad: Sequence[Tensor], into: list[Tensor] | None = None) -> list[Tensor]:
+        """What :meth:`steepest_ascent_` needs of ``grad``, kept for later:
+        its signs for linf, a copy for l2 (into :meth:`direction_buffer`).
+        Written into ``into`` when given."""
+        if into is None:
+            into = self.direction_buffer(grad)
+        if self.norm == "linf":
+            for s, g in blocks(into, grad):
+                buf = self._scratch_like(g)
+                s.copy_(g.sign() if buf is None else torch.sign(g, out=buf))
+        else:
+            torch._foreach_copy_(into, list(grad))
+        return into
 
     def contains(self, delta: Sequence[Tensor], *, rtol: float = 1e-6) -> bool:
         """Whether ``delta`` lies in the ball (up to ``rtol``)."""
@@ -160,9 +288,25 @@ class PerturbationSet:
         ``rho * c * N(0, I)`` for l2, ``rho * c * U[-1, 1]`` for linf."""
         draw = self._normal if self.norm == "l2" else self._uniform
         delta = [draw(t, generator).mul_(self.rho) for t in self._like]
-        if self.scales is not None:
-            torch._foreach_mul_(delta, self.scales)  # in place: no second copy
+        if self.adaptive:
+            for t, w in blocks(delta, self._like):
+                t.mul_(self.abs_block(w))  # in place: no second copy
         return delta
+
+    def average_case_values(self, generator: torch.Generator) -> list[Tensor]:
+        """``w + d`` for one draw ``d`` of :meth:`average_case_sample` (the
+        same values), built in the draw's own buffers: one tensor of the
+        parameters' size, and the scaling and the shift in one pass."""
+        draw = self._normal if self.norm == "l2" else self._uniform
+        values = []
+        for w in self._like:
+            t = draw(w, generator).mul_(self.rho)
+            for tb, wb in blocks([t], [w]):
+                if self.adaptive:
+                    tb.mul_(self.abs_block(wb))
+                tb.add_(wb)
+            values.append(t)
+        return values
 
     @staticmethod
     def _uniform(like: Tensor, generator: torch.Generator) -> Tensor:
@@ -177,8 +321,16 @@ class PerturbationSet:
     def _zero_unscaled_(self, delta: list[Tensor]) -> None:
         # Coordinates with w_i = 0 cannot move in an adaptive set; keeping
         # their delta at zero also keeps them from using up l2 budget.
-        if self._movable is not None:
-            torch._foreach_mul_(delta, self._movable)
+        for t, fixed in zip(delta, self._fixed):
+            if fixed is None:
+                continue
+            if fixed.dtype == torch.bool:
+                t.masked_fill_(fixed, 0)
+            elif t.is_contiguous():
+                t.view(-1).index_fill_(0, fixed, 0)
+            else:
+                t.masked_fill_(t.new_zeros(t.shape, dtype=torch.bool).view(-1)
+                               .index_fill_(0, fixed, True).view(t.shape), 0)
 
 
 def project_weight_space(

@@ -130,6 +130,11 @@ class _Loss:
         self.normalize, self.extra = normalize, extra
         self.forward = 0
         self.backward = 0
+        #: whether gradients may take over the buffers of the values they
+        #: are taken at (see ``functional_loss_and_grad``); turned off for
+        #: the rest of the call by a model that reads a value again after
+        #: its gradient is complete
+        self.in_place_grads = True
 
     def _loss(self, values: list[Tensor], inputs: Any, targets: Tensor) -> Tensor:
         return functional_loss(
@@ -144,15 +149,17 @@ class _Loss:
         return _finite(loss)
 
     def value_and_grad(
-        self, values: list[Tensor], inputs: Any, targets: Tensor
+        self, values: list[Tensor], inputs: Any, targets: Tensor,
+        into_values: Callable[[int, Tensor, Tensor], None] | None = None,
     ) -> tuple[float, list[Tensor]]:
         # The perturbed weights are leaf tensors of our own, so autograd never
         # reaches the model's parameters or their .grad fields.
         # Forward and backward inside one reparametrization of the module:
         # activation checkpointing recomputes blocks at w + d, not at w.
+        # ``into_values``: the gradients come back in the values' buffers.
         loss, grads = functional_loss_and_grad(
             self.model, self.params, values, inputs, targets, self.loss_fn,
-            logit_normalization=self.normalize, extra=self.extra,
+            logit_normalization=self.normalize, extra=self.extra, into_values=into_values,
         )
         value = _finite(loss)
         self.backward += 1
@@ -174,31 +181,59 @@ def _worst_case_chunk(
     inputs: Any, targets: Tensor, n_iters: int, restarts: int, generator: torch.Generator,
 ) -> tuple[float, float]:
     """``(clean loss, max perturbed loss)`` on one chunk."""
-
-    values = [w.clone() for w in weights]  # w + d, rewritten in place each step
-    # The reference iteration works on d itself, APGD on scaled coordinates.
-    reference = isinstance(pset, ReferenceGeometry)
+    if isinstance(pset, ReferenceGeometry):
+        return _reference_chunk(loss, weights, pset, inputs, targets, n_iters, restarts, generator)
 
     def objective(delta: list[Tensor], need_grad: bool) -> tuple[float, list[Tensor] | None]:
+        # w + c * delta in new buffers, which the gradient then takes over:
+        # one parameter-sized set of tensors for both, whatever n_iters is
         with torch.no_grad():
-            if reference:
-                torch._foreach_copy_(values, weights)
-                torch._foreach_add_(values, delta)
-            else:
-                pset.perturbed_(values, weights, delta)
+            values = pset.perturbed(delta)
         if not need_grad:
             return loss.value(values, inputs, targets), None
+        if loss.in_place_grads:
+            try:
+                # the gradient in scaled coordinates, written over the perturbed
+                # weights w + c * delta it was taken at
+                return loss.value_and_grad(values, inputs, targets, into_values=pset.scaled_grad_into)
+            except RuntimeError as exc:
+                # A detached alias of a weight used after that weight's
+                # gradient was complete: autograd refused the overwritten
+                # buffer.  Keep values and gradients apart from now on.
+                if "modified by an inplace operation" not in str(exc):
+                    raise
+                loss.in_place_grads = False
+                with torch.no_grad():
+                    values = pset.perturbed(delta)
         f, g = loss.value_and_grad(values, inputs, targets)
-        return f, (g if reference else pset.grad_to_scaled_(g))
+        del values
+        return f, pset.grad_to_scaled_(g)
 
-    if reference:
-        return reference_worst_case(objective, pset, n_iters, restarts, generator)
     run = apgd(objective, pset, n_iters)
     clean, best = run.start_value, run.best_value
     for _ in range(restarts):
         start = pset.random_start(generator)
         best = max(best, apgd(objective, pset, n_iters, start=start).best_value)
     return clean, best
+
+
+def _reference_chunk(
+    loss: _Loss, weights: list[Tensor], geometry: ReferenceGeometry, inputs: Any, targets: Tensor,
+    n_iters: int, restarts: int, generator: torch.Generator,
+) -> tuple[float, float]:
+    """:func:`_worst_case_chunk` for ``algorithm="reference"``, which
+    iterates on the weight-space perturbation ``d`` itself."""
+    values = [w.clone() for w in weights]  # w + d, rewritten in place each step
+
+    def objective(d: list[Tensor], need_grad: bool) -> tuple[float, list[Tensor] | None]:
+        with torch.no_grad():
+            torch._foreach_copy_(values, weights)
+            torch._foreach_add_(values, d)
+        if not need_grad:
+            return loss.value(values, inputs, targets), None
+        return loss.value_and_grad(values, inputs, targets)
+
+    return reference_worst_case(objective, geometry, n_iters, restarts, generator)
 
 
 def _average_case_chunk(
@@ -210,9 +245,9 @@ def _average_case_chunk(
     total = 0.0
     for _ in range(n_samples):
         with torch.no_grad():
-            values = pset.average_case_sample(generator)
-            torch._foreach_add_(values, weights)  # w + d in the sample's own buffers
+            values = pset.average_case_values(generator)  # w + d in the draw's own buffers
         total += loss.value(values, inputs, targets)
+        del values  # freed before the next draw exists
     return clean, total / n_samples
 
 
