@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from flatness._hvp import CurvatureOperator, ProductBar
+from flatness._checks import ProductBar
+from flatness._hvp import CurvatureOperator
 
 
 def _setup():

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flatness._checks import check_int
+from flatness._checks import check_int, product_bar
 from flatness._functional import LossFn, grad_enabled
-from flatness._hvp import CurvatureOperator, product_bar
+from flatness._hvp import CurvatureOperator
 from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
 from flatness._minimum import MinimumSharpnessResult, minimum_sharpness
 from flatness._results import ResultMixin
