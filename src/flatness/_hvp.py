@@ -6,7 +6,9 @@ Products are taken with respect to the selected parameters (a
 
 * Hessian: forward-over-reverse, ``jvp(grad(loss), (w,), (v,))``; ``k``
   vectors go through one ``vmap`` call (one batched forward and backward
-  pass instead of ``k``).
+  pass instead of ``k``).  One vector alone takes the reverse-over-forward
+  order, ``grad(jvp(loss))``: the same product without the gradient held
+  beside it (one parameter size less) and faster without ``vmap``.
 * Generalized Gauss-Newton (GGN) ``G = J^T H_z J``, where ``J`` is the
   Jacobian of the model outputs ``z`` with respect to the parameters and
   ``H_z`` the Hessian of ``loss_fn`` with respect to ``z``: a ``jvp`` through
@@ -97,6 +99,39 @@ FORWARD_MIN_K_KEPT = 32
 # The product kernels live in flatness._products and the progress bar in
 # flatness._checks; the names below stay importable from here.
 _REEXPORTED = (ProductBar, product_bar, _outputs, double_backward_hvp)
+
+
+def _into_columns(products: list[Tensor | None], out: Tensor) -> Tensor:
+    """The ``k`` parameter-shaped products ``(k, *shape)`` as the columns of
+    ``out.T``, for ``out`` of shape ``(k, n)`` (stored column after column, so
+    the result unflattens into views).  Each product is copied into place
+    (unless it is there already) and released (``products`` is emptied), so
+    the products and the matrix coexist for one parameter only, instead of a
+    concatenated copy and a converted one beside them."""
+    k = out.shape[0]
+    offset = 0
+    for j, p in enumerate(products):
+        assert p is not None
+        m = p[0].numel()
+        target = out[:, offset : offset + m]
+        if p.data_ptr() != target.data_ptr():
+            target.copy_(p.reshape(k, m))
+        offset += m
+        products[j] = p = None
+    return out.T
+
+
+def _scaled(first: tuple[int, Tangents], out: Callable[[], Tangents] | None) -> list[Tensor]:
+    """``n_b C_b v`` of the first batch, formed in ``out()`` when given
+    (which may hold the products already: the double-backward engine
+    writes them there)."""
+    nb, prod = first
+    if out is None:
+        return [o * nb for o in prod]
+    target = list(out())
+    for a, o in zip(target, prod):
+        torch.mul(o, nb, out=a)
+    return target
 
 
 def _is_one_shot(data: Any) -> bool:
@@ -270,8 +305,13 @@ class CurvatureOperator:
 
     # -- products ------------------------------------------------------------
 
-    def apply(self, tangents: Tangents) -> Tangents:
-        """Products with parameter-shaped tangents ``(k, *param.shape)``."""
+    def apply(self, tangents: Tangents, out: Callable[[], Tangents] | None = None) -> Tangents:
+        """Products with parameter-shaped tangents ``(k, *param.shape)``.
+
+        ``out``, called at most once, returns tensors shaped like
+        ``tangents`` that may receive the products of the first batch (the
+        double-backward engine writes them in place, allocating nothing
+        beside them); the returned tensors hold the result either way."""
         k = int(tangents[0].shape[0])
         ps = self.params
         # Grad mode is the library's business: products work the same inside
@@ -282,7 +322,10 @@ class CurvatureOperator:
             # No forward pass: backward passes through the kept graphs only,
             # which touch neither the module nor the RNG.
             with torch.inference_mode(False), torch.no_grad(), curvature_kernels():
-                total, acc = self._accumulate((nb, g.products(tangents)) for nb, g in self._kept)
+                total, acc = self._accumulate(
+                    ((nb, g.products(tangents, out() if i == 0 and out else None))
+                     for i, (nb, g) in enumerate(self._kept)), out,
+                )
             return self._finish(k, total, acc)
         with ModelGuard(self.model, train=self.train), torch.inference_mode(False), torch.no_grad(), \
                 curvature_kernels():
@@ -291,14 +334,15 @@ class CurvatureOperator:
                     self.engine, self.engine_reason = self._choose(k)
             elif self.engine_reason == "requested" and self.engine == "forward-over-reverse":
                 with private_rng(self.seed, ps.device):
-                    self._check_requested_forward()
+                    self._check_requested_forward(k)
                 self.engine_reason = "requested (probe passed)"
             with private_rng(self.seed, ps.device):
                 if self.engine == "double-backward":
-                    total, acc = self._double_backward(tangents)
+                    total, acc = self._double_backward(tangents, out)
                 else:
                     total, acc = self._accumulate(
-                        (nb, self._batch(inputs, targets, tangents)) for nb, inputs, targets in self._batches()
+                        ((nb, self._batch(inputs, targets, tangents)) for nb, inputs, targets in self._batches()),
+                        out,
                     )
         return self._finish(k, total, acc)
 
@@ -312,7 +356,10 @@ class CurvatureOperator:
         self.n_hvp += k
         if self.progress is not None:
             self.progress.update(k)
-        return tuple(acc) if total == 1 else tuple(a / total for a in acc)
+        if total != 1:  # acc is the operator's own sum here: divided in place, no second copy
+            for a in acc:
+                a.div_(total)
+        return tuple(acc)
 
     def _batches(self) -> Iterator[tuple[int, Any, Tensor]]:
         ps = self.params
@@ -323,23 +370,29 @@ class CurvatureOperator:
         """Whether :meth:`_finish` will sum the products over ranks."""
         return self.reduce is not None and (self.reduce is not sum_ or enabled())
 
-    def _accumulate(self, products: Iterable[tuple[int, Tangents]]) -> tuple[int, list[Tensor]]:
-        """``(N, sum_b n_b C_b v)``; with one batch ``(1, C v)`` (no copy)."""
+    def _accumulate(
+        self, products: Iterable[tuple[int, Tangents]], out: Callable[[], Tangents] | None = None
+    ) -> tuple[int, list[Tensor]]:
+        """``(N, sum_b n_b C_b v)``; with one batch ``(1, C v)`` (no copy).
+        The sum is formed in ``out()`` when given (one set of products
+        fewer than a separate sum)."""
         total, acc, first = 0, None, None
-        for nb, out in products:
+        for nb, prod in products:
             if first is None:
-                first = (nb, out)
+                first = (nb, prod)
             else:
                 if acc is None:
-                    acc = [o * first[0] for o in first[1]]
-                for a, o in zip(acc, out):
+                    acc = _scaled(first, out)
+                    first = (first[0], ())  # the first batch's products live on in acc only
+                for a, o in zip(acc, prod):
                     a.add_(o, alpha=nb)
             total += nb
+            del prod
         assert first is not None  # iter_batches raises on empty data
         if acc is None:
             if not self._reduces():  # one batch: C v itself
                 return 1, list(first[1])
-            acc = [o * first[0] for o in first[1]]  # ranks are weighted by their sizes
+            acc = _scaled(first, out)  # ranks are weighted by their sizes
         return total, acc
 
     def _state_key(self) -> tuple[Any, ...]:
@@ -348,24 +401,30 @@ class CurvatureOperator:
         module = unwrap(self.model)
         return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
 
-    def _double_backward(self, tangents: Tangents) -> tuple[int, list[Tensor]]:
+    def _double_backward(
+        self, tangents: Tangents, out: Callable[[], Tangents] | None = None
+    ) -> tuple[int, list[Tensor]]:
         if self._kept is not None and self._kept_key == self._state_key():
-            return self._accumulate((nb, g.products(tangents)) for nb, g in self._kept)
+            return self._accumulate(
+                ((nb, g.products(tangents, out() if i == 0 and out else None))
+                 for i, (nb, g) in enumerate(self._kept)), out,
+            )
         self._kept = None
         keep = self._keeps_graph()
         kept: list[tuple[int, KeptGraph]] = []
 
         def run() -> Iterator[tuple[int, Tangents]]:
-            for nb, inputs, targets in self._batches():
+            for i, (nb, inputs, targets) in enumerate(self._batches()):
                 g = KeptGraph(self.model, self.params, inputs, targets, self.loss_fn, self.curvature)
                 if keep:
                     kept.append((nb, g))
-                yield nb, g.products(tangents)
+                yield nb, g.products(tangents, out() if i == 0 and out else None)
+                del g  # a graph that is not kept goes before the next batch's is built
 
-        out = self._accumulate(run())
+        result = self._accumulate(run(), out)
         if keep:
             self._kept, self._kept_key = kept, self._state_key()
-        return out
+        return result
 
     def _keeps_graph(self) -> bool:
         """Whether the data is one batch or a few (a list), whose graphs are
@@ -401,27 +460,30 @@ class CurvatureOperator:
             # vmap over the math attention kernel costs more than k backward
             # passes (measured in benchmarks/bench_hessian.py)
             return "double-backward", "attention modules (" + ", ".join(attention) + ")"
-        exc = self._forward_probe(inputs, targets)
+        exc = self._forward_probe(inputs, targets, k)
         if exc is not None:
             return "double-backward", f"forward-mode probe failed ({type(exc).__name__})"
         return "forward-over-reverse", f"{k} vectors per pass over several batches: vmapped jvp of grad"
 
-    def _forward_probe(self, inputs: Any, targets: Tensor) -> Exception | None:
+    def _forward_probe(self, inputs: Any, targets: Tensor, k: int) -> Exception | None:
         """A forward-over-reverse product on one sample: the error it raises,
         or ``None``.  Some kernels (GroupNorm on channels_last tensors, fused
         losses) lack forward-mode formulas that the module types do not show."""
         from flatness._data import _slice
 
         x1, y1 = _slice(inputs, 0, 1), targets[:1]
-        probe = tuple(torch.ones((1, *p.shape), dtype=p.dtype, device=p.device) for p in self.params.params)
+        # one stored number per parameter tensor, broadcast (no parameter-sized vector)
+        probe = tuple(torch.ones((), dtype=p.dtype, device=p.device).expand(1, *p.shape) for p in self.params.params)
         try:
+            # the kernel that ``k`` vectors per pass will run (reverse-over-forward for one)
             batch_curvature_products(self.model, self.params, x1, y1, probe, loss_fn=self.loss_fn,
-                                     curvature=self.curvature)
+                                     curvature=self.curvature,
+                                     reverse_over_forward=self.curvature == "hessian" and k == 1)
         except (RuntimeError, NotImplementedError) as exc:
             return exc
         return None
 
-    def _check_requested_forward(self) -> None:
+    def _check_requested_forward(self, k: int) -> None:
         """Refuse a requested forward-over-reverse engine, before the first
         product, where it cannot run: buffers written in ``forward`` (the
         vmapped transforms cannot write them) or a kernel without a
@@ -433,7 +495,7 @@ class CurvatureOperator:
                 "engine='forward-over-reverse' cannot run a model that writes buffers in forward ("
                 + ", ".join(written) + "); use engine='double-backward' or 'auto'"
             )
-        exc = self._forward_probe(inputs, targets)
+        exc = self._forward_probe(inputs, targets, k)
         if exc is not None:
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise ValueError(
@@ -456,8 +518,24 @@ class CurvatureOperator:
         """
         if V.dim() != 2 or V.shape[0] != self.shape[0]:
             raise ValueError(f"expected a matrix of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
-        out = self.apply(self.unflatten(V.to(device=self.device, dtype=self.dtype)))
-        return self.flatten(out, batched=True).to(device=V.device, dtype=V.dtype)
+        # A V whose transpose is contiguous (the columns stored one after
+        # another, as the library's Lanczos and trace estimators store them)
+        # unflattens into views: no copy of the k vectors.
+        k, n = V.shape[1], V.shape[0]
+        made: list[Tensor] = []
+
+        def result() -> Tensor:
+            if not made:
+                made.append(torch.empty(k, n, dtype=V.dtype, device=V.device))
+            return made[0]
+
+        def direct() -> Tangents:  # the double-backward engine writes the products there
+            return self.unflatten(result().T)
+
+        same = (V.dtype, V.device) == (self.dtype, self.device)
+        products = list(self.apply(self.unflatten(V.to(device=self.device, dtype=self.dtype)),
+                                   out=direct if same else None))
+        return _into_columns(products, result())
 
     def matvec(self, v: Tensor) -> Tensor:
         """``C v`` for one flat vector of shape ``(n,)``."""

@@ -138,7 +138,7 @@ def batch_curvature_products(
     loss_fn: LossFn = default_loss,
     curvature: str = "hessian",
     chunk_size: int | None = None,
-    reverse_over_forward: bool = False,
+    reverse_over_forward: bool | None = None,
 ) -> Tangents:
     """Curvature-vector products of one batch's loss for ``k`` vectors at once.
 
@@ -155,18 +155,26 @@ def batch_curvature_products(
     curvature : {"hessian", "ggn"}
     chunk_size : int, optional
         At most this many vectors per ``vmap`` call (bounds memory).
-    reverse_over_forward : bool
-        Differentiate ``jvp`` with ``grad`` instead of the default
+    reverse_over_forward : bool, optional
+        Differentiate ``jvp`` with ``grad`` instead of the
         forward-over-reverse ``jvp`` of ``grad``.  Same result; needed for
         losses whose backward formula has no forward derivative in PyTorch
         (``F.mse_loss`` with ``reduction="mean"`` raises "ZeroTensors are
-        immutable" in torch 2.x).
+        immutable" in torch 2.x).  Default (``None``): reverse-over-forward
+        for one Hessian-vector product, which holds only the product (the
+        gradient of ``v . grad f`` is formed parameter by parameter), where
+        ``jvp`` of ``grad`` holds the gradient beside its tangent, one
+        parameter size more, and is slower without ``vmap``;
+        forward-over-reverse for several vectors, which ``vmap`` batches
+        faster.
 
     Returns
     -------
     tuple of Tensor
         ``C v_i`` for each of the ``k`` vectors, shaped like ``tangents``.
     """
+    if reverse_over_forward is None:
+        reverse_over_forward = curvature == "hessian" and tangents[0].shape[0] == 1
     values = tuple(ps.detached())
     module = unwrap(model)
     # In training mode BatchNorm writes its running statistics in place.  The
@@ -258,38 +266,62 @@ class KeptGraph:
                 self.u = torch.zeros_like(z, requires_grad=True)
                 self.grads = torch.autograd.grad(z, self.values, self.u, create_graph=True, allow_unused=True)
 
-    def products(self, tangents: Tangents) -> Tangents:
-        """``C v_i`` for the ``k`` vectors of ``tangents`` (``(k, *shape)``)."""
-        k = int(tangents[0].shape[0])
-        if k == 1:  # a view of the one product: no stacked copy
-            return tuple(r.unsqueeze(0) for r in self._one([t[0] for t in tangents]))
-        # Each product is written into the output and released parameter by
-        # parameter: never the k products and their stacked copy at once.
-        out = [torch.empty((k, *v.shape), dtype=v.dtype, device=v.device) for v in self.values]
-        for i in range(k):
-            row = list(self._one([t[i] for t in tangents]))
-            for j in range(len(out)):
-                out[j][i].copy_(row[j])
-                row[j] = None  # released once copied
-        return tuple(out)
+    def products(self, tangents: Tangents, out: Tangents | None = None) -> Tangents:
+        """``C v_i`` for the ``k`` vectors of ``tangents`` (``(k, *shape)``).
 
-    def _one(self, vec: list[Tensor]) -> tuple[Tensor, ...]:
+        ``out``, one ``(k, *shape)`` tensor per parameter (views into the
+        caller's result), receives the products: each backward pass then
+        accumulates into it parameter by parameter, so no parameter-sized
+        product exists beside it.  Without ``out``, one vector's product is
+        returned as a view (no stacked copy).
+        """
+        k = int(tangents[0].shape[0])
+        if out is None:
+            if k == 1:
+                return tuple(r.unsqueeze(0) for r in self._one([t[0] for t in tangents]))
+            out = tuple(torch.empty((k, *v.shape), dtype=v.dtype, device=v.device) for v in self.values)
+        for i in range(k):
+            self._one([t[i] for t in tangents], into=[o[i] for o in out])
+        return out
+
+    def _one(self, vec: list[Tensor], into: list[Tensor] | None = None) -> tuple[Tensor, ...]:
+        """One product; with ``into`` (parameter-shaped tensors) written there."""
         live = [(g, v) for g, v in zip(self.grads, vec) if g is not None and g.requires_grad]
         if not live:  # the gradient does not depend on the parameters
-            return tuple(torch.zeros_like(v) for v in self.values)
+            return self._zeros(into)
         outs, grad_outs = [g for g, _ in live], [v.to(g.dtype) for g, v in live]
         with torch.enable_grad():
             if self.curvature == "hessian":
-                hv = torch.autograd.grad(outs, self.values, grad_outs, retain_graph=True, allow_unused=True)
-                return _zeros_or(hv, self.values)
+                return self._grad(outs, grad_outs, into)
             (jv,) = torch.autograd.grad(outs, self.u, grad_outs, retain_graph=True, allow_unused=True)
             if jv is None or not self.gz.requires_grad:
-                return tuple(torch.zeros_like(v) for v in self.values)
+                return self._zeros(into)
             (hjv,) = torch.autograd.grad(self.gz, self.z, jv, retain_graph=True, allow_unused=True)
             if hjv is None:
-                return tuple(torch.zeros_like(v) for v in self.values)
-            hv = torch.autograd.grad(self.z, self.values, hjv, retain_graph=True, allow_unused=True)
-        return _zeros_or(hv, self.values)
+                return self._zeros(into)
+            return self._grad([self.z], [hjv], into)
+
+    def _zeros(self, into: list[Tensor] | None) -> tuple[Tensor, ...]:
+        if into is None:
+            return tuple(torch.zeros_like(v) for v in self.values)
+        return tuple(t.zero_() for t in into)
+
+    def _grad(self, outs: list[Tensor], grad_outs: list[Tensor], into: list[Tensor] | None) -> tuple[Tensor, ...]:
+        """The last backward pass of a product, onto the parameters."""
+        if into is None:
+            hv = torch.autograd.grad(outs, self.values, grad_outs, retain_graph=True, allow_unused=True)
+            return _zeros_or(hv, self.values)
+        # Accumulated into the caller's tensors as the engine reaches each
+        # parameter (the engine runs without grad mode here, so the
+        # accumulation is in place): never a whole product beside ``into``.
+        for v, t in zip(self.values, into):
+            v.grad = t.zero_()
+        try:
+            torch.autograd.backward(outs, grad_outs, retain_graph=True, inputs=self.values)
+        finally:
+            for v in self.values:
+                v.grad = None
+        return tuple(into)
 
 
 _GGN_OUTPUTS = (
