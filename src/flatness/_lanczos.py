@@ -55,9 +55,15 @@ def rademacher(
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """An ``(n, k)`` matrix of independent random signs (exact in any
-    floating dtype)."""
-    signs = torch.randint(0, 2, (n, k), generator=generator, device=device, dtype=dtype)
-    return signs.mul_(2).sub_(1)
+    floating dtype).
+
+    Drawn vector by vector and stored column after column (the transpose of
+    a contiguous ``(k, n)`` tensor): a curvature operator unflattens such
+    columns into parameter-shaped views without a copy, and ``k`` vectors
+    drawn at once are the vectors of ``k`` draws of one, so an estimate does
+    not depend on how many vectors go through a pass."""
+    signs = torch.randint(0, 2, (k, n), generator=generator, device=device, dtype=dtype)
+    return signs.mul_(2).sub_(1).T
 
 
 def _orthogonalize(W: Tensor, Q: Tensor) -> Tensor:
@@ -582,7 +588,7 @@ def hutchpp(
         raise ValueError(f"hutch++ needs n_samples >= 4 (sketch, projection, >= 2 samples), got {n_samples}")
     s = min(n_samples // 3, n)
     g = n_samples - 2 * s
-    AS = torch.empty(n, s, dtype=dtype, device=device)
+    AS = torch.empty(s, n, dtype=dtype, device=device).T  # column after column, as rademacher
     start = 0
     for b in _blocks(s, batch):
         AS[:, start : start + b] = matmat(rademacher(n, b, generator=generator, device=device, dtype=dtype))

@@ -460,7 +460,7 @@ def trace(
     n_batches: int | None = None,
     progress: bool = False,
     train: bool = False,
-    batch: int = 8,
+    batch: int | None = None,
     chunk_size: int | None = None,
     engine: str = "auto",
 ) -> TraceResult:
@@ -478,12 +478,17 @@ def trace(
     n_samples : int, optional
         Products to spend (default 90); ``"exact"`` takes none (it spends
         one per parameter), and passing it there raises ``ValueError``.
-    batch : int
+    batch : int, optional
         Vectors per batched product pass.  Only ``batch`` random vectors (in
-        the parameters' dtype) and their products exist at a time, so
-        ``batch=1`` gives the smallest peak memory (about 5 times the
-        parameter bytes for Hutchinson; Hutch++ also keeps its
-        ``n_samples // 3`` sketch vectors).
+        the parameters' dtype) and their products exist at a time: about
+        ``2 batch + 1`` times the parameter bytes ``P`` for Hutchinson;
+        Hutch++ also keeps its ``n_samples // 3`` sketch vectors.  The
+        vectors are drawn one by one whatever ``batch`` is, so the estimate
+        does not depend on it.  Default: 1 when the data is one batch (or a
+        few) and the engine is not ``"forward-over-reverse"`` (the
+        double-backward engine then keeps the gradient's graph and runs one
+        backward pass per vector however many share a pass, so larger passes
+        only cost memory), else 8 (each pass streams the data once).
     loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size, engine
         As in :func:`top_eigenvalues`.
 
@@ -501,7 +506,7 @@ def trace(
                          "(it spends one product per parameter)")
     n_samples = 90 if n_samples is None else n_samples
     check_int("n_samples", n_samples, 4 if method == "hutch++" else 2)
-    check_int("batch", batch, 1)
+    check_int("batch", batch, 1, allow_none=True)
     bar = product_bar(progress, "trace")
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
@@ -509,6 +514,8 @@ def trace(
         progress=bar,
     )
     n = op.shape[0]
+    if batch is None:
+        batch = 1 if engine != "forward-over-reverse" and op._keeps_graph() else 8
     if bar is not None:
         bar.total = n if method == "exact" else n_samples
     try:
@@ -528,7 +535,7 @@ def trace(
         if bar is not None:
             bar.close()
     settings = _common_settings(op, seed)
-    settings.update(method=method, n_samples=n_samples)
+    settings.update(method=method, n_samples=n_samples, batch=batch)
     return TraceResult(
         value=value, std_error=std_error, method=method, n_hvp=op.n_hvp, samples=samples,
         settings=settings, wall_time=time.perf_counter() - start, engine=op.engine or "",
