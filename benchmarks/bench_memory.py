@@ -29,9 +29,15 @@ from the algorithms:
   iterate, gradient, best iterate, its gradient, the perturbed weights, the
   scaling ``|w|`` for adaptive kinds, the autograd leaves and their
   gradients), independent of ``n_iters``.
-* one HVP: the vector (1 P, allocated in the row), the gradient and the
-  product; double backward keeps the gradient's graph instead of its
-  tangent.
+* one HVP (the vector is set up outside the row, "state held" 1 P): the
+  product (1 P), plus the gradient (1 P) for double backward, whose graph
+  is kept; the torch.func engine runs one vector reverse-over-forward
+  (``grad`` of ``jvp``), which never holds the gradient.  Both add the
+  transients of one layer's backward.
+* trace: ``batch`` random vectors and their products, ``2 batch + 1`` P
+  (the default batch is 1 here: one batch of data, whose graph the
+  double-backward engine keeps); Hutch++ also holds its sketch,
+  ``n_samples // 3`` P.
 * gradient_variance: the chunk's per-sample gradients (``chunk`` P) and the
   running mean (1 P); with ``memory_limit`` below ``P`` one group of layers'
   per-sample gradients at a time.
@@ -197,16 +203,19 @@ def operations(n_iters: int, lanczos_steps: int):
     def avg(kind):
         return lambda state: flatness.sharpness(state[0], state[1], kind=kind, rho=1e-3, n_samples=5, seed=0)
 
-    def hutch(method, batch=8):
+    def hutch(method, batch=None):
         return lambda state: trace(state[0], state[1], method=method, n_samples=12, batch=batch)
 
     def variance(fn):
         return lambda state: fn(state[0], state[1])
 
+    def hvp_setup(model, batch):  # the vector exists before the product
+        return model, batch, [torch.ones_like(p) for p in model.parameters()]
+
     def one_hvp(engine="auto"):
         def run(state):
-            model, batch = state
-            hvp(model, batch, [torch.ones_like(p) for p in model.parameters()], engine=engine)
+            model, batch, v = state
+            hvp(model, batch, v, engine=engine)
         return run
 
     def variance_kw(fn, **kw):
@@ -225,13 +234,15 @@ def operations(n_iters: int, lanczos_steps: int):
         f"APGD sharpness adaptive_l2, {n_iters} iters": (fwd_bwd_setup, apgd("adaptive_l2")),
         "average-case sharpness avg_l2, 5 samples": (fwd_bwd_setup, avg("avg_l2")),
         "average-case avg_adaptive_linf, 5 samples": (fwd_bwd_setup, avg("avg_adaptive_linf")),
-        "one Hessian-vector product (auto engine)": (fwd_bwd_setup, one_hvp()),
-        "  same, forward-over-reverse": (fwd_bwd_setup, one_hvp("forward-over-reverse")),
-        "  same, double-backward": (fwd_bwd_setup, one_hvp("double-backward")),
-        "trace, Hutch++, 12 products, batch 8": (fwd_bwd_setup, hutch("hutch++")),
+        "one Hessian-vector product (auto engine)": (hvp_setup, one_hvp()),
+        "  same, forward-over-reverse": (hvp_setup, one_hvp("forward-over-reverse")),
+        "  same, double-backward": (hvp_setup, one_hvp("double-backward")),
+        "trace, Hutch++, 12 products, default batch": (fwd_bwd_setup, hutch("hutch++")),
         "trace, Hutch++, 12 products, batch 1": (fwd_bwd_setup, hutch("hutch++", 1)),
-        "trace, Hutchinson, 12 products, batch 8": (fwd_bwd_setup, hutch("hutchinson")),
+        "trace, Hutch++, 12 products, batch 8": (fwd_bwd_setup, hutch("hutch++", 8)),
+        "trace, Hutchinson, 12 products, default batch": (fwd_bwd_setup, hutch("hutchinson")),
         "trace, Hutchinson, 12 products, batch 1": (fwd_bwd_setup, hutch("hutchinson", 1)),
+        "trace, Hutchinson, 12 products, batch 8": (fwd_bwd_setup, hutch("hutchinson", 8)),
         "kfac_variance": (fwd_bwd_setup, variance(kfac_variance)),
         "gradient_variance (exact, per-sample)": (fwd_bwd_setup, variance(gradient_variance)),
         "  same, chunk_size=1": (fwd_bwd_setup, variance_kw(gradient_variance, chunk_size=1)),

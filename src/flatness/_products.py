@@ -311,16 +311,32 @@ class KeptGraph:
         if into is None:
             hv = torch.autograd.grad(outs, self.values, grad_outs, retain_graph=True, allow_unused=True)
             return _zeros_or(hv, self.values)
-        # Accumulated into the caller's tensors as the engine reaches each
-        # parameter (the engine runs without grad mode here, so the
-        # accumulation is in place): never a whole product beside ``into``.
-        for v, t in zip(self.values, into):
-            v.grad = t.zero_()
+        # Each parameter's product is copied into the caller's tensor as soon
+        # as the engine has formed it, and released: at most one layer's
+        # product exists beside ``into`` (zero-filling ``into`` first and
+        # accumulating in place would keep all of it resident while the
+        # backward pass's own temporaries are live).
+        filled: set[int] = set()
+
+        def copier(j: int, target: Tensor) -> Any:
+            def hook(v: Tensor) -> None:
+                target.copy_(v.grad)
+                v.grad = None
+                filled.add(j)
+            return hook
+
+        handles = [v.register_post_accumulate_grad_hook(copier(j, t))
+                   for j, (v, t) in enumerate(zip(self.values, into))]
         try:
             torch.autograd.backward(outs, grad_outs, retain_graph=True, inputs=self.values)
         finally:
+            for h in handles:
+                h.remove()
             for v in self.values:
                 v.grad = None
+        for j, t in enumerate(into):
+            if j not in filled:  # the loss does not reach this parameter
+                t.zero_()
         return tuple(into)
 
 
