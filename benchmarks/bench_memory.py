@@ -203,8 +203,8 @@ def operations(n_iters: int, lanczos_steps: int):
     def avg(kind):
         return lambda state: flatness.sharpness(state[0], state[1], kind=kind, rho=1e-3, n_samples=5, seed=0)
 
-    def hutch(method, batch=None):
-        return lambda state: trace(state[0], state[1], method=method, n_samples=12, batch=batch)
+    def hutch(method, batch=None, **kw):
+        return lambda state: trace(state[0], state[1], method=method, n_samples=12, batch=batch, **kw)
 
     def variance(fn):
         return lambda state: fn(state[0], state[1])
@@ -240,6 +240,7 @@ def operations(n_iters: int, lanczos_steps: int):
         "trace, Hutch++, 12 products, default batch": (fwd_bwd_setup, hutch("hutch++")),
         "trace, Hutch++, 12 products, batch 1": (fwd_bwd_setup, hutch("hutch++", 1)),
         "trace, Hutch++, 12 products, batch 8": (fwd_bwd_setup, hutch("hutch++", 8)),
+        "trace, Hutch++, 12 products, sketch=1": (fwd_bwd_setup, hutch("hutch++", sketch=1)),
         "trace, Hutchinson, 12 products, default batch": (fwd_bwd_setup, hutch("hutchinson")),
         "trace, Hutchinson, 12 products, batch 1": (fwd_bwd_setup, hutch("hutchinson", 1)),
         "trace, Hutchinson, 12 products, batch 8": (fwd_bwd_setup, hutch("hutchinson", 8)),

@@ -291,3 +291,23 @@ def test_trace_default_batch_follows_the_engine():
     many = classification_batches((2,) * 6, (5,), 4)
     assert hessian.trace(model, many, n_samples=4).settings["batch"] == 8
     assert hessian.trace(model, one, n_samples=4, engine="forward-over-reverse").settings["batch"] == 8
+
+
+def test_trace_hutchpp_sketch_bounds_the_sketch():
+    # the sketch size is a memory setting: any size is unbiased, so on a
+    # small model with many samples every size lands near the dense trace
+    model = mlp()
+    batches = classification_batches((6,), (5,), 4)
+    exact = float(torch.trace(dense_hessian(model, batches)))
+    n = sum(p.numel() for p in model.parameters())
+    for sketch in (0, 1, 5):
+        r = hessian.trace(model, batches, n_samples=2 * n, sketch=sketch, seed=1)
+        assert r.settings["sketch"] == sketch and r.n_hvp == 2 * n
+        assert r.value == pytest.approx(exact, abs=4 * r.std_error + 1e-9 * abs(exact))
+    # a sketch of the whole space makes the estimate exact
+    full = hessian.trace(model, batches, n_samples=2 * n + 2, sketch=n, seed=1)
+    assert full.value == pytest.approx(exact, rel=1e-9)
+    with pytest.raises(ValueError, match="sketch"):
+        hessian.trace(model, batches, n_samples=10, sketch=5)
+    with pytest.raises(ValueError, match="sketch"):
+        hessian.trace(model, batches, method="hutchinson", n_samples=10, sketch=1)

@@ -156,6 +156,14 @@ def test_trace_memory(setting, method, batch, n_samples, bound):
     assert peak <= bound, peak
 
 
+# Hutch++ with a sketch of one vector: 5.0 P whatever n_samples (the sketch
+# plus Hutchinson's 4.0 P)
+@pytest.mark.parametrize("n_samples", [12, 30])
+def test_trace_hutchpp_sketch_memory(setting, n_samples):
+    peak = _multiple(setting, lambda m, b: trace(m, b, n_samples=n_samples, batch=1, sketch=1))
+    assert peak <= 5.3, peak
+
+
 # K-FAC: the batch gradient, the running gradient sum of every factored
 # layer and the hooks' activations, 2.4 P; no per-sample gradient.
 def test_kfac_variance_memory(setting):

@@ -566,6 +566,7 @@ def hutchpp(
     device: torch.device | str = "cpu",
     batch: int = 8,
     dtype: torch.dtype = torch.float64,
+    sketch: int | None = None,
 ) -> tuple[float, float, Tensor]:
     """Hutch++ (Meyer, Musco, Musco and Woodruff 2021) with ``n_samples``
     products.
@@ -577,7 +578,10 @@ def hutchpp(
     (the deflated part is all that is random once ``Q`` is fixed).
 
     Memory: the ``s = n_samples // 3`` columns of ``A S`` (then ``Q``), plus
-    ``batch`` vectors and their products at a time.
+    ``batch`` vectors and their products at a time.  ``sketch`` sets ``s``
+    (at most ``(n_samples - 2) // 2``) to bound that memory; the products it
+    frees go to the Hutchinson part, and the estimate stays unbiased (with
+    ``sketch=0`` it is Hutchinson's).
 
     Returns
     -------
@@ -586,7 +590,12 @@ def hutchpp(
     """
     if n_samples < 4:
         raise ValueError(f"hutch++ needs n_samples >= 4 (sketch, projection, >= 2 samples), got {n_samples}")
-    s = min(n_samples // 3, n)
+    if sketch is None:
+        s = min(n_samples // 3, n)
+    elif sketch < 0 or 2 * sketch + 2 > n_samples:
+        raise ValueError(f"sketch must be between 0 and (n_samples - 2) // 2 = {(n_samples - 2) // 2}, got {sketch}")
+    else:
+        s = min(sketch, n)
     g = n_samples - 2 * s
     AS = torch.empty(s, n, dtype=dtype, device=device).T  # column after column, as rademacher
     start = 0

@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -463,6 +464,7 @@ def trace(
     batch: int | None = None,
     chunk_size: int | None = None,
     engine: str = "auto",
+    sketch: int | None = None,
 ) -> TraceResult:
     """Trace of the Hessian with a standard error.
 
@@ -489,6 +491,12 @@ def trace(
         double-backward engine then keeps the gradient's graph and runs one
         backward pass per vector however many share a pass, so larger passes
         only cost memory), else 8 (each pass streams the data once).
+    sketch : int, optional
+        Hutch++ only: the number of sketch vectors (default
+        ``n_samples // 3``), which Hutch++ holds through the whole call, one
+        parameter size each.  A smaller sketch bounds the memory (``sketch``
+        + ``2 batch + 2`` P); the products it frees go to the Hutchinson part
+        and the estimate stays unbiased.  ``0`` is Hutchinson.
     loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size, engine
         As in :func:`top_eigenvalues`.
 
@@ -507,6 +515,15 @@ def trace(
     n_samples = 90 if n_samples is None else n_samples
     check_int("n_samples", n_samples, 4 if method == "hutch++" else 2)
     check_int("batch", batch, 1, allow_none=True)
+    if sketch is not None:
+        if method != "hutch++":
+            raise ValueError(f"flatness.hessian.trace: option sketch= applies to method='hutch++' only, got {method!r}")
+        check_int("sketch", sketch, 0)
+        if 2 * sketch + 2 > n_samples:
+            raise ValueError(
+                f"sketch must be at most (n_samples - 2) // 2 = {(n_samples - 2) // 2} (Hutch++ spends 2 products "
+                f"per sketch vector and needs 2 more for a standard error), got {sketch}"
+            )
     bar = product_bar(progress, "trace")
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
@@ -523,7 +540,7 @@ def trace(
             value = float(exact_diagonal(op.matmat, n, batch=batch, device=op.device).sum())
             std_error, samples = 0.0, torch.zeros(0, dtype=torch.float64)
         else:
-            estimator = hutchpp if method == "hutch++" else hutchinson
+            estimator = partial(hutchpp, sketch=sketch) if method == "hutch++" else hutchinson
             with private_rng(seed, op.device) as gen:
                 # random signs are exact in any dtype: vectors as small as the
                 # parameters (float32 for half-precision models)
@@ -536,6 +553,8 @@ def trace(
             bar.close()
     settings = _common_settings(op, seed)
     settings.update(method=method, n_samples=n_samples, batch=batch)
+    if method == "hutch++":
+        settings["sketch"] = min(n_samples // 3, n) if sketch is None else min(sketch, n)
     return TraceResult(
         value=value, std_error=std_error, method=method, n_hvp=op.n_hvp, samples=samples,
         settings=settings, wall_time=time.perf_counter() - start, engine=op.engine or "",
