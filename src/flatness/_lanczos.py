@@ -304,9 +304,10 @@ def lanczos(
         n_matvec += b
         A = Qj.T @ W
         A = (A + A.T) / 2
-        # out of place once (matmat's result may be a view of the caller's
-        # data), then in place: no n-sized temporaries beyond W
-        W = torch.addmm(W, Qj, A, alpha=-1)
+        # in place (a copy first only if matmat's result shares the basis'
+        # memory): no n-sized temporaries beyond W
+        W = _own(W, Qj)
+        W.addmm_(Qj, A, alpha=-1)
         if Bprev is not None:
             W.addmm_(basis.block(j - 1), Bprev.T, alpha=-1)
         basis.orthogonalize_(W)
@@ -348,6 +349,15 @@ def lanczos(
     )
 
 
+def _own(w: Tensor, q: Tensor) -> Tensor:
+    """``w``, or a copy of it where it shares memory with ``q`` (a matmat
+    may return its argument or a view of it): safe to update in place
+    without an ``n``-sized temporary in the usual case of a fresh result."""
+    if w.untyped_storage().data_ptr() == q.untyped_storage().data_ptr():
+        return w.clone()
+    return w
+
+
 def _invariance_threshold(dtype: torch.dtype) -> float:
     # A new Lanczos vector this small relative to ||A|| is rounding noise:
     # the Krylov space is invariant to working precision.
@@ -382,9 +392,9 @@ def _lanczos_recurrence(
     steps = 0
     for j in range(max_iter):
         steps = j + 1
-        w = matmat(q[:, None])[:, 0]
+        w = _own(matmat(q[:, None])[:, 0], q)
         a = float(torch.dot(q, w))
-        w = torch.sub(w, q, alpha=a)  # out of place: matmat's result may be the caller's
+        w.sub_(q, alpha=a)
         if q_prev is not None:
             w.sub_(q_prev, alpha=beta_prev)
         beta = float(w.norm())
