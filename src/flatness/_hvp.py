@@ -518,9 +518,9 @@ class CurvatureOperator:
         """
         if V.dim() != 2 or V.shape[0] != self.shape[0]:
             raise ValueError(f"expected a matrix of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
-        # A V whose transpose is contiguous (the columns stored one after
-        # another, as the library's Lanczos and trace estimators store them)
-        # unflattens into views: no copy of the k vectors.
+        # The columns unflatten into views (no copy of the k vectors); stored
+        # one after another, as the library's estimators store them, each
+        # vector's pieces are contiguous.
         k, n = V.shape[1], V.shape[0]
         made: list[Tensor] = []
 

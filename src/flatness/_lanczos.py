@@ -58,10 +58,10 @@ def rademacher(
     floating dtype).
 
     Drawn vector by vector and stored column after column (the transpose of
-    a contiguous ``(k, n)`` tensor): a curvature operator unflattens such
-    columns into parameter-shaped views without a copy, and ``k`` vectors
-    drawn at once are the vectors of ``k`` draws of one, so an estimate does
-    not depend on how many vectors go through a pass."""
+    a contiguous ``(k, n)`` tensor): ``k`` vectors drawn at once are the
+    vectors of ``k`` draws of one, so an estimate does not depend on how
+    many vectors go through a pass, and a curvature operator unflattens each
+    column into contiguous parameter-shaped views."""
     signs = torch.randint(0, 2, (k, n), generator=generator, device=device, dtype=dtype)
     return signs.mul_(2).sub_(1).T
 

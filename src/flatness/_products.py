@@ -270,8 +270,8 @@ class KeptGraph:
         """``C v_i`` for the ``k`` vectors of ``tangents`` (``(k, *shape)``).
 
         ``out``, one ``(k, *shape)`` tensor per parameter (views into the
-        caller's result), receives the products: each backward pass then
-        accumulates into it parameter by parameter, so no parameter-sized
+        caller's result), receives the products: each backward pass copies
+        a parameter's product there as soon as it is formed, so no whole
         product exists beside it.  Without ``out``, one vector's product is
         returned as a view (no stacked copy).
         """
