@@ -1,7 +1,7 @@
 """Curvature benchmarks, measured side by side in one run.
 
 (a) Batched Hessian-vector products: ``k`` vectors through one ``vmap`` of
-    forward-over-reverse (``flatness._hvp.batch_curvature_products``) versus
+    forward-over-reverse (``flatness._products.batch_curvature_products``) versus
     loops of ``k`` double-backward products: (A) reusing one gradient graph
     (one forward, one ``create_graph`` backward, then ``k`` backward passes:
     the strongest form, possible only while one batch's graph is kept) and
@@ -52,8 +52,8 @@ from _timing import interleaved_medians, sync
 from torch import nn
 
 from flatness import hessian
-from flatness._hvp import batch_curvature_products, double_backward_hvp
 from flatness._params import select_params
+from flatness._products import batch_curvature_products, double_backward_hvp
 
 
 def import_pyhessian():

@@ -34,9 +34,15 @@ from the algorithms:
   as backpropagation completes it (plus the one layer's gradient in
   flight): 4.25 P + a layer for linf kinds, 5 P + a layer for l2 kinds.
 * average-case sharpness: one draw's perturbed weights (1 P).
-* one HVP: the vector (1 P, allocated in the row), the gradient and the
-  product; double backward keeps the gradient's graph instead of its
-  tangent.
+* one HVP (the vector is set up outside the row, "state held" 1 P): the
+  product (1 P), plus the gradient (1 P) for double backward, whose graph
+  is kept; the torch.func engine runs one vector reverse-over-forward
+  (``grad`` of ``jvp``), which never holds the gradient.  Both add the
+  transients of one layer's backward.
+* trace: ``batch`` random vectors and their products, ``2 batch + 1`` P
+  (the default batch is 1 here: one batch of data, whose graph the
+  double-backward engine keeps); Hutch++ also holds its sketch,
+  ``n_samples // 3`` P.
 * gradient_variance: the chunk's per-sample gradients (``chunk`` P) and the
   running mean (1 P); with ``memory_limit`` below ``P`` one group of layers'
   per-sample gradients at a time.
@@ -203,16 +209,19 @@ def operations(n_iters: int, lanczos_steps: int):
     def avg(kind):
         return lambda state: flatness.sharpness(state[0], state[1], kind=kind, rho=1e-3, n_samples=5, seed=0)
 
-    def hutch(method, batch=8):
-        return lambda state: trace(state[0], state[1], method=method, n_samples=12, batch=batch)
+    def hutch(method, batch=None, **kw):
+        return lambda state: trace(state[0], state[1], method=method, n_samples=12, batch=batch, **kw)
 
     def variance(fn):
         return lambda state: fn(state[0], state[1])
 
+    def hvp_setup(model, batch):  # the vector exists before the product
+        return model, batch, [torch.ones_like(p) for p in model.parameters()]
+
     def one_hvp(engine="auto"):
         def run(state):
-            model, batch = state
-            hvp(model, batch, [torch.ones_like(p) for p in model.parameters()], engine=engine)
+            model, batch, v = state
+            hvp(model, batch, v, engine=engine)
         return run
 
     def variance_kw(fn, **kw):
@@ -235,13 +244,16 @@ def operations(n_iters: int, lanczos_steps: int):
         "average-case avg_linf, 5 samples": (fwd_bwd_setup, avg("avg_linf")),
         "average-case avg_adaptive_linf, 5 samples": (fwd_bwd_setup, avg("avg_adaptive_linf")),
         "average-case avg_adaptive_l2, 5 samples": (fwd_bwd_setup, avg("avg_adaptive_l2")),
-        "one Hessian-vector product (auto engine)": (fwd_bwd_setup, one_hvp()),
-        "  same, forward-over-reverse": (fwd_bwd_setup, one_hvp("forward-over-reverse")),
-        "  same, double-backward": (fwd_bwd_setup, one_hvp("double-backward")),
-        "trace, Hutch++, 12 products, batch 8": (fwd_bwd_setup, hutch("hutch++")),
+        "one Hessian-vector product (auto engine)": (hvp_setup, one_hvp()),
+        "  same, forward-over-reverse": (hvp_setup, one_hvp("forward-over-reverse")),
+        "  same, double-backward": (hvp_setup, one_hvp("double-backward")),
+        "trace, Hutch++, 12 products, default batch": (fwd_bwd_setup, hutch("hutch++")),
         "trace, Hutch++, 12 products, batch 1": (fwd_bwd_setup, hutch("hutch++", 1)),
-        "trace, Hutchinson, 12 products, batch 8": (fwd_bwd_setup, hutch("hutchinson")),
+        "trace, Hutch++, 12 products, batch 8": (fwd_bwd_setup, hutch("hutch++", 8)),
+        "trace, Hutch++, 12 products, sketch=1": (fwd_bwd_setup, hutch("hutch++", sketch=1)),
+        "trace, Hutchinson, 12 products, default batch": (fwd_bwd_setup, hutch("hutchinson")),
         "trace, Hutchinson, 12 products, batch 1": (fwd_bwd_setup, hutch("hutchinson", 1)),
+        "trace, Hutchinson, 12 products, batch 8": (fwd_bwd_setup, hutch("hutchinson", 8)),
         "kfac_variance": (fwd_bwd_setup, variance(kfac_variance)),
         "gradient_variance (exact, per-sample)": (fwd_bwd_setup, variance(gradient_variance)),
         "  same, chunk_size=1": (fwd_bwd_setup, variance_kw(gradient_variance, chunk_size=1)),

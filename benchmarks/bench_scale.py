@@ -119,7 +119,7 @@ class Row:
 
 
 def operations(
-    batch: tuple[torch.Tensor, torch.Tensor], lanczos_steps: int | None = None, trace_batch: int = 8
+    batch: tuple[torch.Tensor, torch.Tensor], lanczos_steps: int | None = None, trace_batch: int | None = None
 ) -> dict[str, tuple[str, Callable[[nn.Module], object]]]:
     """name -> (floor in forward-backward passes, run(model))."""
     x, y = batch
@@ -183,8 +183,8 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="write a log-log plot of time and memory to this file")
     parser.add_argument("--lanczos-steps", type=int, default=None,
                         help="cap on top_eigenvalues' Lanczos steps (default: its own, 100)")
-    parser.add_argument("--trace-batch", type=int, default=8,
-                        help="vectors per product pass in trace (1: least memory)")
+    parser.add_argument("--trace-batch", type=int, default=None,
+                        help="vectors per product pass in trace (default: the library's, 1 for one batch)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from flatness._hvp import CurvatureOperator, ProductBar
+from flatness._checks import ProductBar
+from flatness._hvp import CurvatureOperator
 
 
 def _setup():
@@ -73,3 +74,20 @@ def test_product_bar_opens_at_the_first_product():
     bar.update(2)
     assert bar._bar.total == 4 and bar._bar.n == 2
     bar.close()
+
+
+def test_finiteness_check_without_temporaries_matches_isfinite():
+    # require_finite reads the extremes (NaN propagates through them), row by
+    # row for strided views; it must agree with torch.isfinite everywhere
+    from flatness._checks import _all_finite
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        base = torch.randn(4, 5, 6, generator=g).to(dtype)
+        for bad in (None, float("nan"), float("inf"), float("-inf")):
+            x = base.clone()
+            if bad is not None:
+                x[2, 3, 1] = bad
+            for view in (x, x.transpose(0, 2), x[:, 1:4], x[1], x[2, 3, 1]):
+                assert _all_finite(view) == bool(torch.isfinite(view).all()), (dtype, bad, view.shape)
+    assert _all_finite(torch.empty(0)) and _all_finite(torch.tensor([1, 2]))

@@ -256,3 +256,58 @@ def test_top_eigenvalues_memory_saving_modes_match_dense(curvature_case):
         hessian.top_eigenvalues(model, batches, k=2, block_size=2, low_memory=True)
     with pytest.raises(ValueError, match="basis_dtype"):
         hessian.top_eigenvalues(model, batches, basis_dtype=torch.float16)
+
+
+def test_trace_estimate_does_not_depend_on_batch():
+    # The random vectors are drawn one by one whatever the pass size, so the
+    # pass size is a memory / speed setting only.  Reference: the quadratic
+    # forms z^T H z with the dense Hessian and the same signs.
+    from flatness._lanczos import rademacher
+    from flatness._rng import private_rng
+
+    model = mlp()
+    batches = classification_batches((6,), (5,), 4)
+    H = dense_hessian(model, batches)
+    n, m = H.shape[0], 10
+    with private_rng(5, torch.device("cpu")) as gen:
+        Z = rademacher(n, m, generator=gen, dtype=DT)
+    forms = (Z * (H @ Z)).sum(0)
+    for b in (1, 3, 8, 10):
+        r = hessian.trace(model, batches, method="hutchinson", n_samples=m, seed=5, batch=b)
+        assert r.settings["batch"] == b
+        assert torch.allclose(r.samples, forms, rtol=1e-10, atol=1e-12), b
+        assert r.value == pytest.approx(float(forms.mean()), rel=1e-10)
+    pp = [hessian.trace(model, batches, n_samples=9, seed=5, batch=b).value for b in (1, 2, 9)]
+    assert pp[1] == pytest.approx(pp[0], rel=1e-9) and pp[2] == pytest.approx(pp[0], rel=1e-9)
+
+
+def test_trace_default_batch_follows_the_engine():
+    # one batch: the double-backward engine keeps the graph and runs one
+    # backward per vector, so one vector per pass; a re-streamed loader
+    # (more batches than are kept) gets 8 per pass
+    model = mlp()
+    one = classification_batches((6,), (5,), 4)
+    assert hessian.trace(model, one, n_samples=4).settings["batch"] == 1
+    many = classification_batches((2,) * 6, (5,), 4)
+    assert hessian.trace(model, many, n_samples=4).settings["batch"] == 8
+    assert hessian.trace(model, one, n_samples=4, engine="forward-over-reverse").settings["batch"] == 8
+
+
+def test_trace_hutchpp_sketch_bounds_the_sketch():
+    # the sketch size is a memory setting: any size is unbiased, so on a
+    # small model with many samples every size lands near the dense trace
+    model = mlp()
+    batches = classification_batches((6,), (5,), 4)
+    exact = float(torch.trace(dense_hessian(model, batches)))
+    n = sum(p.numel() for p in model.parameters())
+    for sketch in (0, 1, 5):
+        r = hessian.trace(model, batches, n_samples=2 * n, sketch=sketch, seed=1)
+        assert r.settings["sketch"] == sketch and r.n_hvp == 2 * n
+        assert r.value == pytest.approx(exact, abs=4 * r.std_error + 1e-9 * abs(exact))
+    # a sketch of the whole space makes the estimate exact
+    full = hessian.trace(model, batches, n_samples=2 * n + 2, sketch=n, seed=1)
+    assert full.value == pytest.approx(exact, rel=1e-9)
+    with pytest.raises(ValueError, match="sketch"):
+        hessian.trace(model, batches, n_samples=10, sketch=5)
+    with pytest.raises(ValueError, match="sketch"):
+        hessian.trace(model, batches, method="hutchinson", n_samples=10, sketch=1)

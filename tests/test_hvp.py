@@ -22,8 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from flatness import hessian
-from flatness._hvp import CurvatureOperator, double_backward_hvp
+from flatness._hvp import CurvatureOperator
 from flatness._params import select_params
+from flatness._products import double_backward_hvp
 
 
 def _dense_from_operator(op: CurvatureOperator) -> torch.Tensor:

@@ -95,17 +95,15 @@ def test_average_case_memory(setting, kind, bound):
 
 
 # Products, the vectors allocated outside the call.  One vector:
-# forward-over-reverse 2.0 P (the gradient and its tangent, the product),
-# double backward 2.1 P (the gradient with its graph and the product; 3.0
-# before the single product was returned as a view instead of stacked).
-# Three vectors: 4.1 P (three products and the gradient) and 5.0 P (the
-# gradient, the output and one product in flight; 7.0 when the rows were
-# all kept and then stacked).
+# forward-over-reverse 1.95 P (one vector runs reverse-over-forward, grad of
+# jvp: the product and one layer's temporaries, no gradient beside it; 3.0
+# with jvp of grad and a parameter-sized probe vector), double backward
+# 2.0 P (the gradient with its graph and the product).  Three vectors:
+# 4.1 P (three products and the gradient) and 5.0 P (the gradient, the
+# output and one layer's product in flight; 7.0 when the rows were all kept
+# and then stacked).
 @pytest.mark.parametrize("engine, k, bound", [
-    # forced forward-over-reverse first runs a one-sample probe product with a
-    # vector of its own (to refuse kernels without forward-mode formulas up
-    # front): the vector, the gradient and the product, 3.0 P
-    ("forward-over-reverse", 1, 3.3), ("double-backward", 1, 2.4),
+    ("forward-over-reverse", 1, 2.3), ("double-backward", 1, 2.3),
     ("forward-over-reverse", 3, 4.4), ("double-backward", 3, 5.3),
 ])
 def test_hvp_memory(setting, engine, k, bound):
@@ -113,6 +111,22 @@ def test_hvp_memory(setting, engine, k, bound):
     v = [torch.ones(k, *p.shape) for p in model.parameters()]
     peak = _multiple(setting, lambda m, b: hvp(m, b, v, engine=engine))
     assert peak <= bound, peak
+
+
+# The operator on flat vectors, k columns stored one after another (as the
+# estimators draw them): the double-backward engine writes each product
+# into the (n, k) result, so the call holds the result and the gradient,
+# k + 0.95 P; concatenating the products beside the result cost 2 k
+# (8 P for k = 4).
+@pytest.mark.parametrize("k", [1, 4])
+def test_operator_products_land_in_the_result(setting, k):
+    from flatness._hvp import CurvatureOperator
+
+    model, batch, _ = setting
+    op = CurvatureOperator(model, batch, engine="double-backward")
+    V = torch.ones(k, op.shape[0]).T
+    peak = _multiple(setting, lambda m, b: op.matmat(V))
+    assert peak <= k + 1.3, peak
 
 
 # Lanczos, 10 steps: the float64 basis (2 P a step for float32 parameters)
@@ -137,10 +151,27 @@ def test_lanczos_low_memory_is_independent_of_steps(setting):
     assert abs(peaks[1] - peaks[0]) <= 0.1, peaks
 
 
-# Hutchinson with batch=1: a vector, its product and the HVP's buffers, 4.0 P
-def test_trace_batch_one_memory(setting):
-    peak = _multiple(setting, lambda m, b: trace(m, b, method="hutchinson", n_samples=4, batch=1))
-    assert peak <= 4.3, peak
+# Trace: the vectors of a pass, their products, the gradient with its graph
+# and one layer's backward temporaries.  Hutchinson with batch=1: 4.0 P;
+# the default batch is 1 for one batch of data (the double-backward engine
+# keeps the graph and runs one backward per vector anyway); batch=4:
+# 10.0 P (13.0 when the products were concatenated beside the result);
+# Hutch++ also holds its sketch, n_samples // 3 = 4 vectors: 8.0 P.
+@pytest.mark.parametrize("method, batch, n_samples, bound", [
+    ("hutchinson", 1, 4, 4.3), ("hutchinson", None, 4, 4.3), ("hutchinson", 4, 8, 10.3),
+    ("hutch++", 1, 12, 8.3),
+])
+def test_trace_memory(setting, method, batch, n_samples, bound):
+    peak = _multiple(setting, lambda m, b: trace(m, b, method=method, n_samples=n_samples, batch=batch))
+    assert peak <= bound, peak
+
+
+# Hutch++ with a sketch of one vector: 5.0 P whatever n_samples (the sketch
+# plus Hutchinson's 4.0 P)
+@pytest.mark.parametrize("n_samples", [12, 30])
+def test_trace_hutchpp_sketch_memory(setting, n_samples):
+    peak = _multiple(setting, lambda m, b: trace(m, b, n_samples=n_samples, batch=1, sketch=1))
+    assert peak <= 5.3, peak
 
 
 # K-FAC: the batch gradient, the running gradient sum of every factored

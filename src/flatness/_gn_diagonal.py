@@ -32,9 +32,10 @@ from flatness._data import batch_size, iter_batches, split_batch
 from flatness._distributed import sum_
 from flatness._functional import LossFn, _as_args, _as_kwargs, default_loss
 from flatness._guard import ModelGuard, disable_running_stats
-from flatness._hvp import CurvatureOperator, double_backward_hvp
+from flatness._hvp import CurvatureOperator
 from flatness._params import unwrap
 from flatness._per_sample import _add_batch_dim
+from flatness._products import double_backward_hvp
 from flatness._rng import private_rng
 
 #: Bytes of per-sample gradients held at once by ``method="gn"``.
@@ -93,7 +94,7 @@ def _verify_exactness(op: CurvatureOperator, inputs: Any, targets: Tensor, gn_di
 def _check_gn_outputs(op: CurvatureOperator, z0: Any) -> None:
     """``method="gn"`` factors the loss's Hessian in the outputs of each
     sample, vmapped: one output tensor, no buffer written in ``forward``."""
-    from flatness._hvp import buffers_written_in_forward
+    from flatness._products import buffers_written_in_forward
 
     if not isinstance(z0, Tensor):
         raise ValueError(

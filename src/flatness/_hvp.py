@@ -6,7 +6,9 @@ Products are taken with respect to the selected parameters (a
 
 * Hessian: forward-over-reverse, ``jvp(grad(loss), (w,), (v,))``; ``k``
   vectors go through one ``vmap`` call (one batched forward and backward
-  pass instead of ``k``).
+  pass instead of ``k``).  One vector alone takes the reverse-over-forward
+  order, ``grad(jvp(loss))``: the same product without the gradient held
+  beside it (one parameter size less) and faster without ``vmap``.
 * Generalized Gauss-Newton (GGN) ``G = J^T H_z J``, where ``J`` is the
   Jacobian of the model outputs ``z`` with respect to the parameters and
   ``H_z`` the Hessian of ``loss_fn`` with respect to ``z``: a ``jvp`` through
@@ -43,36 +45,30 @@ together in memory.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from flatness._checks import check_int, require_finite
 from flatness._data import batch_size, iter_batches
 from flatness._distributed import enabled, sum_
-from flatness._functional import LossFn, _as_args, _as_kwargs, default_loss, functional_loss
-from flatness._guard import ModelGuard, same_bits
-from flatness._params import ParamSet, select_params, unwrap
+from flatness._functional import LossFn, default_loss
+from flatness._guard import ModelGuard
+from flatness._params import select_params, unwrap
+from flatness._products import (
+    CURVATURES,
+    KeptGraph,
+    Tangents,
+    batch_curvature_products,
+    buffers_written_in_forward,
+    curvature_kernels,
+    reverse_only_modules,
+)
 from flatness._rng import private_rng
 
-__all__ = [
-    "CURVATURES",
-    "ENGINES",
-    "CurvatureOperator",
-    "KeptGraph",
-    "batch_curvature_products",
-    "buffers_written_in_forward",
-    "curvature_kernels",
-    "double_backward_hvp",
-    "reverse_only_modules",
-]
-
-#: The curvature matrices an operator can represent.
-CURVATURES = ("hessian", "ggn")
+__all__ = ["ENGINES", "CurvatureOperator"]
 
 #: The engines that compute curvature-vector products ("auto" chooses).
 ENGINES = ("auto", "forward-over-reverse", "double-backward")
@@ -88,278 +84,38 @@ FORWARD_MIN_K = 8
 #: ... and with a kept graph (one batch or a few).
 FORWARD_MIN_K_KEPT = 32
 
-Tangents = tuple[Tensor, ...]
+
+def _into_columns(products: list[Tensor | None], out: Tensor) -> Tensor:
+    """The ``k`` parameter-shaped products ``(k, *shape)`` as the columns of
+    ``out.T``, for ``out`` of shape ``(k, n)`` (stored column after column, so
+    the result unflattens into views).  Each product is copied into place
+    (unless it is there already) and released (``products`` is emptied), so
+    the products and the matrix coexist for one parameter only, instead of a
+    concatenated copy and a converted one beside them."""
+    k = out.shape[0]
+    offset = 0
+    for j, p in enumerate(products):
+        assert p is not None
+        m = p[0].numel()
+        target = out[:, offset : offset + m]
+        if p.data_ptr() != target.data_ptr():
+            target.copy_(p.reshape(k, m))
+        offset += m
+        products[j] = p = None
+    return out.T
 
 
-def _composite_weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
-    # w = g v / ||v|| from differentiable primitives.  The fused
-    # _weight_norm_interface kernel has a wrong double backward on CPU (its
-    # Hessian is not even symmetric) and no forward-mode derivative.
-    return v * (g / torch.norm_except_dim(v, 2, dim))
-
-
-@contextlib.contextmanager
-def curvature_kernels() -> Iterator[None]:
-    """Kernels with correct second derivatives for curvature computations.
-
-    Attention runs on the math SDPA kernel and without the fused
-    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast path, and
-    ``weight_norm`` (``torch._weight_norm``) on a composite of
-    differentiable primitives: the fused kernels lack forward-mode
-    derivatives or a correct double backward.  Restores everything on exit.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    previous = torch.backends.mha.get_fastpath_enabled()
-    fused_weight_norm = torch._weight_norm
-    torch.backends.mha.set_fastpath_enabled(False)
-    torch._weight_norm = _composite_weight_norm  # type: ignore[assignment]
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch._weight_norm = fused_weight_norm  # type: ignore[assignment]
-        torch.backends.mha.set_fastpath_enabled(previous)
-
-
-def reverse_only_modules(model: nn.Module) -> list[str]:
-    """Submodules whose kernels have no forward-mode derivative in PyTorch,
-    each as ``"name (Type: reason)"``: recurrent layers (the fused RNN
-    kernels) and parametrized modules (``weight_norm``'s fused kernel,
-    parametrizations that run power iterations in training mode)."""
-    from torch.nn.utils import parametrize
-
-    found = []
-    for name, m in unwrap(model).named_modules():
-        label = name or "<root>"
-        if isinstance(m, nn.RNNBase):
-            found.append(f"{label} ({type(m).__name__}: the recurrent kernel has no forward-mode derivative)")
-        elif parametrize.is_parametrized(m):
-            found.append(f"{label} ({type(m).__name__}: parametrized weights)")
-    return found
-
-
-def buffers_written_in_forward(
-    model: nn.Module, ps: ParamSet, inputs: Any, targets: Tensor, loss_fn: LossFn
-) -> list[str]:
-    """Names of the buffers that one forward pass writes in place (BatchNorm
-    in training mode, counters, running averages), found from the version
-    counters of copies (the module's own buffers are not touched)."""
-    module = unwrap(model)
-    copies = {name: b.clone() for name, b in module.named_buffers()}
-    if not copies:
-        return []
-    originals = {name: b.clone() for name, b in copies.items()}
-    versions = {name: b._version for name, b in copies.items()}
-    with torch.no_grad():
-        functional_loss(model, ps, ps.detached(), inputs, targets, loss_fn, extra=copies)
-    # the version counter catches in-place writes by operators; BatchNorm's
-    # kernel updates its statistics without bumping it, so compare values too
-    return [name for name, b in copies.items()
-            if b._version != versions[name] or not same_bits(b, originals[name])]
-
-
-def _outputs(
-    model: nn.Module, ps: ParamSet, values: Sequence[Tensor], inputs: Any, extra: dict[str, Tensor]
-) -> Tensor:
-    state = {**extra, **ps.as_dict(values)}
-    return functional_call(unwrap(model), state, _as_args(inputs), _as_kwargs(inputs), strict=False)
-
-
-def _second_order(f: Any, x: Any, v: Any, reverse_over_forward: bool) -> Any:
-    """Hessian of scalar ``f`` at ``x`` times ``v`` (pytrees of tensors)."""
-    if reverse_over_forward:
-        return grad(lambda y: jvp(f, (y,), (v,))[1])(x)
-    return jvp(grad(f), (x,), (v,))[1]
-
-
-def batch_curvature_products(
-    model: nn.Module,
-    ps: ParamSet,
-    inputs: Any,
-    targets: Tensor,
-    tangents: Tangents,
-    *,
-    loss_fn: LossFn = default_loss,
-    curvature: str = "hessian",
-    chunk_size: int | None = None,
-    reverse_over_forward: bool = False,
-) -> Tangents:
-    """Curvature-vector products of one batch's loss for ``k`` vectors at once.
-
-    Parameters
-    ----------
-    model : nn.Module
-        In the mode it should be evaluated in (the caller guards it).
-    ps : ParamSet
-        Parameters the curvature is taken with respect to.
-    inputs, targets
-        One batch, on the parameters' device.
-    tangents : tuple of Tensor
-        One tensor per parameter, shaped ``(k, *param.shape)``.
-    curvature : {"hessian", "ggn"}
-    chunk_size : int, optional
-        At most this many vectors per ``vmap`` call (bounds memory).
-    reverse_over_forward : bool
-        Differentiate ``jvp`` with ``grad`` instead of the default
-        forward-over-reverse ``jvp`` of ``grad``.  Same result; needed for
-        losses whose backward formula has no forward derivative in PyTorch
-        (``F.mse_loss`` with ``reduction="mean"`` raises "ZeroTensors are
-        immutable" in torch 2.x).
-
-    Returns
-    -------
-    tuple of Tensor
-        ``C v_i`` for each of the ``k`` vectors, shaped like ``tangents``.
-    """
-    values = tuple(ps.detached())
-    module = unwrap(model)
-    # In training mode BatchNorm writes its running statistics in place.  The
-    # transforms refuse to mutate a captured tensor, so every forward pass
-    # gets fresh copies of the buffers (the module's own are never touched).
-    buffers = dict(module.named_buffers())
-
-    def fresh_buffers() -> dict[str, Tensor]:
-        return {name: b.clone() for name, b in buffers.items()}
-
-    if curvature == "hessian":
-
-        def loss(vals: Tangents) -> Tensor:
-            return functional_loss(
-                model, ps, vals, inputs, targets, loss_fn, extra=fresh_buffers()
-            )
-
-        def product(v: Tangents) -> Tangents:
-            return _second_order(loss, values, v, reverse_over_forward)
-
-    elif curvature == "ggn":
-
-        def out(vals: Tangents) -> Tensor:
-            return _outputs(model, ps, vals, inputs, fresh_buffers())
-
-        def out_loss(z: Tensor) -> Tensor:
-            value = loss_fn(z, targets)
-            if not isinstance(value, Tensor) or value.numel() != 1:
-                raise ValueError("loss_fn must return a scalar tensor (the mean loss over the batch)")
-            return value.reshape(())
-
-        z, pullback = vjp(out, values)
-
-        def product(v: Tangents) -> Tangents:
-            jv = jvp(out, (values,), (v,))[1]
-            hjv = _second_order(out_loss, z, jv, reverse_over_forward)
-            return pullback(hjv)[0]
-
-    else:
-        raise ValueError(f"unknown curvature {curvature!r}; valid: {', '.join(CURVATURES)}")
-
-    # randomness="same": a dropout layer (train=True) draws one mask for all
-    # k vectors, so every vector sees the same function.
-    if tangents[0].shape[0] == 1:  # one vector: skip the vmap overhead
-        return tuple(o.unsqueeze(0) for o in product(tuple(t[0] for t in tangents)))
-    return vmap(product, randomness="same", chunk_size=chunk_size)(tangents)
-
-
-def _scalar_loss(value: Any) -> Tensor:
-    if not isinstance(value, Tensor) or value.numel() != 1:
-        raise ValueError("loss_fn must return a scalar tensor (the mean loss over the batch)")
-    return value.reshape(())
-
-
-def _zeros_or(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    return tuple(torch.zeros_like(v) if t is None else t.detach() for t, v in zip(tensors, like))
-
-
-class KeptGraph:
-    """One batch's loss gradient with its graph (``create_graph=True``),
-    ready for any number of reverse-over-reverse products.
-
-    Hessian: ``H v = d(g . v)/dw`` with ``g`` the kept gradient.  GGN:
-    ``J v`` by the double-vjp trick (``J^T u`` is linear in a dummy ``u``;
-    its gradient with respect to ``u`` along ``v`` is ``J v``), then
-    ``H_z J v`` and ``J^T (H_z J v)``, all through graphs built once.
-    Buffers are copied, so a forward pass that writes them (BatchNorm in
-    training mode, counters) leaves the module's own untouched.
-    """
-
-    def __init__(
-        self, model: nn.Module, ps: ParamSet, inputs: Any, targets: Tensor,
-        loss_fn: LossFn, curvature: str = "hessian",
-    ) -> None:
-        buffers = {name: b.clone() for name, b in unwrap(model).named_buffers()}
-        self.curvature = curvature
-        self.values = [p.detach().requires_grad_(True) for p in ps.params]
-        with torch.enable_grad():
-            if curvature == "hessian":
-                loss = functional_loss(model, ps, self.values, inputs, targets, loss_fn, extra=buffers)
-                self.grads = torch.autograd.grad(loss, self.values, create_graph=True, allow_unused=True)
-            else:
-                z = _outputs(model, ps, self.values, inputs, buffers)
-                if not isinstance(z, Tensor):
-                    raise ValueError(_GGN_OUTPUTS.format(type(z).__name__))
-                loss = _scalar_loss(loss_fn(z, targets))
-                self.z = z
-                (self.gz,) = torch.autograd.grad(loss, z, create_graph=True)
-                self.u = torch.zeros_like(z, requires_grad=True)
-                self.grads = torch.autograd.grad(z, self.values, self.u, create_graph=True, allow_unused=True)
-
-    def products(self, tangents: Tangents) -> Tangents:
-        """``C v_i`` for the ``k`` vectors of ``tangents`` (``(k, *shape)``)."""
-        k = int(tangents[0].shape[0])
-        if k == 1:  # a view of the one product: no stacked copy
-            return tuple(r.unsqueeze(0) for r in self._one([t[0] for t in tangents]))
-        # Each product is written into the output and released parameter by
-        # parameter: never the k products and their stacked copy at once.
-        out = [torch.empty((k, *v.shape), dtype=v.dtype, device=v.device) for v in self.values]
-        for i in range(k):
-            row = list(self._one([t[i] for t in tangents]))
-            for j in range(len(out)):
-                out[j][i].copy_(row[j])
-                row[j] = None  # released once copied
-        return tuple(out)
-
-    def _one(self, vec: list[Tensor]) -> tuple[Tensor, ...]:
-        live = [(g, v) for g, v in zip(self.grads, vec) if g is not None and g.requires_grad]
-        if not live:  # the gradient does not depend on the parameters
-            return tuple(torch.zeros_like(v) for v in self.values)
-        outs, grad_outs = [g for g, _ in live], [v.to(g.dtype) for g, v in live]
-        with torch.enable_grad():
-            if self.curvature == "hessian":
-                hv = torch.autograd.grad(outs, self.values, grad_outs, retain_graph=True, allow_unused=True)
-                return _zeros_or(hv, self.values)
-            (jv,) = torch.autograd.grad(outs, self.u, grad_outs, retain_graph=True, allow_unused=True)
-            if jv is None or not self.gz.requires_grad:
-                return tuple(torch.zeros_like(v) for v in self.values)
-            (hjv,) = torch.autograd.grad(self.gz, self.z, jv, retain_graph=True, allow_unused=True)
-            if hjv is None:
-                return tuple(torch.zeros_like(v) for v in self.values)
-            hv = torch.autograd.grad(self.z, self.values, hjv, retain_graph=True, allow_unused=True)
-        return _zeros_or(hv, self.values)
-
-
-_GGN_OUTPUTS = (
-    "curvature='ggn' needs a model that returns one tensor (the Gauss-Newton matrix is "
-    "J^T H_z J for outputs z), got {}; use curvature='hessian' with a loss_fn that selects the output"
-)
-
-
-def double_backward_hvp(
-    model: nn.Module,
-    ps: ParamSet,
-    inputs: Any,
-    targets: Tensor,
-    tangents: Tangents,
-    *,
-    loss_fn: LossFn = default_loss,
-    curvature: str = "hessian",
-) -> Tangents:
-    """Curvature-vector products by double backward, one vector at a time.
-
-    The textbook method (Pearlmutter 1994 via reverse-over-reverse): one
-    forward pass, the gradient with ``create_graph=True``, then one backward
-    pass per vector (see :class:`KeptGraph`).
-    """
-    return KeptGraph(model, ps, inputs, targets, loss_fn, curvature).products(tangents)
+def _scaled(first: tuple[int, Tangents], out: Callable[[], Tangents] | None) -> list[Tensor]:
+    """``n_b C_b v`` of the first batch, formed in ``out()`` when given
+    (which may hold the products already: the double-backward engine
+    writes them there)."""
+    nb, prod = first
+    if out is None:
+        return [o * nb for o in prod]
+    target = list(out())
+    for a, o in zip(target, prod):
+        torch.mul(o, nb, out=a)
+    return target
 
 
 def _is_one_shot(data: Any) -> bool:
@@ -369,39 +125,6 @@ def _is_one_shot(data: Any) -> bool:
     # start worker processes) outside the private generator.
     return isinstance(data, Iterator)
 
-
-class ProductBar:
-    """A tqdm bar counting curvature-vector products, handed to
-    :class:`CurvatureOperator` as ``progress=``.
-
-    The bar opens at the first product, so no bar shows when the inputs are
-    refused; ``total`` may be set once the operator's size is known.  tqdm is
-    imported here, so a missing tqdm is reported before any work.
-    """
-
-    def __init__(self, desc: str, total: int | None = None) -> None:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError("progress=True needs tqdm: pip install 'flatness[progress]'") from exc
-        self._tqdm = tqdm
-        self.desc = desc
-        self.total = total
-        self._bar: Any = None
-
-    def update(self, k: int) -> None:
-        if self._bar is None:
-            self._bar = self._tqdm(total=self.total, desc=self.desc, unit="hvp")
-        self._bar.update(k)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-def product_bar(progress: bool, desc: str) -> ProductBar | None:
-    """A :class:`ProductBar` when ``progress`` is true, else ``None``."""
-    return ProductBar(desc) if progress else None
 
 
 class CurvatureOperator:
@@ -566,8 +289,13 @@ class CurvatureOperator:
 
     # -- products ------------------------------------------------------------
 
-    def apply(self, tangents: Tangents) -> Tangents:
-        """Products with parameter-shaped tangents ``(k, *param.shape)``."""
+    def apply(self, tangents: Tangents, out: Callable[[], Tangents] | None = None) -> Tangents:
+        """Products with parameter-shaped tangents ``(k, *param.shape)``.
+
+        ``out``, called at most once, returns tensors shaped like
+        ``tangents`` that may receive the products of the first batch (the
+        double-backward engine writes them in place, allocating nothing
+        beside them); the returned tensors hold the result either way."""
         k = int(tangents[0].shape[0])
         ps = self.params
         # Grad mode is the library's business: products work the same inside
@@ -578,7 +306,10 @@ class CurvatureOperator:
             # No forward pass: backward passes through the kept graphs only,
             # which touch neither the module nor the RNG.
             with torch.inference_mode(False), torch.no_grad(), curvature_kernels():
-                total, acc = self._accumulate((nb, g.products(tangents)) for nb, g in self._kept)
+                total, acc = self._accumulate(
+                    ((nb, g.products(tangents, out() if i == 0 and out else None))
+                     for i, (nb, g) in enumerate(self._kept)), out,
+                )
             return self._finish(k, total, acc)
         with ModelGuard(self.model, train=self.train), torch.inference_mode(False), torch.no_grad(), \
                 curvature_kernels():
@@ -587,14 +318,15 @@ class CurvatureOperator:
                     self.engine, self.engine_reason = self._choose(k)
             elif self.engine_reason == "requested" and self.engine == "forward-over-reverse":
                 with private_rng(self.seed, ps.device):
-                    self._check_requested_forward()
+                    self._check_requested_forward(k)
                 self.engine_reason = "requested (probe passed)"
             with private_rng(self.seed, ps.device):
                 if self.engine == "double-backward":
-                    total, acc = self._double_backward(tangents)
+                    total, acc = self._double_backward(tangents, out)
                 else:
                     total, acc = self._accumulate(
-                        (nb, self._batch(inputs, targets, tangents)) for nb, inputs, targets in self._batches()
+                        ((nb, self._batch(inputs, targets, tangents)) for nb, inputs, targets in self._batches()),
+                        out,
                     )
         return self._finish(k, total, acc)
 
@@ -608,7 +340,10 @@ class CurvatureOperator:
         self.n_hvp += k
         if self.progress is not None:
             self.progress.update(k)
-        return tuple(acc) if total == 1 else tuple(a / total for a in acc)
+        if total != 1:  # acc is the operator's own sum here: divided in place, no second copy
+            for a in acc:
+                a.div_(total)
+        return tuple(acc)
 
     def _batches(self) -> Iterator[tuple[int, Any, Tensor]]:
         ps = self.params
@@ -619,23 +354,29 @@ class CurvatureOperator:
         """Whether :meth:`_finish` will sum the products over ranks."""
         return self.reduce is not None and (self.reduce is not sum_ or enabled())
 
-    def _accumulate(self, products: Iterable[tuple[int, Tangents]]) -> tuple[int, list[Tensor]]:
-        """``(N, sum_b n_b C_b v)``; with one batch ``(1, C v)`` (no copy)."""
+    def _accumulate(
+        self, products: Iterable[tuple[int, Tangents]], out: Callable[[], Tangents] | None = None
+    ) -> tuple[int, list[Tensor]]:
+        """``(N, sum_b n_b C_b v)``; with one batch ``(1, C v)`` (no copy).
+        The sum is formed in ``out()`` when given (one set of products
+        fewer than a separate sum)."""
         total, acc, first = 0, None, None
-        for nb, out in products:
+        for nb, prod in products:
             if first is None:
-                first = (nb, out)
+                first = (nb, prod)
             else:
                 if acc is None:
-                    acc = [o * first[0] for o in first[1]]
-                for a, o in zip(acc, out):
+                    acc = _scaled(first, out)
+                    first = (first[0], ())  # the first batch's products live on in acc only
+                for a, o in zip(acc, prod):
                     a.add_(o, alpha=nb)
             total += nb
+            del prod
         assert first is not None  # iter_batches raises on empty data
         if acc is None:
             if not self._reduces():  # one batch: C v itself
                 return 1, list(first[1])
-            acc = [o * first[0] for o in first[1]]  # ranks are weighted by their sizes
+            acc = _scaled(first, out)  # ranks are weighted by their sizes
         return total, acc
 
     def _state_key(self) -> tuple[Any, ...]:
@@ -644,24 +385,30 @@ class CurvatureOperator:
         module = unwrap(self.model)
         return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
 
-    def _double_backward(self, tangents: Tangents) -> tuple[int, list[Tensor]]:
+    def _double_backward(
+        self, tangents: Tangents, out: Callable[[], Tangents] | None = None
+    ) -> tuple[int, list[Tensor]]:
         if self._kept is not None and self._kept_key == self._state_key():
-            return self._accumulate((nb, g.products(tangents)) for nb, g in self._kept)
+            return self._accumulate(
+                ((nb, g.products(tangents, out() if i == 0 and out else None))
+                 for i, (nb, g) in enumerate(self._kept)), out,
+            )
         self._kept = None
         keep = self._keeps_graph()
         kept: list[tuple[int, KeptGraph]] = []
 
         def run() -> Iterator[tuple[int, Tangents]]:
-            for nb, inputs, targets in self._batches():
+            for i, (nb, inputs, targets) in enumerate(self._batches()):
                 g = KeptGraph(self.model, self.params, inputs, targets, self.loss_fn, self.curvature)
                 if keep:
                     kept.append((nb, g))
-                yield nb, g.products(tangents)
+                yield nb, g.products(tangents, out() if i == 0 and out else None)
+                del g  # a graph that is not kept goes before the next batch's is built
 
-        out = self._accumulate(run())
+        result = self._accumulate(run(), out)
         if keep:
             self._kept, self._kept_key = kept, self._state_key()
-        return out
+        return result
 
     def _keeps_graph(self) -> bool:
         """Whether the data is one batch or a few (a list), whose graphs are
@@ -697,27 +444,30 @@ class CurvatureOperator:
             # vmap over the math attention kernel costs more than k backward
             # passes (measured in benchmarks/bench_hessian.py)
             return "double-backward", "attention modules (" + ", ".join(attention) + ")"
-        exc = self._forward_probe(inputs, targets)
+        exc = self._forward_probe(inputs, targets, k)
         if exc is not None:
             return "double-backward", f"forward-mode probe failed ({type(exc).__name__})"
         return "forward-over-reverse", f"{k} vectors per pass over several batches: vmapped jvp of grad"
 
-    def _forward_probe(self, inputs: Any, targets: Tensor) -> Exception | None:
+    def _forward_probe(self, inputs: Any, targets: Tensor, k: int) -> Exception | None:
         """A forward-over-reverse product on one sample: the error it raises,
         or ``None``.  Some kernels (GroupNorm on channels_last tensors, fused
         losses) lack forward-mode formulas that the module types do not show."""
         from flatness._data import _slice
 
         x1, y1 = _slice(inputs, 0, 1), targets[:1]
-        probe = tuple(torch.ones((1, *p.shape), dtype=p.dtype, device=p.device) for p in self.params.params)
+        # one stored number per parameter tensor, broadcast (no parameter-sized vector)
+        probe = tuple(torch.ones((), dtype=p.dtype, device=p.device).expand(1, *p.shape) for p in self.params.params)
         try:
+            # the kernel that ``k`` vectors per pass will run (reverse-over-forward for one)
             batch_curvature_products(self.model, self.params, x1, y1, probe, loss_fn=self.loss_fn,
-                                     curvature=self.curvature)
+                                     curvature=self.curvature,
+                                     reverse_over_forward=self.curvature == "hessian" and k == 1)
         except (RuntimeError, NotImplementedError) as exc:
             return exc
         return None
 
-    def _check_requested_forward(self) -> None:
+    def _check_requested_forward(self, k: int) -> None:
         """Refuse a requested forward-over-reverse engine, before the first
         product, where it cannot run: buffers written in ``forward`` (the
         vmapped transforms cannot write them) or a kernel without a
@@ -729,7 +479,7 @@ class CurvatureOperator:
                 "engine='forward-over-reverse' cannot run a model that writes buffers in forward ("
                 + ", ".join(written) + "); use engine='double-backward' or 'auto'"
             )
-        exc = self._forward_probe(inputs, targets)
+        exc = self._forward_probe(inputs, targets, k)
         if exc is not None:
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise ValueError(
@@ -752,8 +502,24 @@ class CurvatureOperator:
         """
         if V.dim() != 2 or V.shape[0] != self.shape[0]:
             raise ValueError(f"expected a matrix of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
-        out = self.apply(self.unflatten(V.to(device=self.device, dtype=self.dtype)))
-        return self.flatten(out, batched=True).to(device=V.device, dtype=V.dtype)
+        # The columns unflatten into views (no copy of the k vectors); stored
+        # one after another, as the library's estimators store them, each
+        # vector's pieces are contiguous.
+        k, n = V.shape[1], V.shape[0]
+        made: list[Tensor] = []
+
+        def result() -> Tensor:
+            if not made:
+                made.append(torch.empty(k, n, dtype=V.dtype, device=V.device))
+            return made[0]
+
+        def direct() -> Tangents:  # the double-backward engine writes the products there
+            return self.unflatten(result().T)
+
+        same = (V.dtype, V.device) == (self.dtype, self.device)
+        products = list(self.apply(self.unflatten(V.to(device=self.device, dtype=self.dtype)),
+                                   out=direct if same else None))
+        return _into_columns(products, result())
 
     def matvec(self, v: Tensor) -> Tensor:
         """``C v`` for one flat vector of shape ``(n,)``."""

@@ -55,9 +55,15 @@ def rademacher(
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """An ``(n, k)`` matrix of independent random signs (exact in any
-    floating dtype)."""
-    signs = torch.randint(0, 2, (n, k), generator=generator, device=device, dtype=dtype)
-    return signs.mul_(2).sub_(1)
+    floating dtype).
+
+    Drawn vector by vector and stored column after column (the transpose of
+    a contiguous ``(k, n)`` tensor): ``k`` vectors drawn at once are the
+    vectors of ``k`` draws of one, so an estimate does not depend on how
+    many vectors go through a pass, and a curvature operator unflattens each
+    column into contiguous parameter-shaped views."""
+    signs = torch.randint(0, 2, (k, n), generator=generator, device=device, dtype=dtype)
+    return signs.mul_(2).sub_(1).T
 
 
 def _orthogonalize(W: Tensor, Q: Tensor) -> Tensor:
@@ -298,9 +304,10 @@ def lanczos(
         n_matvec += b
         A = Qj.T @ W
         A = (A + A.T) / 2
-        # out of place once (matmat's result may be a view of the caller's
-        # data), then in place: no n-sized temporaries beyond W
-        W = torch.addmm(W, Qj, A, alpha=-1)
+        # in place (a copy first only if matmat's result shares the basis'
+        # memory): no n-sized temporaries beyond W
+        W = _own(W, Qj)
+        W.addmm_(Qj, A, alpha=-1)
         if Bprev is not None:
             W.addmm_(basis.block(j - 1), Bprev.T, alpha=-1)
         basis.orthogonalize_(W)
@@ -342,6 +349,15 @@ def lanczos(
     )
 
 
+def _own(w: Tensor, q: Tensor) -> Tensor:
+    """``w``, or a copy of it where it shares memory with ``q`` (a matmat
+    may return its argument or a view of it): safe to update in place
+    without an ``n``-sized temporary in the usual case of a fresh result."""
+    if w.untyped_storage().data_ptr() == q.untyped_storage().data_ptr():
+        return w.clone()
+    return w
+
+
 def _invariance_threshold(dtype: torch.dtype) -> float:
     # A new Lanczos vector this small relative to ||A|| is rounding noise:
     # the Krylov space is invariant to working precision.
@@ -376,9 +392,9 @@ def _lanczos_recurrence(
     steps = 0
     for j in range(max_iter):
         steps = j + 1
-        w = matmat(q[:, None])[:, 0]
+        w = _own(matmat(q[:, None])[:, 0], q)
         a = float(torch.dot(q, w))
-        w = torch.sub(w, q, alpha=a)  # out of place: matmat's result may be the caller's
+        w.sub_(q, alpha=a)
         if q_prev is not None:
             w.sub_(q_prev, alpha=beta_prev)
         beta = float(w.norm())
@@ -560,6 +576,7 @@ def hutchpp(
     device: torch.device | str = "cpu",
     batch: int = 8,
     dtype: torch.dtype = torch.float64,
+    sketch: int | None = None,
 ) -> tuple[float, float, Tensor]:
     """Hutch++ (Meyer, Musco, Musco and Woodruff 2021) with ``n_samples``
     products.
@@ -571,7 +588,10 @@ def hutchpp(
     (the deflated part is all that is random once ``Q`` is fixed).
 
     Memory: the ``s = n_samples // 3`` columns of ``A S`` (then ``Q``), plus
-    ``batch`` vectors and their products at a time.
+    ``batch`` vectors and their products at a time.  ``sketch`` sets ``s``
+    (at most ``(n_samples - 2) // 2``) to bound that memory; the products it
+    frees go to the Hutchinson part, and the estimate stays unbiased (with
+    ``sketch=0`` it is Hutchinson's).
 
     Returns
     -------
@@ -580,9 +600,14 @@ def hutchpp(
     """
     if n_samples < 4:
         raise ValueError(f"hutch++ needs n_samples >= 4 (sketch, projection, >= 2 samples), got {n_samples}")
-    s = min(n_samples // 3, n)
+    if sketch is None:
+        s = min(n_samples // 3, n)
+    elif sketch < 0 or 2 * sketch + 2 > n_samples:
+        raise ValueError(f"sketch must be between 0 and (n_samples - 2) // 2 = {(n_samples - 2) // 2}, got {sketch}")
+    else:
+        s = min(sketch, n)
     g = n_samples - 2 * s
-    AS = torch.empty(n, s, dtype=dtype, device=device)
+    AS = torch.empty(s, n, dtype=dtype, device=device).T  # column after column, as rademacher
     start = 0
     for b in _blocks(s, batch):
         AS[:, start : start + b] = matmat(rademacher(n, b, generator=generator, device=device, dtype=dtype))

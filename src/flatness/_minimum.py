@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatness._checks import check_int, maybe_progress, require_finite
+from flatness._checks import check_int, maybe_progress, product_bar, require_finite
 from flatness._data import batch_size
 from flatness._diagonal import _check_estimates, _diagonal
 from flatness._functional import LossFn
 from flatness._gn_diagonal import _check_gn_outputs, _check_gn_structure, _gn_diagonal
-from flatness._hvp import CurvatureOperator, product_bar
+from flatness._hvp import CurvatureOperator
 from flatness._rescaling import _blocks, _chain, _check_invariance, _check_structure, minimize_rescaled_trace
 from flatness._results import ResultMixin
 from flatness._rng import private_rng

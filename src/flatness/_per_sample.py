@@ -73,7 +73,7 @@ def per_sample_engine(
     blocked = _no_batching_rule(model)
     if blocked:
         return "loop", "no vmap batching rule for " + ", ".join(blocked)
-    from flatness._hvp import buffers_written_in_forward
+    from flatness._products import buffers_written_in_forward
 
     written = buffers_written_in_forward(model, params, _slice(inputs, 0, 1), targets[:1], loss_fn)
     if written:
@@ -178,7 +178,7 @@ def per_sample_grads(
 
     # randomness="different": in training mode each sample draws its own
     # dropout mask, as it would in a loop over samples; eval mode draws none.
-    from flatness._hvp import curvature_kernels  # math attention: batching rules exist
+    from flatness._products import curvature_kernels  # math attention: batching rules exist
 
     fn = vmap(grad_and_value(sample_loss), in_dims=(None, 0, 0), randomness="different")
     with disable_running_stats(unwrap(model)), curvature_kernels():
@@ -262,7 +262,7 @@ def per_sample_losses(
     def sample_loss(x: Any, y: Tensor) -> Tensor:
         return functional_loss(model, params, values, _add_batch_dim(x), _add_batch_dim(y), loss_fn)
 
-    from flatness._hvp import curvature_kernels
+    from flatness._products import curvature_kernels
 
     with torch.no_grad(), disable_running_stats(unwrap(model)), curvature_kernels():
         return vmap(sample_loss, randomness="different")(inputs, targets)

@@ -45,8 +45,9 @@ from torch import Tensor, nn
 
 from flatness._data import iter_batches
 from flatness._guard import ModelGuard
-from flatness._hvp import CurvatureOperator, _outputs
+from flatness._hvp import CurvatureOperator
 from flatness._params import unwrap
+from flatness._products import _outputs
 
 __all__ = ["minimize_rescaled_trace"]
 

@@ -20,14 +20,15 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from flatness._checks import check_int
+from flatness._checks import check_int, product_bar
 from flatness._functional import LossFn, grad_enabled
-from flatness._hvp import CurvatureOperator, product_bar
+from flatness._hvp import CurvatureOperator
 from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
 from flatness._minimum import MinimumSharpnessResult, minimum_sharpness
 from flatness._results import ResultMixin
@@ -460,9 +461,10 @@ def trace(
     n_batches: int | None = None,
     progress: bool = False,
     train: bool = False,
-    batch: int = 8,
+    batch: int | None = None,
     chunk_size: int | None = None,
     engine: str = "auto",
+    sketch: int | None = None,
 ) -> TraceResult:
     """Trace of the Hessian with a standard error.
 
@@ -478,12 +480,23 @@ def trace(
     n_samples : int, optional
         Products to spend (default 90); ``"exact"`` takes none (it spends
         one per parameter), and passing it there raises ``ValueError``.
-    batch : int
+    batch : int, optional
         Vectors per batched product pass.  Only ``batch`` random vectors (in
-        the parameters' dtype) and their products exist at a time, so
-        ``batch=1`` gives the smallest peak memory (about 5 times the
-        parameter bytes for Hutchinson; Hutch++ also keeps its
-        ``n_samples // 3`` sketch vectors).
+        the parameters' dtype) and their products exist at a time: about
+        ``2 batch + 1`` times the parameter bytes ``P`` for Hutchinson;
+        Hutch++ also keeps its ``n_samples // 3`` sketch vectors.  The
+        vectors are drawn one by one whatever ``batch`` is, so the estimate
+        does not depend on it.  Default: 1 when the data is one batch (or a
+        few) and the engine is not ``"forward-over-reverse"`` (the
+        double-backward engine then keeps the gradient's graph and runs one
+        backward pass per vector however many share a pass, so larger passes
+        only cost memory), else 8 (each pass streams the data once).
+    sketch : int, optional
+        Hutch++ only: the number of sketch vectors (default
+        ``n_samples // 3``), which Hutch++ holds through the whole call, one
+        parameter size each.  A smaller sketch bounds the memory (``sketch``
+        + ``2 batch + 2`` P); the products it frees go to the Hutchinson part
+        and the estimate stays unbiased.  ``0`` is Hutchinson.
     loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size, engine
         As in :func:`top_eigenvalues`.
 
@@ -501,7 +514,16 @@ def trace(
                          "(it spends one product per parameter)")
     n_samples = 90 if n_samples is None else n_samples
     check_int("n_samples", n_samples, 4 if method == "hutch++" else 2)
-    check_int("batch", batch, 1)
+    check_int("batch", batch, 1, allow_none=True)
+    if sketch is not None:
+        if method != "hutch++":
+            raise ValueError(f"flatness.hessian.trace: option sketch= applies to method='hutch++' only, got {method!r}")
+        check_int("sketch", sketch, 0)
+        if 2 * sketch + 2 > n_samples:
+            raise ValueError(
+                f"sketch must be at most (n_samples - 2) // 2 = {(n_samples - 2) // 2} (Hutch++ spends 2 products "
+                f"per sketch vector and needs 2 more for a standard error), got {sketch}"
+            )
     bar = product_bar(progress, "trace")
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
@@ -509,6 +531,8 @@ def trace(
         progress=bar,
     )
     n = op.shape[0]
+    if batch is None:
+        batch = 1 if engine != "forward-over-reverse" and op._keeps_graph() else 8
     if bar is not None:
         bar.total = n if method == "exact" else n_samples
     try:
@@ -516,7 +540,7 @@ def trace(
             value = float(exact_diagonal(op.matmat, n, batch=batch, device=op.device).sum())
             std_error, samples = 0.0, torch.zeros(0, dtype=torch.float64)
         else:
-            estimator = hutchpp if method == "hutch++" else hutchinson
+            estimator = partial(hutchpp, sketch=sketch) if method == "hutch++" else hutchinson
             with private_rng(seed, op.device) as gen:
                 # random signs are exact in any dtype: vectors as small as the
                 # parameters (float32 for half-precision models)
@@ -528,7 +552,9 @@ def trace(
         if bar is not None:
             bar.close()
     settings = _common_settings(op, seed)
-    settings.update(method=method, n_samples=n_samples)
+    settings.update(method=method, n_samples=n_samples, batch=batch)
+    if method == "hutch++":
+        settings["sketch"] = min(n_samples // 3, n) if sketch is None else min(sketch, n)
     return TraceResult(
         value=value, std_error=std_error, method=method, n_hvp=op.n_hvp, samples=samples,
         settings=settings, wall_time=time.perf_counter() - start, engine=op.engine or "",

@@ -1,0 +1,365 @@
+"""Curvature-vector product kernels: one batch's Hessian- or
+Gauss-Newton-vector products by forward-over-reverse (``torch.func``) or by
+double backward (Pearlmutter 1994), and what decides which one a model
+allows.
+
+* :func:`batch_curvature_products`: ``k`` vectors through one ``vmap`` call
+  of ``jvp(grad(loss))`` (Hessian) or ``vjp . hvp_z . jvp`` (GGN).
+* :class:`KeptGraph` / :func:`double_backward_hvp`: the gradient with
+  ``create_graph=True``, then one backward pass per vector.
+* :func:`curvature_kernels`: kernels with correct second derivatives (math
+  attention, composite ``weight_norm``) while products run.
+* :func:`reverse_only_modules`, :func:`buffers_written_in_forward`: what rules
+  out the forward-mode engine for a model.
+
+:class:`~flatness._hvp.CurvatureOperator` builds the operator (batches,
+engine choice, flat vectors) on top of these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from flatness._functional import LossFn, _as_args, _as_kwargs, default_loss, functional_loss
+from flatness._guard import same_bits
+from flatness._params import ParamSet, unwrap
+
+__all__ = [
+    "CURVATURES",
+    "KeptGraph",
+    "batch_curvature_products",
+    "buffers_written_in_forward",
+    "curvature_kernels",
+    "double_backward_hvp",
+    "reverse_only_modules",
+]
+
+#: The curvature matrices an operator can represent.
+CURVATURES = ("hessian", "ggn")
+
+Tangents = tuple[Tensor, ...]
+
+
+def _composite_weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    # w = g v / ||v|| from differentiable primitives.  The fused
+    # _weight_norm_interface kernel has a wrong double backward on CPU (its
+    # Hessian is not even symmetric) and no forward-mode derivative.
+    return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
+@contextlib.contextmanager
+def curvature_kernels() -> Iterator[None]:
+    """Kernels with correct second derivatives for curvature computations.
+
+    Attention runs on the math SDPA kernel and without the fused
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast path, and
+    ``weight_norm`` (``torch._weight_norm``) on a composite of
+    differentiable primitives: the fused kernels lack forward-mode
+    derivatives or a correct double backward.  Restores everything on exit.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    previous = torch.backends.mha.get_fastpath_enabled()
+    fused_weight_norm = torch._weight_norm
+    torch.backends.mha.set_fastpath_enabled(False)
+    torch._weight_norm = _composite_weight_norm  # type: ignore[assignment]
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch._weight_norm = fused_weight_norm  # type: ignore[assignment]
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def reverse_only_modules(model: nn.Module) -> list[str]:
+    """Submodules whose kernels have no forward-mode derivative in PyTorch,
+    each as ``"name (Type: reason)"``: recurrent layers (the fused RNN
+    kernels) and parametrized modules (``weight_norm``'s fused kernel,
+    parametrizations that run power iterations in training mode)."""
+    from torch.nn.utils import parametrize
+
+    found = []
+    for name, m in unwrap(model).named_modules():
+        label = name or "<root>"
+        if isinstance(m, nn.RNNBase):
+            found.append(f"{label} ({type(m).__name__}: the recurrent kernel has no forward-mode derivative)")
+        elif parametrize.is_parametrized(m):
+            found.append(f"{label} ({type(m).__name__}: parametrized weights)")
+    return found
+
+
+def buffers_written_in_forward(
+    model: nn.Module, ps: ParamSet, inputs: Any, targets: Tensor, loss_fn: LossFn
+) -> list[str]:
+    """Names of the buffers that one forward pass writes in place (BatchNorm
+    in training mode, counters, running averages), found from the version
+    counters of copies (the module's own buffers are not touched)."""
+    module = unwrap(model)
+    copies = {name: b.clone() for name, b in module.named_buffers()}
+    if not copies:
+        return []
+    originals = {name: b.clone() for name, b in copies.items()}
+    versions = {name: b._version for name, b in copies.items()}
+    with torch.no_grad():
+        functional_loss(model, ps, ps.detached(), inputs, targets, loss_fn, extra=copies)
+    # the version counter catches in-place writes by operators; BatchNorm's
+    # kernel updates its statistics without bumping it, so compare values too
+    return [name for name, b in copies.items()
+            if b._version != versions[name] or not same_bits(b, originals[name])]
+
+
+def _outputs(
+    model: nn.Module, ps: ParamSet, values: Sequence[Tensor], inputs: Any, extra: dict[str, Tensor]
+) -> Tensor:
+    state = {**extra, **ps.as_dict(values)}
+    return functional_call(unwrap(model), state, _as_args(inputs), _as_kwargs(inputs), strict=False)
+
+
+def _second_order(f: Any, x: Any, v: Any, reverse_over_forward: bool) -> Any:
+    """Hessian of scalar ``f`` at ``x`` times ``v`` (pytrees of tensors)."""
+    if reverse_over_forward:
+        return grad(lambda y: jvp(f, (y,), (v,))[1])(x)
+    return jvp(grad(f), (x,), (v,))[1]
+
+
+def batch_curvature_products(
+    model: nn.Module,
+    ps: ParamSet,
+    inputs: Any,
+    targets: Tensor,
+    tangents: Tangents,
+    *,
+    loss_fn: LossFn = default_loss,
+    curvature: str = "hessian",
+    chunk_size: int | None = None,
+    reverse_over_forward: bool | None = None,
+) -> Tangents:
+    """Curvature-vector products of one batch's loss for ``k`` vectors at once.
+
+    Parameters
+    ----------
+    model : nn.Module
+        In the mode it should be evaluated in (the caller guards it).
+    ps : ParamSet
+        Parameters the curvature is taken with respect to.
+    inputs, targets
+        One batch, on the parameters' device.
+    tangents : tuple of Tensor
+        One tensor per parameter, shaped ``(k, *param.shape)``.
+    curvature : {"hessian", "ggn"}
+    chunk_size : int, optional
+        At most this many vectors per ``vmap`` call (bounds memory).
+    reverse_over_forward : bool, optional
+        Differentiate ``jvp`` with ``grad`` instead of the
+        forward-over-reverse ``jvp`` of ``grad``.  Same result; needed for
+        losses whose backward formula has no forward derivative in PyTorch
+        (``F.mse_loss`` with ``reduction="mean"`` raises "ZeroTensors are
+        immutable" in torch 2.x).  Default (``None``): reverse-over-forward
+        for one Hessian-vector product, which holds only the product (the
+        gradient of ``v . grad f`` is formed parameter by parameter), where
+        ``jvp`` of ``grad`` holds the gradient beside its tangent, one
+        parameter size more, and is slower without ``vmap``;
+        forward-over-reverse for several vectors, which ``vmap`` batches
+        faster.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``C v_i`` for each of the ``k`` vectors, shaped like ``tangents``.
+    """
+    if reverse_over_forward is None:
+        reverse_over_forward = curvature == "hessian" and tangents[0].shape[0] == 1
+    values = tuple(ps.detached())
+    module = unwrap(model)
+    # In training mode BatchNorm writes its running statistics in place.  The
+    # transforms refuse to mutate a captured tensor, so every forward pass
+    # gets fresh copies of the buffers (the module's own are never touched).
+    buffers = dict(module.named_buffers())
+
+    def fresh_buffers() -> dict[str, Tensor]:
+        return {name: b.clone() for name, b in buffers.items()}
+
+    if curvature == "hessian":
+
+        def loss(vals: Tangents) -> Tensor:
+            return functional_loss(
+                model, ps, vals, inputs, targets, loss_fn, extra=fresh_buffers()
+            )
+
+        def product(v: Tangents) -> Tangents:
+            return _second_order(loss, values, v, reverse_over_forward)
+
+    elif curvature == "ggn":
+
+        def out(vals: Tangents) -> Tensor:
+            return _outputs(model, ps, vals, inputs, fresh_buffers())
+
+        def out_loss(z: Tensor) -> Tensor:
+            value = loss_fn(z, targets)
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise ValueError("loss_fn must return a scalar tensor (the mean loss over the batch)")
+            return value.reshape(())
+
+        z, pullback = vjp(out, values)
+
+        def product(v: Tangents) -> Tangents:
+            jv = jvp(out, (values,), (v,))[1]
+            hjv = _second_order(out_loss, z, jv, reverse_over_forward)
+            return pullback(hjv)[0]
+
+    else:
+        raise ValueError(f"unknown curvature {curvature!r}; valid: {', '.join(CURVATURES)}")
+
+    # randomness="same": a dropout layer (train=True) draws one mask for all
+    # k vectors, so every vector sees the same function.
+    if tangents[0].shape[0] == 1:  # one vector: skip the vmap overhead
+        return tuple(o.unsqueeze(0) for o in product(tuple(t[0] for t in tangents)))
+    return vmap(product, randomness="same", chunk_size=chunk_size)(tangents)
+
+
+def _scalar_loss(value: Any) -> Tensor:
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise ValueError("loss_fn must return a scalar tensor (the mean loss over the batch)")
+    return value.reshape(())
+
+
+def _zeros_or(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    return tuple(torch.zeros_like(v) if t is None else t.detach() for t, v in zip(tensors, like))
+
+
+class KeptGraph:
+    """One batch's loss gradient with its graph (``create_graph=True``),
+    ready for any number of reverse-over-reverse products.
+
+    Hessian: ``H v = d(g . v)/dw`` with ``g`` the kept gradient.  GGN:
+    ``J v`` by the double-vjp trick (``J^T u`` is linear in a dummy ``u``;
+    its gradient with respect to ``u`` along ``v`` is ``J v``), then
+    ``H_z J v`` and ``J^T (H_z J v)``, all through graphs built once.
+    Buffers are copied, so a forward pass that writes them (BatchNorm in
+    training mode, counters) leaves the module's own untouched.
+    """
+
+    def __init__(
+        self, model: nn.Module, ps: ParamSet, inputs: Any, targets: Tensor,
+        loss_fn: LossFn, curvature: str = "hessian",
+    ) -> None:
+        buffers = {name: b.clone() for name, b in unwrap(model).named_buffers()}
+        self.curvature = curvature
+        self.values = [p.detach().requires_grad_(True) for p in ps.params]
+        with torch.enable_grad():
+            if curvature == "hessian":
+                loss = functional_loss(model, ps, self.values, inputs, targets, loss_fn, extra=buffers)
+                self.grads = torch.autograd.grad(loss, self.values, create_graph=True, allow_unused=True)
+            else:
+                z = _outputs(model, ps, self.values, inputs, buffers)
+                if not isinstance(z, Tensor):
+                    raise ValueError(_GGN_OUTPUTS.format(type(z).__name__))
+                loss = _scalar_loss(loss_fn(z, targets))
+                self.z = z
+                (self.gz,) = torch.autograd.grad(loss, z, create_graph=True)
+                self.u = torch.zeros_like(z, requires_grad=True)
+                self.grads = torch.autograd.grad(z, self.values, self.u, create_graph=True, allow_unused=True)
+
+    def products(self, tangents: Tangents, out: Tangents | None = None) -> Tangents:
+        """``C v_i`` for the ``k`` vectors of ``tangents`` (``(k, *shape)``).
+
+        ``out``, one ``(k, *shape)`` tensor per parameter (views into the
+        caller's result), receives the products: each backward pass copies
+        a parameter's product there as soon as it is formed, so no whole
+        product exists beside it.  Without ``out``, one vector's product is
+        returned as a view (no stacked copy).
+        """
+        k = int(tangents[0].shape[0])
+        if out is None:
+            if k == 1:
+                return tuple(r.unsqueeze(0) for r in self._one([t[0] for t in tangents]))
+            out = tuple(torch.empty((k, *v.shape), dtype=v.dtype, device=v.device) for v in self.values)
+        for i in range(k):
+            self._one([t[i] for t in tangents], into=[o[i] for o in out])
+        return out
+
+    def _one(self, vec: list[Tensor], into: list[Tensor] | None = None) -> tuple[Tensor, ...]:
+        """One product; with ``into`` (parameter-shaped tensors) written there."""
+        live = [(g, v) for g, v in zip(self.grads, vec) if g is not None and g.requires_grad]
+        if not live:  # the gradient does not depend on the parameters
+            return self._zeros(into)
+        outs, grad_outs = [g for g, _ in live], [v.to(g.dtype) for g, v in live]
+        with torch.enable_grad():
+            if self.curvature == "hessian":
+                return self._grad(outs, grad_outs, into)
+            (jv,) = torch.autograd.grad(outs, self.u, grad_outs, retain_graph=True, allow_unused=True)
+            if jv is None or not self.gz.requires_grad:
+                return self._zeros(into)
+            (hjv,) = torch.autograd.grad(self.gz, self.z, jv, retain_graph=True, allow_unused=True)
+            if hjv is None:
+                return self._zeros(into)
+            return self._grad([self.z], [hjv], into)
+
+    def _zeros(self, into: list[Tensor] | None) -> tuple[Tensor, ...]:
+        if into is None:
+            return tuple(torch.zeros_like(v) for v in self.values)
+        return tuple(t.zero_() for t in into)
+
+    def _grad(self, outs: list[Tensor], grad_outs: list[Tensor], into: list[Tensor] | None) -> tuple[Tensor, ...]:
+        """The last backward pass of a product, onto the parameters."""
+        if into is None:
+            hv = torch.autograd.grad(outs, self.values, grad_outs, retain_graph=True, allow_unused=True)
+            return _zeros_or(hv, self.values)
+        # Each parameter's product is copied into the caller's tensor as soon
+        # as the engine has formed it, and released: at most one layer's
+        # product exists beside ``into`` (zero-filling ``into`` first and
+        # accumulating in place would keep all of it resident while the
+        # backward pass's own temporaries are live).
+        filled: set[int] = set()
+
+        def copier(j: int, target: Tensor) -> Any:
+            def hook(v: Tensor) -> None:
+                target.copy_(v.grad)
+                v.grad = None
+                filled.add(j)
+            return hook
+
+        handles = [v.register_post_accumulate_grad_hook(copier(j, t))
+                   for j, (v, t) in enumerate(zip(self.values, into))]
+        try:
+            torch.autograd.backward(outs, grad_outs, retain_graph=True, inputs=self.values)
+        finally:
+            for h in handles:
+                h.remove()
+            for v in self.values:
+                v.grad = None
+        for j, t in enumerate(into):
+            if j not in filled:  # the loss does not reach this parameter
+                t.zero_()
+        return tuple(into)
+
+
+_GGN_OUTPUTS = (
+    "curvature='ggn' needs a model that returns one tensor (the Gauss-Newton matrix is "
+    "J^T H_z J for outputs z), got {}; use curvature='hessian' with a loss_fn that selects the output"
+)
+
+
+def double_backward_hvp(
+    model: nn.Module,
+    ps: ParamSet,
+    inputs: Any,
+    targets: Tensor,
+    tangents: Tangents,
+    *,
+    loss_fn: LossFn = default_loss,
+    curvature: str = "hessian",
+) -> Tangents:
+    """Curvature-vector products by double backward, one vector at a time.
+
+    The textbook method (Pearlmutter 1994 via reverse-over-reverse): one
+    forward pass, the gradient with ``create_graph=True``, then one backward
+    pass per vector (see :class:`KeptGraph`).
+    """
+    return KeptGraph(model, ps, inputs, targets, loss_fn, curvature).products(tangents)
