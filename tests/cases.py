@@ -130,6 +130,31 @@ def dense_ggn(model: nn.Module, batch, loss_fn=F.cross_entropy, train: bool = Fa
     return J.T @ Hz @ J
 
 
+def recomputed_bn_loss(model: nn.Module, directions, a: float, b: float, bn_inputs, batches) -> float:
+    """Reference for a loss-landscape point with recomputed BatchNorm
+    statistics: a copy of ``model`` moved to ``w + a d1 + b d2``, its
+    BatchNorm statistics reset and recomputed as the equal-weight mean over
+    one training-mode pass per input of ``bn_inputs``, then the
+    size-weighted mean cross-entropy over ``batches`` in eval mode."""
+    import copy
+
+    m = copy.deepcopy(model)
+    params = list(m.parameters())
+    with torch.no_grad():
+        for k, p in enumerate(params):
+            p.add_(a * directions[0][k] + b * directions[1][k])
+        m.train()
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.reset_running_stats()
+                mod.momentum = None  # cumulative: the equal-weight mean over passes
+        for x in bn_inputs:
+            m(x)
+        m.eval()
+        total = sum(F.cross_entropy(m(x), y).item() * len(y) for x, y in batches)
+    return total / sum(len(y) for _, y in batches)
+
+
 def snapshot(model: nn.Module):
     """Everything the restore guarantee covers."""
     return {

@@ -346,22 +346,8 @@ def test_bn_recompute_equals_recomputing_by_hand(momentum):
     keep = L.slice(model, batches, d, grid=grid)
     _assert_same(model, snap)
     coords = torch.linspace(-0.5, 0.5, 3, dtype=DT).tolist()
-    names = [n for n, _ in model.named_parameters()]
     for i, j in [(0, 0), (1, 1), (2, 0)]:
-        m = copy.deepcopy(model)
-        named = dict(m.named_parameters())
-        with torch.no_grad():
-            for k, n in enumerate(names):
-                named[n].add_(coords[i] * d[0][k] + coords[j] * d[1][k])
-            m.train()
-            for mod in m.modules():
-                if isinstance(mod, nn.BatchNorm2d):
-                    mod.reset_running_stats()
-                    mod.momentum = None  # cumulative: the equal-weight mean over batches
-            for x, _ in bn_batches:
-                m(x)
-            m.eval()
-            want = sum(nn.functional.cross_entropy(m(x), y).item() * len(y) for x, y in batches) / 18
+        want = cases.recomputed_bn_loss(model, d, coords[i], coords[j], [x for x, _ in bn_batches], batches)
         assert abs(float(res.loss[i, j]) - want) < 1e-10
         assert abs(float(keep.loss[i, j]) - want) > 1e-4  # the kept statistics give another value
     with pytest.raises(ValueError, match="BatchNorm"):

@@ -9,14 +9,13 @@ its docstring (most of them pass every other test).
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import DT, classification_batches, cnn, dense_ggn, dense_hessian, mlp
+from cases import DT, classification_batches, cnn, dense_ggn, dense_hessian, mlp, recomputed_bn_loss
 from torch import nn
 
 from flatness import diversity, hessian
@@ -337,21 +336,8 @@ def test_bn_recompute_on_the_first_bn_batches_only():
     d = L.directions(model, "filter", seed=0)
     res = L.slice(model, batches, d, grid=(-0.5, 0.5, 3), bn="recompute", bn_batches=1)
     coords = [-0.5, 0.0, 0.5]
-    names = [n for n, _ in model.named_parameters()]
     for i, j in [(0, 2), (1, 1), (2, 0)]:
-        m = copy.deepcopy(model)
-        named = dict(m.named_parameters())
-        with torch.no_grad():
-            for k, n in enumerate(names):
-                named[n].add_(coords[i] * d[0][k] + coords[j] * d[1][k])
-            m.train()
-            for mod in m.modules():
-                if isinstance(mod, nn.BatchNorm2d):
-                    mod.reset_running_stats()
-                    mod.momentum = None
-            m(batches[0][0])
-            m.eval()
-            want = sum(F.cross_entropy(m(x), y).item() * len(y) for x, y in batches) / 15
+        want = recomputed_bn_loss(model, d, coords[i], coords[j], [batches[0][0]], batches)
         assert float(res.loss[i, j]) == pytest.approx(want, rel=1e-10)
 
 
