@@ -65,6 +65,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatness import _distributed
+
 # Lives with the other model plumbing; re-exported as flatness.optim.disable_running_stats.
 from flatness._guard import disable_running_stats
 
@@ -158,14 +160,13 @@ class _Stage:
         if ids != self.saved_ids:
             self.saved_w = [torch.empty_like(p) for p in params]
             self.saved_ids = ids
-        if params:
-            torch._foreach_copy_(self.saved_w, params)
+        _distributed.foreach_copy_(self.saved_w, params)
         self.perturbed = params
 
     def put_back(self) -> None:
         """Copy the saved ``w`` back (bit for bit); the weights are ``w`` again."""
         if self.perturbed:
-            torch._foreach_copy_(self.perturbed, self.saved_w)
+            _distributed.foreach_copy_(self.perturbed, self.saved_w)
         self.perturbed = None
 
     def clear(self) -> None:
@@ -228,6 +229,10 @@ class SharpnessAwareOptimizer(Optimizer):
 
     #: Group keys of the variant and their defaults; subclasses replace it.
     group_defaults: dict[str, Any] = {"rho": 0.05, "perturb": True}
+    #: Whether the variant steps FSDP2 (``fully_shard``) models, whose
+    #: parameters are sharded ``DTensor`` s; a variant that cannot sets it to
+    #: ``False`` and is refused with a ``TypeError`` at construction.
+    supports_sharded: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -320,11 +325,11 @@ class SharpnessAwareOptimizer(Optimizer):
                 "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) "
                 f"or an optimizer instance, got {base_optimizer!r}"
             )
-        from flatness._distributed import refuse_sharded
-
-        refuse_sharded([(f"param_groups[{i}]['params'][{j}]", p) for i, g in enumerate(base.param_groups)
-                        for j, p in enumerate(g["params"])],
-                       type(self).__name__)
+        if not self.supports_sharded:
+            _distributed.refuse_sharded(
+                [(f"param_groups[{i}]['params'][{j}]", p) for i, g in enumerate(base.param_groups)
+                 for j, p in enumerate(g["params"])],
+                type(self).__name__, hint=_distributed.SAM_HINT)
         self.base_optimizer = base
         self.param_groups = base.param_groups
         self.state = base.state
@@ -472,7 +477,7 @@ class SharpnessAwareOptimizer(Optimizer):
         elif [id(p) for p in stage.perturbed] != [id(p) for p in params]:
             raise RuntimeError("perturb() called again with a different set of parameters")
         elif params:
-            torch._foreach_copy_(params, stage.saved_w)
+            _distributed.foreach_copy_(params, stage.saved_w)
         try:
             for g, d in zip(groups, directions):
                 if isinstance(d, ScaledDirection):

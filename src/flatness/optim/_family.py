@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flatness import _distributed
+
 from ._base import AscentGroup
 from ._functional import global_norm
 from ._functional import safe_inv as inv  # noqa: F401  (the family's name for it)
@@ -15,10 +17,8 @@ from ._functional import safe_inv as inv  # noqa: F401  (the family's name for i
 
 def dot(a: Sequence[Sequence[Tensor]], b: Sequence[Sequence[Tensor]]) -> Tensor:
     """``<a, b>`` over all tensors of all groups, as a 0-d tensor."""
-    parts = [torch.dot(x.reshape(-1), y.reshape(-1)) for xs, ys in zip(a, b) for x, y in zip(xs, ys)]
-    if not parts:
-        return torch.zeros(())
-    return torch.stack(parts).sum()
+    # FSDP2 DTensors: the shards' products, reduced over the mesh
+    return _distributed.dots([x for xs in a for x in xs], [y for ys in b for y in ys]).sum()
 
 
 def clone(tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatness import _distributed
+
 from . import _family as fam
 from ._base import AscentGroup, ScaledDirection, SharpnessAwareOptimizer, global_norm
 
@@ -193,8 +195,9 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
         weights are not changed)."""
         gen = generator if generator is not None else self._generator
         params = [p for g in self.param_groups for p in g["params"]]
-        return [p + torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * v.sqrt()
-                for p, v in zip(params, self.posterior_variance())]
+        # drawn on the full shape and sharded like an FSDP2 parameter
+        return [p + _distributed.shard_like(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device), p)
+                * v.sqrt() for p, v in zip(params, self.posterior_variance())]
 
     @contextlib.contextmanager
     def first_pass(self) -> Iterator[None]:
@@ -205,7 +208,9 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
             groups = self._groups()
             noise = []
             for g, ss in zip(groups, self._precisions(groups)):
-                eps = [torch.randn(p.shape, generator=self._generator, dtype=p.dtype).to(p.device) for p in g.params]
+                # full-shape draws, sharded like FSDP2 parameters (the noise of a one-process run)
+                eps = [_distributed.shard_like(torch.randn(p.shape, generator=self._generator, dtype=p.dtype)
+                                               .to(p.device), p) for p in g.params]
                 torch._foreach_mul_(eps, torch._foreach_rsqrt(ss))
                 torch._foreach_mul_(eps, self.num_data**-0.5)  # (N s)^(-1/2)
                 noise.append(eps)

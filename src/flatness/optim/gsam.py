@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatness import _distributed
+
 from . import _family as fam
 from ._base import AscentGroup, ScaledDirection, _add_scaled, global_norm
 from ._functional import gsam_gradient_
@@ -309,7 +311,7 @@ class LookSAM(SAM):
             if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
                 buf = self._bufs[(kind, p)] = torch.empty_like(p, memory_format=torch.preserve_format)
             out.append(buf)
-        torch._foreach_copy_(out, values)
+        _distributed.foreach_copy_(out, values)
         return out
 
     def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
@@ -392,8 +394,8 @@ class LookSAM(SAM):
         if self.per_tensor:
             gvs = []
             for a, b in zip(g1, gs):
-                coef = [torch.dot(x.reshape(-1), y.reshape(-1)) * fam.inv(n) ** 2
-                        for x, y, n in zip(a, b, torch._foreach_norm(a))]
+                coef = [d * fam.inv(n) ** 2
+                        for d, n in zip(_distributed.dots(a, b).unbind(), torch._foreach_norm(a))]
                 gvs.append(torch._foreach_sub(b, torch._foreach_mul(a, coef)))
         else:
             c = fam.dot(g1, gs) * fam.inv(global_norm(g1) ** 2)

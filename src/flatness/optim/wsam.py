@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatness import _distributed
+
 from . import _family as fam
 from ._base import AscentGroup, ScaledDirection, global_norm
 from .sam import SAM
@@ -147,9 +149,9 @@ class WSAM(SAM):
                     if scale != 1.0:
                         torch._foreach_div_(d, scale)
                     sharp.append((group["lr"] * a, params, d))
-                torch._foreach_copy_(gs, g)
+                _distributed.foreach_copy_(gs, g)
             elif a == 0:
-                torch._foreach_copy_(gs, g)
+                _distributed.foreach_copy_(gs, g)
             else:
                 torch._foreach_lerp_(gs, g, 1.0 - a)  # a g_s + (1 - a) g
             for p, x in zip(params, gs):
@@ -256,7 +258,7 @@ class FriendlySAM(SAM):
                 buf = self._bufs[p] = torch.empty_like(p, memory_format=torch.preserve_format)
             out.append(buf)
         if out:
-            torch._foreach_copy_(out, values)
+            _distributed.foreach_copy_(out, values)
         return out
 
     @torch.no_grad()
