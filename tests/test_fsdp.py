@@ -1,10 +1,12 @@
 """FSDP2 (``fully_shard``) on CPU: two gloo processes.
 
 ``fully_shard`` runs on CPU with the gloo backend: each parameter becomes a
-``DTensor`` holding one shard per rank.  The library's measurements and SAM
-refuse such parameters up front (a ``TypeError`` naming FSDP2, nothing
-changed); the documented way to measure is an unsharded copy built from the
-full state dict, which gives the single-process result.
+``DTensor`` holding one shard per rank.  SAM and the perturbation kinds of
+``sharpness`` support such models (``test_fsdp_sam.py``,
+``test_fsdp_sharpness.py``); everything else refuses them up front (a
+``TypeError`` naming FSDP2, nothing changed), and the documented way to
+measure is an unsharded copy built from the full state dict, which gives
+the single-process result.
 """
 
 from __future__ import annotations
@@ -71,8 +73,10 @@ def _worker(rank, world, out):
     before = [p.full_tensor().clone() for p in model.parameters()]
     messages = []
     for call in (
-        lambda: flatness.sharpness(model, batch, kind="linf", rho=1e-2, n_iters=3),
-        lambda: flatness.sharpness(model, batch, kind="avg_l2", rho=1e-2),
+        lambda: flatness.sharpness(model, batch, kind="hessian_trace"),
+        lambda: flatness.sharpness(model, batch, kind="linf", rho=1e-2, n_iters=3, m=2),
+        lambda: flatness.sharpness(model, batch, kind="avg_l2", rho=1e-2, device="cpu"),
+        lambda: flatness.sharpness(model, batch, kind="l2", rho=1e-2, algorithm="reference"),
         lambda: top_eigenvalues(model, batch, k=1),
         lambda: gradient_variance(model, batch),
     ):
@@ -82,6 +86,8 @@ def _worker(rank, world, out):
             messages.append(str(exc))
         else:
             messages.append(None)
+    with flatness.local_only(), pytest.raises(TypeError, match="local_only"):
+        flatness.sharpness(model, batch, kind="linf", rho=1e-2, n_iters=3)
     # nothing changed: the shards hold what they held
     assert all(torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters()))
     # the documented recipe: a plain copy from the full state dict
@@ -102,7 +108,7 @@ def test_fsdp2_is_refused_clearly_and_the_full_copy_matches(tmp_path):
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for msg in got["messages"]:
-            assert msg is not None and "DTensor" in msg and "FSDP2" in msg, msg
+            assert msg is not None and "FSDP2" in msg and "full_state_dict=True" in msg, msg
         for kind, value in ref.items():
             assert got["values"][kind] == pytest.approx(value, rel=1e-6, abs=1e-12), kind
         for a, b in zip(got["weights"], ref_w):

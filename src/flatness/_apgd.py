@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _distributed
 from ._geometry import PerturbationSet
 
 #: ``objective(delta, need_grad) -> (value, grad_delta or None)``
@@ -137,9 +138,9 @@ def apgd(
             successes += 1
         if f_new > best_f:
             best_f = f_new
-            torch._foreach_copy_(best_x, x)
+            _distributed.foreach_copy_(best_x, x)
             if g_new is not None:
-                torch._foreach_copy_(best_g, g_new)
+                _distributed.foreach_copy_(best_g, g_new)
         f_x, g_x = f_new, g_new  # type: ignore[assignment]
 
         if (k + 1) in ckpts and not last:
@@ -148,9 +149,9 @@ def apgd(
             if stalled or unchanged:
                 eta /= 2
                 # Restart from the best point; momentum restarts with it.
-                torch._foreach_copy_(x, best_x)
-                torch._foreach_copy_(x_prev, best_x)
-                torch._foreach_copy_(g_x, best_g)  # into the buffer it replaces
+                _distributed.foreach_copy_(x, best_x)
+                _distributed.foreach_copy_(x_prev, best_x)
+                _distributed.foreach_copy_(g_x, best_g)  # into the buffer it replaces
                 f_x = best_f
             successes = 0
             last_ckpt = k + 1

@@ -326,7 +326,9 @@ def shard_like(full: Tensor, like: Tensor) -> Tensor:
     local = full
     for dim, (n, start) in enumerate(zip(shape, offset)):
         local = local.narrow(dim, start, n)
-    return DTensor.from_local(local.contiguous(), like.device_mesh, like.placements, run_check=False,
+    # a copy, so that the full tensor is freed when the caller drops it
+    local = local.clone(memory_format=torch.contiguous_format)
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
                               shape=like.shape, stride=like.stride())
 
 

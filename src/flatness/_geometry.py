@@ -28,6 +28,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import _distributed
+
 NORMS = ("linf", "l2")
 
 __all__ = ["NORMS", "PerturbationSet", "project_weight_space"]
@@ -92,7 +94,7 @@ class PerturbationSet:
 
     def perturbed_(self, out: list[Tensor], weights: Sequence[Tensor], delta: Sequence[Tensor]) -> list[Tensor]:
         """Write ``w + c * delta`` into the buffers ``out`` (no allocation)."""
-        torch._foreach_copy_(out, list(weights))
+        _distributed.foreach_copy_(out, list(weights))  # (also FSDP2 DTensors)
         if self.scales is None:
             torch._foreach_add_(out, list(delta))
         else:
@@ -164,15 +166,17 @@ class PerturbationSet:
             torch._foreach_mul_(delta, self.scales)  # in place: no second copy
         return delta
 
+    # A DTensor (FSDP2) ``like`` gets the draw of its full shape, sharded:
+    # the draw of a one-process run (flatness._distributed.shard_like).
     @staticmethod
     def _uniform(like: Tensor, generator: torch.Generator) -> Tensor:
-        return torch.rand(like.shape, generator=generator, device=like.device,
-                          dtype=like.dtype).mul_(2).sub_(1)
+        return _distributed.shard_like(torch.rand(like.shape, generator=generator, device=like.device,
+                                                  dtype=like.dtype).mul_(2).sub_(1), like)
 
     @staticmethod
     def _normal(like: Tensor, generator: torch.Generator) -> Tensor:
-        return torch.randn(like.shape, generator=generator, device=like.device,
-                           dtype=like.dtype)
+        return _distributed.shard_like(torch.randn(like.shape, generator=generator, device=like.device,
+                                                   dtype=like.dtype), like)
 
     def _zero_unscaled_(self, delta: list[Tensor]) -> None:
         # Coordinates with w_i = 0 cannot move in an adaptive set; keeping

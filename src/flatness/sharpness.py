@@ -6,6 +6,7 @@ registry, :data:`KINDS`; adding a kind is one entry there.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _distributed
+from . import _distributed, _fsdp
 from . import hessian as _hessian
 from ._apgd import apgd
 from ._apgd_reference import (
@@ -246,7 +247,11 @@ def _perturbation_sharpness(
     worst = kind in WORST_CASE
     norm, adaptive = (WORST_CASE if worst else AVERAGE_CASE)[kind]
     reference = _check_algorithm(algorithm, worst, train)
-    ps = select_params(model, params)
+    ps = select_params(model, params, sharded=True)
+    # FSDP2: one perturbation of the sharded weights per batch of all ranks (flatness._fsdp)
+    sharded = _distributed.is_sharded(ps.params)
+    if sharded:
+        _fsdp.check_sharded(model, ps, m=m, device=device, algorithm=algorithm)
     dev = torch.device(device) if device is not None else ps.device
     extra = _moved_state(model, ps, dev)
     settings = {
@@ -262,38 +267,49 @@ def _perturbation_sharpness(
     per_batch, sizes, clean_losses = [], [], []
     # Under torch.distributed each rank perturbs for its own batches with its
     # own random stream (rank 0 keeps ``seed``), then the lists are gathered.
-    local_seed = _distributed.rank_seed(seed)
+    # (FSDP2: one stream for all ranks, the draws of a one-process run.)
+    local_seed = _distributed.shared_seed(seed) if sharded else _distributed.rank_seed(seed)
     if reference and normalize_logits:
         loss_fn = reference_normalize_logits(loss_fn)
-    loss = _Loss(model, ps, loss_fn, bool(normalize_logits) and not reference, extra)
+    loss: _Loss | _fsdp.ShardedLoss = (
+        _fsdp.ShardedLoss(model, ps, loss_fn, bool(normalize_logits)) if sharded
+        else _Loss(model, ps, loss_fn, bool(normalize_logits) and not reference, extra))
+    size = loss.global_size if isinstance(loss, _fsdp.ShardedLoss) else batch_size
     error: Exception | None = None
     try:
-        with ModelGuard(model, train=train), private_rng(local_seed, dev) as gen:
-            weights = [p.detach().to(dev) for p in ps.params]
+        with ModelGuard(model, train=train), private_rng(local_seed, dev) as gen, \
+                loss if isinstance(loss, _fsdp.ShardedLoss) else contextlib.nullcontext():
+            # the sharded parameters are overwritten: w is the copy the loss saved
+            weights = loss.saved if isinstance(loss, _fsdp.ShardedLoss) else [p.detach().to(dev) for p in ps.params]
             pset = (ReferenceGeometry if reference else PerturbationSet)(
                 norm, rho, weights, adaptive=adaptive)
             batches = iter_batches(data, device=dev, dtype=ps.dtype, n_batches=n_batches)
             total = _batch_count(data, n_batches)
             for inputs, targets in maybe_progress(batches, progress, total, kind):
-                n = batch_size(targets)
+                n = size(targets)
                 clean_sum = sharp_sum = 0.0
                 for x, y in split_batch(inputs, targets, m):
                     if worst:
                         clean, pert = _worst_case_chunk(loss, weights, pset, x, y, n_iters, restarts, gen)
                     else:
                         clean, pert = _average_case_chunk(loss, weights, pset, x, y, n_samples, gen)
-                    k = batch_size(y)
+                    k = size(y)
                     clean_sum += k * clean
                     sharp_sum += k * (pert - clean)
                 per_batch.append(sharp_sum / n)
                 clean_losses.append(clean_sum / n)
                 sizes.append(n)
+            if isinstance(loss, _fsdp.ShardedLoss):
+                loss.finish()
     except Exception as exc:
-        if not _distributed.enabled():
+        if not _distributed.enabled() or sharded:  # (FSDP2: every rank raises alike)
             raise
         error = exc  # raised on every rank together below, instead of a hang
     counts = {"forward": loss.forward, "backward": loss.backward}
-    if _distributed.enabled():
+    if sharded:  # every rank measured every batch of all ranks
+        settings["world_size"] = _distributed.world_size()
+        settings["sharded"] = "fsdp2"
+    elif _distributed.enabled():
         parts = _distributed.gather_or_raise((per_batch, sizes, clean_losses, counts), error, "sharpness")
         # rank-major order: rank 0's batches, then rank 1's, ...
         per_batch = [v for p in parts for v in p[0]]
