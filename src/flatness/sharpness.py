@@ -584,6 +584,11 @@ def sharpness(
     restarts) use one stream per rank, rank 0's from ``seed``.  See
     :doc:`/guide/distributed`; :func:`flatness.local_only` turns this off.
 
+    An FSDP2 (``fully_shard``) model is measured in its shards (perturbation
+    kinds): the ranks' ``k``-th batches together are one batch with one
+    perturbation, and the result equals one process on the concatenated
+    batches (same ``seed``, same draws); see :doc:`/guide/distributed`.
+
     Raises
     ------
     TypeError
