@@ -129,6 +129,63 @@ def _round_trip(name, mesh, x, y):
     return _full(model), _full(again)
 
 
+def _checkpoint(mesh, x, y):
+    """As :func:`_round_trip`, through ``torch.distributed.checkpoint``'s
+    full (unsharded) state dicts of the model and of the base optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True)
+    model = _sharded(mesh)
+    opt = _make("ASAM", model)
+    _train(opt, model, x, y, 2)
+    buf = io.BytesIO()  # as a checkpoint file: the dicts share tensors (Adam's step) with the live state
+    torch.save({"model": get_model_state_dict(model, options=full),
+                "opt": get_optimizer_state_dict(model, opt.base_optimizer, options=full)}, buf)
+    _train(opt, model, x, y, 2)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    weights, state = saved["model"], saved["opt"]
+    assert not isinstance(state["state"]["0.weight"]["exp_avg"], torch.distributed.tensor.DTensor)
+    again = _sharded(mesh)
+    set_model_state_dict(again, weights, options=full)
+    opt2 = _make("ASAM", again)
+    set_optimizer_state_dict(again, opt2.base_optimizer, state, options=full)
+    # the base optimizer's load_state_dict replaced its state and groups; SAM's
+    # own load_state_dict of the base's state dict shares them again
+    opt2.load_state_dict(opt2.base_optimizer.state_dict())
+    assert opt2.state is opt2.base_optimizer.state and opt2.param_groups is opt2.base_optimizer.param_groups
+    _train(opt2, again, x, y, 2)
+    return _full(model), _full(again)
+
+
+def _restore(mesh, x, y) -> None:
+    """``restore()`` and an exception in the second pass put every shard back bit for bit."""
+    model = _sharded(mesh)
+    opt = _make("SAM", model)
+    before = [p.to_local().clone() for p in model.parameters()]
+
+    def same():
+        return all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters(), strict=True))
+
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    assert opt.is_perturbed and not same()
+    opt.restore()
+    assert same()
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    with pytest.raises(RuntimeError, match="second pass failed"), opt.second_pass():
+        F.cross_entropy(model(x), y).backward()
+        raise RuntimeError("second pass failed")
+    assert same() and not opt.is_perturbed
+
+
 def _refusals(mesh, x, y):
     model = _sharded(mesh)
     before = _full(model)
@@ -161,6 +218,8 @@ def _worker(rank, world, out):
         _train(_make(name, model), model, x, y)
         weights[name] = _full(model)
     trips = {name: _round_trip(name, mesh, x, y) for name in ("SAM", "ASAM", "LookSAM", "BayesianSAM")}
+    trips["ASAM, torch.distributed.checkpoint"] = _checkpoint(mesh, x, y)
+    _restore(mesh, x, y)
     torch.save({"weights": weights, "trips": trips, "refusals": _refusals(mesh, x, y)}, out / f"rank{rank}.pt")
 
 
