@@ -88,6 +88,10 @@ def _worker(rank, world, out):
             messages.append(None)
     with flatness.local_only(), pytest.raises(TypeError, match="local_only"):
         flatness.sharpness(model, batch, kind="linf", rho=1e-2, n_iters=3)
+    partly = _model()
+    fully_shard(partly[0], mesh=mesh)  # not the root: the last layer stays plain
+    with pytest.raises(TypeError, match="mix sharded and plain"):
+        flatness.sharpness(partly, batch, kind="linf", rho=1e-2, n_iters=3)
     # nothing changed: the shards hold what they held
     assert all(torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters()))
     # the documented recipe: a plain copy from the full state dict

@@ -201,6 +201,12 @@ def _refusals(mesh, x, y):
         messages[name] = str(info.value)
     after = _full(model)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+    from torch.distributed.fsdp import fully_shard
+
+    partly = _net()
+    fully_shard(partly[0], mesh=mesh)  # not the root: the last layer stays plain
+    with pytest.raises(TypeError, match="some parameters are sharded .* fully_shard to the root"):
+        SAM(partly.parameters(), torch.optim.SGD, lr=0.1)
     return messages
 
 

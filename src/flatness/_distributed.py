@@ -50,6 +50,7 @@ __all__ = [
     "merge_moments",
     "rank",
     "rank_seed",
+    "refuse_mixed",
     "refuse_sharded",
     "shard_like",
     "shared_seed",
@@ -365,6 +366,23 @@ def refuse_sharded(named: list[tuple[str, Tensor]], what: str, hint: str = UNSHA
         raise TypeError(
             f"{what}: sharded (DTensor) parameters are not supported (made by FSDP2's fully_shard "
             f"or tensor parallelism): {shown}. {hint}"
+        )
+
+
+def refuse_mixed(named: list[tuple[str, Tensor]], what: str) -> None:
+    """Raise ``TypeError`` when some parameters are ``DTensor`` s and others
+    plain tensors (a model sharded in part: ``fully_shard`` on some
+    submodules but not on the root, whose own parameters stay plain and
+    unsynchronized); global norms cannot mix the two."""
+    cls = _dtensor_class()
+    if cls is None:
+        return
+    plain = [name for name, p in named if not isinstance(p, cls)]
+    if plain and len(plain) < len(named):
+        shown = ", ".join(plain[:3]) + (", ..." if len(plain) > 3 else "")
+        raise TypeError(
+            f"{what}: some parameters are sharded (DTensor, FSDP2) and others plain tensors ({shown}); "
+            "apply fully_shard to the root module too, so that every parameter is sharded"
         )
 
 

@@ -325,11 +325,12 @@ class SharpnessAwareOptimizer(Optimizer):
                 "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) "
                 f"or an optimizer instance, got {base_optimizer!r}"
             )
-        if not self.supports_sharded:
-            _distributed.refuse_sharded(
-                [(f"param_groups[{i}]['params'][{j}]", p) for i, g in enumerate(base.param_groups)
-                 for j, p in enumerate(g["params"])],
-                type(self).__name__, hint=_distributed.SAM_HINT)
+        named = [(f"param_groups[{i}]['params'][{j}]", p) for i, g in enumerate(base.param_groups)
+                 for j, p in enumerate(g["params"])]
+        if self.supports_sharded:
+            _distributed.refuse_mixed(named, type(self).__name__)
+        else:
+            _distributed.refuse_sharded(named, type(self).__name__, hint=_distributed.SAM_HINT)
         self.base_optimizer = base
         self.param_groups = base.param_groups
         self.state = base.state
