@@ -17,6 +17,7 @@ from gloo_group import run_gloo
 from torch import nn
 
 import flatness
+from flatness.diversity import disagreement, ensemble_metrics, prediction_variance
 from flatness.hessian import top_eigenvalues
 from flatness.nonuniformity import gradient_variance
 from flatness.optim import SAM
@@ -117,3 +118,44 @@ def test_fsdp2_is_refused_clearly_and_the_full_copy_matches(tmp_path):
             assert got["values"][kind] == pytest.approx(value, rel=1e-6, abs=1e-12), kind
         for a, b in zip(got["weights"], ref_w):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+
+
+def _members():
+    return [nn.Sequential(nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 3)).double() for _ in range(2)]
+
+
+def _ensemble_data():
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(8, 8, dtype=torch.float64, generator=g), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(2)]
+
+
+def _ensemble_measures(members, data):
+    metrics = ensemble_metrics(members, data)
+    return [disagreement(members, data), prediction_variance(members, data),
+            metrics.ensemble["nll"], metrics.ensemble["accuracy"]]
+
+
+def _ensemble_worker(rank, world, out):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    members = _members()
+    for member in members:
+        fully_shard(member[0], mesh=mesh)
+        fully_shard(member, mesh=mesh)
+    data = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in _ensemble_data()]
+    torch.save(_ensemble_measures(members, data), out / f"rank{rank}.pt")
+
+
+def test_ensemble_measures_of_fsdp2_members_equal_one_process(tmp_path):
+    # they only call the members (FSDP's forward all-gathers the shards) and
+    # sum their counts over the ranks, as for any data-parallel evaluation
+    run_gloo(_ensemble_worker, 2, tmp_path)
+    torch.manual_seed(0)
+    ref = _ensemble_measures(_members(), _ensemble_data())
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got == pytest.approx(ref, rel=1e-12)
