@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from . import _distributed
 from ._checks import NonFiniteLossError
+from ._data import batch_size
 from ._functional import LossFn, _loss_of, call_model
 from ._params import ParamSet, unwrap
 
@@ -128,11 +129,11 @@ class ShardedLoss:
         """``N``, the samples of this batch on all ranks (one collective per
         batch; every rank must have a batch: :meth:`finish` checks the end)."""
         if targets is not self._targets:
-            count, total = self._all_reduce([1.0, float(len(targets))])
+            count, total = self._all_reduce([1.0, float(batch_size(targets))])
             if count != self.world:
                 raise ValueError("FSDP2: every rank must hold the same number of batches "
                                  f"(only {int(count)} of {self.world} ranks have one more)")
-            self._targets, self._sizes = targets, (len(targets), int(total))
+            self._targets, self._sizes = targets, (batch_size(targets), int(total))
         return self._sizes[1]
 
     def finish(self) -> None:
@@ -151,7 +152,7 @@ class ShardedLoss:
 
     def _mean(self, local: Tensor, targets: Tensor) -> float:
         n = self.global_size(targets)
-        (total,) = self._all_reduce([float(local.detach()) * len(targets)])
+        (total,) = self._all_reduce([float(local.detach()) * batch_size(targets)])
         return _finite(total / n)
 
     def value(self, values: list[Tensor], inputs: Any, targets: Tensor) -> float:
@@ -166,7 +167,7 @@ class ShardedLoss:
         with torch.enable_grad():
             local = self._local(values, inputs, targets)
             n = self.global_size(targets)
-            (local * (self.world * len(targets) / n)).backward()
+            (local * (self.world * batch_size(targets) / n)).backward()
         value = self._mean(local, targets)
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.live]
         for p in self.model.parameters():

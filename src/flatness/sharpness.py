@@ -271,16 +271,15 @@ def _perturbation_sharpness(
     local_seed = _distributed.shared_seed(seed) if sharded else _distributed.rank_seed(seed)
     if reference and normalize_logits:
         loss_fn = reference_normalize_logits(loss_fn)
-    loss: _Loss | _fsdp.ShardedLoss = (
-        _fsdp.ShardedLoss(model, ps, loss_fn, bool(normalize_logits)) if sharded
-        else _Loss(model, ps, loss_fn, bool(normalize_logits) and not reference, extra))
-    size = loss.global_size if isinstance(loss, _fsdp.ShardedLoss) else batch_size
+    sharded_loss = _fsdp.ShardedLoss(model, ps, loss_fn, bool(normalize_logits)) if sharded else None
+    loss = sharded_loss or _Loss(model, ps, loss_fn, bool(normalize_logits) and not reference, extra)
+    size = sharded_loss.global_size if sharded_loss else batch_size  # FSDP2: samples of all ranks
     error: Exception | None = None
     try:
         with ModelGuard(model, train=train), private_rng(local_seed, dev) as gen, \
-                loss if isinstance(loss, _fsdp.ShardedLoss) else contextlib.nullcontext():
-            # the sharded parameters are overwritten: w is the copy the loss saved
-            weights = loss.saved if isinstance(loss, _fsdp.ShardedLoss) else [p.detach().to(dev) for p in ps.params]
+                sharded_loss or contextlib.nullcontext():
+            # FSDP2: the shards are overwritten with w + d; w is the copy the loss saved
+            weights = sharded_loss.saved if sharded_loss else [p.detach().to(dev) for p in ps.params]
             pset = (ReferenceGeometry if reference else PerturbationSet)(
                 norm, rho, weights, adaptive=adaptive)
             batches = iter_batches(data, device=dev, dtype=ps.dtype, n_batches=n_batches)
@@ -299,8 +298,8 @@ def _perturbation_sharpness(
                 per_batch.append(sharp_sum / n)
                 clean_losses.append(clean_sum / n)
                 sizes.append(n)
-            if isinstance(loss, _fsdp.ShardedLoss):
-                loss.finish()
+            if sharded_loss:
+                sharded_loss.finish()  # no rank has batches left
     except Exception as exc:
         if not _distributed.enabled() or sharded:  # (FSDP2: every rank raises alike)
             raise
