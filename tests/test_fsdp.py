@@ -26,6 +26,8 @@ fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):  # pragma: no cover - torch < 2.6
     pytest.skip("torch.distributed.fsdp.fully_shard is not available", allow_module_level=True)
 
+pytestmark = [pytest.mark.distributed]
+
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
