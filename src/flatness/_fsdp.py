@@ -106,6 +106,7 @@ class ShardedLoss:
         self.forward = 0
         self.backward = 0
         self._targets: Tensor | None = None
+        self._in_place: list[Tensor] | None = None
         self._sizes = (0, 0)  # (n_r, N) of the current batch
 
     def __enter__(self) -> ShardedLoss:
@@ -145,9 +146,17 @@ class ShardedLoss:
 
     # -- the loss ------------------------------------------------------------
 
+    def buffers(self, weights: list[Tensor]) -> list[Tensor]:
+        """Buffers for the perturbed weights ``w + d``: the sharded parameters
+        themselves (detached), so ``w + d`` is written where the model reads
+        it, without one more copy of the shards."""
+        self._in_place = [p.detach() for p in self.live]
+        return self._in_place
+
     def _local(self, values: list[Tensor], inputs: Any, targets: Tensor) -> Tensor:
-        with torch.no_grad():
-            _distributed.foreach_copy_(self.live, values)
+        if values is not self._in_place:  # already in the parameters otherwise
+            with torch.no_grad():
+                _distributed.foreach_copy_(self.live, values)
         return _loss_of(call_model(self.model, inputs), targets, self.loss_fn, self.normalize)
 
     def _mean(self, local: Tensor, targets: Tensor) -> float:

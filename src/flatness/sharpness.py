@@ -138,6 +138,10 @@ class _Loss:
             logit_normalization=self.normalize, extra=self.extra,
         )
 
+    def buffers(self, weights: list[Tensor]) -> list[Tensor]:
+        """Buffers for the perturbed weights ``w + d`` (copies of ``weights``)."""
+        return [w.clone() for w in weights]
+
     def value(self, values: list[Tensor], inputs: Any, targets: Tensor) -> float:
         with torch.no_grad():
             loss = self._loss(values, inputs, targets)
@@ -176,7 +180,7 @@ def _worst_case_chunk(
 ) -> tuple[float, float]:
     """``(clean loss, max perturbed loss)`` on one chunk."""
 
-    values = [w.clone() for w in weights]  # w + d, rewritten in place each step
+    values = loss.buffers(weights)  # w + d, rewritten in place each step
     # The reference iteration works on d itself, APGD on scaled coordinates.
     reference = isinstance(pset, ReferenceGeometry)
 
