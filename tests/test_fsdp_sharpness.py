@@ -87,6 +87,15 @@ def _worker(rank, world, out):
         r = flatness.sharpness(model, data, kind=kind, **_options(kind))
         results[kind] = (r.value, r.per_batch, r.batch_sizes, r.clean_loss, r.settings["sharded"])
         assert _same(before, model) and model.training, kind
+    # The fused elementwise passes run block by block on each rank's shard;
+    # blocks of 4 elements split every shard and give the same values bit for bit.
+    from flatness import _geometry
+
+    block, _geometry.BLOCK = _geometry.BLOCK, 4
+    for kind in KINDS:
+        r = flatness.sharpness(model, data, kind=kind, **_options(kind))
+        assert (r.value, r.per_batch, r.clean_loss) == (results[kind][0], results[kind][1], results[kind][3]), kind
+    _geometry.BLOCK = block
 
     calls = 0
 
