@@ -278,10 +278,16 @@ def _average_case_chunk(
 ) -> tuple[float, float]:
     """``(clean loss, mean perturbed loss over n_samples draws)`` on one chunk."""
     clean = loss.value(weights, inputs, targets)
+    # FSDP2: w + d is copied into the shards, where the model reads it, and
+    # the draw's buffers are freed before the forward pass
+    live = loss.buffers(weights) if isinstance(loss, _fsdp.ShardedLoss) else None
     total = 0.0
     for _ in range(n_samples):
         with torch.no_grad():
             values = pset.average_case_values(generator)  # w + d in the draw's own buffers
+            if live is not None:
+                _distributed.foreach_copy_(live, values)
+                values = live
         total += loss.value(values, inputs, targets)
         del values  # freed before the next draw exists
     return clean, total / n_samples
