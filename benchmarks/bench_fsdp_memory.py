@@ -17,10 +17,12 @@ What to expect per rank: the gradients' shards (1 P_r) as in training; the
 forward all-gathers one layer at a time (a layer's full weights: ``world``
 times its shard, freed after the layer); SAM adds the saved weights
 (1 P_r, held) and its direction; sharpness adds the buffers of the
-measurement in shards (APGD: the copy of ``w``, the perturbed weights,
-iterate, previous and best iterate, gradient and its best copy), and each
-random draw is taken on the full shape of one parameter before it is
-sharded (``world`` times that parameter's shard, briefly).
+measurement in shards (the copy of ``w``, the shards themselves holding
+``w + d``; APGD: up to three iterate buffers, the gradient, and for linf
+the best gradient's signs, one byte each; average case: one draw, freed
+before the forward), and each random draw is taken on the full shape of one
+parameter before it is sharded (``world`` times that parameter's shard,
+briefly).
 
 Usage::
 
