@@ -1,10 +1,12 @@
 """FSDP2 (``fully_shard``) on CPU: two gloo processes.
 
 ``fully_shard`` runs on CPU with the gloo backend: each parameter becomes a
-``DTensor`` holding one shard per rank.  The library's measurements and SAM
-refuse such parameters up front (a ``TypeError`` naming FSDP2, nothing
-changed); the documented way to measure is an unsharded copy built from the
-full state dict, which gives the single-process result.
+``DTensor`` holding one shard per rank.  SAM and the perturbation kinds of
+``sharpness`` support such models (``test_fsdp_sam.py``,
+``test_fsdp_sharpness.py``); everything else refuses them up front (a
+``TypeError`` naming FSDP2, nothing changed), and the documented way to
+measure is an unsharded copy built from the full state dict, which gives
+the single-process result.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from gloo_group import run_gloo
 from torch import nn
 
 import flatness
+from flatness.diversity import disagreement, ensemble_metrics, prediction_variance
 from flatness.hessian import top_eigenvalues
 from flatness.nonuniformity import gradient_variance
 from flatness.optim import SAM
@@ -22,6 +25,8 @@ from flatness.optim import SAM
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):  # pragma: no cover - torch < 2.6
     pytest.skip("torch.distributed.fsdp.fully_shard is not available", allow_module_level=True)
+
+pytestmark = [pytest.mark.distributed]
 
 
 def _model() -> nn.Module:
@@ -71,11 +76,12 @@ def _worker(rank, world, out):
     before = [p.full_tensor().clone() for p in model.parameters()]
     messages = []
     for call in (
-        lambda: flatness.sharpness(model, batch, kind="linf", rho=1e-2, n_iters=3),
-        lambda: flatness.sharpness(model, batch, kind="avg_l2", rho=1e-2),
+        lambda: flatness.sharpness(model, batch, kind="hessian_trace"),
+        lambda: flatness.sharpness(model, batch, kind="linf", rho=1e-2, n_iters=3, m=2),
+        lambda: flatness.sharpness(model, batch, kind="avg_l2", rho=1e-2, device="cpu"),
+        lambda: flatness.sharpness(model, batch, kind="l2", rho=1e-2, algorithm="reference"),
         lambda: top_eigenvalues(model, batch, k=1),
         lambda: gradient_variance(model, batch),
-        lambda: SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1),
     ):
         try:
             call()
@@ -83,6 +89,12 @@ def _worker(rank, world, out):
             messages.append(str(exc))
         else:
             messages.append(None)
+    with flatness.local_only(), pytest.raises(TypeError, match="local_only"):
+        flatness.sharpness(model, batch, kind="linf", rho=1e-2, n_iters=3)
+    partly = _model()
+    fully_shard(partly[0], mesh=mesh)  # not the root: the last layer stays plain
+    with pytest.raises(TypeError, match="mix sharded and plain"):
+        flatness.sharpness(partly, batch, kind="linf", rho=1e-2, n_iters=3)
     # nothing changed: the shards hold what they held
     assert all(torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters()))
     # the documented recipe: a plain copy from the full state dict
@@ -103,9 +115,49 @@ def test_fsdp2_is_refused_clearly_and_the_full_copy_matches(tmp_path):
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for msg in got["messages"]:
-            assert msg is not None and "DTensor" in msg and "FSDP2" in msg, msg
-        assert "SAM" in got["messages"][-1]
+            assert msg is not None and "FSDP2" in msg and "full_state_dict=True" in msg, msg
         for kind, value in ref.items():
             assert got["values"][kind] == pytest.approx(value, rel=1e-6, abs=1e-12), kind
         for a, b in zip(got["weights"], ref_w):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+
+
+def _members():
+    return [nn.Sequential(nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 3)).double() for _ in range(2)]
+
+
+def _ensemble_data():
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(8, 8, dtype=torch.float64, generator=g), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(2)]
+
+
+def _ensemble_measures(members, data):
+    metrics = ensemble_metrics(members, data)
+    return [disagreement(members, data), prediction_variance(members, data),
+            metrics.ensemble["nll"], metrics.ensemble["accuracy"]]
+
+
+def _ensemble_worker(rank, world, out):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    members = _members()
+    for member in members:
+        fully_shard(member[0], mesh=mesh)
+        fully_shard(member, mesh=mesh)
+    data = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in _ensemble_data()]
+    torch.save(_ensemble_measures(members, data), out / f"rank{rank}.pt")
+
+
+def test_ensemble_measures_of_fsdp2_members_equal_one_process(tmp_path):
+    # they only call the members (FSDP's forward all-gathers the shards) and
+    # sum their counts over the ranks, as for any data-parallel evaluation
+    run_gloo(_ensemble_worker, 2, tmp_path)
+    torch.manual_seed(0)
+    ref = _ensemble_measures(_members(), _ensemble_data())
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got == pytest.approx(ref, rel=1e-12)

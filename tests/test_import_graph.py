@@ -177,7 +177,7 @@ def test_no_import_cycles():
 #: its own layer or a lower one.  A new module gets a layer here.
 LAYERS = {
     0: "_checks _data _distributed _functional _geometry _guard _options _params _results _rng",
-    1: "_apgd _apgd_reference _ensemble _hvp _kfac _lanczos _per_sample _products",
+    1: "_apgd _apgd_reference _ensemble _fsdp _hvp _kfac _lanczos _per_sample _products",
     2: "_calibration _descriptive _diagonal _diversity _gn_diagonal _landscape _minimum _noise _rescaling "
        "_sharpbalance",
     3: "diversity hessian landscape nonuniformity optim optim._base optim._checks optim._family "

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _distributed
 from ._geometry import PerturbationSet, _global_norm, blocks
 
 #: ``objective(delta, need_grad) -> (value, grad_delta or None)``
@@ -164,7 +165,7 @@ def apgd(
                     # the best point's direction, into the buffer of the
                     # gradient it replaces (steepest_ascent of the saved
                     # signs is that of the gradient they came from)
-                    torch._foreach_copy_(g_x, best_g)
+                    _distributed.foreach_copy_(g_x, best_g)  # (also FSDP2 DTensors)
                 f_x = best_f
             successes = 0
             last_ckpt = k + 1

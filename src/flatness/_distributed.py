@@ -30,7 +30,7 @@ import contextlib
 import contextvars
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -39,14 +39,20 @@ from torch import Tensor
 __all__ = [
     "cat_over_ranks",
     "derive_seed",
+    "dots",
     "enabled",
+    "foreach_copy_",
     "gather_objects",
+    "is_sharded",
+    "local_tensors",
     "gather_or_raise",
     "local_only",
     "merge_moments",
     "rank",
     "rank_seed",
+    "refuse_mixed",
     "refuse_sharded",
+    "shard_like",
     "shared_seed",
     "sum_",
     "world_size",
@@ -226,28 +232,157 @@ def merge_moments(moments: Any) -> None:
     moments.n = n
 
 
-def refuse_sharded(named: list[tuple[str, Tensor]], what: str) -> None:
+def _dtensor_class() -> type | None:
+    """``DTensor``, or ``None`` where none can exist (no process group: a
+    ``DTensor`` lives on a device mesh; this also spares single-process
+    code the import)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except (ImportError, RuntimeError):  # pragma: no cover - torch without distributed
+        return None
+    return DTensor
+
+
+def is_sharded(tensors: Iterable[Tensor]) -> bool:
+    """Whether any of ``tensors`` is a ``DTensor`` (FSDP2 or tensor-parallel
+    parameters, their gradients, and tensors made from them)."""
+    cls = _dtensor_class()
+    return cls is not None and any(isinstance(t, cls) for t in tensors)
+
+
+def local_tensors(tensors: Iterable[Tensor]) -> list[Tensor]:
+    """Each ``DTensor`` replaced by this rank's shard (the tensor itself, not
+    a copy: in-place operations on it change the ``DTensor``); plain tensors
+    pass through.
+
+    For the elementwise work that DTensor has no sharding rule for
+    (``torch._foreach_copy_``) and that needs no communication.
+    """
+    cls = _dtensor_class()
+    if cls is None:
+        return list(tensors)
+    with torch.no_grad():  # the shard itself, not a differentiable view of it
+        return [t.to_local() if isinstance(t, cls) else t for t in tensors]
+
+
+def foreach_copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """``torch._foreach_copy_(dst, src)`` that also copies ``DTensor`` shards.
+
+    ``DTensor`` has no sharding rule for ``_foreach_copy_``; a copy between
+    tensors sharded alike is the copy of each rank's shard.
+    """
+    if not dst:
+        return
+    torch._foreach_copy_(local_tensors(dst), local_tensors(src))
+
+
+def dots(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+    """``[<x_0, y_0>, <x_1, y_1>, ...]`` as one 1-d tensor, over whole tensors.
+
+    For ``DTensor`` pairs (sharded alike) each rank takes the dot products
+    of its shards, and one all-reduce over the mesh sums them: the result is
+    a replicated ``DTensor``, usable with the sharded gradients as any
+    norm of them.  (``torch.dot`` of flattened ``DTensor`` s fails where a
+    dimension does not divide evenly over the ranks.)
+    """
+    xs, ys = list(xs), list(ys)
+    if not xs:
+        return torch.zeros(0)
+    if not is_sharded(xs):
+        return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)])
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    spec = xs[0]
+    for x, y in zip(xs, ys):
+        if not (isinstance(x, DTensor) and isinstance(y, DTensor)) or not (
+            x.device_mesh == spec.device_mesh and x.placements == y.placements == spec.placements
+        ):
+            raise TypeError("dots() needs DTensors sharded alike on one device mesh (or plain tensors)")
+    xl, yl = local_tensors(xs), local_tensors(ys)
+    local = torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xl, yl)])
+    # summed over the mesh dimensions that shard, equal over those that replicate
+    partial = [Partial() if isinstance(pl, Shard) else Replicate() for pl in spec.placements]
+    out = DTensor.from_local(local, spec.device_mesh, partial, run_check=False)
+    return out.redistribute(spec.device_mesh, [Replicate()] * spec.device_mesh.ndim)
+
+
+def shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` (a tensor of ``like``'s global shape, the same on every rank)
+    as a ``DTensor`` sharded as ``like``: each rank keeps its part, no
+    communication.  A plain ``like`` gives ``full`` back.
+
+    Random draws that must equal a single-process run are drawn on the full
+    shape with a generator seeded alike on every rank, then sharded here.
+    """
+    cls = _dtensor_class()
+    if cls is None or not isinstance(like, cls):
+        return full
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    local = full
+    for dim, (n, start) in enumerate(zip(shape, offset)):
+        local = local.narrow(dim, start, n)
+    # a copy, so that the full tensor is freed when the caller drops it
+    local = local.clone(memory_format=torch.contiguous_format)
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride())
+
+
+#: How to measure a sharded model where a function refuses it.
+UNSHARDED_HINT = (
+    "Measure an unsharded copy instead: load the full state dict "
+    "(torch.distributed.checkpoint.state_dict.get_model_state_dict with "
+    "StateDictOptions(full_state_dict=True)) into a plain model on each rank, or use DDP"
+)
+#: What to use instead of a SAM variant that refuses FSDP2.
+SAM_HINT = (
+    "SAM (also adaptive=True), GSAM, LookSAM, WSAM, FriendlySAM, ESAM, BayesianSAM and ConsistentSAM "
+    "without a preconditioner step FSDP2 models; this variant needs the whole (unsharded) "
+    "parameters: train it under DDP"
+)
+
+
+def refuse_sharded(named: list[tuple[str, Tensor]], what: str, hint: str = UNSHARDED_HINT) -> None:
     """Raise ``TypeError`` when a parameter is a ``DTensor``.
 
     FSDP2 (``torch.distributed.fsdp.fully_shard``) and tensor parallelism
     replace each parameter by a ``DTensor`` that holds one shard per rank.
-    The library's perturbations, norms and per-sample transforms act on
-    plain tensors (and ``torch.func`` and the ``_foreach`` kernels have no
-    sharding rules for what they need), so a sharded model is refused up
-    front, before anything changes, instead of failing half-way.
+    A function whose work needs the whole parameters (``torch.func``
+    transforms, per-layer Kronecker factors, reparametrized calls that
+    bypass FSDP's all-gather) calls this up front, before anything changes,
+    instead of failing half-way; ``hint`` says what to do instead.
     """
-    try:
-        from torch.distributed.tensor import DTensor
-    except (ImportError, RuntimeError):  # pragma: no cover - torch without distributed
+    cls = _dtensor_class()
+    if cls is None:
         return
-    sharded = [name for name, p in named if isinstance(p, DTensor)]
+    sharded = [name for name, p in named if isinstance(p, cls)]
     if sharded:
         shown = ", ".join(sharded[:3]) + (", ..." if len(sharded) > 3 else "")
         raise TypeError(
             f"{what}: sharded (DTensor) parameters are not supported (made by FSDP2's fully_shard "
-            f"or tensor parallelism): {shown}. Measure an unsharded copy instead: load the full state dict "
-            "(torch.distributed.checkpoint.state_dict.get_model_state_dict with "
-            "StateDictOptions(full_state_dict=True)) into a plain model on each rank, or use DDP"
+            f"or tensor parallelism): {shown}. {hint}"
+        )
+
+
+def refuse_mixed(named: list[tuple[str, Tensor]], what: str) -> None:
+    """Raise ``TypeError`` when some parameters are ``DTensor`` s and others
+    plain tensors (a model sharded in part: ``fully_shard`` on some
+    submodules but not on the root, whose own parameters stay plain and
+    unsynchronized); global norms cannot mix the two."""
+    cls = _dtensor_class()
+    if cls is None:
+        return
+    plain = [name for name, p in named if not isinstance(p, cls)]
+    if plain and len(plain) < len(named):
+        shown = ", ".join(plain[:3]) + (", ..." if len(plain) > 3 else "")
+        raise TypeError(
+            f"{what}: some parameters are sharded (DTensor, FSDP2) and others plain tensors ({shown}); "
+            "apply fully_shard to the root module too, so that every parameter is sharded"
         )
 
 

@@ -28,6 +28,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from . import _distributed
+
 NORMS = ("linf", "l2")
 
 __all__ = ["NORMS", "PerturbationSet", "project_weight_space"]
@@ -52,7 +54,14 @@ def blocks(*lists: Sequence[Tensor]) -> Iterator[tuple[Tensor, ...]]:
     """Matching pieces of same-shaped tensors, tensor by tensor, each piece
     at most :data:`BLOCK` elements (a tensor that is not contiguous in all
     lists is one piece).  Elementwise work done piece by piece gives exactly
-    the values of the same work done tensor by tensor."""
+    the values of the same work done tensor by tensor.
+
+    A ``DTensor`` (an FSDP2 parameter, its gradient, or a tensor made like
+    them) yields pieces of this rank's shard (in place, the ``DTensor``
+    itself changes): elementwise work on tensors sharded alike needs no
+    communication.
+    """
+    lists = tuple(_distributed.local_tensors(ts) for ts in lists)
     for ts in zip(*lists):
         n = ts[0].numel()
         size = BLOCK if ts[0].device.type == "cpu" else DEVICE_BLOCK
@@ -100,8 +109,8 @@ class PerturbationSet:
         # Per tensor: None (every coordinate may move), the flat indices of
         # the zero weights, or a boolean mask of them.
         self._fixed: list[Tensor | None] = [None] * len(self._like)
-        if adaptive:
-            self._fixed = [self._zeros_of(w) for w in self._like]
+        if adaptive:  # (of this rank's shards for FSDP2 DTensors, like _zero_unscaled_)
+            self._fixed = [self._zeros_of(w) for w in _distributed.local_tensors(self._like)]
         # one scratch block per dtype, on the weights' device
         self._scratch: dict[torch.dtype, Tensor] = {}
         self._device = self._like[0].device if self._like else torch.device("cpu")
@@ -252,7 +261,7 @@ class PerturbationSet:
                 buf = self._scratch_like(g)
                 s.copy_(g.sign() if buf is None else torch.sign(g, out=buf))
         else:
-            torch._foreach_copy_(into, list(grad))
+            _distributed.foreach_copy_(into, list(grad))  # (also FSDP2 DTensors)
         return into
 
     def contains(self, delta: Sequence[Tensor], *, rtol: float = 1e-6) -> bool:
@@ -308,20 +317,22 @@ class PerturbationSet:
             values.append(t)
         return values
 
+    # A DTensor (FSDP2) ``like`` gets the draw of its full shape, sharded:
+    # the draw of a one-process run (flatness._distributed.shard_like).
     @staticmethod
     def _uniform(like: Tensor, generator: torch.Generator) -> Tensor:
-        return torch.rand(like.shape, generator=generator, device=like.device,
-                          dtype=like.dtype).mul_(2).sub_(1)
+        return _distributed.shard_like(torch.rand(like.shape, generator=generator, device=like.device,
+                                                  dtype=like.dtype).mul_(2).sub_(1), like)
 
     @staticmethod
     def _normal(like: Tensor, generator: torch.Generator) -> Tensor:
-        return torch.randn(like.shape, generator=generator, device=like.device,
-                           dtype=like.dtype)
+        return _distributed.shard_like(torch.randn(like.shape, generator=generator, device=like.device,
+                                                   dtype=like.dtype), like)
 
     def _zero_unscaled_(self, delta: list[Tensor]) -> None:
         # Coordinates with w_i = 0 cannot move in an adaptive set; keeping
         # their delta at zero also keeps them from using up l2 budget.
-        for t, fixed in zip(delta, self._fixed):
+        for t, fixed in zip(_distributed.local_tensors(delta), self._fixed):
             if fixed is None:
                 continue
             if fixed.dtype == torch.bool:

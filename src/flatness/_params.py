@@ -62,7 +62,7 @@ class ParamSet:
         return dict(zip(self.names, tensors, strict=True))
 
 
-def select_params(model: nn.Module, params: Iterable[Any] | None = None) -> ParamSet:
+def select_params(model: nn.Module, params: Iterable[Any] | None = None, *, sharded: bool = False) -> ParamSet:
     """Resolve the ``params=`` argument of the public functions.
 
     Parameters
@@ -73,6 +73,9 @@ def select_params(model: nn.Module, params: Iterable[Any] | None = None) -> Para
         ``None`` selects every parameter with ``requires_grad``.  Otherwise an
         iterable of parameter tensors of ``model``, of their names, or of
         submodules (whose trainable parameters are all selected).
+    sharded : bool
+        The caller measures FSDP2 models (sharded ``DTensor`` parameters);
+        otherwise such parameters raise ``TypeError``.
 
     Returns
     -------
@@ -143,8 +146,9 @@ def select_params(model: nn.Module, params: Iterable[Any] | None = None) -> Para
             f"parameters {inference[:3]} are inference tensors (created under torch.inference_mode()) "
             "and cannot be differentiated; build or load the model outside inference_mode"
         )
-    from flatness._distributed import refuse_sharded
+    if not sharded:
+        from flatness._distributed import refuse_sharded
 
-    refuse_sharded(chosen, "flatness")
+        refuse_sharded(chosen, "flatness")
     names, tensors = zip(*chosen)
     return ParamSet(tuple(names), tuple(tensors))

@@ -6,6 +6,7 @@ registry, :data:`KINDS`; adding a kind is one entry there.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
@@ -16,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _distributed
+from . import _distributed, _fsdp
 from . import hessian as _hessian
-from ._apgd import apgd
+from ._apgd import Objective, apgd
 from ._apgd_reference import (
     ReferenceGeometry,
     reference_normalize_logits,
@@ -177,12 +178,15 @@ def _finite(loss: Tensor) -> float:
 
 
 def _worst_case_chunk(
-    loss: _Loss, weights: list[Tensor], pset: PerturbationSet | ReferenceGeometry,
+    loss: _Loss | _fsdp.ShardedLoss, weights: list[Tensor], pset: PerturbationSet | ReferenceGeometry,
     inputs: Any, targets: Tensor, n_iters: int, restarts: int, generator: torch.Generator,
 ) -> tuple[float, float]:
     """``(clean loss, max perturbed loss)`` on one chunk."""
     if isinstance(pset, ReferenceGeometry):
         return _reference_chunk(loss, weights, pset, inputs, targets, n_iters, restarts, generator)
+    if isinstance(loss, _fsdp.ShardedLoss):
+        return _apgd_runs(_sharded_objective(loss, weights, pset, inputs, targets), pset, n_iters,
+                          restarts, generator)
 
     def objective(delta: list[Tensor], need_grad: bool) -> tuple[float, list[Tensor] | None]:
         # w + c * delta in new buffers, which the gradient then takes over:
@@ -209,12 +213,44 @@ def _worst_case_chunk(
         del values
         return f, pset.grad_to_scaled_(g)
 
+    return _apgd_runs(objective, pset, n_iters, restarts, generator)
+
+
+def _apgd_runs(
+    objective: Objective, pset: PerturbationSet, n_iters: int, restarts: int, generator: torch.Generator,
+) -> tuple[float, float]:
+    """``(objective at the centre, best value)`` of APGD from the centre and
+    from ``restarts`` random starts."""
     run = apgd(objective, pset, n_iters)
     clean, best = run.start_value, run.best_value
     for _ in range(restarts):
         start = pset.random_start(generator)
         best = max(best, apgd(objective, pset, n_iters, start=start).best_value)
     return clean, best
+
+
+def _sharded_objective(
+    loss: _fsdp.ShardedLoss, weights: list[Tensor], pset: PerturbationSet, inputs: Any, targets: Tensor,
+) -> Objective:
+    """APGD's objective on an FSDP2 model: ``w + c * delta`` is written into
+    the sharded parameters themselves (:meth:`ShardedLoss.buffers`), where
+    the model's all-gather reads it, and the gradient is the one FSDP
+    reduce-scatters into ``.grad`` (so the plain path's gradient written
+    over the perturbed weights does not apply)."""
+    live = loss.buffers(weights)
+
+    def objective(delta: list[Tensor], need_grad: bool) -> tuple[float, list[Tensor] | None]:
+        with torch.no_grad():
+            # APGD also leaves w + c * delta in a dead buffer for the plain
+            # path (PerturbationSet.recycle): dropped here, freed before the pass
+            pset.recycle(None)
+            pset.perturbed_(live, weights, delta)
+        if not need_grad:
+            return loss.value(live, inputs, targets), None
+        f, g = loss.value_and_grad(live, inputs, targets)
+        return f, pset.grad_to_scaled_(g)
+
+    return objective
 
 
 def _reference_chunk(
@@ -237,15 +273,21 @@ def _reference_chunk(
 
 
 def _average_case_chunk(
-    loss: _Loss, weights: list[Tensor], pset: PerturbationSet, inputs: Any,
+    loss: _Loss | _fsdp.ShardedLoss, weights: list[Tensor], pset: PerturbationSet, inputs: Any,
     targets: Tensor, n_samples: int, generator: torch.Generator,
 ) -> tuple[float, float]:
     """``(clean loss, mean perturbed loss over n_samples draws)`` on one chunk."""
     clean = loss.value(weights, inputs, targets)
+    # FSDP2: w + d is copied into the shards, where the model reads it, and
+    # the draw's buffers are freed before the forward pass
+    live = loss.buffers(weights) if isinstance(loss, _fsdp.ShardedLoss) else None
     total = 0.0
     for _ in range(n_samples):
         with torch.no_grad():
             values = pset.average_case_values(generator)  # w + d in the draw's own buffers
+            if live is not None:
+                _distributed.foreach_copy_(live, values)
+                values = live
         total += loss.value(values, inputs, targets)
         del values  # freed before the next draw exists
     return clean, total / n_samples
@@ -281,7 +323,11 @@ def _perturbation_sharpness(
     worst = kind in WORST_CASE
     norm, adaptive = (WORST_CASE if worst else AVERAGE_CASE)[kind]
     reference = _check_algorithm(algorithm, worst, train)
-    ps = select_params(model, params)
+    ps = select_params(model, params, sharded=True)
+    # FSDP2: one perturbation of the sharded weights per batch of all ranks (flatness._fsdp)
+    sharded = _distributed.is_sharded(ps.params)
+    if sharded:
+        _fsdp.check_sharded(model, ps, m=m, device=device, algorithm=algorithm)
     dev = torch.device(device) if device is not None else ps.device
     extra = _moved_state(model, ps, dev)
     settings = {
@@ -297,38 +343,48 @@ def _perturbation_sharpness(
     per_batch, sizes, clean_losses = [], [], []
     # Under torch.distributed each rank perturbs for its own batches with its
     # own random stream (rank 0 keeps ``seed``), then the lists are gathered.
-    local_seed = _distributed.rank_seed(seed)
+    # (FSDP2: one stream for all ranks, the draws of a one-process run.)
+    local_seed = _distributed.shared_seed(seed) if sharded else _distributed.rank_seed(seed)
     if reference and normalize_logits:
         loss_fn = reference_normalize_logits(loss_fn)
-    loss = _Loss(model, ps, loss_fn, bool(normalize_logits) and not reference, extra)
+    sharded_loss = _fsdp.ShardedLoss(model, ps, loss_fn, bool(normalize_logits)) if sharded else None
+    loss = sharded_loss or _Loss(model, ps, loss_fn, bool(normalize_logits) and not reference, extra)
+    size = sharded_loss.global_size if sharded_loss else batch_size  # FSDP2: samples of all ranks
     error: Exception | None = None
     try:
-        with ModelGuard(model, train=train), private_rng(local_seed, dev) as gen:
-            weights = [p.detach().to(dev) for p in ps.params]
+        with ModelGuard(model, train=train), private_rng(local_seed, dev) as gen, \
+                sharded_loss or contextlib.nullcontext():
+            # FSDP2: the shards are overwritten with w + d; w is the copy the loss saved
+            weights = sharded_loss.saved if sharded_loss else [p.detach().to(dev) for p in ps.params]
             pset = (ReferenceGeometry if reference else PerturbationSet)(
                 norm, rho, weights, adaptive=adaptive)
             batches = iter_batches(data, device=dev, dtype=ps.dtype, n_batches=n_batches)
             total = _batch_count(data, n_batches)
             for inputs, targets in maybe_progress(batches, progress, total, kind):
-                n = batch_size(targets)
+                n = size(targets)
                 clean_sum = sharp_sum = 0.0
                 for x, y in split_batch(inputs, targets, m):
                     if worst:
                         clean, pert = _worst_case_chunk(loss, weights, pset, x, y, n_iters, restarts, gen)
                     else:
                         clean, pert = _average_case_chunk(loss, weights, pset, x, y, n_samples, gen)
-                    k = batch_size(y)
+                    k = size(y)
                     clean_sum += k * clean
                     sharp_sum += k * (pert - clean)
                 per_batch.append(sharp_sum / n)
                 clean_losses.append(clean_sum / n)
                 sizes.append(n)
+            if sharded_loss:
+                sharded_loss.finish()  # no rank has batches left
     except Exception as exc:
-        if not _distributed.enabled():
+        if not _distributed.enabled() or sharded:  # (FSDP2: every rank raises alike)
             raise
         error = exc  # raised on every rank together below, instead of a hang
     counts = {"forward": loss.forward, "backward": loss.backward}
-    if _distributed.enabled():
+    if sharded:  # every rank measured every batch of all ranks
+        settings["world_size"] = _distributed.world_size()
+        settings["sharded"] = "fsdp2"
+    elif _distributed.enabled():
         parts = _distributed.gather_or_raise((per_batch, sizes, clean_losses, counts), error, "sharpness")
         # rank-major order: rank 0's batches, then rank 1's, ...
         per_batch = [v for p in parts for v in p[0]]
@@ -602,6 +658,11 @@ def sharpness(
     batches first, then rank 1's, and so on.  Random draws (average case,
     restarts) use one stream per rank, rank 0's from ``seed``.  See
     :doc:`/guide/distributed`; :func:`flatness.local_only` turns this off.
+
+    An FSDP2 (``fully_shard``) model is measured in its shards (perturbation
+    kinds): the ranks' ``k``-th batches together are one batch with one
+    perturbation, and the result equals one process on the concatenated
+    batches (same ``seed``, same draws); see :doc:`/guide/distributed`.
 
     Raises
     ------

@@ -68,6 +68,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatness import _distributed
+
 # Lives with the other model plumbing; re-exported as flatness.optim.disable_running_stats.
 from flatness._guard import disable_running_stats
 
@@ -148,6 +150,10 @@ class SharpnessAwareOptimizer(Optimizer):
 
     #: Group keys of the variant and their defaults; subclasses replace it.
     group_defaults: dict[str, Any] = {"rho": 0.05, "perturb": True}
+    #: Whether the variant steps FSDP2 (``fully_shard``) models, whose
+    #: parameters are sharded ``DTensor`` s; a variant that cannot sets it to
+    #: ``False`` and is refused with a ``TypeError`` at construction.
+    supports_sharded: bool = True
 
     #: Attributes never pickled: the model (and anything else holding
     #: modules) and the bookkeeping of a step in progress.  Subclasses extend it.
@@ -180,11 +186,12 @@ class SharpnessAwareOptimizer(Optimizer):
         #: (stored in the param groups as ``"sam_" + name``).
         self.sam_defaults: dict[str, Any] = settings
         base = share_param_groups(self, params, base_optimizer, settings, base_kw)
-        from flatness._distributed import refuse_sharded
-
-        refuse_sharded([(f"param_groups[{i}]['params'][{j}]", p) for i, g in enumerate(base.param_groups)
-                        for j, p in enumerate(g["params"])],
-                       type(self).__name__)
+        named = [(f"param_groups[{i}]['params'][{j}]", p) for i, g in enumerate(base.param_groups)
+                 for j, p in enumerate(g["params"])]
+        if self.supports_sharded:
+            _distributed.refuse_mixed(named, type(self).__name__)
+        else:
+            _distributed.refuse_sharded(named, type(self).__name__, hint=_distributed.SAM_HINT)
         self.base_optimizer = base
         self.param_groups = base.param_groups
         self.state = base.state
@@ -276,7 +283,7 @@ class SharpnessAwareOptimizer(Optimizer):
         elif [id(p) for p in stage.perturbed] != [id(p) for p in params]:
             raise RuntimeError("perturb() called again with a different set of parameters")
         elif params:
-            torch._foreach_copy_(params, stage.saved_w)
+            _distributed.foreach_copy_(params, stage.saved_w)
         try:
             for g, d in zip(groups, directions):
                 if isinstance(d, ScaledDirection):

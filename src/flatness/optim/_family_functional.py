@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flatness import _distributed
+
 from ._functional import ScaledDirection, add_scaled, global_norm, safe_inv
 
 __all__ = [
@@ -51,10 +53,8 @@ __all__ = [
 
 def inner(a: Sequence[Sequence[Tensor]], b: Sequence[Sequence[Tensor]]) -> Tensor:
     """``<a, b>`` over all tensors of all groups, as a 0-d tensor (0 if empty)."""
-    parts = [torch.dot(x.reshape(-1), y.reshape(-1)) for xs, ys in zip(a, b) for x, y in zip(xs, ys)]
-    if not parts:
-        return torch.zeros(())
-    return torch.stack(parts).sum()
+    # FSDP2 DTensors: the shards' products, reduced over the mesh
+    return _distributed.dots([x for xs in a for x in xs], [y for ys in b for y in ys]).sum()
 
 
 # -- WSAM ----------------------------------------------------------------------
@@ -106,9 +106,9 @@ def wsam_gradient_(
             sharp = torch._foreach_sub(grads, first)  # g_s - g
             if scale != 1.0:
                 torch._foreach_div_(sharp, scale)
-        torch._foreach_copy_(grads, first)
+        _distributed.foreach_copy_(grads, first)  # (also FSDP2 DTensor shards)
     elif a == 0:
-        torch._foreach_copy_(grads, first)
+        _distributed.foreach_copy_(grads, first)
     else:
         torch._foreach_lerp_(grads, first, 1.0 - a)  # a g_s + (1 - a) g
     return sharp
@@ -192,8 +192,8 @@ def looksam_orthogonal_(
     if per_tensor:
         out = []
         for a, b in zip(first, grads):
-            coef = [torch.dot(x.reshape(-1), y.reshape(-1)) * safe_inv(n) ** 2
-                    for x, y, n in zip(a, b, torch._foreach_norm(a))]
+            # (FSDP2 DTensors: the shards' products, reduced over the mesh)
+            coef = [d * safe_inv(n) ** 2 for d, n in zip(_distributed.dots(a, b).unbind(), torch._foreach_norm(a))]
             out.append(torch._foreach_sub(list(b), torch._foreach_mul(a, coef)))
         return out
     c = inner(first, grads) * safe_inv(global_norm(first) ** 2)
@@ -276,9 +276,12 @@ def bsam_noise(
     .. math:: \varepsilon \sim \mathcal N\bigl(0, \operatorname{diag}(1 / (N s))\bigr),
 
     one ``torch.randn`` of each parameter's shape on the CPU from
-    ``generator``, in order, moved to the parameter's device.
+    ``generator``, in order, moved to the parameter's device (for an FSDP2
+    ``DTensor`` parameter: drawn on its full shape and sharded like it, the
+    noise of a one-process run).
     """
-    eps = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
+    eps = [_distributed.shard_like(torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device), p)
+           for p in params]
     torch._foreach_mul_(eps, torch._foreach_rsqrt(list(precisions)))
     torch._foreach_mul_(eps, num_data**-0.5)  # (N s)^(-1/2)
     return eps

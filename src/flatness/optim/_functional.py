@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flatness import _distributed
+
 __all__ = [
     "ScaledDirection",
     "add_scaled",
@@ -275,8 +277,8 @@ def gsam_gradient_(
     does not (the projection coefficient is invariant to it).
     """
     alpha = _per_group(alpha, len(grads))
-    parts = [torch.dot(x.reshape(-1), y.reshape(-1)) for xs, ys in zip(first, grads) for x, y in zip(xs, ys)]
-    dot = torch.stack(parts).sum() if parts else torch.zeros(())
+    # (FSDP2 DTensors: the shards' products, reduced over the mesh)
+    dot = _distributed.dots([x for xs in first for x in xs], [y for ys in grads for y in ys]).sum()
     c = dot * safe_inv(global_norm(grads) ** 2)
     for a, gp, g in zip(alpha, grads, first):
         if not a:

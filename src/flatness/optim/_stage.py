@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flatness import _distributed
 from flatness._guard import disable_running_stats
 
 
@@ -64,14 +65,13 @@ class _Stage:
         if ids != self.saved_ids:
             self.saved_w = [torch.empty_like(p) for p in params]
             self.saved_ids = ids
-        if params:
-            torch._foreach_copy_(self.saved_w, params)
+        _distributed.foreach_copy_(self.saved_w, params)  # (also FSDP2 DTensor shards)
         self.perturbed = params
 
     def put_back(self) -> None:
         """Copy the saved ``w`` back (bit for bit); the weights are ``w`` again."""
         if self.perturbed:
-            torch._foreach_copy_(self.perturbed, self.saved_w)
+            _distributed.foreach_copy_(self.perturbed, self.saved_w)
         self.perturbed = None
 
     def clear(self) -> None:

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatness import _distributed
+
 from . import _family as fam
 from ._base import AscentGroup, SharpnessAwareOptimizer, global_norm
 from ._family_functional import bsam_direction, bsam_noise, bsam_update_
@@ -188,8 +190,9 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
         weights are not changed)."""
         gen = generator if generator is not None else self._generator
         params = [p for g in self.param_groups for p in g["params"]]
-        return [p + torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * v.sqrt()
-                for p, v in zip(params, self.posterior_variance())]
+        # drawn on the full shape and sharded like an FSDP2 parameter
+        return [p + _distributed.shard_like(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device), p)
+                * v.sqrt() for p, v in zip(params, self.posterior_variance())]
 
     @contextlib.contextmanager
     def first_pass(self) -> Iterator[None]:

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatness import _distributed
+
 from . import _family as fam
 from ._base import AscentGroup, SharpnessAwareOptimizer
 from ._functional import (
@@ -73,6 +75,9 @@ def _make_kfac(
     if preconditioner == "kfac" and model is None:
         raise ValueError("preconditioner='kfac' needs model=<your model> (its layers are hooked)")
     perturbed = [p for g in opt.param_groups if g.get("sam_perturb", True) for p in g["params"]]
+    if preconditioner == "kfac":  # Kronecker factors act on whole weight matrices, not on FSDP2 shards
+        _distributed.refuse_sharded([(f"param {i}", p) for i, p in enumerate(perturbed)],
+                                    f"{type(opt).__name__}(preconditioner='kfac')", hint=_distributed.SAM_HINT)
     return KFACPreconditioner(
         model if preconditioner == "kfac" else None, perturbed, damping=float(damping),
         stat_decay=float(stat_decay), update_freq=update_freq, state=opt.extra_state,
@@ -445,6 +450,8 @@ class NonuniformSAM(SharpnessAwareOptimizer):
     """
 
     group_defaults = {"rho": 0.05, "perturb": True}
+    # Kronecker factors act on whole weight matrices, not on FSDP2 shards
+    supports_sharded = False
 
     def __init__(
         self,

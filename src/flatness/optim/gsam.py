@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatness import _distributed
+
 from . import _family as fam
 from ._base import AscentGroup, ScaledDirection, global_norm
 from ._family_functional import gsam_rho, looksam_gradient_, looksam_orthogonal_
@@ -306,7 +308,7 @@ class LookSAM(SAM):
             if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
                 buf = self._bufs[(kind, p)] = torch.empty_like(p, memory_format=torch.preserve_format)
             out.append(buf)
-        torch._foreach_copy_(out, values)
+        _distributed.foreach_copy_(out, values)
         return out
 
     def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:

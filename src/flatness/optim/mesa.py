@@ -89,6 +89,8 @@ class MESA(SharpnessAwareOptimizer):
     """
 
     group_defaults: dict[str, Any] = {}
+    # its teacher runs through functional_call, which bypasses FSDP2's all-gather
+    supports_sharded = False
 
     def __init__(
         self,

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatness import _distributed
+
 from . import _family as fam
 from ._base import AscentGroup, ScaledDirection, global_norm
 from ._family_functional import friendly_direction_, friendly_momentum_, wsam_gradient_
@@ -247,7 +249,7 @@ class FriendlySAM(SAM):
                 buf = self._bufs[p] = torch.empty_like(p, memory_format=torch.preserve_format)
             out.append(buf)
         if out:
-            torch._foreach_copy_(out, values)
+            _distributed.foreach_copy_(out, values)
         return out
 
     @torch.no_grad()
