@@ -1,9 +1,8 @@
 """SGD vs SAM vs nonuniformity-guided SAM on scikit-learn's digits.
 
-Seed 004 ("Beyond Sharpness: The Role of Nonuniformity in Generalization")
-argues that the magnitude of the gradient noise tracks the generalization
-gap better than sharpness does.  This example trains one small CNN per
-optimizer from the same initial weights on the same mini-batches:
+"Beyond Sharpness: The Role of Nonuniformity in Generalization" argues that
+the magnitude of the gradient noise tracks the generalization gap better
+than sharpness does.  This example trains one small CNN per optimizer from the same initial weights on the same mini-batches:
 
 * ``SGD``            - plain SGD with momentum;
 * ``SAM``            - :class:`flatness.optim.SAM`;

@@ -1,13 +1,13 @@
-"""Optimizers, SAM and minimum sharpness: a small-scale version of seed 001
-("Generalization properties of learning algorithms and SAM based on minimum
-sharpness").
+"""Optimizers, SAM and minimum sharpness: a small-scale version of Ibayashi et
+al. (2021), "Generalization properties of learning algorithms and SAM based
+on minimum sharpness".
 
 One MLP (64-128-128-10, ReLU, with biases) is trained on scikit-learn's
 digits from the same initial weights by SGD, heavy-ball SGD (PHB), Adagrad
 and Adam - and by AdaBound and AdaShift when ``pytorch_optimizer`` is
 installed (it is optional; the output says whether they ran) - each alone
 and inside ``flatness.optim.SAM``.  Every run trains until its training loss
-is below ``--target-loss`` (the seed's "converged" checkpoint) or for
+is below ``--target-loss`` (the paper's "converged" checkpoint) or for
 ``--max-epochs``.
 
 For each run: train and test accuracy, the generalization gap (test loss -
@@ -184,7 +184,7 @@ def report_seed(args, seed: int, rows: list[dict], seconds: float, split, cols: 
                  f"{100 * r['acc_gap']:.2f}"] + [f"{r[c]:.4g}" for c in all_cols]
         print("| " + " | ".join(cells) + " |")
 
-    # Only runs that reached the loss target are compared (the seed's
+    # Only runs that reached the loss target are compared (the paper's
     # "converged" checkpoints): an unconverged run is sharp because it is early.
     done = [r for r in rows if r["train_loss"] < args.target_loss]
     which = f"the {len(done)} runs that reached train loss < {args.target_loss}"

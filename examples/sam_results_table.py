@@ -1,8 +1,9 @@
-"""SGD vs SAM, the results table of seed 002 (an unofficial SAM implementation
-in JAX) at small scale: ACC / NLL / calibrated NLL on train, valid and test,
-mean over seeds.
+"""SGD vs SAM (Foret et al., 2021, "Sharpness-Aware Minimization for
+Efficiently Improving Generalization"): the results table of an unofficial
+JAX implementation of it, at small scale: ACC / NLL / calibrated NLL on
+train, valid and test, mean over seeds.
 
-The seed trains ResNets with BatchNorm on CIFAR (SGD with momentum 0.9, lr 0.1,
+That implementation trains ResNets with BatchNorm on CIFAR (SGD with momentum 0.9, lr 0.1,
 weight decay 5e-4, batch 128, 5 warm-up epochs then cosine decay) with
 ``rho = 0`` (plain SGD) and ``rho = 0.2``, for several epoch budgets.  Here
 the same recipe trains a small BN-ReLU CNN on scikit-learn's 8x8 digits,
@@ -12,7 +13,7 @@ split into train / valid / test, with ``flatness.optim.SAM`` around
 cNLL is the NLL after temperature scaling, the temperature fitted on the
 valid split (``flatness.diversity.ensemble_metrics`` with
 ``calibration=valid``) and applied to every split, so train cNLL can exceed
-train NLL, as in the seed's tables.
+train NLL, as in that implementation's tables.
 
     python examples/sam_results_table.py           # ~3 min on 2 CPU cores
     python examples/sam_results_table.py --tiny    # smoke test, seconds

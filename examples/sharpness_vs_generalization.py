@@ -1,6 +1,6 @@
 """Does sharpness predict generalization?  A small-scale version of the study of
 Andriushchenko et al. (2023), "A modern look at the relationship between
-sharpness and generalization" (seed 000).
+sharpness and generalization".
 
 A grid of MLPs is trained on scikit-learn's digits, varying the width, the
 learning rate, the SAM radius and the batch size.  Every model trains until
