@@ -2,7 +2,8 @@
 
 "Beyond Sharpness: The Role of Nonuniformity in Generalization" argues that
 the magnitude of the gradient noise tracks the generalization gap better
-than sharpness does.  This example trains one small CNN per optimizer from the same initial weights on the same mini-batches:
+than sharpness does.  This example trains one small CNN per optimizer from
+the same initial weights on the same mini-batches:
 
 * ``SGD``            - plain SGD with momentum;
 * ``SAM``            - :class:`flatness.optim.SAM`;
