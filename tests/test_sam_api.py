@@ -6,16 +6,28 @@ re-perturbation, subclassing the ascent direction).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import DT, assert_same, closure_for, params_of, ref_ascent, ref_grad
+from cases import DT, Boom, assert_same, closure_for, params_of, ref_ascent, ref_grad
 from cases import sam_data as data
 from cases import sam_mlp as mlp
 from torch import nn
 
-from flatness.optim import SAM, AscentGroup, SharpnessAwareOptimizer
+from flatness.optim import (
+    ESAM,
+    GSAM,
+    SAM,
+    WSAM,
+    AscentGroup,
+    BayesianSAM,
+    ConsistentSAM,
+    FriendlySAM,
+    LookSAM,
+    SharpnessAwareOptimizer,
+)
 
 # ----------------------------------------------------------------------
 # foreach perturb / restore, one saved copy reused
@@ -249,3 +261,105 @@ def test_subclass_overriding_only_the_ascent_direction():
     opt.step(closure_for(model, opt, x, y))
     for p, wi, gi in zip(model.parameters(), w, g2):
         torch.testing.assert_close(p.detach(), wi - 0.1 * gi, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------
+# the step in progress: one object, reset by restore() and second_step()
+# ----------------------------------------------------------------------
+
+
+def _backward(model, x, y):
+    F.cross_entropy(model(x), y).backward()
+
+
+def _to_w_plus_e(opt, model, x, y):  # after first_step of a two-pass step
+    _backward(model, x, y)
+    opt.first_step(zero_grad=True)
+
+
+def _to_looksam_reuse(opt, model, x, y):  # a reuse step between its stages (no perturbation)
+    _to_w_plus_e(opt, model, x, y)
+    _backward(model, x, y)
+    opt.second_step(zero_grad=True)
+    _to_w_plus_e(opt, model, x, y)
+
+
+def _to_esam(opt, model, x, y):
+    with opt.first_pass():
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        losses.mean().backward()
+    opt.first_step(zero_grad=True, losses=losses.detach())
+
+
+def _to_bsam_noise(opt, model, x, y):  # after the first pass, at w + eps, before first_step
+    with opt.first_pass():
+        _backward(model, x, y)
+
+
+def _to_consistent_middle(opt, model, x, y):  # between middle_step and second_step
+    _to_w_plus_e(opt, model, x, y)
+    _backward(model, x, y)
+    opt.middle_step(zero_grad=True)
+
+
+def _sgd(cls, **kw):
+    return lambda params: cls(params, torch.optim.SGD, lr=0.1, **kw)
+
+
+# name: (constructor, run to the middle of a step, whether it is perturbed there)
+_MID_STEP = {
+    "GSAM": (_sgd(GSAM, rho=0.1, alpha=0.2), _to_w_plus_e, True),
+    "WSAM": (_sgd(WSAM, rho=0.1), _to_w_plus_e, True),
+    "FriendlySAM": (_sgd(FriendlySAM, rho=0.1), _to_w_plus_e, True),
+    "LookSAM-full": (_sgd(LookSAM, rho=0.1, k=2), _to_w_plus_e, True),
+    "LookSAM-reuse": (_sgd(LookSAM, rho=0.1, k=2), _to_looksam_reuse, False),
+    "ESAM": (_sgd(ESAM, rho=0.1, beta=0.5, gamma=0.5, seed=0), _to_esam, True),
+    "BayesianSAM": (lambda ps: BayesianSAM(ps, lr=0.1, num_data=24, seed=0), _to_bsam_noise, True),
+    "ConsistentSAM-first": (_sgd(ConsistentSAM), _to_w_plus_e, True),
+    "ConsistentSAM-middle": (_sgd(ConsistentSAM), _to_consistent_middle, True),
+}
+
+
+def _assert_initial(state, initial):
+    for f in dataclasses.fields(initial):
+        got, want = getattr(state, f.name), getattr(initial, f.name)
+        assert got is want or (type(got) is type(want) and got == want), f.name
+
+
+@pytest.mark.parametrize("how", ["restore", "error in the second pass"])
+@pytest.mark.parametrize("name", list(_MID_STEP))
+def test_restore_resets_every_variant_per_step_field(name, how):
+    """Mid-step a variant's per-step fields (``opt._stage.variant``) are
+    set; ``restore()`` and an exception in the second pass bring every one
+    of them back to its initial value and ``w`` back bit for bit; a whole
+    step after that ends with them initial too."""
+    make, to_mid_step, perturbed = _MID_STEP[name]
+    if how != "restore" and (not perturbed or name == "BayesianSAM"):
+        pytest.skip("no second pass at this point of the step")
+    x, y = data()
+    model = mlp()
+    opt = make(model.parameters())
+    initial = type(opt)._StepState()
+    assert dataclasses.fields(initial)  # the variant declares per-step fields
+    _assert_initial(opt._stage.variant, initial)
+    w = params_of(model)
+    to_mid_step(opt, model, x, y)
+    if not perturbed:
+        w = params_of(model)
+    with pytest.raises(AssertionError):
+        _assert_initial(opt._stage.variant, initial)  # mid-step: some field is set
+    if how == "restore":
+        opt.restore()
+    else:
+        with pytest.raises(Boom), opt.second_pass():
+            _backward(model, x, y)
+            raise Boom("in the second pass")
+    _assert_initial(opt._stage.variant, initial)
+    assert not opt.is_perturbed and not opt._stage.stash
+    assert_same(params_of(model), w)
+    opt.zero_grad()
+    if isinstance(opt, ESAM):
+        opt.step(lambda m: F.cross_entropy(model(x if m is None else x[m]), y if m is None else y[m], reduction="none"))
+    else:
+        opt.step(closure_for(model, opt, x, y))
+    _assert_initial(opt._stage.variant, initial)

@@ -22,7 +22,10 @@ What :class:`SharpnessAwareOptimizer` holds:
   mean), saved by ``state_dict``;
 * ``_stage``: a :class:`_Stage`, the step in progress and nothing else
   (which parameters are at ``w + e``, the saved ``w``, the ``GradScaler``'s
-  skip flag, gradients stashed at ``w``, the first pass's RNG state).
+  skip flag, gradients stashed at ``w``, the first pass's RNG state, and in
+  ``_stage.variant`` the variant's own per-step fields, declared as a
+  ``_StepState`` dataclass).  :meth:`~SharpnessAwareOptimizer.restore` and
+  the end of :meth:`~SharpnessAwareOptimizer.second_step` reset all of it.
 
 It restores ``w`` before an exception leaves a stage, unscales and skips
 inf/NaN steps under a ``GradScaler``, replays dropout masks
@@ -92,7 +95,7 @@ from ._settings import (
     fill_settings,
     share_param_groups,
 )
-from ._stage import _Stage, run_stages_eagerly
+from ._stage import _NoStepState, _Stage, run_stages_eagerly
 
 __all__ = [
     "AscentGroup",
@@ -159,6 +162,11 @@ class SharpnessAwareOptimizer(Optimizer):
     #: modules) and the bookkeeping of a step in progress.  Subclasses extend it.
     _pickle_exclude: frozenset[str] = frozenset({"model", "_stage", "_pending_extra"})
 
+    #: The variant's per-step fields, a dataclass whose defaults are their
+    #: values between steps; ``self._stage.variant`` is a fresh instance after
+    #: every :meth:`restore` and :meth:`second_step`.  Subclasses replace it.
+    _StepState: type = _NoStepState
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         run_stages_eagerly(cls)
@@ -209,7 +217,7 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _reset_transient(self) -> None:
         """The per-step bookkeeping (never pickled or saved)."""
-        self._stage = _Stage()
+        self._stage = _Stage(self._StepState)
         self._pending_extra: dict[str, Any] | None = None
 
     # -- settings ------------------------------------------------------------
@@ -310,9 +318,6 @@ class SharpnessAwareOptimizer(Optimizer):
         backward that feeds :meth:`first_step`."""
         self._stage.stash_grads(self._all_params())
 
-    def _unstash(self) -> None:
-        self._stage.unstash()
-
     # -- the two steps -----------------------------------------------------------
 
     @torch.no_grad()
@@ -329,7 +334,6 @@ class SharpnessAwareOptimizer(Optimizer):
             raise RuntimeError(
                 "first_step() called twice: call second_step() (or restore()) before the next first_step()"
             )
-        stage.skip_base_step = False
         scaled = scaler is not None and scaler.is_enabled()
         if scaled:
             scaler.unscale_(self)
@@ -352,21 +356,21 @@ class SharpnessAwareOptimizer(Optimizer):
         """Restore ``w`` and take the base optimizer's step with the current
         gradients (those at ``w + e``, plus any :meth:`stash_grad` terms);
         with ``scaler=`` through ``scaler.step`` (call ``scaler.update()``)."""
-        stage = self._stage
-        if stage.perturbed is None:
+        if self._stage.perturbed is None:
             raise RuntimeError("second_step() called without first_step()")
-        stage.put_back()
-        stage.rng = None
-        stage.unstash()
-        if not stage.skip_base_step:
+        if not self._stage.finish():
             self._base_step(scaler)
-        stage.skip_base_step = False
         if zero_grad:
             self.zero_grad()
 
     def _base_step(self, scaler: Any = None) -> None:
         """The base optimizer's step (``scaler.step`` when one is enabled),
-        counted as this optimizer's for an LR scheduler (``_opt_called``)."""
+        counted as this optimizer's for an LR scheduler (``_opt_called``).
+
+        Package-internal, for the callers in :mod:`flatness.optim` that step
+        outside :meth:`second_step` with the weights at ``w``: LookSAM's
+        reuse steps, MESA and :func:`~flatness.optim.subset_sam_step` with
+        no SAM samples.  It does not touch the step in progress."""
         if scaler is not None and scaler.is_enabled():
             scaler.step(self.base_optimizer)
         else:

@@ -2,8 +2,11 @@
 
 :class:`_Stage` is everything the base class remembers between
 ``first_step`` and ``second_step``: which parameters are at ``w + e``, the
-saved ``w``, the ``GradScaler``'s skip flag, gradients stashed at ``w`` and
-the first pass's RNG state.  It is never saved or pickled.  Also here: the
+saved ``w``, the ``GradScaler``'s skip flag, gradients stashed at ``w``, the
+first pass's RNG state and the variant's own per-step fields (an instance of
+its ``_StepState`` dataclass).  It is never saved or pickled; one
+:meth:`_Stage.clear` (``restore()``, the end of ``second_step()``) resets
+all of it.  Also here: the
 fused ``w += scale * e`` of :meth:`~SharpnessAwareOptimizer.perturb` and the
 wrapper that keeps the stage methods eager inside ``torch.compile``.
 """
@@ -11,7 +14,7 @@ wrapper that keeps the stage methods eager inside ``torch.compile``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,14 +43,27 @@ class _RngSnapshot:
 
 
 @dataclass
+class _NoStepState:
+    """The per-step fields of a variant that keeps none (``_StepState`` of
+    the base class).  A variant with fields declares its own dataclass, every
+    field with the value it has between steps."""
+
+
+@dataclass
 class _Stage:
-    """Where the step in progress stands: the base class's only per-step state.
+    """Where the step in progress stands: the only per-step state of an
+    optimizer, the base class's and the variant's.
 
     Never saved or pickled.  ``perturbed is None`` means the weights are
     ``w``; otherwise ``perturbed`` holds the parameters now at ``w + e`` and
     ``saved_w`` the copy of ``w`` they go back to (buffers reused from step
-    to step while the parameters stay the same).
+    to step while the parameters stay the same).  ``variant`` holds the
+    variant's own per-step fields, a fresh ``new_variant()`` after every
+    :meth:`clear`.
     """
+
+    #: The variant's ``_StepState`` class (called with no arguments).
+    new_variant: Callable[[], Any] = _NoStepState
 
     perturbed: list[Tensor] | None = None
     saved_w: list[Tensor] = field(default_factory=list)
@@ -58,6 +74,11 @@ class _Stage:
     stash: dict[Tensor, Tensor] = field(default_factory=dict)
     #: The RNG state of the first pass (``same_rng=True``).
     rng: _RngSnapshot | None = None
+    #: The variant's per-step fields (e.g. GSAM's copy of ``g``).
+    variant: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.variant = self.new_variant()
 
     def save(self, params: list[Tensor]) -> None:
         """Copy ``w`` of ``params`` aside and mark them perturbed."""
@@ -75,11 +96,23 @@ class _Stage:
         self.perturbed = None
 
     def clear(self) -> None:
-        """Put ``w`` back and forget the step (the buffers are kept)."""
+        """Put ``w`` back and forget the step, the variant's fields included
+        (the buffers are kept)."""
         self.put_back()
         self.stash = {}
         self.rng = None
         self.skip_base_step = False
+        self.variant = self.new_variant()
+
+    def finish(self) -> bool:
+        """End the step: put ``w`` back, add the stashed gradients back,
+        forget the rest (:meth:`clear`).  Returns whether the base step is
+        to be skipped (the ``GradScaler`` found inf/NaN)."""
+        skip = self.skip_base_step
+        self.put_back()
+        self.unstash()
+        self.clear()
+        return skip
 
     @torch.no_grad()
     def stash_grads(self, params: Iterable[Tensor]) -> None:

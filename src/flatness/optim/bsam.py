@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -125,6 +126,12 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
 
     group_defaults = {"rho": 0.05, "perturb": True}
 
+    @dataclass
+    class _StepState:
+        #: The groups now at ``w + eps``: a first pass inside first_pass()
+        #: ran (first_step takes them).
+        noisy: list[AscentGroup] | None = None
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -162,7 +169,6 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
         )
         self.num_data = num_data
         self._init_generator(seed)
-        self._noisy: list[AscentGroup] | None = None
 
     def _groups(self) -> list[AscentGroup]:
         out = []
@@ -210,12 +216,14 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
             except BaseException:
                 self.restore()
                 raise
-            self._noisy = groups
+            self._stage.variant.noisy = groups
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
         """From ``w + eps`` to ``w + e``, ``e = rho g / s``."""
-        groups, self._noisy = self._noisy, None
+        # a pass inside first_pass() feeds one first_step only
+        step = self._stage.variant
+        groups, step.noisy = step.noisy, None
         if groups is None:
             self.restore()
             raise RuntimeError(
@@ -223,7 +231,6 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
                 "(it samples the weights); step(closure) does it"
             )
         try:
-            self._stage.skip_base_step = False
             if scaler is not None and scaler.is_enabled():
                 scaler.unscale_(self)
             grads = [fam.current_grads(g.params) for g in groups]
@@ -246,7 +253,3 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
         finally:
             if zero_grad:
                 self.zero_grad()
-
-    def restore(self) -> None:
-        self._noisy = None
-        super().restore()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -168,6 +169,15 @@ class ConsistentSAM(SharpnessAwareOptimizer):
 
     group_defaults = {"rho": 0.1, "rho2": 0.2, "alpha": 0.9, "adaptive": False, "eta": 0.01, "perturb": True}
 
+    @dataclass
+    class _StepState:
+        #: (group, params, copy of g1, T or None) per group, from first_step
+        #: until middle_step takes it ([] after a first step skipped by a
+        #: GradScaler: nothing to continue from).
+        first: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor] | None]] | None = None
+        #: (param, new running mean) pairs, from middle_step until second_step.
+        pending_m: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
     def __init__(
         self,
         params: Iterable[Any] | None,
@@ -200,15 +210,6 @@ class ConsistentSAM(SharpnessAwareOptimizer):
         #: The K-FAC collaborator (without a model for ``preconditioner=None``).
         self.kfac = _make_kfac(self, preconditioner, model, damping, stat_decay, update_freq)
 
-    # the stage of the three passes (never saved or pickled)
-    _pickle_exclude = SharpnessAwareOptimizer._pickle_exclude | {"_first", "_pending_m"}
-
-    def _reset_transient(self) -> None:
-        super()._reset_transient()
-        # (group, params, clone of g1, T or None) between first_step and middle_step
-        self._first: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor] | None]] | None = None
-        self._pending_m: list[tuple[Tensor, Tensor]] = []  # the new running mean, until second_step
-
     def _check_setting(self, key: str, value: Any) -> None:
         if key == "rho2":
             return super()._check_setting("rho", value)
@@ -230,7 +231,7 @@ class ConsistentSAM(SharpnessAwareOptimizer):
         for g in groups:
             t = asam_weights(g.params, g.group["eta"]) if g.group["adaptive"] else None
             first.append((g.group, list(g.params), [x.clone() for x in g.grads], t))
-        self._first = first
+        self._stage.variant.first = first
         e1 = sam_direction([g.grads for g in groups], [g.params for g in groups], [g.group["rho"] for g in groups])
         return [torch._foreach_mul(d.tensors, d.scale) for d in e1]
 
@@ -244,12 +245,11 @@ class ConsistentSAM(SharpnessAwareOptimizer):
             yield
 
     def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
-        self._first = None
         if self._stage.perturbed is None:
             self.kfac.fold(scaler, pool=not self.per_replica)
         super().first_step(zero_grad, scaler=scaler)
-        if self._first is None:  # inf/NaN under a scaler: nothing to continue from
-            self._first = []
+        if self._stage.variant.first is None:  # inf/NaN under a scaler: nothing to continue from
+            self._stage.variant.first = []
 
     # -- pass 2: m, d, e2 ---------------------------------------------------
 
@@ -262,7 +262,7 @@ class ConsistentSAM(SharpnessAwareOptimizer):
         skipped (no update of ``m``, :meth:`second_step` skips the base step).
         Restores ``w`` if anything fails.
         """
-        if self._first is None:
+        if self._stage.variant.first is None:
             raise RuntimeError("middle_step() called without first_step()")
         try:
             self._middle(scaler)
@@ -273,7 +273,8 @@ class ConsistentSAM(SharpnessAwareOptimizer):
             self.zero_grad()
 
     def _middle(self, scaler: Any) -> None:
-        first, self._first = self._first, None
+        step = self._stage.variant
+        first, step.first = step.first, None  # the second pass is under way
         assert first is not None
         inv_scale = 1.0
         if scaler is not None and scaler.is_enabled():
@@ -302,7 +303,7 @@ class ConsistentSAM(SharpnessAwareOptimizer):
             # the new m is kept aside until second_step so that an abandoned
             # step leaves m as it was; d becomes g2 - g1 - m
             pending.extend(zip(params, consistent_momentum_(d, old, group["alpha"])))
-        self._pending_m = pending
+        step.pending_m = pending
         if self.preconditioner == "kfac":
             directions, norm = self.kfac.solve([g.params for g in groups], diffs)
             natural_ascent_(directions, norm, [g.group["rho2"] for g in groups])
@@ -314,17 +315,17 @@ class ConsistentSAM(SharpnessAwareOptimizer):
 
     def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
         """Restore ``w`` and take the base step with the gradients at ``w + e_2``."""
-        if self._first is not None:
+        if self._stage.variant.first is not None:
             self.restore()
             raise RuntimeError("second_step() called before middle_step(): ConsistentSAM takes three passes")
-        skipped = self._stage.skip_base_step
+        # read before the base second_step clears the stage
+        skipped, pending = self._stage.skip_base_step, self._stage.variant.pending_m
         super().second_step(False, scaler=scaler)
         skipped = skipped or fam.skipped_by(scaler, self._all_params())
         self.kfac.finish(skipped)
         if not skipped:  # a step the scaler skips leaves m as it was
-            for p, m in self._pending_m:
+            for p, m in pending:
                 self.extra_state[p]["consistent_momentum"] = m
-        self._pending_m = []
         if zero_grad:
             self.zero_grad()
 
@@ -332,8 +333,6 @@ class ConsistentSAM(SharpnessAwareOptimizer):
         """Put the saved ``w`` back and abandon the step (the running mean
         ``m``, the K-FAC factors and step count keep their values from
         before the step)."""
-        self._first = None
-        self._pending_m = []
         self.kfac.discard()
         super().restore()
 

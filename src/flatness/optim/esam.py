@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -124,6 +125,13 @@ class ESAM(fam.SeededDraws, SAM):
 
     group_defaults = {"rho": 0.05, "adaptive": False, "eta": 0.0, "perturb": True}
 
+    @dataclass
+    class _StepState:
+        #: The first pass ran inside first_pass() (SWP applied); first_step takes it.
+        swp_applied: bool = False
+        #: The per-sample losses at ``w`` given to first_step, for select().
+        losses_before: Tensor | None = None
+
     def __init__(
         self,
         params: Iterable[Any] | None,
@@ -157,8 +165,6 @@ class ESAM(fam.SeededDraws, SAM):
         self.swp_mask: tuple[bool, ...] | None = None
         #: The samples of the second pass (bool tensor over the batch); None: all.
         self.sample_mask: Tensor | None = None
-        self._swp_applied = False
-        self._losses_before: Tensor | None = None
 
     # -- SWP -----------------------------------------------------------------
 
@@ -171,10 +177,10 @@ class ESAM(fam.SeededDraws, SAM):
         ``requires_grad`` of the tensors SWP leaves out this step (restored
         on exit, also after an error)."""
         with SharpnessAwareOptimizer.first_pass(self):
-            self._swp_applied = False
+            self._stage.variant.swp_applied = False  # until this pass has run
             if self.beta >= 1.0:
                 self.swp_mask = None
-                self._swp_applied = True
+                self._stage.variant.swp_applied = True
                 yield
                 return
             params = self._perturbable()
@@ -188,7 +194,7 @@ class ESAM(fam.SeededDraws, SAM):
             finally:
                 for p in off:
                     p.requires_grad_(True)
-            self._swp_applied = True
+            self._stage.variant.swp_applied = True
 
     @torch.no_grad()
     def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
@@ -208,7 +214,9 @@ class ESAM(fam.SeededDraws, SAM):
             The per-sample losses of the first pass (needed by
             :meth:`select` when ``gamma < 1``).
         """
-        applied, self._swp_applied = self._swp_applied, False
+        # a pass inside first_pass() feeds one first_step only
+        step = self._stage.variant
+        applied, step.swp_applied = step.swp_applied, False
         if self.beta < 1.0 and not applied:
             raise RuntimeError(
                 "ESAM with beta < 1 needs the first forward-backward inside `with opt.first_pass():` "
@@ -216,7 +224,7 @@ class ESAM(fam.SeededDraws, SAM):
             )
         if losses is not None:
             losses = _per_sample(losses, "losses")
-        self._losses_before = None if losses is None else losses.detach()
+        step.losses_before = None if losses is None else losses.detach()
         self.sample_mask = None
         super().first_step(zero_grad, scaler=scaler)
 
@@ -240,7 +248,7 @@ class ESAM(fam.SeededDraws, SAM):
         """
         if self._stage.perturbed is None:
             raise RuntimeError("select() must be called between first_step() and second_step()")
-        before = self._losses_before
+        before = self._stage.variant.losses_before
         if self.gamma >= 1.0:
             if before is None and losses_after is None:
                 raise RuntimeError("select() needs the losses (or first_step(losses=...)) to know the batch size")
@@ -262,14 +270,6 @@ class ESAM(fam.SeededDraws, SAM):
             mask = esam_select(before, after, self.gamma)
         self.sample_mask = mask
         return mask
-
-    def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
-        self._losses_before = None
-        super().second_step(zero_grad, scaler=scaler)
-
-    def restore(self) -> None:
-        self._losses_before = None
-        super().restore()
 
     def step(self, closure: Callable[..., Any] | None = None, *, scaler: Any = None) -> Any:  # type: ignore[override]
         """One ESAM step; ``closure(mask)`` returns the per-sample losses of

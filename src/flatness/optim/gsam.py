@@ -13,6 +13,7 @@ steps take the second pass).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -102,6 +103,11 @@ class GSAM(SAM):
         "adaptive": False, "eta": 0.0, "perturb": True,
     }
 
+    @dataclass
+    class _StepState:
+        #: (group, params, copy of g) per group, from ascent_direction to second_step.
+        first: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]] | None = None
+
     def __init__(
         self,
         params: Iterable[Any] | None,
@@ -128,7 +134,6 @@ class GSAM(SAM):
             params, base_optimizer, defaults, same_rng=same_rng, per_replica=per_replica,
             model=model, freeze_bn=freeze_bn, **base_kwargs,
         )
-        self._first: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]] | None = None
 
     def _check_setting(self, key: str, value: Any) -> None:
         if key == "alpha":
@@ -153,18 +158,14 @@ class GSAM(SAM):
     @torch.no_grad()
     def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
         """SAM's ascent with ``rho_t``; keeps a copy of ``g`` for the decomposition."""
-        self._first = [(g.group, list(g.params), fam.clone(g.grads)) for g in groups]
+        self._stage.variant.first = [(g.group, list(g.params), fam.clone(g.grads)) for g in groups]
         return SAM.ascent_direction(self, [fam.with_group([g], rho=self.rho_t(g.group))[0] for g in groups])
-
-    def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
-        self._first = None
-        super().first_step(zero_grad, scaler=scaler)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
         """Replace the gradient by ``g_p - alpha g_perp``, restore ``w`` and
         take the base step."""
-        first, self._first = self._first, None
+        first = self._stage.variant.first
         if first and self._stage.perturbed is not None and not self._stage.skip_base_step:
             try:
                 self._decompose(first, fam.grad_scale(scaler))
@@ -185,10 +186,6 @@ class GSAM(SAM):
                 for p, d in zip(params, grads):
                     if p.grad is None:
                         p.grad = d
-
-    def restore(self) -> None:
-        self._first = None
-        super().restore()
 
 
 class LookSAM(SAM):
@@ -230,8 +227,9 @@ class LookSAM(SAM):
     (:attr:`is_full_step` tells before the first pass.)  On a reuse step
     :meth:`first_step` keeps the corrected gradient aside (``.grad`` is
     cleared) and :meth:`second_step` steps with it.  The step count and
-    ``g_v`` are saved by ``state_dict``; a step skipped by a
-    ``GradScaler`` (inf/NaN) still counts, like ``pytorch_optimizer``.
+    ``g_v`` are saved by ``state_dict`` (an abandoned step, :meth:`restore`,
+    leaves them as they were); a step skipped by a ``GradScaler`` (inf/NaN)
+    still counts, like ``pytorch_optimizer``.
 
     Parameters
     ----------
@@ -248,6 +246,13 @@ class LookSAM(SAM):
     """
 
     group_defaults = {"rho": 0.05, "alpha": 0.7, "adaptive": False, "eta": 0.0, "perturb": True}
+
+    @dataclass
+    class _StepState:
+        #: (group, params, copy of g) per group of a full step, until second_step.
+        first: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]] | None = None
+        #: A reuse step between first_step and second_step (no perturbation).
+        lazy: bool = False
 
     def __init__(
         self,
@@ -278,8 +283,6 @@ class LookSAM(SAM):
         self.k = k
         self.per_tensor = per_tensor
         self.looksam_step = 0
-        self._first: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]] | None = None
-        self._lazy = False
         self._gv_norm: tuple[tuple[int, ...], Tensor] | None = None
         self._bufs: dict[tuple[str, Tensor], Tensor] = {}
 
@@ -297,7 +300,7 @@ class LookSAM(SAM):
     def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
         """SAM's ascent; keeps a copy of ``g`` for ``g_v`` (in buffers reused
         across full steps: fresh multi-megabyte tensors cost page faults)."""
-        self._first = [(g.group, list(g.params), self._buffers("g", g.params, g.grads)) for g in groups]
+        self._stage.variant.first = [(g.group, list(g.params), self._buffers("g", g.params, g.grads)) for g in groups]
         return super().ascent_direction(groups)
 
     def _buffers(self, kind: str, params: list[Tensor], values: list[Tensor]) -> list[Tensor]:
@@ -314,9 +317,8 @@ class LookSAM(SAM):
     def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
         """Full step: move to ``w + e``.  Reuse step: correct the gradient
         with ``g_v`` and keep it for :meth:`second_step` (no perturbation)."""
-        if self._lazy:
+        if self._stage.variant.lazy:
             raise RuntimeError("first_step() called twice: call second_step() before the next first_step()")
-        self._first = None
         if self.is_full_step:
             return super().first_step(zero_grad, scaler=scaler)
         if self._stage.perturbed is not None:
@@ -328,7 +330,7 @@ class LookSAM(SAM):
             raise RuntimeError("first_step() found no gradients: run loss.backward() before first_step()")
         self._reuse(groups)
         self.stash_grad()  # the corrected gradient waits for second_step
-        self._lazy = True
+        self._stage.variant.lazy = True
 
     def _reuse(self, groups: list[AscentGroup]) -> None:
         """``g += alpha ||g|| / ||g_v|| g_v`` in place (scale-equivariant, so
@@ -356,18 +358,17 @@ class LookSAM(SAM):
     def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
         """Full step: store ``g_v``, restore ``w``, base step with ``g_s``.
         Reuse step: base step with the corrected gradient."""
-        if self._lazy:
+        if self._stage.variant.lazy:
             if any(p.grad is not None for p in self._all_params()):
                 self.restore()
                 raise RuntimeError(
                     "LookSAM skipped the second pass on this reuse step (is_perturbed was False after "
                     "first_step()): call second_step() without a backward in between"
                 )
-            self._lazy = False
-            self._unstash()
-            self._base_step(scaler)
+            if not self._stage.finish():  # the corrected gradient back in .grad; the step is over
+                self._base_step(scaler)
         else:
-            first, self._first = self._first, None
+            first = self._stage.variant.first
             if first and self._stage.perturbed is not None and not self._stage.skip_base_step:
                 try:
                     self._store_gv(first, scaler is not None and scaler.is_enabled())
@@ -401,12 +402,6 @@ class LookSAM(SAM):
                     else:
                         del self._bufs[("g", p)]
         self._gv_norm = None
-
-    def restore(self) -> None:
-        """Abandon the step (``g_v`` and the step count stay as they were)."""
-        self._first = None
-        self._lazy = False
-        super().restore()
 
     def step(self, closure: Callable[[], Any] | None = None, *, scaler: Any = None) -> Any:  # type: ignore[override]
         """One LookSAM step: the closure runs twice on full steps, once otherwise."""

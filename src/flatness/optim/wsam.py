@@ -10,6 +10,7 @@ Both are :class:`~flatness.optim.SAM` subclasses: perturb / restore, errors,
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -72,6 +73,11 @@ class WSAM(SAM):
 
     group_defaults = {"rho": 0.05, "gamma": 0.9, "adaptive": False, "eta": 0.0, "perturb": True}
 
+    @dataclass
+    class _StepState:
+        #: (group, params, copy of g) per group, from ascent_direction to second_step.
+        first: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]] | None = None
+
     def __init__(
         self,
         params: Iterable[Any] | None,
@@ -96,7 +102,6 @@ class WSAM(SAM):
             model=model, freeze_bn=freeze_bn, **base_kwargs,
         )
         self.decouple = decouple
-        self._first: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]] | None = None
 
     def _check_setting(self, key: str, value: Any) -> None:
         if key == "gamma":
@@ -106,18 +111,14 @@ class WSAM(SAM):
     @torch.no_grad()
     def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
         """SAM's ascent; keeps a copy of ``g``."""
-        self._first = [(g.group, list(g.params), fam.clone(g.grads)) for g in groups]
+        self._stage.variant.first = [(g.group, list(g.params), fam.clone(g.grads)) for g in groups]
         return super().ascent_direction(groups)
-
-    def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
-        self._first = None
-        super().first_step(zero_grad, scaler=scaler)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
         """Combine ``g`` and ``g_s``, restore ``w``, take the base step (and,
         decoupled, the sharpness step)."""
-        first, self._first = self._first, None
+        first = self._stage.variant.first
         if not first or self._stage.perturbed is None or self._stage.skip_base_step:
             return super().second_step(zero_grad, scaler=scaler)
         scale = fam.grad_scale(scaler)
@@ -149,10 +150,6 @@ class WSAM(SAM):
                 if p.grad is None:
                     p.grad = x
         return sharp
-
-    def restore(self) -> None:
-        self._first = None
-        super().restore()
 
 
 class FriendlySAM(SAM):
@@ -190,6 +187,12 @@ class FriendlySAM(SAM):
 
     group_defaults = {"rho": 0.05, "sigma": 1.0, "lmbda": 0.9, "adaptive": False, "eta": 0.0, "perturb": True}
 
+    @dataclass
+    class _StepState:
+        #: (group, [(param, d, m or None)]) per group: the update of ``m``,
+        #: from ascent_direction until second_step commits it.
+        pending: list[Any] = field(default_factory=list)
+
     def __init__(
         self,
         params: Iterable[Any] | None,
@@ -211,7 +214,6 @@ class FriendlySAM(SAM):
             params, base_optimizer, defaults, same_rng=same_rng, per_replica=per_replica,
             model=model, freeze_bn=freeze_bn, **base_kwargs,
         )
-        self._pending: list[Any] = []
         self._bufs: dict[Tensor, Tensor] = {}
 
     def _check_setting(self, key: str, value: Any) -> None:
@@ -238,7 +240,7 @@ class FriendlySAM(SAM):
             first = {p: x.clone() for p, x, m in have if m is None}
             pending.append((g.group, [(p, d_of[p] if m is not None else first[p], m) for p, x, m in have]))
             shifted.append(AscentGroup(g.group, g.params, [d_of.get(p, x) for p, x, _ in have]))
-        self._pending = pending
+        self._stage.variant.pending = pending
         return super().ascent_direction(shifted)
 
     def _buffers(self, params: list[Tensor], values: list[Tensor]) -> list[Tensor]:
@@ -263,19 +265,10 @@ class FriendlySAM(SAM):
                 if m is None:  # first step: m = g (= d, a copy taken in ascent_direction)
                     self.extra_state[p]["fsam_momentum"] = d
 
-    def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
-        self._pending = []
-        super().first_step(zero_grad, scaler=scaler)
-
     def second_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
-        pending, self._pending = self._pending, []
+        pending = self._stage.variant.pending  # (second_step clears the stage)
         super().second_step(False, scaler=scaler)
         if pending and not fam.skipped_by(scaler, self._all_params()):
             self._commit(pending)
         if zero_grad:
             self.zero_grad()
-
-    def restore(self) -> None:
-        """Abandon the step (``m`` keeps its value from before the step)."""
-        self._pending = []
-        super().restore()
