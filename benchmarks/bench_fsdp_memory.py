@@ -42,6 +42,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+# The resident-memory probe of bench_memory.py (same directory).
+from bench_memory import _fixed_mmap_threshold, _status
 from torch import nn
 
 import flatness
@@ -57,27 +60,6 @@ def mlp(width: int, depth: int) -> nn.Module:
         layers += [nn.Linear(width, width), nn.ReLU()]
     layers.append(nn.Linear(width, 10))
     return nn.Sequential(*layers)
-
-
-def _fixed_mmap_threshold() -> None:
-    """glibc returns freed blocks above 64 KiB to the system at once, so the
-    resident set follows the live allocations (see ``bench_memory.py``)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # pragma: no cover - not glibc
-        return
-    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def peak_and_held(fn) -> tuple[int, int]:

@@ -99,3 +99,15 @@ def run_gloo(worker: Callable[..., None], world: int, *args: Any, deadline: floa
 def _worker_errors(tmp: str) -> str:
     files = sorted(Path(tmp).glob("error-rank*.txt"))
     return "".join(f"\n{f.stem}:\n{f.read_text(encoding='utf-8')}" for f in files)
+
+
+def fully_shard_linears(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
+    """FSDP2 as the tests use it: every ``nn.Linear`` of ``model`` its own
+    ``fully_shard`` unit, then the root (so every parameter is a DTensor)."""
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.modules():
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)

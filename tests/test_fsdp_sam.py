@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from gloo_group import run_gloo
+from gloo_group import fully_shard_linears, run_gloo
 from torch import nn
 
 from flatness.optim import (
@@ -96,13 +96,7 @@ def _train(opt, model, x, y, steps=STEPS):
 
 
 def _sharded(mesh) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    model = _net()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+    return fully_shard_linears(_net(), mesh)
 
 
 def _full(model) -> list[torch.Tensor]:

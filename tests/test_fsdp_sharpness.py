@@ -16,7 +16,7 @@ import cases
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_group import run_gloo
+from gloo_group import fully_shard_linears, run_gloo
 from torch import nn
 
 import flatness
@@ -54,13 +54,7 @@ def _options(kind):
 
 
 def _sharded(mesh) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    model = _net()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+    return fully_shard_linears(_net(), mesh)
 
 
 def _snapshot(model):
