@@ -53,7 +53,6 @@ __all__ = [
     "bn_layers",
     "check_common",
     "evaluate",
-    "extra_state",
     "grid_coords",
     "matching_params",
     "normalised",
@@ -498,18 +497,6 @@ def check_common(model: Any, loss_fn: Any, metrics: Any, bn: str, engine: str, s
     if split not in ("data", "grid"):
         raise ValueError(f"split must be 'data' or 'grid', got {split!r}")
     return loss_fn, dict(metrics)
-
-
-def extra_state(model: nn.Module, ps: ParamSet, device: torch.device) -> dict[str, Tensor]:
-    """Unselected parameters and buffers, copied to ``device`` when it is not
-    the model's (the module itself is never moved)."""
-    if device == ps.device:
-        return {}
-    module = unwrap(model)
-    selected = set(ps.names)
-    state = {n: p.detach() for n, p in module.named_parameters() if n not in selected}
-    state.update(dict(module.named_buffers()))
-    return {n: t.to(device) for n, t in state.items()}
 
 
 def evaluate(

@@ -152,3 +152,16 @@ def select_params(model: nn.Module, params: Iterable[Any] | None = None, *, shar
         refuse_sharded(chosen, "flatness")
     names, tensors = zip(*chosen)
     return ParamSet(tuple(names), tuple(tensors))
+
+
+def moved_state(model: nn.Module, ps: ParamSet, device: torch.device) -> dict[str, Tensor]:
+    """Copies of the unselected parameters and of the buffers on ``device``,
+    when it differs from the model's (the module itself is never moved): the
+    rest of the module's state for a functional call on another device."""
+    if device == ps.device:
+        return {}
+    module = unwrap(model)
+    selected = set(ps.names)
+    state = {n: p.detach() for n, p in module.named_parameters() if n not in selected}
+    state.update(dict(module.named_buffers()))
+    return {n: t.to(device) for n, t in state.items()}

@@ -37,14 +37,13 @@ from ._landscape import (
     bn_layers,
     check_common,
     evaluate,
-    extra_state,
     grid_coords,
     matching_params,
     normalised,
     pca,
     resolve_directions,
 )
-from ._params import select_params, unwrap
+from ._params import moved_state, select_params, unwrap
 from ._results import ResultMixin
 from ._rng import private_rng
 
@@ -419,7 +418,7 @@ def slice(
     if bn == "recompute" and not bn_layers(model):
         raise ValueError("bn='recompute' needs a BatchNorm layer with running statistics; the model has none")
     ev = Evaluator(model, ps, [p.detach().to(dev) for p in ps.params], dirs, loss_fn, metrics,
-                   extra_state(model, ps, dev))
+                   moved_state(model, ps, dev))
     if len(dirs) == 1:
         points = [[a] for a in coords[0]]
     else:
@@ -596,7 +595,7 @@ def interpolate(
     dirs = [[named_b[n].detach().to(dev, ps.dtype) - b for n, b in zip(ps.names, base)]]
     b0 = [bufs_a[n].detach().to(dev) for n in moving]
     db = [bufs_b[n].detach().to(dev, bufs_a[n].dtype) - b for n, b in zip(moving, b0)]
-    ev = Evaluator(model_a, ps, base, dirs, loss_fn, metrics, extra_state(model_a, ps, dev),
+    ev = Evaluator(model_a, ps, base, dirs, loss_fn, metrics, moved_state(model_a, ps, dev),
                    buffers=(moving, b0, db) if moving else None)
     points = [[x] for x in ts] + [[0.0], [1.0]]
     scores, engine_info = evaluate(

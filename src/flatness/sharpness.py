@@ -38,7 +38,7 @@ from ._geometry import PerturbationSet
 from ._guard import ModelGuard
 from ._hvp import CurvatureOperator
 from ._options import check_options
-from ._params import ParamSet, select_params, unwrap
+from ._params import ParamSet, moved_state, select_params
 from ._results import ResultMixin
 from ._rng import private_rng
 
@@ -329,7 +329,7 @@ def _perturbation_sharpness(
     if sharded:
         _fsdp.check_sharded(model, ps, m=m, device=device, algorithm=algorithm)
     dev = torch.device(device) if device is not None else ps.device
-    extra = _moved_state(model, ps, dev)
+    extra = moved_state(model, ps, dev)
     settings = {
         "norm": norm, "adaptive": adaptive, "worst_case": worst, "m": m,
         "normalize_logits": bool(normalize_logits), "n_batches": n_batches,
@@ -415,18 +415,6 @@ def _check_algorithm(algorithm: Any, worst: bool, train: bool) -> bool:
             "algorithm='reference' measures in eval mode, as the reference evaluator does; "
             "train=True cannot be honoured")
     return algorithm == "reference"
-
-
-def _moved_state(model: nn.Module, ps: ParamSet, device: torch.device) -> dict[str, Tensor]:
-    """Copies of the unselected parameters and of the buffers on ``device``,
-    when it differs from the model's (the module itself is never moved)."""
-    if device == ps.device:
-        return {}
-    module = unwrap(model)
-    selected = set(ps.names)
-    state = {n: p.detach() for n, p in module.named_parameters() if n not in selected}
-    state.update(dict(module.named_buffers()))
-    return {n: t.to(device) for n, t in state.items()}
 
 
 def _batch_count(data: Any, n_batches: int | None) -> int | None:
