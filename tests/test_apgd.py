@@ -194,3 +194,91 @@ def test_start_point_wins_when_every_step_loses(norm):
     assert res.best_value == 3.0  # the clean value, never below
     assert all(f(v) < 3.0 for v in visited[1:])
     assert all(float(t.abs().max()) == 0.0 for t in res.best_delta)
+
+
+# --------------------------------------------------------------------------
+# The fused form: linf steps taken tensor by tensor in the backward pass
+# --------------------------------------------------------------------------
+
+
+def _both_forms(f, grad, weights, rho, n_iters, *, adaptive, start=None, unused=None):
+    """APGD on ``f(w + c * delta)`` through the plain objective and through
+    the fused one, with the points each evaluated (flat, weight space).
+    ``grad`` is the gradient with respect to the weights; tensor ``unused``
+    gets no gradient (``None``), as a parameter the loss does not use."""
+    runs = {}
+    for form in ("plain", "fused"):
+        pset = PerturbationSet("linf", rho, weights, adaptive=adaptive)
+        visited = []
+
+        def gradients(v):
+            g = _split(grad(v))
+            return [None if i == unused else t for i, t in enumerate(g)]
+
+        def objective(delta, need_grad, pset=pset, visited=visited):
+            values = pset.perturbed(delta)
+            v = _flat(values)
+            visited.append(v.clone())
+            if not need_grad:
+                return f(v), None
+            g = [torch.zeros_like(w) if t is None else t for w, t in zip(weights, gradients(v))]
+            return f(v), pset.grad_to_scaled_(g)
+
+        def fused(values, plan, visited=visited):
+            v = _flat(values)
+            visited.append(v.clone())
+            if plan is None:
+                return f(v)
+            consume = plan(f(v))
+            g = gradients(v)
+            for i in reversed(range(len(g))):  # in any order, as backpropagation completes them
+                consume(i, g[i], values[i])
+            return f(v)
+
+        start_ = None if start is None else _split(start)
+        if form == "plain":
+            runs[form] = apgd(objective, pset, n_iters, start=start_), visited
+        else:
+            runs[form] = apgd(objective, pset, n_iters, start=start_, fused=fused), visited
+    return runs["plain"], runs["fused"]
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["linf", "adaptive_linf"])
+@pytest.mark.parametrize("n_iters", [7, 20])
+@pytest.mark.parametrize("random_start", [False, True], ids=["centre", "start"])
+def test_fused_steps_are_the_plain_steps_bit_for_bit(adaptive, n_iters, random_start):
+    f, grad = _wavy()
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(s, generator=g, dtype=DT) for s in SHAPES]
+    if adaptive:
+        weights[0][1, 0] = 0.0  # a coordinate that cannot move
+    start = None
+    if random_start:
+        start = 0.3 * (2 * torch.rand(DIM, generator=g, dtype=DT) - 1)
+        if adaptive:
+            start[2] = 0.0
+    (plain, seen_plain), (fused, seen_fused) = _both_forms(
+        lambda v: f(v - _flat(weights)), lambda v: grad(v - _flat(weights)), weights, 0.7, n_iters,
+        adaptive=adaptive, start=start)
+    assert len(seen_fused) == len(seen_plain) == n_iters + 1
+    for k, (a, b) in enumerate(zip(seen_fused, seen_plain)):
+        assert torch.equal(a, b), f"iterate {k}"
+    assert fused.best_value == plain.best_value and fused.start_value == plain.start_value
+    assert all(torch.equal(a, b) for a, b in zip(fused.best_delta, plain.best_delta))
+    if adaptive:
+        assert float(fused.best_delta[0][1, 0]) == 0.0  # never moved
+    # the runs restart and move: the comparison covers the saved directions
+    assert len({tuple(v.tolist()) for v in seen_plain}) > n_iters // 2
+
+
+def test_fused_steps_of_a_tensor_without_gradient():
+    # a tensor the loss does not use steps with a zero gradient: it keeps
+    # its value under momentum, as in the plain form
+    f, grad = _wavy()
+    weights = [torch.ones(s, dtype=DT) for s in SHAPES]
+    start = 0.2 * torch.linspace(-1, 1, DIM, dtype=DT)
+    (plain, seen_plain), (fused, seen_fused) = _both_forms(
+        f, grad, weights, 0.5, 9, adaptive=False, start=start, unused=1)
+    for a, b in zip(seen_fused, seen_plain, strict=True):
+        assert torch.equal(a, b)
+    assert fused.best_value == plain.best_value

@@ -507,13 +507,14 @@ class _TiedReuse(nn.Module):
 
 
 @pytest.mark.parametrize("detached", [False, True], ids=["tied", "detached-alias"])
-@pytest.mark.parametrize("kind", ["l2", "adaptive_linf"])
+@pytest.mark.parametrize("kind", ["l2", "linf", "adaptive_linf"])
 def test_apgd_gradients_in_the_perturbed_weights_buffers_change_nothing(monkeypatch, kind, detached):
-    # Writing each complete gradient over the perturbed weights it was
-    # taken at gives the value of keeping them apart, bit for bit; a model
-    # that reads a weight after its gradient is complete (through a
-    # detached alias) makes autograd refuse the buffer, and the measurement
-    # falls back to separate buffers with the same result.
+    # Writing each complete gradient (l2), or the linf step it makes, over
+    # the perturbed weights it was taken at gives the value of keeping them
+    # apart, bit for bit; a model that reads a weight after its gradient is
+    # complete (through a detached alias) makes autograd refuse the buffer,
+    # and the measurement falls back to separate buffers with the same
+    # result.
     torch.manual_seed(0)
     model = _TiedReuse(detached)
     data = batch(1, n=12, dtype=torch.float32)
@@ -523,3 +524,39 @@ def test_apgd_gradients_in_the_perturbed_weights_buffers_change_nothing(monkeypa
     ref = flatness.sharpness(model, data, kind=kind, rho=0.05, n_iters=6, restarts=1)
     assert got.value == ref.value and got.value > 0
     assert got.counts == ref.counts
+
+
+class _WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("kind", ["linf", "adaptive_linf"])
+def test_linf_apgd_steps_inside_the_backward_pass(monkeypatch, kind):
+    # linf steps are taken in the gradient hooks (flatness._apgd._Run.fused),
+    # never over whole gradients: the plain step is not called, and every
+    # parameter, the unused one included, steps once per backward pass
+    import flatness._apgd as apgd_mod
+
+    def plain_step(*args, **kwargs):
+        raise AssertionError("the plain step ran")
+
+    monkeypatch.setattr(apgd_mod, "_step", plain_step)
+    stepped = []
+    fused_step = apgd_mod._linf_step_tensor
+    monkeypatch.setattr(apgd_mod, "_linf_step_tensor",
+                        lambda pset, i, *a, **k: (stepped.append(i), fused_step(pset, i, *a, **k))[1])
+    torch.manual_seed(0)
+    model = _WithUnused()
+    data = batch(1, n=12, dtype=torch.float32)
+    data = (data[0][:, :4], data[1] % 3)
+    res = flatness.sharpness(model, data, kind=kind, rho=0.05, n_iters=5)
+    n_params = len(list(model.parameters()))
+    assert res.counts == {"forward": 1, "backward": 5}
+    assert sorted(stepped) == sorted(list(range(n_params)) * 5)
+    assert res.value > 0

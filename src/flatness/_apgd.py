@@ -20,6 +20,13 @@ point's gradient (its signs, one byte each, for linf; a copy for l2), and
 the gradient, whose buffer becomes the step ``z`` and then holds the next
 perturbed weights (handed to the objective through
 :meth:`PerturbationSet.recycle`).
+
+For linf balls the step is elementwise, so it runs inside the backward
+pass, tensor by tensor, as each gradient is complete (:meth:`_Run.fused`):
+the gradient is read once while fresh and never copied, and the step
+writes the next iterate and the next perturbed weights in one pass over
+x, x_prev and w.  l2 steps need the gradient's global norm first and take
+whole gradients (:meth:`_Run.plain`).
 """
 
 from __future__ import annotations
@@ -35,6 +42,15 @@ from ._geometry import PerturbationSet, _global_norm, blocks
 
 #: ``objective(delta, need_grad) -> (value, grad_delta or None)``
 Objective = Callable[[list[Tensor], bool], tuple[float, list[Tensor] | None]]
+#: ``fused(values, plan) -> value``: the loss at the perturbed weights
+#: ``values`` (``w + c * delta``, in buffers of APGD's).  With ``plan`` (a
+#: :class:`_Plan`), ``plan(value)`` is called after the forward pass and
+#: returns ``consume``; the backward pass then calls ``consume(i, grad_i,
+#: values[i])`` once per tensor, as soon as ``grad_i`` (the gradient with
+#: respect to ``values[i]``, ``None`` where the loss does not depend on it)
+#: is complete, and ``consume`` overwrites ``values[i]``.  ``plan=None``:
+#: the value only.
+FusedObjective = Callable[[list[Tensor], "_Plan | None"], float]
 
 MOMENTUM = 0.75
 #: A checkpoint halves the step unless at least this fraction of the steps
@@ -80,6 +96,7 @@ def apgd(
     n_iters: int,
     *,
     start: list[Tensor] | None = None,
+    fused: FusedObjective | None = None,
 ) -> APGDResult:
     """Maximise ``objective`` over ``pset`` with APGD.
 
@@ -94,85 +111,243 @@ def apgd(
         Number of new iterates (>= 1).
     start : list of Tensor, optional
         Starting point inside the ball (default: the centre).
+    fused : callable, optional
+        The same objective in the form of :data:`FusedObjective`, used
+        instead of ``objective`` for linf balls: each step then runs inside
+        the backward pass, tensor by tensor, as soon as a tensor's gradient
+        is complete (see :meth:`_Run.fused`).  The iterates are the same bit
+        for bit.
 
     Returns
     -------
     APGDResult
     """
-    x = pset.zeros() if start is None else [t.clone() for t in start]
-    eta = 2.0 * pset.rho
-    ckpts = set(checkpoints(n_iters))
+    run = _Run(pset, n_iters, start)
+    if fused is not None and pset.norm == "linf":
+        return run.fused(fused)
+    return run.plain(objective)
 
-    # The roles x, x_prev and best are held by at most three buffers, and
-    # may share one: the best point is never copied, its buffer is only kept
-    # from being overwritten (a step then writes into a free buffer).  Of
-    # the best point's gradient only its steepest-ascent direction is ever
-    # used (after a restart): its signs, a byte each, for linf, saved
-    # during the step that reads the gradient anyway.
-    f_x, g_x = objective(x, True)
-    start_value = f_x
-    best_x, x_prev = x, x
-    pool = [x]
-    best_f = f_x
-    best_g: list[Tensor] | None = None
-    pending = True  # g_x is the best point's gradient, not yet saved
 
-    successes = 0
-    last_ckpt = 0
-    eta_at_last, best_at_last = eta, best_f
+class _Run:
+    """The state of one APGD run and its two loops.
 
-    for k in range(n_iters):
-        # z = P(x + eta * dir(g)) in the gradient's own buffer, then
-        # x_new = P(x + a (z - x) + (1 - a)(x - x_prev)) in x_prev's buffer
-        # when nothing else holds it, else in a free one; for the first
-        # step x_new = z.
-        if pending and best_g is None:
-            best_g = pset.direction_buffer(g_x)
-        out = None
-        if k > 0:
-            out = x_prev if x_prev is not x and x_prev is not best_x else _free(pool, x, x_prev, best_x, pset)
-        x_new = _step(pset, g_x, x, x_prev, out, eta, save=best_g if pending else None,
-                      values=k > 0)
-        pending = False
-        if k == 0:
-            x_prev, x = x, x_new  # x_new is z, in the gradient's buffer
-            pool.append(x_new)
-        else:
-            x_prev, x = x, x_new
-            # z (the old gradient's buffer) is dead: the step wrote the next
-            # perturbed weights w + c * x_new into it, block by block
-            pset.recycle(g_x, holding=x_new)
-        del x_new, g_x, out
-        last = k == n_iters - 1
-        f_new, g_new = objective(x, not last)
-        if f_new > f_x:
-            successes += 1
-        if f_new > best_f:
-            best_f = f_new
-            best_x = x
-            pending = g_new is not None
-        f_x, g_x = f_new, g_new  # type: ignore[assignment]
-        del g_new  # one name per buffer: it is freed as soon as g_x is
+    The roles x, x_prev and best are held by at most three buffers, and may
+    share one: the best point is never copied, its buffer is only kept from
+    being overwritten (a step then writes into a free buffer).  Of the best
+    point's gradient only its steepest-ascent direction is ever used (after
+    a restart): its signs, a byte each, for linf, saved during the step that
+    reads the gradient anyway.
+    """
 
-        if (k + 1) in ckpts and not last:
-            stalled = successes < SUCCESS_FRACTION * (k + 1 - last_ckpt)
-            unchanged = eta_at_last == eta and best_at_last == best_f
+    def __init__(self, pset: PerturbationSet, n_iters: int, start: list[Tensor] | None) -> None:
+        self.pset, self.n_iters = pset, n_iters
+        self.x = pset.zeros() if start is None else [t.clone() for t in start]
+        self.x_prev = self.best_x = self.x
+        self.pool = [self.x]
+        self.eta = 2.0 * pset.rho
+        self.ckpts = set(checkpoints(n_iters))
+        self.best_g: list[Tensor] | None = None
+        self.pending = True  # the gradient at x is the best point's, not yet saved
+        self.successes = 0
+        self.last_ckpt = 0
+
+    def _start(self, f: float) -> None:
+        """Record the value at the start point."""
+        self.f_x = self.best_f = self.start_value = f
+        self.eta_at_last, self.best_at_last = self.eta, f
+
+    def _observe(self, f: float, k: int, has_grad: bool) -> bool:
+        """Bookkeeping after the value ``f`` of the iterate of step ``k``
+        (progress, best point, checkpoint).  Returns whether the next step
+        restarts from the best point with its saved direction (the gradient
+        just computed, if any, is then not used)."""
+        if f > self.f_x:
+            self.successes += 1
+        if f > self.best_f:
+            self.best_f = f
+            self.best_x = self.x
+            self.pending = has_grad
+        self.f_x = f
+        restart_saved = False
+        if (k + 1) in self.ckpts and k < self.n_iters - 1:
+            stalled = self.successes < SUCCESS_FRACTION * (k + 1 - self.last_ckpt)
+            unchanged = self.eta_at_last == self.eta and self.best_at_last == self.best_f
             if stalled or unchanged:
-                eta /= 2
+                self.eta /= 2
                 # Restart from the best point; momentum restarts with it.
-                x, x_prev = best_x, best_x
-                if not pending:
-                    # the best point's direction, into the buffer of the
-                    # gradient it replaces (steepest_ascent of the saved
-                    # signs is that of the gradient they came from)
-                    _distributed.foreach_copy_(g_x, best_g)  # (also FSDP2 DTensors)
-                f_x = best_f
-            successes = 0
-            last_ckpt = k + 1
-            eta_at_last, best_at_last = eta, best_f
+                self.x = self.x_prev = self.best_x
+                restart_saved = not self.pending
+                self.f_x = self.best_f
+            self.successes = 0
+            self.last_ckpt = k + 1
+            self.eta_at_last, self.best_at_last = self.eta, self.best_f
+        return restart_saved
 
-    pset.recycle(None)
-    return APGDResult(best_f, best_x, start_value)
+    def _out(self, k: int) -> list[Tensor] | None:
+        """The buffer of the iterate of step ``k`` (``k > 0``): x_prev's when
+        nothing else holds it, else a free one."""
+        x, x_prev, best = self.x, self.x_prev, self.best_x
+        if x_prev is not x and x_prev is not best:
+            return x_prev
+        return _free(self.pool, x, x_prev, best, self.pset)
+
+    def _advance(self, x_new: list[Tensor]) -> None:
+        self.pending = False
+        self.x_prev, self.x = self.x, x_new
+
+    def _result(self) -> APGDResult:
+        self.pset.recycle(None)
+        return APGDResult(self.best_f, self.best_x, self.start_value)
+
+    def plain(self, objective: Objective) -> APGDResult:
+        """Steps over whole gradients returned by ``objective``."""
+        pset = self.pset
+        f, g = objective(self.x, True)
+        self._start(f)
+        for k in range(self.n_iters):
+            # z = P(x + eta * dir(g)) in the gradient's own buffer, then
+            # x_new = P(x + a (z - x) + (1 - a)(x - x_prev)) in x_prev's
+            # buffer when nothing else holds it, else in a free one; for the
+            # first step x_new = z.
+            if self.pending and self.best_g is None:
+                self.best_g = pset.direction_buffer(g)
+            out = self._out(k) if k > 0 else None
+            x_new = _step(pset, g, self.x, self.x_prev, out, self.eta,
+                          save=self.best_g if self.pending else None, values=k > 0)
+            self._advance(x_new)
+            if k == 0:
+                self.pool.append(x_new)  # x_new is z, in the gradient's buffer
+            else:
+                # z (the old gradient's buffer) is dead: the step wrote the
+                # next perturbed weights w + c * x_new into it, block by block
+                pset.recycle(g, holding=x_new)
+            del x_new, g, out  # one name per buffer: each is freed as soon as dead
+            f, g = objective(self.x, k < self.n_iters - 1)  # type: ignore[assignment]
+            if self._observe(f, k, g is not None) and g is not None:
+                # the best point's direction, into the buffer of the gradient
+                # it replaces (steepest_ascent of the saved signs is that of
+                # the gradient they came from)
+                _distributed.foreach_copy_(g, self.best_g)  # (also FSDP2 DTensors)
+        return self._result()
+
+    def fused(self, objective: FusedObjective) -> APGDResult:
+        """Steps taken inside the backward passes of ``objective`` (linf).
+
+        Everything a step depends on besides the gradient (the step size,
+        the restart, which buffers hold which point) is decided by the
+        values alone, which the forward pass gives before the backward pass
+        starts.  So the step of each tensor runs as soon as its gradient is
+        complete, reading it while it is fresh, and writes the new iterate
+        and the next perturbed weights ``w + c * x_new`` (into the buffer
+        of the weights the gradient was taken at).  The gradient is never
+        copied, and the whole step reads x, x_prev and w and writes x_new
+        and the weights once per iteration.
+        """
+        pset = self.pset
+        values = pset.perturbed(self.x)
+        for k in range(-1, self.n_iters - 1):  # the start (-1), then iterates 0 .. n - 2
+            plan = _Plan(self, k)
+            objective(values, plan)
+            plan.finish()
+        f = objective(values, None)  # the last iterate: its value only
+        self._observe(f, self.n_iters - 1, False)
+        return self._result()
+
+
+class _Plan:
+    """The step after one evaluation of :meth:`_Run.fused`, applied tensor
+    by tensor during the backward pass that evaluation runs.
+
+    Calling it with the value (after the forward pass) does the
+    bookkeeping of that value and fixes the step (its size, buffers, saved
+    direction); it returns the consumer of the gradients, ``consume(i,
+    grad, values_i)``.
+    """
+
+    def __init__(self, run: _Run, k: int) -> None:
+        self.run, self.k = run, k
+        self.done: list[bool] = []
+        self.out: list[Tensor] = []
+
+    def __call__(self, f: float) -> Callable[[int, Tensor | None, Tensor], None]:
+        run, k = self.run, self.k
+        if k < 0:
+            run._start(f)
+            self.restart_saved = False
+        else:
+            self.restart_saved = run._observe(f, k, True)
+        step = k + 1
+        pset = run.pset
+        if run.pending and run.best_g is None:
+            run.best_g = pset.direction_buffer(run.x)
+        self.save = run.best_g if run.pending else None
+        if step == 0:  # x_new = z, in a buffer of its own
+            self.out = _free(run.pool, run.x, run.x_prev, run.best_x, pset)
+        else:
+            self.out = run._out(step)  # type: ignore[assignment]
+        self.first = step == 0
+        self.eta = run.eta
+        self.done = [False] * len(self.out)
+        return self.consume
+
+    def consume(self, i: int, grad: Tensor | None, values: Tensor) -> None:
+        """The step of tensor ``i`` from its gradient (``None``: zero),
+        written into the next iterate's buffer, and ``w + c * x_new`` into
+        ``values`` (the weights the gradient was taken at, dead now)."""
+        run = self.run
+        saved = run.best_g[i] if self.restart_saved else None  # type: ignore[index]
+        save = None if self.save is None else self.save[i]
+        _linf_step_tensor(run.pset, i, grad, saved, run.x[i], run.x_prev[i], self.out[i], save, values,
+                          self.eta, first=self.first)
+        self.done[i] = True
+
+    def finish(self) -> None:
+        """After the backward pass: every tensor has stepped (the plan was
+        called); the new iterate becomes x."""
+        if not self.done or not all(self.done):
+            raise RuntimeError("flatness internal error: an APGD step missed parameters in the backward pass")
+        self.run._advance(self.out)
+
+
+def _linf_step_tensor(
+    pset: PerturbationSet, i: int, grad: Tensor | None, saved: Tensor | None, x: Tensor, x_prev: Tensor,
+    out: Tensor, save: Tensor | None, values: Tensor, eta: float, *, first: bool,
+) -> None:
+    """The linf step of :func:`_step` for tensor ``i`` alone, from the
+    gradient with respect to the weights (its signs, as
+    :meth:`PerturbationSet.ascent_grad_into` gives them to :func:`_step`)
+    or from the ``saved`` signs of a restart; ``z`` lives in a scratch
+    block only.  The same operations per element as :func:`_step`, so the
+    same values bit for bit."""
+    rho = pset.rho
+    w = pset._like[i]
+    if grad is not None and not grad.is_contiguous():
+        grad = grad.contiguous()
+    source = saved if saved is not None else grad
+    for xb, pb, ob, vb, wb, sb, src in blocks([x], [x_prev], [out], [values], [w], [save if save is not None else x],
+                                              [source if source is not None else x]):
+        z = pset.scratch_block(xb, slot=1)
+        if saved is not None:
+            z.copy_(src)  # the signs, exactly
+        else:
+            if grad is None:
+                z.zero_()
+            else:
+                # sign(c * g) is sign(g) wherever c > 0, and coordinates
+                # with c = 0 never move (zeroed below): no scaling needed
+                torch.sign(src, out=z)
+            if save is not None:
+                sb.copy_(z)  # the signs, exactly, into int8
+        torch.add(xb, z, alpha=eta, out=z)  # eta * sign(g) is exact: one rounding
+        z.clamp_(-rho, rho)
+        if first:
+            ob.copy_(z)
+        else:
+            torch.lerp(pb, xb, 2.0, out=ob)
+            ob.lerp_(z, MOMENTUM)
+            ob.clamp_(-rho, rho)
+        pset.perturbed_block_(vb, wb, ob)
+    pset._zero_unscaled_one_(i, out)
 
 
 def _free(

@@ -97,7 +97,8 @@ def functional_loss_and_grad(
     *,
     logit_normalization: bool = False,
     extra: Mapping[str, Tensor] | None = None,
-    into_values: Callable[[int, Tensor, Tensor], None] | None = None,
+    into_values: Callable[[int, Tensor | None, Tensor], None] | None = None,
+    on_loss: Callable[[Tensor], None] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """:func:`functional_loss` at ``values`` and its gradient with respect
     to them (zeros for unused values), both computed while the values are in
@@ -107,11 +108,15 @@ def functional_loss_and_grad(
     storage: as soon as the gradient ``g`` of ``values[i]`` is complete,
     autograd no longer needs ``values[i]``, and ``into_values(i, g, out)``
     writes the gradient (or a function of it, elementwise) into
-    ``out = values[i]``.  The values and the gradients then never exist at
-    once: the peak memory is one parameter-sized set of tensors less.  (A
-    model that uses a value again after its gradient is complete, through
-    a detached alias, fails with autograd's in-place modification error,
-    never silently.)
+    ``out = values[i]`` (after the backward pass, ``into_values(i, None,
+    out)`` for each value the loss does not depend on).  The values and
+    the gradients then never exist at once: the peak memory is one
+    parameter-sized set of tensors less.  (A model that uses a value again
+    after its gradient is complete, through a detached alias, fails with
+    autograd's in-place modification error, never silently.)
+
+    ``on_loss`` is called with the (detached) loss between the forward and
+    the backward pass.
     """
     leaves = [v.detach().requires_grad_(True) for v in values]
     if into_values is not None:
@@ -123,13 +128,19 @@ def functional_loss_and_grad(
     with torch.enable_grad(), reparametrized(model, state) as module:
         outputs = module(*_as_args(inputs), **(_as_kwargs(inputs) or {}))
         loss = _loss_of(outputs, targets, loss_fn, logit_normalization)
+        if on_loss is not None:
+            on_loss(loss.detach())
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     if into_values is not None:
-        return loss.detach(), [v.detach().zero_() if g is None else g for v, g in zip(leaves, grads)]
+        with torch.no_grad():
+            for i, (v, g) in enumerate(zip(leaves, grads)):
+                if g is None:
+                    into_values(i, None, v.detach())
+        return loss.detach(), [v.detach() if g is None else g for v, g in zip(leaves, grads)]
     return loss.detach(), [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads)]
 
 
-def _write_into(fn: Callable[[int, Tensor, Tensor], None], i: int, out: Tensor, grad: Tensor) -> Tensor:
+def _write_into(fn: Callable[[int, Tensor | None, Tensor], None], i: int, out: Tensor, grad: Tensor) -> Tensor:
     """Gradient hook of :func:`functional_loss_and_grad`: the complete
     gradient of a leaf written into ``out``, the leaf's own storage."""
     with torch.no_grad():

@@ -106,30 +106,38 @@ class PerturbationSet:
         self.rho = float(rho)
         self.adaptive = adaptive
         self._like = [w.detach() for w in weights]
+        # scratch blocks per dtype and slot, on the weights' device
+        self._scratch: dict[tuple[torch.dtype, int], Tensor] = {}
+        self._device = self._like[0].device if self._like else torch.device("cpu")
+        self._block = BLOCK if self._device.type == "cpu" else DEVICE_BLOCK
+        if any(w.device != self._device for w in self._like):
+            self._block = 0  # weights on several devices: no shared scratch
         # Per tensor: None (every coordinate may move), the flat indices of
         # the zero weights, or a boolean mask of them.
         self._fixed: list[Tensor | None] = [None] * len(self._like)
         if adaptive:  # (of this rank's shards for FSDP2 DTensors, like _zero_unscaled_)
             self._fixed = [self._zeros_of(w) for w in _distributed.local_tensors(self._like)]
-        # one scratch block per dtype, on the weights' device
-        self._scratch: dict[torch.dtype, Tensor] = {}
-        self._device = self._like[0].device if self._like else torch.device("cpu")
-        self._block = BLOCK if self._device.type == "cpu" else DEVICE_BLOCK
-        if any(w.device != self._device for w in self._like):
-            self._block = 0  # weights on several devices: no shared scratch
         self._spare: list[Tensor] | None = None
         self._spare_of: list[Tensor] | None = None
 
-    def _scratch_like(self, t: Tensor) -> Tensor | None:
+    def _scratch_like(self, t: Tensor, slot: int = 0) -> Tensor | None:
         """A scratch tensor shaped like one piece from :func:`blocks`,
-        reused by the next call (``None`` for a piece larger than a block)."""
+        reused by the next call with the same ``slot`` (``None`` for a piece
+        larger than a block)."""
         n = t.numel()
         if n > self._block or not t.is_contiguous():
             return None  # larger than a block: the caller allocates
-        buf = self._scratch.get(t.dtype)
+        buf = self._scratch.get((t.dtype, slot))
         if buf is None:
-            buf = self._scratch[t.dtype] = torch.empty(self._block, dtype=t.dtype, device=self._device)
+            buf = self._scratch[(t.dtype, slot)] = torch.empty(self._block, dtype=t.dtype, device=self._device)
         return buf[:n].view(t.shape)
+
+    def scratch_block(self, t: Tensor, slot: int = 1) -> Tensor:
+        """An uninitialised tensor shaped like the piece ``t``, in the
+        scratch buffer ``slot`` (slot 0 is :meth:`abs_block`'s), which the
+        next call with that slot overwrites."""
+        buf = self._scratch_like(t, slot)
+        return torch.empty_like(t) if buf is None else buf
 
     def abs_block(self, w: Tensor) -> Tensor:
         """``|w|`` of one piece from :func:`blocks`, in a scratch buffer
@@ -137,11 +145,16 @@ class PerturbationSet:
         buf = self._scratch_like(w)
         return w.abs() if buf is None else torch.abs(w, out=buf)
 
-    @staticmethod
-    def _zeros_of(w: Tensor) -> Tensor | None:
-        count = w.numel() - int(torch.count_nonzero(w))  # one read, no mask
-        if count == 0:
+    def _zeros_of(self, w: Tensor) -> Tensor | None:
+        # min |w| block by block in the scratch: a read of w at the speed of
+        # a sum (count_nonzero is several times slower); the mask only where
+        # a zero exists
+        if w.numel() == 0:
             return None
+        smallest = [self.abs_block(b).amin() for (b,) in blocks([w])]
+        if float(torch.stack(smallest).amin()) != 0:
+            return None
+        count = w.numel() - int(torch.count_nonzero(w))
         mask = w == 0
         if w.is_contiguous() and 8 * count <= w.numel():
             return mask.view(-1).nonzero().squeeze(1)
@@ -175,9 +188,12 @@ class PerturbationSet:
                 g.mul_(self.abs_block(w))
         return grad
 
-    def scaled_grad_into(self, i: int, grad: Tensor, out: Tensor) -> None:
+    def scaled_grad_into(self, i: int, grad: Tensor | None, out: Tensor) -> None:
         """``out = c * grad`` for the ``i``-th tensor (the chain rule of
-        :meth:`grad_to_scaled_`), in one pass."""
+        :meth:`grad_to_scaled_`), in one pass (``grad=None``: zero)."""
+        if grad is None:
+            out.zero_()
+            return
         if not self.adaptive:
             out.copy_(grad)
             return
@@ -186,6 +202,21 @@ class PerturbationSet:
             grad = out
         for o, g, w in blocks([out], [grad], [self._like[i]]):
             torch.mul(g, self.abs_block(w), out=o)
+
+    def ascent_grad_into(self, i: int, grad: Tensor | None, out: Tensor) -> None:
+        """What the ascent step needs of the gradient of the ``i``-th
+        tensor, written into ``out`` in one pass (``grad=None``: zero).
+
+        l2: the gradient in scaled coordinates, ``c * grad``
+        (:meth:`scaled_grad_into`).  linf: only the signs of ``c * grad``
+        are used, and they are those of ``grad`` wherever ``c > 0``
+        (coordinates with ``c = 0`` never move), so ``sign(grad)``: no
+        multiplication, and no product of two tiny numbers rounds to zero.
+        """
+        if self.norm != "linf" or grad is None:
+            self.scaled_grad_into(i, grad, out)
+        else:
+            torch.sign(grad, out=out)
 
     def perturbed(self, delta: Sequence[Tensor]) -> list[Tensor]:
         """New tensors ``w + c * delta``, in one pass."""
@@ -332,16 +363,21 @@ class PerturbationSet:
     def _zero_unscaled_(self, delta: list[Tensor]) -> None:
         # Coordinates with w_i = 0 cannot move in an adaptive set; keeping
         # their delta at zero also keeps them from using up l2 budget.
-        for t, fixed in zip(_distributed.local_tensors(delta), self._fixed):
-            if fixed is None:
-                continue
-            if fixed.dtype == torch.bool:
-                t.masked_fill_(fixed, 0)
-            elif t.is_contiguous():
-                t.view(-1).index_fill_(0, fixed, 0)
-            else:
-                t.masked_fill_(t.new_zeros(t.shape, dtype=torch.bool).view(-1)
-                               .index_fill_(0, fixed, True).view(t.shape), 0)
+        for i, t in enumerate(_distributed.local_tensors(delta)):
+            self._zero_unscaled_one_(i, t)
+
+    def _zero_unscaled_one_(self, i: int, t: Tensor) -> None:
+        """:meth:`_zero_unscaled_` of the ``i``-th tensor alone."""
+        fixed = self._fixed[i]
+        if fixed is None:
+            return
+        if fixed.dtype == torch.bool:
+            t.masked_fill_(fixed, 0)
+        elif t.is_contiguous():
+            t.view(-1).index_fill_(0, fixed, 0)
+        else:
+            t.masked_fill_(t.new_zeros(t.shape, dtype=torch.bool).view(-1)
+                           .index_fill_(0, fixed, True).view(t.shape), 0)
 
 
 def project_weight_space(

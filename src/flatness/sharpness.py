@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import _distributed, _fsdp
 from . import hessian as _hessian
-from ._apgd import Objective, apgd
+from ._apgd import APGDResult, Objective, apgd
 from ._apgd_reference import (
     ReferenceGeometry,
     reference_normalize_logits,
@@ -151,16 +151,19 @@ class _Loss:
 
     def value_and_grad(
         self, values: list[Tensor], inputs: Any, targets: Tensor,
-        into_values: Callable[[int, Tensor, Tensor], None] | None = None,
+        into_values: Callable[[int, Tensor | None, Tensor], None] | None = None,
+        on_value: Callable[[float], None] | None = None,
     ) -> tuple[float, list[Tensor]]:
         # The perturbed weights are leaf tensors of our own, so autograd never
         # reaches the model's parameters or their .grad fields.
         # Forward and backward inside one reparametrization of the module:
         # activation checkpointing recomputes blocks at w + d, not at w.
         # ``into_values``: the gradients come back in the values' buffers.
+        # ``on_value``: called with the (finite) value before the backward pass.
         loss, grads = functional_loss_and_grad(
             self.model, self.params, values, inputs, targets, self.loss_fn,
             logit_normalization=self.normalize, extra=self.extra, into_values=into_values,
+            on_loss=None if on_value is None else (lambda t: on_value(_finite(t))),
         )
         value = _finite(loss)
         self.backward += 1
@@ -185,8 +188,18 @@ def _worst_case_chunk(
     if isinstance(pset, ReferenceGeometry):
         return _reference_chunk(loss, weights, pset, inputs, targets, n_iters, restarts, generator)
     if isinstance(loss, _fsdp.ShardedLoss):
-        return _apgd_runs(_sharded_objective(loss, weights, pset, inputs, targets), pset, n_iters,
-                          restarts, generator)
+        sharded = _sharded_objective(loss, weights, pset, inputs, targets)
+        return _apgd_runs(lambda start: apgd(sharded, pset, n_iters, start=start), pset, restarts, generator)
+
+    def fused(values: list[Tensor], plan: Any) -> float:
+        # APGD's step runs in the gradient hooks, tensor by tensor, and
+        # writes the next perturbed weights over these ones
+        if plan is None:
+            return loss.value(values, inputs, targets)
+        consume: list[Any] = []
+        f, _ = loss.value_and_grad(values, inputs, targets, on_value=lambda v: consume.append(plan(v)),
+                                   into_values=lambda i, g, out: consume[0](i, g, out))
+        return f
 
     def objective(delta: list[Tensor], need_grad: bool) -> tuple[float, list[Tensor] | None]:
         # w + c * delta in new buffers, which the gradient then takes over:
@@ -197,9 +210,9 @@ def _worst_case_chunk(
             return loss.value(values, inputs, targets), None
         if loss.in_place_grads:
             try:
-                # the gradient in scaled coordinates, written over the perturbed
-                # weights w + c * delta it was taken at
-                return loss.value_and_grad(values, inputs, targets, into_values=pset.scaled_grad_into)
+                # what the step needs of the gradient, written over the
+                # perturbed weights w + c * delta it was taken at
+                return loss.value_and_grad(values, inputs, targets, into_values=pset.ascent_grad_into)
             except RuntimeError as exc:
                 # A detached alias of a weight used after that weight's
                 # gradient was complete: autograd refused the overwritten
@@ -213,19 +226,33 @@ def _worst_case_chunk(
         del values
         return f, pset.grad_to_scaled_(g)
 
-    return _apgd_runs(objective, pset, n_iters, restarts, generator)
+    def run(start: list[Tensor] | None) -> APGDResult:
+        if loss.in_place_grads:
+            try:
+                return apgd(objective, pset, n_iters, start=start, fused=fused)
+            except RuntimeError as exc:
+                # as in objective: the step wrote over a weight the model
+                # reads again; the run starts over with separate gradients
+                if "modified by an inplace operation" not in str(exc):
+                    raise
+                loss.in_place_grads = False
+                pset.recycle(None)
+        return apgd(objective, pset, n_iters, start=start)
+
+    return _apgd_runs(run, pset, restarts, generator)
 
 
 def _apgd_runs(
-    objective: Objective, pset: PerturbationSet, n_iters: int, restarts: int, generator: torch.Generator,
+    run: Callable[[list[Tensor] | None], APGDResult], pset: PerturbationSet, restarts: int,
+    generator: torch.Generator,
 ) -> tuple[float, float]:
-    """``(objective at the centre, best value)`` of APGD from the centre and
-    from ``restarts`` random starts."""
-    run = apgd(objective, pset, n_iters)
-    clean, best = run.start_value, run.best_value
+    """``(objective at the centre, best value)`` of APGD (``run(start)``)
+    from the centre and from ``restarts`` random starts."""
+    first = run(None)
+    clean, best = first.start_value, first.best_value
     for _ in range(restarts):
         start = pset.random_start(generator)
-        best = max(best, apgd(objective, pset, n_iters, start=start).best_value)
+        best = max(best, run(start).best_value)
     return clean, best
 
 
