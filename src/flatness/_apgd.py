@@ -97,6 +97,7 @@ def apgd(
     *,
     start: list[Tensor] | None = None,
     fused: FusedObjective | None = None,
+    builds_values: bool = True,
 ) -> APGDResult:
     """Maximise ``objective`` over ``pset`` with APGD.
 
@@ -117,6 +118,11 @@ def apgd(
         the backward pass, tensor by tensor, as soon as a tensor's gradient
         is complete (see :meth:`_Run.fused`).  The iterates are the same bit
         for bit.
+    builds_values : bool
+        Whether ``objective`` evaluates at ``pset.perturbed(delta)`` (then
+        each step writes those perturbed weights into a dead buffer, which
+        :meth:`PerturbationSet.perturbed` hands back); ``False`` for an
+        objective that builds its own (no elementwise pass is wasted).
 
     Returns
     -------
@@ -125,7 +131,7 @@ def apgd(
     run = _Run(pset, n_iters, start)
     if fused is not None and pset.norm == "linf":
         return run.fused(fused)
-    return run.plain(objective)
+    return run.plain(objective, builds_values)
 
 
 class _Run:
@@ -199,8 +205,9 @@ class _Run:
         self.pset.recycle(None)
         return APGDResult(self.best_f, self.best_x, self.start_value)
 
-    def plain(self, objective: Objective) -> APGDResult:
-        """Steps over whole gradients returned by ``objective``."""
+    def plain(self, objective: Objective, builds_values: bool = True) -> APGDResult:
+        """Steps over whole gradients returned by ``objective`` (see
+        :func:`apgd` for ``builds_values``)."""
         pset = self.pset
         f, g = objective(self.x, True)
         self._start(f)
@@ -213,11 +220,11 @@ class _Run:
                 self.best_g = pset.direction_buffer(g)
             out = self._out(k) if k > 0 else None
             x_new = _step(pset, g, self.x, self.x_prev, out, self.eta,
-                          save=self.best_g if self.pending else None, values=k > 0)
+                          save=self.best_g if self.pending else None, values=k > 0 and builds_values)
             self._advance(x_new)
             if k == 0:
                 self.pool.append(x_new)  # x_new is z, in the gradient's buffer
-            else:
+            elif builds_values:
                 # z (the old gradient's buffer) is dead: the step wrote the
                 # next perturbed weights w + c * x_new into it, block by block
                 pset.recycle(g, holding=x_new)

@@ -189,7 +189,8 @@ def _worst_case_chunk(
         return _reference_chunk(loss, weights, pset, inputs, targets, n_iters, restarts, generator)
     if isinstance(loss, _fsdp.ShardedLoss):
         sharded = _sharded_objective(loss, weights, pset, inputs, targets)
-        return _apgd_runs(lambda start: apgd(sharded, pset, n_iters, start=start), pset, restarts, generator)
+        return _apgd_runs(lambda start: apgd(sharded, pset, n_iters, start=start, builds_values=False), pset,
+                          restarts, generator)
 
     def fused(values: list[Tensor], plan: Any) -> float:
         # APGD's step runs in the gradient hooks, tensor by tensor, and
@@ -268,9 +269,8 @@ def _sharded_objective(
 
     def objective(delta: list[Tensor], need_grad: bool) -> tuple[float, list[Tensor] | None]:
         with torch.no_grad():
-            # APGD also leaves w + c * delta in a dead buffer for the plain
-            # path (PerturbationSet.recycle): dropped here, freed before the pass
-            pset.recycle(None)
+            # (APGD runs with builds_values=False: these are the only
+            # perturbed weights built)
             pset.perturbed_(live, weights, delta)
         if not need_grad:
             return loss.value(live, inputs, targets), None
