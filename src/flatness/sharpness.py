@@ -197,9 +197,17 @@ def _worst_case_chunk(
         # writes the next perturbed weights over these ones
         if plan is None:
             return loss.value(values, inputs, targets)
-        consume: list[Any] = []
-        f, _ = loss.value_and_grad(values, inputs, targets, on_value=lambda v: consume.append(plan(v)),
-                                   into_values=lambda i, g, out: consume[0](i, g, out))
+        consume: Callable[[int, Tensor | None, Tensor], None] | None = None
+
+        def on_value(value: float) -> None:  # after the forward pass: the step is fixed
+            nonlocal consume
+            consume = plan(value)
+
+        def into_values(i: int, grad: Tensor | None, out: Tensor) -> None:
+            assert consume is not None  # on_value runs before the backward pass
+            consume(i, grad, out)
+
+        f, _ = loss.value_and_grad(values, inputs, targets, on_value=on_value, into_values=into_values)
         return f
 
     def objective(delta: list[Tensor], need_grad: bool) -> tuple[float, list[Tensor] | None]:
