@@ -1,0 +1,175 @@
+"""Every public family on a CUDA device against the same call on the CPU.
+
+Skipped without a GPU (``pytest -m cuda`` selects them on a machine that
+has one).  The models are float64 (CUDA float64 kernels sum in another
+order than the CPU's, so values agree to rounding, not bit for bit); random
+draws on a CUDA device come from the device's generator, so the estimates
+that draw random vectors are compared on their exact variants or within
+their standard errors.  Each test also checks the restore guarantee on the
+device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import assert_unchanged, classification_batch, classification_batches, mlp, sam_data, sam_mlp, snapshot
+
+import flatness
+from flatness import diversity, hessian, landscape, nonuniformity
+from flatness.optim import GSAM, SAM
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DEVICE = "cuda"
+DT = torch.float64
+
+
+def _on(data, device):
+    x, y = data
+    return x.to(device), y.to(device)
+
+
+@pytest.mark.parametrize("kind", ["linf", "adaptive_linf", "l2", "adaptive_l2"])
+def test_worst_case_sharpness_on_cuda_matches_cpu(kind):
+    # APGD from the centre draws nothing: the same iterates on both devices
+    model = mlp(sizes=(5, 16, 4))
+    with torch.no_grad():
+        model[0].weight[0, :2] = 0.0  # weights that cannot move (adaptive kinds)
+    data = classification_batch(24, (5,), 4)
+    cpu = flatness.sharpness(model, data, kind=kind, rho=0.05, n_iters=8)
+    model.to(DEVICE)
+    snap = snapshot(model)
+    gpu = flatness.sharpness(model, _on(data, DEVICE), kind=kind, rho=0.05, n_iters=8)
+    assert_unchanged(model, snap)
+    assert gpu.value == pytest.approx(cpu.value, rel=1e-6)
+    assert gpu.clean_loss == pytest.approx(cpu.clean_loss, rel=1e-10)
+    assert gpu.settings["device"].startswith("cuda")
+
+
+@pytest.mark.parametrize("kind", ["avg_l2", "avg_adaptive_linf"])
+def test_average_case_sharpness_on_cuda(kind):
+    # other draws on the device: within five standard deviations of the
+    # CPU estimates (their spread measured over seeds)
+    model = mlp(sizes=(5, 16, 4))
+    data = classification_batch(24, (5,), 4)
+    cpu = torch.tensor([flatness.sharpness(model, data, kind=kind, rho=0.05, n_samples=200, seed=s).value
+                        for s in range(8)], dtype=DT)
+    model.to(DEVICE)
+    snap = snapshot(model)
+    gpu = flatness.sharpness(model, _on(data, DEVICE), kind=kind, rho=0.05, n_samples=200)
+    assert_unchanged(model, snap)
+    assert abs(gpu.value - float(cpu.mean())) <= 5 * float(cpu.std()) + 1e-12
+
+
+def test_model_on_cuda_measured_on_the_cpu():
+    # device="cpu": the model stays on the GPU, the measurement runs on copies
+    model = mlp(sizes=(5, 16, 4))
+    data = classification_batch(24, (5,), 4)
+    cpu = flatness.sharpness(model, data, kind="adaptive_linf", rho=0.05, n_iters=8)
+    model.to(DEVICE)
+    snap = snapshot(model)
+    moved = flatness.sharpness(model, data, kind="adaptive_linf", rho=0.05, n_iters=8, device="cpu")
+    assert_unchanged(model, snap)
+    assert moved.value == pytest.approx(cpu.value, rel=1e-12)
+
+
+@pytest.mark.parametrize("opt_cls, kwargs", [(SAM, {}), (SAM, {"adaptive": True}), (GSAM, {"alpha": 0.1})])
+def test_sam_steps_on_cuda_match_cpu(opt_cls, kwargs):
+    x, y = sam_data()
+    models = {dev: sam_mlp().to(dev) for dev in ("cpu", DEVICE)}
+    for dev, model in models.items():
+        opt = opt_cls(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, **kwargs)
+        xd, yd = x.to(dev), y.to(dev)
+        for _ in range(3):
+            def closure(model=model, xd=xd, yd=yd, opt=opt):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(xd), yd)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+    for p, q in zip(models["cpu"].parameters(), models[DEVICE].parameters(), strict=True):
+        assert q.is_cuda
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-9, atol=1e-12)
+
+
+def test_sam_with_autocast_and_grad_scaler_on_cuda():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).to(DEVICE)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(64, 16, device=DEVICE)
+    y = torch.randint(0, 4, (64,), device=DEVICE)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        return loss
+
+    for _ in range(3):
+        loss = opt.step(closure, scaler=scaler)
+        scaler.update()
+    assert torch.isfinite(torch.as_tensor(loss))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_lanczos_basis_in_host_memory_beside_a_cuda_model():
+    model = mlp(sizes=(5, 8, 4))
+    batches = classification_batches((7, 5), (5,), 4)
+    cpu = hessian.top_eigenvalues(model, batches, k=2, tol=1e-8)
+    model.to(DEVICE)
+    snap = snapshot(model)
+    host = hessian.top_eigenvalues(model, batches, k=2, tol=1e-8, basis_device="cpu")
+    low = hessian.top_eigenvalues(model, batches, k=2, tol=1e-8, low_memory=True)
+    assert_unchanged(model, snap)
+    torch.testing.assert_close(host.eigenvalues, cpu.eigenvalues, rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(low.eigenvalues, cpu.eigenvalues, rtol=1e-6, atol=1e-10)
+    assert host.eigenvectors[0][0].is_cuda
+
+
+def test_trace_estimates_on_cuda():
+    model = mlp(sizes=(5, 8, 4))
+    batches = classification_batches((7, 5), (5,), 4)
+    exact = hessian.trace(model, batches, method="exact").value
+    model.to(DEVICE)
+    for method in ("hutchinson", "hutch++"):
+        est = hessian.trace(model, batches, method=method, n_samples=60)
+        assert abs(est.value - exact) <= 5 * est.std_error + 1e-8 * abs(exact), method
+    assert hessian.trace(model, batches, method="exact").value == pytest.approx(exact, rel=1e-10)
+
+
+def test_nonuniformity_on_cuda_matches_cpu():
+    model = mlp(sizes=(5, 8, 4))
+    data = classification_batch(16, (5,), 4)
+    cpu_var = nonuniformity.gradient_variance(model, data)
+    cpu_kfac = nonuniformity.kfac_variance(model, data)
+    model.to(DEVICE)
+    gpu_var = nonuniformity.gradient_variance(model, _on(data, DEVICE))
+    gpu_kfac = nonuniformity.kfac_variance(model, _on(data, DEVICE))
+    for gpu, cpu in ((gpu_var, cpu_var), (gpu_kfac, cpu_kfac)):
+        assert gpu.total == pytest.approx(cpu.total, rel=1e-8)
+        assert gpu.noise_factor == pytest.approx(cpu.noise_factor, rel=1e-8)
+
+
+def test_diversity_and_landscape_on_cuda_match_cpu():
+    members = [mlp(seed=s, sizes=(5, 8, 4)) for s in range(3)]
+    data = classification_batch(32, (5,), 4)
+    cpu_metrics = diversity.ensemble_metrics(members, data)
+    cpu_barrier = landscape.loss_barrier(members[:2], data, n_points=5)
+    for m in members:
+        m.to(DEVICE)
+    gpu_metrics = diversity.ensemble_metrics(members, _on(data, DEVICE))
+    gpu_barrier = landscape.loss_barrier(members[:2], _on(data, DEVICE), n_points=5)
+    for key, value in cpu_metrics.to_dict().items():
+        if isinstance(value, float):
+            assert gpu_metrics.to_dict()[key] == pytest.approx(value, rel=1e-8, abs=1e-12), key
+    assert gpu_barrier.value == pytest.approx(cpu_barrier.value, rel=1e-8, abs=1e-12)
