@@ -301,3 +301,36 @@ def test_factors_match_curvlinops_empirical_kfac():
     for name, (a, g) in ours.factors.items():
         torch.testing.assert_close(a, op._input_covariances[name], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(g, op._gradient_covariances[name], rtol=1e-10, atol=1e-12)
+
+
+def test_hidden_layer_found_in_the_first_pass_keeps_the_others_factors():
+    # The first batch's pass both accumulates and finds the layers whose
+    # hooks miss a use of their weights; what it accumulated for the other
+    # layers stays (two batches: a dropped first batch would show).
+    class Functional(nn.Module):
+        def __init__(self, functional: bool):
+            super().__init__()
+            self.functional = functional
+            self.a = nn.Linear(3, 5)
+            self.b = nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return F.linear(h, self.b.weight, self.b.bias) if self.functional else self.b(h)
+
+    torch.manual_seed(3)
+    hidden = Functional(True).to(torch.float64)
+    called = Functional(False).to(torch.float64)
+    called.load_state_dict(hidden.state_dict())
+    x, y = _data(10, (3,), 3)
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    got = nu.kfac_variance(hidden, batches, factors=True)
+    ref = nu.kfac_variance(called, batches, factors=True)
+    exact = nu.gradient_variance(hidden, batches)
+    assert set(got.settings["hidden_from_hooks"]) == {"b"} and got.exact_layers == ["b"]
+    assert got.per_layer["a"] == pytest.approx(ref.per_layer["a"], rel=1e-12)
+    assert got.per_layer["b"] == pytest.approx(exact.per_layer["b"], rel=1e-12)
+    assert set(got.factors) == {"a"}
+    for mine, theirs in zip(got.factors["a"], ref.factors["a"]):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=0)
+    assert got.mean_grad_sqnorm == pytest.approx(exact.mean_grad_sqnorm, rel=1e-12)

@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +42,9 @@ from flatness._params import ParamSet, select_params, unwrap
 
 __all__ = [
     "KFACLayer",
-    "blind_layers",
     "capture",
     "factors",
+    "hidden_use",
     "plan",
     "trace_terms",
 ]
@@ -95,7 +94,7 @@ def plan(model: nn.Module, params: ParamSet) -> tuple[list[KFACLayer], list[int]
         selected parameter, registered once in the model and owning their
         parameters alone, and not part of an ``nn.MultiheadAttention``
         (whose ``out_proj`` is used without being called, so hooks never
-        see it).  :func:`blind_layers` finds the other weights used outside
+        see it).  :func:`hidden_use` finds the other weights used outside
         their module's call at run time.
     unsupported : list of int
         Indices (into ``params``) of every other selected parameter.
@@ -141,63 +140,36 @@ def _inside_attention(model: nn.Module) -> set[int]:
     }
 
 
-def blind_layers(
-    model: nn.Module, params: ParamSet, layers: list[KFACLayer], inputs: Any, targets: Tensor,
-    loss_fn: Any,
-) -> dict[str, str]:
-    """Layers whose hooks do not see every use of their weights, with the reason.
+def hidden_use(layer: KFACLayer, calls: list[list[Tensor]], true: list[Tensor]) -> str | None:
+    """Why the hooks of ``layer`` do not see every use of its weights, or
+    ``None`` if they do.
 
     A Kronecker factor is built from the inputs and output gradients the
-    module's hooks record; weights used without calling the module
-    (``nn.MultiheadAttention.out_proj``, ``F.linear(x, layer.weight)``, a
-    weight used twice) escape them, and the factored variance would be
-    wrong, even negative.  One probe forward-backward pass on a batch finds
-    them: the weight gradient rebuilt from the hooks' inputs and output
-    gradients must equal the gradient autograd computes.
+    module's hooks record (``calls``, from :func:`capture`); weights used
+    without calling the module (``F.linear(x, layer.weight)``, a weight used
+    twice) escape them, and the factored variance would be wrong, even
+    negative.  The weight gradient rebuilt from the hooks' inputs and
+    output gradients must equal ``true``, the gradients of ``layer.indices``
+    autograd computed in the same pass (zeros for an unused parameter).
     """
-    from flatness._functional import functional_loss
-
-    found: dict[str, str] = {}
-    hidden = _inside_attention(model)
-    checked = []
-    for layer in layers:
-        if id(layer.module) in hidden:
-            found[layer.name] = "weights used by nn.MultiheadAttention without calling the module"
-        else:
-            checked.append(layer)
-    if not checked:
-        return found
-    leaves = [p.detach().requires_grad_(True) for p in params.params]
-    with capture(checked) as store, torch.enable_grad():
-        loss = functional_loss(model, params, leaves, inputs, targets, loss_fn)
-        wanted = [leaves[k] for layer in checked for k in layer.indices]
-        grads = torch.autograd.grad(loss, wanted, allow_unused=True)
-    pos = 0
-    for layer in checked:
-        true = [torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(layer.indices, grads[pos:])]
-        pos += len(layer.indices)
-        calls = store.get(layer.name, [])
-        scale = max(float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in true]))), 1e-300)
-        if len(calls) > 1:
-            found[layer.name] = f"module called {len(calls)} times per forward pass"
-            continue
-        if not calls or len(calls[0]) < 2:
-            if scale > 1e-300:
-                found[layer.name] = "weights used without calling the module (a functional use)"
-            continue
-        a, e = calls[0]
-        if a.numel() == 0 or e.numel() == 0:
-            continue  # an empty layer: nothing to factor, nothing hidden
-        x, g, _ = _positions(layer, a, e)
-        rebuilt = []
-        if layer.weight is not None:
-            rebuilt.append(torch.einsum("nto,nti->oi", g, x).reshape(true[0].shape))
-        if layer.bias is not None:
-            rebuilt.append(g.sum((0, 1)))
-        err = float(torch.linalg.vector_norm(torch.cat([(r - t).reshape(-1) for r, t in zip(rebuilt, true)])))
-        if err > 1e-6 * scale:
-            found[layer.name] = "weights also used outside the module's call (shared or functional use)"
-    return found
+    scale = max(float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in true]))), 1e-300)
+    if len(calls) > 1:
+        return f"module called {len(calls)} times per forward pass"
+    if not calls or len(calls[0]) < 2:
+        return "weights used without calling the module (a functional use)" if scale > 1e-300 else None
+    a, e = calls[0]
+    if a.numel() == 0 or e.numel() == 0:
+        return None  # an empty layer: nothing to factor, nothing hidden
+    x, g, _ = _positions(layer, a, e)
+    rebuilt = []
+    if layer.weight is not None:
+        rebuilt.append(torch.einsum("nto,nti->oi", g, x).reshape(true[0].shape))
+    if layer.bias is not None:
+        rebuilt.append(g.sum((0, 1)))
+    err = float(torch.linalg.vector_norm(torch.cat([(r - t).reshape(-1) for r, t in zip(rebuilt, true)])))
+    if err > 1e-6 * scale:
+        return "weights also used outside the module's call (shared or functional use)"
+    return None
 
 
 def _in_backward() -> bool:

@@ -20,10 +20,10 @@ from flatness._data import iter_batches, split_batch
 from flatness._distributed import gather_objects, merge_moments, sum_
 from flatness._functional import LossFn, default_loss, functional_loss, grad_enabled
 from flatness._guard import ModelGuard
-from flatness._kfac import KFACLayer, blind_layers, capture, plan, trace_terms
+from flatness._kfac import KFACLayer, capture, hidden_use, plan, trace_terms
 from flatness._kfac import factors as kronecker_factors
 from flatness._params import ParamSet, select_params
-from flatness._per_sample import check_chunk_size, per_sample_engine, per_sample_grads
+from flatness._per_sample import check_chunk_size, per_sample_grads, per_sample_grads_choosing
 from flatness._results import ResultMixin
 from flatness._rng import private_rng
 
@@ -159,8 +159,9 @@ def _stream_moments(
         for gi, group in enumerate(groups):
             sub = ps if len(groups) == 1 else _subset(ps, group)
             if gi not in engines:  # chosen once per call, on its first chunk
-                engines[gi] = per_sample_engine(model, sub, x, y, loss_fn)[0]
-            grads, _ = per_sample_grads(model, sub, x, y, loss_fn, engine=engines[gi])
+                engines[gi], grads, _ = per_sample_grads_choosing(model, sub, x, y, loss_fn)
+            else:
+                grads, _ = per_sample_grads(model, sub, x, y, loss_fn, engine=engines[gi])
             for j, k in enumerate(group):
                 g, grads[j] = grads[j], None
                 moments.fold(k, g)
@@ -513,21 +514,26 @@ def kfac_variance(
         batches = iter_batches(data, device=ps.device, dtype=ps.dtype, n_batches=n_batches)
         for inputs, targets in maybe_progress(batches, progress, None, "kfac variance"):
             nb = _batch_len(targets)
-            if first is None and layers:
-                # Before anything is accumulated: layers whose weights are
-                # used where their hooks cannot see it are treated exactly.
-                blind = blind_layers(model, ps, layers, inputs, targets, loss_fn)
-                if blind:
-                    rest = sorted(rest + [k for layer in layers if layer.name in blind for k in layer.indices])
-                    layers = [layer for layer in layers if layer.name not in blind]
-                    setup()
+            checking = first is None  # the first batch decides the plan
+            if checking:
                 for k in factored:
                     ps.params[k].requires_grad_(True)  # restored by the guard
             first = first or nb
             n += nb
             if layers:
-                _kfac_batch(model, ps, layers, factored, inputs, targets, loss_fn, nb,
-                            second, grad_sum, fac_sum if factors else None)
+                found = _kfac_batch(model, ps, layers, factored, inputs, targets, loss_fn, nb,
+                                    second, grad_sum, fac_sum if factors else None, check=checking)
+                if found:
+                    # Layers whose weights are used where their hooks cannot
+                    # see it are treated exactly (nothing of theirs was
+                    # accumulated; the exact part of this batch comes next).
+                    blind = found
+                    kept_grads, kept_second = dict(zip(factored, grad_sum)), second
+                    rest = sorted(rest + [k for layer in layers if layer.name in blind for k in layer.indices])
+                    layers = [layer for layer in layers if layer.name not in blind]
+                    setup()
+                    grad_sum = [kept_grads[k] for k in factored]
+                    second = {name: kept_second[name] for name in second}
             if exact is not None:
                 if plan_exact is None:
                     plan_exact = _plan_chunks(exact, chunk_size, memory_limit)
@@ -604,9 +610,16 @@ def _kfac_batch(
     second: dict[str, Tensor],
     grad_sum: list[Tensor | None],
     fac_sum: dict[str, list[Tensor]] | None,
-) -> None:
+    check: bool = False,
+) -> dict[str, str]:
     """One forward-backward pass: accumulate ``|B| tr(A_B) tr(G_B)``, the
-    mean gradient and (optionally) the factors."""
+    mean gradient and (optionally) the factors.
+
+    ``check`` (the first batch): also find the layers whose hooks do not
+    see every use of their weights (:func:`flatness._kfac.hidden_use`, on
+    the gradients of this very pass), accumulate nothing for them, and
+    return them with the reason (``{}`` otherwise).
+    """
     with capture(layers) as store:
         # The real parameter tensors, so gradients flow to them (and the
         # hooks see the module's forward); autograd.grad leaves .grad alone.
@@ -615,6 +628,17 @@ def _kfac_batch(
         # sum over samples, and the output gradients the hooks see are the
         # per-sample-loss gradients e_i (loss_fn is a mean)
         grads = torch.autograd.grad(loss * nb, [ps.params[k] for k in factored], allow_unused=True)
+    blind: dict[str, str] = {}
+    if check:
+        position = {k: i for i, k in enumerate(factored)}
+        for layer in layers:
+            true = [torch.zeros_like(ps.params[k]) if grads[position[k]] is None else grads[position[k]]
+                    for k in layer.indices]
+            reason = hidden_use(layer, store.get(layer.name, []), true)
+            if reason is not None:
+                blind[layer.name] = reason
+        skip = {position[k] for layer in layers if layer.name in blind for k in layer.indices}
+        grads = tuple(None if i in skip else g for i, g in enumerate(grads))
     for i, g in enumerate(grads):
         if g is not None:
             if grad_sum[i] is None:
@@ -622,6 +646,8 @@ def _kfac_batch(
             else:
                 grad_sum[i].add_(g)
     for layer in layers:
+        if layer.name in blind:
+            continue
         calls = store.get(layer.name, [])
         if len(calls) > 1:
             raise ValueError(
@@ -642,3 +668,4 @@ def _kfac_batch(
                 fac_sum[layer.name][1] += fg * nb
             else:
                 fac_sum[layer.name] = [fa * nb, fg * nb]
+    return blind

@@ -46,6 +46,7 @@ __all__ = [
     "iter_per_sample_grads",
     "per_sample_engine",
     "per_sample_grads",
+    "per_sample_grads_choosing",
     "per_sample_losses",
 ]
 
@@ -62,13 +63,15 @@ def _no_batching_rule(model: nn.Module) -> list[str]:
 
 
 def per_sample_engine(
-    model: nn.Module, params: ParamSet, inputs: Any, targets: Tensor, loss_fn: LossFn = default_loss
+    model: nn.Module, params: ParamSet, inputs: Any, targets: Tensor, loss_fn: LossFn = default_loss,
+    *, probe: bool = True,
 ) -> tuple[str, str]:
     """``("vmap" | "loop", reason)`` for per-sample gradients of ``model``.
 
     ``"loop"`` where ``vmap`` has no batching rule (recurrent kernels) or
     where the forward pass writes a buffer in place (found by a probe forward
-    pass on copies of the buffers: the module's own are not touched).
+    pass on copies of the buffers: the module's own are not touched), and,
+    with ``probe``, where ``vmap`` fails on one sample.
     """
     blocked = _no_batching_rule(model)
     if blocked:
@@ -78,12 +81,31 @@ def per_sample_engine(
     written = buffers_written_in_forward(model, params, _slice(inputs, 0, 1), targets[:1], loss_fn)
     if written:
         return "loop", "buffers written in forward: " + ", ".join(written)
+    if not probe:
+        return "vmap", "vmap of grad"
     try:  # a probe on one sample: kernels or hooks the transforms refuse
         per_sample_grads(model, params, _slice(inputs, 0, 1), targets[:1], loss_fn, engine="vmap")
     except (RuntimeError, NotImplementedError) as exc:
         # e.g. activation checkpointing: torch.func refuses saved-tensor hooks
         return "loop", f"vmap of grad failed on one sample ({type(exc).__name__})"
     return "vmap", "vmap of grad"
+
+
+def per_sample_grads_choosing(
+    model: nn.Module, params: ParamSet, inputs: Any, targets: Tensor, loss_fn: LossFn = default_loss,
+) -> tuple[str, list[Tensor], Tensor]:
+    """``(engine, grads, losses)``: :func:`per_sample_grads` with the engine
+    chosen on this very batch.  ``vmap`` is tried on the batch itself
+    instead of on a separate one-sample probe (a pass saved), and where the
+    transforms refuse the model (activation checkpointing, kernels without
+    batching rules) the loop computes the same gradients."""
+    engine, _ = per_sample_engine(model, params, inputs, targets, loss_fn, probe=False)
+    if engine == "vmap":
+        try:
+            return ("vmap", *per_sample_grads(model, params, inputs, targets, loss_fn, engine="vmap"))
+        except (RuntimeError, NotImplementedError):
+            pass  # what the one-sample probe of per_sample_engine would have found
+    return ("loop", *per_sample_grads(model, params, inputs, targets, loss_fn, engine="loop"))
 
 
 def _loop_grads(
