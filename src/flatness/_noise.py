@@ -438,7 +438,7 @@ def kfac_variance(
         convolutions, parameters shared between modules, and layers whose
         weights are used where their hooks cannot see it: the projections
         of ``nn.MultiheadAttention``, ``F.linear(x, layer.weight)``, a module
-        called twice, found by a probe pass on the first batch and listed in
+        called twice, found in the first batch's pass and listed in
         ``settings["hidden_from_hooks"]``): ``"exact"``
         computes their part with per-sample gradients (:func:`gradient_variance`'s
         method, listed in ``exact_layers``); ``"skip"`` leaves them out and
