@@ -440,3 +440,61 @@ def test_nonfinite_input_is_an_error(name):
     with pytest.raises(ValueError, match="(?i)nan|inf|finite"):
         NONFINITE[name](model, _inf_data())
     _assert_unchanged(model, snap, name)
+
+
+class _SparseBag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 4, sparse=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.emb(tokens).mean(dim=1)))
+
+
+@pytest.mark.parametrize("name, call", [
+    ("sharpness linf", lambda m, d, f: flatness.sharpness(m, d, kind="adaptive_linf", rho=0.05, n_iters=3, loss_fn=f)),
+    ("sharpness l2", lambda m, d, f: flatness.sharpness(m, d, kind="l2", rho=0.05, n_iters=3, loss_fn=f)),
+    ("trace", lambda m, d, f: trace(m, d, method="hutchinson", n_samples=4, loss_fn=f)),
+    ("gradient_variance", lambda m, d, f: gradient_variance(m, d, loss_fn=f)),
+    ("kfac_variance", lambda m, d, f: kfac_variance(m, d, loss_fn=f)),
+])
+def test_sparse_embeddings_measured_densely_and_left_sparse(name, call):
+    # Embeddings with sparse=True give dense gradients inside the library's
+    # passes (flatness._functional.dense_gradients) and get their flag back,
+    # also when any of the passes fails.
+    torch.manual_seed(0)
+    model = _SparseBag().double()
+    data = (torch.randint(0, 9, (6, 3)), torch.randint(0, 3, (6,)))
+    snap = _snapshot(model)
+    calls = 0
+    fail_at = 0
+
+    def loss_fn(outputs, targets):
+        nonlocal calls
+        calls += 1
+        if calls == fail_at:
+            raise RuntimeError("injected")
+        return F.cross_entropy(outputs, targets)
+
+    value = call(model, data, loss_fn)
+    assert model.emb.sparse and math.isfinite(float(getattr(value, "value", getattr(value, "total", math.nan))))
+    total = calls
+    for fail_at in range(1, total + 1):
+        calls = 0
+        try:
+            call(model, data, loss_fn)
+        except RuntimeError as exc:
+            assert "injected" in str(exc)
+        # (a failure inside the vmapped per-sample pass is retried by the
+        # per-sample loop, which then succeeds: no error to see)
+        assert model.emb.sparse, (name, fail_at)
+        _assert_unchanged(model, snap, f"{name}, failure at call {fail_at}")
+
+    def always(outputs, targets):
+        raise RuntimeError("injected")
+
+    with pytest.raises(RuntimeError, match="injected"):  # an error that persists comes out
+        call(model, data, always)
+    assert model.emb.sparse
+    _assert_unchanged(model, snap, f"{name}, failure at every call")

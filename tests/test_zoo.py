@@ -432,6 +432,7 @@ MINIMUM_REFUSED = {
     "lstm": r"outside such a chain .*emb \(Embedding\): weight; rnn \(LSTM\): weight_ih_l0",
     "gru": r"outside such a chain .*rnn \(GRU\): weight_ih_l0",
     "tied_embeddings": r"weights tied to a layer\): emb \(Embedding\): weight",
+    "sparse_embeddings": r"outside such a chain .*emb \(Embedding\): weight; bias \(Embedding\): weight",
     "weight_norm": r"cannot use 0 \(ParametrizedLinear\): its weight is computed by a parametrization",
     "spectral_norm": r"cannot use 0 \(ParametrizedLinear\): its weight is computed by a parametrization",
     "dict_outputs": r"change under a layer-wise rescaling.*look for a functional activation",  # torch.tanh

@@ -185,6 +185,21 @@ class TiedLM(nn.Module):
         return self.out(torch.tanh(self.mix(self.emb(tokens).mean(dim=1))))
 
 
+class SparseEmbeddingClassifier(nn.Module):
+    """Bag-of-tokens classifier on embeddings with sparse gradients
+    (``sparse=True``: a recommender's or word-vector model's layout), one
+    of them a direct per-token bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, sparse=True)
+        self.bias = nn.Embedding(7, 3, sparse=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(tokens).mean(dim=1))) + self.bias(tokens).mean(dim=1)
+
+
 def weight_norm_mlp() -> nn.Module:
     return nn.Sequential(parametrizations.weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3))
 
@@ -263,6 +278,7 @@ CASES: dict[str, Case] = {
         Case("lstm", _seeded(lambda: RecurrentClassifier(nn.LSTM)), _tokens, tags=frozenset({"rnn"})),
         Case("gru", _seeded(lambda: RecurrentClassifier(nn.GRU)), _tokens, tags=frozenset({"rnn"})),
         Case("tied_embeddings", _seeded(TiedLM), _tokens, tags=frozenset({"tied"})),
+        Case("sparse_embeddings", _seeded(SparseEmbeddingClassifier), _tokens, tags=frozenset({"sparse"})),
         Case("weight_norm", _seeded(weight_norm_mlp), _vectors, tags=frozenset({"parametrized"})),
         Case("spectral_norm", _seeded(spectral_norm_mlp), _vectors, tags=frozenset({"parametrized"})),
         Case("dict_outputs", _seeded(DictModel), _dict_vectors,
@@ -395,9 +411,18 @@ def _reference_kernels():
 def _call(model: nn.Module, state: dict[str, torch.Tensor], inputs: Any) -> Any:
     from torch.func import functional_call
 
-    if isinstance(inputs, dict):
-        return functional_call(model, state, (), inputs, strict=False)
-    return functional_call(model, state, (inputs,), strict=False)
+    # references differentiate through dense embedding gradients (the same
+    # values as sparse ones, in a layout every autograd function accepts)
+    sparse = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    for m in sparse:
+        m.sparse = False
+    try:
+        if isinstance(inputs, dict):
+            return functional_call(model, state, (), inputs, strict=False)
+        return functional_call(model, state, (inputs,), strict=False)
+    finally:
+        for m in sparse:
+            m.sparse = True
 
 
 def flat_loss(case: Case, model: nn.Module, batch: tuple[Any, torch.Tensor]):

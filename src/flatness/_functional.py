@@ -68,6 +68,28 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @contextlib.contextmanager
+def dense_gradients(model: nn.Module) -> Iterator[None]:
+    """Inside the block, ``nn.Embedding`` and ``nn.EmbeddingBag`` modules
+    built with ``sparse=True`` record dense gradients (the same values).
+
+    The library differentiates its own copies of the weights and works on
+    whole gradient tensors (sums, norms, steps, curvature products), which
+    sparse gradients do not support; the flag only changes how the backward
+    pass stores the embedding's gradient.  It is restored on exit, also
+    after an exception.
+    """
+    sparse = [m for m in unwrap(model).modules()
+              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    for m in sparse:
+        m.sparse = False
+    try:
+        yield
+    finally:
+        for m in sparse:
+            m.sparse = True
+
+
+@contextlib.contextmanager
 def reparametrized(model: nn.Module, state: Mapping[str, Tensor]) -> Iterator[nn.Module]:
     """The module with the tensors of ``state`` in place of its own, for the
     duration of the block (as ``torch.func.functional_call`` does for one
@@ -125,7 +147,7 @@ def functional_loss_and_grad(
             # counter), not the leaf: no reference cycle keeps it alive
             leaf.register_hook(functools.partial(_write_into, into_values, i, leaf.detach()))
     state = {**(extra or {}), **params.as_dict(leaves)}
-    with torch.enable_grad(), reparametrized(model, state) as module:
+    with torch.enable_grad(), dense_gradients(model), reparametrized(model, state) as module:
         outputs = module(*_as_args(inputs), **(_as_kwargs(inputs) or {}))
         loss = _loss_of(outputs, targets, loss_fn, logit_normalization)
         if on_loss is not None:
@@ -173,7 +195,8 @@ def functional_loss(
     state = params.as_dict(values)
     if extra:
         state = {**extra, **state}
-    outputs = functional_call(module, state, _as_args(inputs), _as_kwargs(inputs), strict=False)
+    with dense_gradients(module):
+        outputs = functional_call(module, state, _as_args(inputs), _as_kwargs(inputs), strict=False)
     return _loss_of(outputs, targets, loss_fn, logit_normalization)
 
 

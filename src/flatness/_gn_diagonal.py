@@ -30,7 +30,7 @@ from torch.func import vjp, vmap
 from flatness._checks import require_finite
 from flatness._data import batch_size, iter_batches, split_batch
 from flatness._distributed import sum_
-from flatness._functional import LossFn, _as_args, _as_kwargs, default_loss
+from flatness._functional import LossFn, _as_args, _as_kwargs, default_loss, dense_gradients
 from flatness._guard import ModelGuard, disable_running_stats
 from flatness._hvp import CurvatureOperator
 from flatness._params import unwrap
@@ -183,7 +183,8 @@ def _gn_diagonal(op: CurvatureOperator, chunk_size: int | None, bar: Any) -> tup
 
     def outputs(vals: tuple[Tensor, ...], x: Any) -> Tensor:
         xb = _add_batch_dim(x)
-        out = torch.func.functional_call(module, ps.as_dict(vals), _as_args(xb), _as_kwargs(xb), strict=False)
+        with dense_gradients(module):
+            out = torch.func.functional_call(module, ps.as_dict(vals), _as_args(xb), _as_kwargs(xb), strict=False)
         return out[0]
 
     def pulled(x: Any, U: Tensor) -> tuple[Tensor, ...]:

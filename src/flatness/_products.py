@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from flatness._functional import LossFn, _as_args, _as_kwargs, default_loss, functional_loss
+from flatness._functional import LossFn, _as_args, _as_kwargs, default_loss, dense_gradients, functional_loss
 from flatness._guard import same_bits
 from flatness._params import ParamSet, unwrap
 
@@ -118,7 +118,8 @@ def _outputs(
     model: nn.Module, ps: ParamSet, values: Sequence[Tensor], inputs: Any, extra: dict[str, Tensor]
 ) -> Tensor:
     state = {**extra, **ps.as_dict(values)}
-    return functional_call(unwrap(model), state, _as_args(inputs), _as_kwargs(inputs), strict=False)
+    with dense_gradients(model):
+        return functional_call(unwrap(model), state, _as_args(inputs), _as_kwargs(inputs), strict=False)
 
 
 def _second_order(f: Any, x: Any, v: Any, reverse_over_forward: bool) -> Any:
