@@ -498,3 +498,36 @@ def test_sparse_embeddings_measured_densely_and_left_sparse(name, call):
         call(model, data, always)
     assert model.emb.sparse
     _assert_unchanged(model, snap, f"{name}, failure at every call")
+
+
+class _MaxNormBag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 4, max_norm=0.5)  # every forward renormalizes the rows it reads
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.emb(tokens).mean(dim=1)))
+
+
+@pytest.mark.parametrize("name, call", [
+    ("sharpness linf", lambda m, d: flatness.sharpness(m, d, kind="linf", rho=0.05, n_iters=3)),
+    ("sharpness avg_l2", lambda m, d: flatness.sharpness(m, d, kind="avg_l2", rho=0.05, n_samples=3)),
+    ("trace", lambda m, d: trace(m, d, method="exact")),
+    ("top_eigenvalues", lambda m, d: top_eigenvalues(m, d, k=1)),
+    ("gradient_variance", lambda m, d: gradient_variance(m, d)),
+    ("kfac_variance", lambda m, d: kfac_variance(m, d)),
+    ("class_loss_imbalance", lambda m, d: class_loss_imbalance(m, d)),
+    ("per_sample_sharpness", lambda m, d: per_sample_sharpness(m, d, rho=0.05)),
+])
+def test_weights_renormalized_by_forward_are_put_back(name, call):
+    # nn.Embedding(max_norm=...) writes its weight in every forward pass;
+    # the measurements run such passes at w and leave w as it was
+    torch.manual_seed(0)
+    model = _MaxNormBag().double()
+    data = (torch.randint(0, 9, (6, 3)), torch.randint(0, 3, (6,)))
+    with torch.no_grad():
+        model.emb.weight.mul_(3.0)  # rows well above max_norm
+    snap = _snapshot(model)
+    call(model, data)
+    _assert_unchanged(model, snap, name)

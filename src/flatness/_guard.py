@@ -36,7 +36,8 @@ class ModelGuard(contextlib.AbstractContextManager):
     buffers are copied and written back in place (bit for bit, same
     storage), in eval mode too: a ``forward`` may update a counter or a
     running average in any mode, and training-mode passes update BatchNorm
-    running statistics.
+    running statistics.  So are the parameters the model's own forward
+    pass writes (:func:`written_weights`: embeddings with ``max_norm``).
 
     Parameters
     ----------
@@ -55,8 +56,11 @@ class ModelGuard(contextlib.AbstractContextManager):
         self._modes = [(mod, mod.training) for mod in m.modules()]
         self._params = [(p, p.requires_grad, p.grad) for p in m.parameters()]
         # Every buffer, in every mode: forward passes may write buffers in
-        # eval mode too (counters, running averages).
-        self._buffers = [(b, b.detach().clone()) for b in m.buffers()]
+        # eval mode too (counters, running averages).  And the weights of
+        # embeddings with max_norm, which every forward pass renormalizes in
+        # place (the rows it looks up).
+        written = {id(p): p for p in written_weights(m)}
+        self._buffers = [(b, b.detach().clone()) for b in (*m.buffers(), *written.values())]
         m.train(self.train)
         return self
 
@@ -67,7 +71,7 @@ class ModelGuard(contextlib.AbstractContextManager):
             if p.requires_grad != req:
                 p.requires_grad_(req)
             p.grad = grad
-        with torch.no_grad():
+        with torch.no_grad():  # buffers, and weights written by forward
             for b, saved in self._buffers:
                 # only if changed: writing an untouched buffer would bump its
                 # version counter and invalidate graphs kept across calls.
@@ -75,6 +79,14 @@ class ModelGuard(contextlib.AbstractContextManager):
                 # bumping the counter, so the values are compared.)
                 if not same_bits(b, saved):
                     b.copy_(saved)
+
+
+def written_weights(model: nn.Module) -> list[Tensor]:
+    """Parameters the model's forward pass writes in place: the weights of
+    ``nn.Embedding`` / ``nn.EmbeddingBag`` modules with ``max_norm``, whose
+    looked-up rows are renormalized in every forward pass."""
+    return [m.weight for m in model.modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
 
 
 @contextlib.contextmanager
