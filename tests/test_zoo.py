@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from zoo import (
     CASES,
     RELU_CASES,
@@ -19,7 +20,7 @@ from zoo import (
 )
 
 import flatness
-from flatness import diversity, hessian
+from flatness import diversity, hessian, landscape
 from flatness import nonuniformity as nu
 from flatness._hvp import CurvatureOperator
 
@@ -281,6 +282,24 @@ def test_options_seeds_devices_and_outputs_are_checked():
     with pytest.raises(ValueError, match="one tensor of logits"):
         flatness.sharpness(dict_case.build(), dict_case.batch(), kind="avg_l2", rho=1e-2,
                            loss_fn=dict_case.loss_fn, normalize_logits=True)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda m, b: flatness.sharpness(m, b, kind="l2", rho=0.1),
+    lambda m, b: hessian.trace(m, b),
+    lambda m, b: nu.gradient_variance(m, b),
+    lambda m, b: landscape.slice(m, b, landscape.directions(m, seed=0), n_points=3),
+], ids=["sharpness", "trace", "gradient_variance", "landscape"])
+def test_lazy_and_torchscript_models_are_refused_up_front(fn):
+    batch = CASES["mlp"].batch()
+    lazy = nn.Sequential(nn.LazyLinear(5), nn.Tanh(), nn.Linear(5, 3)).to(torch.float64)
+    with pytest.raises(ValueError, match=r"uninitialized parameters of lazy modules \(0.weight, 0.bias\)"):
+        fn(lazy, batch)
+    scripted = torch.jit.script(CASES["mlp"].build())
+    before = state(scripted)
+    with pytest.raises(TypeError, match="TorchScript module"):
+        fn(scripted, batch)
+    assert_same_state(before, state(scripted))
 
 
 # -- sharpness kinds and SAM --------------------------------------------------------

@@ -88,10 +88,22 @@ def select_params(model: nn.Module, params: Iterable[Any] | None = None, *, shar
         parameter of ``model``.
     """
     module = unwrap(model)
+    if isinstance(module, torch.jit.ScriptModule):
+        raise TypeError(
+            "a TorchScript module (torch.jit.script / torch.jit.trace) cannot be evaluated at other "
+            "weights (torch.func.functional_call refuses it); pass the original nn.Module "
+            "(torch.compile'd modules are supported)"
+        )
     # remove_duplicate=True: a tied tensor appears once, under its first name.
     named = list(module.named_parameters())
     if not named:
         raise ValueError("model has no parameters")
+    lazy = [n for n, p in named if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(
+            f"the model has uninitialized parameters of lazy modules ({', '.join(lazy)}): "
+            "run one forward pass on a batch first, which gives them their shapes and values"
+        )
     by_id = {id(p): n for n, p in named}
     by_name = dict(named)
     if params is None:
