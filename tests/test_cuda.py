@@ -173,3 +173,38 @@ def test_diversity_and_landscape_on_cuda_match_cpu():
         if isinstance(value, float):
             assert gpu_metrics.to_dict()[key] == pytest.approx(value, rel=1e-8, abs=1e-12), key
     assert gpu_barrier.value == pytest.approx(cpu_barrier.value, rel=1e-8, abs=1e-12)
+
+
+@pytest.mark.parametrize("cell", [torch.nn.LSTM, torch.nn.GRU])
+def test_recurrent_models_on_cuda_in_eval_mode(cell):
+    # cuDNN's RNN kernels refuse backward in eval mode and double backward;
+    # the measurements run the native kernels and set cuDNN back afterwards
+    class Recurrent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = cell(4, 6, batch_first=True)
+            self.head = torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            return self.head(out[:, -1])
+
+    torch.manual_seed(0)
+    model = Recurrent().to(DT)
+    g = torch.Generator().manual_seed(1)
+    data = (torch.randn(8, 5, 4, generator=g, dtype=DT), torch.randint(0, 3, (8,), generator=g))
+    cpu = [flatness.sharpness(model, data, kind="l2", rho=0.05, n_iters=5).value,
+           hessian.trace(model, data, method="exact").value,
+           float(hessian.top_eigenvalues(model, data, k=1).eigenvalues[0]),
+           nonuniformity.gradient_variance(model, data).total]
+    model.to(DEVICE)
+    snap = snapshot(model)
+    enabled = torch.backends.cudnn.enabled
+    gpu_data = _on(data, DEVICE)
+    gpu = [flatness.sharpness(model, gpu_data, kind="l2", rho=0.05, n_iters=5).value,
+           hessian.trace(model, gpu_data, method="exact").value,
+           float(hessian.top_eigenvalues(model, gpu_data, k=1).eigenvalues[0]),
+           nonuniformity.gradient_variance(model, gpu_data).total]
+    assert torch.backends.cudnn.enabled == enabled
+    assert_unchanged(model, snap)
+    assert gpu == pytest.approx(cpu, rel=1e-6)

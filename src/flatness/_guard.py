@@ -38,6 +38,9 @@ class ModelGuard(contextlib.AbstractContextManager):
     running average in any mode, and training-mode passes update BatchNorm
     running statistics.  So are the parameters the model's own forward
     pass writes (:func:`written_weights`: embeddings with ``max_norm``).
+    While a model with recurrent layers on a GPU is inside, cuDNN is off
+    (``torch.backends.cudnn.enabled``, set back on exit): its RNN kernels
+    cannot backpropagate in eval mode nor differentiate twice.
 
     Parameters
     ----------
@@ -61,10 +64,17 @@ class ModelGuard(contextlib.AbstractContextManager):
         # place (the rows it looks up).
         written = {id(p): p for p in written_weights(m)}
         self._buffers = [(b, b.detach().clone()) for b in (*m.buffers(), *written.values())]
+        # cuDNN's recurrent kernels have no backward pass in eval mode and no
+        # double backward: the native kernels run instead while measuring.
+        self._cudnn = torch.backends.cudnn.enabled
+        if self._cudnn and any(isinstance(mod, nn.RNNBase) and any(p.is_cuda for p in mod.parameters())
+                               for mod in m.modules()):
+            torch.backends.cudnn.enabled = False
         m.train(self.train)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        torch.backends.cudnn.enabled = self._cudnn
         for mod, mode in self._modes:
             mod.training = mode
         for p, req, grad in self._params:
