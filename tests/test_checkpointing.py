@@ -19,23 +19,29 @@ DT = torch.float64
 
 
 class Checkpointed(nn.Module):
-    """Two blocks, the first recomputed in the backward pass when ``ck``."""
+    """An input layer, a block recomputed in the backward pass when ``ck``,
+    and a head.  (The block's input comes from a layer: reentrant
+    checkpointing backpropagates only into blocks whose inputs require
+    gradients.)"""
 
-    def __init__(self, ck: bool) -> None:
+    def __init__(self, ck: bool, reentrant: bool = False) -> None:
         super().__init__()
+        self.pre = nn.Linear(5, 5)
         self.block = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
         self.head = nn.Linear(8, 3)
         self.ck = ck
+        self.reentrant = reentrant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = checkpoint(self.block, x, use_reentrant=False) if self.ck else self.block(x)
+        x = torch.tanh(self.pre(x))
+        h = checkpoint(self.block, x, use_reentrant=self.reentrant) if self.ck else self.block(x)
         return self.head(h)
 
 
-def _pair() -> tuple[nn.Module, nn.Module]:
+def _pair(reentrant: bool = False) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     plain = Checkpointed(False).to(DT)
-    ck = Checkpointed(True).to(DT)
+    ck = Checkpointed(True, reentrant).to(DT)
     ck.load_state_dict(plain.state_dict())
     return plain, ck
 
@@ -75,9 +81,11 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_sam_steps_equal_without_checkpointing(name):
-    plain, ck = _pair()
+def test_sam_steps_equal_without_checkpointing(name, reentrant):
+    # (reentrant checkpointing too: the optimizers only call backward())
+    plain, ck = _pair(reentrant)
     x, y = _batch()
     opts = [OPTIMIZERS[name](m) for m in (plain, ck)]
     for _ in range(3):
@@ -91,3 +99,18 @@ def test_sam_steps_equal_without_checkpointing(name):
             opt.zero_grad()
     for p, q in zip(plain.parameters(), ck.parameters()):
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_reentrant_checkpointing_is_refused_by_pytorch_and_the_model_left_alone():
+    # torch.utils.checkpoint(use_reentrant=True) supports neither
+    # torch.autograd.grad nor double backward: the measurements fail with
+    # PyTorch's error, which names the fix (docs/guide/reliability.rst)
+    _, ck = _pair(reentrant=True)
+    batch = _batch()
+    before = {k: v.clone() for k, v in ck.state_dict().items()}
+    for name in ("linf", "trace", "gradient_variance"):
+        with pytest.raises(RuntimeError, match="use_reentrant=False"):
+            MEASURES[name](ck, batch)
+    for k, v in ck.state_dict().items():
+        assert torch.equal(v, before[k])

@@ -191,16 +191,29 @@ def capture(layers: list[KFACLayer]) -> Iterator[dict[str, list[list[Tensor]]]]:
     after an exception.
     """
     store: dict[str, list[list[Tensor]]] = {}
+    # entries recorded by a forward pass without autograd, whose output
+    # gradient a recomputation in the backward pass may still bring
+    waiting: dict[str, list[list[Tensor]]] = {}
     handles = []
 
     def make_hook(name: str):
         def hook(mod: nn.Module, args: tuple, output: Tensor) -> None:
             if _in_backward():
-                return  # activation checkpointing recomputing the forward pass
+                # Activation checkpointing recomputing the forward pass.  A
+                # non-reentrant checkpoint kept the first pass's output, whose
+                # hook is set; a reentrant one ran the first pass without
+                # autograd, and the gradient reaches this recomputed output.
+                queue = waiting.get(name)
+                if queue and output.requires_grad:
+                    entry = queue.pop(0)
+                    output.register_hook(lambda g: entry.append(g.detach()))
+                return
             entry = [args[0].detach()]
             store.setdefault(name, []).append(entry)
             if output.requires_grad:
                 output.register_hook(lambda g: entry.append(g.detach()))
+            elif not torch.is_grad_enabled():
+                waiting.setdefault(name, []).append(entry)
 
         return hook
 
