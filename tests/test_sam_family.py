@@ -998,3 +998,45 @@ def test_esam_gradient_accumulation_as_documented():
                 (F.cross_entropy(model(xi[mi]), yi[mi], reduction="sum") / n_sel).backward()
         opt.second_step(zero_grad=True)
     assert_close_lists(weights(model), weights(full))
+
+
+# --------------------------------------------------------------------------
+# Sparse gradients (nn.Embedding(sparse=True))
+# --------------------------------------------------------------------------
+
+
+class _Bag(nn.Module):
+    def __init__(self, sparse):
+        super().__init__()
+        self.emb = nn.Embedding(12, 4, sparse=sparse)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.emb(tokens).mean(dim=1)))
+
+
+SPARSE_VARIANTS = {
+    "SAM": lambda p: SAM(p, torch.optim.SGD, rho=0.1, lr=0.1),
+    "GSAM": lambda p: GSAM(p, torch.optim.SGD, rho=0.1, alpha=0.2, lr=0.1),
+    "LookSAM": lambda p: LookSAM(p, torch.optim.SGD, rho=0.1, k=2, alpha=0.5, lr=0.1),
+    "WSAM": lambda p: WSAM(p, torch.optim.SGD, rho=0.1, gamma=0.8, lr=0.1),
+    "FriendlySAM": lambda p: FriendlySAM(p, torch.optim.SGD, rho=0.1, lr=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE_VARIANTS))
+def test_sparse_embedding_gradients_step_like_dense_ones(name):
+    # the variants that combine the two passes' gradients take them dense;
+    # the steps equal those of the same model with a dense embedding
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 12, (8, 3), generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
+    models = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        models.append(_Bag(sparse).to(DT))
+    for model in models:
+        opt = SPARSE_VARIANTS[name](model.parameters())
+        for x, y in data:
+            opt.step(closure_for(model, x, y))
+            opt.zero_grad()
+    assert_close_lists(list(models[1].parameters()), list(models[0].parameters()))

@@ -4,7 +4,7 @@ generator; their arithmetic is in :mod:`flatness.optim._family_functional`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -43,8 +43,24 @@ def grad_scale(scaler: Any) -> float:
 
 
 def current_grads(params: Sequence[Tensor]) -> list[Tensor]:
-    """The live gradients of ``params`` (zeros for a parameter left without one)."""
+    """The live gradients of ``params`` (zeros for a parameter left without one).
+
+    A sparse gradient (``nn.Embedding(sparse=True)``) is first replaced in
+    ``.grad`` by its dense form: the variants combine it in place with the
+    dense gradient of the other pass, so the base optimizer then receives a
+    dense gradient (which rules out base optimizers that take sparse
+    gradients only, such as ``torch.optim.SparseAdam``).
+    """
+    dense_grads_(params)
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def dense_grads_(params: Iterable[Tensor]) -> None:
+    """Replace each sparse ``.grad`` of ``params`` by its dense form, for
+    variants that change the gradient the base optimizer receives."""
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
 
 
 def skipped_by(scaler: Any, params: Sequence[Tensor]) -> bool:

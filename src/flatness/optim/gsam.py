@@ -325,6 +325,7 @@ class LookSAM(SAM):
             raise RuntimeError(
                 "first_step() called twice: call second_step() (or restore()) before the next first_step()"
             )
+        fam.dense_grads_(self._all_params())  # corrected in place: the base step must see it
         groups = self.ascent_groups()
         if not groups and any(self.sam_settings(g)["perturb"] for g in self.param_groups):
             raise RuntimeError("first_step() found no gradients: run loss.backward() before first_step()")
