@@ -191,7 +191,10 @@ def main() -> None:
         _fixed_mmap_threshold()
     dtype = getattr(torch, args.dtype)
     batch_size = args.batch or (2 if device.type == "cpu" else 8)
-    sizes = QUICK if args.quick else {k: SIZES[k] for k in (args.sizes or [s for s in SIZES if s != "1B"])}
+    default = [s for s in SIZES if s != "1B"]
+    if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= 60 * 2**30:
+        default.append("1B")  # 4 GiB of float32 weights, the heaviest operation about 12 P
+    sizes = QUICK if args.quick else {k: SIZES[k] for k in (args.sizes or default)}
 
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}),"
           f" torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
