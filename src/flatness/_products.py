@@ -19,8 +19,9 @@ engine choice, flat vectors) on top of these.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -233,9 +234,58 @@ def _zeros_or(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> tuple
     return tuple(torch.zeros_like(v) if t is None else t.detach() for t, v in zip(tensors, like))
 
 
+class _Root(NamedTuple):
+    """Where a product's backward pass starts: a gradient tensor, or only
+    its place in the graph (see :func:`_roots`), and its dtype."""
+
+    output: Any  # Tensor or torch.autograd.graph.GradientEdge
+    dtype: torch.dtype
+
+
+@functools.cache
+def _edges_as_outputs() -> bool:
+    """Whether ``torch.autograd.backward`` takes gradient edges as outputs
+    (recent torch releases), tried once on a two-element graph."""
+    try:
+        from torch.autograd.graph import get_gradient_edge
+
+        x = torch.ones(2, requires_grad=True)
+        with torch.enable_grad():
+            edge = get_gradient_edge(x * 2)
+        (g,) = torch.autograd.grad([edge], [x], [torch.ones(2)])
+        return bool(torch.equal(g, torch.full((2,), 2.0)))
+    except Exception:  # noqa: BLE001 - any failure means: keep the tensors
+        return False
+
+
+def _roots(grads: Sequence[Tensor | None]) -> list[_Root | None]:
+    """The starting points of the products' backward passes: ``None`` where
+    the gradient does not depend on the parameters.
+
+    A product needs the gradient's graph, not its values: where torch takes
+    gradient edges as outputs, only the edges are kept and the gradient
+    itself (one parameter size) is freed, unless a node of the graph saved
+    it."""
+    edges = _edges_as_outputs()
+    if edges:
+        from torch.autograd.graph import get_gradient_edge
+    out: list[_Root | None] = []
+    for g in grads:
+        if g is None or not g.requires_grad:
+            out.append(None)
+        else:
+            out.append(_Root(get_gradient_edge(g) if edges else g, g.dtype))
+    return out
+
+
 class KeptGraph:
     """One batch's loss gradient with its graph (``create_graph=True``),
     ready for any number of reverse-over-reverse products.
+
+    Only the graph is kept: the gradient's values are not needed by the
+    products and are freed (where torch takes gradient edges as outputs),
+    so the graph holds the activations and what the backward pass saved
+    for a second differentiation, and no parameter-sized gradient.
 
     Hessian: ``H v = d(g . v)/dw`` with ``g`` the kept gradient.  GGN:
     ``J v`` by the double-vjp trick (``J^T u`` is linear in a dummy ``u``;
@@ -255,7 +305,7 @@ class KeptGraph:
         with torch.enable_grad():
             if curvature == "hessian":
                 loss = functional_loss(model, ps, self.values, inputs, targets, loss_fn, extra=buffers)
-                self.grads = torch.autograd.grad(loss, self.values, create_graph=True, allow_unused=True)
+                self.grads = _roots(torch.autograd.grad(loss, self.values, create_graph=True, allow_unused=True))
             else:
                 z = _outputs(model, ps, self.values, inputs, buffers)
                 if not isinstance(z, Tensor):
@@ -264,7 +314,7 @@ class KeptGraph:
                 self.z = z
                 (self.gz,) = torch.autograd.grad(loss, z, create_graph=True)
                 self.u = torch.zeros_like(z, requires_grad=True)
-                self.grads = torch.autograd.grad(z, self.values, self.u, create_graph=True, allow_unused=True)
+                self.grads = _roots(torch.autograd.grad(z, self.values, self.u, create_graph=True, allow_unused=True))
 
     def products(self, tangents: Tangents, out: Tangents | None = None) -> Tangents:
         """``C v_i`` for the ``k`` vectors of ``tangents`` (``(k, *shape)``).
@@ -286,10 +336,10 @@ class KeptGraph:
 
     def _one(self, vec: list[Tensor], into: list[Tensor] | None = None) -> tuple[Tensor, ...]:
         """One product; with ``into`` (parameter-shaped tensors) written there."""
-        live = [(g, v) for g, v in zip(self.grads, vec) if g is not None and g.requires_grad]
+        live = [(g, v) for g, v in zip(self.grads, vec) if g is not None]
         if not live:  # the gradient does not depend on the parameters
             return self._zeros(into)
-        outs, grad_outs = [g for g, _ in live], [v.to(g.dtype) for g, v in live]
+        outs, grad_outs = [g.output for g, _ in live], [v.to(g.dtype) for g, v in live]
         with torch.enable_grad():
             if self.curvature == "hessian":
                 return self._grad(outs, grad_outs, into)
