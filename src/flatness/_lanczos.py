@@ -282,9 +282,11 @@ def lanczos(
             raise ValueError(f"v0 must have {b} column(s), got {X.shape[1]}")
     X = X.to(device=where, dtype=basis_dtype)
     if not store_basis:
-        q = X[:, 0] if v0 is None else X[:, 0].clone()  # normalized in place below
+        # normalized in place by the recurrence, which alone holds it: a
+        # reference kept here would hold the start vector through every step
+        start = [X[:, 0] if v0 is None else X[:, 0].clone()]
         del X
-        return _lanczos_recurrence(matmat, q, n, k, which, tol, max(1, max_iter), callback)
+        return _lanczos_recurrence(matmat, start, n, k, which, tol, max(1, max_iter), callback)
     max_iter = max(1, min(max_iter, math.ceil(n / b)))
     basis = _Basis(n, b, max_iter, where, basis_dtype)
     basis.append(torch.linalg.qr(X)[0])
@@ -364,9 +366,23 @@ def _invariance_threshold(dtype: torch.dtype) -> float:
     return 1e-10 if dtype == torch.float64 else 1e-5
 
 
+def _dot(x: Tensor, y: Tensor) -> float:
+    """``x . y`` accumulated in float64, for vectors of any floating dtype,
+    converting a block at a time (no ``n``-sized float64 copy)."""
+    if x.dtype == torch.float64:
+        return float(torch.dot(x, y))
+    return math.fsum(
+        float(torch.dot(x[i : i + _DOT_BLOCK].double(), y[i : i + _DOT_BLOCK].double()))
+        for i in range(0, x.shape[0], _DOT_BLOCK)
+    )
+
+
+_DOT_BLOCK = 1 << 18  # elements converted to float64 at a time (2 MiB)
+
+
 def _lanczos_recurrence(
     matmat: MatMat,
-    q: Tensor,
+    start: list[Tensor],
     n: int,
     k: int,
     which: str,
@@ -376,12 +392,18 @@ def _lanczos_recurrence(
 ) -> LanczosResult:
     """Single-vector Lanczos by the three-term recurrence, no stored basis.
 
-    Holds ``q_{j-1}``, ``q_j`` and ``A q_j`` only.  After each step the
-    tridiagonal ``T_j`` is diagonalized and cleaned by :func:`_good_ritz`;
-    the residual of Ritz value ``theta_i`` is ``beta_j |s_{j,i}|`` (Paige:
-    it bounds the true residual in finite precision too, up to rounding).
+    Holds ``q_{j-1}``, ``q_j`` and ``A q_j`` only, in the dtype of the
+    start vector (``start``, a one-element list this function empties, so
+    that no caller keeps the first vector alive); the recurrence's
+    coefficients are float64 dot products whatever that dtype.  After each
+    step the tridiagonal ``T_j`` is diagonalized and cleaned by
+    :func:`_good_ritz`; the residual of Ritz value ``theta_i`` is
+    ``beta_j |s_{j,i}|`` (Paige: it bounds the true residual in finite
+    precision too, up to rounding).
     """
-    q = q.div_(q.norm())  # the caller's own copy: no second vector
+    q = start.pop()
+    q = q.div_(math.sqrt(_dot(q, q)))  # the caller's own copy: no second vector
+    eps = float(torch.finfo(q.dtype).eps)
     q_prev: Tensor | None = None
     d: list[float] = []
     e: list[float] = []
@@ -393,15 +415,15 @@ def _lanczos_recurrence(
     for j in range(max_iter):
         steps = j + 1
         w = _own(matmat(q[:, None])[:, 0], q)
-        a = float(torch.dot(q, w))
+        a = _dot(q, w)
         w.sub_(q, alpha=a)
         if q_prev is not None:
             w.sub_(q_prev, alpha=beta_prev)
-        beta = float(w.norm())
+        beta = math.sqrt(_dot(w, w))
         d.append(a)
         theta, last = _tridiagonal_eig(d, e)
         scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
-        values, residuals = _good_ritz(theta, last * beta, d, e, scale)
+        values, residuals = _good_ritz(theta, last * beta, d, e, scale, eps)
         order = _pick(values, min(k, len(values)), which)
         values, residuals = values[order], residuals[order]
         if callback is not None:
@@ -433,22 +455,27 @@ def _tridiagonal_eig(d: list[float], e: list[float]) -> tuple[np.ndarray, np.nda
 
 
 def _good_ritz(
-    theta: np.ndarray, residual: np.ndarray, d: list[float], e: list[float], scale: float
+    theta: np.ndarray, residual: np.ndarray, d: list[float], e: list[float], scale: float,
+    working_eps: float = float(np.finfo(np.float64).eps),
 ) -> tuple[np.ndarray, np.ndarray]:
     """The Ritz values of a Lanczos run without reorthogonalization that
     approximate eigenvalues of ``A``, each once (Cullum and Willoughby 1985).
 
     Loss of orthogonality makes a converged eigenvalue appear again as a
     copy, and makes ``T`` have *spurious* eigenvalues that belong to no
-    eigenvalue of ``A``.  Copies agree to rounding and are merged (keeping
-    the smallest residual).  A spurious value is a simple eigenvalue of ``T``
-    that is also an eigenvalue of ``T`` with its first row and column
-    removed: its eigenvector has a negligible first component, so the start
-    vector does not see it.
+    eigenvalue of ``A``.  Copies agree to the rounding of the run's vectors
+    and products and are merged (keeping the smallest residual): values
+    closer than ``sqrt(working_eps) * scale`` count as one, ``working_eps``
+    being the machine epsilon of the vectors (float32 copies differ by up
+    to about ``1e-5 * scale``, float64 ones by far less).  A spurious value
+    is a simple eigenvalue of ``T`` that is also an eigenvalue of ``T`` with
+    its first row and column removed: its eigenvector has a negligible first
+    component, so the start vector does not see it (a property of ``T``,
+    tested in float64 whatever the vectors' dtype).
     """
     m = len(theta)
     eps = np.finfo(np.float64).eps
-    multiple_tol = math.sqrt(eps) * scale  # copies of one eigenvalue
+    multiple_tol = math.sqrt(max(eps, working_eps)) * scale  # copies of one eigenvalue
     spurious_tol = 8 * eps * m * scale     # a coincidence with T-hat's spectrum
     groups: list[list[int]] = []
     for i in range(m):  # theta is sorted ascending

@@ -329,7 +329,7 @@ def top_eigenvalues(
     progress: bool = False,
     train: bool = False,
     chunk_size: int | None = None,
-    basis_dtype: torch.dtype = torch.float64,
+    basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
     low_memory: bool = False,
     engine: str = "auto",
@@ -361,11 +361,17 @@ def top_eigenvalues(
         tqdm bar over products.
     loss_fn, params, n_batches, train, chunk_size, engine
         As in :func:`hvp`.
-    basis_dtype : torch.dtype
-        Dtype of the stored Lanczos basis: ``torch.float64`` (default, 2x the
-        parameter bytes per step for a float32 model) or ``torch.float32``
-        (half that; eigenvalues accurate to about ``1e-6 * max |lambda|``, so
-        ``tol`` below about ``1e-5`` buys nothing).
+    basis_dtype : torch.dtype, optional
+        Dtype of the Lanczos vectors: ``torch.float64`` (the default for the
+        stored basis, 2x the parameter bytes per step for a float32 model)
+        or ``torch.float32`` (half that; eigenvalues accurate to about
+        ``1e-6 * max |lambda|``, so ``tol`` below about ``1e-5`` buys
+        nothing).  With ``low_memory=True`` the default is the parameters'
+        dtype (float32 for half-precision models): the products are
+        computed in that dtype anyway, the recurrence's coefficients are
+        float64 dot products, and the eigenvalues agree with a float64
+        recurrence to about ``1e-6 * max |lambda|``; eigenvalues closer
+        than about ``3e-4 * max |lambda|`` are then reported once.
     basis_device : torch.device or str, optional
         Keep the basis there instead of on the model's device, e.g. ``"cpu"``
         for a model on a GPU: the device then holds one vector and the
@@ -376,6 +382,12 @@ def top_eigenvalues(
         spurious Ritz values (loss of orthogonality) are removed by the
         Cullum-Willoughby test.  ``eigenvectors`` is then empty and
         ``block_size`` must be 1; it may need more products than the default.
+        Memory: three vectors (``q_{j-1}``, ``q_j`` and the product, 3 P in
+        the default dtype for a model of ``P`` parameter bytes) beside what
+        one product needs (with one batch of data, the gradient's graph that
+        the double-backward engine keeps: the activations and what the
+        backward pass saved, and one parameter size of partial products
+        while a product runs).
 
     Returns
     -------
@@ -391,7 +403,7 @@ def top_eigenvalues(
     check_int("block_size", block_size, 1)
     if which not in ("LA", "LM", "SA"):
         raise ValueError(f"which must be 'LA', 'LM' or 'SA', got {which!r}")
-    if basis_dtype not in (torch.float32, torch.float64):
+    if basis_dtype is not None and basis_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"basis_dtype must be torch.float32 or torch.float64, got {basis_dtype!r}")
     if not isinstance(low_memory, bool):
         raise TypeError(f"low_memory must be a bool, got {low_memory!r}")
@@ -411,6 +423,11 @@ def top_eigenvalues(
     if block_size > n:
         raise ValueError(f"block_size={block_size} exceeds the number of selected parameters ({n})")
     limit = max_iter if max_iter is not None else max(20 * k, 100)
+    if basis_dtype is None:
+        # the recurrence of low_memory in the parameters' dtype (float32 at
+        # least): three vectors of P bytes instead of 2 P each
+        basis_dtype = op.dtype if low_memory and op.dtype in (torch.float32, torch.float64) else (
+            torch.float32 if low_memory else torch.float64)
     if bar is not None:
         bar.total = limit * block_size
     try:
