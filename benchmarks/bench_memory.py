@@ -36,8 +36,8 @@ from the algorithms:
 * average-case sharpness: one draw's perturbed weights (1 P).
 * one HVP (the vector is set up outside the row, "state held" 1 P): the
   product (1 P), plus the gradient (1 P) for double backward, whose graph
-  is kept; the torch.func engine runs one vector reverse-over-forward
-  (``grad`` of ``jvp``), which never holds the gradient.  Both add the
+  is kept; the torch.func engine (``jvp`` of ``grad``) holds the gradient
+  beside its tangent.  Both add the
   transients of one layer's backward.
 * trace: ``batch`` random vectors and their products, ``2 batch + 1`` P
   (the default batch is 1 here: one batch of data, whose graph the

@@ -95,15 +95,15 @@ def test_average_case_memory(setting, kind, bound):
 
 
 # Products, the vectors allocated outside the call.  One vector:
-# forward-over-reverse 1.95 P (one vector runs reverse-over-forward, grad of
-# jvp: the product and one layer's temporaries, no gradient beside it; 3.0
-# with jvp of grad and a parameter-sized probe vector), double backward
-# 2.0 P (the gradient with its graph and the product).  Three vectors:
+# forward-over-reverse 3.0 P (jvp of grad: the gradient beside its tangent
+# and the product; grad of jvp held 1.95 P but torch differentiates the
+# forward-mode formulas of layer_norm and batch_norm wrongly), double
+# backward 2.0 P (the gradient with its graph and the product).  Three vectors:
 # 4.1 P (three products and the gradient) and 5.0 P (the gradient, the
 # output and one layer's product in flight; 7.0 when the rows were all kept
 # and then stacked).
 @pytest.mark.parametrize("engine, k, bound", [
-    ("forward-over-reverse", 1, 2.3), ("double-backward", 1, 2.3),
+    ("forward-over-reverse", 1, 3.3), ("double-backward", 1, 2.3),
     ("forward-over-reverse", 3, 4.4), ("double-backward", 3, 5.3),
 ])
 def test_hvp_memory(setting, engine, k, bound):

@@ -6,9 +6,10 @@ Products are taken with respect to the selected parameters (a
 
 * Hessian: forward-over-reverse, ``jvp(grad(loss), (w,), (v,))``; ``k``
   vectors go through one ``vmap`` call (one batched forward and backward
-  pass instead of ``k``).  One vector alone takes the reverse-over-forward
-  order, ``grad(jvp(loss))``: the same product without the gradient held
-  beside it (one parameter size less) and faster without ``vmap``.
+  pass instead of ``k``).  One vector takes the same order: the
+  reverse-over-forward ``grad(jvp(loss))`` would hold no gradient beside
+  the tangent, but torch differentiates the forward-mode formulas of
+  ``layer_norm``, ``batch_norm`` (training) and ``instance_norm`` wrongly.
 * Generalized Gauss-Newton (GGN) ``G = J^T H_z J``, where ``J`` is the
   Jacobian of the model outputs ``z`` with respect to the parameters and
   ``H_z`` the Hessian of ``loss_fn`` with respect to ``z``: a ``jvp`` through
@@ -116,6 +117,20 @@ def _scaled(first: tuple[int, Tangents], out: Callable[[], Tangents] | None) -> 
     for a, o in zip(target, prod):
         torch.mul(o, nb, out=a)
     return target
+
+
+def _kept_products(g: KeptGraph, tangents: Tangents, out: Tangents | None, forms: bool) -> Tangents:
+    """A kept graph's products, or their quadratic forms."""
+    return g.forms(tangents) if forms else g.products(tangents, out)
+
+
+def _forms_of(tangents: Tangents, products: Tangents) -> Tangents:
+    """``v_i . C v_i`` (float64, ``(k,)``) from computed products."""
+    k = int(tangents[0].shape[0])
+    out = torch.zeros(k, dtype=torch.float64, device=tangents[0].device)
+    for t, p in zip(tangents, products):
+        out += (t.reshape(k, -1) * p.reshape(k, -1)).sum(1, dtype=torch.float64)
+    return (out,)
 
 
 def _is_one_shot(data: Any) -> bool:
@@ -289,15 +304,20 @@ class CurvatureOperator:
 
     # -- products ------------------------------------------------------------
 
-    def apply(self, tangents: Tangents, out: Callable[[], Tangents] | None = None) -> Tangents:
+    def apply(self, tangents: Tangents, out: Callable[[], Tangents] | None = None, *, forms: bool = False) -> Tangents:
         """Products with parameter-shaped tangents ``(k, *param.shape)``.
 
         ``out``, called at most once, returns tensors shaped like
         ``tangents`` that may receive the products of the first batch (the
         double-backward engine writes them in place, allocating nothing
-        beside them); the returned tensors hold the result either way."""
+        beside them); the returned tensors hold the result either way.
+        With ``forms=True`` the result is instead the one-element tuple of
+        the quadratic forms ``v_i . C v_i`` (float64, shape ``(k,)``): the
+        double-backward engine then never holds a product vector."""
         k = int(tangents[0].shape[0])
         ps = self.params
+        if forms:
+            out = None
         # Grad mode is the library's business: products work the same inside
         # the caller's no_grad() or inference_mode().  no_grad for the
         # transforms: parameters outside the selection must not record a
@@ -307,7 +327,7 @@ class CurvatureOperator:
             # which touch neither the module nor the RNG.
             with torch.inference_mode(False), torch.no_grad(), curvature_kernels():
                 total, acc = self._accumulate(
-                    ((nb, g.products(tangents, out() if i == 0 and out else None))
+                    ((nb, _kept_products(g, tangents, out() if i == 0 and out else None, forms))
                      for i, (nb, g) in enumerate(self._kept)), out,
                 )
             return self._finish(k, total, acc)
@@ -322,10 +342,12 @@ class CurvatureOperator:
                 self.engine_reason = "requested (probe passed)"
             with private_rng(self.seed, ps.device):
                 if self.engine == "double-backward":
-                    total, acc = self._double_backward(tangents, out)
+                    total, acc = self._double_backward(tangents, out, forms)
                 else:
                     total, acc = self._accumulate(
-                        ((nb, self._batch(inputs, targets, tangents)) for nb, inputs, targets in self._batches()),
+                        ((nb, _forms_of(tangents, self._batch(inputs, targets, tangents)) if forms
+                          else self._batch(inputs, targets, tangents))
+                         for nb, inputs, targets in self._batches()),
                         out,
                     )
         return self._finish(k, total, acc)
@@ -386,11 +408,11 @@ class CurvatureOperator:
         return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
 
     def _double_backward(
-        self, tangents: Tangents, out: Callable[[], Tangents] | None = None
+        self, tangents: Tangents, out: Callable[[], Tangents] | None = None, forms: bool = False
     ) -> tuple[int, list[Tensor]]:
         if self._kept is not None and self._kept_key == self._state_key():
             return self._accumulate(
-                ((nb, g.products(tangents, out() if i == 0 and out else None))
+                ((nb, _kept_products(g, tangents, out() if i == 0 and out else None, forms))
                  for i, (nb, g) in enumerate(self._kept)), out,
             )
         self._kept = None
@@ -402,7 +424,7 @@ class CurvatureOperator:
                 g = KeptGraph(self.model, self.params, inputs, targets, self.loss_fn, self.curvature)
                 if keep:
                     kept.append((nb, g))
-                yield nb, g.products(tangents, out() if i == 0 and out else None)
+                yield nb, _kept_products(g, tangents, out() if i == 0 and out else None, forms)
                 del g  # a graph that is not kept goes before the next batch's is built
 
         result = self._accumulate(run(), out)
@@ -459,10 +481,9 @@ class CurvatureOperator:
         # one stored number per parameter tensor, broadcast (no parameter-sized vector)
         probe = tuple(torch.ones((), dtype=p.dtype, device=p.device).expand(1, *p.shape) for p in self.params.params)
         try:
-            # the kernel that ``k`` vectors per pass will run (reverse-over-forward for one)
+            # the kernel that ``k`` vectors per pass will run
             batch_curvature_products(self.model, self.params, x1, y1, probe, loss_fn=self.loss_fn,
-                                     curvature=self.curvature,
-                                     reverse_over_forward=self.curvature == "hessian" and k == 1)
+                                     curvature=self.curvature)
         except (RuntimeError, NotImplementedError) as exc:
             return exc
         return None
@@ -520,6 +541,21 @@ class CurvatureOperator:
         products = list(self.apply(self.unflatten(V.to(device=self.device, dtype=self.dtype)),
                                    out=direct if same else None))
         return _into_columns(products, result())
+
+    def quadratic_forms(self, V: Tensor) -> Tensor:
+        """``v_i^T C v_i`` for the columns of ``V`` (shape ``(n, k)``), as a
+        float64 tensor of shape ``(k,)``.
+
+        What a trace estimator needs of a product.  The double-backward
+        engine dots each parameter's product with its piece of ``v_i`` as
+        the backward pass forms it and keeps no product vector (one
+        parameter size less than :meth:`matmat`); the other engine forms the
+        products and dots them.
+        """
+        if V.dim() != 2 or V.shape[0] != self.shape[0]:
+            raise ValueError(f"expected a matrix of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
+        (f,) = self.apply(self.unflatten(V.to(device=self.device, dtype=self.dtype)), forms=True)
+        return f
 
     def matvec(self, v: Tensor) -> Tensor:
         """``C v`` for one flat vector of shape ``(n,)``."""

@@ -549,12 +549,17 @@ def hutchinson(
     device: torch.device | str = "cpu",
     batch: int = 8,
     dtype: torch.dtype = torch.float64,
+    quadform: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[float, float, Tensor]:
     """Hutchinson's trace estimator with Rademacher vectors.
 
     The vectors are drawn ``batch`` at a time, so at most ``batch`` of them
     (and their products) exist at once; ``dtype`` is theirs (random signs
     are exact in any dtype; the quadratic forms are summed in float64).
+    ``quadform(V)``, if given, returns the forms ``v_i^T A v_i`` of the
+    columns directly (float64, ``(k,)``; e.g. without holding the products,
+    :meth:`~flatness._hvp.CurvatureOperator.quadratic_forms`); by default
+    they are dotted from ``matmat(V)``.
 
     Returns
     -------
@@ -567,12 +572,20 @@ def hutchinson(
     """
     if n_samples < 2:
         raise ValueError(f"hutchinson needs n_samples >= 2 for a standard error, got {n_samples}")
+    form = _quadform(matmat, quadform)
     forms = []
     for b in _blocks(n_samples, batch):
         Z = rademacher(n, b, generator=generator, device=device, dtype=dtype)
-        forms.append(_column_dots(Z, matmat(Z)))
+        forms.append(form(Z))
+        del Z
     q = torch.cat(forms).cpu()
     return float(q.mean()), float(q.std(unbiased=True) / math.sqrt(n_samples)), q
+
+
+def _quadform(matmat: MatMat, quadform: Callable[[Tensor], Tensor] | None) -> Callable[[Tensor], Tensor]:
+    if quadform is not None:
+        return lambda V: quadform(V).double().cpu()
+    return lambda V: _column_dots(V, matmat(V)).cpu()
 
 
 def _orthonormalize_(X: Tensor) -> Tensor:
@@ -604,6 +617,7 @@ def hutchpp(
     batch: int = 8,
     dtype: torch.dtype = torch.float64,
     sketch: int | None = None,
+    quadform: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[float, float, Tensor]:
     """Hutch++ (Meyer, Musco, Musco and Woodruff 2021) with ``n_samples``
     products.
@@ -641,15 +655,16 @@ def hutchpp(
         start += b
     Q = _orthonormalize_(AS)
     del AS
+    form = _quadform(matmat, quadform)
     exact_part = 0.0
     for start in range(0, s, batch):
-        Qb = Q[:, start : start + batch]
-        exact_part += float(_column_dots(Qb, matmat(Qb)).sum())
+        exact_part += float(form(Q[:, start : start + batch]).sum())
     forms = []
     for b in _blocks(g, batch):
         G = rademacher(n, b, generator=generator, device=device, dtype=dtype)
         G.addmm_(Q, Q.T @ G, alpha=-1)
-        forms.append(_column_dots(G, matmat(G)))
+        forms.append(form(G))
+        del G
     q = torch.cat(forms).cpu()
     return exact_part + float(q.mean()), float(q.std(unbiased=True) / math.sqrt(g)), q
 

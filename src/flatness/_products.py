@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -158,16 +159,13 @@ def batch_curvature_products(
         At most this many vectors per ``vmap`` call (bounds memory).
     reverse_over_forward : bool, optional
         Differentiate ``jvp`` with ``grad`` instead of the
-        forward-over-reverse ``jvp`` of ``grad``.  Same result; needed for
-        losses whose backward formula has no forward derivative in PyTorch
-        (``F.mse_loss`` with ``reduction="mean"`` raises "ZeroTensors are
-        immutable" in torch 2.x).  Default (``None``): reverse-over-forward
-        for one Hessian-vector product, which holds only the product (the
-        gradient of ``v . grad f`` is formed parameter by parameter), where
-        ``jvp`` of ``grad`` holds the gradient beside its tangent, one
-        parameter size more, and is slower without ``vmap``;
-        forward-over-reverse for several vectors, which ``vmap`` batches
-        faster.
+        forward-over-reverse ``jvp`` of ``grad``.  The same product in
+        exact arithmetic, and it holds no gradient beside the tangent (one
+        parameter size less), but torch's reverse-mode derivatives of the
+        forward-mode formulas of ``layer_norm``, ``batch_norm`` in training
+        mode and ``instance_norm`` are wrong (torch 2.13 on CPU: errors of
+        order one against a dense Hessian), so the default (``None``) is
+        ``jvp`` of ``grad`` for any number of vectors.
 
     Returns
     -------
@@ -175,7 +173,7 @@ def batch_curvature_products(
         ``C v_i`` for each of the ``k`` vectors, shaped like ``tangents``.
     """
     if reverse_over_forward is None:
-        reverse_over_forward = curvature == "hessian" and tangents[0].shape[0] == 1
+        reverse_over_forward = False  # see the docstring: wrong through normalization layers
     values = tuple(ps.detached())
     module = unwrap(model)
     # In training mode BatchNorm writes its running statistics in place.  The
@@ -334,49 +332,83 @@ class KeptGraph:
             self._one([t[i] for t in tangents], into=[o[i] for o in out])
         return out
 
-    def _one(self, vec: list[Tensor], into: list[Tensor] | None = None) -> tuple[Tensor, ...]:
-        """One product; with ``into`` (parameter-shaped tensors) written there."""
+    def forms(self, tangents: Tangents) -> Tangents:
+        """The quadratic forms ``v_i . C v_i`` (float64, shape ``(k,)``, as a
+        one-element tuple) for the ``k`` vectors of ``tangents``.
+
+        Each parameter's product is dotted with its piece of ``v_i`` as soon
+        as the backward pass has formed it and then released: no product
+        vector exists, which saves one parameter size beside a product
+        (what a trace estimator needs of a product is this number).
+        """
+        k = int(tangents[0].shape[0])
+        out = torch.zeros(k, dtype=torch.float64)
+        for i in range(k):
+            vec = [t[i] for t in tangents]
+            parts: list[float] = []
+            self._one(vec, sink=lambda j, g: parts.append(float(torch.dot(vec[j].reshape(-1), g.reshape(-1)))))
+            out[i] = math.fsum(parts)
+        return (out.to(tangents[0].device),)
+
+    def _one(
+        self, vec: list[Tensor], into: list[Tensor] | None = None, sink: Callable[[int, Tensor], None] | None = None
+    ) -> tuple[Tensor, ...]:
+        """One product; with ``into`` (parameter-shaped tensors) written
+        there; with ``sink``, handed over parameter by parameter as
+        ``sink(j, product_j)`` and not kept (parameters the loss does not
+        reach are skipped: their product is zero)."""
         live = [(g, v) for g, v in zip(self.grads, vec) if g is not None]
         if not live:  # the gradient does not depend on the parameters
-            return self._zeros(into)
+            return self._zeros(into, sink)
         outs, grad_outs = [g.output for g, _ in live], [v.to(g.dtype) for g, v in live]
         with torch.enable_grad():
             if self.curvature == "hessian":
-                return self._grad(outs, grad_outs, into)
+                return self._grad(outs, grad_outs, into, sink)
             (jv,) = torch.autograd.grad(outs, self.u, grad_outs, retain_graph=True, allow_unused=True)
             if jv is None or not self.gz.requires_grad:
-                return self._zeros(into)
+                return self._zeros(into, sink)
             (hjv,) = torch.autograd.grad(self.gz, self.z, jv, retain_graph=True, allow_unused=True)
             if hjv is None:
-                return self._zeros(into)
-            return self._grad([self.z], [hjv], into)
+                return self._zeros(into, sink)
+            return self._grad([self.z], [hjv], into, sink)
 
-    def _zeros(self, into: list[Tensor] | None) -> tuple[Tensor, ...]:
+    def _zeros(self, into: list[Tensor] | None, sink: Any = None) -> tuple[Tensor, ...]:
+        if sink is not None:
+            return ()
         if into is None:
             return tuple(torch.zeros_like(v) for v in self.values)
         return tuple(t.zero_() for t in into)
 
-    def _grad(self, outs: list[Tensor], grad_outs: list[Tensor], into: list[Tensor] | None) -> tuple[Tensor, ...]:
+    def _grad(
+        self, outs: list[Tensor], grad_outs: list[Tensor], into: list[Tensor] | None,
+        sink: Callable[[int, Tensor], None] | None = None,
+    ) -> tuple[Tensor, ...]:
         """The last backward pass of a product, onto the parameters."""
-        if into is None:
+        if into is None and sink is None:
             hv = torch.autograd.grad(outs, self.values, grad_outs, retain_graph=True, allow_unused=True)
             return _zeros_or(hv, self.values)
-        # Each parameter's product is copied into the caller's tensor as soon
-        # as the engine has formed it, and released: at most one layer's
-        # product exists beside ``into`` (zero-filling ``into`` first and
-        # accumulating in place would keep all of it resident while the
-        # backward pass's own temporaries are live).
+        # Each parameter's product is copied into the caller's tensor (or
+        # handed to ``sink``) as soon as the engine has formed it, and
+        # released: at most one layer's product exists beside ``into``
+        # (zero-filling ``into`` first and accumulating in place would keep
+        # all of it resident while the backward pass's own temporaries are
+        # live).
         filled: set[int] = set()
+        if sink is None:
+            assert into is not None
+            targets = into
 
-        def copier(j: int, target: Tensor) -> Any:
+            def sink(j: int, g: Tensor) -> None:
+                targets[j].copy_(g)
+
+        def receiver(j: int) -> Any:
             def hook(v: Tensor) -> None:
-                target.copy_(v.grad)
+                sink(j, v.grad)
                 v.grad = None
                 filled.add(j)
             return hook
 
-        handles = [v.register_post_accumulate_grad_hook(copier(j, t))
-                   for j, (v, t) in enumerate(zip(self.values, into))]
+        handles = [v.register_post_accumulate_grad_hook(receiver(j)) for j, v in enumerate(self.values)]
         try:
             torch.autograd.backward(outs, grad_outs, retain_graph=True, inputs=self.values)
         finally:
@@ -384,6 +416,8 @@ class KeptGraph:
                 h.remove()
             for v in self.values:
                 v.grad = None
+        if into is None:
+            return ()
         for j, t in enumerate(into):
             if j not in filled:  # the loss does not reach this parameter
                 t.zero_()

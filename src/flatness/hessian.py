@@ -563,7 +563,8 @@ def trace(
                 # parameters (float32 for half-precision models)
                 dtype = op.dtype if op.dtype in (torch.float32, torch.float64) else torch.float32
                 value, std_error, samples = estimator(
-                    op.matmat, n, n_samples, generator=gen, device=op.device, batch=batch, dtype=dtype
+                    op.matmat, n, n_samples, generator=gen, device=op.device, batch=batch, dtype=dtype,
+                    quadform=op.quadratic_forms,
                 )
     finally:
         if bar is not None:
