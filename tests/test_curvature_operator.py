@@ -167,3 +167,25 @@ def test_quadratic_forms_of_the_ggn_and_the_reduction():
     ref = CurvatureOperator(model, batches).quadratic_forms(V)
     got = CurvatureOperator(model, batches, reduce=two_identical_ranks).quadratic_forms(V)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_products_flush_subnormals_and_restore_the_setting():
+    from flatness._products import _flushing_denormals, flushed_denormals
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormal floats")
+    assert not _flushing_denormals()
+    with flushed_denormals():
+        assert _flushing_denormals()
+    assert not _flushing_denormals()
+    torch.set_flush_denormal(True)  # a caller's own setting is kept
+    try:
+        with flushed_denormals():
+            assert _flushing_denormals()
+        assert _flushing_denormals()
+    finally:
+        torch.set_flush_denormal(False)
+    model, batches = _setup()
+    op = CurvatureOperator(model, batches)
+    op.matmat(torch.randn(op.shape[0], 1, dtype=torch.float64))
+    assert not _flushing_denormals()

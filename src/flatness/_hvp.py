@@ -65,6 +65,7 @@ from flatness._products import (
     batch_curvature_products,
     buffers_written_in_forward,
     curvature_kernels,
+    flushed_denormals,
     reverse_only_modules,
 )
 from flatness._rng import private_rng
@@ -325,14 +326,14 @@ class CurvatureOperator:
         if self._kept is not None and self._kept_key == self._state_key():
             # No forward pass: backward passes through the kept graphs only,
             # which touch neither the module nor the RNG.
-            with torch.inference_mode(False), torch.no_grad(), curvature_kernels():
+            with torch.inference_mode(False), torch.no_grad(), curvature_kernels(), flushed_denormals():
                 total, acc = self._accumulate(
                     ((nb, _kept_products(g, tangents, out() if i == 0 and out else None, forms))
                      for i, (nb, g) in enumerate(self._kept)), out,
                 )
             return self._finish(k, total, acc)
         with ModelGuard(self.model, train=self.train), torch.inference_mode(False), torch.no_grad(), \
-                curvature_kernels():
+                curvature_kernels(), flushed_denormals():
             if self.engine is None:
                 with private_rng(self.seed, ps.device):
                     self.engine, self.engine_reason = self._choose(k)
@@ -515,11 +516,44 @@ class CurvatureOperator:
             curvature=self.curvature, chunk_size=self.chunk_size,
         )
 
-    def matmat(self, V: Tensor) -> Tensor:
+    def prepare(self, k: int = 1) -> None:
+        """Choose the engine for ``k`` vectors per pass and, where the
+        double-backward engine keeps the gradient's graphs (one batch or a
+        few), build them now.
+
+        Called before the caller allocates its vectors, the construction's
+        own peak (the whole gradient beside its graph, and the backward
+        pass's temporaries) does not add to theirs; later products only
+        run backward passes through the kept graphs.  Optional: the first
+        product does the same otherwise.
+        """
+        if self._kept is not None and self._kept_key == self._state_key():
+            return
+        ps = self.params
+        with ModelGuard(self.model, train=self.train), torch.inference_mode(False), torch.no_grad(), \
+                curvature_kernels(), flushed_denormals():
+            if self.engine is None:
+                with private_rng(self.seed, ps.device):
+                    self.engine, self.engine_reason = self._choose(k)
+            if self.engine != "double-backward" or not self._keeps_graph():
+                return
+            self._kept = None
+            # the same private generator state as the first product's own
+            # forward pass would see (dropout masks with train=True)
+            with private_rng(self.seed, ps.device):
+                kept = [(nb, KeptGraph(self.model, self.params, inputs, targets, self.loss_fn, self.curvature))
+                        for nb, inputs, targets in self._batches()]
+            self._kept, self._kept_key = kept, self._state_key()
+
+    def matmat(self, V: Tensor, out: Tensor | None = None) -> Tensor:
         """``C V`` for flat vectors as the columns of ``V`` (shape ``(n, k)``).
 
         ``V`` may have any floating dtype; the product is computed in the
-        parameters' dtype and returned in ``V``'s dtype.
+        parameters' dtype and returned in ``V``'s dtype.  ``out``, of
+        ``V``'s shape and dtype with its columns stored one after another
+        (the transpose of a contiguous ``(k, n)`` tensor, as the library's
+        estimators store vectors), receives the result: the double-backward
+        engine writes the products there directly.
         """
         if V.dim() != 2 or V.shape[0] != self.shape[0]:
             raise ValueError(f"expected a matrix of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
@@ -528,6 +562,12 @@ class CurvatureOperator:
         # vector's pieces are contiguous.
         k, n = V.shape[1], V.shape[0]
         made: list[Tensor] = []
+        if out is not None:
+            if out.shape != V.shape or out.dtype != V.dtype or out.device != V.device:
+                raise ValueError(f"out must match V's shape, dtype and device, got {tuple(out.shape)} {out.dtype}")
+            if not out.T.is_contiguous():
+                return out.copy_(self.matmat(V))
+            made.append(out.T)
 
         def result() -> Tensor:
             if not made:

@@ -618,6 +618,7 @@ def hutchpp(
     dtype: torch.dtype = torch.float64,
     sketch: int | None = None,
     quadform: Callable[[Tensor], Tensor] | None = None,
+    matmat_out: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[float, float, Tensor]:
     """Hutch++ (Meyer, Musco, Musco and Woodruff 2021) with ``n_samples``
     products.
@@ -632,7 +633,11 @@ def hutchpp(
     ``batch`` vectors and their products at a time.  ``sketch`` sets ``s``
     (at most ``(n_samples - 2) // 2``) to bound that memory; the products it
     frees go to the Hutchinson part, and the estimate stays unbiased (with
-    ``sketch=0`` it is Hutchinson's).
+    ``sketch=0`` it is Hutchinson's).  ``matmat_out(V, out)``, if given,
+    writes ``A V`` into ``out`` (the sketch's columns: no product beside
+    them), and ``quadform`` gives the quadratic forms of the other two
+    phases without their products (see :func:`hutchinson`): the vectors of
+    one pass are then all that exists beside ``Q``.
 
     Returns
     -------
@@ -651,7 +656,12 @@ def hutchpp(
     AS = torch.empty(s, n, dtype=dtype, device=device).T  # column after column, as rademacher
     start = 0
     for b in _blocks(s, batch):
-        AS[:, start : start + b] = matmat(rademacher(n, b, generator=generator, device=device, dtype=dtype))
+        S = rademacher(n, b, generator=generator, device=device, dtype=dtype)
+        if matmat_out is not None:  # written in place: no product beside the sketch
+            matmat_out(S, AS[:, start : start + b])
+        else:
+            AS[:, start : start + b] = matmat(S)
+        del S
         start += b
     Q = _orthonormalize_(AS)
     del AS

@@ -431,6 +431,7 @@ def top_eigenvalues(
     if bar is not None:
         bar.total = limit * block_size
     try:
+        op.prepare(block_size)  # the gradient's graph before the Lanczos vectors
         with private_rng(seed, op.device) as gen:
             res = lanczos(
                 op.matmat, n, k, which=which, tol=tol, max_iter=max_iter,
@@ -557,7 +558,9 @@ def trace(
             value = float(exact_diagonal(op.matmat, n, batch=batch, device=op.device).sum())
             std_error, samples = 0.0, torch.zeros(0, dtype=torch.float64)
         else:
-            estimator = partial(hutchpp, sketch=sketch) if method == "hutch++" else hutchinson
+            estimator = partial(hutchpp, sketch=sketch, matmat_out=op.matmat) if method == "hutch++" else hutchinson
+            # the gradient's graph is built before any vector exists
+            op.prepare(batch)
             with private_rng(seed, op.device) as gen:
                 # random signs are exact in any dtype: vectors as small as the
                 # parameters (float32 for half-precision models)
