@@ -49,6 +49,12 @@ __all__ = [
 
 TRACE_METHODS = ("hutch++", "hutchinson", "exact")
 
+#: Sketch vectors of Hutch++ by default (at most ``n_samples // 3``): each
+#: is held through the call, one parameter size, and on large models (whose
+#: Hessian's bulk dominates the variance) a larger sketch only leaves fewer
+#: products to the Hutchinson part.
+DEFAULT_SKETCH = 1
+
 
 # --------------------------------------------------------------------------
 # results
@@ -489,32 +495,48 @@ def trace(
     Parameters
     ----------
     method : {"hutch++", "hutchinson", "exact"}
-        ``"hutch++"`` (default): a third of the products sketch the dominant
-        subspace, whose trace is taken exactly, the rest estimate the
-        remainder (Meyer et al. 2021); never worse than Hutchinson by more
-        than a constant and much better when a few eigenvalues dominate.
-        ``"hutchinson"``: the mean of ``z^T H z`` over Rademacher ``z``.
-        ``"exact"``: ``n`` products with the unit vectors (small models).
+        ``"hutch++"`` (default): products with ``sketch`` random vectors
+        sketch the dominant subspace, whose trace is taken exactly, the rest
+        estimate the remainder by Hutchinson (Meyer et al. 2021); much
+        better than Hutchinson when a few eigenvalues dominate the Hessian,
+        about equal when the bulk does (untrained networks, language
+        models).  ``"hutchinson"``: the mean of ``z^T H z`` over Rademacher
+        ``z``.  ``"exact"``: ``n`` products with the unit vectors (small
+        models).
     n_samples : int, optional
         Products to spend (default 90); ``"exact"`` takes none (it spends
         one per parameter), and passing it there raises ``ValueError``.
     batch : int, optional
         Vectors per batched product pass.  Only ``batch`` random vectors (in
-        the parameters' dtype) and their products exist at a time: about
-        ``2 batch + 1`` times the parameter bytes ``P`` for Hutchinson;
-        Hutch++ also keeps its ``n_samples // 3`` sketch vectors.  The
-        vectors are drawn one by one whatever ``batch`` is, so the estimate
-        does not depend on it.  Default: 1 when the data is one batch (or a
+        the parameters' dtype) exist at a time, and with the double-backward
+        engine no product vector (each parameter's product is dotted with
+        its vector as it is formed); the forward-over-reverse engine holds
+        the ``batch`` products too.  Hutch++ also keeps its ``sketch``
+        vectors.  The vectors are drawn one by one whatever ``batch`` is, so
+        the estimate does not depend on it.  Default: 1 when the data is one batch (or a
         few) and the engine is not ``"forward-over-reverse"`` (the
         double-backward engine then keeps the gradient's graph and runs one
         backward pass per vector however many share a pass, so larger passes
         only cost memory), else 8 (each pass streams the data once).
     sketch : int, optional
-        Hutch++ only: the number of sketch vectors (default
-        ``n_samples // 3``), which Hutch++ holds through the whole call, one
-        parameter size each.  A smaller sketch bounds the memory (``sketch``
-        + ``2 batch + 2`` P); the products it frees go to the Hutchinson part
-        and the estimate stays unbiased.  ``0`` is Hutchinson.
+        Hutch++ only: the number of sketch vectors, which Hutch++ holds
+        through the whole call, one parameter size each, and which cost two
+        products each (at most ``(n_samples - 2) // 2``).  Default: 1 (at
+        most ``n_samples // 3``), so that the default call holds one vector
+        beside Hutchinson's whatever ``n_samples`` is; the classic split
+        ``n_samples // 3`` pays off when a few eigenvalues dominate and the
+        model is small enough for that many vectors.  Any size leaves the
+        estimate unbiased; ``0`` is Hutchinson.
+
+        Memory of the call, in units of the parameter bytes ``P`` (float32,
+        one batch of data, double-backward engine): the gradient's kept
+        graph (the activations and what the backward pass saved for a
+        second differentiation; 1.5 P on a 10M-parameter transformer with
+        2 x 64 tokens), ``batch`` vectors, the engine's partial products
+        while a backward pass runs (about 2 P on that transformer, 1 P on
+        an MLP) and the ``sketch`` vectors: measured 4.6 P for Hutchinson
+        and ``sketch`` + 4.6 P for Hutch++ on that transformer
+        (``benchmarks/bench_memory.py``).
     loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size, engine
         As in :func:`top_eigenvalues`.
 
@@ -558,6 +580,8 @@ def trace(
             value = float(exact_diagonal(op.matmat, n, batch=batch, device=op.device).sum())
             std_error, samples = 0.0, torch.zeros(0, dtype=torch.float64)
         else:
+            if method == "hutch++" and sketch is None:
+                sketch = min(n_samples // 3, DEFAULT_SKETCH)
             estimator = partial(hutchpp, sketch=sketch, matmat_out=op.matmat) if method == "hutch++" else hutchinson
             # the gradient's graph is built before any vector exists
             op.prepare(batch)
@@ -575,7 +599,7 @@ def trace(
     settings = _common_settings(op, seed)
     settings.update(method=method, n_samples=n_samples, batch=batch)
     if method == "hutch++":
-        settings["sketch"] = min(n_samples // 3, n) if sketch is None else min(sketch, n)
+        settings["sketch"] = min(n_samples // 3, DEFAULT_SKETCH, n) if sketch is None else min(sketch, n)
     return TraceResult(
         value=value, std_error=std_error, method=method, n_hvp=op.n_hvp, samples=samples,
         settings=settings, wall_time=time.perf_counter() - start, engine=op.engine or "",
