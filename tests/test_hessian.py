@@ -316,6 +316,17 @@ def test_trace_default_batch_follows_the_engine():
     assert hessian.trace(model, one, n_samples=4, engine="forward-over-reverse").settings["batch"] == 8
 
 
+def test_trace_hutchpp_default_sketch_is_one_vector():
+    # the default holds one sketch vector whatever n_samples (at most a
+    # third of them), and is the estimate of sketch=1
+    model = mlp(sizes=(5, 6, 4))
+    batches = classification_batches((6, 5), (5,), 4)
+    for n_samples, want in ((4, 1), (12, 1), (90, 1)):
+        r = hessian.trace(model, batches, n_samples=n_samples, seed=3)
+        assert r.settings["sketch"] == want and r.n_hvp == n_samples
+        assert r.value == hessian.trace(model, batches, n_samples=n_samples, seed=3, sketch=1).value
+
+
 def test_trace_hutchpp_sketch_bounds_the_sketch():
     # the sketch size is a memory setting: any size is unbiased, so on a
     # small model with many samples every size lands near the dense trace
