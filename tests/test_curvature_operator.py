@@ -189,3 +189,22 @@ def test_products_flush_subnormals_and_restore_the_setting():
     op = CurvatureOperator(model, batches)
     op.matmat(torch.randn(op.shape[0], 1, dtype=torch.float64))
     assert not _flushing_denormals()
+
+
+@pytest.mark.parametrize("engine", ["double-backward", "forward-over-reverse"])
+def test_matvec_update_adds_the_product_in_place(engine):
+    # out <- H v + beta out: in place through the kept graph (one batch,
+    # double backward), formed and added otherwise; the same values either way
+    lm = _TinyLM().double()
+    tokens = torch.randint(0, 7, (4, 6), generator=torch.Generator().manual_seed(1))
+    one = (tokens[:2, :-1], tokens[:2, 1:])
+    two = [one, (tokens[2:, :-1], tokens[2:, 1:])]
+    for data in (one, two):
+        op = CurvatureOperator(lm, data, loss_fn=_lm_loss, engine=engine)
+        g = torch.Generator().manual_seed(3)
+        v, w = (torch.randn(op.shape[0], dtype=torch.float64, generator=g) for _ in range(2))
+        want = op.matvec(v) - 0.7 * w
+        out = w.clone()
+        got = op.matvec_update(v, out, -0.7)
+        assert got is out and op.n_hvp == 2
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-13)

@@ -582,6 +582,35 @@ class CurvatureOperator:
                                    out=direct if same else None))
         return _into_columns(products, result())
 
+    def matvec_update(self, v: Tensor, out: Tensor, beta: float) -> Tensor:
+        """``out <- C v + beta * out`` in place, for flat vectors of shape
+        ``(n,)``; returns ``out``.
+
+        With one batch of data on the double-backward engine (the gradient's
+        graph kept) and vectors in the parameters' dtype, each parameter's
+        product is added to ``out`` as the backward pass forms it, so no
+        product vector exists beside ``out`` (what the three-term Lanczos
+        recurrence needs: ``A q_j - beta q_{j-1}`` in the buffer of
+        ``q_{j-1}``).  Otherwise the product is formed and added.
+        """
+        n = self.shape[0]
+        if v.shape != (n,) or out.shape != (n,):
+            raise ValueError(f"expected vectors of shape ({n},), got {tuple(v.shape)} and {tuple(out.shape)}")
+        same = {(v.dtype, v.device), (out.dtype, out.device)} == {(self.dtype, self.device)}
+        if same and out.is_contiguous() and v.is_contiguous():
+            self.prepare(1)
+        kept = self._kept
+        if (not same or kept is None or len(kept) != 1 or self._reduces()
+                or self._kept_key != self._state_key() or not out.is_contiguous()):
+            return out.mul_(beta).add_(self.matvec(v))
+        with torch.inference_mode(False), torch.no_grad(), curvature_kernels(), flushed_denormals():
+            kept[0][1].update(self.unflatten(v), self.unflatten(out), beta)
+        require_finite(out, "a curvature-vector product (Hessian or GGN times a vector)")
+        self.n_hvp += 1
+        if self.progress is not None:
+            self.progress.update(1)
+        return out
+
     def quadratic_forms(self, V: Tensor) -> Tensor:
         """``v_i^T C v_i`` for the columns of ``V`` (shape ``(n, k)``), as a
         float64 tensor of shape ``(k,)``.

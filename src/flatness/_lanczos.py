@@ -201,6 +201,7 @@ def lanczos(
     basis_dtype: torch.dtype = torch.float64,
     basis_device: torch.device | str | None = None,
     store_basis: bool = True,
+    matvec_update: Callable[[Tensor, Tensor, float], Tensor] | None = None,
 ) -> LanczosResult:
     """Extreme eigenpairs of a symmetric operator by (block) Lanczos with full
     reorthogonalization.
@@ -253,6 +254,13 @@ def lanczos(
         copies are merged and the spurious values removed by the
         Cullum-Willoughby test, so more steps may be needed than with a
         stored basis.
+    matvec_update : callable, optional
+        ``matvec_update(q, w, c)`` sets ``w <- A q + c w`` in place (and
+        returns ``w``), for ``store_basis=False``: the recurrence then forms
+        ``A q_j - beta_j q_{j-1}`` in the buffer of ``q_{j-1}`` (Paige's
+        order of the updates) and holds two vectors, not three, where the
+        operator adds its product without forming it apart
+        (:meth:`~flatness._hvp.CurvatureOperator.matvec_update`).
 
     Returns
     -------
@@ -286,7 +294,7 @@ def lanczos(
         # reference kept here would hold the start vector through every step
         start = [X[:, 0] if v0 is None else X[:, 0].clone()]
         del X
-        return _lanczos_recurrence(matmat, start, n, k, which, tol, max(1, max_iter), callback)
+        return _lanczos_recurrence(matmat, start, n, k, which, tol, max(1, max_iter), callback, matvec_update)
     max_iter = max(1, min(max_iter, math.ceil(n / b)))
     basis = _Basis(n, b, max_iter, where, basis_dtype)
     basis.append(torch.linalg.qr(X)[0])
@@ -389,6 +397,7 @@ def _lanczos_recurrence(
     tol: float,
     max_iter: int,
     callback: Callable[[int, Tensor], None] | None,
+    matvec_update: Callable[[Tensor, Tensor, float], Tensor] | None = None,
 ) -> LanczosResult:
     """Single-vector Lanczos by the three-term recurrence, no stored basis.
 
@@ -414,11 +423,18 @@ def _lanczos_recurrence(
     steps = 0
     for j in range(max_iter):
         steps = j + 1
-        w = _own(matmat(q[:, None])[:, 0], q)
-        a = _dot(q, w)
-        w.sub_(q, alpha=a)
-        if q_prev is not None:
-            w.sub_(q_prev, alpha=beta_prev)
+        if q_prev is not None and matvec_update is not None:
+            # A q - beta q_prev in q_prev's own buffer, then alpha from it
+            # (Paige's order): two vectors instead of three
+            w, q_prev = matvec_update(q, q_prev, -beta_prev), None
+            a = _dot(q, w)
+            w.sub_(q, alpha=a)
+        else:
+            w = _own(matmat(q[:, None])[:, 0], q)
+            a = _dot(q, w)
+            w.sub_(q, alpha=a)
+            if q_prev is not None:
+                w.sub_(q_prev, alpha=beta_prev)
         beta = math.sqrt(_dot(w, w))
         d.append(a)
         theta, last = _tridiagonal_eig(d, e)

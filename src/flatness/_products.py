@@ -361,6 +361,21 @@ class KeptGraph:
             self._one([t[i] for t in tangents], into=[o[i] for o in out])
         return out
 
+    def update(self, vec: Sequence[Tensor], out: Sequence[Tensor], beta: float) -> None:
+        """``out <- C v + beta * out`` for one vector ``v`` (parameter-shaped
+        tensors), each parameter's product added as the backward pass forms
+        it: no product vector beside ``out``."""
+        filled: set[int] = set()
+
+        def sink(j: int, g: Tensor) -> None:
+            out[j].mul_(beta).add_(g)
+            filled.add(j)
+
+        self._one(list(vec), sink=sink)
+        for j, t in enumerate(out):
+            if j not in filled:  # the loss does not reach this parameter
+                t.mul_(beta)
+
     def forms(self, tangents: Tangents) -> Tangents:
         """The quadratic forms ``v_i . C v_i`` (float64, shape ``(k,)``, as a
         one-element tuple) for the ``k`` vectors of ``tangents``.

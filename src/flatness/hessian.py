@@ -443,6 +443,7 @@ def top_eigenvalues(
                 op.matmat, n, k, which=which, tol=tol, max_iter=max_iter,
                 block_size=block_size, generator=gen, device=op.device,
                 basis_dtype=basis_dtype, basis_device=basis_device, store_basis=not low_memory,
+                matvec_update=op.matvec_update if low_memory and basis_device is None else None,
             )
     finally:
         if bar is not None:
