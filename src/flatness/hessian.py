@@ -388,12 +388,16 @@ def top_eigenvalues(
         spurious Ritz values (loss of orthogonality) are removed by the
         Cullum-Willoughby test.  ``eigenvectors`` is then empty and
         ``block_size`` must be 1; it may need more products than the default.
-        Memory: three vectors (``q_{j-1}``, ``q_j`` and the product, 3 P in
-        the default dtype for a model of ``P`` parameter bytes) beside what
-        one product needs (with one batch of data, the gradient's graph that
-        the double-backward engine keeps: the activations and what the
-        backward pass saved, and one parameter size of partial products
-        while a product runs).
+        Memory: two vectors (``q_j`` and ``q_{j-1}``, in whose buffer the
+        next product is formed: 2 P in the default dtype for a model of
+        ``P`` parameter bytes; three where the products cannot be added in
+        place: several batches, the forward-over-reverse engine, another
+        dtype or ``basis_device``) beside what one product needs (with one
+        batch of data, the gradient's graph that the double-backward engine
+        keeps, the activations and what the backward pass saved, and the
+        partial products the engine holds while a product runs: 1-2 P).
+        Measured 3.9 P on a 5.1M MLP, 5.6 P on a 10M transformer with 128
+        tokens, 4.3 P at 50M.
 
     Returns
     -------
