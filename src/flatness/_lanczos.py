@@ -401,8 +401,9 @@ def _lanczos_recurrence(
 ) -> LanczosResult:
     """Single-vector Lanczos by the three-term recurrence, no stored basis.
 
-    Holds ``q_{j-1}``, ``q_j`` and ``A q_j`` only, in the dtype of the
-    start vector (``start``, a one-element list this function empties, so
+    Holds ``q_{j-1}``, ``q_j`` and ``A q_j`` only (two vectors with
+    ``matvec_update``, which forms ``A q_j - beta_j q_{j-1}`` in the buffer
+    of ``q_{j-1}``), in the dtype of the start vector (``start``, a one-element list this function empties, so
     that no caller keeps the first vector alive); the recurrence's
     coefficients are float64 dot products whatever that dtype.  After each
     step the tridiagonal ``T_j`` is diagonalized and cleaned by
