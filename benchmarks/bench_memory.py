@@ -35,21 +35,25 @@ from the algorithms:
   flight): 4.25 P + a layer for linf kinds, 5 P + a layer for l2 kinds.
 * average-case sharpness: one draw's perturbed weights (1 P).
 * one HVP (the vector is set up outside the row, "state held" 1 P): the
-  product (1 P), plus the gradient (1 P) for double backward, whose graph
-  is kept; the torch.func engine runs one vector reverse-over-forward
-  (``grad`` of ``jvp``), which never holds the gradient.  Both add the
-  transients of one layer's backward.
-* trace: ``batch`` random vectors and their products, ``2 batch + 1`` P
-  (the default batch is 1 here: one batch of data, whose graph the
-  double-backward engine keeps); Hutch++ also holds its sketch,
-  ``n_samples // 3`` P.
+  product (1 P); double backward keeps the gradient's graph but not the
+  gradient's values; the torch.func engine (``jvp`` of ``grad``) holds the
+  gradient beside its tangent.  Both add the transients of one layer's
+  backward (the double-backward engine holds the partial products of every
+  layer until the pass reaches it: about 1 P).
+* trace: ``batch`` random vectors (the default batch is 1 here: one batch
+  of data, whose graph the double-backward engine keeps, built before the
+  vectors exist) and no product vector (each parameter's product is dotted
+  with its vector as it is formed), plus the transients above; Hutch++
+  also holds its sketch, ``sketch`` P (one vector by default).
 * gradient_variance: the chunk's per-sample gradients (``chunk`` P) and the
   running mean (1 P); with ``memory_limit`` below ``P`` one group of layers'
   per-sample gradients at a time.
 * Lanczos: the float64 Krylov basis, ``2 * steps`` P for float32
   parameters (full reorthogonalization keeps every basis vector), plus the
-  forward-over-reverse product (a few P); ``steps`` P with a float32 basis;
-  a few P whatever the steps with ``low_memory=True`` (no stored basis).
+  product (a few P); ``steps`` P with a float32 basis; with
+  ``low_memory=True`` (no stored basis) three vectors whatever the steps,
+  in the parameters' dtype by default (3 P; 6 P in float64), plus the
+  product's transients.
 
 Usage::
 
@@ -250,7 +254,7 @@ def operations(n_iters: int, lanczos_steps: int):
         "trace, Hutch++, 12 products, default batch": (fwd_bwd_setup, hutch("hutch++")),
         "trace, Hutch++, 12 products, batch 1": (fwd_bwd_setup, hutch("hutch++", 1)),
         "trace, Hutch++, 12 products, batch 8": (fwd_bwd_setup, hutch("hutch++", 8)),
-        "trace, Hutch++, 12 products, sketch=1": (fwd_bwd_setup, hutch("hutch++", sketch=1)),
+        "trace, Hutch++, 12 products, sketch=4 (n // 3)": (fwd_bwd_setup, hutch("hutch++", sketch=4)),
         "trace, Hutchinson, 12 products, default batch": (fwd_bwd_setup, hutch("hutchinson")),
         "trace, Hutchinson, 12 products, batch 1": (fwd_bwd_setup, hutch("hutchinson", 1)),
         "trace, Hutchinson, 12 products, batch 8": (fwd_bwd_setup, hutch("hutchinson", 8)),
@@ -261,9 +265,9 @@ def operations(n_iters: int, lanczos_steps: int):
             fwd_bwd_setup, lambda state: gradient_variance(state[0], state[1], memory_limit=quarter_of_p(state))),
         f"Lanczos top eigenvalue, {lanczos_steps} steps": (fwd_bwd_setup, lanczos()),
         "  same, float32 basis": (fwd_bwd_setup, lanczos(basis_dtype=torch.float32)),
-        "  same, low_memory (no basis, float32)": (
-            fwd_bwd_setup, lanczos(low_memory=True, basis_dtype=torch.float32)),
-        "  same, low_memory (no basis, float64)": (fwd_bwd_setup, lanczos(low_memory=True)),
+        "  same, low_memory (no basis, float32 default)": (fwd_bwd_setup, lanczos(low_memory=True)),
+        "  same, low_memory (no basis, float64)": (
+            fwd_bwd_setup, lanczos(low_memory=True, basis_dtype=torch.float64)),
     }
 
 

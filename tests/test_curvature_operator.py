@@ -91,3 +91,120 @@ def test_finiteness_check_without_temporaries_matches_isfinite():
             for view in (x, x.transpose(0, 2), x[:, 1:4], x[1], x[2, 3, 1]):
                 assert _all_finite(view) == bool(torch.isfinite(view).all()), (dtype, bad, view.shape)
     assert _all_finite(torch.empty(0)) and _all_finite(torch.tensor([1, 2]))
+
+
+class _TinyLM(nn.Module):
+    """Embedding, one attention layer, a GELU MLP and an output head tied to
+    the embedding: the shape of the language models the memory work targets."""
+
+    def __init__(self, vocab=7, d=4):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.ln = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, idx):
+        x = self.tok(idx)
+        mask = torch.triu(torch.ones(idx.shape[1], idx.shape[1], dtype=torch.bool), 1)
+        x = x + self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+        x = x + self.out(nn.functional.gelu(self.fc(self.ln(x))))
+        return self.head(x).reshape(-1, self.head.out_features)
+
+
+def _lm_loss(logits, targets):
+    return nn.functional.cross_entropy(logits, targets.reshape(-1))
+
+
+@pytest.mark.parametrize("engine", ["double-backward", "forward-over-reverse"])
+@pytest.mark.parametrize("n_batches", [1, 2])
+def test_quadratic_forms_match_the_dense_hessian(engine, n_batches):
+    # v^T H v without a product vector (the double-backward engine dots each
+    # parameter's product as the backward pass forms it) against the dense
+    # float64 Hessian, on an MLP and on a tiny language model with a tied head
+    from cases import dense_hessian
+
+    from flatness._products import curvature_kernels
+
+    torch.manual_seed(0)
+    model, batches = _setup()
+    lm = _TinyLM().double()
+    tokens = torch.randint(0, 7, (2 * n_batches, 6), generator=torch.Generator().manual_seed(1))
+    lm_batches = [(tokens[2 * i : 2 * i + 2, :-1], tokens[2 * i : 2 * i + 2, 1:]) for i in range(n_batches)]
+    for m, data, loss in ((model, batches[:n_batches], nn.functional.cross_entropy), (lm, lm_batches, _lm_loss)):
+        with curvature_kernels():  # math attention: the fused kernel has no double backward
+            H = dense_hessian(m, data, loss_fn=loss)
+        op = CurvatureOperator(m, data if n_batches > 1 else data[0], loss_fn=loss, engine=engine)
+        V = torch.randn(op.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        forms = op.quadratic_forms(V)
+        assert forms.dtype == torch.float64 and forms.shape == (3,)
+        torch.testing.assert_close(forms, ((H @ V) * V).sum(0), rtol=1e-10, atol=1e-12)
+        assert op.n_hvp == 3
+        # one vector: through the kept graph (one batch) or re-streamed
+        # batches; forward-over-reverse runs jvp of grad here too (grad of
+        # jvp is wrong through the LayerNorm in torch 2.13: 7 % off)
+        torch.testing.assert_close(op.quadratic_forms(V[:, :1]), forms[:1], rtol=1e-12, atol=1e-14)
+
+
+def test_quadratic_forms_of_the_ggn_and_the_reduction():
+    from cases import dense_ggn
+
+    model, batches = _setup()
+    G = dense_ggn(model, batches[0])
+    V = torch.randn(dense_ggn(model, batches[0]).shape[0], 2, dtype=torch.float64)
+    for engine in ("double-backward", "forward-over-reverse"):
+        op = CurvatureOperator(model, batches[0], curvature="ggn", engine=engine)
+        torch.testing.assert_close(op.quadratic_forms(V), ((G @ V) * V).sum(0), rtol=1e-10, atol=1e-12)
+
+    def two_identical_ranks(*values):
+        for t in values[:-1]:
+            t.mul_(2)
+        return (*values[:-1], 2 * values[-1])
+
+    ref = CurvatureOperator(model, batches).quadratic_forms(V)
+    got = CurvatureOperator(model, batches, reduce=two_identical_ranks).quadratic_forms(V)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_products_flush_subnormals_and_restore_the_setting():
+    from flatness._products import _flushing_denormals, flushed_denormals
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormal floats")
+    assert not _flushing_denormals()
+    with flushed_denormals():
+        assert _flushing_denormals()
+    assert not _flushing_denormals()
+    torch.set_flush_denormal(True)  # a caller's own setting is kept
+    try:
+        with flushed_denormals():
+            assert _flushing_denormals()
+        assert _flushing_denormals()
+    finally:
+        torch.set_flush_denormal(False)
+    model, batches = _setup()
+    op = CurvatureOperator(model, batches)
+    op.matmat(torch.randn(op.shape[0], 1, dtype=torch.float64))
+    assert not _flushing_denormals()
+
+
+@pytest.mark.parametrize("engine", ["double-backward", "forward-over-reverse"])
+def test_matvec_update_adds_the_product_in_place(engine):
+    # out <- H v + beta out: in place through the kept graph (one batch,
+    # double backward), formed and added otherwise; the same values either way
+    lm = _TinyLM().double()
+    tokens = torch.randint(0, 7, (4, 6), generator=torch.Generator().manual_seed(1))
+    one = (tokens[:2, :-1], tokens[:2, 1:])
+    two = [one, (tokens[2:, :-1], tokens[2:, 1:])]
+    for data in (one, two):
+        op = CurvatureOperator(lm, data, loss_fn=_lm_loss, engine=engine)
+        g = torch.Generator().manual_seed(3)
+        v, w = (torch.randn(op.shape[0], dtype=torch.float64, generator=g) for _ in range(2))
+        want = op.matvec(v) - 0.7 * w
+        out = w.clone()
+        got = op.matvec_update(v, out, -0.7)
+        assert got is out and op.n_hvp == 2
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-13)

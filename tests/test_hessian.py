@@ -258,6 +258,29 @@ def test_top_eigenvalues_memory_saving_modes_match_dense(curvature_case):
         hessian.top_eigenvalues(model, batches, basis_dtype=torch.float16)
 
 
+def test_low_memory_lanczos_in_float32_matches_dense_float64():
+    # low_memory=True keeps its recurrence vectors in the parameters' dtype
+    # by default: a float32 model's top eigenvalues agree with the dense
+    # float64 Hessian of the same weights to float32's resolution
+    import copy
+
+    model64 = mlp(sizes=(6, 12, 10, 4))
+    batches = classification_batches((9, 7), (6,), 4)
+    want = torch.linalg.eigvalsh(dense_hessian(model64, batches)).flip(0)[:3]
+    model32 = copy.deepcopy(model64).float()
+    batches32 = [(x.float(), y) for x, y in batches]
+    lean = hessian.top_eigenvalues(model32, batches32, k=3, tol=1e-5, low_memory=True)
+    assert lean.settings["basis_dtype"] == "float32" and lean.converged
+    scale = float(want.abs().max())
+    assert torch.allclose(lean.eigenvalues, want, rtol=0, atol=2e-5 * scale), (lean.eigenvalues, want)
+    # float64 vectors on request: the same eigenvalues
+    wide = hessian.top_eigenvalues(model32, batches32, k=3, tol=1e-5, low_memory=True, basis_dtype=torch.float64)
+    assert wide.settings["basis_dtype"] == "float64"
+    assert torch.allclose(wide.eigenvalues, lean.eigenvalues, rtol=0, atol=2e-5 * scale)
+    # the stored basis keeps its float64 default
+    assert hessian.top_eigenvalues(model32, batches32, k=1, max_iter=3).settings["basis_dtype"] == "float64"
+
+
 def test_trace_estimate_does_not_depend_on_batch():
     # The random vectors are drawn one by one whatever the pass size, so the
     # pass size is a memory / speed setting only.  Reference: the quadratic
@@ -291,6 +314,17 @@ def test_trace_default_batch_follows_the_engine():
     many = classification_batches((2,) * 6, (5,), 4)
     assert hessian.trace(model, many, n_samples=4).settings["batch"] == 8
     assert hessian.trace(model, one, n_samples=4, engine="forward-over-reverse").settings["batch"] == 8
+
+
+def test_trace_hutchpp_default_sketch_is_one_vector():
+    # the default holds one sketch vector whatever n_samples (at most a
+    # third of them), and is the estimate of sketch=1
+    model = mlp(sizes=(5, 6, 4))
+    batches = classification_batches((6, 5), (5,), 4)
+    for n_samples, want in ((4, 1), (12, 1), (90, 1)):
+        r = hessian.trace(model, batches, n_samples=n_samples, seed=3)
+        assert r.settings["sketch"] == want and r.n_hvp == n_samples
+        assert r.value == hessian.trace(model, batches, n_samples=n_samples, seed=3, sketch=1).value
 
 
 def test_trace_hutchpp_sketch_bounds_the_sketch():

@@ -43,7 +43,7 @@ def test_trace_estimators_are_exact_on_a_diagonal_hessian():
     """A Rademacher probe ``z`` has ``z_i**2 = 1``, so ``z^T D z = tr D`` for
     a diagonal ``D``: Hutchinson's estimate is the exact trace for every seed,
     with zero spread.  Hutch++ is exact once its sketch spans the space
-    (``n_samples // 3 >= n``).  The closed form is ``28/3``.
+    (``sketch >= n``).  The closed form is ``28/3``.
 
     Kills: Gaussian probes instead of Rademacher ones, a mean over
     ``n_samples - 1``, a Hutch++ sketch one column short of the space
@@ -59,7 +59,8 @@ def test_trace_estimators_are_exact_on_a_diagonal_hessian():
         assert r.std_error == pytest.approx(0.0, abs=1e-13)
         # each probe's quadratic form is the trace itself
         assert r.samples.tolist() == pytest.approx([want] * 5, rel=1e-13)
-        r = hessian.trace(model, batch, loss_fn=F.mse_loss, method="hutch++", n_samples=3 * 6 + 2, seed=seed)
+        r = hessian.trace(model, batch, loss_fn=F.mse_loss, method="hutch++", n_samples=3 * 6 + 2, sketch=6,
+                          seed=seed)
         assert r.value == pytest.approx(want, rel=1e-12)
         # the sketch spans the space: the deflated forms (Hutch++'s samples) vanish
         assert r.samples.abs().max() <= 1e-12 * want

@@ -6,9 +6,10 @@ Products are taken with respect to the selected parameters (a
 
 * Hessian: forward-over-reverse, ``jvp(grad(loss), (w,), (v,))``; ``k``
   vectors go through one ``vmap`` call (one batched forward and backward
-  pass instead of ``k``).  One vector alone takes the reverse-over-forward
-  order, ``grad(jvp(loss))``: the same product without the gradient held
-  beside it (one parameter size less) and faster without ``vmap``.
+  pass instead of ``k``).  One vector takes the same order: the
+  reverse-over-forward ``grad(jvp(loss))`` would hold no gradient beside
+  the tangent, but torch differentiates the forward-mode formulas of
+  ``layer_norm``, ``batch_norm`` (training) and ``instance_norm`` wrongly.
 * Generalized Gauss-Newton (GGN) ``G = J^T H_z J``, where ``J`` is the
   Jacobian of the model outputs ``z`` with respect to the parameters and
   ``H_z`` the Hessian of ``loss_fn`` with respect to ``z``: a ``jvp`` through
@@ -64,6 +65,7 @@ from flatness._products import (
     batch_curvature_products,
     buffers_written_in_forward,
     curvature_kernels,
+    flushed_denormals,
     reverse_only_modules,
 )
 from flatness._rng import private_rng
@@ -116,6 +118,20 @@ def _scaled(first: tuple[int, Tangents], out: Callable[[], Tangents] | None) -> 
     for a, o in zip(target, prod):
         torch.mul(o, nb, out=a)
     return target
+
+
+def _kept_products(g: KeptGraph, tangents: Tangents, out: Tangents | None, forms: bool) -> Tangents:
+    """A kept graph's products, or their quadratic forms."""
+    return g.forms(tangents) if forms else g.products(tangents, out)
+
+
+def _forms_of(tangents: Tangents, products: Tangents) -> Tangents:
+    """``v_i . C v_i`` (float64, ``(k,)``) from computed products."""
+    k = int(tangents[0].shape[0])
+    out = torch.zeros(k, dtype=torch.float64, device=tangents[0].device)
+    for t, p in zip(tangents, products):
+        out += (t.reshape(k, -1) * p.reshape(k, -1)).sum(1, dtype=torch.float64)
+    return (out,)
 
 
 def _is_one_shot(data: Any) -> bool:
@@ -289,15 +305,20 @@ class CurvatureOperator:
 
     # -- products ------------------------------------------------------------
 
-    def apply(self, tangents: Tangents, out: Callable[[], Tangents] | None = None) -> Tangents:
+    def apply(self, tangents: Tangents, out: Callable[[], Tangents] | None = None, *, forms: bool = False) -> Tangents:
         """Products with parameter-shaped tangents ``(k, *param.shape)``.
 
         ``out``, called at most once, returns tensors shaped like
         ``tangents`` that may receive the products of the first batch (the
         double-backward engine writes them in place, allocating nothing
-        beside them); the returned tensors hold the result either way."""
+        beside them); the returned tensors hold the result either way.
+        With ``forms=True`` the result is instead the one-element tuple of
+        the quadratic forms ``v_i . C v_i`` (float64, shape ``(k,)``): the
+        double-backward engine then never holds a product vector."""
         k = int(tangents[0].shape[0])
         ps = self.params
+        if forms:
+            out = None
         # Grad mode is the library's business: products work the same inside
         # the caller's no_grad() or inference_mode().  no_grad for the
         # transforms: parameters outside the selection must not record a
@@ -305,14 +326,14 @@ class CurvatureOperator:
         if self._kept is not None and self._kept_key == self._state_key():
             # No forward pass: backward passes through the kept graphs only,
             # which touch neither the module nor the RNG.
-            with torch.inference_mode(False), torch.no_grad(), curvature_kernels():
+            with torch.inference_mode(False), torch.no_grad(), curvature_kernels(), flushed_denormals():
                 total, acc = self._accumulate(
-                    ((nb, g.products(tangents, out() if i == 0 and out else None))
+                    ((nb, _kept_products(g, tangents, out() if i == 0 and out else None, forms))
                      for i, (nb, g) in enumerate(self._kept)), out,
                 )
             return self._finish(k, total, acc)
         with ModelGuard(self.model, train=self.train), torch.inference_mode(False), torch.no_grad(), \
-                curvature_kernels():
+                curvature_kernels(), flushed_denormals():
             if self.engine is None:
                 with private_rng(self.seed, ps.device):
                     self.engine, self.engine_reason = self._choose(k)
@@ -322,10 +343,12 @@ class CurvatureOperator:
                 self.engine_reason = "requested (probe passed)"
             with private_rng(self.seed, ps.device):
                 if self.engine == "double-backward":
-                    total, acc = self._double_backward(tangents, out)
+                    total, acc = self._double_backward(tangents, out, forms)
                 else:
                     total, acc = self._accumulate(
-                        ((nb, self._batch(inputs, targets, tangents)) for nb, inputs, targets in self._batches()),
+                        ((nb, _forms_of(tangents, self._batch(inputs, targets, tangents)) if forms
+                          else self._batch(inputs, targets, tangents))
+                         for nb, inputs, targets in self._batches()),
                         out,
                     )
         return self._finish(k, total, acc)
@@ -386,11 +409,11 @@ class CurvatureOperator:
         return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
 
     def _double_backward(
-        self, tangents: Tangents, out: Callable[[], Tangents] | None = None
+        self, tangents: Tangents, out: Callable[[], Tangents] | None = None, forms: bool = False
     ) -> tuple[int, list[Tensor]]:
         if self._kept is not None and self._kept_key == self._state_key():
             return self._accumulate(
-                ((nb, g.products(tangents, out() if i == 0 and out else None))
+                ((nb, _kept_products(g, tangents, out() if i == 0 and out else None, forms))
                  for i, (nb, g) in enumerate(self._kept)), out,
             )
         self._kept = None
@@ -402,7 +425,7 @@ class CurvatureOperator:
                 g = KeptGraph(self.model, self.params, inputs, targets, self.loss_fn, self.curvature)
                 if keep:
                     kept.append((nb, g))
-                yield nb, g.products(tangents, out() if i == 0 and out else None)
+                yield nb, _kept_products(g, tangents, out() if i == 0 and out else None, forms)
                 del g  # a graph that is not kept goes before the next batch's is built
 
         result = self._accumulate(run(), out)
@@ -459,10 +482,9 @@ class CurvatureOperator:
         # one stored number per parameter tensor, broadcast (no parameter-sized vector)
         probe = tuple(torch.ones((), dtype=p.dtype, device=p.device).expand(1, *p.shape) for p in self.params.params)
         try:
-            # the kernel that ``k`` vectors per pass will run (reverse-over-forward for one)
+            # the kernel that ``k`` vectors per pass will run
             batch_curvature_products(self.model, self.params, x1, y1, probe, loss_fn=self.loss_fn,
-                                     curvature=self.curvature,
-                                     reverse_over_forward=self.curvature == "hessian" and k == 1)
+                                     curvature=self.curvature)
         except (RuntimeError, NotImplementedError) as exc:
             return exc
         return None
@@ -494,11 +516,44 @@ class CurvatureOperator:
             curvature=self.curvature, chunk_size=self.chunk_size,
         )
 
-    def matmat(self, V: Tensor) -> Tensor:
+    def prepare(self, k: int = 1) -> None:
+        """Choose the engine for ``k`` vectors per pass and, where the
+        double-backward engine keeps the gradient's graphs (one batch or a
+        few), build them now.
+
+        Called before the caller allocates its vectors, the construction's
+        own peak (the whole gradient beside its graph, and the backward
+        pass's temporaries) does not add to theirs; later products only
+        run backward passes through the kept graphs.  Optional: the first
+        product does the same otherwise.
+        """
+        if self._kept is not None and self._kept_key == self._state_key():
+            return
+        ps = self.params
+        with ModelGuard(self.model, train=self.train), torch.inference_mode(False), torch.no_grad(), \
+                curvature_kernels(), flushed_denormals():
+            if self.engine is None:
+                with private_rng(self.seed, ps.device):
+                    self.engine, self.engine_reason = self._choose(k)
+            if self.engine != "double-backward" or not self._keeps_graph():
+                return
+            self._kept = None
+            # the same private generator state as the first product's own
+            # forward pass would see (dropout masks with train=True)
+            with private_rng(self.seed, ps.device):
+                kept = [(nb, KeptGraph(self.model, self.params, inputs, targets, self.loss_fn, self.curvature))
+                        for nb, inputs, targets in self._batches()]
+            self._kept, self._kept_key = kept, self._state_key()
+
+    def matmat(self, V: Tensor, out: Tensor | None = None) -> Tensor:
         """``C V`` for flat vectors as the columns of ``V`` (shape ``(n, k)``).
 
         ``V`` may have any floating dtype; the product is computed in the
-        parameters' dtype and returned in ``V``'s dtype.
+        parameters' dtype and returned in ``V``'s dtype.  ``out``, of
+        ``V``'s shape and dtype with its columns stored one after another
+        (the transpose of a contiguous ``(k, n)`` tensor, as the library's
+        estimators store vectors), receives the result: the double-backward
+        engine writes the products there directly.
         """
         if V.dim() != 2 or V.shape[0] != self.shape[0]:
             raise ValueError(f"expected a matrix of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
@@ -507,6 +562,12 @@ class CurvatureOperator:
         # vector's pieces are contiguous.
         k, n = V.shape[1], V.shape[0]
         made: list[Tensor] = []
+        if out is not None:
+            if out.shape != V.shape or out.dtype != V.dtype or out.device != V.device:
+                raise ValueError(f"out must match V's shape, dtype and device, got {tuple(out.shape)} {out.dtype}")
+            if not out.T.is_contiguous():
+                return out.copy_(self.matmat(V))
+            made.append(out.T)
 
         def result() -> Tensor:
             if not made:
@@ -520,6 +581,50 @@ class CurvatureOperator:
         products = list(self.apply(self.unflatten(V.to(device=self.device, dtype=self.dtype)),
                                    out=direct if same else None))
         return _into_columns(products, result())
+
+    def matvec_update(self, v: Tensor, out: Tensor, beta: float) -> Tensor:
+        """``out <- C v + beta * out`` in place, for flat vectors of shape
+        ``(n,)``; returns ``out``.
+
+        With one batch of data on the double-backward engine (the gradient's
+        graph kept) and vectors in the parameters' dtype, each parameter's
+        product is added to ``out`` as the backward pass forms it, so no
+        product vector exists beside ``out`` (what the three-term Lanczos
+        recurrence needs: ``A q_j - beta q_{j-1}`` in the buffer of
+        ``q_{j-1}``).  Otherwise the product is formed and added.
+        """
+        n = self.shape[0]
+        if v.shape != (n,) or out.shape != (n,):
+            raise ValueError(f"expected vectors of shape ({n},), got {tuple(v.shape)} and {tuple(out.shape)}")
+        same = {(v.dtype, v.device), (out.dtype, out.device)} == {(self.dtype, self.device)}
+        if same and out.is_contiguous() and v.is_contiguous():
+            self.prepare(1)
+        kept = self._kept
+        if (not same or kept is None or len(kept) != 1 or self._reduces()
+                or self._kept_key != self._state_key() or not out.is_contiguous()):
+            return out.mul_(beta).add_(self.matvec(v))
+        with torch.inference_mode(False), torch.no_grad(), curvature_kernels(), flushed_denormals():
+            kept[0][1].update(self.unflatten(v), self.unflatten(out), beta)
+        require_finite(out, "a curvature-vector product (Hessian or GGN times a vector)")
+        self.n_hvp += 1
+        if self.progress is not None:
+            self.progress.update(1)
+        return out
+
+    def quadratic_forms(self, V: Tensor) -> Tensor:
+        """``v_i^T C v_i`` for the columns of ``V`` (shape ``(n, k)``), as a
+        float64 tensor of shape ``(k,)``.
+
+        What a trace estimator needs of a product.  The double-backward
+        engine dots each parameter's product with its piece of ``v_i`` as
+        the backward pass forms it and keeps no product vector (one
+        parameter size less than :meth:`matmat`); the other engine forms the
+        products and dots them.
+        """
+        if V.dim() != 2 or V.shape[0] != self.shape[0]:
+            raise ValueError(f"expected a matrix of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
+        (f,) = self.apply(self.unflatten(V.to(device=self.device, dtype=self.dtype)), forms=True)
+        return f
 
     def matvec(self, v: Tensor) -> Tensor:
         """``C v`` for one flat vector of shape ``(n,)``."""

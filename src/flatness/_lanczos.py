@@ -201,6 +201,7 @@ def lanczos(
     basis_dtype: torch.dtype = torch.float64,
     basis_device: torch.device | str | None = None,
     store_basis: bool = True,
+    matvec_update: Callable[[Tensor, Tensor, float], Tensor] | None = None,
 ) -> LanczosResult:
     """Extreme eigenpairs of a symmetric operator by (block) Lanczos with full
     reorthogonalization.
@@ -253,6 +254,13 @@ def lanczos(
         copies are merged and the spurious values removed by the
         Cullum-Willoughby test, so more steps may be needed than with a
         stored basis.
+    matvec_update : callable, optional
+        ``matvec_update(q, w, c)`` sets ``w <- A q + c w`` in place (and
+        returns ``w``), for ``store_basis=False``: the recurrence then forms
+        ``A q_j - beta_j q_{j-1}`` in the buffer of ``q_{j-1}`` (Paige's
+        order of the updates) and holds two vectors, not three, where the
+        operator adds its product without forming it apart
+        (:meth:`~flatness._hvp.CurvatureOperator.matvec_update`).
 
     Returns
     -------
@@ -282,9 +290,11 @@ def lanczos(
             raise ValueError(f"v0 must have {b} column(s), got {X.shape[1]}")
     X = X.to(device=where, dtype=basis_dtype)
     if not store_basis:
-        q = X[:, 0] if v0 is None else X[:, 0].clone()  # normalized in place below
+        # normalized in place by the recurrence, which alone holds it: a
+        # reference kept here would hold the start vector through every step
+        start = [X[:, 0] if v0 is None else X[:, 0].clone()]
         del X
-        return _lanczos_recurrence(matmat, q, n, k, which, tol, max(1, max_iter), callback)
+        return _lanczos_recurrence(matmat, start, n, k, which, tol, max(1, max_iter), callback, matvec_update)
     max_iter = max(1, min(max_iter, math.ceil(n / b)))
     basis = _Basis(n, b, max_iter, where, basis_dtype)
     basis.append(torch.linalg.qr(X)[0])
@@ -364,24 +374,46 @@ def _invariance_threshold(dtype: torch.dtype) -> float:
     return 1e-10 if dtype == torch.float64 else 1e-5
 
 
+def _dot(x: Tensor, y: Tensor) -> float:
+    """``x . y`` accumulated in float64, for vectors of any floating dtype,
+    converting a block at a time (no ``n``-sized float64 copy)."""
+    if x.dtype == torch.float64:
+        return float(torch.dot(x, y))
+    return math.fsum(
+        float(torch.dot(x[i : i + _DOT_BLOCK].double(), y[i : i + _DOT_BLOCK].double()))
+        for i in range(0, x.shape[0], _DOT_BLOCK)
+    )
+
+
+_DOT_BLOCK = 1 << 18  # elements converted to float64 at a time (2 MiB)
+
+
 def _lanczos_recurrence(
     matmat: MatMat,
-    q: Tensor,
+    start: list[Tensor],
     n: int,
     k: int,
     which: str,
     tol: float,
     max_iter: int,
     callback: Callable[[int, Tensor], None] | None,
+    matvec_update: Callable[[Tensor, Tensor, float], Tensor] | None = None,
 ) -> LanczosResult:
     """Single-vector Lanczos by the three-term recurrence, no stored basis.
 
-    Holds ``q_{j-1}``, ``q_j`` and ``A q_j`` only.  After each step the
-    tridiagonal ``T_j`` is diagonalized and cleaned by :func:`_good_ritz`;
-    the residual of Ritz value ``theta_i`` is ``beta_j |s_{j,i}|`` (Paige:
-    it bounds the true residual in finite precision too, up to rounding).
+    Holds ``q_{j-1}``, ``q_j`` and ``A q_j`` only (two vectors with
+    ``matvec_update``, which forms ``A q_j - beta_j q_{j-1}`` in the buffer
+    of ``q_{j-1}``), in the dtype of the start vector (``start``, a one-element list this function empties, so
+    that no caller keeps the first vector alive); the recurrence's
+    coefficients are float64 dot products whatever that dtype.  After each
+    step the tridiagonal ``T_j`` is diagonalized and cleaned by
+    :func:`_good_ritz`; the residual of Ritz value ``theta_i`` is
+    ``beta_j |s_{j,i}|`` (Paige: it bounds the true residual in finite
+    precision too, up to rounding).
     """
-    q = q.div_(q.norm())  # the caller's own copy: no second vector
+    q = start.pop()
+    q = q.div_(math.sqrt(_dot(q, q)))  # the caller's own copy: no second vector
+    eps = float(torch.finfo(q.dtype).eps)
     q_prev: Tensor | None = None
     d: list[float] = []
     e: list[float] = []
@@ -392,16 +424,23 @@ def _lanczos_recurrence(
     steps = 0
     for j in range(max_iter):
         steps = j + 1
-        w = _own(matmat(q[:, None])[:, 0], q)
-        a = float(torch.dot(q, w))
-        w.sub_(q, alpha=a)
-        if q_prev is not None:
-            w.sub_(q_prev, alpha=beta_prev)
-        beta = float(w.norm())
+        if q_prev is not None and matvec_update is not None:
+            # A q - beta q_prev in q_prev's own buffer, then alpha from it
+            # (Paige's order): two vectors instead of three
+            w, q_prev = matvec_update(q, q_prev, -beta_prev), None
+            a = _dot(q, w)
+            w.sub_(q, alpha=a)
+        else:
+            w = _own(matmat(q[:, None])[:, 0], q)
+            a = _dot(q, w)
+            w.sub_(q, alpha=a)
+            if q_prev is not None:
+                w.sub_(q_prev, alpha=beta_prev)
+        beta = math.sqrt(_dot(w, w))
         d.append(a)
         theta, last = _tridiagonal_eig(d, e)
         scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
-        values, residuals = _good_ritz(theta, last * beta, d, e, scale)
+        values, residuals = _good_ritz(theta, last * beta, d, e, scale, eps)
         order = _pick(values, min(k, len(values)), which)
         values, residuals = values[order], residuals[order]
         if callback is not None:
@@ -433,22 +472,27 @@ def _tridiagonal_eig(d: list[float], e: list[float]) -> tuple[np.ndarray, np.nda
 
 
 def _good_ritz(
-    theta: np.ndarray, residual: np.ndarray, d: list[float], e: list[float], scale: float
+    theta: np.ndarray, residual: np.ndarray, d: list[float], e: list[float], scale: float,
+    working_eps: float = float(np.finfo(np.float64).eps),
 ) -> tuple[np.ndarray, np.ndarray]:
     """The Ritz values of a Lanczos run without reorthogonalization that
     approximate eigenvalues of ``A``, each once (Cullum and Willoughby 1985).
 
     Loss of orthogonality makes a converged eigenvalue appear again as a
     copy, and makes ``T`` have *spurious* eigenvalues that belong to no
-    eigenvalue of ``A``.  Copies agree to rounding and are merged (keeping
-    the smallest residual).  A spurious value is a simple eigenvalue of ``T``
-    that is also an eigenvalue of ``T`` with its first row and column
-    removed: its eigenvector has a negligible first component, so the start
-    vector does not see it.
+    eigenvalue of ``A``.  Copies agree to the rounding of the run's vectors
+    and products and are merged (keeping the smallest residual): values
+    closer than ``sqrt(working_eps) * scale`` count as one, ``working_eps``
+    being the machine epsilon of the vectors (float32 copies differ by up
+    to about ``1e-5 * scale``, float64 ones by far less).  A spurious value
+    is a simple eigenvalue of ``T`` that is also an eigenvalue of ``T`` with
+    its first row and column removed: its eigenvector has a negligible first
+    component, so the start vector does not see it (a property of ``T``,
+    tested in float64 whatever the vectors' dtype).
     """
     m = len(theta)
     eps = np.finfo(np.float64).eps
-    multiple_tol = math.sqrt(eps) * scale  # copies of one eigenvalue
+    multiple_tol = math.sqrt(max(eps, working_eps)) * scale  # copies of one eigenvalue
     spurious_tol = 8 * eps * m * scale     # a coincidence with T-hat's spectrum
     groups: list[list[int]] = []
     for i in range(m):  # theta is sorted ascending
@@ -522,12 +566,17 @@ def hutchinson(
     device: torch.device | str = "cpu",
     batch: int = 8,
     dtype: torch.dtype = torch.float64,
+    quadform: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[float, float, Tensor]:
     """Hutchinson's trace estimator with Rademacher vectors.
 
     The vectors are drawn ``batch`` at a time, so at most ``batch`` of them
     (and their products) exist at once; ``dtype`` is theirs (random signs
     are exact in any dtype; the quadratic forms are summed in float64).
+    ``quadform(V)``, if given, returns the forms ``v_i^T A v_i`` of the
+    columns directly (float64, ``(k,)``; e.g. without holding the products,
+    :meth:`~flatness._hvp.CurvatureOperator.quadratic_forms`); by default
+    they are dotted from ``matmat(V)``.
 
     Returns
     -------
@@ -540,12 +589,20 @@ def hutchinson(
     """
     if n_samples < 2:
         raise ValueError(f"hutchinson needs n_samples >= 2 for a standard error, got {n_samples}")
+    form = _quadform(matmat, quadform)
     forms = []
     for b in _blocks(n_samples, batch):
         Z = rademacher(n, b, generator=generator, device=device, dtype=dtype)
-        forms.append(_column_dots(Z, matmat(Z)))
+        forms.append(form(Z))
+        del Z
     q = torch.cat(forms).cpu()
     return float(q.mean()), float(q.std(unbiased=True) / math.sqrt(n_samples)), q
+
+
+def _quadform(matmat: MatMat, quadform: Callable[[Tensor], Tensor] | None) -> Callable[[Tensor], Tensor]:
+    if quadform is not None:
+        return lambda V: quadform(V).double().cpu()
+    return lambda V: _column_dots(V, matmat(V)).cpu()
 
 
 def _orthonormalize_(X: Tensor) -> Tensor:
@@ -577,6 +634,8 @@ def hutchpp(
     batch: int = 8,
     dtype: torch.dtype = torch.float64,
     sketch: int | None = None,
+    quadform: Callable[[Tensor], Tensor] | None = None,
+    matmat_out: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[float, float, Tensor]:
     """Hutch++ (Meyer, Musco, Musco and Woodruff 2021) with ``n_samples``
     products.
@@ -591,7 +650,11 @@ def hutchpp(
     ``batch`` vectors and their products at a time.  ``sketch`` sets ``s``
     (at most ``(n_samples - 2) // 2``) to bound that memory; the products it
     frees go to the Hutchinson part, and the estimate stays unbiased (with
-    ``sketch=0`` it is Hutchinson's).
+    ``sketch=0`` it is Hutchinson's).  ``matmat_out(V, out)``, if given,
+    writes ``A V`` into ``out`` (the sketch's columns: no product beside
+    them), and ``quadform`` gives the quadratic forms of the other two
+    phases without their products (see :func:`hutchinson`): the vectors of
+    one pass are then all that exists beside ``Q``.
 
     Returns
     -------
@@ -610,19 +673,25 @@ def hutchpp(
     AS = torch.empty(s, n, dtype=dtype, device=device).T  # column after column, as rademacher
     start = 0
     for b in _blocks(s, batch):
-        AS[:, start : start + b] = matmat(rademacher(n, b, generator=generator, device=device, dtype=dtype))
+        S = rademacher(n, b, generator=generator, device=device, dtype=dtype)
+        if matmat_out is not None:  # written in place: no product beside the sketch
+            matmat_out(S, AS[:, start : start + b])
+        else:
+            AS[:, start : start + b] = matmat(S)
+        del S
         start += b
     Q = _orthonormalize_(AS)
     del AS
+    form = _quadform(matmat, quadform)
     exact_part = 0.0
     for start in range(0, s, batch):
-        Qb = Q[:, start : start + batch]
-        exact_part += float(_column_dots(Qb, matmat(Qb)).sum())
+        exact_part += float(form(Q[:, start : start + batch]).sum())
     forms = []
     for b in _blocks(g, batch):
         G = rademacher(n, b, generator=generator, device=device, dtype=dtype)
         G.addmm_(Q, Q.T @ G, alpha=-1)
-        forms.append(_column_dots(G, matmat(G)))
+        forms.append(form(G))
+        del G
     q = torch.cat(forms).cpu()
     return exact_part + float(q.mean()), float(q.std(unbiased=True) / math.sqrt(g)), q
 

@@ -19,8 +19,10 @@ engine choice, flat vectors) on top of these.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from typing import Any
+import functools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +39,7 @@ __all__ = [
     "buffers_written_in_forward",
     "curvature_kernels",
     "double_backward_hvp",
+    "flushed_denormals",
     "reverse_only_modules",
 ]
 
@@ -75,6 +78,34 @@ def curvature_kernels() -> Iterator[None]:
     finally:
         torch._weight_norm = fused_weight_norm  # type: ignore[assignment]
         torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def _flushing_denormals() -> bool:
+    # torch has no getter: a subnormal product survives unless this thread
+    # flushes them (1e-40 is subnormal in float32)
+    return float(torch.tensor([1e-20]) * torch.tensor([1e-20])) == 0.0
+
+
+@contextlib.contextmanager
+def flushed_denormals() -> Iterator[None]:
+    """Flush subnormal floats to zero on this thread while products run
+    (CPU, where supported), and restore the previous setting.
+
+    Products with vectors whose entries span many orders of magnitude (the
+    orthonormalized sketch of Hutch++, Lanczos vectors) create subnormal
+    intermediates in the backward pass, which x86 CPUs compute about a
+    hundred times slower than normal numbers: a product took 1.5x as long
+    on a language model.  Values below ``1.2e-38`` (float32) are dropped,
+    far below the rounding of any sum they enter.  The setting is per
+    thread: intra-op worker threads keep theirs.
+    """
+    if _flushing_denormals() or not torch.set_flush_denormal(True):
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def reverse_only_modules(model: nn.Module) -> list[str]:
@@ -158,16 +189,13 @@ def batch_curvature_products(
         At most this many vectors per ``vmap`` call (bounds memory).
     reverse_over_forward : bool, optional
         Differentiate ``jvp`` with ``grad`` instead of the
-        forward-over-reverse ``jvp`` of ``grad``.  Same result; needed for
-        losses whose backward formula has no forward derivative in PyTorch
-        (``F.mse_loss`` with ``reduction="mean"`` raises "ZeroTensors are
-        immutable" in torch 2.x).  Default (``None``): reverse-over-forward
-        for one Hessian-vector product, which holds only the product (the
-        gradient of ``v . grad f`` is formed parameter by parameter), where
-        ``jvp`` of ``grad`` holds the gradient beside its tangent, one
-        parameter size more, and is slower without ``vmap``;
-        forward-over-reverse for several vectors, which ``vmap`` batches
-        faster.
+        forward-over-reverse ``jvp`` of ``grad``.  The same product in
+        exact arithmetic, and it holds no gradient beside the tangent (one
+        parameter size less), but torch's reverse-mode derivatives of the
+        forward-mode formulas of ``layer_norm``, ``batch_norm`` in training
+        mode and ``instance_norm`` are wrong (torch 2.13 on CPU: errors of
+        order one against a dense Hessian), so the default (``None``) is
+        ``jvp`` of ``grad`` for any number of vectors.
 
     Returns
     -------
@@ -175,7 +203,7 @@ def batch_curvature_products(
         ``C v_i`` for each of the ``k`` vectors, shaped like ``tangents``.
     """
     if reverse_over_forward is None:
-        reverse_over_forward = curvature == "hessian" and tangents[0].shape[0] == 1
+        reverse_over_forward = False  # see the docstring: wrong through normalization layers
     values = tuple(ps.detached())
     module = unwrap(model)
     # In training mode BatchNorm writes its running statistics in place.  The
@@ -234,9 +262,58 @@ def _zeros_or(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> tuple
     return tuple(torch.zeros_like(v) if t is None else t.detach() for t, v in zip(tensors, like))
 
 
+class _Root(NamedTuple):
+    """Where a product's backward pass starts: a gradient tensor, or only
+    its place in the graph (see :func:`_roots`), and its dtype."""
+
+    output: Any  # Tensor or torch.autograd.graph.GradientEdge
+    dtype: torch.dtype
+
+
+@functools.cache
+def _edges_as_outputs() -> bool:
+    """Whether ``torch.autograd.backward`` takes gradient edges as outputs
+    (recent torch releases), tried once on a two-element graph."""
+    try:
+        from torch.autograd.graph import get_gradient_edge
+
+        x = torch.ones(2, requires_grad=True)
+        with torch.enable_grad():
+            edge = get_gradient_edge(x * 2)
+        (g,) = torch.autograd.grad([edge], [x], [torch.ones(2)])
+        return bool(torch.equal(g, torch.full((2,), 2.0)))
+    except Exception:  # noqa: BLE001 - any failure means: keep the tensors
+        return False
+
+
+def _roots(grads: Sequence[Tensor | None]) -> list[_Root | None]:
+    """The starting points of the products' backward passes: ``None`` where
+    the gradient does not depend on the parameters.
+
+    A product needs the gradient's graph, not its values: where torch takes
+    gradient edges as outputs, only the edges are kept and the gradient
+    itself (one parameter size) is freed, unless a node of the graph saved
+    it."""
+    edges = _edges_as_outputs()
+    if edges:
+        from torch.autograd.graph import get_gradient_edge
+    out: list[_Root | None] = []
+    for g in grads:
+        if g is None or not g.requires_grad:
+            out.append(None)
+        else:
+            out.append(_Root(get_gradient_edge(g) if edges else g, g.dtype))
+    return out
+
+
 class KeptGraph:
     """One batch's loss gradient with its graph (``create_graph=True``),
     ready for any number of reverse-over-reverse products.
+
+    Only the graph is kept: the gradient's values are not needed by the
+    products and are freed (where torch takes gradient edges as outputs),
+    so the graph holds the activations and what the backward pass saved
+    for a second differentiation, and no parameter-sized gradient.
 
     Hessian: ``H v = d(g . v)/dw`` with ``g`` the kept gradient.  GGN:
     ``J v`` by the double-vjp trick (``J^T u`` is linear in a dummy ``u``;
@@ -256,7 +333,7 @@ class KeptGraph:
         with torch.enable_grad():
             if curvature == "hessian":
                 loss = functional_loss(model, ps, self.values, inputs, targets, loss_fn, extra=buffers)
-                self.grads = torch.autograd.grad(loss, self.values, create_graph=True, allow_unused=True)
+                self.grads = _roots(torch.autograd.grad(loss, self.values, create_graph=True, allow_unused=True))
             else:
                 z = _outputs(model, ps, self.values, inputs, buffers)
                 if not isinstance(z, Tensor):
@@ -265,7 +342,7 @@ class KeptGraph:
                 self.z = z
                 (self.gz,) = torch.autograd.grad(loss, z, create_graph=True)
                 self.u = torch.zeros_like(z, requires_grad=True)
-                self.grads = torch.autograd.grad(z, self.values, self.u, create_graph=True, allow_unused=True)
+                self.grads = _roots(torch.autograd.grad(z, self.values, self.u, create_graph=True, allow_unused=True))
 
     def products(self, tangents: Tangents, out: Tangents | None = None) -> Tangents:
         """``C v_i`` for the ``k`` vectors of ``tangents`` (``(k, *shape)``).
@@ -285,49 +362,98 @@ class KeptGraph:
             self._one([t[i] for t in tangents], into=[o[i] for o in out])
         return out
 
-    def _one(self, vec: list[Tensor], into: list[Tensor] | None = None) -> tuple[Tensor, ...]:
-        """One product; with ``into`` (parameter-shaped tensors) written there."""
-        live = [(g, v) for g, v in zip(self.grads, vec) if g is not None and g.requires_grad]
+    def update(self, vec: Sequence[Tensor], out: Sequence[Tensor], beta: float) -> None:
+        """``out <- C v + beta * out`` for one vector ``v`` (parameter-shaped
+        tensors), each parameter's product added as the backward pass forms
+        it: no product vector beside ``out``."""
+        filled: set[int] = set()
+
+        def sink(j: int, g: Tensor) -> None:
+            out[j].mul_(beta).add_(g)
+            filled.add(j)
+
+        self._one(list(vec), sink=sink)
+        for j, t in enumerate(out):
+            if j not in filled:  # the loss does not reach this parameter
+                t.mul_(beta)
+
+    def forms(self, tangents: Tangents) -> Tangents:
+        """The quadratic forms ``v_i . C v_i`` (float64, shape ``(k,)``, as a
+        one-element tuple) for the ``k`` vectors of ``tangents``.
+
+        Each parameter's product is dotted with its piece of ``v_i`` as soon
+        as the backward pass has formed it and then released: no product
+        vector exists, which saves one parameter size beside a product
+        (what a trace estimator needs of a product is this number).
+        """
+        k = int(tangents[0].shape[0])
+        out = torch.zeros(k, dtype=torch.float64)
+        for i in range(k):
+            vec = [t[i] for t in tangents]
+            parts: list[float] = []
+            self._one(vec, sink=lambda j, g: parts.append(float(torch.dot(vec[j].reshape(-1), g.reshape(-1)))))
+            out[i] = math.fsum(parts)
+        return (out.to(tangents[0].device),)
+
+    def _one(
+        self, vec: list[Tensor], into: list[Tensor] | None = None, sink: Callable[[int, Tensor], None] | None = None
+    ) -> tuple[Tensor, ...]:
+        """One product; with ``into`` (parameter-shaped tensors) written
+        there; with ``sink``, handed over parameter by parameter as
+        ``sink(j, product_j)`` and not kept (parameters the loss does not
+        reach are skipped: their product is zero)."""
+        live = [(g, v) for g, v in zip(self.grads, vec) if g is not None]
         if not live:  # the gradient does not depend on the parameters
-            return self._zeros(into)
-        outs, grad_outs = [g for g, _ in live], [v.to(g.dtype) for g, v in live]
+            return self._zeros(into, sink)
+        outs, grad_outs = [g.output for g, _ in live], [v.to(g.dtype) for g, v in live]
         with torch.enable_grad():
             if self.curvature == "hessian":
-                return self._grad(outs, grad_outs, into)
+                return self._grad(outs, grad_outs, into, sink)
             (jv,) = torch.autograd.grad(outs, self.u, grad_outs, retain_graph=True, allow_unused=True)
             if jv is None or not self.gz.requires_grad:
-                return self._zeros(into)
+                return self._zeros(into, sink)
             (hjv,) = torch.autograd.grad(self.gz, self.z, jv, retain_graph=True, allow_unused=True)
             if hjv is None:
-                return self._zeros(into)
-            return self._grad([self.z], [hjv], into)
+                return self._zeros(into, sink)
+            return self._grad([self.z], [hjv], into, sink)
 
-    def _zeros(self, into: list[Tensor] | None) -> tuple[Tensor, ...]:
+    def _zeros(self, into: list[Tensor] | None, sink: Any = None) -> tuple[Tensor, ...]:
+        if sink is not None:
+            return ()
         if into is None:
             return tuple(torch.zeros_like(v) for v in self.values)
         return tuple(t.zero_() for t in into)
 
-    def _grad(self, outs: list[Tensor], grad_outs: list[Tensor], into: list[Tensor] | None) -> tuple[Tensor, ...]:
+    def _grad(
+        self, outs: list[Tensor], grad_outs: list[Tensor], into: list[Tensor] | None,
+        sink: Callable[[int, Tensor], None] | None = None,
+    ) -> tuple[Tensor, ...]:
         """The last backward pass of a product, onto the parameters."""
-        if into is None:
+        if into is None and sink is None:
             hv = torch.autograd.grad(outs, self.values, grad_outs, retain_graph=True, allow_unused=True)
             return _zeros_or(hv, self.values)
-        # Each parameter's product is copied into the caller's tensor as soon
-        # as the engine has formed it, and released: at most one layer's
-        # product exists beside ``into`` (zero-filling ``into`` first and
-        # accumulating in place would keep all of it resident while the
-        # backward pass's own temporaries are live).
+        # Each parameter's product is copied into the caller's tensor (or
+        # handed to ``sink``) as soon as the engine has formed it, and
+        # released: at most one layer's product exists beside ``into``
+        # (zero-filling ``into`` first and accumulating in place would keep
+        # all of it resident while the backward pass's own temporaries are
+        # live).
         filled: set[int] = set()
+        if sink is None:
+            assert into is not None
+            targets = into
 
-        def copier(j: int, target: Tensor) -> Any:
+            def sink(j: int, g: Tensor) -> None:
+                targets[j].copy_(g)
+
+        def receiver(j: int) -> Any:
             def hook(v: Tensor) -> None:
-                target.copy_(v.grad)
+                sink(j, v.grad)
                 v.grad = None
                 filled.add(j)
             return hook
 
-        handles = [v.register_post_accumulate_grad_hook(copier(j, t))
-                   for j, (v, t) in enumerate(zip(self.values, into))]
+        handles = [v.register_post_accumulate_grad_hook(receiver(j)) for j, v in enumerate(self.values)]
         try:
             torch.autograd.backward(outs, grad_outs, retain_graph=True, inputs=self.values)
         finally:
@@ -335,6 +461,8 @@ class KeptGraph:
                 h.remove()
             for v in self.values:
                 v.grad = None
+        if into is None:
+            return ()
         for j, t in enumerate(into):
             if j not in filled:  # the loss does not reach this parameter
                 t.zero_()
