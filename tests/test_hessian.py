@@ -345,3 +345,29 @@ def test_trace_hutchpp_sketch_bounds_the_sketch():
         hessian.trace(model, batches, n_samples=10, sketch=5)
     with pytest.raises(ValueError, match="sketch"):
         hessian.trace(model, batches, method="hutchinson", n_samples=10, sketch=1)
+
+
+def test_embedding_bag_is_refused_for_curvature_naming_the_module():
+    # PyTorch implements neither double backward nor forward-mode AD through
+    # embedding_bag: refused up front; leaving the bag's weight out works
+    class BagModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = torch.nn.EmbeddingBag(9, 4, mode="mean")
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, tokens):
+            return self.head(torch.tanh(self.bag(tokens)))
+
+    torch.manual_seed(0)
+    model = BagModel().to(DT)
+    batch = (torch.randint(0, 9, (6, 3)), torch.randint(0, 3, (6,)))
+    for call in (lambda **kw: hessian.trace(model, batch, method="exact", **kw),
+                 lambda **kw: hessian.top_eigenvalues(model, batch, k=1, **kw)):
+        with pytest.raises(ValueError, match=r"second derivatives.*bag \(EmbeddingBag\).*params="):
+            call()
+    head_only = hessian.trace(model, batch, method="exact", params=model.head.parameters()).value
+    h = torch.autograd.functional.hessian(
+        lambda w, b: F.cross_entropy(F.linear(torch.tanh(model.bag(batch[0])).detach(), w, b), batch[1]),
+        (model.head.weight.detach(), model.head.bias.detach()))
+    assert head_only == pytest.approx(float(h[0][0].reshape(12, 12).trace() + h[1][1].trace()), rel=1e-10)

@@ -66,6 +66,7 @@ from flatness._products import (
     buffers_written_in_forward,
     curvature_kernels,
     flushed_denormals,
+    modules_without_second_derivatives,
     reverse_only_modules,
 )
 from flatness._rng import private_rng
@@ -252,6 +253,13 @@ class CurvatureOperator:
         self.data = data
         self.loss_fn = loss_fn
         self.params = select_params(model, params)
+        no_second = modules_without_second_derivatives(model, self.params)
+        if no_second:
+            raise ValueError(
+                "curvature products need second derivatives, which PyTorch does not implement through "
+                + "; ".join(no_second) + ": leave its parameters out with params=, or compute the bag with "
+                "nn.Embedding and a sum or mean over the bag"
+            )
         self.curvature = curvature
         self.n_batches = n_batches
         self.train = bool(train)

@@ -108,6 +108,16 @@ def flushed_denormals() -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
+def modules_without_second_derivatives(model: nn.Module, ps: ParamSet) -> list[str]:
+    """Submodules holding selected parameters through which PyTorch has no
+    second derivative (neither double backward nor forward-mode AD), each as
+    ``"name (Type)"``: ``nn.EmbeddingBag`` (``_embedding_bag_backward`` has
+    no derivative)."""
+    selected = {id(p) for p in ps.params}
+    return [f"{name or '<root>'} ({type(m).__name__})" for name, m in unwrap(model).named_modules()
+            if isinstance(m, nn.EmbeddingBag) and any(id(p) in selected for p in m.parameters(recurse=False))]
+
+
 def reverse_only_modules(model: nn.Module) -> list[str]:
     """Submodules whose kernels have no forward-mode derivative in PyTorch,
     each as ``"name (Type: reason)"``: recurrent layers (the fused RNN
