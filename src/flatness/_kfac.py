@@ -150,7 +150,9 @@ def hidden_use(layer: KFACLayer, calls: list[list[Tensor]], true: list[Tensor]) 
     twice) escape them, and the factored variance would be wrong, even
     negative.  The weight gradient rebuilt from the hooks' inputs and
     output gradients must equal ``true``, the gradients of ``layer.indices``
-    autograd computed in the same pass (zeros for an unused parameter).
+    autograd computed in the same pass (zeros for an unused parameter):
+    compared through their products with a fixed random vector, and the
+    bias gradients whole.
     """
     scale = max(float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in true]))), 1e-300)
     if len(calls) > 1:
@@ -161,12 +163,21 @@ def hidden_use(layer: KFACLayer, calls: list[list[Tensor]], true: list[Tensor]) 
     if a.numel() == 0 or e.numel() == 0:
         return None  # an empty layer: nothing to factor, nothing hidden
     x, g, _ = _positions(layer, a, e)
-    rebuilt = []
+    rebuilt, seen = [], []
     if layer.weight is not None:
-        rebuilt.append(torch.einsum("nto,nti->oi", g, x).reshape(true[0].shape))
+        # The weight gradient g^T x would cost the layer's whole backward
+        # pass again; its product with a random vector, g^T (x v), costs
+        # matrix-vector products, and a difference between the two
+        # gradients shows in it almost surely.
+        v = torch.randn(x.shape[-1], generator=torch.Generator(device=x.device).manual_seed(0),
+                        device=x.device, dtype=x.dtype)
+        rebuilt.append(torch.einsum("nto,nt->o", g, x @ v))
+        seen.append(true[0].reshape(true[0].shape[0], -1) @ v)
     if layer.bias is not None:
         rebuilt.append(g.sum((0, 1)))
-    err = float(torch.linalg.vector_norm(torch.cat([(r - t).reshape(-1) for r, t in zip(rebuilt, true)])))
+        seen.append(true[-1])
+    err = float(torch.linalg.vector_norm(torch.cat([(r - t).reshape(-1) for r, t in zip(rebuilt, seen)])))
+    scale = max(float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in seen]))), 1e-300)
     # A hidden use adds a whole term; rounding differs by the summation
     # order over samples and positions (3e-6 relative for a float32
     # convolution over 128 images of 32 x 32), so the tolerance follows the
