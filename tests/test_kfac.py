@@ -362,3 +362,18 @@ def test_float32_convolutions_are_not_mistaken_for_hidden_uses():
     torch.manual_seed(1)
     x, y = torch.randn(16, 4, generator=g, dtype=torch.float32), torch.randint(0, 3, (16,), generator=g)
     assert set(nu.kfac_variance(Functional().to(torch.float32), (x, y)).settings["hidden_from_hooks"]) == {"b"}
+
+    class ConvReused(nn.Module):  # the second convolution's kernel also used functionally, strided
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+            self.c2 = nn.Conv2d(16, 16, 3, padding=1, stride=2, dilation=1)
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            h = torch.relu(self.c1(x))
+            z = torch.relu(self.c2(h)) + 0.05 * F.conv2d(h, self.c2.weight, stride=2, padding=1)
+            return self.head(z.mean((2, 3)))
+
+    torch.manual_seed(2)
+    assert set(nu.kfac_variance(ConvReused(), data).settings["hidden_from_hooks"]) == {"c2"}

@@ -162,17 +162,19 @@ def hidden_use(layer: KFACLayer, calls: list[list[Tensor]], true: list[Tensor]) 
     a, e = calls[0]
     if a.numel() == 0 or e.numel() == 0:
         return None  # an empty layer: nothing to factor, nothing hidden
-    x, g, _ = _positions(layer, a, e)
     rebuilt, seen = [], []
+    g = _output_grads(layer, e)
     if layer.weight is not None:
         # The weight gradient g^T x would cost the layer's whole backward
         # pass again; its product with a random vector, g^T (x v), costs
-        # matrix-vector products, and a difference between the two
-        # gradients shows in it almost surely.
-        v = torch.randn(x.shape[-1], generator=torch.Generator(device=x.device).manual_seed(0),
-                        device=x.device, dtype=x.dtype)
-        rebuilt.append(torch.einsum("nto,nt->o", g, x @ v))
-        seen.append(true[0].reshape(true[0].shape[0], -1) @ v)
+        # matrix-vector products (for a convolution, x v is a convolution
+        # with one output channel: no unfolded patches), and a difference
+        # between the two gradients shows in it almost surely.
+        w = true[0]
+        v = torch.randn(w[0].numel(), generator=torch.Generator(device=w.device).manual_seed(0),
+                        device=w.device, dtype=w.dtype)
+        rebuilt.append(torch.einsum("nto,nt->o", g, _inputs_times(layer, a, v)))
+        seen.append(w.reshape(w.shape[0], -1) @ v)
     if layer.bias is not None:
         rebuilt.append(g.sum((0, 1)))
         seen.append(true[-1])
@@ -264,6 +266,24 @@ def _positions(layer: KFACLayer, a: Tensor, e: Tensor) -> tuple[Tensor, Tensor, 
         a = a.reshape(n, -1, a.shape[-1])
         e = e.reshape(n, -1, e.shape[-1])
     return a, e, e.shape[1]
+
+
+def _output_grads(layer: KFACLayer, e: Tensor) -> Tensor:
+    """Output gradients ``(n, T, d_out)`` (the second part of :func:`_positions`)."""
+    if isinstance(layer.module, nn.Conv2d):
+        return e.flatten(2).transpose(1, 2)
+    return e.reshape(e.shape[0], -1, e.shape[-1])
+
+
+def _inputs_times(layer: KFACLayer, a: Tensor, v: Tensor) -> Tensor:
+    """``x v`` for the inputs ``x`` of :func:`_positions` (``(n, T)``),
+    without unfolding a convolution's patches: a convolution with ``v`` as
+    its one output channel's kernel (``v`` in the weight's order)."""
+    if isinstance(layer.module, nn.Conv2d):
+        m = layer.module
+        kernel = v.reshape(1, m.in_channels, *m.kernel_size)
+        return F.conv2d(_padded(m, a), kernel, stride=m.stride, dilation=m.dilation).flatten(1)
+    return a.reshape(a.shape[0], -1, a.shape[-1]) @ v
 
 
 def _positions_count(layer: KFACLayer, e: Tensor) -> int:
