@@ -163,10 +163,17 @@ def _outputs(
         return functional_call(unwrap(model), state, _as_args(inputs), _as_kwargs(inputs), strict=False)
 
 
-def _second_order(f: Any, x: Any, v: Any, reverse_over_forward: bool) -> Any:
-    """Hessian of scalar ``f`` at ``x`` times ``v`` (pytrees of tensors)."""
-    if reverse_over_forward:
-        return grad(lambda y: jvp(f, (y,), (v,))[1])(x)
+def _second_order(f: Any, x: Any, v: Any) -> Any:
+    """Hessian of scalar ``f`` at ``x`` times ``v`` (pytrees of tensors), as
+    ``jvp`` of ``grad``.
+
+    The other order, ``grad`` of ``jvp``, holds no gradient beside the
+    tangent (one parameter size less) and is the same product in exact
+    arithmetic, but torch's reverse-mode derivatives of the forward-mode
+    formulas of ``layer_norm``, ``batch_norm`` in training mode and
+    ``instance_norm`` are wrong (torch 2.13 on CPU: errors of order one
+    against a dense Hessian), so it is not used.
+    """
     return jvp(grad(f), (x,), (v,))[1]
 
 
@@ -180,7 +187,6 @@ def batch_curvature_products(
     loss_fn: LossFn = default_loss,
     curvature: str = "hessian",
     chunk_size: int | None = None,
-    reverse_over_forward: bool | None = None,
 ) -> Tangents:
     """Curvature-vector products of one batch's loss for ``k`` vectors at once.
 
@@ -197,23 +203,12 @@ def batch_curvature_products(
     curvature : {"hessian", "ggn"}
     chunk_size : int, optional
         At most this many vectors per ``vmap`` call (bounds memory).
-    reverse_over_forward : bool, optional
-        Differentiate ``jvp`` with ``grad`` instead of the
-        forward-over-reverse ``jvp`` of ``grad``.  The same product in
-        exact arithmetic, and it holds no gradient beside the tangent (one
-        parameter size less), but torch's reverse-mode derivatives of the
-        forward-mode formulas of ``layer_norm``, ``batch_norm`` in training
-        mode and ``instance_norm`` are wrong (torch 2.13 on CPU: errors of
-        order one against a dense Hessian), so the default (``None``) is
-        ``jvp`` of ``grad`` for any number of vectors.
 
     Returns
     -------
     tuple of Tensor
         ``C v_i`` for each of the ``k`` vectors, shaped like ``tangents``.
     """
-    if reverse_over_forward is None:
-        reverse_over_forward = False  # see the docstring: wrong through normalization layers
     values = tuple(ps.detached())
     module = unwrap(model)
     # In training mode BatchNorm writes its running statistics in place.  The
@@ -232,7 +227,7 @@ def batch_curvature_products(
             )
 
         def product(v: Tangents) -> Tangents:
-            return _second_order(loss, values, v, reverse_over_forward)
+            return _second_order(loss, values, v)
 
     elif curvature == "ggn":
 
@@ -249,7 +244,7 @@ def batch_curvature_products(
 
         def product(v: Tangents) -> Tangents:
             jv = jvp(out, (values,), (v,))[1]
-            hjv = _second_order(out_loss, z, jv, reverse_over_forward)
+            hjv = _second_order(out_loss, z, jv)
             return pullback(hjv)[0]
 
     else:
