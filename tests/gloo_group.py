@@ -36,6 +36,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+#: The marks of a test module whose tests run gloo process groups.
+GLOO = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+]
+
+
+def require_fully_shard() -> None:
+    """Skip the calling test module (at import) where FSDP2's
+    ``fully_shard`` does not exist (torch < 2.6)."""
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):  # pragma: no cover - torch < 2.6
+        pytest.skip("torch.distributed.fsdp.fully_shard is not available", allow_module_level=True)
+
 
 def _rank_main(rank: int, worker: Callable[..., None], world: int, tmp: str,
                args: tuple[Any, ...], group_timeout: float) -> None:

@@ -10,18 +10,13 @@ import os
 import cases
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from gloo_group import run_gloo
+from gloo_group import GLOO, run_gloo
 from torch import nn
 
 from flatness.optim import ConsistentSAM, NonuniformSAM
 
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.slow,
-    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
-]
+pytestmark = [*GLOO, pytest.mark.slow]
 
 WORLD, STEPS = 2, 3
 

@@ -18,8 +18,7 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-from gloo_group import run_gloo
+from gloo_group import GLOO, run_gloo
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -29,11 +28,7 @@ from flatness.diversity import disagreement, disagreement_error_ratio, ensemble_
 from flatness.hessian import spectral_density, top_eigenvalues, trace
 from flatness.nonuniformity import channel_gradient_norms, class_loss_imbalance, gradient_variance, kfac_variance
 
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.slow,
-    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
-]
+pytestmark = [*GLOO, pytest.mark.slow]
 
 N_SAMPLES, BATCH, SEED = 27, 4, 3
 

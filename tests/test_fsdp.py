@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gloo_group import run_gloo
+from gloo_group import GLOO, require_fully_shard, run_gloo
 from torch import nn
 
 import flatness
@@ -22,11 +22,9 @@ from flatness.hessian import top_eigenvalues
 from flatness.nonuniformity import gradient_variance
 from flatness.optim import SAM
 
-fsdp = pytest.importorskip("torch.distributed.fsdp")
-if not hasattr(fsdp, "fully_shard"):  # pragma: no cover - torch < 2.6
-    pytest.skip("torch.distributed.fsdp.fully_shard is not available", allow_module_level=True)
+require_fully_shard()
 
-pytestmark = [pytest.mark.distributed]
+pytestmark = GLOO
 
 
 def _model() -> nn.Module:

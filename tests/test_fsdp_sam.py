@@ -15,9 +15,8 @@ import io
 import cases
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from gloo_group import fully_shard_linears, run_gloo
+from gloo_group import GLOO, fully_shard_linears, require_fully_shard, run_gloo
 from torch import nn
 
 from flatness.optim import (
@@ -33,14 +32,9 @@ from flatness.optim import (
     NonuniformSAM,
 )
 
-fsdp = pytest.importorskip("torch.distributed.fsdp")
-if not hasattr(fsdp, "fully_shard"):  # pragma: no cover - torch < 2.6
-    pytest.skip("torch.distributed.fsdp.fully_shard is not available", allow_module_level=True)
+require_fully_shard()
 
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
-]
+pytestmark = GLOO
 
 WORLD, STEPS = 2, 3
 SUPPORTED = ["SAM", "ASAM", "GSAM", "LookSAM", "LookSAM-per-tensor", "WSAM", "FriendlySAM",

@@ -15,20 +15,14 @@ from __future__ import annotations
 import cases
 import pytest
 import torch
-import torch.distributed as dist
-from gloo_group import fully_shard_linears, run_gloo
+from gloo_group import GLOO, fully_shard_linears, require_fully_shard, run_gloo
 from torch import nn
 
 import flatness
 
-fsdp = pytest.importorskip("torch.distributed.fsdp")
-if not hasattr(fsdp, "fully_shard"):  # pragma: no cover - torch < 2.6
-    pytest.skip("torch.distributed.fsdp.fully_shard is not available", allow_module_level=True)
+require_fully_shard()
 
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
-]
+pytestmark = GLOO
 
 WORLD = 2
 KINDS = ["linf", "l2", "adaptive_linf", "adaptive_l2", "avg_linf", "avg_l2", "avg_adaptive_linf", "avg_adaptive_l2"]

@@ -3,12 +3,9 @@
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_group import run_gloo
+from gloo_group import GLOO, run_gloo
 
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
-]
+pytestmark = GLOO
 
 
 def _fails_on_rank_1(rank, world):
