@@ -613,10 +613,8 @@ class CurvatureOperator:
             return out.mul_(beta).add_(self.matvec(v))
         with torch.inference_mode(False), torch.no_grad(), curvature_kernels(), flushed_denormals():
             kept[0][1].update(self.unflatten(v), self.unflatten(out), beta)
-        require_finite(out, "a curvature-vector product (Hessian or GGN times a vector)")
-        self.n_hvp += 1
-        if self.progress is not None:
-            self.progress.update(1)
+        # one batch, no reduction over ranks: _finish only checks and counts
+        self._finish(1, 1, [out])
         return out
 
     def quadratic_forms(self, V: Tensor) -> Tensor:
