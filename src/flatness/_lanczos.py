@@ -379,10 +379,14 @@ def _dot(x: Tensor, y: Tensor) -> float:
     converting a block at a time (no ``n``-sized float64 copy)."""
     if x.dtype == torch.float64:
         return float(torch.dot(x, y))
-    return math.fsum(
-        float(torch.dot(x[i : i + _DOT_BLOCK].double(), y[i : i + _DOT_BLOCK].double()))
+    if x.shape[0] == 0:
+        return 0.0
+    # the block sums stay on the device until one transfer (a GPU syncs
+    # once per dot, not once per block), then add up exactly
+    return math.fsum(torch.stack([
+        torch.dot(x[i : i + _DOT_BLOCK].double(), y[i : i + _DOT_BLOCK].double())
         for i in range(0, x.shape[0], _DOT_BLOCK)
-    )
+    ]).tolist())
 
 
 _DOT_BLOCK = 1 << 18  # elements converted to float64 at a time (2 MiB)

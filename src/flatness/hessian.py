@@ -435,7 +435,7 @@ def top_eigenvalues(
     limit = max_iter if max_iter is not None else max(20 * k, 100)
     if basis_dtype is None:
         # the recurrence of low_memory in the parameters' dtype (float32 at
-        # least): three vectors of P bytes instead of 2 P each
+        # least): vectors of P bytes each instead of 2 P
         basis_dtype = op.dtype if low_memory and op.dtype in (torch.float32, torch.float64) else (
             torch.float32 if low_memory else torch.float64)
     if bar is not None:
