@@ -253,6 +253,12 @@ def test_float32_recurrence_dot_products_are_float64():
     x = torch.full((3 * (1 << 18) + 5,), 1 + 2**-12, dtype=torch.float32)
     want = math.fsum([float(1 + 2**-12) ** 2] * x.numel())
     assert _dot(x, x) == pytest.approx(want, rel=1e-14)
+    # two different vectors share no scratch block: each block of y is
+    # converted into its own, including the short last one
+    y = torch.randn(x.numel(), generator=torch.Generator().manual_seed(0))
+    want = math.fsum((x.double() * y.double()).tolist())
+    assert _dot(x, y) == pytest.approx(want, rel=1e-12, abs=1e-9)
+    assert _dot(y, y) == pytest.approx(math.fsum((y.double() ** 2).tolist()), rel=1e-12)
 
 
 def test_recurrence_without_basis_produces_copies_that_are_merged():

@@ -376,17 +376,27 @@ def _invariance_threshold(dtype: torch.dtype) -> float:
 
 def _dot(x: Tensor, y: Tensor) -> float:
     """``x . y`` accumulated in float64, for vectors of any floating dtype,
-    converting a block at a time (no ``n``-sized float64 copy)."""
+    converting a block at a time into two float64 scratch blocks allocated
+    once per call (no ``n``-sized float64 copy, and no allocation per
+    block: a fresh 2 MiB block per conversion page-faulted in every time
+    cost 0.8 forward-backward passes per Lanczos step on a 10M model)."""
     if x.dtype == torch.float64:
         return float(torch.dot(x, y))
-    if x.shape[0] == 0:
+    n = x.shape[0]
+    if n == 0:
         return 0.0
+    size = min(n, _DOT_BLOCK)
+    xs = torch.empty(size, dtype=torch.float64, device=x.device)
+    ys = xs if y is x else torch.empty(size, dtype=torch.float64, device=x.device)
+    sums = []
+    for i in range(0, n, size):
+        m = min(size, n - i)
+        a = xs[:m].copy_(x[i : i + m])
+        b = a if y is x else ys[:m].copy_(y[i : i + m])
+        sums.append(torch.dot(a, b))
     # the block sums stay on the device until one transfer (a GPU syncs
     # once per dot, not once per block), then add up exactly
-    return math.fsum(torch.stack([
-        torch.dot(x[i : i + _DOT_BLOCK].double(), y[i : i + _DOT_BLOCK].double())
-        for i in range(0, x.shape[0], _DOT_BLOCK)
-    ]).tolist())
+    return math.fsum(torch.stack(sums).tolist())
 
 
 _DOT_BLOCK = 1 << 18  # elements converted to float64 at a time (2 MiB)
