@@ -29,6 +29,7 @@ Usage::
     python benchmarks/bench_scale.py --device cuda   # adds 1B where memory allows
     python benchmarks/bench_scale.py --quick         # tiny models, seconds (smoke test)
     python benchmarks/bench_scale.py --plot docs/results/scale_cpu.png
+    python benchmarks/bench_scale.py --sizes 10M --batch 8 --ops sharpness   # one row, one size
 """
 
 from __future__ import annotations
@@ -185,6 +186,9 @@ def main() -> None:
                         help="cap on top_eigenvalues' Lanczos steps (default: its own, 100)")
     parser.add_argument("--trace-batch", type=int, default=None,
                         help="vectors per product pass in trace (default: the library's, 1 for one batch)")
+    parser.add_argument("--ops", nargs="*", default=None,
+                        help="run only the operations whose name contains one of these words "
+                             "(e.g. --ops sharpness SAM); default all")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -238,6 +242,8 @@ def main() -> None:
         print(f"{label}: {n_params[-1] / 1e6:.1f}M parameters, P = {P / 2**20:.0f} MiB, "
               f"forward-backward {fb * 1e3:.0f} ms", flush=True)
         for name, (floor, run) in operations(batch, args.lanczos_steps, args.trace_batch).items():
+            if args.ops and not any(word in name for word in args.ops):
+                continue
             row = rows.setdefault(name, Row(name, floor, {}, {}))
             try:
                 with Peak(device) as peak:
