@@ -135,6 +135,23 @@ def test_curvature_under_no_grad_and_inference_mode(mode):
         assert hessian.trace(model, batch, method="exact").value == pytest.approx(ref, rel=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:.*nested tensors is in prototype stage")
+def test_no_grad_passes_see_the_function_the_gradient_passes_see():
+    """The fused attention fast path (eval mode, no autograd) zeroes padded
+    positions: the loss surface's centre must be the loss with gradients,
+    and the caller's fast-path setting comes back."""
+    case = CASES["masked_encoder"]
+    model, batch = case.build(), case.batch()
+    (x, y) = batch
+    ref = float(case.loss_fn(model(**x), y).detach())
+    with torch.no_grad():
+        assert float(case.loss_fn(model(**x), y)) != pytest.approx(ref, rel=1e-6)  # the fast path differs
+    d = landscape.directions(model, seed=0)
+    centre = landscape.slice(model, batch, d, grid=3, loss_fn=case.loss_fn).loss[1, 1]
+    assert float(centre) == pytest.approx(ref, rel=1e-12)
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
 def test_compiled_model_top_eigenvalue():
     case = CASES["compiled"]
     model, batch = case.build(), case.batch()
@@ -166,7 +183,8 @@ def test_gradient_variance_matches_per_sample_loop(zoo_case):
     assert_same_state(before, state(model))
 
 
-SEVERAL_POSITIONS = {"cnn_bn", "cnn_channels_last", "resnet_block", "transformer", "transformer_train"}
+SEVERAL_POSITIONS = {"cnn_bn", "cnn_channels_last", "resnet_block", "transformer", "transformer_train",
+                     "masked_encoder"}
 
 
 def test_kfac_variance_exact_on_one_sample_batches_and_nonnegative(zoo_case):
@@ -447,6 +465,7 @@ MINIMUM_REFUSED = {
     "resnet_block": r"no such module is registered: look for a functional activation",  # torch.tanh
     "transformer": r"outside such a chain .*layer.self_attn \(MultiheadAttention\): in_proj_weight",
     "transformer_train": r"outside such a chain .*layer.self_attn \(MultiheadAttention\): in_proj_weight",
+    "masked_encoder": r"outside such a chain .*enc.layers.0.self_attn \(MultiheadAttention\): in_proj_weight",
     "attention": r"outside such a chain .*attn \(MultiheadAttention\): in_proj_weight, in_proj_bias",
     "lstm": r"outside such a chain .*emb \(Embedding\): weight; rnn \(LSTM\): weight_ih_l0",
     "gru": r"outside such a chain .*rnn \(GRU\): weight_ih_l0",

@@ -87,6 +87,15 @@ def _dict_vectors():
     return {"input_values": x}, y
 
 
+def _padded_sequences():
+    """Keyword inputs with a ``src_key_padding_mask`` (True: padding)."""
+    x, y = _sequences()
+    mask = torch.zeros(x.shape[:2], dtype=torch.bool)
+    mask[0, 2:] = True
+    mask[3, 1:] = True
+    return {"x": x, "src_key_padding_mask": mask}, y
+
+
 def _seeded(fn: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         with torch.random.fork_rng():
@@ -146,6 +155,23 @@ class TransformerClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.layer(x).mean(dim=1))
+
+
+class MaskedEncoder(nn.Module):
+    """``nn.TransformerEncoder`` with nested tensors enabled and a padding
+    mask, mean-pooled over all positions: under ``no_grad`` in eval mode
+    PyTorch's fast path returns zeros at padded positions, where the path
+    with autograd returns values (the library measures the latter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model=4, nhead=2, dim_feedforward=6, dropout=0.0,
+                                           batch_first=True, norm_first=False)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, src_key_padding_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x, src_key_padding_mask=src_key_padding_mask).mean(dim=1))
 
 
 class AttentionClassifier(nn.Module):
@@ -274,6 +300,8 @@ CASES: dict[str, Case] = {
         Case("transformer", _seeded(TransformerClassifier), _sequences, tags=frozenset({"attention", "kfac-blind"})),
         Case("transformer_train", _seeded(TransformerClassifier), _sequences, train=True,
              tags=frozenset({"attention", "kfac-blind", "dropout"})),
+        Case("masked_encoder", _seeded(MaskedEncoder), _padded_sequences,
+             tags=frozenset({"attention", "kfac-blind"})),
         Case("attention", _seeded(AttentionClassifier), _sequences, tags=frozenset({"attention", "kfac-blind"})),
         Case("lstm", _seeded(lambda: RecurrentClassifier(nn.LSTM)), _tokens, tags=frozenset({"rnn"})),
         Case("gru", _seeded(lambda: RecurrentClassifier(nn.GRU)), _tokens, tags=frozenset({"rnn"})),

@@ -40,7 +40,12 @@ class ModelGuard(contextlib.AbstractContextManager):
     pass writes (:func:`written_weights`: embeddings with ``max_norm``).
     While a model with recurrent layers on a GPU is inside, cuDNN is off
     (``torch.backends.cudnn.enabled``, set back on exit): its RNN kernels
-    cannot backpropagate in eval mode nor differentiate twice.
+    cannot backpropagate in eval mode nor differentiate twice.  The fast path
+    of ``nn.MultiheadAttention`` / ``nn.TransformerEncoder`` is off too
+    (``torch.backends.mha``, set back on exit): it runs only in passes
+    without autograd and, given a ``src_key_padding_mask``, returns zeros at
+    padded positions where the other path returns values, so losses taken
+    under ``no_grad`` would be of another function than those with gradients.
 
     Parameters
     ----------
@@ -70,11 +75,14 @@ class ModelGuard(contextlib.AbstractContextManager):
         if self._cudnn and any(isinstance(mod, nn.RNNBase) and any(p.is_cuda for p in mod.parameters())
                                for mod in m.modules()):
             torch.backends.cudnn.enabled = False
+        self._fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
         m.train(self.train)
         return self
 
     def __exit__(self, *exc: object) -> None:
         torch.backends.cudnn.enabled = self._cudnn
+        torch.backends.mha.set_fastpath_enabled(self._fastpath)
         for mod, mode in self._modes:
             mod.training = mode
         for p, req, grad in self._params:
