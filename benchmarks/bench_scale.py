@@ -20,6 +20,12 @@ the call as a multiple of ``P``, the bytes of the parameters (the probe of
 params**a`` fitted over the sizes says whether an operation scales linearly
 (``a <= 1.1``).
 
+On the CPU each line also gives, in brackets, the user CPU time against
+the forward-backward pass's own and the memory the kernel mapped in fresh
+(minor page faults): a wall-time ratio well above the user-time ratio is
+the kernel's time faulting in new buffers, which the fixed mmap threshold of
+the memory probe makes every large allocation pay.
+
 An operation that fails prints its error in the table instead of a number;
 the script never stops on one.
 
@@ -46,6 +52,11 @@ import torch
 import torch.nn.functional as F
 from bench_memory import Peak, _fixed_mmap_threshold
 from torch import nn
+
+try:  # user CPU time and page faults (Unix)
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
 
 import flatness
 from flatness.hessian import top_eigenvalues, trace
@@ -160,6 +171,14 @@ def operations(
     }
 
 
+def _cpu_use() -> tuple[float, float]:
+    """(user CPU seconds of this process, MiB of minor page faults so far)."""
+    if resource is None:
+        return 0.0, 0.0
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime, use.ru_minflt * resource.getpagesize() / 2**20
+
+
 def fit_exponent(params: list[float], values: list[float | str]) -> str:
     """Least-squares slope of log(value) on log(params)."""
     pts = [(math.log(p), math.log(v)) for p, v in zip(params, values) if isinstance(v, float) and v > 0]
@@ -230,14 +249,15 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
 
         fwd_bwd()  # warm-up
-        ts = []
+        ts, user = [], []
         for _ in range(3):
-            t0 = time.perf_counter()
+            u0, t0 = _cpu_use(), time.perf_counter()
             fwd_bwd()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             ts.append(time.perf_counter() - t0)
-        fb = sorted(ts)[1]
+            user.append(_cpu_use()[0] - u0[0])
+        fb, fb_user = sorted(ts)[1], sorted(user)[1]
         fb_ms.append(fb * 1e3)
         print(f"{label}: {n_params[-1] / 1e6:.1f}M parameters, P = {P / 2**20:.0f} MiB, "
               f"forward-backward {fb * 1e3:.0f} ms", flush=True)
@@ -247,17 +267,24 @@ def main() -> None:
             row = rows.setdefault(name, Row(name, floor, {}, {}))
             try:
                 with Peak(device) as peak:
-                    t0 = time.perf_counter()
+                    u0, t0 = _cpu_use(), time.perf_counter()
                     out = run(model)
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     dt = time.perf_counter() - t0
+                    u1 = _cpu_use()
                 row.times[label] = dt / fb
                 row.peaks[label] = peak.extra / P
                 # curvature results count their products: the time per product
                 # separates the cost of one HVP from the number Lanczos needed
                 products = f"  ({out.n_hvp} products)" if hasattr(out, "n_hvp") else ""
-                print(f"  {name:<34} {dt / fb:7.1f} x fb  {peak.extra / P:6.2f} x P{products}", flush=True)
+                # On the CPU, the user time against the pass's own user time
+                # and the memory the kernel had to map fresh (page faults):
+                # wall-time ratios that the user-time ratio does not show are
+                # the kernel's time faulting in new buffers.
+                cpu = (f"  [user {(u1[0] - u0[0]) / max(fb_user, 1e-9):.1f} x fb, {u1[1] - u0[1]:.0f} MiB faulted in]"
+                       if device.type == "cpu" and resource is not None else "")
+                print(f"  {name:<34} {dt / fb:7.1f} x fb  {peak.extra / P:6.2f} x P{products}{cpu}", flush=True)
             except Exception as exc:  # report, never stop the whole run
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}" if str(exc) else type(exc).__name__
                 row.times[label] = row.peaks[label] = "failed"
