@@ -10,7 +10,11 @@ from torch import nn
 from zoo import (
     CASES,
     RELU_CASES,
+    Case,
+    _images,
     _reference_kernels,
+    _seeded,
+    _vectors,
     assert_same_state,
     dense_ggn,
     dense_hessian,
@@ -57,6 +61,44 @@ def test_forward_over_reverse_matches_dense_where_supported(name):
     op = CurvatureOperator(model, batch, loss_fn=case.loss_fn, engine="forward-over-reverse")
     ref = dense_hessian(case, model, batch)
     assert torch.allclose(_dense_from(op), ref, rtol=0, atol=1e-10 * ref.abs().max())
+
+
+def _bn_train_cnn() -> nn.Module:
+    # batch statistics and no running ones: training-mode batch_norm with
+    # nothing written in forward (which the forward engine refuses)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(27, 3))
+
+
+def _silu_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 5), nn.SiLU(), nn.Linear(5, 3))
+
+
+# One vector on the forward-over-reverse engine: the loss at dual tensors and
+# one backward pass (no torch.func), checked against the dense Hessian where
+# torch differentiates normalization layers' forward-mode formulas wrongly in
+# the other order (layer_norm, batch_norm in training mode, instance_norm).
+# SiLU's backward has no plain forward-mode formula: the one-sample probe
+# fails and the product is jvp(grad).
+@pytest.mark.parametrize("case, dual", [
+    (CASES["transformer"], True),
+    (Case("bn_train", _seeded(_bn_train_cnn), _images, train=True), True),
+    (Case("instance_norm", _seeded(lambda: nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4, affine=True), nn.Tanh(), nn.Flatten(), nn.Linear(36, 3))), _images),
+     True),
+    (Case("silu", _seeded(_silu_mlp), _vectors), False),
+])
+def test_forward_over_reverse_one_vector_matches_dense(case, dual):
+    model, batch = case.build(), case.batch()
+    before = state(model)
+    ref = dense_hessian(case, model, batch)
+    op = CurvatureOperator(model, batch, loss_fn=case.loss_fn, train=case.train, engine="forward-over-reverse")
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        v = torch.randn(op.shape[0], dtype=DT, generator=g)
+        assert torch.allclose(op.matvec(v), ref @ v, rtol=0, atol=1e-10 * ref.abs().max())
+    assert op._dual is dual and op.engine_reason == "requested (probe passed)"
+    assert_same_state(before, state(model))
 
 
 def test_top_eigenvalue_and_trace_match_dense(zoo_case):

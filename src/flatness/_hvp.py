@@ -6,10 +6,15 @@ Products are taken with respect to the selected parameters (a
 
 * Hessian: forward-over-reverse, ``jvp(grad(loss), (w,), (v,))``; ``k``
   vectors go through one ``vmap`` call (one batched forward and backward
-  pass instead of ``k``).  One vector takes the same order: the
-  reverse-over-forward ``grad(jvp(loss))`` would hold no gradient beside
-  the tangent, but torch differentiates the forward-mode formulas of
-  ``layer_norm``, ``batch_norm`` (training) and ``instance_norm`` wrongly.
+  pass instead of ``k``).  One vector takes the same order without
+  ``torch.func``: the loss at dual tensors and one backward pass that keeps
+  each parameter's tangent and drops its gradient
+  (:func:`~flatness._products.forward_over_reverse_hvp`), so no gradient
+  is held beside the product; where a probe on one sample does not match
+  double backward (kernels without plain forward-mode formulas), it is
+  ``jvp(grad)``.  The reverse-over-forward ``grad(jvp(loss))`` is not used:
+  torch differentiates the forward-mode formulas of ``layer_norm``,
+  ``batch_norm`` (training) and ``instance_norm`` wrongly.
 * Generalized Gauss-Newton (GGN) ``G = J^T H_z J``, where ``J`` is the
   Jacobian of the model outputs ``z`` with respect to the parameters and
   ``H_z`` the Hessian of ``loss_fn`` with respect to ``z``: a ``jvp`` through
@@ -65,6 +70,7 @@ from flatness._products import (
     batch_curvature_products,
     buffers_written_in_forward,
     curvature_kernels,
+    dual_hvp_agrees,
     flushed_denormals,
     modules_without_second_derivatives,
     reverse_only_modules,
@@ -280,6 +286,11 @@ class CurvatureOperator:
         self.engine_reason = "" if engine == "auto" else "requested"
         self._kept: list[tuple[int, KeptGraph]] | None = None
         self._kept_key: Any = None
+        # forward-over-reverse: whether one vector runs without torch.func
+        # (None: not probed yet), and which requested-engine checks ran
+        self._dual: bool | None = None
+        self._buffers_checked = False
+        self._kernels_probed = False
         self.progress = progress
         self.reduce = reduce
 
@@ -345,10 +356,10 @@ class CurvatureOperator:
             if self.engine is None:
                 with private_rng(self.seed, ps.device):
                     self.engine, self.engine_reason = self._choose(k)
-            elif self.engine_reason == "requested" and self.engine == "forward-over-reverse":
+                self._kernels_probed = self.engine == "forward-over-reverse"
+            if self.engine == "forward-over-reverse":
                 with private_rng(self.seed, ps.device):
-                    self._check_requested_forward(k)
-                self.engine_reason = "requested (probe passed)"
+                    self._check_forward(k, tangents)
             with private_rng(self.seed, ps.device):
                 if self.engine == "double-backward":
                     total, acc = self._double_backward(tangents, out, forms)
@@ -497,18 +508,51 @@ class CurvatureOperator:
             return exc
         return None
 
-    def _check_requested_forward(self, k: int) -> None:
-        """Refuse a requested forward-over-reverse engine, before the first
-        product, where it cannot run: buffers written in ``forward`` (the
-        vmapped transforms cannot write them) or a kernel without a
-        forward-mode formula (found by the probe product)."""
+    def _check_forward(self, k: int, tangents: Tangents) -> None:
+        """Before products on the forward-over-reverse engine: for one
+        Hessian-vector product, whether it can run without ``torch.func``
+        (decided once, on one sample with the caller's vector); for a
+        requested engine, its refusals (see
+        :meth:`_check_requested_forward`), each run once."""
+        one_dual = k == 1 and self.curvature == "hessian"
+        requested = self._requested == "forward-over-reverse"
+        kernels_due = requested and not self._kernels_probed and not (one_dual and self._dual)
+        if not (requested and not self._buffers_checked) and not kernels_due and \
+                not (one_dual and self._dual is None):
+            return
+        from flatness._data import _slice
+
         _, inputs, targets = next(iter(self._batches()))
+        if requested and not self._buffers_checked:
+            self._refuse_written_buffers(inputs, targets)
+            self._buffers_checked = True
+        if one_dual and self._dual is None:
+            self._dual = dual_hvp_agrees(self.model, self.params, _slice(inputs, 0, 1), targets[:1],
+                                         [t[0] for t in tangents], loss_fn=self.loss_fn)
+        if one_dual and self._dual:  # the torch.func kernels do not run for this product
+            if self.engine_reason == "requested":
+                self.engine_reason = "requested (probe passed)"
+            return
+        if requested and not self._kernels_probed:
+            self._check_requested_forward(k, inputs, targets)
+            self._kernels_probed = True
+            self.engine_reason = "requested (probe passed)"
+
+    def _refuse_written_buffers(self, inputs: Any, targets: Tensor) -> None:
+        """Refuse a requested forward-over-reverse engine on a model that
+        writes buffers in ``forward`` (the vmapped transforms cannot write
+        them)."""
         written = buffers_written_in_forward(self.model, self.params, inputs, targets, self.loss_fn)
         if written:
             raise ValueError(
                 "engine='forward-over-reverse' cannot run a model that writes buffers in forward ("
                 + ", ".join(written) + "); use engine='double-backward' or 'auto'"
             )
+
+    def _check_requested_forward(self, k: int, inputs: Any, targets: Tensor) -> None:
+        """Refuse a requested forward-over-reverse engine, before the first
+        product through ``torch.func``, where a kernel has no forward-mode
+        formula (found by the probe product)."""
         exc = self._forward_probe(inputs, targets, k)
         if exc is not None:
             first = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -521,7 +565,7 @@ class CurvatureOperator:
     def _batch(self, inputs: Any, targets: Tensor, tangents: Tangents) -> Tangents:
         return batch_curvature_products(
             self.model, self.params, inputs, targets, tangents, loss_fn=self.loss_fn,
-            curvature=self.curvature, chunk_size=self.chunk_size,
+            curvature=self.curvature, chunk_size=self.chunk_size, dual=bool(self._dual),
         )
 
     def prepare(self, k: int = 1) -> None:

@@ -5,6 +5,10 @@ allows.
 
 * :func:`batch_curvature_products`: ``k`` vectors through one ``vmap`` call
   of ``jvp(grad(loss))`` (Hessian) or ``vjp . hvp_z . jvp`` (GGN).
+* :func:`forward_over_reverse_hvp`: one Hessian-vector product forward
+  over reverse with the plain autograd APIs (dual tensors, one backward
+  pass), holding no gradient beside it; :func:`dual_hvp_agrees` checks it
+  against double backward on one sample.
 * :class:`KeptGraph` / :func:`double_backward_hvp`: the gradient with
   ``create_graph=True``, then one backward pass per vector.
 * :func:`curvature_kernels`: kernels with correct second derivatives (math
@@ -39,7 +43,9 @@ __all__ = [
     "buffers_written_in_forward",
     "curvature_kernels",
     "double_backward_hvp",
+    "dual_hvp_agrees",
     "flushed_denormals",
+    "forward_over_reverse_hvp",
     "reverse_only_modules",
 ]
 
@@ -177,6 +183,116 @@ def _second_order(f: Any, x: Any, v: Any) -> Any:
     return jvp(grad(f), (x,), (v,))[1]
 
 
+def forward_over_reverse_hvp(
+    model: nn.Module, ps: ParamSet, inputs: Any, targets: Tensor, vec: Sequence[Tensor],
+    *, loss_fn: LossFn = default_loss,
+) -> Tangents:
+    """One Hessian-vector product ``H v`` of one batch's loss, forward over
+    reverse, holding no gradient beside the product.
+
+    The same product as ``jvp(grad(loss), (w,), (v,))`` (the forward-mode
+    derivative of the backward pass), composed from the plain autograd
+    APIs: the loss runs at dual tensors ``w + eps v`` (``torch.autograd.
+    forward_ad``), so the backward pass carries the tangent of every
+    gradient beside its value, and each parameter's gradient is split as
+    the engine completes it: its tangent (that parameter's piece of
+    ``H v``) is kept and its value (the loss gradient) dropped at once.
+    ``jvp(grad)`` returns the whole gradient beside ``H v``: one parameter
+    size more at the peak.
+
+    Parameters
+    ----------
+    model : nn.Module
+        In the mode it should be evaluated in (the caller guards it).
+    ps : ParamSet
+        Parameters the Hessian is taken with respect to.
+    inputs, targets
+        One batch, on the parameters' device.
+    vec : sequence of Tensor
+        One tensor per parameter, shaped like it.
+    loss_fn : callable
+
+    Returns
+    -------
+    tuple of Tensor
+        ``H v``, one tensor per parameter (zeros where the loss does not
+        depend on the parameter).
+    """
+    from torch.autograd import forward_ad as fwAD
+
+    # fresh buffer copies: a forward pass may write them (see
+    # batch_curvature_products); the module's own are never touched
+    buffers = {name: b.clone() for name, b in unwrap(model).named_buffers()}
+    leaves = [p.detach().requires_grad_(True) for p in ps.params]
+    products: list[Tensor | None] = [None] * len(leaves)
+
+    def take_tangent(j: int) -> Callable[[Tensor], Tensor]:
+        def hook(g: Tensor) -> Tensor:
+            # ``g`` is a dual tensor: its tangent is this parameter's piece
+            # of H v, its value the loss gradient, which is replaced by a
+            # broadcast zero (one stored number) and so freed here.
+            products[j] = fwAD.unpack_dual(g).tangent
+            return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
+        return hook
+
+    for j, leaf in enumerate(leaves):
+        leaf.register_hook(take_tangent(j))
+    with torch.enable_grad(), fwAD.dual_level():
+        duals = [fwAD.make_dual(leaf, v.to(leaf.dtype)) for leaf, v in zip(leaves, vec)]
+        loss = functional_loss(model, ps, duals, inputs, targets, loss_fn, extra=buffers)
+        del duals
+        if loss.requires_grad:
+            # autograd.grad, not backward: AccumulateGrad would drop the
+            # tangents (and .grad would keep the values)
+            torch.autograd.grad(loss, leaves, allow_unused=True)
+        del loss
+    return tuple(torch.zeros_like(p) if h is None else h for h, p in zip(products, ps.params))
+
+
+def dual_hvp_agrees(
+    model: nn.Module, ps: ParamSet, inputs: Any, targets: Tensor, vec: Sequence[Tensor],
+    *, loss_fn: LossFn = default_loss,
+) -> bool:
+    """Whether :func:`forward_over_reverse_hvp` runs on this model and gives
+    the double-backward product, checked on ``inputs`` (the caller passes
+    one sample) with ``vec``.
+
+    The plain forward-mode API has fewer formulas for backward kernels than
+    ``torch.func.jvp`` (``silu_backward``, ``native_group_norm_backward``
+    raise), and a backward kernel whose tangent were silently dropped would
+    give a wrong product: the two products are compared parameter by
+    parameter (the reference's pieces as its backward pass forms them, so
+    no second product vector exists).  Both passes draw the same random
+    numbers (dropout).
+    """
+    devices = [ps.device] if ps.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            dual = forward_over_reverse_hvp(model, ps, inputs, targets, vec, loss_fn=loss_fn)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            reference = KeptGraph(model, ps, inputs, targets, loss_fn)
+        diff = scale = 0.0
+        seen: set[int] = set()
+
+        def compare(j: int, g: Tensor) -> None:
+            nonlocal diff, scale
+            seen.add(j)
+            diff = max(diff, float((dual[j] - g).abs().max()))
+            scale = max(scale, float(g.abs().max()))
+
+        reference._one([v.to(p.dtype) for v, p in zip(vec, ps.params)], sink=compare)
+    except (RuntimeError, NotImplementedError, ValueError):
+        return False
+    for j, d in enumerate(dual):  # no reference piece: the product must be zero
+        if j not in seen:
+            diff = max(diff, float(d.abs().max()))
+    # round-off of two orders of evaluation; a dropped term is of order one
+    tol = min(1e-2, 1e3 * torch.finfo(ps.dtype).eps) * scale if ps.dtype.is_floating_point else 0.0
+    return math.isfinite(diff) and diff <= tol
+
+
 def batch_curvature_products(
     model: nn.Module,
     ps: ParamSet,
@@ -187,6 +303,7 @@ def batch_curvature_products(
     loss_fn: LossFn = default_loss,
     curvature: str = "hessian",
     chunk_size: int | None = None,
+    dual: bool = False,
 ) -> Tangents:
     """Curvature-vector products of one batch's loss for ``k`` vectors at once.
 
@@ -203,12 +320,20 @@ def batch_curvature_products(
     curvature : {"hessian", "ggn"}
     chunk_size : int, optional
         At most this many vectors per ``vmap`` call (bounds memory).
+    dual : bool
+        One Hessian-vector product (``k == 1``) by
+        :func:`forward_over_reverse_hvp` (no gradient held beside it)
+        instead of ``jvp(grad)``; only where :func:`dual_hvp_agrees`
+        passed for the model.
 
     Returns
     -------
     tuple of Tensor
         ``C v_i`` for each of the ``k`` vectors, shaped like ``tangents``.
     """
+    if dual and curvature == "hessian" and tangents[0].shape[0] == 1:
+        hv = forward_over_reverse_hvp(model, ps, inputs, targets, tuple(t[0] for t in tangents), loss_fn=loss_fn)
+        return tuple(h.unsqueeze(0) for h in hv)
     values = tuple(ps.detached())
     module = unwrap(model)
     # In training mode BatchNorm writes its running statistics in place.  The
