@@ -11,10 +11,12 @@ from zoo import (
     CASES,
     RELU_CASES,
     _reference_kernels,
+    _singletons,
     assert_same_state,
     dense_ggn,
     dense_hessian,
     flat_loss,
+    forward,
     per_sample_gradients,
     state,
 )
@@ -163,14 +165,6 @@ def test_compiled_model_top_eigenvalue():
 
 
 # -- per-sample gradients and K-FAC ---------------------------------------------
-
-
-
-def _singletons(batch):
-    x, y = batch
-    if isinstance(x, dict):
-        return [({k: v[i : i + 1] for k, v in x.items()}, y[i : i + 1]) for i in range(len(y))]
-    return [(x[i : i + 1], y[i : i + 1]) for i in range(len(y))]
 
 
 def test_gradient_variance_matches_per_sample_loop(zoo_case):
@@ -400,7 +394,7 @@ def test_one_sam_step_matches_a_hand_written_step(zoo_case):
 
     def closure():
         opt.zero_grad()
-        loss = zoo_case.loss_fn(model(**x) if isinstance(x, dict) else model(x), y)
+        loss = zoo_case.loss_fn(forward(model, x), y)
         loss.backward()
         return loss
 

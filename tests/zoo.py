@@ -9,11 +9,16 @@ skip connections, transformer layers (dropout, the fused fast path),
 attention modules used without calling their projections, recurrent
 kernels, tied weights, parametrizations, dict outputs, hooks, compiled
 modules, frozen and unused parameters and buffers written in ``forward``.
+
+Batch inputs follow the library's convention: a dict is passed as keyword
+arguments, a tuple (not a namedtuple) as positional arguments, anything else
+as the one argument (:func:`forward`, :func:`_singletons`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -413,14 +418,71 @@ def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
         assert torch.equal(v, v2), n
 
 
+# -- batch inputs ---------------------------------------------------------------
+
+
+def _arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` of the model for batch inputs: a dict is passed as
+    keyword arguments, a tuple (not a namedtuple) as positional arguments,
+    anything else as the one argument (the library's documented convention)."""
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, tuple) and not hasattr(inputs, "_fields"):
+        return inputs, {}
+    return (inputs,), {}
+
+
+def forward(model: nn.Module, inputs: Any) -> Any:
+    """The model called on batch inputs (see :func:`_arguments`)."""
+    args, kwargs = _arguments(inputs)
+    return model(*args, **kwargs)
+
+
+def _sample(inputs: Any, i: int) -> Any:
+    """Sample ``i`` of batch inputs as a batch of one: every tensor of a dict
+    or tuple sliced along dimension 0, in the same container."""
+    if isinstance(inputs, dict):
+        return {k: v[i : i + 1] for k, v in inputs.items()}
+    if isinstance(inputs, tuple) and not hasattr(inputs, "_fields"):
+        return tuple(v[i : i + 1] for v in inputs)
+    return inputs[i : i + 1]
+
+
+def _singletons(batch: tuple[Any, torch.Tensor]) -> list[tuple[Any, torch.Tensor]]:
+    """The batch as a list of batches of one sample."""
+    x, y = batch
+    return [(_sample(x, i), y[i : i + 1]) for i in range(len(y))]
+
+
 # -- independent references -----------------------------------------------------
+
+#: Open :func:`_held` blocks (innermost last).
+_HELD: list[contextlib.ExitStack] = []
+
+
+@contextlib.contextmanager
+def _held() -> Iterator[None]:
+    """Inside the block, each reference evaluation (:func:`_call`) leaves
+    its tensors in the module until the block ends, instead of restoring the
+    module's own when the forward pass returns (as ``functional_call``
+    does).  Gradients taken inside the block then see the evaluated values
+    also where the backward pass runs the forward again: non-reentrant
+    activation checkpointing recomputes a block from the tensors the module
+    holds at backward time.  (A later evaluation in the same block replaces
+    the values: differentiate each loss before evaluating the next.)"""
+    with contextlib.ExitStack() as stack:
+        _HELD.append(stack)
+        try:
+            yield
+        finally:
+            _HELD.pop()
 
 
 def _reference_kernels():
     """Math SDPA kernel, no fused attention fast path: the only ones with a
-    double backward (set here independently of the library)."""
-    import contextlib
-
+    double backward (set here independently of the library); and a
+    :func:`_held` block, so that gradients taken inside are those of the
+    values evaluated."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     stack = contextlib.ExitStack()
@@ -433,24 +495,42 @@ def _reference_kernels():
     fused = torch._weight_norm
     torch._weight_norm = lambda v, g, dim=0: v * (g / torch.norm_except_dim(v, 2, dim))
     stack.callback(setattr, torch, "_weight_norm", fused)
+    stack.enter_context(_held())
     return stack
 
 
-def _call(model: nn.Module, state: dict[str, torch.Tensor], inputs: Any) -> Any:
-    from torch.func import functional_call
-
+@contextlib.contextmanager
+def _dense_embeddings(model: nn.Module) -> Iterator[None]:
     # references differentiate through dense embedding gradients (the same
     # values as sparse ones, in a layout every autograd function accepts)
     sparse = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
     for m in sparse:
         m.sparse = False
     try:
-        if isinstance(inputs, dict):
-            return functional_call(model, state, (), inputs, strict=False)
-        return functional_call(model, state, (inputs,), strict=False)
+        yield
     finally:
         for m in sparse:
             m.sparse = True
+
+
+def _call(model: nn.Module, state: dict[str, torch.Tensor], inputs: Any) -> Any:
+    """The model's outputs with the tensors of ``state`` in place of its own
+    (``torch.func.functional_call``); inside a :func:`_held` block the
+    tensors stay in the module until the block ends."""
+    from torch.func import functional_call
+
+    args, kwargs = _arguments(inputs)
+    if _HELD:
+        # functional_call's own context (tied weights followed, missing
+        # names left to the module), entered for the rest of the block
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        stack = _HELD[-1]
+        stack.enter_context(_dense_embeddings(model))
+        stack.enter_context(_reparametrize_module(model, state, tie_weights=True, strict=False))
+        return model(*args, **kwargs)
+    with _dense_embeddings(model):
+        return functional_call(model, state, args, kwargs, strict=False)
 
 
 def flat_loss(case: Case, model: nn.Module, batch: tuple[Any, torch.Tensor]):
@@ -498,8 +578,7 @@ def per_sample_gradients(case: Case, model: nn.Module, batch: tuple[Any, torch.T
     rows = []
     with _reference_kernels():
         for i in range(len(targets)):
-            xi = {k: v[i : i + 1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[i : i + 1]
-            f, _, _, _ = flat_loss(case, ref, (xi, targets[i : i + 1]))
+            f, _, _, _ = flat_loss(case, ref, (_sample(inputs, i), targets[i : i + 1]))
             w = w0.clone().requires_grad_(True)
             (g,) = torch.autograd.grad(f(w), w, allow_unused=True)
             rows.append(torch.zeros_like(w0) if g is None else g)
