@@ -31,8 +31,8 @@ DT = torch.float64
 # Cases whose kernels all have forward-mode derivatives (the others need
 # double backward: recurrent kernels, parametrizations, GroupNorm on
 # channels_last tensors, buffers written in forward).
-FORWARD_OK = ["mlp", "cnn_bn", "resnet_block", "transformer", "attention", "tied_embeddings",
-              "dict_outputs", "pre_hook", "frozen_unused"]
+FORWARD_OK = ["mlp", "cnn_bn", "resnet_block", "transformer", "attention", "encoder_decoder",
+              "tied_embeddings", "dict_outputs", "pre_hook", "frozen_unused"]
 
 
 def _dense_from(op: CurvatureOperator) -> torch.Tensor:
@@ -178,7 +178,7 @@ def test_gradient_variance_matches_per_sample_loop(zoo_case):
 
 
 SEVERAL_POSITIONS = {"cnn_bn", "cnn_channels_last", "resnet_block", "transformer", "transformer_train",
-                     "masked_encoder"}
+                     "masked_encoder", "encoder_decoder"}
 
 
 def test_kfac_variance_exact_on_one_sample_batches_and_nonnegative(zoo_case):
@@ -191,6 +191,9 @@ def test_kfac_variance_exact_on_one_sample_batches_and_nonnegative(zoo_case):
     if "transformer" in zoo_case.name:
         # out_proj is used without being called: computed exactly
         assert "layer.self_attn.out_proj" in approx.exact_layers
+    if zoo_case.name == "encoder_decoder":
+        # the cross-attention's projections are used without being called
+        assert "transformer.decoder.layers.0.multihead_attn.out_proj" in approx.exact_layers
     if zoo_case.name in SEVERAL_POSITIONS:
         # layers applied at several positions per sample (convolutions,
         # linear1 / linear2 of the transformer): A (x) G is an approximation
@@ -461,6 +464,9 @@ MINIMUM_REFUSED = {
     "transformer_train": r"outside such a chain .*layer.self_attn \(MultiheadAttention\): in_proj_weight",
     "masked_encoder": r"outside such a chain .*enc.layers.0.self_attn \(MultiheadAttention\): in_proj_weight",
     "attention": r"outside such a chain .*attn \(MultiheadAttention\): in_proj_weight, in_proj_bias",
+    # the two input projections are not a chain
+    "encoder_decoder": r"layer 1, tgt_proj \(Linear\), takes 4 inputs, which do not map onto the 8 units of "
+                       r"layer 0, src_proj \(Linear\)",
     "lstm": r"outside such a chain .*emb \(Embedding\): weight; rnn \(LSTM\): weight_ih_l0",
     "gru": r"outside such a chain .*rnn \(GRU\): weight_ih_l0",
     "tied_embeddings": r"weights tied to a layer\): emb \(Embedding\): weight",

@@ -8,7 +8,9 @@ stress the machinery: BatchNorm, GroupNorm on ``channels_last`` tensors,
 skip connections, transformer layers (dropout, the fused fast path),
 attention modules used without calling their projections, recurrent
 kernels, tied weights, parametrizations, dict outputs, hooks, compiled
-modules, frozen and unused parameters and buffers written in ``forward``.
+modules, frozen and unused parameters, buffers written in ``forward`` and
+several positional inputs (an encoder-decoder called as ``model(src, tgt)``
+on batches ``((src, tgt), y)``).
 
 Batch inputs follow the library's convention: a dict is passed as keyword
 arguments, a tuple (not a namedtuple) as positional arguments, anything else
@@ -47,7 +49,8 @@ class Case:
         Whether the case is meant to run with ``train=True`` (dropout on).
     tags : frozenset of str
         ``"rnn"``, ``"attention"``, ``"compile"``, ``"dict"``, ``"kfac-blind"``
-        (weights used without calling their module), ...
+        (weights used without calling their module), ``"tuple"`` (several
+        positional inputs), ...
     """
 
     name: str
@@ -99,6 +102,14 @@ def _padded_sequences():
     mask[0, 2:] = True
     mask[3, 1:] = True
     return {"x": x, "src_key_padding_mask": mask}, y
+
+
+def _source_target(n: int = 4, s: int = 3, t: int = 2, d: int = 4, classes: int = 3, seed: int = 1):
+    """Positional inputs ``(src, tgt)`` of an encoder-decoder: a tuple."""
+    g = _gen(seed)
+    src = torch.randn(n, s, d, generator=g, dtype=DT)
+    tgt = torch.randn(n, t, d, generator=g, dtype=DT)
+    return (src, tgt), torch.randint(0, classes, (n,), generator=g)
 
 
 def _seeded(fn: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -188,6 +199,31 @@ class AttentionClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.attn(x, x, x, need_weights=False)
         return self.head(h.mean(dim=1))
+
+
+class EncoderDecoder(nn.Module):
+    """``nn.Transformer`` (one encoder and one decoder layer) between input
+    projections and a mean-pooled classification head, called with two
+    positional tensors: ``model(src, tgt)``.
+
+    Only the projections, the decoder's cross-attention and the head are
+    trained (395 parameters): the dense references cost a pass per
+    parameter, and the whole model's 1643 would add half a minute to the
+    zoo.  Every derivative still runs through the frozen encoder and
+    decoder (the source projection reaches the loss only through them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.src_proj = nn.Linear(4, 8)
+        self.tgt_proj = nn.Linear(4, 8)
+        self.transformer = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+                                          dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+        self.transformer.requires_grad_(False)
+        self.transformer.decoder.layers[0].multihead_attn.requires_grad_(True)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return self.head(self.transformer(self.src_proj(src), self.tgt_proj(tgt)).mean(dim=1))
 
 
 class RecurrentClassifier(nn.Module):
@@ -308,6 +344,8 @@ CASES: dict[str, Case] = {
         Case("masked_encoder", _seeded(MaskedEncoder), _padded_sequences,
              tags=frozenset({"attention", "kfac-blind"})),
         Case("attention", _seeded(AttentionClassifier), _sequences, tags=frozenset({"attention", "kfac-blind"})),
+        Case("encoder_decoder", _seeded(EncoderDecoder), _source_target,
+             tags=frozenset({"attention", "kfac-blind", "tuple"})),
         Case("lstm", _seeded(lambda: RecurrentClassifier(nn.LSTM)), _tokens, tags=frozenset({"rnn"})),
         Case("gru", _seeded(lambda: RecurrentClassifier(nn.GRU)), _tokens, tags=frozenset({"rnn"})),
         Case("tied_embeddings", _seeded(TiedLM), _tokens, tags=frozenset({"tied"})),
