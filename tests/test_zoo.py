@@ -438,7 +438,9 @@ def test_ggn_of_a_dict_output_model_is_refused_clearly():
 
 
 @pytest.mark.parametrize("name, why", [("cnn_channels_last", "probe product"),
-                                       ("buffer_in_forward", r"writes buffers in forward \(calls, ema\)")])
+                                       ("buffer_in_forward", r"writes buffers in forward \(calls, ema\)"),
+                                       # torch.func refuses checkpointing's saved-tensor hooks
+                                       ("checkpointed", "probe product.*saved tensor hooks")])
 def test_requested_forward_over_reverse_is_refused_before_any_product(name, why):
     case = CASES[name]
     model, batch = case.build(), case.batch()
@@ -478,6 +480,7 @@ MINIMUM_REFUSED = {
     "compiled": r"not positively homogeneous: _orig_mod.1 \(Tanh\)",
     "frozen_unused": r"outside such a chain .*<root> \(FrozenUnused\): unused",
     "buffer_in_forward": r"not positively homogeneous: net.1 \(Tanh\)",
+    "checkpointed": r"not positively homogeneous: block.1 \(Tanh\)",
 }
 
 

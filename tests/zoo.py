@@ -8,9 +8,9 @@ stress the machinery: BatchNorm, GroupNorm on ``channels_last`` tensors,
 skip connections, transformer layers (dropout, the fused fast path),
 attention modules used without calling their projections, recurrent
 kernels, tied weights, parametrizations, dict outputs, hooks, compiled
-modules, frozen and unused parameters, buffers written in ``forward`` and
+modules, frozen and unused parameters, buffers written in ``forward``,
 several positional inputs (an encoder-decoder called as ``model(src, tgt)``
-on batches ``((src, tgt), y)``).
+on batches ``((src, tgt), y)``) and activation checkpointing.
 
 Batch inputs follow the library's convention: a dict is passed as keyword
 arguments, a tuple (not a namedtuple) as positional arguments, anything else
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations
+from torch.utils.checkpoint import checkpoint
 
 DT = torch.float64
 
@@ -50,7 +51,7 @@ class Case:
     tags : frozenset of str
         ``"rnn"``, ``"attention"``, ``"compile"``, ``"dict"``, ``"kfac-blind"``
         (weights used without calling their module), ``"tuple"`` (several
-        positional inputs), ...
+        positional inputs), ``"checkpoint"`` (activation checkpointing), ...
     """
 
     name: str
@@ -331,6 +332,22 @@ class CountingModel(nn.Module):
         return self.net(x)
 
 
+class CheckpointedBlock(nn.Module):
+    """An input layer, a block run through non-reentrant activation
+    checkpointing (its activations are recomputed in the backward pass, from
+    the tensors the module holds *then*) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(4, 5)
+        self.block = nn.Sequential(nn.Linear(5, 5), nn.Tanh())
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.pre(x))
+        return self.head(checkpoint(self.block, h, use_reentrant=False))
+
+
 CASES: dict[str, Case] = {
     c.name: c
     for c in [
@@ -358,6 +375,7 @@ CASES: dict[str, Case] = {
         Case("compiled", _seeded(compiled_mlp), _vectors, tags=frozenset({"compile"})),
         Case("frozen_unused", _seeded(FrozenUnused), _vectors, tags=frozenset({"unused"})),
         Case("buffer_in_forward", _seeded(CountingModel), _vectors, tags=frozenset({"buffer"})),
+        Case("checkpointed", _seeded(CheckpointedBlock), _vectors, tags=frozenset({"checkpoint"})),
     ]
 }
 
