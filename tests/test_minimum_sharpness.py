@@ -227,6 +227,19 @@ def test_rejects_models_without_the_symmetry_and_bad_arguments():
         hessian.minimum_sharpness(grouped, (torch.randn(3, 2, 1, 1, dtype=DT), torch.zeros(3, dtype=torch.long)))
 
 
+def test_layer_order_error_names_both_layers():
+    """Layers out of forward order: the message gives both layers' indices
+    and names (the second index was once printed as a literal
+    ``{i - 1}``)."""
+    model = relu_mlp()
+    with pytest.raises(ValueError) as err:
+        hessian.minimum_sharpness(model, classification_batches((6,), (4,), 3), layers=_layers(model)[::-1])
+    assert str(err.value).startswith(
+        "layer 2, 0 (Linear), takes 4 inputs, which do not map onto the 5 units of layer 1, 2 (Linear); "
+        "layers= must list the Linear/Conv layers in forward order"
+    )
+
+
 def test_single_layer_and_negative_curvature_warning():
     lin = mlp(sizes=(4, 3))
     batches = classification_batches((6,), (4,), 3)

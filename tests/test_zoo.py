@@ -14,11 +14,13 @@ from zoo import (
     _images,
     _reference_kernels,
     _seeded,
+    _singletons,
     _vectors,
     assert_same_state,
     dense_ggn,
     dense_hessian,
     flat_loss,
+    forward,
     per_sample_gradients,
     state,
 )
@@ -33,8 +35,8 @@ DT = torch.float64
 # Cases whose kernels all have forward-mode derivatives (the others need
 # double backward: recurrent kernels, parametrizations, GroupNorm on
 # channels_last tensors, buffers written in forward).
-FORWARD_OK = ["mlp", "cnn_bn", "resnet_block", "transformer", "attention", "tied_embeddings",
-              "dict_outputs", "pre_hook", "frozen_unused"]
+FORWARD_OK = ["mlp", "cnn_bn", "resnet_block", "transformer", "attention", "encoder_decoder",
+              "tied_embeddings", "dict_outputs", "pre_hook", "frozen_unused"]
 
 
 def _dense_from(op: CurvatureOperator) -> torch.Tensor:
@@ -207,14 +209,6 @@ def test_compiled_model_top_eigenvalue():
 # -- per-sample gradients and K-FAC ---------------------------------------------
 
 
-
-def _singletons(batch):
-    x, y = batch
-    if isinstance(x, dict):
-        return [({k: v[i : i + 1] for k, v in x.items()}, y[i : i + 1]) for i in range(len(y))]
-    return [(x[i : i + 1], y[i : i + 1]) for i in range(len(y))]
-
-
 def test_gradient_variance_matches_per_sample_loop(zoo_case):
     model, batch = zoo_case.build(), zoo_case.batch()
     before = state(model)
@@ -226,7 +220,7 @@ def test_gradient_variance_matches_per_sample_loop(zoo_case):
 
 
 SEVERAL_POSITIONS = {"cnn_bn", "cnn_channels_last", "resnet_block", "transformer", "transformer_train",
-                     "masked_encoder"}
+                     "masked_encoder", "encoder_decoder"}
 
 
 def test_kfac_variance_exact_on_one_sample_batches_and_nonnegative(zoo_case):
@@ -239,6 +233,9 @@ def test_kfac_variance_exact_on_one_sample_batches_and_nonnegative(zoo_case):
     if "transformer" in zoo_case.name:
         # out_proj is used without being called: computed exactly
         assert "layer.self_attn.out_proj" in approx.exact_layers
+    if zoo_case.name == "encoder_decoder":
+        # the cross-attention's projections are used without being called
+        assert "transformer.decoder.layers.0.multihead_attn.out_proj" in approx.exact_layers
     if zoo_case.name in SEVERAL_POSITIONS:
         # layers applied at several positions per sample (convolutions,
         # linear1 / linear2 of the transformer): A (x) G is an approximation
@@ -442,7 +439,7 @@ def test_one_sam_step_matches_a_hand_written_step(zoo_case):
 
     def closure():
         opt.zero_grad()
-        loss = zoo_case.loss_fn(model(**x) if isinstance(x, dict) else model(x), y)
+        loss = zoo_case.loss_fn(forward(model, x), y)
         loss.backward()
         return loss
 
@@ -483,7 +480,9 @@ def test_ggn_of_a_dict_output_model_is_refused_clearly():
 
 
 @pytest.mark.parametrize("name, why", [("cnn_channels_last", "probe product"),
-                                       ("buffer_in_forward", r"writes buffers in forward \(calls, ema\)")])
+                                       ("buffer_in_forward", r"writes buffers in forward \(calls, ema\)"),
+                                       # torch.func refuses checkpointing's saved-tensor hooks
+                                       ("checkpointed", "probe product.*saved tensor hooks")])
 def test_requested_forward_over_reverse_is_refused_before_any_product(name, why):
     case = CASES[name]
     model, batch = case.build(), case.batch()
@@ -509,6 +508,9 @@ MINIMUM_REFUSED = {
     "transformer_train": r"outside such a chain .*layer.self_attn \(MultiheadAttention\): in_proj_weight",
     "masked_encoder": r"outside such a chain .*enc.layers.0.self_attn \(MultiheadAttention\): in_proj_weight",
     "attention": r"outside such a chain .*attn \(MultiheadAttention\): in_proj_weight, in_proj_bias",
+    # the two input projections are not a chain
+    "encoder_decoder": r"layer 1, tgt_proj \(Linear\), takes 4 inputs, which do not map onto the 8 units of "
+                       r"layer 0, src_proj \(Linear\)",
     "lstm": r"outside such a chain .*emb \(Embedding\): weight; rnn \(LSTM\): weight_ih_l0",
     "gru": r"outside such a chain .*rnn \(GRU\): weight_ih_l0",
     "tied_embeddings": r"weights tied to a layer\): emb \(Embedding\): weight",
@@ -520,6 +522,7 @@ MINIMUM_REFUSED = {
     "compiled": r"not positively homogeneous: _orig_mod.1 \(Tanh\)",
     "frozen_unused": r"outside such a chain .*<root> \(FrozenUnused\): unused",
     "buffer_in_forward": r"not positively homogeneous: net.1 \(Tanh\)",
+    "checkpointed": r"not positively homogeneous: block.1 \(Tanh\)",
 }
 
 

@@ -8,12 +8,19 @@ stress the machinery: BatchNorm, GroupNorm on ``channels_last`` tensors,
 skip connections, transformer layers (dropout, the fused fast path),
 attention modules used without calling their projections, recurrent
 kernels, tied weights, parametrizations, dict outputs, hooks, compiled
-modules, frozen and unused parameters and buffers written in ``forward``.
+modules, frozen and unused parameters, buffers written in ``forward``,
+several positional inputs (an encoder-decoder called as ``model(src, tgt)``
+on batches ``((src, tgt), y)``) and activation checkpointing.
+
+Batch inputs follow the library's convention: a dict is passed as keyword
+arguments, a tuple (not a namedtuple) as positional arguments, anything else
+as the one argument (:func:`forward`, :func:`_singletons`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations
+from torch.utils.checkpoint import checkpoint
 
 DT = torch.float64
 
@@ -42,7 +50,8 @@ class Case:
         Whether the case is meant to run with ``train=True`` (dropout on).
     tags : frozenset of str
         ``"rnn"``, ``"attention"``, ``"compile"``, ``"dict"``, ``"kfac-blind"``
-        (weights used without calling their module), ...
+        (weights used without calling their module), ``"tuple"`` (several
+        positional inputs), ``"checkpoint"`` (activation checkpointing), ...
     """
 
     name: str
@@ -94,6 +103,14 @@ def _padded_sequences():
     mask[0, 2:] = True
     mask[3, 1:] = True
     return {"x": x, "src_key_padding_mask": mask}, y
+
+
+def _source_target(n: int = 4, s: int = 3, t: int = 2, d: int = 4, classes: int = 3, seed: int = 1):
+    """Positional inputs ``(src, tgt)`` of an encoder-decoder: a tuple."""
+    g = _gen(seed)
+    src = torch.randn(n, s, d, generator=g, dtype=DT)
+    tgt = torch.randn(n, t, d, generator=g, dtype=DT)
+    return (src, tgt), torch.randint(0, classes, (n,), generator=g)
 
 
 def _seeded(fn: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -183,6 +200,31 @@ class AttentionClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.attn(x, x, x, need_weights=False)
         return self.head(h.mean(dim=1))
+
+
+class EncoderDecoder(nn.Module):
+    """``nn.Transformer`` (one encoder and one decoder layer) between input
+    projections and a mean-pooled classification head, called with two
+    positional tensors: ``model(src, tgt)``.
+
+    Only the projections, the decoder's cross-attention and the head are
+    trained (395 parameters): the dense references cost a pass per
+    parameter, and the whole model's 1643 would add half a minute to the
+    zoo.  Every derivative still runs through the frozen encoder and
+    decoder (the source projection reaches the loss only through them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.src_proj = nn.Linear(4, 8)
+        self.tgt_proj = nn.Linear(4, 8)
+        self.transformer = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+                                          dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+        self.transformer.requires_grad_(False)
+        self.transformer.decoder.layers[0].multihead_attn.requires_grad_(True)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return self.head(self.transformer(self.src_proj(src), self.tgt_proj(tgt)).mean(dim=1))
 
 
 class RecurrentClassifier(nn.Module):
@@ -290,6 +332,22 @@ class CountingModel(nn.Module):
         return self.net(x)
 
 
+class CheckpointedBlock(nn.Module):
+    """An input layer, a block run through non-reentrant activation
+    checkpointing (its activations are recomputed in the backward pass, from
+    the tensors the module holds *then*) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(4, 5)
+        self.block = nn.Sequential(nn.Linear(5, 5), nn.Tanh())
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.pre(x))
+        return self.head(checkpoint(self.block, h, use_reentrant=False))
+
+
 CASES: dict[str, Case] = {
     c.name: c
     for c in [
@@ -303,6 +361,8 @@ CASES: dict[str, Case] = {
         Case("masked_encoder", _seeded(MaskedEncoder), _padded_sequences,
              tags=frozenset({"attention", "kfac-blind"})),
         Case("attention", _seeded(AttentionClassifier), _sequences, tags=frozenset({"attention", "kfac-blind"})),
+        Case("encoder_decoder", _seeded(EncoderDecoder), _source_target,
+             tags=frozenset({"attention", "kfac-blind", "tuple"})),
         Case("lstm", _seeded(lambda: RecurrentClassifier(nn.LSTM)), _tokens, tags=frozenset({"rnn"})),
         Case("gru", _seeded(lambda: RecurrentClassifier(nn.GRU)), _tokens, tags=frozenset({"rnn"})),
         Case("tied_embeddings", _seeded(TiedLM), _tokens, tags=frozenset({"tied"})),
@@ -315,6 +375,7 @@ CASES: dict[str, Case] = {
         Case("compiled", _seeded(compiled_mlp), _vectors, tags=frozenset({"compile"})),
         Case("frozen_unused", _seeded(FrozenUnused), _vectors, tags=frozenset({"unused"})),
         Case("buffer_in_forward", _seeded(CountingModel), _vectors, tags=frozenset({"buffer"})),
+        Case("checkpointed", _seeded(CheckpointedBlock), _vectors, tags=frozenset({"checkpoint"})),
     ]
 }
 
@@ -413,14 +474,71 @@ def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
         assert torch.equal(v, v2), n
 
 
+# -- batch inputs ---------------------------------------------------------------
+
+
+def _arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` of the model for batch inputs: a dict is passed as
+    keyword arguments, a tuple (not a namedtuple) as positional arguments,
+    anything else as the one argument (the library's documented convention)."""
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, tuple) and not hasattr(inputs, "_fields"):
+        return inputs, {}
+    return (inputs,), {}
+
+
+def forward(model: nn.Module, inputs: Any) -> Any:
+    """The model called on batch inputs (see :func:`_arguments`)."""
+    args, kwargs = _arguments(inputs)
+    return model(*args, **kwargs)
+
+
+def _sample(inputs: Any, i: int) -> Any:
+    """Sample ``i`` of batch inputs as a batch of one: every tensor of a dict
+    or tuple sliced along dimension 0, in the same container."""
+    if isinstance(inputs, dict):
+        return {k: v[i : i + 1] for k, v in inputs.items()}
+    if isinstance(inputs, tuple) and not hasattr(inputs, "_fields"):
+        return tuple(v[i : i + 1] for v in inputs)
+    return inputs[i : i + 1]
+
+
+def _singletons(batch: tuple[Any, torch.Tensor]) -> list[tuple[Any, torch.Tensor]]:
+    """The batch as a list of batches of one sample."""
+    x, y = batch
+    return [(_sample(x, i), y[i : i + 1]) for i in range(len(y))]
+
+
 # -- independent references -----------------------------------------------------
+
+#: Open :func:`_held` blocks (innermost last).
+_HELD: list[contextlib.ExitStack] = []
+
+
+@contextlib.contextmanager
+def _held() -> Iterator[None]:
+    """Inside the block, each reference evaluation (:func:`_call`) leaves
+    its tensors in the module until the block ends, instead of restoring the
+    module's own when the forward pass returns (as ``functional_call``
+    does).  Gradients taken inside the block then see the evaluated values
+    also where the backward pass runs the forward again: non-reentrant
+    activation checkpointing recomputes a block from the tensors the module
+    holds at backward time.  (A later evaluation in the same block replaces
+    the values: differentiate each loss before evaluating the next.)"""
+    with contextlib.ExitStack() as stack:
+        _HELD.append(stack)
+        try:
+            yield
+        finally:
+            _HELD.pop()
 
 
 def _reference_kernels():
     """Math SDPA kernel, no fused attention fast path: the only ones with a
-    double backward (set here independently of the library)."""
-    import contextlib
-
+    double backward (set here independently of the library); and a
+    :func:`_held` block, so that gradients taken inside are those of the
+    values evaluated."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     stack = contextlib.ExitStack()
@@ -433,24 +551,42 @@ def _reference_kernels():
     fused = torch._weight_norm
     torch._weight_norm = lambda v, g, dim=0: v * (g / torch.norm_except_dim(v, 2, dim))
     stack.callback(setattr, torch, "_weight_norm", fused)
+    stack.enter_context(_held())
     return stack
 
 
-def _call(model: nn.Module, state: dict[str, torch.Tensor], inputs: Any) -> Any:
-    from torch.func import functional_call
-
+@contextlib.contextmanager
+def _dense_embeddings(model: nn.Module) -> Iterator[None]:
     # references differentiate through dense embedding gradients (the same
     # values as sparse ones, in a layout every autograd function accepts)
     sparse = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
     for m in sparse:
         m.sparse = False
     try:
-        if isinstance(inputs, dict):
-            return functional_call(model, state, (), inputs, strict=False)
-        return functional_call(model, state, (inputs,), strict=False)
+        yield
     finally:
         for m in sparse:
             m.sparse = True
+
+
+def _call(model: nn.Module, state: dict[str, torch.Tensor], inputs: Any) -> Any:
+    """The model's outputs with the tensors of ``state`` in place of its own
+    (``torch.func.functional_call``); inside a :func:`_held` block the
+    tensors stay in the module until the block ends."""
+    from torch.func import functional_call
+
+    args, kwargs = _arguments(inputs)
+    if _HELD:
+        # functional_call's own context (tied weights followed, missing
+        # names left to the module), entered for the rest of the block
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        stack = _HELD[-1]
+        stack.enter_context(_dense_embeddings(model))
+        stack.enter_context(_reparametrize_module(model, state, tie_weights=True, strict=False))
+        return model(*args, **kwargs)
+    with _dense_embeddings(model):
+        return functional_call(model, state, args, kwargs, strict=False)
 
 
 def flat_loss(case: Case, model: nn.Module, batch: tuple[Any, torch.Tensor]):
@@ -498,8 +634,7 @@ def per_sample_gradients(case: Case, model: nn.Module, batch: tuple[Any, torch.T
     rows = []
     with _reference_kernels():
         for i in range(len(targets)):
-            xi = {k: v[i : i + 1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[i : i + 1]
-            f, _, _, _ = flat_loss(case, ref, (xi, targets[i : i + 1]))
+            f, _, _, _ = flat_loss(case, ref, (_sample(inputs, i), targets[i : i + 1]))
             w = w0.clone().requires_grad_(True)
             (g,) = torch.autograd.grad(f(w), w, allow_unused=True)
             rows.append(torch.zeros_like(w0) if g is None else g)

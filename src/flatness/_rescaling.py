@@ -198,6 +198,7 @@ def _chain(model: nn.Module, layers: Iterable[nn.Module] | None) -> list[nn.Modu
                 raise ValueError("layers= contains a module that is not part of model")
     if not chain:
         raise ValueError("minimum sharpness needs a model with Linear or Conv layers")
+    names = {id(m): n for n, m in module.named_modules()}
     for i, m in enumerate(chain):
         if getattr(m, "groups", 1) != 1:
             raise ValueError(f"layer {i} is a grouped convolution (groups={m.groups}); not supported")
@@ -205,8 +206,9 @@ def _chain(model: nn.Module, layers: Iterable[nn.Module] | None) -> list[nn.Modu
             units, fan_in = chain[i - 1].weight.shape[0], m.weight.shape[1]
             if fan_in % units != 0 or (fan_in != units and not isinstance(m, nn.Linear)):
                 raise ValueError(
-                    f"layer {i} takes {fan_in} inputs, which do not map onto the {units} units of "
-                    "layer {i - 1}; layers= must list the Linear/Conv layers in forward order"
+                    f"layer {i}, {_label(names, m)}, takes {fan_in} inputs, which do not map onto the "
+                    f"{units} units of layer {i - 1}, {_label(names, chain[i - 1])}; layers= must list the "
+                    "Linear/Conv layers in forward order"
                 )
     return chain
 
