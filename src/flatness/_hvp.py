@@ -516,17 +516,19 @@ class CurvatureOperator:
         :meth:`_check_requested_forward`), each run once."""
         one_dual = k == 1 and self.curvature == "hessian"
         requested = self._requested == "forward-over-reverse"
+        buffers_due = requested and not self._buffers_checked
+        dual_due = one_dual and self._dual is None
+        # the torch.func kernels' probe, unless this product runs without them
         kernels_due = requested and not self._kernels_probed and not (one_dual and self._dual)
-        if not (requested and not self._buffers_checked) and not kernels_due and \
-                not (one_dual and self._dual is None):
+        if not (buffers_due or dual_due or kernels_due):
             return
         from flatness._data import _slice
 
         _, inputs, targets = next(iter(self._batches()))
-        if requested and not self._buffers_checked:
+        if buffers_due:
             self._refuse_written_buffers(inputs, targets)
             self._buffers_checked = True
-        if one_dual and self._dual is None:
+        if dual_due:
             self._dual = dual_hvp_agrees(self.model, self.params, _slice(inputs, 0, 1), targets[:1],
                                          [t[0] for t in tangents], loss_fn=self.loss_fn)
         if one_dual and self._dual:  # the torch.func kernels do not run for this product
