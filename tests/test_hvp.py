@@ -121,6 +121,26 @@ def test_train_mode_batchnorm_matches_double_backward_and_leaves_buffers():
     assert torch.allclose(G, dense_ggn(copy.deepcopy(model), batch, train=True)[:-3, :-3], rtol=0, atol=1e-10)
 
 
+def test_batch_statistics_without_running_stats_on_the_forward_engine():
+    # BatchNorm in training mode without running statistics writes no
+    # buffer, so the forward-over-reverse engine may run it; its probes
+    # used one sample, on which batch statistics fail ("Expected more than
+    # 1 value per channel"): auto crashed over a loader, a requested engine
+    # raised that error instead of running.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Tanh(),
+                          nn.Linear(6, 3)).to(DT)
+    x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    auto = hessian.trace(model, loader, method="exact", train=True)
+    assert auto.engine == "forward-over-reverse"
+    ref = hessian.trace(model, loader, method="exact", train=True, engine="double-backward")
+    assert auto.value == pytest.approx(ref.value, rel=1e-10)
+    one = hessian.top_eigenvalues(model, (x, y), k=2, tol=1e-10, train=True, engine="forward-over-reverse")
+    dense = hessian.top_eigenvalues(model, (x, y), k=2, tol=1e-10, train=True, engine="double-backward")
+    assert torch.allclose(one.eigenvalues, dense.eigenvalues, rtol=1e-9, atol=0)
+
+
 def test_dict_inputs_and_scipy_operator():
     class DictNet(nn.Module):
         def __init__(self):

@@ -10,7 +10,7 @@ Products are taken with respect to the selected parameters (a
   ``torch.func``: the loss at dual tensors and one backward pass that keeps
   each parameter's tangent and drops its gradient
   (:func:`~flatness._products.forward_over_reverse_hvp`), so no gradient
-  is held beside the product; where a probe on one sample does not match
+  is held beside the product; where a probe on two samples does not match
   double backward (kernels without plain forward-mode formulas), it is
   ``jvp(grad)``.  The reverse-over-forward ``grad(jvp(loss))`` is not used:
   torch differentiates the forward-mode formulas of ``layer_norm``,
@@ -36,7 +36,7 @@ Two engines compute the products (:data:`ENGINES`):
 types (recurrent kernels and parametrizations have no forward-mode
 derivatives in PyTorch), a probe forward pass that looks for buffers written
 in ``forward`` (``torch.func`` refuses in-place writes to captured tensors),
-a probe forward-mode product on one sample, and the cost (with a kept graph
+a probe forward-mode product on two samples, and the cost (with a kept graph
 double backward is cheaper per product).  Attention runs on the math SDPA
 kernel and without the fused ``nn.MultiheadAttention`` fast path inside
 every curvature computation (:func:`curvature_kernels`): the fused kernels
@@ -492,12 +492,11 @@ class CurvatureOperator:
         return "forward-over-reverse", f"{k} vectors per pass over several batches: vmapped jvp of grad"
 
     def _forward_probe(self, inputs: Any, targets: Tensor, k: int) -> Exception | None:
-        """A forward-over-reverse product on one sample: the error it raises,
-        or ``None``.  Some kernels (GroupNorm on channels_last tensors, fused
-        losses) lack forward-mode formulas that the module types do not show."""
-        from flatness._data import _slice
-
-        x1, y1 = _slice(inputs, 0, 1), targets[:1]
+        """A forward-over-reverse product on two samples: the error it
+        raises, or ``None``.  Some kernels (GroupNorm on channels_last
+        tensors, fused losses) lack forward-mode formulas that the module
+        types do not show."""
+        x1, y1 = _probe_batch(inputs, targets)
         # one stored number per parameter tensor, broadcast (no parameter-sized vector)
         probe = tuple(torch.ones((), dtype=p.dtype, device=p.device).expand(1, *p.shape) for p in self.params.params)
         try:
@@ -511,7 +510,7 @@ class CurvatureOperator:
     def _check_forward(self, k: int, tangents: Tangents) -> None:
         """Before products on the forward-over-reverse engine: for one
         Hessian-vector product, whether it can run without ``torch.func``
-        (decided once, on one sample with the caller's vector); for a
+        (decided once, on two samples with the caller's vector); for a
         requested engine, its refusals (see
         :meth:`_check_requested_forward`), each run once."""
         one_dual = k == 1 and self.curvature == "hessian"
@@ -522,14 +521,12 @@ class CurvatureOperator:
         kernels_due = requested and not self._kernels_probed and not (one_dual and self._dual)
         if not (buffers_due or dual_due or kernels_due):
             return
-        from flatness._data import _slice
-
         _, inputs, targets = next(iter(self._batches()))
         if buffers_due:
             self._refuse_written_buffers(inputs, targets)
             self._buffers_checked = True
         if dual_due:
-            self._dual = dual_hvp_agrees(self.model, self.params, _slice(inputs, 0, 1), targets[:1],
+            self._dual = dual_hvp_agrees(self.model, self.params, *_probe_batch(inputs, targets),
                                          [t[0] for t in tangents], loss_fn=self.loss_fn)
         if one_dual and self._dual:  # the torch.func kernels do not run for this product
             if self.engine_reason == "requested":
@@ -559,7 +556,7 @@ class CurvatureOperator:
         if exc is not None:
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise ValueError(
-                "engine='forward-over-reverse' failed on a probe product of one sample: a kernel of "
+                "engine='forward-over-reverse' failed on a probe product of two samples: a kernel of "
                 f"this model has no forward-mode derivative ({type(exc).__name__}: {first}); "
                 "use engine='double-backward' or 'auto'"
             )
@@ -706,3 +703,14 @@ class CurvatureOperator:
             f"CurvatureOperator(curvature={self.curvature!r}, shape={self.shape}, "
             f"dtype={self.dtype}, device={self.device})"
         )
+
+
+def _probe_batch(inputs: Any, targets: Tensor) -> tuple[Any, Tensor]:
+    """The first two samples of a batch (one if it has one), on which the
+    engine probes run: one sample would fail where the model itself does
+    not, in training mode with batch statistics (``BatchNorm`` without
+    running statistics: "Expected more than 1 value per channel")."""
+    from flatness._data import _slice
+
+    n = min(2, len(targets))
+    return _slice(inputs, 0, n), targets[:n]

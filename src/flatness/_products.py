@@ -8,7 +8,7 @@ allows.
 * :func:`forward_over_reverse_hvp`: one Hessian-vector product forward
   over reverse with the plain autograd APIs (dual tensors, one backward
   pass), holding no gradient beside it; :func:`dual_hvp_agrees` checks it
-  against double backward on one sample.
+  against double backward on two samples.
 * :class:`KeptGraph` / :func:`double_backward_hvp`: the gradient with
   ``create_graph=True``, then one backward pass per vector.
 * :func:`curvature_kernels`: kernels with correct second derivatives (math
@@ -255,7 +255,7 @@ def dual_hvp_agrees(
 ) -> bool:
     """Whether :func:`forward_over_reverse_hvp` runs on this model and gives
     the double-backward product, checked on ``inputs`` (the caller passes
-    one sample) with ``vec``.
+    two samples) with ``vec``.
 
     The plain forward-mode API has fewer formulas for backward kernels than
     ``torch.func.jvp`` (``silu_backward``, ``native_group_norm_backward``
