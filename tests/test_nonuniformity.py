@@ -366,3 +366,23 @@ def test_moments_merge_over_uneven_shards_by_size():
         for k, t in enumerate(union):
             torch.testing.assert_close(moments.mean[k], t.mean(0), rtol=1e-13, atol=1e-13)
             torch.testing.assert_close(moments.m2[k], (t - t.mean(0)).pow(2).sum(), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("train, running_stats", [(True, True), (False, False)])
+def test_per_sample_gradients_refuse_batch_statistics_clearly(train, running_stats):
+    # A sample's gradient is that of the loss on a batch of one, on which
+    # BatchNorm with batch statistics (training mode, or no running
+    # statistics in any mode) cannot normalize 2-D inputs: PyTorch's
+    # "Expected more than 1 value per channel" came out of the probe.  The
+    # refusal names the layer and the way out; the model is unchanged.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=running_stats), nn.Tanh(),
+                          nn.Linear(6, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    snap = cases.snapshot(model)
+    for fn in (nu.gradient_variance, nu.kfac_variance):
+        with pytest.raises(ValueError, match=r"batches of one sample.*1 \(BatchNorm1d\).*train=False"):
+            fn(model, (x, y), train=train)
+        cases.assert_unchanged(model, snap)
+    if running_stats:  # eval mode normalizes by the running statistics: defined
+        assert math.isfinite(nu.gradient_variance(model, (x, y)).total)

@@ -23,6 +23,10 @@ The model is evaluated in whatever mode it is in.  Callers put it in eval
 mode first (:class:`flatness._guard.ModelGuard`): in training mode a
 BatchNorm layer normalizes each sample by its own statistics (and leaves its
 running statistics alone: an in-place update cannot run under ``vmap``).
+Where one sample has no statistics to normalize by (``BatchNorm1d`` on
+``(n, C)`` inputs in training mode, or without running statistics in any
+mode), the model fails on a batch of one, and the error says so and names
+the layers.
 """
 
 from __future__ import annotations
@@ -78,7 +82,11 @@ def per_sample_engine(
         return "loop", "no vmap batching rule for " + ", ".join(blocked)
     from flatness._products import buffers_written_in_forward
 
-    written = buffers_written_in_forward(model, params, _slice(inputs, 0, 1), targets[:1], loss_fn)
+    try:
+        written = buffers_written_in_forward(model, params, _slice(inputs, 0, 1), targets[:1], loss_fn)
+    except ValueError as exc:
+        _refuse_batch_statistics(model, exc)
+        raise
     if written:
         return "loop", "buffers written in forward: " + ", ".join(written)
     if not probe:
@@ -89,6 +97,26 @@ def per_sample_engine(
         # e.g. activation checkpointing: torch.func refuses saved-tensor hooks
         return "loop", f"vmap of grad failed on one sample ({type(exc).__name__})"
     return "vmap", "vmap of grad"
+
+
+def _refuse_batch_statistics(model: nn.Module, exc: ValueError) -> None:
+    """Raise a clear error for ``exc``, a failure of the model on a batch of
+    one sample, where the cause is normalization by batch statistics."""
+    names = [
+        f"{name or '<root>'} ({type(m).__name__})"
+        for name, m in unwrap(model).named_modules()
+        # the condition of BatchNorm's own forward: batch statistics in
+        # training mode, and in eval mode without running statistics
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and (m.training or (m.running_mean is None and m.running_var is None))
+    ]
+    if names:
+        raise ValueError(
+            "per-sample gradients evaluate the loss on batches of one sample, on which "
+            + ", ".join(names) + " cannot normalize: it uses the statistics of the batch (training mode, "
+            "or no running statistics). Use train=False on a model with running statistics, or a "
+            f"normalization per sample (LayerNorm, GroupNorm). PyTorch: {exc}"
+        ) from exc
 
 
 def per_sample_grads_choosing(
@@ -184,8 +212,20 @@ def per_sample_grads(
         values = params.detached()
     if engine == "auto":
         engine = per_sample_engine(model, params, inputs, targets, loss_fn)[0]
-    if engine == "loop":
-        return _loop_grads(model, params, list(values), inputs, targets, loss_fn, logit_normalization)
+    try:
+        if engine == "loop":
+            return _loop_grads(model, params, list(values), inputs, targets, loss_fn, logit_normalization)
+        return _vmap_grads(model, params, list(values), inputs, targets, loss_fn, logit_normalization)
+    except ValueError as exc:
+        _refuse_batch_statistics(model, exc)
+        raise
+
+
+def _vmap_grads(
+    model: nn.Module, params: ParamSet, values: list[Tensor], inputs: Any, targets: Tensor, loss_fn: LossFn,
+    logit_normalization: bool,
+) -> tuple[list[Tensor], Tensor]:
+    """:func:`per_sample_grads` by ``vmap`` of ``grad``."""
 
     def sample_loss(vals: list[Tensor], x: Any, y: Tensor) -> Tensor:
         return functional_loss(
@@ -204,7 +244,7 @@ def per_sample_grads(
 
     fn = vmap(grad_and_value(sample_loss), in_dims=(None, 0, 0), randomness="different")
     with disable_running_stats(unwrap(model)), curvature_kernels():
-        grads, losses = fn(list(values), inputs, targets)
+        grads, losses = fn(values, inputs, targets)
     # contiguous: an unused parameter's gradient is an expanded zero, which
     # in-place consumers (running moments) cannot write to
     return [g.detach().contiguous() for g in grads], losses.detach()
