@@ -136,6 +136,24 @@ def test_lanczos_basis_in_host_memory_beside_a_cuda_model():
     assert host.eigenvectors[0][0].is_cuda
 
 
+@pytest.mark.parametrize("engine", ["forward-over-reverse", "double-backward"])
+def test_one_hvp_per_engine_on_cuda_matches_cpu(engine):
+    # One vector on the forward engine runs forward-mode AD through the
+    # autograd engine's backward pass, which runs on a device thread on
+    # CUDA; its probe against double backward decides whether it is used.
+    model = mlp(sizes=(5, 8, 4))
+    x, y = classification_batch(9, (5,), 4)
+    v = [torch.randn(p.shape, dtype=DT, generator=torch.Generator().manual_seed(i))
+         for i, p in enumerate(model.parameters())]
+    cpu = hessian.hvp(model, (x, y), v, engine=engine)
+    model.to(DEVICE)
+    snap = snapshot(model)
+    gpu = hessian.hvp(model, _on((x, y), DEVICE), [t.to(DEVICE) for t in v], engine=engine)
+    assert_unchanged(model, snap)
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
+
+
 def test_trace_estimates_on_cuda():
     model = mlp(sizes=(5, 8, 4))
     batches = classification_batches((7, 5), (5,), 4)
