@@ -193,6 +193,28 @@ def test_gsam_rho_follows_the_learning_rate(style):
     assert_close_lists(weights(model), ref_gsam("mlp", data, 0.2, 0.2, lrs=lrs, rho_min=0.02))
 
 
+def test_gsam_rho_never_exceeds_rho_under_a_warmup():
+    """Without ``lr_max`` the radius is scaled by the largest lr seen so far:
+    under OneCycleLR's warmup (first lr = max_lr / 25) the first lr gave a
+    radius ~25 rho at the peak."""
+    data = batches("mlp", 12)
+    model = mlp()
+    opt = GSAM(model.parameters(), torch.optim.SGD, rho=0.05, alpha=0.1, rho_min=0.01, lr=LR)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=len(data), pct_start=0.5)
+    radii = []
+    for x, y in data:
+        w = weights(model)
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        radii.append(float(flat([p.detach() - u for p, u in zip(model.parameters(), w)]).norm()))
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+        sched.step()
+    assert max(radii) <= 0.05 * (1 + 1e-9)
+    assert radii[-1] < 0.02  # and it still follows the decay (lr near 0: rho_min)
+    assert opt.param_groups[0]["gsam_lr_max"] == pytest.approx(LR)
+
+
 @pytest.mark.parametrize("kind", sorted(MODELS))
 @pytest.mark.parametrize("style", STYLES)
 def test_gsam_alpha_zero_is_sam_bit_for_bit(kind, style):
