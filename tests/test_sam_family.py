@@ -321,6 +321,33 @@ def test_looksam_reuse_steps_take_one_pass():
     assert len(calls) == 12  # 2 full steps (2 passes) + 8 reuse steps (1 pass)
 
 
+@pytest.mark.parametrize("name", ["SAM", "GSAM", "WSAM", "FriendlySAM", "LookSAM", "ESAM", "BayesianSAM"])
+def test_step_without_a_closure_is_a_type_error_on_every_step(name):
+    """The same mistake gives the same error: SAM's step() raised a
+    RuntimeError, ESAM's and LookSAM's on its reuse steps a TypeError."""
+    makers = {
+        "SAM": lambda ps: SAM(ps, torch.optim.SGD, lr=LR),
+        "GSAM": lambda ps: GSAM(ps, torch.optim.SGD, lr=LR),
+        "WSAM": lambda ps: WSAM(ps, torch.optim.SGD, lr=LR),
+        "FriendlySAM": lambda ps: FriendlySAM(ps, torch.optim.SGD, lr=LR),
+        "LookSAM": lambda ps: LookSAM(ps, torch.optim.SGD, k=2, lr=LR),
+        "ESAM": lambda ps: ESAM(ps, torch.optim.SGD, beta=1.0, gamma=1.0, lr=LR),
+        "BayesianSAM": lambda ps: BayesianSAM(ps, seed=0, **BSAM_KW),
+    }
+    (x, y), = batches("mlp", 1)
+    model = mlp()
+    opt = makers[name](model.parameters())
+    for _ in range(2):  # LookSAM: a full step, then a reuse step
+        w = weights(model)
+        with pytest.raises(TypeError, match="closure"):
+            opt.step()
+        assert_same(weights(model), w)
+        if name == "ESAM":
+            opt.step(lambda mask=None: F.cross_entropy(model(x), y, reduction="none"))
+        else:
+            opt.step(closure_for(model, x, y))
+
+
 def test_looksam_backward_on_a_reuse_step_is_a_clear_error():
     model = mlp()
     opt = LookSAM(model.parameters(), torch.optim.SGD, rho=0.1, k=2, lr=LR)
