@@ -142,7 +142,7 @@ def test_stage_errors():
         opt.first_step()
     with pytest.raises(RuntimeError, match="without first_step"):
         opt.second_step()
-    with pytest.raises(RuntimeError, match="closure"):
+    with pytest.raises(TypeError, match="closure"):
         opt.step()
     with pytest.raises(TypeError, match="callable"):
         opt.step(3)

@@ -193,6 +193,28 @@ def test_gsam_rho_follows_the_learning_rate(style):
     assert_close_lists(weights(model), ref_gsam("mlp", data, 0.2, 0.2, lrs=lrs, rho_min=0.02))
 
 
+def test_gsam_rho_never_exceeds_rho_under_a_warmup():
+    """Without ``lr_max`` the radius is scaled by the largest lr seen so far:
+    under OneCycleLR's warmup (first lr = max_lr / 25) the first lr gave a
+    radius ~25 rho at the peak."""
+    data = batches("mlp", 12)
+    model = mlp()
+    opt = GSAM(model.parameters(), torch.optim.SGD, rho=0.05, alpha=0.1, rho_min=0.01, lr=LR)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=len(data), pct_start=0.5)
+    radii = []
+    for x, y in data:
+        w = weights(model)
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        radii.append(float(flat([p.detach() - u for p, u in zip(model.parameters(), w)]).norm()))
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+        sched.step()
+    assert max(radii) <= 0.05 * (1 + 1e-9)
+    assert radii[-1] < 0.02  # and it still follows the decay (lr near 0: rho_min)
+    assert opt.param_groups[0]["gsam_lr_max"] == pytest.approx(LR)
+
+
 @pytest.mark.parametrize("kind", sorted(MODELS))
 @pytest.mark.parametrize("style", STYLES)
 def test_gsam_alpha_zero_is_sam_bit_for_bit(kind, style):
@@ -297,6 +319,33 @@ def test_looksam_reuse_steps_take_one_pass():
     for _ in range(10):
         opt.step(closure)
     assert len(calls) == 12  # 2 full steps (2 passes) + 8 reuse steps (1 pass)
+
+
+@pytest.mark.parametrize("name", ["SAM", "GSAM", "WSAM", "FriendlySAM", "LookSAM", "ESAM", "BayesianSAM"])
+def test_step_without_a_closure_is_a_type_error_on_every_step(name):
+    """The same mistake gives the same error: SAM's step() raised a
+    RuntimeError, ESAM's and LookSAM's on its reuse steps a TypeError."""
+    makers = {
+        "SAM": lambda ps: SAM(ps, torch.optim.SGD, lr=LR),
+        "GSAM": lambda ps: GSAM(ps, torch.optim.SGD, lr=LR),
+        "WSAM": lambda ps: WSAM(ps, torch.optim.SGD, lr=LR),
+        "FriendlySAM": lambda ps: FriendlySAM(ps, torch.optim.SGD, lr=LR),
+        "LookSAM": lambda ps: LookSAM(ps, torch.optim.SGD, k=2, lr=LR),
+        "ESAM": lambda ps: ESAM(ps, torch.optim.SGD, beta=1.0, gamma=1.0, lr=LR),
+        "BayesianSAM": lambda ps: BayesianSAM(ps, seed=0, **BSAM_KW),
+    }
+    (x, y), = batches("mlp", 1)
+    model = mlp()
+    opt = makers[name](model.parameters())
+    for _ in range(2):  # LookSAM: a full step, then a reuse step
+        w = weights(model)
+        with pytest.raises(TypeError, match="closure"):
+            opt.step()
+        assert_same(weights(model), w)
+        if name == "ESAM":
+            opt.step(lambda mask=None: F.cross_entropy(model(x), y, reduction="none"))
+        else:
+            opt.step(closure_for(model, x, y))
 
 
 def test_looksam_backward_on_a_reuse_step_is_a_clear_error():

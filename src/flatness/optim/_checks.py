@@ -126,9 +126,11 @@ def check_directions(groups: Sequence[Any], directions: Sequence[Any]) -> None:
 
 
 def check_closure(opt: Any, closure: Any) -> None:
-    """``opt.step(closure)`` needs a callable closure."""
+    """``opt.step(closure)`` needs a callable closure: a ``TypeError``
+    otherwise, as from the variants with their own ``step`` (ESAM,
+    ConsistentSAM, LookSAM's reuse steps) and ``torch.optim.LBFGS``."""
     if closure is None:
-        raise RuntimeError(
+        raise TypeError(
             f"{type(opt).__name__}.step() needs a closure that computes the loss and calls "
             "backward(); without one, use first_step() ... backward ... second_step()"
         )

@@ -85,8 +85,10 @@ class GSAM(SAM):
     rho_min : float or None
         Radius at ``lr_min``; ``None`` for a constant radius.
     lr_max : float or None
-        The learning rate mapped to ``rho``; ``None``: the group's ``lr`` at
-        its first step.
+        The learning rate mapped to ``rho``; ``None``: the largest ``lr``
+        the group has had so far (its first ``lr`` under a decaying
+        schedule; under a warmup ``rho_t`` is ``rho`` until the peak, never
+        more).  Give the schedule's peak to follow the paper during a warmup.
     lr_min : float
         The learning rate mapped to ``rho_min`` (default 0).
 
@@ -151,8 +153,11 @@ class GSAM(SAM):
         if group["rho_min"] is None:
             return group["rho"]
         lr_max = group["lr_max"]
-        if lr_max is None:  # the first learning rate seen
-            lr_max = group.setdefault("gsam_lr_max", group["lr"])
+        if lr_max is None:
+            # The largest learning rate seen so far, not the first: under a
+            # warmup (OneCycleLR, LinearLR) the first lr is a fraction of the
+            # peak, and rho_t would grow past rho by the same factor.
+            lr_max = group["gsam_lr_max"] = max(group.get("gsam_lr_max", group["lr"]), group["lr"])
         return gsam_rho(group["lr"], group["rho"], group["rho_min"], group["lr_min"], lr_max)
 
     @torch.no_grad()
