@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from flatness.optim import ESAM, GSAM, MESA, SAM, WSAM, BayesianSAM, FriendlySAM, LookSAM
+from flatness.optim import ESAM, GSAM, MESA, SAM, WSAM, BayesianSAM, ConsistentSAM, FriendlySAM, LookSAM
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -321,10 +321,11 @@ def test_looksam_reuse_steps_take_one_pass():
     assert len(calls) == 12  # 2 full steps (2 passes) + 8 reuse steps (1 pass)
 
 
-@pytest.mark.parametrize("name", ["SAM", "GSAM", "WSAM", "FriendlySAM", "LookSAM", "ESAM", "BayesianSAM"])
+@pytest.mark.parametrize("name", ["SAM", "GSAM", "WSAM", "FriendlySAM", "LookSAM", "ESAM", "BayesianSAM", "ConsistentSAM"])
 def test_step_without_a_closure_is_a_type_error_on_every_step(name):
     """The same mistake gives the same error: SAM's step() raised a
-    RuntimeError, ESAM's and LookSAM's on its reuse steps a TypeError."""
+    RuntimeError, ESAM's and LookSAM's on its reuse steps a TypeError.  It
+    is both now (code written against 0.1.0 caught the RuntimeError)."""
     makers = {
         "SAM": lambda ps: SAM(ps, torch.optim.SGD, lr=LR),
         "GSAM": lambda ps: GSAM(ps, torch.optim.SGD, lr=LR),
@@ -333,14 +334,16 @@ def test_step_without_a_closure_is_a_type_error_on_every_step(name):
         "LookSAM": lambda ps: LookSAM(ps, torch.optim.SGD, k=2, lr=LR),
         "ESAM": lambda ps: ESAM(ps, torch.optim.SGD, beta=1.0, gamma=1.0, lr=LR),
         "BayesianSAM": lambda ps: BayesianSAM(ps, seed=0, **BSAM_KW),
+        "ConsistentSAM": lambda ps: ConsistentSAM(ps, torch.optim.SGD, lr=LR),
     }
     (x, y), = batches("mlp", 1)
     model = mlp()
     opt = makers[name](model.parameters())
     for _ in range(2):  # LookSAM: a full step, then a reuse step
         w = weights(model)
-        with pytest.raises(TypeError, match="closure"):
+        with pytest.raises(TypeError, match="closure") as raised:
             opt.step()
+        assert isinstance(raised.value, RuntimeError)
         assert_same(weights(model), w)
         if name == "ESAM":
             opt.step(lambda mask=None: F.cross_entropy(model(x), y, reduction="none"))

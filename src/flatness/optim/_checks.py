@@ -125,14 +125,23 @@ def check_directions(groups: Sequence[Any], directions: Sequence[Any]) -> None:
             raise RuntimeError(f"ascent_direction returned {n} tensors for {len(g.params)} parameters")
 
 
+class MissingClosureError(TypeError, RuntimeError):
+    """``step()`` of a sharpness-aware optimizer without a callable closure.
+
+    A ``TypeError`` (a missing argument), and a ``RuntimeError`` too: that
+    is what SAM's ``step()`` raised in 0.1.0, so code that catches it keeps
+    working.
+    """
+
+
 def check_closure(opt: Any, closure: Any) -> None:
-    """``opt.step(closure)`` needs a callable closure: a ``TypeError``
-    otherwise, as from the variants with their own ``step`` (ESAM,
-    ConsistentSAM, LookSAM's reuse steps) and ``torch.optim.LBFGS``."""
+    """``opt.step(closure)`` needs a callable closure:
+    :class:`MissingClosureError` otherwise, as from the variants with their
+    own ``step`` (ESAM, ConsistentSAM, LookSAM's reuse steps)."""
     if closure is None:
-        raise TypeError(
+        raise MissingClosureError(
             f"{type(opt).__name__}.step() needs a closure that computes the loss and calls "
             "backward(); without one, use first_step() ... backward ... second_step()"
         )
     if not callable(closure):
-        raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        raise MissingClosureError(f"closure must be callable, got {type(closure).__name__}")

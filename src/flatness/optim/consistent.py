@@ -37,6 +37,7 @@ from flatness import _distributed
 
 from . import _family as fam
 from ._base import AscentGroup, SharpnessAwareOptimizer
+from ._checks import MissingClosureError
 from ._functional import (
     asam_weights,
     consistent_direction,
@@ -350,7 +351,7 @@ class ConsistentSAM(SharpnessAwareOptimizer):
         Returns the closure's value at ``w``.
         """
         if closure is None or not callable(closure):
-            raise TypeError(
+            raise MissingClosureError(
                 f"{type(self).__name__}.step() needs a callable closure that computes the loss and "
                 "calls backward(); or use first_step() / middle_step() / second_step()"
             )

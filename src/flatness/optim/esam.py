@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 from . import _family as fam
 from ._base import AscentGroup, ScaledDirection, SharpnessAwareOptimizer
+from ._checks import MissingClosureError
 from ._family_functional import esam_select, esam_swp_mask
 from .sam import SAM
 
@@ -278,7 +279,7 @@ class ESAM(fam.SeededDraws, SAM):
         Returns the per-sample losses at ``w`` (detached).
         """
         if closure is None or not callable(closure):
-            raise TypeError(
+            raise MissingClosureError(
                 "ESAM.step() needs a callable closure(mask) returning per-sample losses; "
                 "or use first_step() / select() / second_step()"
             )

@@ -24,6 +24,7 @@ from flatness import _distributed
 
 from . import _family as fam
 from ._base import AscentGroup, ScaledDirection, global_norm
+from ._checks import MissingClosureError
 from ._family_functional import gsam_rho, looksam_gradient_, looksam_orthogonal_
 from ._functional import gsam_gradient_
 from .sam import SAM
@@ -414,7 +415,9 @@ class LookSAM(SAM):
         if self.is_full_step:
             return super().step(closure, scaler=scaler)
         if closure is None or not callable(closure):
-            raise TypeError(f"{type(self).__name__}.step() needs a callable closure (forward, backward, return loss)")
+            raise MissingClosureError(
+                f"{type(self).__name__}.step() needs a callable closure (forward, backward, return loss)"
+            )
         self.zero_grad()
         with torch.enable_grad():
             loss = closure()
