@@ -420,3 +420,34 @@ def test_dict_inputs_and_float32_members():
     got = dv.prediction_variance(models, loader)
     ref = np_variance(z.astype(np.float32).astype(np.float64), "probs", "mean")
     assert got == pytest.approx(ref, rel=1e-5)
+
+
+def test_label_free_metrics_ignore_the_targets_of_the_data():
+    """disagreement and prediction_variance do not use labels: placeholder
+    targets (-1 on unlabelled data) or regression targets were refused
+    ("targets must lie in [0, C)")."""
+    z, y = random_logits(m=3, ties=False)
+    models = as_models(z)
+    labelled = uneven_loader(y)
+    for placeholder in (torch.full((len(y),), -1), torch.randn(len(y), dtype=torch.float64)):
+        unlabelled = [(idx, placeholder[idx]) for idx, _ in labelled]
+        assert dv.disagreement(models, unlabelled) == dv.disagreement(models, labelled)
+        assert dv.prediction_variance(models, unlabelled) == dv.prediction_variance(models, labelled)
+        with pytest.raises((ValueError, TypeError), match="targets must"):
+            dv.disagreement_error_ratio(models, unlabelled)  # uses the labels
+
+
+def test_one_class_outputs_and_empty_temperature_fit_are_errors():
+    """One score per sample made every metric trivial (disagreement 0), and
+    fit_temperature on no samples returned an arbitrary temperature."""
+    z, y = random_logits(m=2, c=1)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        dv.disagreement(torch.tensor(z))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        dv.prediction_variance(as_models(z), uneven_loader(y))
+    with pytest.raises(ValueError, match="at least one sample and two classes"):
+        dv.fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="not finite"):
+        dv.fit_temperature(torch.tensor([[float("nan"), 0.0]]), torch.tensor([0]))
+    # -inf (a class of probability 0) is a valid log-probability
+    assert math.isfinite(dv.fit_temperature(torch.log(torch.tensor([[1.0, 0.0], [0.3, 0.7]])), torch.tensor([0, 1])))

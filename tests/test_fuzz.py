@@ -129,7 +129,8 @@ BAD_DATA = {
     "mismatched targets": ((_X, _Y[:3]), ValueError, r"leading dimension.*\[5\].*3 samples"),
     "0-d targets": ((_X, _Y[0]), ValueError, "batch dimension"),
     "a tensor": (_X, TypeError, "batch"),
-    "triples": ([(_X, _Y, _Y)], TypeError, "pair"),
+    "triples": ([(_X, _Y, _Y)], TypeError, r"pair.*length 3; drop the extra entries"),
+    "dicts": ([{"x": _X, "y": _Y}], TypeError, r"pair.*keys \['x', 'y'\]; make the dataset"),
 }
 
 

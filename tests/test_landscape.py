@@ -355,6 +355,29 @@ def test_bn_recompute_equals_recomputing_by_hand(momentum):
                 torch.zeros(8, dtype=DT), torch.zeros(3, 8, dtype=DT), torch.zeros(3, dtype=DT)]], bn="recompute")
 
 
+def test_data_read_more_than_once_refuses_an_iterator():
+    """bn='recompute' reads data (and bn_data) at every point, a barrier of
+    three or more models once per pair: an iterator was exhausted after the
+    first and the call failed with "data yielded no batches"."""
+    torch.manual_seed(0)
+    a, b, c = CNN().to(DT), CNN().to(DT), CNN().to(DT)
+    batches = _image_batches(2)
+    d = L.directions(a, "filter", k=1, seed=0)
+    snap = _snapshot(a)
+    with pytest.raises(TypeError, match="data must be .* re-iterable.*bn='recompute'"):
+        L.slice(a, iter(batches), d, grid=3, bn="recompute")
+    with pytest.raises(TypeError, match="bn_data must be .* re-iterable"):
+        L.interpolate(a, b, batches, 3, bn="recompute", bn_data=(x for x in batches))
+    with pytest.raises(TypeError, match="data must be .* re-iterable.*3 pairs"):
+        L.loss_barrier([a, b, c], iter(batches), 3)
+    _assert_same(a, snap)
+    # read once: an iterator is fine
+    one_pass = L.loss_barrier([a, b], iter(batches), 3)
+    assert one_pass.value == L.loss_barrier([a, b], batches, 3).value
+    keep = L.slice(a, iter(batches), d, grid=3)
+    assert torch.equal(keep.loss, L.slice(a, batches, d, grid=3).loss)
+
+
 def test_interpolation_moves_the_bn_buffers_with_the_weights():
     torch.manual_seed(0)
     a, b = CNN().to(DT), CNN().to(DT)

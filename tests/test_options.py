@@ -96,3 +96,18 @@ def test_sharpness_progress_bar_has_a_total(monkeypatch):
     flatness.sharpness(model, (x, y), kind="l2", rho=0.1, n_iters=1, progress=True)
     flatness.sharpness(model, iter(list(loader)), kind="l2", rho=0.1, n_iters=1, progress=True)
     assert totals == [3, 2, 1, None]
+
+
+@pytest.mark.parametrize(("kind", "options"), [
+    ("avg_l2", {"rho": 0.1, "n_samples": 2, "train": "False"}),
+    ("linf", {"rho": 0.1, "n_iters": 2, "train": 0}),
+    ("hessian_trace", {"train": "no"}),
+    ("l2", {"rho": 0.1, "n_iters": 2, "normalize_logits": "False"}),
+])
+def test_boolean_options_refuse_non_booleans(kind, options):
+    """``train="False"`` (a command-line string) counted as true: the
+    measurement ran in training mode without a word."""
+    model, batch = _setup()
+    name = "train" if "train" in options else "normalize_logits"
+    with pytest.raises(TypeError, match=rf"{name} must be True or False"):
+        flatness.sharpness(model, batch, kind=kind, **options)

@@ -8,6 +8,7 @@ import hypothesis.strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
+import zoo
 from hypothesis import given, settings
 from torch import nn
 
@@ -264,6 +265,41 @@ def test_params_selection_and_dataloader_batches():
     assert r.batch_sizes == [8, 8, 4]
     r2 = flatness.sharpness(model, loader, kind="linf", rho=0.01, n_iters=3, params=model[2])
     assert r2.settings["params"] == ["2.weight", "2.bias"]
+
+
+def test_params_tied_names_and_foreign_modules():
+    """A tied tensor is selected by any of its names (``state_dict`` lists
+    them all); a module of another model is refused, not skipped."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.out = nn.Linear(4, 7, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, tokens):
+            return self.out(self.emb(tokens).mean(dim=1))
+
+    torch.manual_seed(0)
+    tied = Tied().double()
+    tokens, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5,))
+    by_first = flatness.sharpness(tied, (tokens, y), kind="avg_l2", rho=0.01, n_samples=3, params=["emb.weight"])
+    by_second = flatness.sharpness(tied, (tokens, y), kind="avg_l2", rho=0.01, n_samples=3, params=["out.weight"])
+    assert by_second.settings["params"] == ["emb.weight"] and by_second.value == by_first.value
+    with pytest.raises(ValueError, match="did you mean 'emb.weight'"):
+        flatness.sharpness(tied, (tokens, y), kind="avg_l2", rho=0.01, params=["emb.weigth"])
+
+    model, other = mlp(6), mlp(7)
+    x, y = batch(6)
+    for params in ([other[0]], [model[0], other[2]]):
+        before = zoo.state(model)
+        with pytest.raises(ValueError, match="not parameters of model"):
+            flatness.sharpness(model, (x, y), kind="linf", rho=0.01, n_iters=2, params=params)
+        zoo.assert_same_state(before, zoo.state(model))
+    # a container built outside the model around its own modules is fine
+    r = flatness.sharpness(model, (x, y), kind="linf", rho=0.01, n_iters=2, params=nn.ModuleList([model[2]]))
+    assert r.settings["params"] == ["2.weight", "2.bias"]
 
 
 def test_normalize_logits_invariant_to_logit_scale():

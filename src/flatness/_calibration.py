@@ -13,7 +13,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from torch import Tensor, nn
 
-from flatness._checks import check_int
+from flatness._checks import check_int, require_finite
 from flatness._distributed import cat_over_ranks, sum_
 from flatness._ensemble import _check_targets, _Ensemble, _predictions
 from flatness._results import ResultMixin
@@ -50,6 +50,12 @@ def fit_temperature(log_probs: Tensor, targets: Tensor) -> float:
     logp = log_probs.detach().to(torch.float64)
     if logp.dim() != 2:
         raise ValueError(f"log_probs must have shape (samples, classes), got {tuple(logp.shape)}")
+    if logp.shape[0] == 0 or logp.shape[1] < 2:
+        # no samples: the NLL is an empty mean (NaN) and the search returned
+        # an arbitrary point; one class: every temperature gives NLL 0
+        raise ValueError(f"log_probs need at least one sample and two classes, got shape {tuple(logp.shape)}")
+    # -inf is a valid log-probability (a class of probability 0); NaN and +inf are not
+    require_finite(logp.clamp_min(torch.finfo(logp.dtype).min), "log_probs")
     targets = _check_targets(targets, logp.shape[0], logp.shape[1]).to(logp.device)
 
     def objective(log_t: float) -> float:

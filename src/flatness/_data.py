@@ -60,6 +60,17 @@ def _leading_sizes(obj: Any) -> list[int]:
     return []
 
 
+def _batch_hint(batch: Any) -> str:
+    """How to turn a common batch layout that is not a pair into one."""
+    if isinstance(batch, Mapping):
+        return (f" with keys {list(batch)[:5]}; make the dataset (or a collate_fn) return "
+                "(inputs, targets), e.g. (b['x'], b['y']) (a dict of tensors is fine as inputs)")
+    if isinstance(batch, (tuple, list)) and len(batch) > 2:
+        return ("; drop the extra entries (indices, weights ...), e.g. with a collate_fn or "
+                "[(x, y) for x, y, *_ in loader]; several model inputs go in one tuple: ((x1, x2), y)")
+    return ""
+
+
 def iter_batches(
     data: Any,
     *,
@@ -94,6 +105,7 @@ def iter_batches(
                 "each batch must be a pair (inputs, targets) with targets a tensor, "
                 f"got {type(batch).__name__}"
                 + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                + _batch_hint(batch)
             )
         inputs, targets = batch
         n = batch_size(targets)

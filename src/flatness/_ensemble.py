@@ -53,6 +53,16 @@ def _check_targets(targets: Tensor, n: int, n_classes: int) -> Tensor:
     return targets.long()
 
 
+def _check_classes(c: int) -> None:
+    # One score per sample: the argmax is always class 0 and the softmax
+    # always 1, so every metric would come out trivially (no disagreement).
+    if c < 2:
+        raise ValueError(
+            f"members must return scores of at least 2 classes, got {c}; for a binary classifier "
+            "with one logit z, return torch.cat([torch.zeros_like(z), z], dim=-1)"
+        )
+
+
 def _member_devices(members: Sequence[nn.Module]) -> list[tuple[torch.device, torch.dtype]]:
     out = []
     for i, m in enumerate(members):
@@ -70,7 +80,8 @@ class _Ensemble:
 
     :meth:`chunks` yields ``(raw, log_probs, targets)`` with ``raw`` and
     ``log_probs`` of shape ``(members, b, classes)`` in float64 and
-    ``targets`` of shape ``(b,)`` (or ``None`` when none were given).
+    ``targets`` of shape ``(b,)`` (``None`` when none were given, and for
+    models with data when the metric needs none).
     """
 
     def __init__(
@@ -86,6 +97,7 @@ class _Ensemble:
     ) -> None:
         _check_outputs_kind(outputs)
         self.outputs = outputs
+        self.need_targets = need_targets
         if isinstance(members, Tensor):
             if data is not None:
                 raise TypeError(
@@ -100,6 +112,7 @@ class _Ensemble:
             m, n, c = members.shape
             if n == 0 or c == 0:
                 raise ValueError(f"outputs have no samples or no classes: shape {(m, n, c)}")
+            _check_classes(c)
             self.tensor: Tensor | None = members.detach().to(torch.float64)
             require_finite(self.tensor, "the precomputed outputs")
             self.n_members = m
@@ -156,8 +169,12 @@ class _Ensemble:
                         f"members return different output shapes {sorted({tuple(r.shape) for r in rows})}"
                     )
                 raw = torch.stack(rows)
+                _check_classes(raw.shape[2])
                 require_finite(raw, "a member's outputs")
-                t = _check_targets(targets, raw.shape[1], raw.shape[2])
+                # Labels only where the metric uses them: disagreement and the
+                # prediction variance also run on unlabelled data (placeholder
+                # targets such as -1, or regression targets).
+                t = _check_targets(targets, raw.shape[1], raw.shape[2]) if self.need_targets else None
                 yield raw, _log_probs(raw, self.outputs), t
 
 

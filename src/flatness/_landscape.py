@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -499,6 +499,20 @@ def check_common(model: Any, loss_fn: Any, metrics: Any, bn: str, engine: str, s
     return loss_fn, dict(metrics)
 
 
+def check_reiterable(data: Any, name: str, why: str) -> None:
+    """Refuse an iterator or generator where ``data`` is read more than once:
+    after the first pass it yields nothing, and the second pass would fail
+    with "data yielded no batches", which does not say why."""
+    # No iter(data) to find out: on a shuffling DataLoader it would draw from
+    # the global RNG.
+    if isinstance(data, Iterator):
+        raise TypeError(
+            f"{name} must be one batch or a re-iterable collection of batches (a list or a "
+            f"DataLoader), not an iterator or generator: {why}, and an iterator is exhausted "
+            "after one pass"
+        )
+
+
 def evaluate(
     ev: Evaluator, data: Any, points: list[list[float]], *, device: torch.device, dtype: torch.dtype,
     n_batches: int | None, bn: str, bn_data: Any, bn_batches: int | None, engine: str,
@@ -506,6 +520,9 @@ def evaluate(
 ) -> tuple[Tensor, dict[str, Any]]:
     """Scores of every point: ``(n_points, 2 + n_metrics)`` float64 means
     (loss, accuracy, metrics...), and the engine settings."""
+    if bn == "recompute":  # every point re-estimates the statistics, then evaluates
+        for name, source in (("data", data), ("bn_data", bn_data)):
+            check_reiterable(source, name, "bn='recompute' passes over it once at every point")
     distributed = _distributed.enabled()
     world, rank = _distributed.world_size(), _distributed.rank()
     mine = [i for i in range(len(points)) if split == "data" or i % world == rank]

@@ -4,6 +4,7 @@ inside a data-parallel wrapper (:func:`unwrap`)."""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,7 +106,9 @@ def select_params(model: nn.Module, params: Iterable[Any] | None = None, *, shar
             "run one forward pass on a batch first, which gives them their shapes and values"
         )
     by_id = {id(p): n for n, p in named}
-    by_name = dict(named)
+    # Every name of a tied tensor resolves (named_parameters() lists it once,
+    # under its first name; state_dict() and the user's code use the others too).
+    by_name = dict(module.named_parameters(remove_duplicate=False))
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
         if not chosen:
@@ -120,9 +123,20 @@ def select_params(model: nn.Module, params: Iterable[Any] | None = None, *, shar
         for item in params:
             if isinstance(item, str):
                 if item not in by_name:
-                    raise ValueError(f"unknown parameter name {item!r}")
+                    close = difflib.get_close_matches(item, list(by_name), n=3)
+                    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                    raise ValueError(f"unknown parameter name {item!r}{hint}")
                 wanted[id(by_name[item])] = None
             elif isinstance(item, nn.Module):
+                # A module of another model: its parameters would otherwise be
+                # skipped in silence (a module that only groups the model's own
+                # parameters, such as a ModuleList built outside it, is fine).
+                foreign = [n for n, p in item.named_parameters() if id(p) not in by_id]
+                if foreign:
+                    raise ValueError(
+                        f"params= contains a {type(item).__name__} whose parameters {foreign[:3]} are "
+                        "not parameters of model; pass model's own submodules, parameters or names"
+                    )
                 for p in item.parameters():
                     if p.requires_grad:
                         wanted[id(p)] = None

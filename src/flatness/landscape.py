@@ -36,6 +36,7 @@ from ._landscape import (
     barrier_height,
     bn_layers,
     check_common,
+    check_reiterable,
     evaluate,
     grid_coords,
     matching_params,
@@ -704,6 +705,8 @@ def loss_barrier(
     models : sequence of nn.Module
         Two or more models of the same architecture (none is modified).
     data : batch or iterable of batches
+        Re-iterable (a list or a ``DataLoader``) for three or more models:
+        each pair reads it again.
     n_points : int
         Points on each line, end points included.
     kind : {"entezari", "frankle"}
@@ -730,6 +733,8 @@ def loss_barrier(
     if "t" in options or "barrier" in options:
         raise TypeError("loss_barrier takes n_points= and kind=, not t= or barrier=")
     m = len(models)
+    if m > 2:
+        check_reiterable(data, "data", f"each of the {m * (m - 1) // 2} pairs of models reads it again")
     matrix = torch.zeros(m, m, dtype=torch.float64)
     curves: dict[str, list[float]] = {}
     ts: list[float] = []

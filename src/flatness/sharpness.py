@@ -25,7 +25,7 @@ from ._apgd_reference import (
     reference_normalize_logits,
     reference_worst_case,
 )
-from ._checks import NonFiniteLossError, check_int, check_rho, maybe_progress
+from ._checks import NonFiniteLossError, check_bool, check_int, check_rho, maybe_progress
 from ._data import _is_batch, batch_size, iter_batches, split_batch
 from ._functional import (
     LossFn,
@@ -355,6 +355,7 @@ def _perturbation_sharpness(
     check_int("n_samples", n_samples, 1)
     check_int("m", m, 1, allow_none=True)
     check_int("restarts", restarts, 0)
+    normalize_logits = check_bool("normalize_logits", normalize_logits)
     worst = kind in WORST_CASE
     norm, adaptive = (WORST_CASE if worst else AVERAGE_CASE)[kind]
     reference = _check_algorithm(algorithm, worst, train)
@@ -718,5 +719,6 @@ def sharpness(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return KINDS[kind](
         model, data, rho=rho, loss_fn=loss_fn, params=params, seed=seed,
-        n_batches=n_batches, progress=progress, train=bool(train), **options,
+        # (a string such as "False" from a command line would count as true)
+        n_batches=n_batches, progress=progress, train=check_bool("train", train), **options,
     )
