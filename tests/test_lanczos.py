@@ -367,3 +367,24 @@ def test_lanczos_matmat_returning_its_argument(store_basis):
         assert r.converged
         if store_basis:  # the Ritz vector comes from the stored basis
             assert r.eigenvectors[:, 0].norm().item() == pytest.approx(1.0, rel=1e-12)
+
+
+def test_recurrence_merges_copies_at_the_products_precision():
+    # float64 vectors through a float32 operator (a float32 model's HVPs):
+    # the copies that loss of orthogonality makes of a converged eigenvalue
+    # agree only to float32's rounding.  Merged at float64's resolution they
+    # were reported as distinct eigenvalues (3 seeds of these 20 did);
+    # product_dtype merges them at the products' own resolution.
+    gen = torch.Generator().manual_seed(0)
+    n = 60
+    U, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))
+    top = torch.tensor([10.0, 9.0, 8.0], dtype=torch.float64)
+    A32 = ((U * torch.cat([top, torch.rand(n - 3, dtype=torch.float64, generator=gen)])) @ U.T).float()
+
+    def matmat(V):
+        return (A32 @ V.float()).double()
+
+    for seed in range(20):
+        res = lanczos(matmat, n, 3, tol=1e-9, max_iter=150, generator=torch.Generator().manual_seed(seed),
+                      store_basis=False, product_dtype=torch.float32)
+        assert torch.allclose(res.eigenvalues, top, rtol=0, atol=1e-4), (seed, res.eigenvalues)

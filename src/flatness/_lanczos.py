@@ -202,6 +202,7 @@ def lanczos(
     basis_device: torch.device | str | None = None,
     store_basis: bool = True,
     matvec_update: Callable[[Tensor, Tensor, float], Tensor] | None = None,
+    product_dtype: torch.dtype | None = None,
 ) -> LanczosResult:
     """Extreme eigenpairs of a symmetric operator by (block) Lanczos with full
     reorthogonalization.
@@ -261,6 +262,11 @@ def lanczos(
         order of the updates) and holds two vectors, not three, where the
         operator adds its product without forming it apart
         (:meth:`~flatness._hvp.CurvatureOperator.matvec_update`).
+    product_dtype : torch.dtype, optional
+        The dtype ``matmat`` computes in, when coarser than the vectors'
+        (a float32 model's products of float64 vectors), for
+        ``store_basis=False``: copies of one eigenvalue then agree only to
+        that dtype's rounding, and are merged at its resolution.
 
     Returns
     -------
@@ -294,7 +300,8 @@ def lanczos(
         # reference kept here would hold the start vector through every step
         start = [X[:, 0] if v0 is None else X[:, 0].clone()]
         del X
-        return _lanczos_recurrence(matmat, start, n, k, which, tol, max(1, max_iter), callback, matvec_update)
+        return _lanczos_recurrence(matmat, start, n, k, which, tol, max(1, max_iter), callback, matvec_update,
+                                   product_dtype)
     max_iter = max(1, min(max_iter, math.ceil(n / b)))
     basis = _Basis(n, b, max_iter, where, basis_dtype)
     basis.append(torch.linalg.qr(X)[0])
@@ -412,6 +419,7 @@ def _lanczos_recurrence(
     max_iter: int,
     callback: Callable[[int, Tensor], None] | None,
     matvec_update: Callable[[Tensor, Tensor, float], Tensor] | None = None,
+    product_dtype: torch.dtype | None = None,
 ) -> LanczosResult:
     """Single-vector Lanczos by the three-term recurrence, no stored basis.
 
@@ -427,7 +435,9 @@ def _lanczos_recurrence(
     """
     q = start.pop()
     q = q.div_(math.sqrt(_dot(q, q)))  # the caller's own copy: no second vector
-    eps = float(torch.finfo(q.dtype).eps)
+    # the working precision: the coarser of the vectors' and the products'
+    # (float64 vectors do not make a float32 model's products exact)
+    eps = max(float(torch.finfo(q.dtype).eps), float(torch.finfo(product_dtype or q.dtype).eps))
     q_prev: Tensor | None = None
     d: list[float] = []
     e: list[float] = []

@@ -448,6 +448,7 @@ def top_eigenvalues(
                 block_size=block_size, generator=gen, device=op.device,
                 basis_dtype=basis_dtype, basis_device=basis_device, store_basis=not low_memory,
                 matvec_update=op.matvec_update if low_memory and basis_device is None else None,
+                product_dtype=op.dtype if op.dtype.is_floating_point else None,
             )
     finally:
         if bar is not None:
