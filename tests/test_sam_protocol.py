@@ -483,8 +483,11 @@ def test_flatness_0_1_0_checkpoints_load_and_continue_alike():
     g = opt.param_groups[0]
     assert (g["sam_rho"], g["lr"], g["momentum"]) == (0.05, 0.1, 0.9) and "rho" not in g
     _fixture_train(opt, net)
+    # the file's next weights were computed on another machine: float64
+    # kernels may round differently (one ulp seen), so agreement to 1e-13
+    # is what "continues alike" can promise across machines
     for k, v in net.state_dict().items():
-        assert torch.equal(v, old["sam_weights_next"][k])
+        torch.testing.assert_close(v, old["sam_weights_next"][k], rtol=1e-13, atol=1e-15)
 
     net = _fixture_model()
     net.load_state_dict(old["consistent_weights"])
@@ -493,7 +496,7 @@ def test_flatness_0_1_0_checkpoints_load_and_continue_alike():
     assert opt.param_groups[0]["sam_alpha"] == 0.5 and "alpha" not in opt.param_groups[0]
     _fixture_train(opt, net)
     for k, v in net.state_dict().items():
-        assert torch.equal(v, old["consistent_weights_next"][k])
+        torch.testing.assert_close(v, old["consistent_weights_next"][k], rtol=1e-13, atol=1e-15)
     # and saved again in the current format
     assert opt.state_dict()["sharpness_aware"]["version"] == 2
 
