@@ -162,11 +162,30 @@ def _stream_moments(
                 engines[gi], grads, _ = per_sample_grads_choosing(model, sub, x, y, loss_fn)
             else:
                 grads, _ = per_sample_grads(model, sub, x, y, loss_fn, engine=engines[gi])
+            grads = _unshared(grads)
             for j, k in enumerate(group):
                 g, grads[j] = grads[j], None
                 moments.fold(k, g)
             del grads
         moments.advance(_batch_len(y))
+
+
+def _unshared(grads: list[Tensor]) -> list[Tensor]:
+    """``grads`` with every tensor that shares memory with an earlier one
+    copied.
+
+    :meth:`_Moments.fold` consumes each tensor in place, and ``vmap`` may
+    return one tensor for several parameters (two parameters added to the
+    same activation, ``x + p1 + p2``, get the very same per-sample
+    gradient): folding the first would change the others.
+    """
+    seen: set[int] = set()
+    out = []
+    for g in grads:
+        ptr = g.untyped_storage().data_ptr()
+        out.append(g.clone() if ptr in seen and g.numel() else g)
+        seen.add(ptr)
+    return out
 
 
 def _subset(params: ParamSet, indices: list[int]) -> ParamSet:
