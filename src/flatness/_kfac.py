@@ -309,7 +309,9 @@ def _input_sqnorm(layer: KFACLayer, a: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a).square()
 
 
-def trace_terms(layer: KFACLayer, a: Tensor, e: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+def trace_terms(
+    layer: KFACLayer, a: Tensor, e: Tensor, scale: float = 1.0, n_samples: int | None = None
+) -> tuple[Tensor, Tensor]:
     """``tr(A_b)`` and ``tr(G_b)`` of one batch.
 
     Parameters
@@ -322,27 +324,37 @@ def trace_terms(layer: KFACLayer, a: Tensor, e: Tensor, scale: float = 1.0) -> t
     scale : float
         Factor that turns ``e`` into gradients of the *sample losses* (the
         batch size when ``e`` comes from a batch-mean loss).
+    n_samples : int, optional
+        The number of samples in the batch (default: ``e.shape[0]``, right
+        for batch-first layouts only).  A layer applied to ``(T, B, d)``
+        (sequence first, as ``nn.LSTM`` and ``nn.MultiheadAttention``
+        without ``batch_first``) or to ``(B * T, d)`` (flattened positions)
+        sees ``B`` samples, not its leading dimension.
 
     Returns
     -------
     tr_a, tr_g : Tensor
         0-d tensors: ``mean_i (1/T) sum_t ||a_t||^2`` (with the appended 1
-        when the bias is selected) and ``mean_i sum_t ||scale e_t||^2``.
+        when the bias is selected; the mean over all rows of the input,
+        whatever its layout) and ``mean_i sum_t ||scale e_t||^2`` (the sum
+        over all rows divided by ``n_samples``).
     """
-    n = e.shape[0]
-    positions = _positions_count(layer, e)
+    rows = e.shape[0] * _positions_count(layer, e)
     tr_a = e.new_zeros(())
     if layer.weight is not None:
-        tr_a = _input_sqnorm(layer, a) / (n * positions)
+        tr_a = _input_sqnorm(layer, a) / rows
     if layer.bias is not None:
         tr_a = tr_a + 1
+    n = e.shape[0] if n_samples is None else n_samples
     tr_g = torch.linalg.vector_norm(e).square() * (scale * scale / n)
     return tr_a, tr_g
 
 
-def factors(layer: KFACLayer, a: Tensor, e: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """The Kronecker factors ``A_b`` and ``G_b`` of one batch (``a``, ``e``
-    and ``scale`` as in :func:`trace_terms`).
+def factors(
+    layer: KFACLayer, a: Tensor, e: Tensor, scale: float = 1.0, n_samples: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The Kronecker factors ``A_b`` and ``G_b`` of one batch (``a``, ``e``,
+    ``scale`` and ``n_samples`` as in :func:`trace_terms`).
 
     ``A_b`` is indexed by the input features of the weight as it is
     flattened (``in_features``, or ``in_channels * kh * kw`` for a
@@ -352,16 +364,17 @@ def factors(layer: KFACLayer, a: Tensor, e: Tensor, scale: float = 1.0) -> tuple
     moment of ``vec(dW_i)`` stacked over ``[weight | bias]`` columns, i.e. of
     ``concat([dW_i, db_i[:, None]], 1).T.flatten()``.
     """
-    n = e.shape[0]
     x, g, positions = _positions(layer, a, e)
+    rows = e.shape[0] * positions
     cols = []
     if layer.weight is not None:
         cols.append(x)
     if layer.bias is not None:
         cols.append(x.new_ones(*x.shape[:2], 1))
-    x = torch.cat(cols, dim=2).reshape(n * positions, -1)
-    g = g.reshape(n * positions, -1)
-    return x.T @ x / (n * positions), g.T @ g * (scale * scale / n)
+    x = torch.cat(cols, dim=2).reshape(rows, -1)
+    g = g.reshape(rows, -1)
+    n = e.shape[0] if n_samples is None else n_samples
+    return x.T @ x / rows, g.T @ g * (scale * scale / n)
 
 
 def _factor_dims(layer: KFACLayer) -> tuple[int, int]:

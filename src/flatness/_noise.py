@@ -438,7 +438,10 @@ def kfac_variance(
     where ``t`` runs over the ``T`` positions the layer is applied at
     (spatial locations of a convolution, whose inputs are the unfolded
     patches, per Grosse and Martens 2016; sequence positions of a Linear
-    layer on 3-d inputs; ``T = 1`` otherwise), ``a~`` has a 1 appended when
+    layer on 3-d inputs, batch first or sequence first, or on positions
+    flattened into rows; ``T = 1`` otherwise), ``|B|`` is the number of
+    samples (the length of the batch's targets, not the layer's leading
+    dimension), ``a~`` has a 1 appended when
     the bias is selected, and ``g_bar`` is the exact mean gradient.  The
     factors are taken per batch (as in the paper's code, which keeps running
     averages of per-batch factors), so a batch of one sample makes a
@@ -678,10 +681,11 @@ def _kfac_batch(
             continue  # the layer did not take part in this loss: zero gradient
         entry = calls[0]
         a, e = entry
-        tr_a, tr_g = trace_terms(layer, a, e)
+        # nb samples, whatever the layer's layout (sequence first, flattened)
+        tr_a, tr_g = trace_terms(layer, a, e, n_samples=nb)
         second[layer.name] += (tr_a * tr_g).double() * nb
         if fac_sum is not None:
-            fa, fg = kronecker_factors(layer, a, e)
+            fa, fg = kronecker_factors(layer, a, e, n_samples=nb)
             if layer.name in fac_sum:
                 fac_sum[layer.name][0] += fa * nb
                 fac_sum[layer.name][1] += fg * nb
