@@ -244,6 +244,8 @@ def test_frozen_params_selected_explicitly():
     [
         (dict(fallback="nope"), ValueError, "fallback"),
         (dict(batch_size=0), ValueError, "batch_size"),
+        # more than the 4 samples of the data: was taken as 4 (noise 0) in silence
+        (dict(batch_size=5), ValueError, "batch_size=5 exceeds the 4 samples"),
         (dict(chunk_size=0), ValueError, "chunk_size"),
         (dict(loss_fn=3), TypeError, "loss_fn"),
         (dict(n_batches=0), ValueError, "n_batches"),

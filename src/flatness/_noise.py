@@ -273,7 +273,12 @@ def _finish(
     b: int | None,
     **extra: Any,
 ) -> VarianceResult:
-    b = min(b if b is not None else n, n)
+    b = b if b is not None else n
+    if b > n:
+        raise ValueError(
+            f"batch_size={b} exceeds the {n} samples of data: the noise of a mini-batch of "
+            "batch_size samples drawn from the data needs batch_size <= the number of samples"
+        )
     a = noise_factor(n, b)
     total = sum(per_layer.values())
     require_finite(total + second + mean_sq, "the gradient variance")
@@ -326,6 +331,7 @@ def gradient_variance(
     batch_size : int, optional
         The training mini-batch size ``b`` for ``noise``; default: the size
         of the first batch of ``data`` (so one batch gives ``noise = 0``).
+        At most the number of samples in ``data`` (``ValueError`` otherwise).
     chunk_size : int or None
         Samples differentiated at once (``None``: a whole batch).
     memory_limit : int or None
@@ -496,8 +502,8 @@ def kfac_variance(
     ------
     ValueError
         Unknown ``fallback``; a factored module called twice in a forward
-        pass after the first batch (which decides the plan); and the
-        conventions' input errors.
+        pass after the first batch (which decides the plan); ``batch_size``
+        above the number of samples; and the conventions' input errors.
     """
     start = time.perf_counter()
     loss_fn = _check_common(model, loss_fn)
