@@ -324,6 +324,10 @@ def test_update_moments_bad_input():
         nu.update_moments([1], a)
     same = nu.update_moments(a, {k: v + 1 for k, v in a.items()})
     assert math.isnan(same.skewness) and same.std == 0
+    # relative="False" (a string from a command line) counted as true
+    for bad in ("False", 1, None):
+        with pytest.raises(TypeError, match="relative must be True or False"):
+            nu.update_moments(a, a, relative=bad)
 
 
 def test_class_loss_imbalance_matches_manual():

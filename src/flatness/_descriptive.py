@@ -242,12 +242,13 @@ def update_moments(before: Any, after: Any, *, relative: bool = False) -> Update
         then count as parameters.
     relative : bool
         Divide by the layer's norm before the update (``inf`` for a zero
-        layer).
+        layer).  Only ``True`` or ``False`` (``TypeError`` otherwise).
 
     Returns
     -------
     UpdateMomentsResult
     """
+    check_bool("relative", relative)
     w0, w1 = _as_tensors(before, "before"), _as_tensors(after, "after")
     if w0.keys() != w1.keys():
         raise ValueError(
@@ -279,7 +280,7 @@ def update_moments(before: Any, after: Any, *, relative: bool = False) -> Update
         skew, kurt = float(z.pow(3).mean()), float(z.pow(4).mean()) - 3.0
     else:
         skew = kurt = math.nan
-    return UpdateMomentsResult(skew, kurt, mu, sigma, mags, bool(relative))
+    return UpdateMomentsResult(skew, kurt, mu, sigma, mags, relative)
 
 
 @dataclass
