@@ -291,6 +291,36 @@ def test_channel_gradient_norms_matches_manual():
     assert r.norms["4"] == pytest.approx(lin.tolist(), rel=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_empty_parameters_have_no_channels():
+    # A parameter with no elements has no channels; with only such
+    # parameters selected torch.cat failed on the empty list of norms.
+    class WithEmpty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.e = nn.Parameter(torch.zeros(0, 3))
+            self.z = nn.Linear(0, 4)  # weight (4, 0): no elements; bias (4,)
+
+        def forward(self, x):
+            return self.a(x) + self.e.sum() + self.z(x[:, :0])
+
+    torch.manual_seed(0)
+    model = WithEmpty().double()
+    x, y = _data(6, (3,), 4)
+    state = _state(model)
+    for params in ([model.e], [model.e, model.z.weight]):
+        r = nu.channel_gradient_norms(model, (x, y), params=params)
+        assert (r.n_channels, r.per_layer, r.norms, r.mean, r.variance) == (0, {}, {}, 0.0, 0.0)
+        assert math.isnan(r.cv)
+        json.loads(r.to_json())
+        assert nu.gradient_variance(model, (x, y), params=params).total == 0
+        assert nu.kfac_variance(model, (x, y), params=params).total == 0
+    full = nu.channel_gradient_norms(model, (x, y))
+    assert set(full.norms) == {"a", "z"} and full.n_channels == 8
+    _assert_same(model, state)
+
+
 def test_update_moments_matches_scipy():
     stats = pytest.importorskip("scipy.stats")
     torch.manual_seed(3)

@@ -58,10 +58,13 @@ def _mean_gradient(
 
 
 def _spread(values: Tensor) -> tuple[float, float, float]:
-    """Mean, population variance and coefficient of variation."""
+    """Mean, population variance and coefficient of variation (``0, 0,
+    NaN`` for no values)."""
+    if values.numel() == 0:
+        return 0.0, 0.0, math.nan
     v = values.double()
     mean = float(v.mean())
-    var = float(v.var(unbiased=False)) if v.numel() > 0 else 0.0
+    var = float(v.var(unbiased=False))
     cv = math.sqrt(var) / mean if mean > 0 else math.nan
     return mean, var, cv
 
@@ -126,7 +129,10 @@ def channel_gradient_norms(
     ``CV = sqrt(Var_c nu_c) / mean_c nu_c``, pooled over all channels and per
     layer.  A layer whose parameters disagree on their first dimension
     contributes each parameter as its own layer (``"<layer>/<param>"``); a
-    0-d parameter is one channel.
+    0-d parameter is one channel, a parameter with no elements has none
+    (with only such parameters selected, the result has no channels:
+    ``n_channels = 0``, empty ``per_layer`` and ``norms``, ``mean`` and
+    ``variance`` 0, ``cv`` NaN).
 
     Parameters are as in :func:`gradient_variance`.
 
@@ -156,7 +162,8 @@ def channel_gradient_norms(
     for layer, v in norms.items():
         mean, var, cv = _spread(v)
         per_layer[layer] = {"mean": mean, "variance": var, "cv": cv, "n_channels": v.numel()}
-    pooled = torch.cat(list(norms.values()))
+    # no channels at all when every selected parameter is empty
+    pooled = torch.cat(list(norms.values())) if norms else torch.zeros(0, dtype=torch.float64)
     mean, var, cv = _spread(pooled)
     return ChannelNormResult(
         variance=var, cv=cv, mean=mean, n_channels=pooled.numel(), per_layer=per_layer,
