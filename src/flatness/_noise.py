@@ -466,7 +466,9 @@ def kfac_variance(
         convolutions, parameters shared between modules, and layers whose
         weights are used where their hooks cannot see it: the projections
         of ``nn.MultiheadAttention``, ``F.linear(x, layer.weight)``, a module
-        called twice, found in the first batch's pass and listed in
+        called twice, found in the first batch's pass - on every rank's
+        first batch inside a ``torch.distributed`` process group, and then
+        treated alike on all ranks - and listed in
         ``settings["hidden_from_hooks"]``): ``"exact"``
         computes their part with per-sample gradients (:func:`gradient_variance`'s
         method, listed in ``exact_layers``); ``"skip"`` leaves them out and
@@ -524,7 +526,8 @@ def kfac_variance(
         second = {layer.name: torch.zeros((), dtype=torch.float64, device=ps.device) for layer in layers}
         # sum over batches of |B| * batch gradient; None until a gradient arrives
         grad_sum = [None] * len(factored)
-        moments = _Moments(len(rest))
+        # nothing is computed exactly with fallback="skip" (and nothing pooled)
+        moments = _Moments(len(exact.params) if exact is not None else 0)
 
     exact: ParamSet | None = None
     factored: list[int] = []
@@ -551,11 +554,19 @@ def kfac_variance(
             if layers:
                 found = _kfac_batch(model, ps, layers, factored, inputs, targets, loss_fn, nb,
                                     second, grad_sum, fac_sum if factors else None, check=checking)
+                if checking and _distributed.enabled():
+                    # Each rank's first batch judges its own data: a layer
+                    # found on any rank is treated alike on every rank (the
+                    # ranks then reduce the same running sums).
+                    found = {name: why for part in gather_objects(found) for name, why in part.items()}
                 if found:
                     # Layers whose weights are used where their hooks cannot
-                    # see it are treated exactly (nothing of theirs was
-                    # accumulated; the exact part of this batch comes next).
+                    # see it are treated exactly or skipped (what this batch
+                    # accumulated for them is dropped; the exact part of
+                    # this batch comes next).
                     blind = found
+                    for name in found:
+                        fac_sum.pop(name, None)
                     kept_grads, kept_second = dict(zip(factored, grad_sum)), second
                     rest = sorted(rest + [k for layer in layers if layer.name in blind for k in layer.indices])
                     layers = [layer for layer in layers if layer.name not in blind]
