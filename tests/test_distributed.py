@@ -242,6 +242,25 @@ def _hidden_model_and_shards(world: int) -> tuple[nn.Module, list[list]]:
     return model, shards
 
 
+class _CalledOnSomeData(nn.Module):
+    """``c`` is called only on batches whose last input column is negative
+    (on one rank's data only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.c = nn.Linear(3, 3)
+
+    def forward(self, x):
+        out = self.a(x[:, :3])
+        return out + self.c(x[:, :3]) if bool((x[:, 3] < 0).all()) else out
+
+
+def _called_model() -> nn.Module:
+    torch.manual_seed(1)
+    return _CalledOnSomeData().double()
+
+
 def _kfac_hidden_worker(rank: int, world: int, out_dir: str) -> None:
     model, shards = _hidden_model_and_shards(world)
     out = {}
@@ -249,6 +268,8 @@ def _kfac_hidden_worker(rank: int, world: int, out_dir: str) -> None:
         r = kfac_variance(model, shards[rank], fallback=fallback, factors=True)
         out[fallback] = (r.total, r.per_layer, r.unsupported, r.exact_layers, r.settings["kfac_layers"],
                          r.settings["hidden_from_hooks"], r.factors)
+    r = kfac_variance(_called_model(), shards[rank], factors=True)
+    out["called"] = (r.total, r.per_layer, r.factors)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -273,3 +294,7 @@ def test_kfac_layers_hidden_on_one_rank_are_treated_alike_on_every_rank(tmp_path
         _close(want.total, got[0], f"{fallback}.total")
         _close(want.per_layer, got[1], f"{fallback}.per_layer")
         _close(want.factors, got[6], f"{fallback}.factors")
+    # a layer that one rank's data never calls: zero factors there, not a
+    # missing entry ("ranks saw different factored layers")
+    want = kfac_variance(_called_model(), union, factors=True)
+    _close((want.total, want.per_layer, want.factors), ranks[0]["called"], "called")

@@ -434,3 +434,34 @@ def test_sample_count_is_the_batch_not_the_leading_dimension(layout):
     torch.testing.assert_close(r.factors["lin"][1], g_ref, rtol=1e-12, atol=1e-14)
     mean_sq = float(torch.autograd.grad(F.cross_entropy(model(z), y), model.lin.weight)[0].pow(2).sum())
     assert r.total == pytest.approx(float(a_ref.trace() * g_ref.trace()) - mean_sq, rel=1e-10)
+
+
+def test_selected_layers_without_gradient_report_zeros():
+    # A selected layer the forward pass never calls has zero gradient: zero
+    # variance and zero factors, reported like any other layer (its factors
+    # were missing from result.factors).
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.u = nn.Linear(3, 2)
+            self.c = nn.Conv2d(1, 2, 3)
+            self.p = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return self.a(x)
+
+    torch.manual_seed(0)
+    model = Unused()
+    x, y = _data(6, (3,), 4)
+    for params in (None, [model.u, model.c, model.p]):
+        r = nu.kfac_variance(model, [(x[:4], y[:4]), (x[4:], y[4:])], params=params, factors=True)
+        e = nu.gradient_variance(model, (x, y), params=params)
+        c = nu.channel_gradient_norms(model, (x, y), params=params)
+        for layer in ("u", "c", "p"):
+            assert r.per_layer[layer] == 0 and e.per_layer[layer] == 0, layer
+            assert c.per_layer[layer]["mean"] == 0, layer
+        assert set(r.factors) == ({"a", "u", "c"} if params is None else {"u", "c"})
+        assert [t.shape for t in r.factors["u"]] == [(4, 4), (2, 2)]
+        assert [t.shape for t in r.factors["c"]] == [(10, 10), (2, 2)]
+        assert all(not t.any() for t in (*r.factors["u"], *r.factors["c"]))

@@ -43,6 +43,7 @@ from flatness._params import ParamSet, select_params, unwrap
 __all__ = [
     "KFACLayer",
     "capture",
+    "factor_dims",
     "factors",
     "hidden_use",
     "plan",
@@ -377,7 +378,7 @@ def factors(
     return x.T @ x / rows, g.T @ g * (scale * scale / n)
 
 
-def _factor_dims(layer: KFACLayer) -> tuple[int, int]:
+def factor_dims(layer: KFACLayer) -> tuple[int, int]:
     """Sizes of ``A`` and ``G`` for a layer (see :func:`factors`)."""
     m = layer.module
     if isinstance(m, nn.Conv2d):
@@ -463,7 +464,7 @@ class RunningFactors:
         ps = self.params
         for layer in self.layers:
             calls = [c for c in store.get(layer.name, []) if len(c) == 2]
-            dims = _factor_dims(layer)
+            dims = factor_dims(layer)
             ref = ps.params[layer.indices[0]]
             fa = ref.new_zeros(dims[0], dims[0])
             fg = ref.new_zeros(dims[1], dims[1])

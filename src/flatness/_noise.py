@@ -20,7 +20,7 @@ from flatness._data import iter_batches, split_batch
 from flatness._distributed import gather_objects, merge_moments, sum_
 from flatness._functional import LossFn, default_loss, functional_loss, grad_enabled
 from flatness._guard import ModelGuard
-from flatness._kfac import KFACLayer, capture, hidden_use, plan, trace_terms
+from flatness._kfac import KFACLayer, capture, factor_dims, hidden_use, plan, trace_terms
 from flatness._kfac import factors as kronecker_factors
 from flatness._params import ParamSet, select_params
 from flatness._per_sample import check_chunk_size, per_sample_grads, per_sample_grads_choosing
@@ -476,7 +476,8 @@ def kfac_variance(
     factors : bool
         Also return the data-averaged factors ``A = sum_B |B| A_B / n`` and
         ``G = sum_B |B| G_B / n`` of every factored layer in
-        ``result.factors`` (costs a matrix product per layer and batch; see
+        ``result.factors`` (zeros for a layer no gradient reached; costs a
+        matrix product per layer and batch; see
         :func:`flatness._kfac.factors` for their index order).
     chunk_size, memory_limit : int or None
         Chunking of the exact fallback, as in :func:`gradient_variance`.
@@ -578,6 +579,10 @@ def kfac_variance(
                     plan_exact = _plan_chunks(exact, chunk_size, memory_limit)
                 _stream_moments(model, exact, inputs, targets, loss_fn, moments, *plan_exact, engines)
     grad_sum = [torch.zeros_like(ps.params[k]) if g is None else g for k, g in zip(factored, grad_sum)]
+    if factors:
+        # every factored layer, in the plan's order (the same on every rank);
+        # zeros for a layer no gradient reached (not called, or its output unused)
+        fac_sum = {layer.name: fac_sum.get(layer.name) or _zero_factors(layer, ps) for layer in layers}
     _reduce_kfac(second, grad_sum, fac_sum, moments)
     n = sum_(n)
     first = gather_objects(first)[0]
@@ -618,6 +623,12 @@ def kfac_variance(
     )
     result.wall_time = time.perf_counter() - start
     return result
+
+
+def _zero_factors(layer: KFACLayer, ps: ParamSet) -> list[Tensor]:
+    """Zero factors ``[A, G]`` of a layer no gradient reached."""
+    ref = ps.params[layer.indices[0]]
+    return [ref.new_zeros(d, d) for d in factor_dims(layer)]
 
 
 def _reduce_kfac(
