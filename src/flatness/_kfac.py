@@ -32,10 +32,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from flatness._distributed import sum_
 from flatness._params import ParamSet, select_params, unwrap
@@ -199,8 +201,21 @@ def _in_backward() -> bool:
     return current is not None and current() != -1
 
 
+def _leading_dim(obj: Any) -> int | None:
+    """The first dimension of the first tensor (of at least one dimension)
+    in ``obj``: the batch size of a model's inputs, batch first by the
+    library's convention."""
+    for leaf in tree_leaves(obj):
+        if isinstance(leaf, Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return None
+
+
 @contextmanager
-def capture(layers: list[KFACLayer]) -> Iterator[dict[str, list[list[Tensor]]]]:
+def capture(
+    layers: list[KFACLayer], *, root: nn.Module | None = None,
+    samples: dict[str, list[int | None]] | None = None,
+) -> Iterator[dict[str, list[list[Tensor]]]]:
     """Record each layer's inputs and output gradients.
 
     Yields a dict ``name -> [[input, output_grad], ...]``, one entry per
@@ -208,12 +223,24 @@ def capture(layers: list[KFACLayer]) -> Iterator[dict[str, list[list[Tensor]]]]:
     following ``backward`` / ``autograd.grad`` (an entry has no gradient if
     none reached the module's output).  The hooks are removed on exit, also
     after an exception.
+
+    With ``root`` (the model) and ``samples`` (a dict, filled in place),
+    each entry's number of samples is recorded too: ``samples[name][j]`` is
+    the leading dimension of the inputs of the model's call during which
+    entry ``j`` was recorded (``None`` for a call outside the model's).
+    A layer's own leading dimension is not the number of samples when it
+    runs sequence first or on flattened positions.
     """
     store: dict[str, list[list[Tensor]]] = {}
     # entries recorded by a forward pass without autograd, whose output
     # gradient a recomputation in the backward pass may still bring
     waiting: dict[str, list[list[Tensor]]] = {}
     handles = []
+    current: list[int | None] = [None]  # samples of the model's call in progress
+
+    def root_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not _in_backward():
+            current[0] = _leading_dim((args, kwargs))
 
     def make_hook(name: str):
         def hook(mod: nn.Module, args: tuple, output: Tensor) -> None:
@@ -229,6 +256,8 @@ def capture(layers: list[KFACLayer]) -> Iterator[dict[str, list[list[Tensor]]]]:
                 return
             entry = [args[0].detach()]
             store.setdefault(name, []).append(entry)
+            if samples is not None:
+                samples.setdefault(name, []).append(current[0])
             if output.requires_grad:
                 output.register_hook(lambda g: entry.append(g.detach()))
             elif not torch.is_grad_enabled():
@@ -237,6 +266,8 @@ def capture(layers: list[KFACLayer]) -> Iterator[dict[str, list[list[Tensor]]]]:
         return hook
 
     try:
+        if root is not None and samples is not None:
+            handles.append(unwrap(root).register_forward_pre_hook(root_hook, with_kwargs=True))
         for layer in layers:
             handles.append(layer.module.register_forward_hook(make_hook(layer.name)))
         yield store
@@ -429,6 +460,8 @@ class RunningFactors:
         state: dict[Tensor, dict],
     ) -> None:
         self.params = select_params(model, params)
+        #: The model, whose calls tell the number of samples (see :func:`capture`).
+        self.root = unwrap(model)
         self.layers, rest = plan(model, self.params)
         if not self.layers:
             raise ValueError(
@@ -448,7 +481,8 @@ class RunningFactors:
 
     @torch.no_grad()
     def update(
-        self, store: dict[str, list[list[Tensor]]], *, pool: bool = True, grad_scale: float = 1.0
+        self, store: dict[str, list[list[Tensor]]], *, pool: bool = True, grad_scale: float = 1.0,
+        samples: dict[str, list[int | None]] | None = None,
     ) -> None:
         """Fold the batch factors of a :func:`capture` into the running ones,
         as pending factors (see :meth:`commit`).
@@ -456,24 +490,29 @@ class RunningFactors:
         Every call of a module counts as one batch; its output gradients are
         multiplied by its batch size (the loss is a batch mean) and divided
         by ``grad_scale`` (the loss scale of a ``GradScaler``, so that ``G``
-        does not grow with the scale).  With
+        does not grow with the scale).  The batch size of a call is its
+        entry in ``samples`` (from :func:`capture` with ``root=self.root``),
+        else the leading dimension of the layer's output gradient (wrong for
+        a layer applied sequence first or to flattened positions).  With
         ``pool=True`` inside a ``torch.distributed`` process group the batch
         factors are the size-weighted average over all ranks (every rank
         must call this), so all replicas keep the same factors.
         """
         ps = self.params
         for layer in self.layers:
-            calls = [c for c in store.get(layer.name, []) if len(c) == 2]
+            entries = store.get(layer.name, [])
+            counts = (samples or {}).get(layer.name, [None] * len(entries))
+            calls = [(c, n) for c, n in zip(entries, counts, strict=True) if len(c) == 2]
             dims = factor_dims(layer)
             ref = ps.params[layer.indices[0]]
             fa = ref.new_zeros(dims[0], dims[0])
             fg = ref.new_zeros(dims[1], dims[1])
             total = 0
-            for a, e in calls:
-                n = e.shape[0]
+            for (a, e), n in calls:
+                n = e.shape[0] if n is None else n
                 # the scale goes into the scalar factor, applied after the
                 # product: no underflow of small (half-precision) gradients
-                ca, cg = factors(layer, a, e, n / grad_scale)
+                ca, cg = factors(layer, a, e, n / grad_scale, n_samples=n)
                 fa.add_(ca, alpha=n)
                 fg.add_(cg, alpha=n)
                 total += n
