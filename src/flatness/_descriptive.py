@@ -142,6 +142,7 @@ def channel_gradient_norms(
     """
     start = time.perf_counter()
     loss_fn = _check_common(model, loss_fn)
+    check_bool("progress", progress)
     ps = select_params(model, params)
     with ModelGuard(model, train=check_bool("train", train)), private_rng(seed, ps.device), \
             torch.inference_mode(False), torch.enable_grad():
@@ -354,6 +355,7 @@ def class_loss_imbalance(
     """
     start = time.perf_counter()
     loss_fn = _check_common(model, loss_fn)
+    check_bool("progress", progress)
     # Every parameter, trainable or not: they only fix the device and dtype.
     ps = select_params(model, [n for n, _ in unwrap(model).named_parameters()])
     sums: dict[int, float] = {}

@@ -374,6 +374,7 @@ def gradient_variance(
     check_int("batch_size", batch_size, allow_none=True)
     check_chunk_size(chunk_size)
     check_int("memory_limit", memory_limit, allow_none=True)
+    check_bool("progress", progress)
     ps = select_params(model, params)
     moments = _Moments(len(ps.params))
     chunk, groups = _plan_chunks(ps, chunk_size, memory_limit)
@@ -516,6 +517,7 @@ def kfac_variance(
     check_chunk_size(chunk_size)
     check_int("memory_limit", memory_limit, allow_none=True)
     check_bool("factors", factors)
+    check_bool("progress", progress)
     ps = select_params(model, params)
     layers, rest = plan(model, ps)
     blind: dict[str, str] = {}
