@@ -209,3 +209,92 @@ def test_every_measurement_over_ranks(tmp_path, world, one_thread):
         _close(gradient_variance(model, shards[r]).total, ranks[r]["local_gv"], "local_gv")
     assert ranks[1]["error"] == ("ArithmeticError", "injected on rank 1")
     assert ranks[0]["error"][0] == "RuntimeError" and "rank(s) [1]" in ranks[0]["error"][1]
+
+
+class _HiddenOnSomeData(nn.Module):
+    """``b``'s weight is also used functionally, but only on batches whose
+    last input column is positive: the first batch of one rank finds the
+    hidden use, another rank's does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 5)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x[:, :3]))
+        out = self.b(h)
+        if bool((x[:, 3] > 0).all()):
+            out = out + 0.5 * nn.functional.linear(h, self.b.weight)
+        return out
+
+
+def _hidden_model_and_shards(world: int) -> tuple[nn.Module, list[list]]:
+    torch.manual_seed(0)
+    model = _HiddenOnSomeData().double()
+    g = torch.Generator().manual_seed(5)
+    shards = []
+    for r in range(world):
+        x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        x[:, 3] = 1.0 if r == 0 else -1.0  # only rank 0 uses b's weight functionally
+        y = torch.randint(0, 3, (8,), generator=g)
+        shards.append([(x[:4], y[:4]), (x[4:], y[4:])])
+    return model, shards
+
+
+class _CalledOnSomeData(nn.Module):
+    """``c`` is called only on batches whose last input column is negative
+    (on one rank's data only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.c = nn.Linear(3, 3)
+
+    def forward(self, x):
+        out = self.a(x[:, :3])
+        return out + self.c(x[:, :3]) if bool((x[:, 3] < 0).all()) else out
+
+
+def _called_model() -> nn.Module:
+    torch.manual_seed(1)
+    return _CalledOnSomeData().double()
+
+
+def _kfac_hidden_worker(rank: int, world: int, out_dir: str) -> None:
+    model, shards = _hidden_model_and_shards(world)
+    out = {}
+    for fallback in ("skip", "exact"):
+        r = kfac_variance(model, shards[rank], fallback=fallback, factors=True)
+        out[fallback] = (r.total, r.per_layer, r.unsupported, r.exact_layers, r.settings["kfac_layers"],
+                         r.settings["hidden_from_hooks"], r.factors)
+    r = kfac_variance(_called_model(), shards[rank], factors=True)
+    out["called"] = (r.total, r.per_layer, r.factors)
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_kfac_layers_hidden_on_one_rank_are_treated_alike_on_every_rank(tmp_path, one_thread):
+    # The first batch of each rank decided which layers its hooks cannot
+    # see; where ranks disagreed, each reduced a different set of running
+    # sums (a failed or hung collective).  The first batches' findings are
+    # now pooled: every rank skips (or computes exactly) the same layers,
+    # as one process does on the union of the data.
+    world = 2
+    run_gloo(_kfac_hidden_worker, world, str(tmp_path), deadline=120, group_timeout=30)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    _identical(ranks[1], ranks[0], "rank1")
+    model, shards = _hidden_model_and_shards(world)
+    union = [b for s in shards for b in s]
+    for fallback in ("skip", "exact"):
+        want = kfac_variance(model, union, fallback=fallback, factors=True)
+        got = ranks[0][fallback]
+        assert got[5].keys() == {"b"} and got[4] == ["a"], fallback
+        assert got[2] == (["b.weight", "b.bias"] if fallback == "skip" else [])
+        assert got[3] == ([] if fallback == "skip" else ["b"])
+        _close(want.total, got[0], f"{fallback}.total")
+        _close(want.per_layer, got[1], f"{fallback}.per_layer")
+        _close(want.factors, got[6], f"{fallback}.factors")
+    # a layer that one rank's data never calls: zero factors there, not a
+    # missing entry ("ranks saw different factored layers")
+    want = kfac_variance(_called_model(), union, factors=True)
+    _close((want.total, want.per_layer, want.factors), ranks[0]["called"], "called")

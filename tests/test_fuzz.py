@@ -289,3 +289,36 @@ def test_non_contiguous_parameters():
     assert gradient_variance(nc, data).total == pytest.approx(per_sample_trace_cov(c, data), rel=1e-9)
     assert kfac_variance(nc, data).total == pytest.approx(gradient_variance(c, data).total, rel=1e-9)
     _unchanged(nc, before)  # still the same non-contiguous storage
+
+
+
+PROGRESS_FUNCTIONS = {
+    "sharpness": lambda m, d, **k: flatness.sharpness(m, d, kind="linf", rho=0.01, n_iters=1, **k),
+    "avg_sharpness": lambda m, d, **k: flatness.sharpness(m, d, kind="avg_l2", rho=0.01, n_samples=1, **k),
+    "sharpness_hessian_trace": lambda m, d, **k: flatness.sharpness(m, d, kind="hessian_trace", **k),
+    "top_eigenvalues": lambda m, d, **k: top_eigenvalues(m, d, max_iter=2, **k),
+    "trace": lambda m, d, **k: trace(m, d, n_samples=4, **k),
+    "spectral_density": lambda m, d, **k: spectral_density(m, d, n_steps=2, **k),
+    "minimum_sharpness": lambda m, d, **k: flatness.hessian.minimum_sharpness(m, d, **k),
+    "gradient_variance": lambda m, d, **k: gradient_variance(m, d, **k),
+    "kfac_variance": lambda m, d, **k: kfac_variance(m, d, **k),
+    "channel_gradient_norms": lambda m, d, **k: channel_gradient_norms(m, d, **k),
+    "class_loss_imbalance": lambda m, d, **k: class_loss_imbalance(m, d, **k),
+    "per_sample_sharpness": lambda m, d, **k: per_sample_sharpness(m, d, **k),
+    "landscape.slice": lambda m, d, **k: flatness.landscape.slice(
+        m, d, flatness.landscape.directions(m, k=1), grid=3, **k),
+    "landscape.interpolate": lambda m, d, **k: flatness.landscape.interpolate(m, _mlp(seed=1), d, n_points=3, **k),
+}
+
+
+@pytest.mark.parametrize("bad", ["False", 1, None])
+@pytest.mark.parametrize("name", list(PROGRESS_FUNCTIONS))
+def test_progress_must_be_a_bool(name, bad):
+    # progress="False" (a string from a command line) showed a bar, and
+    # progress=1 or None were taken for their truth, in silence.
+    model = cases.mlp(0, (3, 4, 3), act=nn.ReLU, dtype=torch.float64)  # ReLU: minimum sharpness
+    before = _state(model)
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        PROGRESS_FUNCTIONS[name](model, [(_X, _Y)], progress=bad)
+    _unchanged(model, before)
+    PROGRESS_FUNCTIONS[name](model, [(_X, _Y)], progress=False)

@@ -377,3 +377,91 @@ def test_float32_convolutions_are_not_mistaken_for_hidden_uses():
 
     torch.manual_seed(2)
     assert set(nu.kfac_variance(ConvReused(), data).settings["hidden_from_hooks"]) == {"c2"}
+
+
+class _Layouts(nn.Module):
+    """One Linear layer (no bias) over T positions of batch-first inputs
+    ``(B, T, D)``, applied in one of three layouts: batch first, sequence
+    first (``(T, B, D)``, as after ``nn.LSTM`` or ``nn.MultiheadAttention``
+    without ``batch_first``) or positions flattened into rows ``(B * T, D)``."""
+
+    def __init__(self, layout):
+        super().__init__()
+        self.layout = layout
+        self.lin = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        if self.layout == "batch-first":
+            h = self.lin(x)
+        elif self.layout == "sequence-first":
+            h = self.lin(x.transpose(0, 1)).transpose(0, 1)
+        else:
+            h = self.lin(x.reshape(b * t, d)).reshape(b, t, -1)
+        return torch.tanh(h).sum(1)
+
+
+LAYOUTS = ["batch-first", "sequence-first", "flattened"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sample_count_is_the_batch_not_the_leading_dimension(layout):
+    # G sums the output gradients over a sample's positions and averages
+    # over samples; the layer's leading dimension is the sequence (T) in a
+    # sequence-first layout and B * T when flattened, and dividing by it put
+    # G off by T / B.  Exact case: one sample per batch, and each sample's
+    # T = 4 inputs orthogonal with equal norms (one-hot at different
+    # coordinates), so ||sum_t e_t a_t^T||^2 = (1/T) sum_t ||a_t||^2 sum_t ||e_t||^2.
+    torch.manual_seed(0)
+    model = _Layouts(layout)
+    n = 5
+    gen = torch.Generator().manual_seed(1)
+    x = torch.eye(4).expand(n, 4, 4) * (torch.rand(n, 1, 1, generator=gen) + 0.5)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    exact = nu.gradient_variance(model, (x, y))
+    approx = nu.kfac_variance(model, _singletons(x, y))
+    assert approx.settings["kfac_layers"] == ["lin"]
+    assert approx.total == pytest.approx(exact.total, rel=1e-10)
+    # several samples per batch: the factors by hand, G = (1/B) sum_{i,t} e e^T
+    # with e the gradients of the sample losses (of their sum)
+    z = torch.randn(n, 6, 4, generator=gen)
+    r = nu.kfac_variance(model, (z, y), factors=True)
+    h = nn.functional.linear(z, model.lin.weight)
+    e = torch.autograd.grad(F.cross_entropy(torch.tanh(h).sum(1), y, reduction="sum"), h)[0]
+    a_ref = torch.einsum("nti,ntj->ij", z, z) / (n * 6)
+    g_ref = torch.einsum("nti,ntj->ij", e, e) / n
+    torch.testing.assert_close(r.factors["lin"][0], a_ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(r.factors["lin"][1], g_ref, rtol=1e-12, atol=1e-14)
+    mean_sq = float(torch.autograd.grad(F.cross_entropy(model(z), y), model.lin.weight)[0].pow(2).sum())
+    assert r.total == pytest.approx(float(a_ref.trace() * g_ref.trace()) - mean_sq, rel=1e-10)
+
+
+def test_selected_layers_without_gradient_report_zeros():
+    # A selected layer the forward pass never calls has zero gradient: zero
+    # variance and zero factors, reported like any other layer (its factors
+    # were missing from result.factors).
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.u = nn.Linear(3, 2)
+            self.c = nn.Conv2d(1, 2, 3)
+            self.p = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return self.a(x)
+
+    torch.manual_seed(0)
+    model = Unused()
+    x, y = _data(6, (3,), 4)
+    for params in (None, [model.u, model.c, model.p]):
+        r = nu.kfac_variance(model, [(x[:4], y[:4]), (x[4:], y[4:])], params=params, factors=True)
+        e = nu.gradient_variance(model, (x, y), params=params)
+        c = nu.channel_gradient_norms(model, (x, y), params=params)
+        for layer in ("u", "c", "p"):
+            assert r.per_layer[layer] == 0 and e.per_layer[layer] == 0, layer
+            assert c.per_layer[layer]["mean"] == 0, layer
+        assert set(r.factors) == ({"a", "u", "c"} if params is None else {"u", "c"})
+        assert [t.shape for t in r.factors["u"]] == [(4, 4), (2, 2)]
+        assert [t.shape for t in r.factors["c"]] == [(10, 10), (2, 2)]
+        assert all(not t.any() for t in (*r.factors["u"], *r.factors["c"]))

@@ -73,6 +73,71 @@ def test_gradient_variance_matches_autograd_loop(make, shape, classes):
     assert r2.total == pytest.approx(r.total, rel=1e-12)
 
 
+class _Offsets(nn.Module):
+    """Two learned offsets of a sample's shape, as a ViT's ``(1, T, D)``
+    position embedding: ``vmap`` gives both the very same per-sample
+    gradient tensor (one memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 3, 4))
+        self.seg = nn.Parameter(torch.randn(1, 3, 4))
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x + self.pos + self.seg).mean(1))
+
+
+class _TiedLM(nn.Module):
+    """An embedding tied to the output head (one tensor, two modules)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.mid = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 5)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(self.emb(x).mean(1))))
+
+
+@pytest.mark.parametrize("make", [_Offsets, _TiedLM], ids=["shared-grads", "tied"])
+def test_shared_gradient_tensors_and_tied_weights_match_vmap_reference(make):
+    # The running moments consume each per-sample gradient in place; where
+    # vmap returns one tensor for two parameters, folding the first changed
+    # the second (its mean came out centred: wrong mean and variance).
+    torch.manual_seed(0)
+    model = make().double()
+    n = 7
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(n, 3, 4, generator=g, dtype=torch.float64) if make is _Offsets
+         else torch.randint(0, 5, (n, 3), generator=g))
+    y = torch.randint(0, 5, (n,), generator=g)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def sample_loss(p, xi, yi):
+        return F.cross_entropy(torch.func.functional_call(model, p, (xi[None],)), yi[None])
+
+    grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+    ref: dict[str, float] = {}
+    mean_sq = 0.0
+    for name, gi in grads.items():
+        gi = gi.reshape(n, -1)
+        layer = name.rpartition(".")[0] or name
+        ref[layer] = ref.get(layer, 0.0) + float((gi - gi.mean(0)).pow(2).sum(1).mean())
+        mean_sq += float(gi.mean(0).pow(2).sum())
+    for chunk_size in (None, 1, 3):
+        r = nu.gradient_variance(model, (x, y), chunk_size=chunk_size)
+        assert r.per_layer == pytest.approx(ref, rel=1e-10), chunk_size
+        assert r.mean_grad_sqnorm == pytest.approx(mean_sq, rel=1e-10), chunk_size
+    # kfac_variance's exact part streams the same moments
+    k = nu.kfac_variance(model, (x, y), chunk_size=2)
+    for layer in k.exact_layers:
+        assert k.per_layer[layer] == pytest.approx(ref[layer], rel=1e-10), layer
+    assert k.mean_grad_sqnorm == pytest.approx(mean_sq, rel=1e-10)
+
+
 def test_noise_factor_is_the_without_replacement_minibatch_variance():
     # Var of the mean of b of n values drawn without replacement = a * population variance.
     vals = torch.tensor([0.3, -1.2, 2.0, 0.7, 5.1, -0.4], dtype=torch.float64)
@@ -179,6 +244,8 @@ def test_frozen_params_selected_explicitly():
     [
         (dict(fallback="nope"), ValueError, "fallback"),
         (dict(batch_size=0), ValueError, "batch_size"),
+        # more than the 4 samples of the data: was taken as 4 (noise 0) in silence
+        (dict(batch_size=5), ValueError, "batch_size=5 exceeds the 4 samples"),
         (dict(chunk_size=0), ValueError, "chunk_size"),
         (dict(loss_fn=3), TypeError, "loss_fn"),
         (dict(n_batches=0), ValueError, "n_batches"),
@@ -224,6 +291,36 @@ def test_channel_gradient_norms_matches_manual():
     assert r.norms["4"] == pytest.approx(lin.tolist(), rel=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_empty_parameters_have_no_channels():
+    # A parameter with no elements has no channels; with only such
+    # parameters selected torch.cat failed on the empty list of norms.
+    class WithEmpty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.e = nn.Parameter(torch.zeros(0, 3))
+            self.z = nn.Linear(0, 4)  # weight (4, 0): no elements; bias (4,)
+
+        def forward(self, x):
+            return self.a(x) + self.e.sum() + self.z(x[:, :0])
+
+    torch.manual_seed(0)
+    model = WithEmpty().double()
+    x, y = _data(6, (3,), 4)
+    state = _state(model)
+    for params in ([model.e], [model.e, model.z.weight]):
+        r = nu.channel_gradient_norms(model, (x, y), params=params)
+        assert (r.n_channels, r.per_layer, r.norms, r.mean, r.variance) == (0, {}, {}, 0.0, 0.0)
+        assert math.isnan(r.cv)
+        json.loads(r.to_json())
+        assert nu.gradient_variance(model, (x, y), params=params).total == 0
+        assert nu.kfac_variance(model, (x, y), params=params).total == 0
+    full = nu.channel_gradient_norms(model, (x, y))
+    assert set(full.norms) == {"a", "z"} and full.n_channels == 8
+    _assert_same(model, state)
+
+
 def test_update_moments_matches_scipy():
     stats = pytest.importorskip("scipy.stats")
     torch.manual_seed(3)
@@ -257,6 +354,10 @@ def test_update_moments_bad_input():
         nu.update_moments([1], a)
     same = nu.update_moments(a, {k: v + 1 for k, v in a.items()})
     assert math.isnan(same.skewness) and same.std == 0
+    # relative="False" (a string from a command line) counted as true
+    for bad in ("False", 1, None):
+        with pytest.raises(TypeError, match="relative must be True or False"):
+            nu.update_moments(a, a, relative=bad)
 
 
 def test_class_loss_imbalance_matches_manual():

@@ -58,10 +58,13 @@ def _mean_gradient(
 
 
 def _spread(values: Tensor) -> tuple[float, float, float]:
-    """Mean, population variance and coefficient of variation."""
+    """Mean, population variance and coefficient of variation (``0, 0,
+    NaN`` for no values)."""
+    if values.numel() == 0:
+        return 0.0, 0.0, math.nan
     v = values.double()
     mean = float(v.mean())
-    var = float(v.var(unbiased=False)) if v.numel() > 0 else 0.0
+    var = float(v.var(unbiased=False))
     cv = math.sqrt(var) / mean if mean > 0 else math.nan
     return mean, var, cv
 
@@ -126,7 +129,10 @@ def channel_gradient_norms(
     ``CV = sqrt(Var_c nu_c) / mean_c nu_c``, pooled over all channels and per
     layer.  A layer whose parameters disagree on their first dimension
     contributes each parameter as its own layer (``"<layer>/<param>"``); a
-    0-d parameter is one channel.
+    0-d parameter is one channel, a parameter with no elements has none
+    (with only such parameters selected, the result has no channels:
+    ``n_channels = 0``, empty ``per_layer`` and ``norms``, ``mean`` and
+    ``variance`` 0, ``cv`` NaN).
 
     Parameters are as in :func:`gradient_variance`.
 
@@ -136,6 +142,7 @@ def channel_gradient_norms(
     """
     start = time.perf_counter()
     loss_fn = _check_common(model, loss_fn)
+    check_bool("progress", progress)
     ps = select_params(model, params)
     with ModelGuard(model, train=check_bool("train", train)), private_rng(seed, ps.device), \
             torch.inference_mode(False), torch.enable_grad():
@@ -156,7 +163,8 @@ def channel_gradient_norms(
     for layer, v in norms.items():
         mean, var, cv = _spread(v)
         per_layer[layer] = {"mean": mean, "variance": var, "cv": cv, "n_channels": v.numel()}
-    pooled = torch.cat(list(norms.values()))
+    # no channels at all when every selected parameter is empty
+    pooled = torch.cat(list(norms.values())) if norms else torch.zeros(0, dtype=torch.float64)
     mean, var, cv = _spread(pooled)
     return ChannelNormResult(
         variance=var, cv=cv, mean=mean, n_channels=pooled.numel(), per_layer=per_layer,
@@ -242,12 +250,13 @@ def update_moments(before: Any, after: Any, *, relative: bool = False) -> Update
         then count as parameters.
     relative : bool
         Divide by the layer's norm before the update (``inf`` for a zero
-        layer).
+        layer).  Only ``True`` or ``False`` (``TypeError`` otherwise).
 
     Returns
     -------
     UpdateMomentsResult
     """
+    check_bool("relative", relative)
     w0, w1 = _as_tensors(before, "before"), _as_tensors(after, "after")
     if w0.keys() != w1.keys():
         raise ValueError(
@@ -279,7 +288,7 @@ def update_moments(before: Any, after: Any, *, relative: bool = False) -> Update
         skew, kurt = float(z.pow(3).mean()), float(z.pow(4).mean()) - 3.0
     else:
         skew = kurt = math.nan
-    return UpdateMomentsResult(skew, kurt, mu, sigma, mags, bool(relative))
+    return UpdateMomentsResult(skew, kurt, mu, sigma, mags, relative)
 
 
 @dataclass
@@ -346,6 +355,7 @@ def class_loss_imbalance(
     """
     start = time.perf_counter()
     loss_fn = _check_common(model, loss_fn)
+    check_bool("progress", progress)
     # Every parameter, trainable or not: they only fix the device and dtype.
     ps = select_params(model, [n for n, _ in unwrap(model).named_parameters()])
     sums: dict[int, float] = {}

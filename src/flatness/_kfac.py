@@ -32,10 +32,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from flatness._distributed import sum_
 from flatness._params import ParamSet, select_params, unwrap
@@ -43,6 +45,7 @@ from flatness._params import ParamSet, select_params, unwrap
 __all__ = [
     "KFACLayer",
     "capture",
+    "factor_dims",
     "factors",
     "hidden_use",
     "plan",
@@ -198,8 +201,21 @@ def _in_backward() -> bool:
     return current is not None and current() != -1
 
 
+def _leading_dim(obj: Any) -> int | None:
+    """The first dimension of the first tensor (of at least one dimension)
+    in ``obj``: the batch size of a model's inputs, batch first by the
+    library's convention."""
+    for leaf in tree_leaves(obj):
+        if isinstance(leaf, Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return None
+
+
 @contextmanager
-def capture(layers: list[KFACLayer]) -> Iterator[dict[str, list[list[Tensor]]]]:
+def capture(
+    layers: list[KFACLayer], *, root: nn.Module | None = None,
+    samples: dict[str, list[int | None]] | None = None,
+) -> Iterator[dict[str, list[list[Tensor]]]]:
     """Record each layer's inputs and output gradients.
 
     Yields a dict ``name -> [[input, output_grad], ...]``, one entry per
@@ -207,12 +223,24 @@ def capture(layers: list[KFACLayer]) -> Iterator[dict[str, list[list[Tensor]]]]:
     following ``backward`` / ``autograd.grad`` (an entry has no gradient if
     none reached the module's output).  The hooks are removed on exit, also
     after an exception.
+
+    With ``root`` (the model) and ``samples`` (a dict, filled in place),
+    each entry's number of samples is recorded too: ``samples[name][j]`` is
+    the leading dimension of the inputs of the model's call during which
+    entry ``j`` was recorded (``None`` for a call outside the model's).
+    A layer's own leading dimension is not the number of samples when it
+    runs sequence first or on flattened positions.
     """
     store: dict[str, list[list[Tensor]]] = {}
     # entries recorded by a forward pass without autograd, whose output
     # gradient a recomputation in the backward pass may still bring
     waiting: dict[str, list[list[Tensor]]] = {}
     handles = []
+    current: list[int | None] = [None]  # samples of the model's call in progress
+
+    def root_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not _in_backward():
+            current[0] = _leading_dim((args, kwargs))
 
     def make_hook(name: str):
         def hook(mod: nn.Module, args: tuple, output: Tensor) -> None:
@@ -228,6 +256,8 @@ def capture(layers: list[KFACLayer]) -> Iterator[dict[str, list[list[Tensor]]]]:
                 return
             entry = [args[0].detach()]
             store.setdefault(name, []).append(entry)
+            if samples is not None:
+                samples.setdefault(name, []).append(current[0])
             if output.requires_grad:
                 output.register_hook(lambda g: entry.append(g.detach()))
             elif not torch.is_grad_enabled():
@@ -236,6 +266,8 @@ def capture(layers: list[KFACLayer]) -> Iterator[dict[str, list[list[Tensor]]]]:
         return hook
 
     try:
+        if root is not None and samples is not None:
+            handles.append(unwrap(root).register_forward_pre_hook(root_hook, with_kwargs=True))
         for layer in layers:
             handles.append(layer.module.register_forward_hook(make_hook(layer.name)))
         yield store
@@ -309,7 +341,9 @@ def _input_sqnorm(layer: KFACLayer, a: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a).square()
 
 
-def trace_terms(layer: KFACLayer, a: Tensor, e: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+def trace_terms(
+    layer: KFACLayer, a: Tensor, e: Tensor, scale: float = 1.0, n_samples: int | None = None
+) -> tuple[Tensor, Tensor]:
     """``tr(A_b)`` and ``tr(G_b)`` of one batch.
 
     Parameters
@@ -322,27 +356,37 @@ def trace_terms(layer: KFACLayer, a: Tensor, e: Tensor, scale: float = 1.0) -> t
     scale : float
         Factor that turns ``e`` into gradients of the *sample losses* (the
         batch size when ``e`` comes from a batch-mean loss).
+    n_samples : int, optional
+        The number of samples in the batch (default: ``e.shape[0]``, right
+        for batch-first layouts only).  A layer applied to ``(T, B, d)``
+        (sequence first, as ``nn.LSTM`` and ``nn.MultiheadAttention``
+        without ``batch_first``) or to ``(B * T, d)`` (flattened positions)
+        sees ``B`` samples, not its leading dimension.
 
     Returns
     -------
     tr_a, tr_g : Tensor
         0-d tensors: ``mean_i (1/T) sum_t ||a_t||^2`` (with the appended 1
-        when the bias is selected) and ``mean_i sum_t ||scale e_t||^2``.
+        when the bias is selected; the mean over all rows of the input,
+        whatever its layout) and ``mean_i sum_t ||scale e_t||^2`` (the sum
+        over all rows divided by ``n_samples``).
     """
-    n = e.shape[0]
-    positions = _positions_count(layer, e)
+    rows = e.shape[0] * _positions_count(layer, e)
     tr_a = e.new_zeros(())
     if layer.weight is not None:
-        tr_a = _input_sqnorm(layer, a) / (n * positions)
+        tr_a = _input_sqnorm(layer, a) / rows
     if layer.bias is not None:
         tr_a = tr_a + 1
+    n = e.shape[0] if n_samples is None else n_samples
     tr_g = torch.linalg.vector_norm(e).square() * (scale * scale / n)
     return tr_a, tr_g
 
 
-def factors(layer: KFACLayer, a: Tensor, e: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """The Kronecker factors ``A_b`` and ``G_b`` of one batch (``a``, ``e``
-    and ``scale`` as in :func:`trace_terms`).
+def factors(
+    layer: KFACLayer, a: Tensor, e: Tensor, scale: float = 1.0, n_samples: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The Kronecker factors ``A_b`` and ``G_b`` of one batch (``a``, ``e``,
+    ``scale`` and ``n_samples`` as in :func:`trace_terms`).
 
     ``A_b`` is indexed by the input features of the weight as it is
     flattened (``in_features``, or ``in_channels * kh * kw`` for a
@@ -352,19 +396,20 @@ def factors(layer: KFACLayer, a: Tensor, e: Tensor, scale: float = 1.0) -> tuple
     moment of ``vec(dW_i)`` stacked over ``[weight | bias]`` columns, i.e. of
     ``concat([dW_i, db_i[:, None]], 1).T.flatten()``.
     """
-    n = e.shape[0]
     x, g, positions = _positions(layer, a, e)
+    rows = e.shape[0] * positions
     cols = []
     if layer.weight is not None:
         cols.append(x)
     if layer.bias is not None:
         cols.append(x.new_ones(*x.shape[:2], 1))
-    x = torch.cat(cols, dim=2).reshape(n * positions, -1)
-    g = g.reshape(n * positions, -1)
-    return x.T @ x / (n * positions), g.T @ g * (scale * scale / n)
+    x = torch.cat(cols, dim=2).reshape(rows, -1)
+    g = g.reshape(rows, -1)
+    n = e.shape[0] if n_samples is None else n_samples
+    return x.T @ x / rows, g.T @ g * (scale * scale / n)
 
 
-def _factor_dims(layer: KFACLayer) -> tuple[int, int]:
+def factor_dims(layer: KFACLayer) -> tuple[int, int]:
     """Sizes of ``A`` and ``G`` for a layer (see :func:`factors`)."""
     m = layer.module
     if isinstance(m, nn.Conv2d):
@@ -415,6 +460,8 @@ class RunningFactors:
         state: dict[Tensor, dict],
     ) -> None:
         self.params = select_params(model, params)
+        #: The model, whose calls tell the number of samples (see :func:`capture`).
+        self.root = unwrap(model)
         self.layers, rest = plan(model, self.params)
         if not self.layers:
             raise ValueError(
@@ -434,7 +481,8 @@ class RunningFactors:
 
     @torch.no_grad()
     def update(
-        self, store: dict[str, list[list[Tensor]]], *, pool: bool = True, grad_scale: float = 1.0
+        self, store: dict[str, list[list[Tensor]]], *, pool: bool = True, grad_scale: float = 1.0,
+        samples: dict[str, list[int | None]] | None = None,
     ) -> None:
         """Fold the batch factors of a :func:`capture` into the running ones,
         as pending factors (see :meth:`commit`).
@@ -442,24 +490,29 @@ class RunningFactors:
         Every call of a module counts as one batch; its output gradients are
         multiplied by its batch size (the loss is a batch mean) and divided
         by ``grad_scale`` (the loss scale of a ``GradScaler``, so that ``G``
-        does not grow with the scale).  With
+        does not grow with the scale).  The batch size of a call is its
+        entry in ``samples`` (from :func:`capture` with ``root=self.root``),
+        else the leading dimension of the layer's output gradient (wrong for
+        a layer applied sequence first or to flattened positions).  With
         ``pool=True`` inside a ``torch.distributed`` process group the batch
         factors are the size-weighted average over all ranks (every rank
         must call this), so all replicas keep the same factors.
         """
         ps = self.params
         for layer in self.layers:
-            calls = [c for c in store.get(layer.name, []) if len(c) == 2]
-            dims = _factor_dims(layer)
+            entries = store.get(layer.name, [])
+            counts = (samples or {}).get(layer.name, [None] * len(entries))
+            calls = [(c, n) for c, n in zip(entries, counts, strict=True) if len(c) == 2]
+            dims = factor_dims(layer)
             ref = ps.params[layer.indices[0]]
             fa = ref.new_zeros(dims[0], dims[0])
             fg = ref.new_zeros(dims[1], dims[1])
             total = 0
-            for a, e in calls:
-                n = e.shape[0]
+            for (a, e), n in calls:
+                n = e.shape[0] if n is None else n
                 # the scale goes into the scalar factor, applied after the
                 # product: no underflow of small (half-precision) gradients
-                ca, cg = factors(layer, a, e, n / grad_scale)
+                ca, cg = factors(layer, a, e, n / grad_scale, n_samples=n)
                 fa.add_(ca, alpha=n)
                 fg.add_(cg, alpha=n)
                 total += n

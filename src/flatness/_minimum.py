@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatness._checks import check_int, maybe_progress, product_bar, require_finite
+from flatness._checks import check_bool, check_int, maybe_progress, product_bar, require_finite
 from flatness._data import batch_size
 from flatness._diagonal import _check_estimates, _diagonal
 from flatness._functional import LossFn
@@ -194,6 +194,7 @@ def minimum_sharpness(
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     check_int("n_samples", n_samples, 2)
     check_int("batch", batch, 1)
+    check_bool("progress", progress)
     if params is not None:
         raise ValueError(
             "minimum sharpness is defined over all weights and biases of the ReLU chain; "
@@ -203,7 +204,7 @@ def minimum_sharpness(
     _check_structure(model, chain, layers is not None, method)
     chain_params = [t for m in chain for t in (m.weight, m.bias) if t is not None]
     # the Hessian diagonal's products count on the bar; the GN diagonal counts samples
-    hvps = product_bar(bool(progress) and method != "gn", "minimum sharpness")
+    hvps = product_bar(progress and method != "gn", "minimum sharpness")
     op = CurvatureOperator(
         model, data, loss_fn=loss_fn, params=chain_params, n_batches=n_batches, train=train,
         chunk_size=None if method == "gn" else chunk_size, seed=0 if seed is None else seed,

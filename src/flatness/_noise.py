@@ -20,7 +20,7 @@ from flatness._data import iter_batches, split_batch
 from flatness._distributed import gather_objects, merge_moments, sum_
 from flatness._functional import LossFn, default_loss, functional_loss, grad_enabled
 from flatness._guard import ModelGuard
-from flatness._kfac import KFACLayer, capture, hidden_use, plan, trace_terms
+from flatness._kfac import KFACLayer, capture, factor_dims, hidden_use, plan, trace_terms
 from flatness._kfac import factors as kronecker_factors
 from flatness._params import ParamSet, select_params
 from flatness._per_sample import check_chunk_size, per_sample_grads, per_sample_grads_choosing
@@ -162,11 +162,30 @@ def _stream_moments(
                 engines[gi], grads, _ = per_sample_grads_choosing(model, sub, x, y, loss_fn)
             else:
                 grads, _ = per_sample_grads(model, sub, x, y, loss_fn, engine=engines[gi])
+            grads = _unshared(grads)
             for j, k in enumerate(group):
                 g, grads[j] = grads[j], None
                 moments.fold(k, g)
             del grads
         moments.advance(_batch_len(y))
+
+
+def _unshared(grads: list[Tensor]) -> list[Tensor]:
+    """``grads`` with every tensor that shares memory with an earlier one
+    copied.
+
+    :meth:`_Moments.fold` consumes each tensor in place, and ``vmap`` may
+    return one tensor for several parameters (two parameters added to the
+    same activation, ``x + p1 + p2``, get the very same per-sample
+    gradient): folding the first would change the others.
+    """
+    seen: set[int] = set()
+    out = []
+    for g in grads:
+        ptr = g.untyped_storage().data_ptr()
+        out.append(g.clone() if ptr in seen and g.numel() else g)
+        seen.add(ptr)
+    return out
 
 
 def _subset(params: ParamSet, indices: list[int]) -> ParamSet:
@@ -254,7 +273,12 @@ def _finish(
     b: int | None,
     **extra: Any,
 ) -> VarianceResult:
-    b = min(b if b is not None else n, n)
+    b = b if b is not None else n
+    if b > n:
+        raise ValueError(
+            f"batch_size={b} exceeds the {n} samples of data: the noise of a mini-batch of "
+            "batch_size samples drawn from the data needs batch_size <= the number of samples"
+        )
     a = noise_factor(n, b)
     total = sum(per_layer.values())
     require_finite(total + second + mean_sq, "the gradient variance")
@@ -307,6 +331,7 @@ def gradient_variance(
     batch_size : int, optional
         The training mini-batch size ``b`` for ``noise``; default: the size
         of the first batch of ``data`` (so one batch gives ``noise = 0``).
+        At most the number of samples in ``data`` (``ValueError`` otherwise).
     chunk_size : int or None
         Samples differentiated at once (``None``: a whole batch).
     memory_limit : int or None
@@ -349,6 +374,7 @@ def gradient_variance(
     check_int("batch_size", batch_size, allow_none=True)
     check_chunk_size(chunk_size)
     check_int("memory_limit", memory_limit, allow_none=True)
+    check_bool("progress", progress)
     ps = select_params(model, params)
     moments = _Moments(len(ps.params))
     chunk, groups = _plan_chunks(ps, chunk_size, memory_limit)
@@ -419,7 +445,10 @@ def kfac_variance(
     where ``t`` runs over the ``T`` positions the layer is applied at
     (spatial locations of a convolution, whose inputs are the unfolded
     patches, per Grosse and Martens 2016; sequence positions of a Linear
-    layer on 3-d inputs; ``T = 1`` otherwise), ``a~`` has a 1 appended when
+    layer on 3-d inputs, batch first or sequence first, or on positions
+    flattened into rows; ``T = 1`` otherwise), ``|B|`` is the number of
+    samples (the length of the batch's targets, not the layer's leading
+    dimension), ``a~`` has a 1 appended when
     the bias is selected, and ``g_bar`` is the exact mean gradient.  The
     factors are taken per batch (as in the paper's code, which keeps running
     averages of per-batch factors), so a batch of one sample makes a
@@ -438,7 +467,9 @@ def kfac_variance(
         convolutions, parameters shared between modules, and layers whose
         weights are used where their hooks cannot see it: the projections
         of ``nn.MultiheadAttention``, ``F.linear(x, layer.weight)``, a module
-        called twice, found in the first batch's pass and listed in
+        called twice, found in the first batch's pass - on every rank's
+        first batch inside a ``torch.distributed`` process group, and then
+        treated alike on all ranks - and listed in
         ``settings["hidden_from_hooks"]``): ``"exact"``
         computes their part with per-sample gradients (:func:`gradient_variance`'s
         method, listed in ``exact_layers``); ``"skip"`` leaves them out and
@@ -446,7 +477,8 @@ def kfac_variance(
     factors : bool
         Also return the data-averaged factors ``A = sum_B |B| A_B / n`` and
         ``G = sum_B |B| G_B / n`` of every factored layer in
-        ``result.factors`` (costs a matrix product per layer and batch; see
+        ``result.factors`` (zeros for a layer no gradient reached; costs a
+        matrix product per layer and batch; see
         :func:`flatness._kfac.factors` for their index order).
     chunk_size, memory_limit : int or None
         Chunking of the exact fallback, as in :func:`gradient_variance`.
@@ -474,8 +506,8 @@ def kfac_variance(
     ------
     ValueError
         Unknown ``fallback``; a factored module called twice in a forward
-        pass after the first batch (which decides the plan); and the
-        conventions' input errors.
+        pass after the first batch (which decides the plan); ``batch_size``
+        above the number of samples; and the conventions' input errors.
     """
     start = time.perf_counter()
     loss_fn = _check_common(model, loss_fn)
@@ -485,6 +517,7 @@ def kfac_variance(
     check_chunk_size(chunk_size)
     check_int("memory_limit", memory_limit, allow_none=True)
     check_bool("factors", factors)
+    check_bool("progress", progress)
     ps = select_params(model, params)
     layers, rest = plan(model, ps)
     blind: dict[str, str] = {}
@@ -496,7 +529,8 @@ def kfac_variance(
         second = {layer.name: torch.zeros((), dtype=torch.float64, device=ps.device) for layer in layers}
         # sum over batches of |B| * batch gradient; None until a gradient arrives
         grad_sum = [None] * len(factored)
-        moments = _Moments(len(rest))
+        # nothing is computed exactly with fallback="skip" (and nothing pooled)
+        moments = _Moments(len(exact.params) if exact is not None else 0)
 
     exact: ParamSet | None = None
     factored: list[int] = []
@@ -523,11 +557,19 @@ def kfac_variance(
             if layers:
                 found = _kfac_batch(model, ps, layers, factored, inputs, targets, loss_fn, nb,
                                     second, grad_sum, fac_sum if factors else None, check=checking)
+                if checking and _distributed.enabled():
+                    # Each rank's first batch judges its own data: a layer
+                    # found on any rank is treated alike on every rank (the
+                    # ranks then reduce the same running sums).
+                    found = {name: why for part in gather_objects(found) for name, why in part.items()}
                 if found:
                     # Layers whose weights are used where their hooks cannot
-                    # see it are treated exactly (nothing of theirs was
-                    # accumulated; the exact part of this batch comes next).
+                    # see it are treated exactly or skipped (what this batch
+                    # accumulated for them is dropped; the exact part of
+                    # this batch comes next).
                     blind = found
+                    for name in found:
+                        fac_sum.pop(name, None)
                     kept_grads, kept_second = dict(zip(factored, grad_sum)), second
                     rest = sorted(rest + [k for layer in layers if layer.name in blind for k in layer.indices])
                     layers = [layer for layer in layers if layer.name not in blind]
@@ -539,6 +581,10 @@ def kfac_variance(
                     plan_exact = _plan_chunks(exact, chunk_size, memory_limit)
                 _stream_moments(model, exact, inputs, targets, loss_fn, moments, *plan_exact, engines)
     grad_sum = [torch.zeros_like(ps.params[k]) if g is None else g for k, g in zip(factored, grad_sum)]
+    if factors:
+        # every factored layer, in the plan's order (the same on every rank);
+        # zeros for a layer no gradient reached (not called, or its output unused)
+        fac_sum = {layer.name: fac_sum.get(layer.name) or _zero_factors(layer, ps) for layer in layers}
     _reduce_kfac(second, grad_sum, fac_sum, moments)
     n = sum_(n)
     first = gather_objects(first)[0]
@@ -579,6 +625,12 @@ def kfac_variance(
     )
     result.wall_time = time.perf_counter() - start
     return result
+
+
+def _zero_factors(layer: KFACLayer, ps: ParamSet) -> list[Tensor]:
+    """Zero factors ``[A, G]`` of a layer no gradient reached."""
+    ref = ps.params[layer.indices[0]]
+    return [ref.new_zeros(d, d) for d in factor_dims(layer)]
 
 
 def _reduce_kfac(
@@ -659,10 +711,11 @@ def _kfac_batch(
             continue  # the layer did not take part in this loss: zero gradient
         entry = calls[0]
         a, e = entry
-        tr_a, tr_g = trace_terms(layer, a, e)
+        # nb samples, whatever the layer's layout (sequence first, flattened)
+        tr_a, tr_g = trace_terms(layer, a, e, n_samples=nb)
         second[layer.name] += (tr_a * tr_g).double() * nb
         if fac_sum is not None:
-            fa, fg = kronecker_factors(layer, a, e)
+            fa, fg = kronecker_factors(layer, a, e, n_samples=nb)
             if layer.name in fac_sum:
                 fac_sum[layer.name][0] += fa * nb
                 fac_sum[layer.name][1] += fg * nb

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flatness._checks import check_int, check_rho, maybe_progress, require_finite
+from flatness._checks import check_bool, check_int, check_rho, maybe_progress, require_finite
 from flatness._data import iter_batches
 from flatness._functional import LossFn, default_loss, functional_loss, grad_enabled
 from flatness._guard import ModelGuard
@@ -264,6 +264,7 @@ def per_sample_sharpness(
     if kind not in SHARPNESS_KINDS:
         raise ValueError(f"kind must be one of {SHARPNESS_KINDS}, got {kind!r}")
     check_int("trials", trials)
+    check_bool("progress", progress)
     if kind == "sam":
         rho = check_rho(rho)
     chunk_size = check_chunk_size(chunk_size)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flatness._checks import check_int, product_bar
+from flatness._checks import check_bool, check_int, product_bar
 from flatness._functional import LossFn, grad_enabled
 from flatness._hvp import CurvatureOperator
 from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
@@ -406,6 +406,7 @@ def top_eigenvalues(
         ``low_memory=True``), ``n_hvp``.
     """
     start = time.perf_counter()
+    check_bool("progress", progress)
     check_int("k", k, 1)
     _check_positive("tol", tol)
     if max_iter is not None:
@@ -553,6 +554,7 @@ def trace(
         estimated from its own samples).
     """
     start = time.perf_counter()
+    check_bool("progress", progress)
     if method not in TRACE_METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(TRACE_METHODS)}")
     if method == "exact" and n_samples is not None:
@@ -658,6 +660,7 @@ def spectral_density(
     SpectralDensity
     """
     start = time.perf_counter()
+    check_bool("progress", progress)
     check_int("n_vectors", n_vectors, 1)
     check_int("n_steps", n_steps, 1)
     check_int("grid_size", grid_size, 2)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int
+from ._checks import check_bool, check_int
 from ._functional import LossFn
 from ._landscape import (
     Evaluator,
@@ -411,6 +411,7 @@ def slice(
     check_int("chunk_size", chunk_size, 1)
     check_int("n_batches", n_batches, 1, allow_none=True)
     check_int("bn_batches", bn_batches, 1, allow_none=True)
+    check_bool("progress", progress)
     ps = select_params(model, params)
     dev = torch.device(device) if device is not None else ps.device
     info = directions if isinstance(directions, Directions) else None
@@ -580,6 +581,7 @@ def interpolate(
     check_int("n_batches", n_batches, 1, allow_none=True)
     check_int("bn_batches", bn_batches, 1, allow_none=True)
     check_int("chunk_size", chunk_size, 1)
+    check_bool("progress", progress)
     ts = axis(t) if t is not None else axis((0.0, 1.0, check_int("n_points", n_points, 2)))
     ps = select_params(model_a, params)
     named_b = matching_params(model_a, model_b, ps)

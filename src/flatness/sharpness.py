@@ -720,5 +720,6 @@ def sharpness(
     return KINDS[kind](
         model, data, rho=rho, loss_fn=loss_fn, params=params, seed=seed,
         # (a string such as "False" from a command line would count as true)
-        n_batches=n_batches, progress=progress, train=check_bool("train", train), **options,
+        n_batches=n_batches, progress=check_bool("progress", progress), train=check_bool("train", train),
+        **options,
     )

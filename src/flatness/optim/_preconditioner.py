@@ -67,10 +67,11 @@ class KFACPreconditioner:
         self.steps = 0
         self._counted = False  # the current step had a first pass
         self._store: dict[str, list[list[Tensor]]] | None = None  # captured, not yet folded
+        self._samples: dict[str, list[int | None]] = {}  # the samples of each captured call
 
     def __getstate__(self) -> dict[str, Any]:
         # the factors hook the model's layers: an unpickled copy has none
-        return {**self.__dict__, "factors": None, "_counted": False, "_store": None}
+        return {**self.__dict__, "factors": None, "_counted": False, "_store": None, "_samples": {}}
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
@@ -80,9 +81,10 @@ class KFACPreconditioner:
         if self.factors is None or self.steps % self.update_freq:
             yield
         else:
-            with capture(self.factors.layers) as store:
+            samples: dict[str, list[int | None]] = {}
+            with capture(self.factors.layers, root=self.factors.root, samples=samples) as store:
                 yield
-            self._store = store
+            self._store, self._samples = store, samples
         self._counted = True
 
     def fold(self, scaler: Any, *, pool: bool) -> None:
@@ -95,8 +97,9 @@ class KFACPreconditioner:
         store, self._store = self._store, None
         if store is None or self.factors is None:
             return
+        samples, self._samples = self._samples, {}
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        self.factors.update(store, pool=pool, grad_scale=scale)
+        self.factors.update(store, pool=pool, grad_scale=scale, samples=samples)
 
     def finish(self, skipped: bool) -> None:
         """End of the step: commit the pending factors and count the step,
@@ -112,6 +115,7 @@ class KFACPreconditioner:
         """Abandon the step: the pending factors are dropped."""
         self._counted = False
         self._store = None
+        self._samples = {}
         if self.factors is not None:
             self.factors.discard()
 
@@ -120,6 +124,7 @@ class KFACPreconditioner:
         self.steps = steps
         self._counted = False
         self._store = None
+        self._samples = {}
         if self.factors is not None:
             self.factors.state = state
             self.factors._eig = {}

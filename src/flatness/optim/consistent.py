@@ -127,7 +127,9 @@ class ConsistentSAM(SharpnessAwareOptimizer):
         ASAM's offset (default 0.01, the paper's code).
     preconditioner : {None, "kfac"}
         K-FAC natural direction for ``e_2``; needs ``model``.  Not combined
-        with ``adaptive``.
+        with ``adaptive``.  A batch's number of samples is the leading
+        dimension of the model's first input tensor (batch first), whatever
+        the layout inside the model.
     model : nn.Module, optional
         The model (needed for ``preconditioner="kfac"``, ``per_replica`` and
         ``freeze_bn``).
@@ -435,7 +437,9 @@ class NonuniformSAM(SharpnessAwareOptimizer):
     params, base_optimizer, same_rng, per_replica, freeze_bn, **base_kwargs
         As for :class:`~flatness.optim.SAM`.
     model : nn.Module
-        The model whose layers are hooked (required).
+        The model whose layers are hooked (required).  A batch's number of
+        samples is the leading dimension of its first input tensor (batch
+        first), whatever the layout inside the model.
     rho : float
         Radius in the metric of the preconditioner (default 0.05).
     centered_covariance : bool
