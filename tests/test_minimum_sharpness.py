@@ -23,6 +23,7 @@ from cases import (
 )
 from torch import nn
 
+import flatness
 from flatness import hessian
 from flatness._rescaling import minimize_rescaled_trace
 
@@ -530,3 +531,35 @@ def test_hutchinson_refuses_a_non_positive_layer_trace_and_warns_near_zero():
         _check_estimates([1.0, 1.0], [0.1, 0.1], [-0.01, None], [0.1, None], 10)
     with pytest.raises(ValueError, match="layer 1: -0.1"):
         _check_estimates([1.0, -0.1], [0.1, 0.08], [None, None], [None, None], 10)
+
+
+@pytest.mark.parametrize("method", ["gn", "exact"])
+def test_works_under_the_callers_no_grad_and_inference_mode(method):
+    # The measure differentiates internally; the caller's grad mode (for its
+    # own evaluation code) must not change the result nor make it fail.
+    model = relu_mlp()
+    batches = classification_batches((6,), (4,), 3)
+    snap = snapshot(model)
+    want = hessian.minimum_sharpness(model, batches, method=method)
+    with torch.no_grad():
+        quiet = hessian.minimum_sharpness(model, batches, method=method)
+    with torch.inference_mode():
+        inference = hessian.minimum_sharpness(model, batches, method=method)
+        inference_kind = flatness.sharpness(model, batches, kind="minimum", method=method)
+    for r in (quiet, inference):
+        assert r.value == want.value and r.layer_traces == want.layer_traces
+    assert inference_kind.value == want.value
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("method", ["gn", "exact", "hutchinson"])
+@pytest.mark.parametrize("chunk_size", [0, -1, 1.5, "2", True])
+def test_chunk_size_must_be_a_positive_int_up_front(method, chunk_size):
+    model = relu_mlp()
+    batches = classification_batches((6,), (4,), 3)
+    snap = snapshot(model)
+    with pytest.raises((ValueError, TypeError), match="chunk_size"):
+        hessian.minimum_sharpness(model, batches, method=method, chunk_size=chunk_size)
+    with pytest.raises((ValueError, TypeError), match="chunk_size"):
+        flatness.sharpness(model, batches, kind="minimum", method=method, chunk_size=chunk_size)
+    assert_unchanged(model, snap)

@@ -23,7 +23,7 @@ from torch import nn
 from flatness._checks import check_bool, check_int, maybe_progress, product_bar, require_finite
 from flatness._data import batch_size
 from flatness._diagonal import _check_estimates, _diagonal
-from flatness._functional import LossFn
+from flatness._functional import LossFn, grad_enabled
 from flatness._gn_diagonal import _check_gn_outputs, _check_gn_structure, _gn_diagonal
 from flatness._hvp import CurvatureOperator
 from flatness._rescaling import _blocks, _chain, _check_invariance, _check_structure, minimize_rescaled_trace
@@ -92,6 +92,7 @@ class MinimumSharpnessResult(ResultMixin):
 # --------------------------------------------------------------------------
 
 
+@grad_enabled
 def minimum_sharpness(
     model: nn.Module,
     data: Any,
@@ -111,6 +112,9 @@ def minimum_sharpness(
 ) -> MinimumSharpnessResult:
     """Minimum sharpness: the Hessian trace minimized over the rescalings
     that leave a ReLU network's function unchanged (Ibayashi et al. 2021).
+
+    Autograd runs inside whatever the caller's grad mode: the call works
+    the same under ``torch.no_grad()`` or ``torch.inference_mode()``.
 
     Parameters
     ----------
@@ -172,6 +176,7 @@ def minimum_sharpness(
     chunk_size : int, optional
         ``"gn"``: samples differentiated at once (default: as many as fit
         in 64 MiB of gradients).  Otherwise: vectors per ``vmap`` call.
+        A positive int or ``None``.
 
     Returns
     -------
@@ -195,6 +200,7 @@ def minimum_sharpness(
     check_int("n_samples", n_samples, 2)
     check_int("batch", batch, 1)
     check_bool("progress", progress)
+    check_int("chunk_size", chunk_size, allow_none=True)
     if params is not None:
         raise ValueError(
             "minimum sharpness is defined over all weights and biases of the ReLU chain; "
