@@ -371,3 +371,38 @@ def test_embedding_bag_is_refused_for_curvature_naming_the_module():
         lambda w, b: F.cross_entropy(F.linear(torch.tanh(model.bag(batch[0])).detach(), w, b), batch[1]),
         (model.head.weight.detach(), model.head.bias.detach()))
     assert head_only == pytest.approx(float(h[0][0].reshape(12, 12).trace() + h[1][1].trace()), rel=1e-10)
+
+
+def _mse(z, y):
+    return ((z - y) ** 2).sum(1).mean()
+
+
+def _linear_with_spectrum(eigenvalues, seed=0):
+    """A linear model whose MSE Hessian ``2/N X^T X`` has the given
+    eigenvalues (with their multiplicities), and one batch."""
+    d = len(eigenvalues)
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=DT, generator=g))
+    x = (d / 2) ** 0.5 * torch.diag(torch.tensor(eigenvalues, dtype=DT).sqrt()) @ Q.T
+    model = nn.Linear(d, 1, bias=False).to(DT)
+    return model, (x, torch.randn(d, 1, dtype=DT, generator=g))
+
+
+@pytest.mark.parametrize("eigenvalues, block_size", [
+    ([5.0] + [2.0] * 6 + [1.0] * 5, 2),  # the block Krylov space loses a column after 2 steps
+    ([5.0, 4.0] + [2.0] * 6 + [1.0] * 5, 3),  # ... two columns after 2 steps
+])
+def test_block_lanczos_claims_convergence_only_when_accurate(eigenvalues, block_size):
+    model, batch = _linear_with_spectrum(eigenvalues)
+    H = dense_hessian(model, [batch], loss_fn=_mse)  # independent float64 reference
+    assert torch.allclose(torch.linalg.eigvalsh(H), torch.tensor(sorted(eigenvalues), dtype=DT), atol=1e-12)
+    want = torch.linalg.eigvalsh(H).flip(0)[:3]
+    tol = 1e-8
+    r = hessian.top_eigenvalues(model, batch, k=3, block_size=block_size, loss_fn=_mse, tol=tol)
+    # the reported residuals are those of the returned pairs
+    for lam, vec, res in zip(r.eigenvalues, r.eigenvectors, r.residuals):
+        y = torch.cat([v.reshape(-1) for v in vec])
+        assert float(torch.linalg.norm(H @ y - lam * y)) == pytest.approx(float(res), abs=1e-10)
+    if r.converged:
+        assert float(r.residuals.max()) <= tol * float(r.eigenvalues.abs().max())
+        assert torch.allclose(r.eigenvalues, want, rtol=1e-6, atol=0)

@@ -388,3 +388,22 @@ def test_recurrence_merges_copies_at_the_products_precision():
         res = lanczos(matmat, n, 3, tol=1e-9, max_iter=150, generator=torch.Generator().manual_seed(seed),
                       store_basis=False, product_dtype=torch.float32)
         assert torch.allclose(res.eigenvalues, top, rtol=0, atol=1e-4), (seed, res.eigenvalues)
+
+
+def test_block_lanczos_with_a_vanishing_column_does_not_claim_convergence():
+    # The start block's first column is an eigenvector: the next block's
+    # first column vanishes while the second does not.  The Ritz values of
+    # the first block are then not eigenvalues (the second column still
+    # couples to the rest of the space), and must not be reported converged.
+    n = 40
+    ev = _spectrum(n)
+    A = _matrix(n, ev)
+    _, U = torch.linalg.eigh(A)
+    g = torch.Generator().manual_seed(3)
+    v0 = torch.stack([U[:, 5], torch.randn(n, dtype=DT, generator=g)], dim=1)
+    res = lanczos(lambda V: A @ V, n, 2, tol=1e-10, block_size=2, v0=v0, generator=g)
+    Y = res.eigenvectors
+    true = torch.linalg.norm(A @ Y - Y * res.eigenvalues, dim=0)
+    assert torch.allclose(true, res.residuals, atol=1e-9)
+    if res.converged:
+        assert torch.allclose(res.eigenvalues, torch.sort(ev, descending=True).values[:2], rtol=1e-9, atol=0)
