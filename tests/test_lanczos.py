@@ -407,3 +407,53 @@ def test_block_lanczos_with_a_vanishing_column_does_not_claim_convergence():
     assert torch.allclose(true, res.residuals, atol=1e-9)
     if res.converged:
         assert torch.allclose(res.eigenvalues, torch.sort(ev, descending=True).values[:2], rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3])
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+@pytest.mark.parametrize("spectrum, k", [
+    ([3.0] * 30, 4),                                   # a multiple of the identity
+    ([5.0] + [2.0] * 14 + [1.0] * 15, 4),              # fewer distinct eigenvalues than k
+    ([4.0, 4.0, -6.0] + [0.0] * 27, 5),                # rank 3 (rank-deficient)
+    ([5.0, 4.0, 3.0, 2.0, 1.0, 4.0] + [1.0] * 24, 3),  # a copy of the second largest
+])
+def test_lanczos_restarts_when_the_krylov_space_is_invariant(spectrum, k, which, block_size):
+    # The Krylov space of a start block holds each eigenvalue at most
+    # block_size times and becomes invariant after as many steps as there are
+    # distinct eigenvalues: the iteration must go on from a random vector
+    # orthogonal to the basis and return k correct values, not fewer.
+    ev = torch.tensor(spectrum, dtype=DT)
+    n = len(spectrum)
+    A = _matrix(n, ev, seed=2)
+    res = lanczos(lambda V: A @ V, n, k, which=which, tol=1e-10, block_size=block_size,
+                  generator=torch.Generator().manual_seed(4))
+    if which == "LA":
+        want = torch.sort(ev, descending=True).values[:k]
+    elif which == "SA":
+        want = torch.sort(ev).values[:k]
+    else:
+        want = torch.sort(ev.abs(), descending=True).values[:k]
+    got = res.eigenvalues.abs() if which == "LM" else res.eigenvalues
+    assert res.converged and len(res.eigenvalues) == k
+    assert torch.allclose(got, want, rtol=0, atol=1e-9), (res.eigenvalues, want)
+    Y = res.eigenvectors
+    assert torch.allclose(Y.T @ Y, torch.eye(k, dtype=DT), atol=1e-10)
+    assert torch.allclose(A @ Y, Y * res.eigenvalues, atol=1e-8)
+    assert res.n_matvec < n  # not a walk through the whole space
+
+
+@pytest.mark.parametrize("n, block_size", [(10, 4), (11, 3), (7, 6)])
+def test_block_size_that_does_not_divide_the_dimension(n, block_size):
+    # The last block has fewer directions left than columns: the extra
+    # columns must not be rounding noise (which made the projected matrix
+    # meaningless), and the run ends exact once the basis spans the space.
+    g = torch.Generator().manual_seed(n)
+    ev = torch.randn(n, dtype=DT, generator=g) * 3
+    A = _matrix(n, ev, seed=n)
+    k = n - 1
+    res = lanczos(lambda V: A @ V, n, k, tol=1e-14, block_size=block_size, generator=g)
+    assert res.converged
+    assert torch.allclose(res.eigenvalues, torch.sort(ev, descending=True).values[:k], rtol=0, atol=1e-10)
+    Y = res.eigenvectors
+    assert torch.allclose(Y.T @ Y, torch.eye(k, dtype=DT), atol=1e-10)
+    assert torch.allclose(A @ Y, Y * res.eigenvalues, atol=1e-9)

@@ -173,8 +173,10 @@ class LanczosResult:
     n_iter : int
         Lanczos steps taken (each one ``block_size`` products).
     converged : bool
-        Whether every residual is below ``tol * max |theta|`` (or the Krylov
-        space became invariant, making the Ritz pairs exact).
+        Whether every residual is below ``tol * max |theta|`` (after a
+        restart, also that the rest of the space holds no further copy of
+        a wanted eigenvalue), or the basis spans the whole space (the Ritz
+        pairs are then exact).
     """
 
     eigenvalues: Tensor
@@ -206,6 +208,18 @@ def lanczos(
 ) -> LanczosResult:
     """Extreme eigenpairs of a symmetric operator by (block) Lanczos with full
     reorthogonalization.
+
+    Where the Krylov space becomes invariant (a column of the next block
+    vanishes: ``A`` has fewer distinct eigenvalues than wanted, is
+    rank-deficient, or a start column is an eigenvector), the iteration
+    restarts that column from a random vector orthogonal to the basis, so
+    ``k`` values come back whatever the multiplicities.  A Krylov space
+    from one start block holds an eigenvalue at most ``block_size`` times;
+    after a breakdown of the whole block the run stops only once the
+    restarted space shows that the rest of ``A`` holds no further copy of
+    a wanted value.  With ``store_basis=False`` there is no basis to
+    restart against: each distinct eigenvalue is found once, and fewer
+    than ``k`` values come back (``converged=False``) when ``A`` has fewer.
 
     Parameters
     ----------
@@ -304,8 +318,10 @@ def lanczos(
                                    product_dtype)
     max_iter = max(1, min(max_iter, math.ceil(n / b)))
     basis = _Basis(n, b, max_iter, where, basis_dtype)
-    basis.append(torch.linalg.qr(X)[0])
-    del X
+    draw = _restart_draw(n, generator, device, where, basis_dtype)
+    Q0, _, _ = _next_block(X, basis, n, _invariance_threshold(basis_dtype) * float(X.norm(dim=0).max()), draw)
+    basis.append(Q0)
+    del X, Q0
     alphas: list[np.ndarray] = []  # diagonal blocks (b, b)
     betas: list[np.ndarray] = []   # sub-diagonal blocks (b, b): B_{j+1} with W = Q_{j+1} B_{j+1}
     Bprev: Tensor | None = None
@@ -314,6 +330,7 @@ def lanczos(
     residuals = np.zeros(k)
     converged = False
     steps = 0
+    segment = None  # first column of the Krylov space started at the latest restart (None: no breakdown yet)
     for j in range(max_iter):
         steps = j + 1
         Qj = basis.block(j)
@@ -327,37 +344,42 @@ def lanczos(
         W.addmm_(Qj, A, alpha=-1)
         if Bprev is not None:
             W.addmm_(basis.block(j - 1), Bprev.T, alpha=-1)
-        basis.orthogonalize_(W)
-        Qnext, B = torch.linalg.qr(W)
-        del W
         alphas.append(A.double().cpu().numpy())
-        betas.append(B.double().cpu().numpy())
-        theta, S = _ritz(alphas, betas[:-1])
+        live = min(n, (j + 1) * b)  # columns of the basis that are vectors (the rest are zero)
+        theta, S = _ritz(alphas, betas, live)
         idx = _pick(theta, min(k, len(theta)), which)
-        # Residual of Ritz pair i: ||B_{j+1} s_i[last block]||.
-        last = S[-b:, idx]
-        residuals = np.linalg.norm(betas[-1] @ last, axis=0)
-        if callback is not None:
-            callback(n_matvec, torch.as_tensor(theta[idx].copy()))
         scale = max(np.max(np.abs(theta)), np.finfo(float).tiny)
-        small = np.abs(np.diag(betas[-1])) <= _invariance_threshold(basis_dtype) * scale
-        # The Krylov space is invariant (exhausted, or A has few distinct
-        # eigenvalues) when the whole next block vanishes: the Ritz pairs
-        # are then exact.  One vanishing column of a block is not that: the
-        # other columns still couple to the rest of the space (the residuals
-        # say how much), and the QR factor's column for it is noise, so the
-        # iteration stops there without claiming convergence.
-        invariant = bool(small.all()) or (j + 1) * b >= n
-        if len(idx) == k and (np.all(residuals <= tol * scale) or invariant):
+        if live == n:
+            # the basis spans the whole space: the Ritz pairs are exact
+            del W
+            residuals = np.zeros(len(idx))
+            if callback is not None:
+                callback(n_matvec, torch.as_tensor(theta[idx].copy()))
             converged = True
             break
-        if small.any():
+        basis.orthogonalize_(W)
+        Qnext, B, restarted = _next_block(W, basis, n - live, _invariance_threshold(basis_dtype) * scale, draw)
+        del W
+        betas.append(B)
+        # Residual of Ritz pair i: ||B_{j+1} s_i[last block]||.
+        residuals = np.linalg.norm(B @ S[-b:, idx], axis=0)
+        if callback is not None:
+            callback(n_matvec, torch.as_tensor(theta[idx].copy()))
+        if restarted == b and segment is None:
+            segment = 0  # the first Krylov space is invariant
+        if len(idx) == k and np.all(residuals <= tol * scale) and (
+                segment is None or _complement_settled(theta[idx[-1]], alphas, betas, segment, which, tol * scale)):
+            converged = True
             break
         if j + 1 == max_iter:
             break  # the next vector would never be used
         basis.append(Qnext)
         del Qnext
-        Bprev = B
+        Bprev = torch.as_tensor(B, dtype=basis_dtype, device=where)
+        if restarted == b:
+            # the whole block broke down: a new Krylov space starts from
+            # random vectors orthogonal to the basis
+            segment = (j + 1) * b
     assert theta is not None and S is not None and idx is not None
     Y = basis.combine(torch.as_tensor(S[:, idx], device=basis.device))
     return LanczosResult(
@@ -368,6 +390,102 @@ def lanczos(
         n_iter=steps,
         converged=converged,
     )
+
+
+def _restart_draw(
+    n: int, generator: torch.Generator | None, device: torch.device | str, where: torch.device, dtype: torch.dtype
+) -> Callable[[], Tensor]:
+    """A random unit-scale vector ``(n,)`` in the basis' dtype and device,
+    drawn in float64 on ``device`` from ``generator`` (as the start block)."""
+
+    def draw() -> Tensor:
+        return torch.randn(n, generator=generator, device=device, dtype=torch.float64).to(device=where, dtype=dtype)
+
+    return draw
+
+
+def _next_block(
+    W: Tensor, basis: _Basis, room: int, threshold: float, draw: Callable[[], Tensor]
+) -> tuple[Tensor, np.ndarray, int]:
+    """``W = Q B`` with orthonormal ``Q`` orthogonal to the basis, in place of
+    ``W`` (whose columns are orthogonal to the basis already).
+
+    The usual case is a QR factorization.  Where a column of ``W`` vanishes
+    (its norm, once the previous columns are removed, is at most
+    ``threshold``: the Krylov space of that column is invariant), ``Q`` gets
+    a random unit vector orthogonal to the basis and to the previous columns
+    instead, with a zero row in ``B``: the iteration goes on in the rest of
+    the space (a restart) instead of on a column of rounding noise.  Only
+    ``room`` columns fit (the space has dimension ``n``); the columns beyond
+    are zero.  Returns ``Q``, ``B`` (float64 NumPy) and the number of
+    columns replaced.
+    """
+    b = W.shape[1]
+    Q, R = torch.linalg.qr(W)
+    if room >= b and bool((R.diagonal().abs() > threshold).all()):
+        return Q, R.double().cpu().numpy(), 0
+    del Q
+    # Gram-Schmidt column by column (twice), in place
+    B = np.zeros((b, b))
+    replaced = 0
+    for i in range(b):
+        w = W[:, i : i + 1]
+        prev = W[:, :i]
+        for _ in range(2):
+            if i:
+                c = prev.T @ w
+                w.sub_(prev @ c)
+                B[:i, i] += c[:, 0].double().cpu().numpy()
+        norm = float(w.norm())
+        if i >= room:
+            w.zero_()
+        elif norm > threshold:
+            B[i, i] = norm
+            w.div_(norm)
+        else:
+            replaced += 1
+            w.copy_(draw()[:, None])
+            for _ in range(2):
+                basis.orthogonalize_(w)
+                if i:
+                    w.sub_(prev @ (prev.T @ w))
+            w.div_(w.norm())
+    return W, B, replaced
+
+
+def _complement_settled(
+    kth: float, alphas: list[np.ndarray], betas: list[np.ndarray], segment: int, which: str, slack: float
+) -> bool:
+    """After a breakdown: whether the rest of the space can still change the
+    wanted values.
+
+    A Krylov space from one start block holds each eigenvalue at most
+    ``b`` times; once it is invariant, further copies of the eigenvalues
+    it found (the only eigenvalues left, with a random start) lie in the
+    rest of the space.  That rest is explored from a random restart; the
+    extreme Ritz value of the latest Krylov space (``segment``: its first
+    column), once converged, bounds what the rest holds.  The wanted
+    values are final when the ``k``-th of them (``kth``) is at least as
+    extreme as that bound (up to ``slack``: copies tie).  ``betas`` ends
+    with the block ``B`` of the step just taken.
+    """
+    b = alphas[0].shape[0]
+    T = _block_tridiagonal(alphas, betas[:-1])[segment:, segment:]
+    values, U = scipy.linalg.eigh(T)
+    if which == "LA":
+        i = int(np.argmax(values))
+    elif which == "SA":
+        i = int(np.argmin(values))
+    else:
+        i = int(np.argmax(np.abs(values)))
+    if np.linalg.norm(betas[-1] @ U[-b:, i]) > slack:
+        return False  # the latest Krylov space's extreme has not converged yet
+    e = values[i]
+    if which == "LA":
+        return kth >= e - slack
+    if which == "SA":
+        return kth <= e + slack
+    return abs(kth) >= abs(e) - slack
 
 
 def _own(w: Tensor, q: Tensor) -> Tensor:
@@ -542,13 +660,9 @@ def _good_ritz(
     return np.asarray(values), np.asarray(residuals)
 
 
-def _ritz(alphas: list[np.ndarray], betas: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Eigen-decomposition of the (block) tridiagonal Lanczos matrix."""
+def _block_tridiagonal(alphas: list[np.ndarray], betas: list[np.ndarray]) -> np.ndarray:
+    """The (block) tridiagonal Lanczos matrix as a dense array."""
     b = alphas[0].shape[0]
-    if b == 1:
-        d = np.array([a[0, 0] for a in alphas])
-        e = np.array([bb[0, 0] for bb in betas])
-        return scipy.linalg.eigh_tridiagonal(d, e)
     m = len(alphas) * b
     T = np.zeros((m, m))
     for i, a in enumerate(alphas):
@@ -556,7 +670,27 @@ def _ritz(alphas: list[np.ndarray], betas: list[np.ndarray]) -> tuple[np.ndarray
     for i, bb in enumerate(betas):
         T[(i + 1) * b : (i + 2) * b, i * b : (i + 1) * b] = bb
         T[i * b : (i + 1) * b, (i + 1) * b : (i + 2) * b] = bb.T
-    return scipy.linalg.eigh(T)
+    return T
+
+
+def _ritz(alphas: list[np.ndarray], betas: list[np.ndarray], live: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition of the (block) tridiagonal Lanczos matrix.
+
+    Only the first ``live`` basis columns are vectors (the last block of a
+    basis that spans the whole space may end in zero columns, which would
+    add spurious zero eigenvalues): the eigenvectors have zero rows there.
+    """
+    b = alphas[0].shape[0]
+    m = len(alphas) * b
+    live = m if live is None else live
+    if b == 1:
+        d = np.array([a[0, 0] for a in alphas])
+        e = np.array([bb[0, 0] for bb in betas])
+        return scipy.linalg.eigh_tridiagonal(d, e)
+    theta, U = scipy.linalg.eigh(_block_tridiagonal(alphas, betas)[:live, :live])
+    if live < m:
+        U = np.vstack([U, np.zeros((m - live, live))])
+    return theta, U
 
 
 # --------------------------------------------------------------------------

@@ -342,6 +342,11 @@ def top_eigenvalues(
 ) -> EigenResult:
     """Top eigenpairs of the Hessian by Lanczos with full reorthogonalization.
 
+    ``k`` pairs come back also when the Hessian has fewer distinct
+    eigenvalues than ``k`` (a multiple of the identity, a rank-deficient
+    Hessian): where the Krylov space becomes invariant, Lanczos restarts
+    from a random vector orthogonal to the vectors found so far.
+
     Parameters
     ----------
     model : nn.Module
@@ -388,6 +393,9 @@ def top_eigenvalues(
         spurious Ritz values (loss of orthogonality) are removed by the
         Cullum-Willoughby test.  ``eigenvectors`` is then empty and
         ``block_size`` must be 1; it may need more products than the default.
+        Without a basis there is nothing to restart against: each distinct
+        eigenvalue comes back once, so a Hessian with fewer distinct
+        eigenvalues than ``k`` yields fewer values (``converged=False``).
         Memory: two vectors (``q_j`` and ``q_{j-1}``, in whose buffer the
         next product is formed: 2 P in the default dtype for a model of
         ``P`` parameter bytes; three where the products cannot be added in
