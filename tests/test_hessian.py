@@ -424,3 +424,23 @@ def test_top_eigenvalues_returns_k_values_when_the_hessian_has_fewer_distinct_on
     Y = torch.stack([torch.cat([v.reshape(-1) for v in vec]) for vec in r.eigenvectors], dim=1)
     assert torch.allclose(Y.T @ Y, torch.eye(k, dtype=DT), atol=1e-10)
     assert torch.allclose(H @ Y, Y * r.eigenvalues, atol=1e-9)
+
+
+@pytest.mark.parametrize("low_memory, block_size", [(False, 1), (False, 2), (True, 1)])
+def test_too_few_lanczos_steps_for_k_is_refused_up_front(low_memory, block_size):
+    model = mlp()
+    batches = classification_batches((6,), (5,), 4)
+    snap = snapshot(model)
+    calls = []
+
+    def counting(z, y):
+        calls.append(1)
+        return F.cross_entropy(z, y)
+
+    with pytest.raises(ValueError, match="max_iter"):
+        hessian.top_eigenvalues(model, batches, k=5, max_iter=2, block_size=block_size,
+                                low_memory=low_memory, loss_fn=counting)
+    with pytest.raises(ValueError, match="max_iter"):
+        flatness.sharpness(model, batches, kind="hessian_max_eig", max_iter=0, loss_fn=counting)
+    assert calls == []
+    assert_unchanged(model, snap)

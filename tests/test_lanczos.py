@@ -457,3 +457,21 @@ def test_block_size_that_does_not_divide_the_dimension(n, block_size):
     Y = res.eigenvectors
     assert torch.allclose(Y.T @ Y, torch.eye(k, dtype=DT), atol=1e-10)
     assert torch.allclose(A @ Y, Y * res.eigenvalues, atol=1e-9)
+
+
+@pytest.mark.parametrize("store_basis", [True, False])
+def test_too_few_steps_for_k_values_is_refused_before_any_product(store_basis):
+    A = torch.diag(torch.arange(1.0, 21.0, dtype=DT))
+    calls = []
+
+    def mm(V):
+        calls.append(V.shape[1])
+        return A @ V
+
+    b = 2 if store_basis else 1
+    with pytest.raises(ValueError, match=r"max_iter \* block_size.*k=5"):
+        lanczos(mm, 20, 5, max_iter=2, block_size=b, store_basis=store_basis)
+    assert calls == []
+    res = lanczos(mm, 20, 4, max_iter=4 // b, block_size=b, store_basis=store_basis,
+                  generator=torch.Generator().manual_seed(0))  # just enough: runs
+    assert res.n_matvec == 4

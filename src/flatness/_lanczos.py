@@ -238,7 +238,8 @@ def lanczos(
         at most the residual, and about ``residual**2 / gap`` once converged.
     max_iter : int, optional
         Maximum number of steps (default ``max(20 * k, 100)``); each step
-        costs ``block_size`` products.
+        costs ``block_size`` products.  ``max_iter * block_size < k``
+        raises ``ValueError`` (that few vectors cannot give ``k`` values).
     block_size : int
         Vectors per step (all computed in one ``matmat`` call).  ``1`` needs
         the fewest products; larger blocks find clustered eigenvalues more
@@ -298,6 +299,11 @@ def lanczos(
         raise ValueError(f"store_basis=False runs single-vector Lanczos: block_size must be 1, got {block_size}")
     if max_iter is None:
         max_iter = max(20 * k, 100)
+    elif max_iter * block_size < k:
+        raise ValueError(
+            f"max_iter * block_size = {max_iter} * {block_size} Lanczos vectors cannot give k={k} eigenvalues: "
+            f"raise max_iter to at least {math.ceil(k / block_size)}"
+        )
     b = block_size
     where = torch.device(device if basis_device is None else basis_device)
     if v0 is None:

@@ -359,7 +359,8 @@ def top_eigenvalues(
         ``tol**2 * |lambda|**2 / gap``.
     max_iter : int, optional
         Maximum Lanczos steps (default ``max(20 k, 100)``); each costs
-        ``block_size`` products.
+        ``block_size`` products.  At least ``k / block_size`` (fewer
+        vectors cannot give ``k`` values: ``ValueError``).
     which : {"LA", "LM", "SA"}
         Largest algebraic (default: the sharpest directions), largest
         magnitude, or smallest algebraic (most negative curvature).
@@ -428,6 +429,11 @@ def top_eigenvalues(
         raise TypeError(f"low_memory must be a bool, got {low_memory!r}")
     if low_memory and block_size != 1:
         raise ValueError(f"low_memory=True runs single-vector Lanczos: block_size must be 1, got {block_size}")
+    if max_iter is not None and max_iter * block_size < k:
+        raise ValueError(
+            f"max_iter * block_size = {max_iter} * {block_size} Lanczos vectors cannot give k={k} eigenvalues: "
+            f"raise max_iter to at least {math.ceil(k / block_size)} (or block_size)"
+        )
     if basis_device is not None:
         basis_device = torch.device(basis_device)
     bar = product_bar(progress, "lanczos")
