@@ -227,3 +227,40 @@ def test_cuda_matches_cpu():
     cpu = CurvatureOperator(model, batch).matvec(v)
     gpu = CurvatureOperator(model.cuda(), batch).matvec(v.cuda())
     assert torch.allclose(cpu, gpu.cpu(), atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.complex64, torch.int64, torch.int32, torch.bool])
+def test_vectors_that_are_not_real_floating_point_are_refused(dtype):
+    # A complex vector lost its imaginary part, an integer one came back
+    # truncated to integers (all zeros here): both are refused up front.
+    model = mlp()
+    batch = classification_batches((6,), (5,), 4)[0]
+    snap = snapshot(model)
+    calls = []
+
+    def counting(z, y):
+        calls.append(1)
+        return F.cross_entropy(z, y)
+
+    vectors = [torch.ones(p.shape, dtype=dtype) for p in model.parameters()]
+    with pytest.raises(TypeError, match=rf"vectors\[0\] must be a real floating-point tensor.*{dtype}"):
+        hessian.hvp(model, batch, vectors, loss_fn=counting)
+    op = CurvatureOperator(model, batch, loss_fn=counting)
+    n = op.shape[0]
+    V = torch.ones(n, 2, dtype=dtype)
+    for product in (op.matmat, op.quadratic_forms, op.__matmul__):
+        with pytest.raises(TypeError, match=rf"V must be a real floating-point tensor.*{dtype}"):
+            product(V)
+    for product in (op.matvec, op.__matmul__):
+        with pytest.raises(TypeError, match="v must be a real floating-point tensor"):
+            product(V[:, 0])
+    with pytest.raises(TypeError, match="v must be a real floating-point tensor"):
+        op.matvec_update(V[:, 0], torch.zeros(n, dtype=DT), 0.5)
+    with pytest.raises(TypeError, match="out must be a real floating-point tensor"):
+        op.matvec_update(torch.ones(n, dtype=DT), V[:, 0], 0.5)
+    assert calls == [] and op.n_hvp == 0
+    assert_unchanged(model, snap)
+    # every real floating dtype is accepted (computed in the parameters' dtype)
+    v = torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(0))
+    H = dense_hessian(model, [batch], loss_fn=counting)
+    assert torch.allclose(op.matvec(v.float()).double(), H @ v.float().double(), rtol=1e-5, atol=1e-6)

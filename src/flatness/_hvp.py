@@ -141,6 +141,17 @@ def _forms_of(tangents: Tangents, products: Tangents) -> Tangents:
     return (out,)
 
 
+def check_real_floating(t: Tensor, what: str) -> None:
+    """Refuse vectors that are not real floating point: an integer or bool
+    vector would be cast to the parameters' dtype and its product cast back
+    (truncated to integers), a complex one would lose its imaginary part."""
+    if not t.is_floating_point():
+        hint = (": the curvature of a real loss acts on real vectors, so multiply the real and imaginary "
+                "parts separately" if t.is_complex() else ": convert it with .to(torch.float64) or the "
+                "parameters' dtype")
+        raise TypeError(f"{what} must be a real floating-point tensor, got dtype {t.dtype}{hint}")
+
+
 def _is_one_shot(data: Any) -> bool:
     # A generator or iterator is exhausted after one pass; the operator needs
     # one pass per product.  A single batch (a pair) is fine.  No iter(data)
@@ -599,13 +610,15 @@ class CurvatureOperator:
     def matmat(self, V: Tensor, out: Tensor | None = None) -> Tensor:
         """``C V`` for flat vectors as the columns of ``V`` (shape ``(n, k)``).
 
-        ``V`` may have any floating dtype; the product is computed in the
-        parameters' dtype and returned in ``V``'s dtype.  ``out``, of
+        ``V`` may have any real floating dtype (another dtype raises
+        ``TypeError``); the product is computed in the parameters' dtype
+        and returned in ``V``'s dtype.  ``out``, of
         ``V``'s shape and dtype with its columns stored one after another
         (the transpose of a contiguous ``(k, n)`` tensor, as the library's
         estimators store vectors), receives the result: the double-backward
         engine writes the products there directly.
         """
+        check_real_floating(V, "V")
         if V.dim() != 2 or V.shape[0] != self.shape[0]:
             raise ValueError(f"expected a matrix of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
         # The columns unflatten into views (no copy of the k vectors); stored
@@ -645,6 +658,8 @@ class CurvatureOperator:
         ``q_{j-1}``).  Otherwise the product is formed and added.
         """
         n = self.shape[0]
+        check_real_floating(v, "v")
+        check_real_floating(out, "out")
         if v.shape != (n,) or out.shape != (n,):
             raise ValueError(f"expected vectors of shape ({n},), got {tuple(v.shape)} and {tuple(out.shape)}")
         same = {(v.dtype, v.device), (out.dtype, out.device)} == {(self.dtype, self.device)}
@@ -670,6 +685,7 @@ class CurvatureOperator:
         parameter size less than :meth:`matmat`); the other engine forms the
         products and dots them.
         """
+        check_real_floating(V, "V")
         if V.dim() != 2 or V.shape[0] != self.shape[0]:
             raise ValueError(f"expected a matrix of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
         (f,) = self.apply(self.unflatten(V.to(device=self.device, dtype=self.dtype)), forms=True)
@@ -677,6 +693,7 @@ class CurvatureOperator:
 
     def matvec(self, v: Tensor) -> Tensor:
         """``C v`` for one flat vector of shape ``(n,)``."""
+        check_real_floating(v, "v")
         if v.dim() != 1:
             raise ValueError(f"expected a vector of shape ({self.shape[0]},), got {tuple(v.shape)}")
         return self.matmat(v[:, None])[:, 0]

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from flatness._checks import check_bool, check_int, product_bar
 from flatness._functional import LossFn, grad_enabled
-from flatness._hvp import CurvatureOperator
+from flatness._hvp import CurvatureOperator, check_real_floating
 from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
 from flatness._minimum import MinimumSharpnessResult, minimum_sharpness
 from flatness._results import ResultMixin
@@ -273,7 +273,9 @@ def hvp(
     vectors : sequence of Tensor
         One tensor per selected parameter, shaped like it (one vector) or
         with an extra leading dimension ``k`` (``k`` vectors, computed in one
-        batched pass).
+        batched pass).  Real floating point of any precision (computed in
+        the parameters' dtype); complex, integer or bool tensors raise
+        ``TypeError``.
     loss_fn, params, n_batches, train
         As everywhere in the library.
     curvature : {"hessian", "ggn"}
@@ -289,12 +291,15 @@ def hvp(
     list of Tensor
         The products, shaped like ``vectors``.
     """
+    vectors = list(vectors)
+    for i, v in enumerate(vectors):
+        if isinstance(v, Tensor):
+            check_real_floating(v, f"vectors[{i}]")
     op = CurvatureOperator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
         n_batches=n_batches, train=train, chunk_size=chunk_size, engine=engine,
     )
     shapes = [p.shape for p in op.params.params]
-    vectors = list(vectors)
     if len(vectors) != len(shapes) or not all(isinstance(v, Tensor) for v in vectors):
         raise ValueError(
             f"vectors must be {len(shapes)} tensors, one per selected parameter ({', '.join(op.params.names)})"
