@@ -264,3 +264,34 @@ def test_vectors_that_are_not_real_floating_point_are_refused(dtype):
     v = torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(0))
     H = dense_hessian(model, [batch], loss_fn=counting)
     assert torch.allclose(op.matvec(v.float()).double(), H @ v.float().double(), rtol=1e-5, atol=1e-6)
+
+
+def test_vectors_follow_the_order_of_params_as_given():
+    model = mlp()  # 0.weight, 0.bias, 2.weight, 2.bias
+    batch = classification_batches((6,), (5,), 4)[0]
+    H = dense_hessian(model, [batch])  # model.parameters() order
+    named = dict(model.named_parameters())
+    offsets, i = {}, 0
+    for name, p in named.items():
+        offsets[name] = slice(i, i + p.numel())
+        i += p.numel()
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        (["2.bias", model[0], "2.weight"], ["2.bias", "0.weight", "0.bias", "2.weight"]),
+        ([model[2].weight, "0.weight"], ["2.weight", "0.weight"]),  # a subset: the block of H
+        ((p for p in reversed(list(model.parameters()))), ["2.bias", "2.weight", "0.bias", "0.weight"]),
+        (["0.bias", "0.bias", model[0]], ["0.bias", "0.weight"]),  # first place counts
+        (None, list(named)),
+    ]
+    for params, order in cases:
+        vs = [torch.randn(2, *named[n].shape, dtype=DT, generator=g) for n in order]
+        out = hessian.hvp(model, batch, vs, params=params)
+        rows = torch.cat([torch.arange(H.shape[0])[offsets[n]] for n in order])
+        block = H[rows][:, rows]
+        flat = torch.cat([v.reshape(2, -1) for v in vs], dim=1)
+        want = flat @ block
+        got = torch.cat([o.reshape(2, -1) for o in out], dim=1)
+        assert [o.shape for o in out] == [v.shape for v in vs]
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), order
+    with pytest.raises(ValueError, match="in this order: 2.bias, 0.weight"):
+        hessian.hvp(model, batch, [torch.zeros(3, dtype=DT)], params=["2.bias", "0.weight"])

@@ -63,6 +63,45 @@ class ParamSet:
         return dict(zip(self.names, tensors, strict=True))
 
 
+def _wanted(params: Any, by_id: dict[int, str], by_name: dict[str, Tensor]) -> dict[int, None]:
+    """The ids of the tensors that ``params`` (an iterable of tensors, names
+    or modules) names, in the order given (the first time each appears)."""
+    if isinstance(params, (Tensor, str, nn.Module)):
+        params = [params]
+    wanted: dict[int, None] = {}
+    for item in params:
+        if isinstance(item, str):
+            if item not in by_name:
+                close = difflib.get_close_matches(item, list(by_name), n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise ValueError(f"unknown parameter name {item!r}{hint}")
+            wanted[id(by_name[item])] = None
+        elif isinstance(item, nn.Module):
+            # A module of another model: its parameters would otherwise be
+            # skipped in silence (a module that only groups the model's own
+            # parameters, such as a ModuleList built outside it, is fine).
+            foreign = [n for n, p in item.named_parameters() if id(p) not in by_id]
+            if foreign:
+                raise ValueError(
+                    f"params= contains a {type(item).__name__} whose parameters {foreign[:3]} are "
+                    "not parameters of model; pass model's own submodules, parameters or names"
+                )
+            for p in item.parameters():
+                if p.requires_grad:
+                    wanted[id(p)] = None
+        elif isinstance(item, Tensor):
+            if id(item) not in by_id:
+                raise ValueError("params= contains a tensor that is not a parameter of model")
+            wanted[id(item)] = None
+        elif isinstance(item, Mapping) and "params" in item:
+            raise TypeError("params= takes tensors, names or modules, not param-group dicts")
+        else:
+            raise TypeError(
+                f"params= items must be tensors, names or modules, got {type(item).__name__}"
+            )
+    return wanted
+
+
 def select_params(model: nn.Module, params: Iterable[Any] | None = None, *, sharded: bool = False) -> ParamSet:
     """Resolve the ``params=`` argument of the public functions.
 
@@ -117,39 +156,7 @@ def select_params(model: nn.Module, params: Iterable[Any] | None = None, *, shar
                 "explicitly to measure with respect to frozen parameters"
             )
     else:
-        if isinstance(params, (Tensor, str, nn.Module)):
-            params = [params]
-        wanted: dict[int, None] = {}
-        for item in params:
-            if isinstance(item, str):
-                if item not in by_name:
-                    close = difflib.get_close_matches(item, list(by_name), n=3)
-                    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-                    raise ValueError(f"unknown parameter name {item!r}{hint}")
-                wanted[id(by_name[item])] = None
-            elif isinstance(item, nn.Module):
-                # A module of another model: its parameters would otherwise be
-                # skipped in silence (a module that only groups the model's own
-                # parameters, such as a ModuleList built outside it, is fine).
-                foreign = [n for n, p in item.named_parameters() if id(p) not in by_id]
-                if foreign:
-                    raise ValueError(
-                        f"params= contains a {type(item).__name__} whose parameters {foreign[:3]} are "
-                        "not parameters of model; pass model's own submodules, parameters or names"
-                    )
-                for p in item.parameters():
-                    if p.requires_grad:
-                        wanted[id(p)] = None
-            elif isinstance(item, Tensor):
-                if id(item) not in by_id:
-                    raise ValueError("params= contains a tensor that is not a parameter of model")
-                wanted[id(item)] = None
-            elif isinstance(item, Mapping) and "params" in item:
-                raise TypeError("params= takes tensors, names or modules, not param-group dicts")
-            else:
-                raise TypeError(
-                    f"params= items must be tensors, names or modules, got {type(item).__name__}"
-                )
+        wanted = _wanted(params, by_id, by_name)
         chosen = [(n, p) for n, p in named if id(p) in wanted]
         if not chosen:
             raise ValueError("params= selects no parameters")
@@ -178,6 +185,20 @@ def select_params(model: nn.Module, params: Iterable[Any] | None = None, *, shar
         refuse_sharded(chosen, "flatness")
     names, tensors = zip(*chosen)
     return ParamSet(tuple(names), tuple(tensors))
+
+
+def given_order(model: nn.Module, params: Iterable[Any] | None, ps: ParamSet) -> list[int]:
+    """Positions in ``ps`` (which follows ``model.parameters()``) of the
+    selected parameters in the order ``params`` gives them (a module's in
+    its own order, a tensor named twice at its first place); ``params=None``
+    gives ``ps``'s own order."""
+    if params is None:
+        return list(range(len(ps.params)))
+    module = unwrap(model)
+    by_id = {id(p): n for n, p in module.named_parameters()}
+    position = {id(p): i for i, p in enumerate(ps.params)}
+    wanted = _wanted(params, by_id, dict(module.named_parameters(remove_duplicate=False)))
+    return [position[i] for i in wanted if i in position]
 
 
 def moved_state(model: nn.Module, ps: ParamSet, device: torch.device) -> dict[str, Tensor]:

@@ -31,6 +31,7 @@ from flatness._functional import LossFn, grad_enabled
 from flatness._hvp import CurvatureOperator, check_real_floating
 from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
 from flatness._minimum import MinimumSharpnessResult, minimum_sharpness
+from flatness._params import given_order
 from flatness._results import ResultMixin
 from flatness._rng import private_rng
 
@@ -273,7 +274,11 @@ def hvp(
     vectors : sequence of Tensor
         One tensor per selected parameter, shaped like it (one vector) or
         with an extra leading dimension ``k`` (``k`` vectors, computed in one
-        batched pass).  Real floating point of any precision (computed in
+        batched pass), in the order of ``params`` as given (a module's
+        parameters in the order of its ``parameters()``; a parameter given
+        twice counts at its first place), or of ``model.parameters()``
+        (those with ``requires_grad``) when ``params`` is ``None``: the
+        vector is the concatenation of the pieces in that order.  Real floating point of any precision (computed in
         the parameters' dtype); complex, integer or bool tensors raise
         ``TypeError``.
     loss_fn, params, n_batches, train
@@ -289,21 +294,24 @@ def hvp(
     Returns
     -------
     list of Tensor
-        The products, shaped like ``vectors``.
+        The products, shaped like ``vectors`` and in their order.
     """
     vectors = list(vectors)
     for i, v in enumerate(vectors):
         if isinstance(v, Tensor):
             check_real_floating(v, f"vectors[{i}]")
+    if params is not None and not isinstance(params, (Tensor, str, nn.Module)):
+        params = list(params)  # read twice: the selection, then its order
     op = CurvatureOperator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
         n_batches=n_batches, train=train, chunk_size=chunk_size, engine=engine,
     )
-    shapes = [p.shape for p in op.params.params]
+    # the vectors follow params= as given; the operator, model.parameters()
+    order = given_order(model, params, op.params)
+    shapes = [op.params.params[i].shape for i in order]
     if len(vectors) != len(shapes) or not all(isinstance(v, Tensor) for v in vectors):
-        raise ValueError(
-            f"vectors must be {len(shapes)} tensors, one per selected parameter ({', '.join(op.params.names)})"
-        )
+        names = ", ".join(op.params.names[i] for i in order)
+        raise ValueError(f"vectors must be {len(shapes)} tensors, one per selected parameter, in this order: {names}")
     if all(v.shape == s for v, s in zip(vectors, shapes)):
         batched = False
     elif all(v.dim() == len(s) + 1 and v.shape[1:] == s for v, s in zip(vectors, shapes)) and len(
@@ -315,11 +323,11 @@ def hvp(
             "each vector must have its parameter's shape, or (k, *shape) for k vectors; "
             f"parameters have shapes {[tuple(s) for s in shapes]}, got {[tuple(v.shape) for v in vectors]}"
         )
-    tangents = tuple(
-        (v if batched else v.unsqueeze(0)).to(device=op.device, dtype=op.dtype) for v in vectors
-    )
-    out = op.apply(tangents)
-    return [o if batched else o[0] for o in out]
+    tangents: list[Tensor] = [torch.empty(0)] * len(order)
+    for i, v in zip(order, vectors):
+        tangents[i] = (v if batched else v.unsqueeze(0)).to(device=op.device, dtype=op.dtype)
+    out = op.apply(tuple(tangents))
+    return [out[i] if batched else out[i][0] for i in order]
 
 
 @grad_enabled
