@@ -444,3 +444,31 @@ def test_too_few_lanczos_steps_for_k_is_refused_up_front(low_memory, block_size)
         flatness.sharpness(model, batches, kind="hessian_max_eig", max_iter=0, loss_fn=counting)
     assert calls == []
     assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("seed, exc", [("x", TypeError), (1.5, TypeError), (True, TypeError), (2**70, ValueError)])
+def test_a_bad_seed_is_refused_before_any_work(seed, exc):
+    model = mlp(sizes=(4, 6, 3), act=nn.ReLU)
+    batches = classification_batches((6,), (4,), 3)
+    snap = snapshot(model)
+    calls = []
+
+    def counting(z, y):
+        calls.append(1)
+        return F.cross_entropy(z, y)
+
+    for fn, kwargs in [
+        (hessian.top_eigenvalues, {}),
+        (hessian.trace, {}),
+        (hessian.trace, {"method": "exact"}),
+        (hessian.spectral_density, {}),
+        (hessian.minimum_sharpness, {}),
+        (hessian.minimum_sharpness, {"method": "hutchinson"}),
+        (hessian.CurvatureOperator, {}),
+    ]:
+        with pytest.raises(exc, match="seed"):
+            fn(model, batches, seed=seed, loss_fn=counting, **kwargs)
+    with pytest.raises(exc, match="seed"):
+        flatness.sharpness(model, batches, kind="hessian_max_eig", seed=seed, loss_fn=counting)
+    assert calls == []
+    assert_unchanged(model, snap)

@@ -75,7 +75,7 @@ from flatness._products import (
     modules_without_second_derivatives,
     reverse_only_modules,
 )
-from flatness._rng import private_rng
+from flatness._rng import check_seed, private_rng
 
 __all__ = ["ENGINES", "CurvatureOperator"]
 
@@ -252,6 +252,7 @@ class CurvatureOperator:
         elif not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         check_int("chunk_size", chunk_size, allow_none=True)
+        check_seed(seed)
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
         if not isinstance(train, bool):

@@ -28,7 +28,7 @@ from flatness._gn_diagonal import _check_gn_outputs, _check_gn_structure, _gn_di
 from flatness._hvp import CurvatureOperator
 from flatness._rescaling import _blocks, _chain, _check_invariance, _check_structure, minimize_rescaled_trace
 from flatness._results import ResultMixin
-from flatness._rng import private_rng
+from flatness._rng import check_seed, private_rng
 
 __all__ = ["MinimumSharpnessResult", "minimize_rescaled_trace", "minimum_sharpness"]
 
@@ -201,6 +201,7 @@ def minimum_sharpness(
     check_int("batch", batch, 1)
     check_bool("progress", progress)
     check_int("chunk_size", chunk_size, allow_none=True)
+    check_seed(seed)
     if params is not None:
         raise ValueError(
             "minimum sharpness is defined over all weights and biases of the ReLU chain; "

@@ -33,7 +33,7 @@ from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutc
 from flatness._minimum import MinimumSharpnessResult, minimum_sharpness
 from flatness._params import given_order
 from flatness._results import ResultMixin
-from flatness._rng import private_rng
+from flatness._rng import check_seed, private_rng
 
 __all__ = [
     "CurvatureOperator",
@@ -434,6 +434,7 @@ def top_eigenvalues(
     if max_iter is not None:
         check_int("max_iter", max_iter, 1)
     check_int("block_size", block_size, 1)
+    check_seed(seed)
     if which not in ("LA", "LM", "SA"):
         raise ValueError(f"which must be 'LA', 'LM' or 'SA', got {which!r}")
     if basis_dtype is not None and basis_dtype not in (torch.float32, torch.float64):
@@ -590,6 +591,7 @@ def trace(
     n_samples = 90 if n_samples is None else n_samples
     check_int("n_samples", n_samples, 4 if method == "hutch++" else 2)
     check_int("batch", batch, 1, allow_none=True)
+    check_seed(seed)
     if sketch is not None:
         if method != "hutch++":
             raise ValueError(f"flatness.hessian.trace: option sketch= applies to method='hutch++' only, got {method!r}")
@@ -691,6 +693,7 @@ def spectral_density(
     check_int("n_vectors", n_vectors, 1)
     check_int("n_steps", n_steps, 1)
     check_int("grid_size", grid_size, 2)
+    check_seed(seed)
     if sigma is not None:
         _check_positive("sigma", sigma)
     bar = product_bar(progress, "slq")
