@@ -295,3 +295,29 @@ def test_vectors_follow_the_order_of_params_as_given():
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), order
     with pytest.raises(ValueError, match="in this order: 2.bias, 0.weight"):
         hessian.hvp(model, batch, [torch.zeros(3, dtype=DT)], params=["2.bias", "0.weight"])
+
+
+@pytest.mark.parametrize("data", ["one", "several"])
+def test_a_parameter_replaced_after_construction_is_refused(data):
+    model = mlp()
+    batches = classification_batches((6, 5, 4, 3, 2, 2), (5,), 4)
+    batches = batches[0] if data == "one" else batches
+    op = CurvatureOperator(model, batches)
+    v = torch.randn(op.shape[0], dtype=DT, generator=torch.Generator().manual_seed(0))
+    before = op.matvec(v)
+    # values changed in place are seen (the kept graph is rebuilt)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    changed = op.matvec(v)
+    assert not torch.allclose(changed, before)
+    assert torch.allclose(changed, dense_hessian(model, batches if data == "several" else [batches]) @ v,
+                          rtol=1e-10, atol=1e-12)
+    # a replaced parameter would give the curvature at the old tensor
+    model[0].weight = nn.Parameter(model[0].weight.detach() * 2)
+    for product in (lambda: op.matvec(v), lambda: op.matmat(v[:, None]), lambda: op.quadratic_forms(v[:, None]),
+                    lambda: op.matvec_update(v, torch.zeros_like(v), 0.0), op.prepare):
+        with pytest.raises(RuntimeError, match=r"'0\.weight'.*replaced.*new CurvatureOperator"):
+            product()
+    fresh = CurvatureOperator(model, batches).matvec(v)
+    assert torch.allclose(fresh, dense_hessian(model, batches if data == "several" else [batches]) @ v,
+                          rtol=1e-10, atol=1e-12)

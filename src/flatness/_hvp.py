@@ -171,7 +171,9 @@ class CurvatureOperator:
         The network.  Each product runs under
         :class:`~flatness._guard.ModelGuard`, so the model is in eval mode
         (unless ``train=True``) only while a product runs and comes back
-        unchanged after each.
+        unchanged after each.  Products see the parameters' current values
+        (changed in place, e.g. by an optimizer step); a parameter replaced
+        by another tensor after construction raises ``RuntimeError``.
     data : batch or re-iterable of batches
         One batch or a list / ``DataLoader`` of batches; re-streamed for every
         product.  With several batches the operator is the size-weighted
@@ -346,6 +348,7 @@ class CurvatureOperator:
         With ``forms=True`` the result is instead the one-element tuple of
         the quadratic forms ``v_i . C v_i`` (float64, shape ``(k,)``): the
         double-backward engine then never holds a product vector."""
+        self._check_current()
         k = int(tangents[0].shape[0])
         ps = self.params
         if forms:
@@ -432,6 +435,21 @@ class CurvatureOperator:
                 return 1, list(first[1])
             acc = _scaled(first, out)  # ranks are weighted by their sizes
         return total, acc
+
+    def _check_current(self) -> None:
+        """Refuse to compute with parameters the model no longer holds: the
+        operator differentiates the tensors selected at construction, so a
+        parameter replaced since (``module.weight = nn.Parameter(...)``,
+        ``load_state_dict(..., assign=True)``) would silently give the
+        curvature at the old values.  Values changed in place are fine."""
+        now = dict(unwrap(self.model).named_parameters(remove_duplicate=False))
+        for name, p in zip(self.params.names, self.params.params):
+            if now.get(name) is not p:
+                raise RuntimeError(
+                    f"parameter {name!r} of the model was replaced (or removed) after this CurvatureOperator "
+                    "was created, which would compute with the old tensor; create a new CurvatureOperator "
+                    "(values changed in place, e.g. by an optimizer step, are seen without one)"
+                )
 
     def _state_key(self) -> tuple[Any, ...]:
         # Kept graphs hold the values the parameters and buffers had when
@@ -590,6 +608,7 @@ class CurvatureOperator:
         run backward passes through the kept graphs.  Optional: the first
         product does the same otherwise.
         """
+        self._check_current()
         if self._kept is not None and self._kept_key == self._state_key():
             return
         ps = self.params
