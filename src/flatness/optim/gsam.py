@@ -304,8 +304,8 @@ class LookSAM(SAM):
 
     @torch.no_grad()
     def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
-        """SAM's ascent; keeps a copy of ``g`` for ``g_v`` (in buffers reused
-        across full steps: fresh multi-megabyte tensors cost page faults)."""
+        """SAM's ascent; keeps a copy of ``g`` for ``g_v`` (in a buffer that
+        becomes ``g_v``'s at the end of the step)."""
         self._stage.variant.first = [(g.group, list(g.params), self._buffers("g", g.params, g.grads)) for g in groups]
         return super().ascent_direction(groups)
 
@@ -401,13 +401,13 @@ class LookSAM(SAM):
             return
         for (_, params, _), vs in zip(first, gvs):
             for p, v in zip(params, vs):
-                old = self.extra_state[p].get("looksam_gv")
                 self.extra_state[p]["looksam_gv"] = v
                 if self._bufs.get(("g", p)) is v:  # v lives in the g buffer: hand that over
-                    if old is not None:
-                        self._bufs[("g", p)] = old
-                    else:
-                        del self._bufs[("g", p)]
+                    # and let the previous g_v go: a spare kept for the
+                    # next full step would hold one parameter size through
+                    # every step (the goal is at most 2 beyond the base
+                    # optimizer's state: SAM's weight buffer and g_v)
+                    del self._bufs[("g", p)]
         self._gv_norm = None
 
     def step(self, closure: Callable[[], Any] | None = None, *, scaler: Any = None) -> Any:  # type: ignore[override]

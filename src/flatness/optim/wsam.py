@@ -173,7 +173,8 @@ class FriendlySAM(SAM):
     in :attr:`extra_state` (saved by ``state_dict``) and only updated when
     the step completes (an abandoned step or one skipped by a
     ``GradScaler`` leaves it as it was).  Cost: two passes, as SAM, plus
-    the moving average; memory: ``m`` and one reused buffer for ``d``.
+    the moving average; memory: ``m`` between steps, and a buffer for
+    ``d`` during one.
 
     Parameters
     ----------
@@ -270,5 +271,9 @@ class FriendlySAM(SAM):
         super().second_step(False, scaler=scaler)
         if pending and not fam.skipped_by(scaler, self._all_params()):
             self._commit(pending)
+        # d's buffers are released with the step: kept for the next one they
+        # would hold one parameter size between steps beside SAM's weight
+        # buffer and m (the goal is at most 2 beyond the base optimizer's)
+        self._bufs.clear()
         if zero_grad:
             self.zero_grad()
