@@ -278,9 +278,9 @@ def hvp(
         parameters in the order of its ``parameters()``; a parameter given
         twice counts at its first place), or of ``model.parameters()``
         (those with ``requires_grad``) when ``params`` is ``None``: the
-        vector is the concatenation of the pieces in that order.  Real floating point of any precision (computed in
-        the parameters' dtype); complex, integer or bool tensors raise
-        ``TypeError``.
+        vector is the concatenation of the pieces in that order.  Real
+        floating point of any precision (computed in the parameters'
+        dtype); complex, integer or bool tensors raise ``TypeError``.
     loss_fn, params, n_batches, train
         As everywhere in the library.
     curvature : {"hessian", "ggn"}
