@@ -267,6 +267,18 @@ def test_params_selection_and_dataloader_batches():
     assert r2.settings["params"] == ["2.weight", "2.bias"]
 
 
+@pytest.mark.parametrize("kind", ["hessian_max_eig", "hessian_trace"])
+def test_curvature_kinds_take_params_as_a_generator(kind):
+    """``params=model.head.parameters()`` (a one-shot generator) selects
+    what the list of the same tensors selects."""
+    model, data = mlp(6), batch(6)
+    listed = flatness.sharpness(model, data, kind=kind, params=list(model[2].parameters()))
+    generated = flatness.sharpness(model, data, kind=kind, params=model[2].parameters())
+    assert generated.settings["params"] == listed.settings["params"] == ["2.weight", "2.bias"]
+    assert generated.value == listed.value
+    assert generated.clean_loss == listed.clean_loss
+
+
 def test_params_tied_names_and_foreign_modules():
     """A tied tensor is selected by any of its names (``state_dict`` lists
     them all); a module of another model is refused, not skipped."""

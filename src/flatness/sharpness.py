@@ -508,6 +508,8 @@ def _curvature_kind(kind: str, measure: Any) -> SharpnessFn:
            params: Any = None, seed: int | None = 0, n_batches: int | None = None,
            progress: bool = False, train: bool = False, **options: Any) -> Any:
         start = time.perf_counter()
+        if params is not None and not isinstance(params, (Tensor, str, nn.Module)):
+            params = list(params)  # read twice: the measure, then the clean loss
         common = dict(loss_fn=loss_fn, params=params, n_batches=n_batches, train=train, seed=seed)
         value, settings, n_hvp = measure(model, data, progress=progress, **common, **options)
         loss, total = _clean_loss(_hessian._operator(model, data, **common))
