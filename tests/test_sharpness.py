@@ -5,6 +5,7 @@ import math
 
 import cases
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -504,6 +505,30 @@ def test_bad_inputs_raise_clear_errors_before_changing_anything():
         flatness.sharpness(model, data, kind="l2", rho=0.1,
                            loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="none"))
     assert_same(model, snap)
+
+
+def test_rho_from_numpy_is_a_number():
+    """A radius taken from a NumPy array (an element of a float32 grid) is
+    the same radius as the Python float; a large finite one is not called
+    infinite."""
+    model, data = mlp(0), batch(0)
+    rho = np.linspace(0.01, 0.05, 3, dtype=np.float32)[1]
+    plain = flatness.sharpness(model, data, kind="linf", rho=float(rho), n_iters=3)
+    for given in (rho, np.float16(0.03)):
+        r = flatness.sharpness(model, data, kind="linf", rho=given, n_iters=3)
+        assert type(r.rho) is float
+        if given == rho:
+            assert r.rho == float(rho) and r.value == plain.value
+    with pytest.raises(TypeError, match="rho must be a real number"):
+        flatness.sharpness(model, data, kind="linf", rho="0.01")
+    with pytest.raises(TypeError, match="rho must be a real number"):
+        flatness.sharpness(model, data, kind="linf", rho=True)
+    with pytest.raises(ValueError, match="rho must be finite, got inf"):
+        flatness.sharpness(model, data, kind="linf", rho=np.float64("inf"))
+    r = flatness.sharpness(nn.Linear(5, 3).double(), data, kind="avg_l2", rho=1e-300, n_samples=2)
+    assert r.rho == 1e-300
+    with pytest.raises(NonFiniteLossError):  # finite, so measured (and the loss overflows)
+        flatness.sharpness(model, data, kind="linf", rho=1e300, n_iters=2)
 
 
 def test_non_finite_loss_is_reported_not_averaged():

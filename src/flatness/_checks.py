@@ -6,6 +6,7 @@ curvature-vector products)."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -115,11 +116,15 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_rho(rho: float, *, allow_zero: bool = False) -> float:
-    """Validate a perturbation radius."""
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
-        raise TypeError(f"rho must be a number, got {type(rho).__name__}")
+    """Validate a perturbation radius; returns it as a Python float.
+
+    Any real number is accepted (NumPy scalars such as ``np.float32`` from a
+    grid of radii included), ``bool`` is not.
+    """
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
+        raise TypeError(f"rho must be a real number, got {type(rho).__name__}")
     rho = float(rho)
-    if not torch.isfinite(torch.tensor(rho)):
+    if not math.isfinite(rho):
         raise ValueError(f"rho must be finite, got {rho}")
     if rho < 0 or (rho == 0 and not allow_zero):
         raise ValueError(f"rho must be {'>= 0' if allow_zero else '> 0'}, got {rho}")
