@@ -392,3 +392,22 @@ def test_pickled_model_and_dataset_say_what_to_save_instead(files):
     line = _one_line_error(_cli(["sharpness", "--model", m, "--checkpoint", tmp / "ckpt.pt",
                                  "--data", tmp / "dataset.pt", "--rho", "0.01"], tmp), "numpy.savez")
     assert "TensorDataset" in line
+
+
+def test_model_file_imports_its_sibling_modules(files):
+    """``--model path/to/net.py:make`` runs the file as Python runs a script:
+    its own directory is importable, so ``from layers import ...`` beside it
+    works from any current directory."""
+    tmp, *_ = files
+    sub = tmp / "project" / "models"
+    sub.mkdir(parents=True)
+    (sub / "sibling_layers_for_cli_test.py").write_text(
+        "from torch import nn\n\ndef head():\n    return nn.Linear(6, 3)\n")
+    (sub / "net.py").write_text(
+        "from torch import nn\nfrom sibling_layers_for_cli_test import head\n\n"
+        "def make():\n    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), head())\n")
+    for spec in ("project/models/net.py:make", f"{sub}/net.py:make"):
+        proc = _cli(["sharpness", "--model", spec, "--checkpoint", tmp / "ckpt.pt", "--data", tmp / "data.pt",
+                     "--kind", "l2", "--rho", "0.01", "--n-iters", "1"], tmp)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["result"]["kind"] == "l2"

@@ -15,7 +15,8 @@ The reference evaluator's spellings (Andriushchenko et al. 2023,
 ``--n_iters``, ``--normalize_logits``.
 
 Model: ``module:factory`` where ``module`` is an importable dotted name or
-a path to a ``.py`` file, and ``factory`` a callable (a function or an
+a path to a ``.py`` file (run as Python runs a script: the modules beside it
+are importable), and ``factory`` a callable (a function or an
 ``nn.Module`` class, dotted attributes allowed) returning the model;
 ``--model-kwargs`` passes a JSON object of keyword arguments to it.
 Checkpoint: a ``state_dict`` saved with ``torch.save`` (also accepted: a
@@ -92,6 +93,11 @@ def load_factory(spec: str) -> Callable[..., Any]:
         module = importlib.util.module_from_spec(file_spec)
         # Registered before exec so that dataclasses/pickling inside it work.
         sys.modules[name] = module
+        # As for a script run with python: the file's own directory first on
+        # sys.path, so that it imports the modules beside it.
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         file_spec.loader.exec_module(module)
     else:
         # ``python -m flatness`` finds modules in the current directory; the
