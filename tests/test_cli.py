@@ -83,6 +83,10 @@ def test_sharpness_from_py_file_matches_library(files, capsys):
     with torch.no_grad():
         assert doc["accuracy"] == pytest.approx(float((model(x).argmax(1) == y).float().mean()))
     assert doc["n_eval"] == 40 and doc["batch_size"] == 16
+    # the document records the command line it was given, not the host
+    # process's (here pytest's)
+    assert doc["argv"][:3] == ["sharpness", "--model", f"{tmp}/cli_models.py:mlp"]
+    assert doc["argv"][-2:] == ["--output", str(tmp / "out.json")]
 
 
 def test_reference_evaluator_spelling_and_npz(files, capsys, monkeypatch):

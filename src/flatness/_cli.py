@@ -422,8 +422,13 @@ def _open_output(path: str) -> bool:
     return not existed
 
 
-def run(args: argparse.Namespace, prog: str = "python -m flatness") -> dict[str, Any]:
-    """Carry out one parsed command; returns the JSON document as a dict."""
+def run(args: argparse.Namespace, prog: str = "python -m flatness",
+        argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Carry out one parsed command; returns the JSON document as a dict.
+
+    ``argv`` is the command line recorded in the document (default:
+    ``sys.argv[1:]``).
+    """
     start = time.perf_counter()
     check_options(args)
     if args.checkpoint is None:
@@ -470,7 +475,7 @@ def run(args: argparse.Namespace, prog: str = "python -m flatness") -> dict[str,
 
     return {
         "command": "sharpness" if args.command == "sharpness" else "hessian",
-        "argv": list(sys.argv[1:]),
+        "argv": list(sys.argv[1:] if argv is None else argv),
         "flatness_version": flatness.__version__,
         "torch_version": torch.__version__,
         "model": args.model,
@@ -493,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.output:
             created = _open_output(args.output)
-        doc = run(args, parser.prog)
+        doc = run(args, parser.prog, argv)
     except (CLIError, ValueError, TypeError, NotImplementedError, RuntimeError) as exc:
         if created:
             Path(args.output).unlink(missing_ok=True)
