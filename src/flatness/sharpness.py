@@ -610,7 +610,8 @@ def sharpness(
         One batch ``(inputs, targets)`` or any iterable of them (a
         ``DataLoader``, a list).  Inputs may be tensors, tuples (positional
         arguments) or dicts (keyword arguments).  Batches are moved to the
-        parameters' device and floating inputs cast to their dtype.
+        parameters' device and floating inputs cast to their dtype (floating
+        targets too; float32 for a float16 / bfloat16 model).
     kind : str
         Worst case (APGD): ``"linf"``, ``"l2"``, ``"adaptive_linf"``,
         ``"adaptive_l2"``.  Average case: ``"avg_linf"``, ``"avg_l2"``,
