@@ -507,6 +507,22 @@ def test_bad_inputs_raise_clear_errors_before_changing_anything():
     assert_same(model, snap)
 
 
+def test_bad_device_option_is_a_clear_error_before_anything_changes():
+    model = bn_model()
+    snap = snapshot(model)
+    data = batch(0)
+    for device, error, needle in (("meta", ValueError, "shapes only"), ("gpu", ValueError, "not an available device"),
+                                  ("cuda:99", ValueError, "cuda"), (1.5, TypeError, "device must be")):
+        with pytest.raises(error, match=needle):
+            flatness.sharpness(model, data, kind="avg_l2", rho=0.1, n_samples=2, device=device)
+        with pytest.raises(error, match=needle):
+            flatness.sharpness(model, data, kind="linf", rho=0.1, n_iters=2, device=device)
+    assert_same(model, snap)
+    for device in ("cpu", torch.device("cpu")):
+        r = flatness.sharpness(model, data, kind="linf", rho=0.1, n_iters=2, device=device)
+        assert r.settings["device"] == "cpu"
+
+
 def test_rho_from_numpy_is_a_number():
     """A radius taken from a NumPy array (an element of a float32 grid) is
     the same radius as the Python float; a large finite one is not called

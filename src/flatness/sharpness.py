@@ -25,7 +25,7 @@ from ._apgd_reference import (
     reference_normalize_logits,
     reference_worst_case,
 )
-from ._checks import NonFiniteLossError, check_bool, check_int, check_rho, maybe_progress
+from ._checks import NonFiniteLossError, check_bool, check_device, check_int, check_rho, maybe_progress
 from ._data import _is_batch, batch_size, iter_batches, split_batch
 from ._functional import (
     LossFn,
@@ -359,6 +359,8 @@ def _perturbation_sharpness(
     worst = kind in WORST_CASE
     norm, adaptive = (WORST_CASE if worst else AVERAGE_CASE)[kind]
     reference = _check_algorithm(algorithm, worst, train)
+    if device is not None:
+        device = check_device(device)
     ps = select_params(model, params, sharded=True)
     # FSDP2: one perturbation of the sharded weights per batch of all ranks (flatness._fsdp)
     sharded = _distributed.is_sharded(ps.params)
