@@ -530,10 +530,10 @@ def test_rho_from_numpy_is_a_number():
     model, data = mlp(0), batch(0)
     rho = np.linspace(0.01, 0.05, 3, dtype=np.float32)[1]
     plain = flatness.sharpness(model, data, kind="linf", rho=float(rho), n_iters=3)
-    for given in (rho, np.float16(0.03)):
-        r = flatness.sharpness(model, data, kind="linf", rho=given, n_iters=3)
+    for radius in (rho, np.float16(0.03)):
+        r = flatness.sharpness(model, data, kind="linf", rho=radius, n_iters=3)
         assert type(r.rho) is float
-        if given == rho:
+        if radius == rho:
             assert r.rho == float(rho) and r.value == plain.value
     with pytest.raises(TypeError, match="rho must be a real number"):
         flatness.sharpness(model, data, kind="linf", rho="0.01")
