@@ -110,6 +110,28 @@ def test_reference_evaluator_spelling_and_npz(files, capsys, monkeypatch):
     assert r["value"] == ref.value
 
 
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_checkpoint_of_a_compiled_model_loads(files, capsys, prefix):
+    """``torch.compile(model).state_dict()`` names every tensor
+    ``_orig_mod.<name>`` (inside or around a DDP wrapper's ``module.``);
+    such a checkpoint loads into the plain model the factory builds."""
+    tmp, model, x, y = files
+    torch.save({f"{prefix}{k}": v for k, v in model.state_dict().items()}, tmp / "compiled.pt")
+    doc = _run(["sharpness", "--model", f"{tmp}/cli_models.py:mlp", "--checkpoint", str(tmp / "compiled.pt"),
+                "--data", str(tmp / "data.pt"), "--kind", "l2", "--rho", "0.05", "--n-iters", "3"], tmp, capsys)
+    ref = flatness.sharpness(model, _batches(x, y, 40, 128), kind="l2", rho=0.05, n_iters=3)
+    assert doc["result"]["value"] == ref.value
+    # a model whose own submodule is named "module" keeps its names
+    (tmp / "wrapped_models.py").write_text(
+        "from torch import nn\nfrom cli_models import mlp\n\n"
+        "class Wrap(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.module = mlp()\n\n    def forward(self, x):\n        return self.module(x)\n")
+    torch.save({f"{prefix}module.{k}": v for k, v in model.state_dict().items()}, tmp / "wrapped.pt")
+    doc = _run(["sharpness", "--model", f"{tmp}/wrapped_models.py:Wrap", "--checkpoint", str(tmp / "wrapped.pt"),
+                "--data", str(tmp / "data.pt"), "--kind", "l2", "--rho", "0.05", "--n-iters", "3"], tmp, capsys)
+    assert doc["result"]["value"] == ref.value
+
+
 @pytest.mark.parametrize(("algorithm", "adaptive", "kind"), [
     ("m_apgd_l2", False, "l2"), ("avg_l2", True, "avg_adaptive_l2"), ("avg_linf", False, "avg_linf"),
 ])

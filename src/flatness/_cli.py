@@ -21,7 +21,8 @@ are importable), and ``factory`` a callable (a function or an
 ``--model-kwargs`` passes a JSON object of keyword arguments to it.
 Checkpoint: a ``state_dict`` saved with ``torch.save`` (also accepted: a
 dict holding it under ``"state_dict"`` / ``"model_state_dict"`` /
-``"model"``; a DDP ``"module."`` prefix is stripped).
+``"model"``; a DDP ``"module."`` prefix and a ``torch.compile``
+``"_orig_mod."`` prefix are stripped).
 Data: a ``.pt`` file holding ``(inputs, targets)`` or a dict with keys
 ``x``/``y`` or ``inputs``/``targets``, or a ``.npz`` file with those keys.
 """
@@ -142,7 +143,10 @@ def _torch_load(path: str, role: str) -> Any:
         raise CLIError(f"cannot load {role} {path!r} with torch.load: {exc}") from exc
 
 
-def _state_dict(obj: Any, path: str) -> dict[str, Tensor]:
+def _state_dict(obj: Any, path: str, expected: set[str] | None = None) -> dict[str, Tensor]:
+    """The ``state_dict`` a checkpoint holds, with the prefixes of a DDP
+    wrapper (``module.``) and of ``torch.compile`` (``_orig_mod.``) removed
+    until its names are ``expected`` (the model's own, when given)."""
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, dict):
@@ -152,8 +156,13 @@ def _state_dict(obj: Any, path: str) -> dict[str, Tensor]:
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CLIError(f"checkpoint {path!r} does not hold a state_dict (a dict of tensors)")
-    if obj and all(k.startswith("module.") for k in obj):  # saved from a DDP wrapper
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+    # saved from a DDP wrapper (module.) or a torch.compile'd model
+    # (_orig_mod.), or both, in either order
+    while obj and set(obj) != expected:
+        prefix = next((p for p in ("module.", "_orig_mod.") if all(k.startswith(p) for k in obj)), None)
+        if prefix is None:
+            break
+        obj = {k[len(prefix):]: v for k, v in obj.items()}
     return obj
 
 
@@ -165,7 +174,7 @@ def load_model(spec: str, kwargs: dict[str, Any], checkpoint: str | None) -> nn.
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise CLIError(f"checkpoint {checkpoint!r} does not exist")
-        state = _state_dict(_torch_load(checkpoint, "checkpoint"), checkpoint)
+        state = _state_dict(_torch_load(checkpoint, "checkpoint"), checkpoint, set(unwrap(model).state_dict()))
         try:
             unwrap(model).load_state_dict(state)
         except RuntimeError as exc:
