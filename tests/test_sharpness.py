@@ -507,6 +507,28 @@ def test_bad_inputs_raise_clear_errors_before_changing_anything():
     assert_same(model, snap)
 
 
+def test_loss_without_gradient_is_a_clear_error_for_worst_case_kinds():
+    """APGD follows gradients: a 0-1 error (argmax) as loss_fn, or a model
+    that detaches its outputs, is refused with a ValueError that says so;
+    the average-case kinds measure such a loss."""
+    model = bn_model()
+    snap = snapshot(model)
+    data = batch(0)
+
+    def error_rate(outputs, targets):
+        return (outputs.argmax(1) != targets).to(outputs.dtype).mean()
+
+    for kind in WORST:
+        with pytest.raises(ValueError, match="no gradient"):
+            flatness.sharpness(model, data, kind=kind, rho=0.1, n_iters=2, loss_fn=error_rate)
+        with pytest.raises(ValueError, match="no gradient"):
+            flatness.sharpness(model, data, kind=kind, rho=0.1, n_iters=2,
+                               loss_fn=lambda o, t: F.cross_entropy(o.detach(), t))
+    assert_same(model, snap)
+    r = flatness.sharpness(model, data, kind="avg_linf", rho=0.1, n_samples=3, loss_fn=error_rate)
+    assert 0 <= r.clean_loss <= 1
+
+
 def test_bad_device_option_is_a_clear_error_before_anything_changes():
     model = bn_model()
     snap = snapshot(model)

@@ -138,7 +138,8 @@ def functional_loss_and_grad(
     autograd's in-place modification error, never silently.)
 
     ``on_loss`` is called with the (detached) loss between the forward and
-    the backward pass.
+    the backward pass.  A loss that does not require grad (the graph is
+    cut in the model or the loss) raises ``ValueError``.
     """
     leaves = [v.detach().requires_grad_(True) for v in values]
     if into_values is not None:
@@ -152,6 +153,12 @@ def functional_loss_and_grad(
         loss = _loss_of(outputs, targets, loss_fn, logit_normalization)
         if on_loss is not None:
             on_loss(loss.detach())
+        if not loss.requires_grad:
+            raise ValueError(
+                "the loss has no gradient with respect to the parameters: the model or loss_fn cuts the "
+                "graph (.detach(), argmax, a 0-1 error, torch.no_grad() ...), and this measurement follows "
+                "gradients (the average-case kinds of flatness.sharpness do not)"
+            )
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     if into_values is not None:
         with torch.no_grad():
