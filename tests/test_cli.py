@@ -254,6 +254,26 @@ def test_errors_are_one_line_messages(files, capsys):
     assert "invalid choice" in _error(["sharpness", "--model", m, "--data", d, "--kind", "bogus"], capsys)
 
 
+def test_unreadable_files_are_one_line_errors(files, capsys):
+    """A data file or checkpoint that is not what its suffix says (a text
+    file, an empty or truncated file) is reported in one line naming it,
+    never with a traceback from torch.load or numpy.load."""
+    tmp, *_ = files
+    m, d, ckpt = f"{tmp}/cli_models.py:mlp", str(tmp / "data.pt"), str(tmp / "ckpt.pt")
+    (tmp / "text.pt").write_text("hello\n")
+    (tmp / "empty.pt").write_bytes(b"")
+    (tmp / "text.npz").write_text("hello\n")
+    (tmp / "cut.npz").write_bytes((tmp / "data.npz").read_bytes()[:100])
+    for name in ("text.pt", "empty.pt", "text.npz", "cut.npz"):
+        err = _error(["sharpness", "--model", m, "--checkpoint", ckpt, "--data", str(tmp / name), "--rho", "0.1"],
+                     capsys)
+        assert "error:" in err and f"data file {str(tmp / name)!r}" in err, err
+        assert "pickled" not in err, err  # not a pickle: nothing unsafe was refused
+    for name in ("text.pt", "empty.pt"):
+        err = _error(["sharpness", "--model", m, "--checkpoint", str(tmp / name), "--data", d, "--rho", "0.1"], capsys)
+        assert f"checkpoint {str(tmp / name)!r}" in err and "torch.save" in err, err
+
+
 def test_module_entry_point(files):
     tmp, *_ = files
     proc = subprocess.run(

@@ -38,6 +38,7 @@ import pickle
 import re
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,11 @@ def _torch_load(path: str, role: str) -> Any:
         what = f" ({found.group(1)})" if found else ""
         raise CLIError(f"{role} {path!r} holds a pickled Python object{what}, which is not loaded "
                        f"because unpickling can run code; {SAVE_INSTEAD[role]}") from exc
-    except (RuntimeError, EOFError) as exc:
-        raise CLIError(f"cannot load {role} {path!r} with torch.load: {exc}") from exc
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as exc:
+        # a file that is not torch.save's (text, empty, truncated): the
+        # legacy unpickler fails with whatever the first bytes lead it to
+        raise CLIError(f"cannot load {role} {path!r} with torch.load (is it a file written by torch.save?): "
+                       f"{type(exc).__name__}: {exc}") from exc
 
 
 def _state_dict(obj: Any, path: str, expected: set[str] | None = None) -> dict[str, Tensor]:
@@ -207,8 +211,15 @@ def load_data(path: str) -> tuple[Tensor, Tensor]:
     if not p.is_file():
         raise CLIError(f"data file {path!r} does not exist")
     if p.suffix == ".npz":
-        with np.load(p, allow_pickle=False) as npz:
-            x, y = _pick(dict(npz), path)
+        # (np.load reads a file that is not a zip archive as a pickle, and
+        # refuses it as one)
+        if not zipfile.is_zipfile(p):
+            raise CLIError(f"data file {path!r} is not a .npz archive (a zip file such as numpy.savez writes)")
+        try:
+            with np.load(p, allow_pickle=False) as npz:
+                x, y = _pick(dict(npz), path)
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            raise CLIError(f"cannot read data file {path!r} as a .npz archive: {type(exc).__name__}: {exc}") from exc
     elif p.suffix in (".pt", ".pth"):
         obj = _torch_load(path, "data file")
         if isinstance(obj, dict):
