@@ -380,6 +380,18 @@ def test_result_serialises():
     assert r.to_dict()["counts"] == r.counts
 
 
+@pytest.mark.parametrize("kind", [*WORST, *AVERAGE, "hessian_trace"])
+def test_settings_name_the_loss_fn(kind):
+    """``settings`` holds every option that determined the value, the loss
+    included, under the same key for every kind."""
+    model, data = mlp(9), batch(9)
+    options = {} if kind == "hessian_trace" else {"rho": 0.01, **_per_kind(kind, 2, 2)}
+    assert flatness.sharpness(model, data, kind=kind, **options).settings["loss_fn"] == "default_loss"
+    r = flatness.sharpness(model, data, kind=kind, loss_fn=nn.CrossEntropyLoss(label_smoothing=0.1), **options)
+    assert r.settings["loss_fn"] == "CrossEntropyLoss"
+    assert json.loads(r.to_json())["settings"]["loss_fn"] == "CrossEntropyLoss"
+
+
 # --------------------------------------------------------------- restore
 
 

@@ -372,6 +372,7 @@ def _perturbation_sharpness(
         "norm": norm, "adaptive": adaptive, "worst_case": worst, "m": m,
         "normalize_logits": bool(normalize_logits), "n_batches": n_batches,
         "seed": seed, "train": train, "params": list(ps.names),
+        "loss_fn": getattr(loss_fn, "__name__", type(loss_fn).__name__),  # (as the curvature kinds name it)
         "device": str(dev), "dtype": str(ps.dtype),
         **({"n_iters": n_iters, "restarts": restarts, "algorithm": algorithm}
            if worst else {"n_samples": n_samples}),
