@@ -541,6 +541,35 @@ def test_loss_without_gradient_is_a_clear_error_for_worst_case_kinds():
     assert 0 <= r.clean_loss <= 1
 
 
+class _Outputs(nn.Module):
+    """A classifier that returns its logits inside a dict (the layout of
+    Hugging Face models' outputs), an object with ``.logits`` or a tuple."""
+
+    def __init__(self, layout):
+        super().__init__()
+        self.layout = layout
+        self.net = mlp(0)
+
+    def forward(self, x):
+        z = self.net(x)
+        if self.layout == "dict":
+            return {"logits": z, "hidden": x}
+        if self.layout == "attribute":
+            return type("ModelOutput", (), {"logits": z})()
+        return z, x
+
+
+@pytest.mark.parametrize(("layout", "hint"), [("dict", "['logits']"), ("attribute", ".logits"), ("tuple", "[0]")])
+def test_default_loss_on_outputs_that_are_not_logits_says_what_to_pass(layout, hint):
+    model, data = _Outputs(layout), batch(0)
+    with pytest.raises(TypeError, match="loss_fn=") as info:
+        flatness.sharpness(model, data, kind="linf", rho=0.01, n_iters=2)
+    assert f"out{hint}" in str(info.value)
+    pick = {"dict": lambda out: out["logits"], "attribute": lambda out: out.logits, "tuple": lambda out: out[0]}[layout]
+    r = flatness.sharpness(model, data, kind="linf", rho=0.01, n_iters=2, loss_fn=lambda out, y: F.cross_entropy(pick(out), y))
+    assert r.value == flatness.sharpness(model.net, data, kind="linf", rho=0.01, n_iters=2).value
+
+
 def test_bad_device_option_is_a_clear_error_before_anything_changes():
     model = bn_model()
     snap = snapshot(model)

@@ -21,7 +21,24 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy, the default ``loss_fn`` of the library."""
+    """Mean cross-entropy, the default ``loss_fn`` of the library.
+
+    Outputs that are not a tensor of logits (a dict or an output object as
+    Hugging Face models return, a tuple) raise ``TypeError`` saying which
+    ``loss_fn`` to pass.
+    """
+    if not isinstance(outputs, Tensor):
+        if hasattr(outputs, "logits"):
+            pick = ".logits"
+        elif isinstance(outputs, Mapping):
+            pick = "['logits']" if "logits" in outputs else f"[{next(iter(outputs), 'KEY')!r}]"
+        else:
+            pick = "[0]"
+        raise TypeError(
+            f"the default loss_fn (mean cross-entropy) needs the model to return a tensor of logits, "
+            f"got {type(outputs).__name__}; pass loss_fn= to select them, e.g. "
+            f"loss_fn=lambda out, y: torch.nn.functional.cross_entropy(out{pick}, y)"
+        )
     return F.cross_entropy(outputs, targets)
 
 
