@@ -570,6 +570,18 @@ def test_default_loss_on_outputs_that_are_not_logits_says_what_to_pass(layout, h
     assert r.value == flatness.sharpness(model.net, data, kind="linf", rho=0.01, n_iters=2).value
 
 
+def test_a_dataset_instead_of_batches_is_refused_with_the_fix():
+    """A Dataset (or a list of its samples) holds samples, not batches: the
+    error says to wrap it in a DataLoader."""
+    model, (x, y) = mlp(0), batch(0)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    for data in (dataset, list(dataset), dataset[0]):
+        with pytest.raises((TypeError, ValueError), match="DataLoader"):
+            flatness.sharpness(model, data, kind="linf", rho=0.01, n_iters=2)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8)
+    assert flatness.sharpness(model, loader, kind="linf", rho=0.01, n_iters=2).batch_sizes == [8, 8]
+
+
 def test_bad_device_option_is_a_clear_error_before_anything_changes():
     model = bn_model()
     snap = snapshot(model)

@@ -46,7 +46,8 @@ def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) 
 def batch_size(targets: Tensor) -> int:
     """Number of samples in a batch (the leading dimension of the targets)."""
     if targets.dim() == 0:
-        raise ValueError("targets must have a batch dimension, got a 0-d tensor")
+        raise ValueError("targets must have a batch dimension, got a 0-d tensor (one sample of a dataset? "
+                         "pass batches: a torch.utils.data.DataLoader over the dataset)")
     return int(targets.shape[0])
 
 
@@ -99,9 +100,11 @@ def iter_batches(
     if _is_batch(data):
         source: Iterable[Any] = [data]
     elif isinstance(data, (Tensor, str, bytes)) or not isinstance(data, Iterable):
+        hint = ("; a Dataset holds samples, not batches: pass torch.utils.data.DataLoader(dataset, "
+                "batch_size=...)" if isinstance(data, torch.utils.data.Dataset) else "")
         raise TypeError(
             "data must be a batch (inputs, targets) or an iterable of such batches, "
-            f"got {type(data).__name__}"
+            f"got {type(data).__name__}{hint}"
         )
     else:
         source = data
