@@ -280,6 +280,20 @@ def test_curvature_kinds_take_params_as_a_generator(kind):
     assert generated.clean_loss == listed.clean_loss
 
 
+def test_params_as_named_parameters_pairs():
+    """``params=model.named_parameters()``, or a filtered list of its
+    ``(name, tensor)`` pairs, selects those tensors."""
+    model, data = mlp(6), batch(6)
+    head = [(n, p) for n, p in model.named_parameters() if n.startswith("2.")]
+    r = flatness.sharpness(model, data, kind="linf", rho=0.01, n_iters=3, params=head)
+    assert r.settings["params"] == ["2.weight", "2.bias"]
+    assert r.value == flatness.sharpness(model, data, kind="linf", rho=0.01, n_iters=3, params=model[2]).value
+    every = flatness.sharpness(model, data, kind="avg_l2", rho=0.01, n_samples=2, params=model.named_parameters())
+    assert every.settings["params"] == [n for n, _ in model.named_parameters()]
+    with pytest.raises(ValueError, match="not a parameter of model"):
+        flatness.sharpness(model, data, kind="linf", rho=0.01, params=list(mlp(7).named_parameters()))
+
+
 def test_params_tied_names_and_foreign_modules():
     """A tied tensor is selected by any of its names (``state_dict`` lists
     them all); a module of another model is refused, not skipped."""

@@ -628,7 +628,8 @@ def sharpness(
         ``loss_fn(outputs, targets)`` returning the *mean* loss of the batch.
         Default: mean cross-entropy.
     params : iterable, optional
-        Parameters to perturb (tensors, names or submodules).  Default: all
+        Parameters to perturb (tensors, names, submodules or the ``(name,
+        tensor)`` pairs of ``model.named_parameters()``).  Default: all
         with ``requires_grad``.  Buffers are never perturbed.
     seed : int or None
         Seed of the private generator for random starts and samples (and of
