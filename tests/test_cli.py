@@ -132,6 +132,18 @@ def test_checkpoint_of_a_compiled_model_loads(files, capsys, prefix):
     assert doc["result"]["value"] == ref.value
 
 
+def test_layer_name_pattern_is_the_reference_spelling_of_params(files, capsys):
+    """The guide lists ``--layer_name_pattern`` among the reference
+    evaluator's spellings that are accepted: it selects what ``--params``
+    selects."""
+    tmp, model, x, y = files
+    common = ["sharpness", "--model", f"{tmp}/cli_models.py:mlp", "--checkpoint", str(tmp / "ckpt.pt"),
+              "--data", str(tmp / "data.pt"), "--kind", "l2", "--rho", "0.05", "--n-iters", "3"]
+    doc = _run([*common, "--layer_name_pattern", "2.weight"], tmp, capsys)
+    assert doc["result"]["settings"]["params"] == ["2.weight"]
+    assert doc["result"]["value"] == _run([*common, "--params", "2.weight"], tmp, capsys)["result"]["value"]
+
+
 @pytest.mark.parametrize(("algorithm", "adaptive", "kind"), [
     ("m_apgd_l2", False, "l2"), ("avg_l2", True, "avg_adaptive_l2"), ("avg_linf", False, "avg_linf"),
 ])

@@ -12,7 +12,7 @@ and writing one JSON document (to ``--output`` or stdout)::
 The reference evaluator's spellings (Andriushchenko et al. 2023,
 ``eval_sharpness.py``) are accepted too: ``--algorithm m_apgd_linf
 --adaptive``, ``--n_eval_sharpness``, ``--bs_sharpness``, ``--model_path``,
-``--n_iters``, ``--normalize_logits``.
+``--n_iters``, ``--normalize_logits``, ``--layer_name_pattern``.
 
 Model: ``module:factory`` where ``module`` is an importable dotted name or
 a path to a ``.py`` file (run as Python runs a script: the modules beside it
@@ -304,7 +304,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="use the first N samples (default: all)")
     g.add_argument("--batch-size", "--bs_sharpness", dest="batch_size", type=_positive_int, default=128,
                    help="samples per batch (default 128)")
-    g.add_argument("--params", metavar="REGEX",
+    g.add_argument("--params", "--layer_name_pattern", dest="params", metavar="REGEX",
                    help="measure only parameters whose names match this regular expression")
     g.add_argument("--device", help="e.g. cpu, cuda (default: cuda when available)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="cast the model (default: keep its dtype)")
