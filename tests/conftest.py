@@ -1,10 +1,22 @@
 """Shared test configuration."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+import flatness
+
+# Subprocesses (the command line, the examples) must import the flatness
+# under test: a relative PYTHONPATH (PYTHONPATH=src) does not resolve from
+# their working directories, and they would fall back on an installed copy,
+# possibly of another checkout.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(Path(flatness.__file__).resolve().parents[1]),
+     *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
+)
 
 # Property tests run model code: no per-example deadline, few examples by
 # default (CI can raise it with HYPOTHESIS_PROFILE=thorough).

@@ -83,6 +83,10 @@ def test_sharpness_from_py_file_matches_library(files, capsys):
     with torch.no_grad():
         assert doc["accuracy"] == pytest.approx(float((model(x).argmax(1) == y).float().mean()))
     assert doc["n_eval"] == 40 and doc["batch_size"] == 16
+    # the document records the command line it was given, not the host
+    # process's (here pytest's)
+    assert doc["argv"][:3] == ["sharpness", "--model", f"{tmp}/cli_models.py:mlp"]
+    assert doc["argv"][-2:] == ["--output", str(tmp / "out.json")]
 
 
 def test_reference_evaluator_spelling_and_npz(files, capsys, monkeypatch):
@@ -104,6 +108,40 @@ def test_reference_evaluator_spelling_and_npz(files, capsys, monkeypatch):
     assert r["kind"] == "adaptive_linf" and r["settings"]["normalize_logits"] is True
     assert r["batch_sizes"] == [8, 8, 8]
     assert r["value"] == ref.value
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_checkpoint_of_a_compiled_model_loads(files, capsys, prefix):
+    """``torch.compile(model).state_dict()`` names every tensor
+    ``_orig_mod.<name>`` (inside or around a DDP wrapper's ``module.``);
+    such a checkpoint loads into the plain model the factory builds."""
+    tmp, model, x, y = files
+    torch.save({f"{prefix}{k}": v for k, v in model.state_dict().items()}, tmp / "compiled.pt")
+    doc = _run(["sharpness", "--model", f"{tmp}/cli_models.py:mlp", "--checkpoint", str(tmp / "compiled.pt"),
+                "--data", str(tmp / "data.pt"), "--kind", "l2", "--rho", "0.05", "--n-iters", "3"], tmp, capsys)
+    ref = flatness.sharpness(model, _batches(x, y, 40, 128), kind="l2", rho=0.05, n_iters=3)
+    assert doc["result"]["value"] == ref.value
+    # a model whose own submodule is named "module" keeps its names
+    (tmp / "wrapped_models.py").write_text(
+        "from torch import nn\nfrom cli_models import mlp\n\n"
+        "class Wrap(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.module = mlp()\n\n    def forward(self, x):\n        return self.module(x)\n")
+    torch.save({f"{prefix}module.{k}": v for k, v in model.state_dict().items()}, tmp / "wrapped.pt")
+    doc = _run(["sharpness", "--model", f"{tmp}/wrapped_models.py:Wrap", "--checkpoint", str(tmp / "wrapped.pt"),
+                "--data", str(tmp / "data.pt"), "--kind", "l2", "--rho", "0.05", "--n-iters", "3"], tmp, capsys)
+    assert doc["result"]["value"] == ref.value
+
+
+def test_layer_name_pattern_is_the_reference_spelling_of_params(files, capsys):
+    """The guide lists ``--layer_name_pattern`` among the reference
+    evaluator's spellings that are accepted: it selects what ``--params``
+    selects."""
+    tmp, model, x, y = files
+    common = ["sharpness", "--model", f"{tmp}/cli_models.py:mlp", "--checkpoint", str(tmp / "ckpt.pt"),
+              "--data", str(tmp / "data.pt"), "--kind", "l2", "--rho", "0.05", "--n-iters", "3"]
+    doc = _run([*common, "--layer_name_pattern", "2.weight"], tmp, capsys)
+    assert doc["result"]["settings"]["params"] == ["2.weight"]
+    assert doc["result"]["value"] == _run([*common, "--params", "2.weight"], tmp, capsys)["result"]["value"]
 
 
 @pytest.mark.parametrize(("algorithm", "adaptive", "kind"), [
@@ -226,6 +264,26 @@ def test_errors_are_one_line_messages(files, capsys):
     if not torch.cuda.is_available():
         assert "no CUDA" in _error(["sharpness", "--model", m, "--data", d, "--device", "cuda"], capsys)
     assert "invalid choice" in _error(["sharpness", "--model", m, "--data", d, "--kind", "bogus"], capsys)
+
+
+def test_unreadable_files_are_one_line_errors(files, capsys):
+    """A data file or checkpoint that is not what its suffix says (a text
+    file, an empty or truncated file) is reported in one line naming it,
+    never with a traceback from torch.load or numpy.load."""
+    tmp, *_ = files
+    m, d, ckpt = f"{tmp}/cli_models.py:mlp", str(tmp / "data.pt"), str(tmp / "ckpt.pt")
+    (tmp / "text.pt").write_text("hello\n")
+    (tmp / "empty.pt").write_bytes(b"")
+    (tmp / "text.npz").write_text("hello\n")
+    (tmp / "cut.npz").write_bytes((tmp / "data.npz").read_bytes()[:100])
+    for name in ("text.pt", "empty.pt", "text.npz", "cut.npz"):
+        err = _error(["sharpness", "--model", m, "--checkpoint", ckpt, "--data", str(tmp / name), "--rho", "0.1"],
+                     capsys)
+        assert "error:" in err and f"data file {str(tmp / name)!r}" in err, err
+        assert "pickled" not in err, err  # not a pickle: nothing unsafe was refused
+    for name in ("text.pt", "empty.pt"):
+        err = _error(["sharpness", "--model", m, "--checkpoint", str(tmp / name), "--data", d, "--rho", "0.1"], capsys)
+        assert f"checkpoint {str(tmp / name)!r}" in err and "torch.save" in err, err
 
 
 def test_module_entry_point(files):
@@ -392,3 +450,22 @@ def test_pickled_model_and_dataset_say_what_to_save_instead(files):
     line = _one_line_error(_cli(["sharpness", "--model", m, "--checkpoint", tmp / "ckpt.pt",
                                  "--data", tmp / "dataset.pt", "--rho", "0.01"], tmp), "numpy.savez")
     assert "TensorDataset" in line
+
+
+def test_model_file_imports_its_sibling_modules(files):
+    """``--model path/to/net.py:make`` runs the file as Python runs a script:
+    its own directory is importable, so ``from layers import ...`` beside it
+    works from any current directory."""
+    tmp, *_ = files
+    sub = tmp / "project" / "models"
+    sub.mkdir(parents=True)
+    (sub / "sibling_layers_for_cli_test.py").write_text(
+        "from torch import nn\n\ndef head():\n    return nn.Linear(6, 3)\n")
+    (sub / "net.py").write_text(
+        "from torch import nn\nfrom sibling_layers_for_cli_test import head\n\n"
+        "def make():\n    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), head())\n")
+    for spec in ("project/models/net.py:make", f"{sub}/net.py:make"):
+        proc = _cli(["sharpness", "--model", spec, "--checkpoint", tmp / "ckpt.pt", "--data", tmp / "data.pt",
+                     "--kind", "l2", "--rho", "0.01", "--n-iters", "1"], tmp)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["result"]["kind"] == "l2"

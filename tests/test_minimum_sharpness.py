@@ -228,6 +228,24 @@ def test_rejects_models_without_the_symmetry_and_bad_arguments():
         hessian.minimum_sharpness(grouped, (torch.randn(3, 2, 1, 1, dtype=DT), torch.zeros(3, dtype=torch.long)))
 
 
+@pytest.mark.parametrize("method", ["gn", "exact", "hutchinson"])
+def test_non_finite_data_is_reported_as_such_not_as_a_broken_symmetry(method):
+    """A NaN in the first batch makes the outputs NaN: the error says the
+    outputs are not finite, instead of blaming the architecture for a
+    rescaling that changed them by "nan"."""
+    model = relu_mlp()
+    x, y = classification_batches((6,), (4,), 3)[0]
+    x = x.clone()
+    x[2, 1] = float("nan")
+    snap = snapshot(model)
+    for run in (lambda: hessian.minimum_sharpness(model, (x, y), method=method),
+                lambda: flatness.sharpness(model, (x, y), kind="minimum", method=method)):
+        with pytest.raises(flatness.NonFiniteLossError, match="not finite") as info:
+            run()
+        assert "rescaling" not in str(info.value)
+    assert_unchanged(model, snap)
+
+
 def test_layer_order_error_names_both_layers():
     """Layers out of forward order: the message gives both layers' indices
     and names (the second index was once printed as a literal

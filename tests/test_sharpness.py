@@ -5,6 +5,7 @@ import math
 
 import cases
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -267,6 +268,32 @@ def test_params_selection_and_dataloader_batches():
     assert r2.settings["params"] == ["2.weight", "2.bias"]
 
 
+@pytest.mark.parametrize("kind", ["hessian_max_eig", "hessian_trace"])
+def test_curvature_kinds_take_params_as_a_generator(kind):
+    """``params=model.head.parameters()`` (a one-shot generator) selects
+    what the list of the same tensors selects."""
+    model, data = mlp(6), batch(6)
+    listed = flatness.sharpness(model, data, kind=kind, params=list(model[2].parameters()))
+    generated = flatness.sharpness(model, data, kind=kind, params=model[2].parameters())
+    assert generated.settings["params"] == listed.settings["params"] == ["2.weight", "2.bias"]
+    assert generated.value == listed.value
+    assert generated.clean_loss == listed.clean_loss
+
+
+def test_params_as_named_parameters_pairs():
+    """``params=model.named_parameters()``, or a filtered list of its
+    ``(name, tensor)`` pairs, selects those tensors."""
+    model, data = mlp(6), batch(6)
+    head = [(n, p) for n, p in model.named_parameters() if n.startswith("2.")]
+    r = flatness.sharpness(model, data, kind="linf", rho=0.01, n_iters=3, params=head)
+    assert r.settings["params"] == ["2.weight", "2.bias"]
+    assert r.value == flatness.sharpness(model, data, kind="linf", rho=0.01, n_iters=3, params=model[2]).value
+    every = flatness.sharpness(model, data, kind="avg_l2", rho=0.01, n_samples=2, params=model.named_parameters())
+    assert every.settings["params"] == [n for n, _ in model.named_parameters()]
+    with pytest.raises(ValueError, match="not a parameter of model"):
+        flatness.sharpness(model, data, kind="linf", rho=0.01, params=list(mlp(7).named_parameters()))
+
+
 def test_params_tied_names_and_foreign_modules():
     """A tied tensor is selected by any of its names (``state_dict`` lists
     them all); a module of another model is refused, not skipped."""
@@ -365,6 +392,18 @@ def test_result_serialises():
     assert d["kind"] == "l2" and d["value"] == r.value and d["per_batch"] == r.per_batch
     assert d["settings"]["n_iters"] == 2 and float(r) == r.value
     assert r.to_dict()["counts"] == r.counts
+
+
+@pytest.mark.parametrize("kind", [*WORST, *AVERAGE, "hessian_trace"])
+def test_settings_name_the_loss_fn(kind):
+    """``settings`` holds every option that determined the value, the loss
+    included, under the same key for every kind."""
+    model, data = mlp(9), batch(9)
+    options = {} if kind == "hessian_trace" else {"rho": 0.01, **_per_kind(kind, 2, 2)}
+    assert flatness.sharpness(model, data, kind=kind, **options).settings["loss_fn"] == "default_loss"
+    r = flatness.sharpness(model, data, kind=kind, loss_fn=nn.CrossEntropyLoss(label_smoothing=0.1), **options)
+    assert r.settings["loss_fn"] == "CrossEntropyLoss"
+    assert json.loads(r.to_json())["settings"]["loss_fn"] == "CrossEntropyLoss"
 
 
 # --------------------------------------------------------------- restore
@@ -492,6 +531,109 @@ def test_bad_inputs_raise_clear_errors_before_changing_anything():
         flatness.sharpness(model, data, kind="l2", rho=0.1,
                            loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="none"))
     assert_same(model, snap)
+
+
+def test_loss_without_gradient_is_a_clear_error_for_worst_case_kinds():
+    """APGD follows gradients: a 0-1 error (argmax) as loss_fn, or a model
+    that detaches its outputs, is refused with a ValueError that says so;
+    the average-case kinds measure such a loss."""
+    model = bn_model()
+    snap = snapshot(model)
+    data = batch(0)
+
+    def error_rate(outputs, targets):
+        return (outputs.argmax(1) != targets).to(outputs.dtype).mean()
+
+    for kind in WORST:
+        with pytest.raises(ValueError, match="no gradient"):
+            flatness.sharpness(model, data, kind=kind, rho=0.1, n_iters=2, loss_fn=error_rate)
+        with pytest.raises(ValueError, match="no gradient"):
+            flatness.sharpness(model, data, kind=kind, rho=0.1, n_iters=2,
+                               loss_fn=lambda o, t: F.cross_entropy(o.detach(), t))
+    assert_same(model, snap)
+    r = flatness.sharpness(model, data, kind="avg_linf", rho=0.1, n_samples=3, loss_fn=error_rate)
+    assert 0 <= r.clean_loss <= 1
+
+
+class _Outputs(nn.Module):
+    """A classifier that returns its logits inside a dict (the layout of
+    Hugging Face models' outputs), an object with ``.logits`` or a tuple."""
+
+    def __init__(self, layout):
+        super().__init__()
+        self.layout = layout
+        self.net = mlp(0)
+
+    def forward(self, x):
+        z = self.net(x)
+        if self.layout == "dict":
+            return {"logits": z, "hidden": x}
+        if self.layout == "attribute":
+            return type("ModelOutput", (), {"logits": z})()
+        return z, x
+
+
+@pytest.mark.parametrize(("layout", "hint"), [("dict", "['logits']"), ("attribute", ".logits"), ("tuple", "[0]")])
+def test_default_loss_on_outputs_that_are_not_logits_says_what_to_pass(layout, hint):
+    model, data = _Outputs(layout), batch(0)
+    with pytest.raises(TypeError, match="loss_fn=") as info:
+        flatness.sharpness(model, data, kind="linf", rho=0.01, n_iters=2)
+    assert f"out{hint}" in str(info.value)
+    pick = {"dict": lambda out: out["logits"], "attribute": lambda out: out.logits, "tuple": lambda out: out[0]}[layout]
+    r = flatness.sharpness(model, data, kind="linf", rho=0.01, n_iters=2, loss_fn=lambda out, y: F.cross_entropy(pick(out), y))
+    assert r.value == flatness.sharpness(model.net, data, kind="linf", rho=0.01, n_iters=2).value
+
+
+def test_a_dataset_instead_of_batches_is_refused_with_the_fix():
+    """A Dataset (or a list of its samples) holds samples, not batches: the
+    error says to wrap it in a DataLoader."""
+    model, (x, y) = mlp(0), batch(0)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    for data in (dataset, list(dataset), dataset[0]):
+        with pytest.raises((TypeError, ValueError), match="DataLoader"):
+            flatness.sharpness(model, data, kind="linf", rho=0.01, n_iters=2)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8)
+    assert flatness.sharpness(model, loader, kind="linf", rho=0.01, n_iters=2).batch_sizes == [8, 8]
+
+
+def test_bad_device_option_is_a_clear_error_before_anything_changes():
+    model = bn_model()
+    snap = snapshot(model)
+    data = batch(0)
+    for device, error, needle in (("meta", ValueError, "shapes only"), ("gpu", ValueError, "not an available device"),
+                                  ("cuda:99", ValueError, "cuda"), (1.5, TypeError, "device must be")):
+        with pytest.raises(error, match=needle):
+            flatness.sharpness(model, data, kind="avg_l2", rho=0.1, n_samples=2, device=device)
+        with pytest.raises(error, match=needle):
+            flatness.sharpness(model, data, kind="linf", rho=0.1, n_iters=2, device=device)
+    assert_same(model, snap)
+    for device in ("cpu", torch.device("cpu")):
+        r = flatness.sharpness(model, data, kind="linf", rho=0.1, n_iters=2, device=device)
+        assert r.settings["device"] == "cpu"
+
+
+def test_rho_from_numpy_is_a_number():
+    """A radius taken from a NumPy array (an element of a float32 grid) is
+    the same radius as the Python float; a large finite one is not called
+    infinite."""
+    model, data = mlp(0), batch(0)
+    rho = np.linspace(0.01, 0.05, 3, dtype=np.float32)[1]
+    plain = flatness.sharpness(model, data, kind="linf", rho=float(rho), n_iters=3)
+    for radius in (rho, np.float16(0.03)):
+        r = flatness.sharpness(model, data, kind="linf", rho=radius, n_iters=3)
+        assert type(r.rho) is float
+        if radius == rho:
+            assert r.rho == float(rho) and r.value == plain.value
+    with pytest.raises(TypeError, match="rho must be a real number"):
+        flatness.sharpness(model, data, kind="linf", rho="0.01")
+    with pytest.raises(TypeError, match="rho must be a real number"):
+        flatness.sharpness(model, data, kind="linf", rho=True)
+    with pytest.raises(ValueError, match="rho must be finite, got inf"):
+        flatness.sharpness(model, data, kind="linf", rho=np.float64("inf"))
+    r = flatness.sharpness(nn.Linear(5, 3).double(), data, kind="avg_l2", rho=1e-300, n_samples=2)
+    assert r.rho == 1e-300
+    with pytest.raises(NonFiniteLossError):  # finite, so measured (and the loss overflows)
+        flatness.sharpness(model, data, kind="linf", rho=1e300, n_iters=2)
 
 
 def test_non_finite_loss_is_reported_not_averaged():

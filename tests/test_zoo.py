@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from zoo import (
     CASES,
@@ -458,6 +459,26 @@ def test_bfloat16_losses_are_computed_in_float32():
     low = flatness.sharpness(model.to(torch.bfloat16), batch, kind="avg_l2", rho=1e-2, n_samples=20).value
     # in bfloat16 the loss (about 2.3) has a step of 0.0156: the value would be a multiple of it
     assert low == pytest.approx(ref, rel=0.1) and ref > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["linf", "avg_l2", "hessian_trace"])
+def test_low_precision_models_see_their_float_targets_unrounded(dtype, kind):
+    """A float16 / bfloat16 model's loss is taken in float32, and so are its
+    float targets: regression targets near 100 are not rounded to the low
+    precision's step (0.5 in bfloat16) before the loss."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 4, generator=g), 100 + torch.randn(32, 1, generator=g)
+    options = {"hessian_trace": {"method": "exact"}, "linf": {"rho": 0.01, "n_iters": 2},
+               "avg_l2": {"rho": 0.01, "n_samples": 2}}[kind]
+    r = flatness.sharpness(model, (x, y), kind=kind, loss_fn=F.mse_loss, **options)
+    with torch.no_grad():
+        exact = float(F.mse_loss(model(x.to(dtype)).float(), y))
+        rounded = float(F.mse_loss(model(x.to(dtype)).float(), y.to(dtype).float()))
+    assert abs(rounded - exact) > 1e-5 * exact  # the rounding this test would see
+    assert r.clean_loss == pytest.approx(exact, rel=1e-7)
 
 
 def test_worker_loader_leaves_the_callers_rng_alone():

@@ -6,6 +6,7 @@ curvature-vector products)."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -115,12 +116,44 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_rho(rho: float, *, allow_zero: bool = False) -> float:
-    """Validate a perturbation radius."""
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
-        raise TypeError(f"rho must be a number, got {type(rho).__name__}")
+    """Validate a perturbation radius; returns it as a Python float.
+
+    Any real number is accepted (NumPy scalars such as ``np.float32`` from a
+    grid of radii included), ``bool`` is not.
+    """
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
+        raise TypeError(f"rho must be a real number, got {type(rho).__name__}")
     rho = float(rho)
-    if not torch.isfinite(torch.tensor(rho)):
+    if not math.isfinite(rho):
         raise ValueError(f"rho must be finite, got {rho}")
     if rho < 0 or (rho == 0 and not allow_zero):
         raise ValueError(f"rho must be {'>= 0' if allow_zero else '> 0'}, got {rho}")
     return rho
+
+
+def check_device(device: Any, name: str = "device") -> torch.device:
+    """Validate a device option and return it as a ``torch.device``.
+
+    A ``torch.device``, a string (``"cpu"``, ``"cuda:1"``) or a device index
+    is accepted when it names a device that can hold values: ``"meta"``
+    (shapes only), a misspelt type and a device that is not available (an
+    index past the device count) raise ``ValueError``, anything else
+    ``TypeError``.
+    """
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise TypeError(f"{name} must be a torch.device, a string such as 'cuda:0' or a device index, "
+                        f"got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"{name}={device!r} is not an available device: {exc}") from None
+    if dev.type == "meta":
+        raise ValueError(f"{name}='meta' holds shapes only, no values; choose a device such as 'cpu' or 'cuda'")
+    backend = getattr(torch, dev.type, None) if dev.type != "cpu" else None
+    available = getattr(backend, "is_available", None)
+    if callable(available) and not available():
+        raise ValueError(f"{name}={str(dev)!r}: no {dev.type} device is available")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise ValueError(f"{name}={str(dev)!r}: there are {count()} {dev.type} device(s)")
+    return dev

@@ -12,15 +12,17 @@ and writing one JSON document (to ``--output`` or stdout)::
 The reference evaluator's spellings (Andriushchenko et al. 2023,
 ``eval_sharpness.py``) are accepted too: ``--algorithm m_apgd_linf
 --adaptive``, ``--n_eval_sharpness``, ``--bs_sharpness``, ``--model_path``,
-``--n_iters``, ``--normalize_logits``.
+``--n_iters``, ``--normalize_logits``, ``--layer_name_pattern``.
 
 Model: ``module:factory`` where ``module`` is an importable dotted name or
-a path to a ``.py`` file, and ``factory`` a callable (a function or an
+a path to a ``.py`` file (run as Python runs a script: the modules beside it
+are importable), and ``factory`` a callable (a function or an
 ``nn.Module`` class, dotted attributes allowed) returning the model;
 ``--model-kwargs`` passes a JSON object of keyword arguments to it.
 Checkpoint: a ``state_dict`` saved with ``torch.save`` (also accepted: a
 dict holding it under ``"state_dict"`` / ``"model_state_dict"`` /
-``"model"``; a DDP ``"module."`` prefix is stripped).
+``"model"``; a DDP ``"module."`` prefix and a ``torch.compile``
+``"_orig_mod."`` prefix are stripped).
 Data: a ``.pt`` file holding ``(inputs, targets)`` or a dict with keys
 ``x``/``y`` or ``inputs``/``targets``, or a ``.npz`` file with those keys.
 """
@@ -36,6 +38,7 @@ import pickle
 import re
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -92,6 +95,11 @@ def load_factory(spec: str) -> Callable[..., Any]:
         module = importlib.util.module_from_spec(file_spec)
         # Registered before exec so that dataclasses/pickling inside it work.
         sys.modules[name] = module
+        # As for a script run with python: the file's own directory first on
+        # sys.path, so that it imports the modules beside it.
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         file_spec.loader.exec_module(module)
     else:
         # ``python -m flatness`` finds modules in the current directory; the
@@ -132,11 +140,17 @@ def _torch_load(path: str, role: str) -> Any:
         what = f" ({found.group(1)})" if found else ""
         raise CLIError(f"{role} {path!r} holds a pickled Python object{what}, which is not loaded "
                        f"because unpickling can run code; {SAVE_INSTEAD[role]}") from exc
-    except (RuntimeError, EOFError) as exc:
-        raise CLIError(f"cannot load {role} {path!r} with torch.load: {exc}") from exc
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as exc:
+        # a file that is not torch.save's (text, empty, truncated): the
+        # legacy unpickler fails with whatever the first bytes lead it to
+        raise CLIError(f"cannot load {role} {path!r} with torch.load (is it a file written by torch.save?): "
+                       f"{type(exc).__name__}: {exc}") from exc
 
 
-def _state_dict(obj: Any, path: str) -> dict[str, Tensor]:
+def _state_dict(obj: Any, path: str, expected: set[str] | None = None) -> dict[str, Tensor]:
+    """The ``state_dict`` a checkpoint holds, with the prefixes of a DDP
+    wrapper (``module.``) and of ``torch.compile`` (``_orig_mod.``) removed
+    until its names are ``expected`` (the model's own, when given)."""
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, dict):
@@ -146,8 +160,13 @@ def _state_dict(obj: Any, path: str) -> dict[str, Tensor]:
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CLIError(f"checkpoint {path!r} does not hold a state_dict (a dict of tensors)")
-    if obj and all(k.startswith("module.") for k in obj):  # saved from a DDP wrapper
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+    # saved from a DDP wrapper (module.) or a torch.compile'd model
+    # (_orig_mod.), or both, in either order
+    while obj and set(obj) != expected:
+        prefix = next((p for p in ("module.", "_orig_mod.") if all(k.startswith(p) for k in obj)), None)
+        if prefix is None:
+            break
+        obj = {k[len(prefix):]: v for k, v in obj.items()}
     return obj
 
 
@@ -159,7 +178,7 @@ def load_model(spec: str, kwargs: dict[str, Any], checkpoint: str | None) -> nn.
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise CLIError(f"checkpoint {checkpoint!r} does not exist")
-        state = _state_dict(_torch_load(checkpoint, "checkpoint"), checkpoint)
+        state = _state_dict(_torch_load(checkpoint, "checkpoint"), checkpoint, set(unwrap(model).state_dict()))
         try:
             unwrap(model).load_state_dict(state)
         except RuntimeError as exc:
@@ -192,8 +211,15 @@ def load_data(path: str) -> tuple[Tensor, Tensor]:
     if not p.is_file():
         raise CLIError(f"data file {path!r} does not exist")
     if p.suffix == ".npz":
-        with np.load(p, allow_pickle=False) as npz:
-            x, y = _pick(dict(npz), path)
+        # (np.load reads a file that is not a zip archive as a pickle, and
+        # refuses it as one)
+        if not zipfile.is_zipfile(p):
+            raise CLIError(f"data file {path!r} is not a .npz archive (a zip file such as numpy.savez writes)")
+        try:
+            with np.load(p, allow_pickle=False) as npz:
+                x, y = _pick(dict(npz), path)
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            raise CLIError(f"cannot read data file {path!r} as a .npz archive: {type(exc).__name__}: {exc}") from exc
     elif p.suffix in (".pt", ".pth"):
         obj = _torch_load(path, "data file")
         if isinstance(obj, dict):
@@ -278,7 +304,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="use the first N samples (default: all)")
     g.add_argument("--batch-size", "--bs_sharpness", dest="batch_size", type=_positive_int, default=128,
                    help="samples per batch (default 128)")
-    g.add_argument("--params", metavar="REGEX",
+    g.add_argument("--params", "--layer_name_pattern", dest="params", metavar="REGEX",
                    help="measure only parameters whose names match this regular expression")
     g.add_argument("--device", help="e.g. cpu, cuda (default: cuda when available)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="cast the model (default: keep its dtype)")
@@ -416,8 +442,13 @@ def _open_output(path: str) -> bool:
     return not existed
 
 
-def run(args: argparse.Namespace, prog: str = "python -m flatness") -> dict[str, Any]:
-    """Carry out one parsed command; returns the JSON document as a dict."""
+def run(args: argparse.Namespace, prog: str = "python -m flatness",
+        argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Carry out one parsed command; returns the JSON document as a dict.
+
+    ``argv`` is the command line recorded in the document (default:
+    ``sys.argv[1:]``).
+    """
     start = time.perf_counter()
     check_options(args)
     if args.checkpoint is None:
@@ -464,7 +495,7 @@ def run(args: argparse.Namespace, prog: str = "python -m flatness") -> dict[str,
 
     return {
         "command": "sharpness" if args.command == "sharpness" else "hessian",
-        "argv": list(sys.argv[1:]),
+        "argv": list(sys.argv[1:] if argv is None else argv),
         "flatness_version": flatness.__version__,
         "torch_version": torch.__version__,
         "model": args.model,
@@ -487,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.output:
             created = _open_output(args.output)
-        doc = run(args, parser.prog)
+        doc = run(args, parser.prog, argv)
     except (CLIError, ValueError, TypeError, NotImplementedError, RuntimeError) as exc:
         if created:
             Path(args.output).unlink(missing_ok=True)

@@ -21,7 +21,24 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy, the default ``loss_fn`` of the library."""
+    """Mean cross-entropy, the default ``loss_fn`` of the library.
+
+    Outputs that are not a tensor of logits (a dict or an output object as
+    Hugging Face models return, a tuple) raise ``TypeError`` saying which
+    ``loss_fn`` to pass.
+    """
+    if not isinstance(outputs, Tensor):
+        if hasattr(outputs, "logits"):
+            pick = ".logits"
+        elif isinstance(outputs, Mapping):
+            pick = "['logits']" if "logits" in outputs else f"[{next(iter(outputs), 'KEY')!r}]"
+        else:
+            pick = "[0]"
+        raise TypeError(
+            f"the default loss_fn (mean cross-entropy) needs the model to return a tensor of logits, "
+            f"got {type(outputs).__name__}; pass loss_fn= to select them, e.g. "
+            f"loss_fn=lambda out, y: torch.nn.functional.cross_entropy(out{pick}, y)"
+        )
     return F.cross_entropy(outputs, targets)
 
 
@@ -138,7 +155,8 @@ def functional_loss_and_grad(
     autograd's in-place modification error, never silently.)
 
     ``on_loss`` is called with the (detached) loss between the forward and
-    the backward pass.
+    the backward pass.  A loss that does not require grad (the graph is
+    cut in the model or the loss) raises ``ValueError``.
     """
     leaves = [v.detach().requires_grad_(True) for v in values]
     if into_values is not None:
@@ -152,6 +170,12 @@ def functional_loss_and_grad(
         loss = _loss_of(outputs, targets, loss_fn, logit_normalization)
         if on_loss is not None:
             on_loss(loss.detach())
+        if not loss.requires_grad:
+            raise ValueError(
+                "the loss has no gradient with respect to the parameters: the model or loss_fn cuts the "
+                "graph (.detach(), argmax, a 0-1 error, torch.no_grad() ...), and this measurement follows "
+                "gradients (the average-case kinds of flatness.sharpness do not)"
+            )
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     if into_values is not None:
         with torch.no_grad():

@@ -184,8 +184,8 @@ class CurvatureOperator:
         ``loss_fn(outputs, targets)``, the mean loss of a batch.  Default:
         mean cross-entropy.
     params : iterable, optional
-        Parameters (tensors, names or modules).  Default: all with
-        ``requires_grad``.
+        Parameters (tensors, names, modules or ``(name, tensor)`` pairs).
+        Default: all with ``requires_grad``.
     curvature : {"hessian", "ggn"}
         The Hessian, or the generalized Gauss-Newton matrix (positive
         semi-definite for losses convex in the outputs).

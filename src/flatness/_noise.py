@@ -327,7 +327,8 @@ def gradient_variance(
         ``loss_fn(outputs, targets)``, a *mean* over the batch (a batch of
         one then gives the sample loss).  Default: mean cross-entropy.
     params : iterable, optional
-        Parameters (tensors, names or submodules); default all trainable.
+        Parameters (tensors, names, submodules or ``(name, tensor)`` pairs);
+        default all trainable.
     batch_size : int, optional
         The training mini-batch size ``b`` for ``noise``; default: the size
         of the first batch of ``data`` (so one batch gives ``noise = 0``).

@@ -64,12 +64,15 @@ class ParamSet:
 
 
 def _wanted(params: Any, by_id: dict[int, str], by_name: dict[str, Tensor]) -> dict[int, None]:
-    """The ids of the tensors that ``params`` (an iterable of tensors, names
-    or modules) names, in the order given (the first time each appears)."""
+    """The ids of the tensors that ``params`` (an iterable of tensors, names,
+    modules or ``(name, tensor)`` pairs) names, in the order given (the
+    first time each appears)."""
     if isinstance(params, (Tensor, str, nn.Module)):
         params = [params]
     wanted: dict[int, None] = {}
     for item in params:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], Tensor):
+            item = item[1]  # a (name, tensor) pair, as named_parameters() yields
         if isinstance(item, str):
             if item not in by_name:
                 close = difflib.get_close_matches(item, list(by_name), n=3)
@@ -97,7 +100,7 @@ def _wanted(params: Any, by_id: dict[int, str], by_name: dict[str, Tensor]) -> d
             raise TypeError("params= takes tensors, names or modules, not param-group dicts")
         else:
             raise TypeError(
-                f"params= items must be tensors, names or modules, got {type(item).__name__}"
+                f"params= items must be tensors, names, modules or (name, tensor) pairs, got {type(item).__name__}"
             )
     return wanted
 
@@ -111,8 +114,9 @@ def select_params(model: nn.Module, params: Iterable[Any] | None = None, *, shar
         The model (a DDP wrapper is looked through).
     params : iterable, optional
         ``None`` selects every parameter with ``requires_grad``.  Otherwise an
-        iterable of parameter tensors of ``model``, of their names, or of
-        submodules (whose trainable parameters are all selected).
+        iterable of parameter tensors of ``model``, of their names, of
+        ``(name, tensor)`` pairs (``model.named_parameters()``, filtered or
+        not), or of submodules (whose trainable parameters are all selected).
     sharded : bool
         The caller measures FSDP2 models (sharded ``DTensor`` parameters);
         otherwise such parameters raise ``TypeError``.

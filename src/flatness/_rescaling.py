@@ -43,6 +43,7 @@ import scipy.optimize
 import torch
 from torch import Tensor, nn
 
+from flatness._checks import require_finite
 from flatness._data import iter_batches
 from flatness._guard import ModelGuard
 from flatness._hvp import CurvatureOperator
@@ -324,6 +325,8 @@ def _check_invariance(model: nn.Module, op: CurvatureOperator, chain: list[nn.Mo
             # dict / tuple outputs may hold hidden states, which a rescaling
             # changes: the loss is what must not change
             t0, t1 = [op.loss_fn(z0, targets)], [op.loss_fn(z1, targets)]
+    for a in t0:  # (a NaN in the data would read as a broken symmetry below)
+        require_finite(a, "the model's outputs on the first batch")
     err = max(float((b - a).abs().max()) for a, b in zip(t0, t1))
     scale = max(float(a.abs().max()) for a in t0) + 1e-30
     tol = 100 * math.sqrt(torch.finfo(ps.dtype).eps)

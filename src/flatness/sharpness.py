@@ -25,7 +25,7 @@ from ._apgd_reference import (
     reference_normalize_logits,
     reference_worst_case,
 )
-from ._checks import NonFiniteLossError, check_bool, check_int, check_rho, maybe_progress
+from ._checks import NonFiniteLossError, check_bool, check_device, check_int, check_rho, maybe_progress
 from ._data import _is_batch, batch_size, iter_batches, split_batch
 from ._functional import (
     LossFn,
@@ -359,6 +359,8 @@ def _perturbation_sharpness(
     worst = kind in WORST_CASE
     norm, adaptive = (WORST_CASE if worst else AVERAGE_CASE)[kind]
     reference = _check_algorithm(algorithm, worst, train)
+    if device is not None:
+        device = check_device(device)
     ps = select_params(model, params, sharded=True)
     # FSDP2: one perturbation of the sharded weights per batch of all ranks (flatness._fsdp)
     sharded = _distributed.is_sharded(ps.params)
@@ -370,6 +372,7 @@ def _perturbation_sharpness(
         "norm": norm, "adaptive": adaptive, "worst_case": worst, "m": m,
         "normalize_logits": bool(normalize_logits), "n_batches": n_batches,
         "seed": seed, "train": train, "params": list(ps.names),
+        "loss_fn": getattr(loss_fn, "__name__", type(loss_fn).__name__),  # (as the curvature kinds name it)
         "device": str(dev), "dtype": str(ps.dtype),
         **({"n_iters": n_iters, "restarts": restarts, "algorithm": algorithm}
            if worst else {"n_samples": n_samples}),
@@ -508,6 +511,8 @@ def _curvature_kind(kind: str, measure: Any) -> SharpnessFn:
            params: Any = None, seed: int | None = 0, n_batches: int | None = None,
            progress: bool = False, train: bool = False, **options: Any) -> Any:
         start = time.perf_counter()
+        if params is not None and not isinstance(params, (Tensor, str, nn.Module)):
+            params = list(params)  # read twice: the measure, then the clean loss
         common = dict(loss_fn=loss_fn, params=params, n_batches=n_batches, train=train, seed=seed)
         value, settings, n_hvp = measure(model, data, progress=progress, **common, **options)
         loss, total = _clean_loss(_hessian._operator(model, data, **common))
@@ -608,7 +613,8 @@ def sharpness(
         One batch ``(inputs, targets)`` or any iterable of them (a
         ``DataLoader``, a list).  Inputs may be tensors, tuples (positional
         arguments) or dicts (keyword arguments).  Batches are moved to the
-        parameters' device and floating inputs cast to their dtype.
+        parameters' device and floating inputs cast to their dtype (floating
+        targets too; float32 for a float16 / bfloat16 model).
     kind : str
         Worst case (APGD): ``"linf"``, ``"l2"``, ``"adaptive_linf"``,
         ``"adaptive_l2"``.  Average case: ``"avg_linf"``, ``"avg_l2"``,
@@ -622,7 +628,8 @@ def sharpness(
         ``loss_fn(outputs, targets)`` returning the *mean* loss of the batch.
         Default: mean cross-entropy.
     params : iterable, optional
-        Parameters to perturb (tensors, names or submodules).  Default: all
+        Parameters to perturb (tensors, names, submodules or the ``(name,
+        tensor)`` pairs of ``model.named_parameters()``).  Default: all
         with ``requires_grad``.  Buffers are never perturbed.
     seed : int or None
         Seed of the private generator for random starts and samples (and of
