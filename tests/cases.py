@@ -292,3 +292,27 @@ def peak_allocated(fn) -> int:
         live += e.self_cpu_memory_usage
         peak = max(peak, live)
     return peak
+
+
+class LinearLayouts(nn.Module):
+    """One Linear layer over the T positions of batch-first inputs
+    ``(B, T, D)``, applied in one of three layouts: ``"batch-first"``,
+    ``"sequence-first"`` (``(T, B, D)``, as after ``nn.LSTM`` or
+    ``nn.MultiheadAttention`` without ``batch_first``) or positions
+    flattened into rows ``(B * T, D)`` (any other value).  The samples are
+    the B sequences whatever the layout."""
+
+    def __init__(self, layout: str, bias: bool = True) -> None:
+        super().__init__()
+        self.layout = layout
+        self.lin = nn.Linear(4, 3, bias=bias)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        if self.layout == "batch-first":
+            h = self.lin(x)
+        elif self.layout == "sequence-first":
+            h = self.lin(x.transpose(0, 1)).transpose(0, 1)
+        else:
+            h = self.lin(x.reshape(b * t, d)).reshape(b, t, -1)
+        return torch.tanh(h).sum(1)

@@ -678,26 +678,6 @@ def test_grad_scaler_lowers_scale_on_inf_in_middle_pass():
     assert scaler.get_scale() == 2.0**9
 
 
-class _Layouts(nn.Module):
-    """A Linear layer over the T positions of batch-first inputs, applied
-    batch first, sequence first or on positions flattened into rows."""
-
-    def __init__(self, layout):
-        super().__init__()
-        self.layout = layout
-        self.lin = nn.Linear(4, 3)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        if self.layout == "batch-first":
-            h = self.lin(x)
-        elif self.layout == "sequence-first":
-            h = self.lin(x.transpose(0, 1)).transpose(0, 1)
-        else:
-            h = self.lin(x.reshape(b * t, d)).reshape(b, t, -1)
-        return torch.tanh(h).sum(1)
-
-
 @pytest.mark.parametrize("layout", ["batch-first", "sequence-first", "flattened"])
 @pytest.mark.parametrize("variant", [ConsistentSAM, NonuniformSAM])
 def test_kfac_factors_count_samples_not_the_layers_leading_dimension(layout, variant):
@@ -705,7 +685,7 @@ def test_kfac_factors_count_samples_not_the_layers_leading_dimension(layout, var
     # size: T sequence first, B * T flattened, so G was off by T / B or T.
     # The first update's factors are the batch's, as kfac_variance forms them.
     torch.manual_seed(0)
-    model = _Layouts(layout).to(torch.float64)
+    model = cases.LinearLayouts(layout).to(torch.float64)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(5, 6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
     from flatness.nonuniformity import kfac_variance

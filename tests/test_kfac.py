@@ -379,28 +379,6 @@ def test_float32_convolutions_are_not_mistaken_for_hidden_uses():
     assert set(nu.kfac_variance(ConvReused(), data).settings["hidden_from_hooks"]) == {"c2"}
 
 
-class _Layouts(nn.Module):
-    """One Linear layer (no bias) over T positions of batch-first inputs
-    ``(B, T, D)``, applied in one of three layouts: batch first, sequence
-    first (``(T, B, D)``, as after ``nn.LSTM`` or ``nn.MultiheadAttention``
-    without ``batch_first``) or positions flattened into rows ``(B * T, D)``."""
-
-    def __init__(self, layout):
-        super().__init__()
-        self.layout = layout
-        self.lin = nn.Linear(4, 3, bias=False)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        if self.layout == "batch-first":
-            h = self.lin(x)
-        elif self.layout == "sequence-first":
-            h = self.lin(x.transpose(0, 1)).transpose(0, 1)
-        else:
-            h = self.lin(x.reshape(b * t, d)).reshape(b, t, -1)
-        return torch.tanh(h).sum(1)
-
-
 LAYOUTS = ["batch-first", "sequence-first", "flattened"]
 
 
@@ -413,7 +391,7 @@ def test_sample_count_is_the_batch_not_the_leading_dimension(layout):
     # T = 4 inputs orthogonal with equal norms (one-hot at different
     # coordinates), so ||sum_t e_t a_t^T||^2 = (1/T) sum_t ||a_t||^2 sum_t ||e_t||^2.
     torch.manual_seed(0)
-    model = _Layouts(layout)
+    model = cases.LinearLayouts(layout, bias=False)
     n = 5
     gen = torch.Generator().manual_seed(1)
     x = torch.eye(4).expand(n, 4, 4) * (torch.rand(n, 1, 1, generator=gen) + 0.5)
