@@ -280,6 +280,20 @@ def test_curvature_kinds_take_params_as_a_generator(kind):
     assert generated.clean_loss == listed.clean_loss
 
 
+def test_hessian_max_eig_refuses_the_smallest_eigenvalue():
+    """which='SA' would report the smallest eigenvalue as the sharpness
+    ``hessian_max_eig``: refused before any product, model unchanged; the
+    largest (default) and largest-magnitude eigenvalues are accepted."""
+    model, data = mlp(6), batch(6)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="which='SA'"):
+        flatness.sharpness(model, data, kind="hessian_max_eig", which="SA")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    eigenvalues = torch.linalg.eigvalsh(cases.dense_hessian(model, [data]))
+    top = flatness.sharpness(model, data, kind="hessian_max_eig", tol=1e-8)
+    assert top.value == pytest.approx(float(eigenvalues[-1]), rel=1e-6)
+
+
 def test_params_as_named_parameters_pairs():
     """``params=model.named_parameters()``, or a filtered list of its
     ``(name, tensor)`` pairs, selects those tensors."""

@@ -527,6 +527,14 @@ def _curvature_kind(kind: str, measure: Any) -> SharpnessFn:
 
 
 def _max_eig(model: nn.Module, data: Any, **kw: Any) -> tuple[float, dict[str, Any], int]:
+    if kw.get("which", "LA") == "SA":
+        # the smallest eigenvalue under the name of the largest would be
+        # misread (and "LM" is the spectral norm's eigenvalue, still the
+        # sharpest direction)
+        raise ValueError(
+            "kind='hessian_max_eig' measures the largest eigenvalue; which='SA' (the smallest) is not a "
+            "sharpness: use flatness.hessian.top_eigenvalues(model, data, which='SA')"
+        )
     r = _hessian.top_eigenvalues(model, data, 1, **kw)
     return float(r.eigenvalues[0]), {**r.settings, "residual": float(r.residuals[0]), "converged": r.converged}, r.n_hvp
 
