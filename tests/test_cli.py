@@ -34,6 +34,9 @@ MODELS = textwrap.dedent(
 
     def not_a_model():
         return 3
+
+    def noted(width=6, **notes):
+        return mlp(width)
     """
 )
 
@@ -177,6 +180,25 @@ def test_model_kwargs_dtype_params_and_m(files, capsys):
     assert r["settings"]["params"] == ["2.weight", "2.bias"] and r["settings"]["dtype"] == "torch.float64"
     assert r["settings"]["m"] == 5
     assert r["value"] == pytest.approx(ref.value, rel=1e-12, abs=1e-15)
+
+
+def test_output_is_strict_json_with_non_finite_model_kwargs(files, capsys):
+    # Python's JSON reader takes NaN in --model-kwargs and its writer would
+    # echo it as a bare NaN token, which strict readers refuse
+    tmp, _, _, _ = files
+    doc = _run(
+        ["sharpness", "--model", f"{tmp}/cli_models.py:noted", "--model-kwargs",
+         '{"note": NaN, "hi": Infinity, "lo": [-Infinity, 1.5]}', "--checkpoint", str(tmp / "ckpt.pt"),
+         "--data", str(tmp / "data.pt"), "--kind", "avg_l2", "--rho", "0.1", "--n-samples", "2"],
+        tmp, capsys,
+    )
+    text = (tmp / "out.json").read_text()
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    json.loads(text, parse_constant=refuse)
+    assert doc["model_kwargs"] == {"note": "NaN", "hi": "Infinity", "lo": ["-Infinity", 1.5]}
 
 
 def _dense_hessian(model, x, y):

@@ -33,6 +33,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import os
 import pickle
 import re
@@ -510,6 +511,20 @@ def run(args: argparse.Namespace, prog: str = "python -m flatness",
     }
 
 
+def _strict_json(value: Any) -> Any:
+    """``value`` with non-finite floats written as the strings ``"NaN"``,
+    ``"Infinity"`` and ``"-Infinity"``: ``json.dumps`` would write them as
+    bare tokens, which strict JSON readers refuse (a NaN can come in with
+    ``--model-kwargs``, which Python's JSON reader accepts)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m flatness`` and the ``flatness`` script."""
     parser = build_parser()
@@ -526,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (torch's and the library's messages can span lines).
         message = " ".join(str(exc).split())
         parser.exit(2, f"{parser.prog} {args.command}: error: {message}\n")
-    text = json.dumps(doc, indent=2, default=str)
+    text = json.dumps(_strict_json(doc), indent=2, default=str, allow_nan=False)
     if args.output:
         Path(args.output).write_text(text + "\n", encoding="utf-8")
     else:
