@@ -201,6 +201,27 @@ def test_output_is_strict_json_with_non_finite_model_kwargs(files, capsys):
     assert doc["model_kwargs"] == {"note": "NaN", "hi": "Infinity", "lo": ["-Infinity", 1.5]}
 
 
+def test_checkpoint_of_a_training_wrapper_loads_the_model_entries(files, capsys):
+    # A LightningModule's "state_dict" names the network's entries under
+    # the attribute holding it ("model."), beside other modules' entries
+    tmp, model, x, y = files
+    wrapper = {f"model.{k}": v for k, v in model.state_dict().items()}
+    wrapper["criterion.weight"] = torch.ones(3)
+    torch.save({"state_dict": wrapper, "epoch": 3}, tmp / "wrapped.ckpt")
+    argv = ["sharpness", "--model", f"{tmp}/cli_models.py:mlp", "--data", str(tmp / "data.pt"),
+            "--kind", "avg_l2", "--rho", "0.1", "--n-samples", "2"]
+    wrapped = _run([*argv, "--checkpoint", str(tmp / "wrapped.ckpt")], tmp, capsys)
+    plain = _run([*argv, "--checkpoint", str(tmp / "ckpt.pt")], tmp, capsys)
+    assert wrapped["result"]["value"] == plain["result"]["value"]
+    assert wrapped["result"]["clean_loss"] == plain["result"]["clean_loss"]
+    # entries that fit no attribute exactly are still refused
+    del wrapper["model.0.bias"]
+    torch.save({"state_dict": wrapper}, tmp / "partial.ckpt")
+    with pytest.raises(SystemExit):
+        main([*argv, "--checkpoint", str(tmp / "partial.ckpt")])
+    assert "does not fit the model" in capsys.readouterr().err
+
+
 def _dense_hessian(model, x, y):
     params = [p.detach().clone() for p in model.parameters()]
     shapes = [p.shape for p in params]

@@ -22,7 +22,8 @@ are importable), and ``factory`` a callable (a function or an
 Checkpoint: a ``state_dict`` saved with ``torch.save`` (also accepted: a
 dict holding it under ``"state_dict"`` / ``"model_state_dict"`` /
 ``"model"``; a DDP ``"module."`` prefix and a ``torch.compile``
-``"_orig_mod."`` prefix are stripped).
+``"_orig_mod."`` prefix are stripped, and a LightningModule's
+``"state_dict"`` gives the entries under the attribute holding the model).
 Data: a ``.pt`` file holding ``(inputs, targets)`` or a dict with keys
 ``x``/``y`` or ``inputs``/``targets``, or a ``.npz`` file with those keys.
 """
@@ -151,7 +152,9 @@ def _torch_load(path: str, role: str) -> Any:
 def _state_dict(obj: Any, path: str, expected: set[str] | None = None) -> dict[str, Tensor]:
     """The ``state_dict`` a checkpoint holds, with the prefixes of a DDP
     wrapper (``module.``) and of ``torch.compile`` (``_orig_mod.``) removed
-    until its names are ``expected`` (the model's own, when given)."""
+    until its names are ``expected`` (the model's own, when given); failing
+    that, the entries under one attribute of a wrapper (``model.`` of a
+    LightningModule) when their names are exactly ``expected``."""
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, dict):
@@ -168,6 +171,14 @@ def _state_dict(obj: Any, path: str, expected: set[str] | None = None) -> dict[s
         if prefix is None:
             break
         obj = {k[len(prefix):]: v for k, v in obj.items()}
+    if expected and set(obj) != expected:
+        # a training wrapper's state_dict (a LightningModule holding the
+        # network as self.model, beside metrics or a loss module): the
+        # entries under one attribute whose names are exactly the model's
+        for attr in dict.fromkeys(k.split(".", 1)[0] for k in obj if "." in k):
+            inner = {k[len(attr) + 1:]: v for k, v in obj.items() if k.startswith(attr + ".")}
+            if set(inner) == expected:
+                return inner
     return obj
 
 
