@@ -77,7 +77,7 @@ from torch import nn
 import flatness
 from flatness.hessian import hvp, top_eigenvalues, trace
 from flatness.nonuniformity import gradient_variance, kfac_variance
-from flatness.optim import SAM
+from flatness.optim import GSAM, SAM, FriendlySAM, LookSAM
 
 
 def mlp(width: int, depth: int, d_in: int = 256, classes: int = 10) -> nn.Module:
@@ -187,11 +187,15 @@ def operations(n_iters: int, lanczos_steps: int):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def sam_setup(model, batch):
-        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-3, momentum=0.9)
+    def sam_setup(model, batch, cls=SAM, **kw):
+        opt = cls(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-3, momentum=0.9, **kw)
         state = (model, opt, batch)
-        sam_step(state)  # momentum buffers exist before the measurement
+        for _ in range(2):  # momentum (and the variant's own state) exist before the measurement
+            sam_step(state)
         return state
+
+    def variant(cls, **kw):
+        return lambda model, batch: sam_setup(model, batch, cls, **kw)
 
     def sam_step(state):
         model, opt, (x, y) = state
@@ -239,6 +243,9 @@ def operations(n_iters: int, lanczos_steps: int):
         "forward-backward (reference)": (fwd_bwd_setup, fwd_bwd),
         "SGD step, momentum (reference)": (sgd_setup, sgd_step),
         "SAM step (SGD momentum)": (sam_setup, sam_step),
+        "  GSAM step": (variant(GSAM), sam_step),
+        "  FriendlySAM step": (variant(FriendlySAM), sam_step),
+        "  LookSAM step (k=2: a full step)": (variant(LookSAM, k=2), sam_step),
         f"APGD sharpness linf, {max(1, n_iters // 4)} iters": (fwd_bwd_setup, apgd("linf", max(1, n_iters // 4))),
         f"APGD sharpness linf, {n_iters} iters": (fwd_bwd_setup, apgd("linf")),
         f"APGD sharpness l2, {n_iters} iters": (fwd_bwd_setup, apgd("l2")),

@@ -438,3 +438,23 @@ def test_sam_family_holds_at_most_two_parameter_sizes_beyond_the_base_state(sett
                   for key, t in st.items() if key.startswith("kfac_") and isinstance(t, torch.Tensor))
     held = _held_bytes(opt, list(model.parameters())) - base_state - 2 * factors
     assert held <= 2.02 * P, f"{name} holds {held / P:.2f} P beyond its base optimizer's state"
+
+
+def test_gsam_surgery_needs_no_parameter_sized_temporary():
+    # g_perp = g - c g_p was formed with a temporary c g_p of every tensor
+    # at once: one parameter size at the peak of every GSAM step (bench_memory:
+    # 2.99 -> 1.99 P in the step).  Now at most one tensor's worth.
+    from flatness.optim._functional import gsam_gradient_
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(256, 256)] * 4 + [(256,)]
+    gp = [torch.randn(s, generator=g) for s in shapes]
+    first = [torch.randn(s, generator=g) for s in shapes]
+    P = sum(t.numel() * t.element_size() for t in gp)
+    flat_g = torch.cat([t.reshape(-1) for t in first]).double()
+    flat_p = torch.cat([t.reshape(-1) for t in gp]).double()
+    want = flat_p - 0.3 * (flat_g - (flat_g @ flat_p) / (flat_p @ flat_p) * flat_p)
+    peak = peak_allocated(lambda: gsam_gradient_([gp], [first], 0.3))
+    assert peak <= 0.3 * P, f"{peak / P:.2f} P"
+    got = torch.cat([t.reshape(-1) for t in gp]).double()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)

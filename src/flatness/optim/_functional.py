@@ -283,7 +283,16 @@ def gsam_gradient_(
     for a, gp, g in zip(alpha, grads, first):
         if not a:
             continue
-        torch._foreach_add_(list(g), torch._foreach_mul(list(gp), c.to(gp[0].device)), alpha=-1.0)  # g_perp
+        # g_perp = g - c g_p in place, without a temporary c g_p of every
+        # tensor at once (one parameter size at the step's peak): on the
+        # CPU c is read as a number, elsewhere each tensor gets its own
+        # fused update (no host sync)
+        if gp[0].device.type == "cpu":
+            torch._foreach_add_(list(g), list(gp), alpha=-float(c))
+        else:
+            neg = -c.to(gp[0].device)
+            for x, y in zip(g, gp):
+                x.addcmul_(y, neg)
         torch._foreach_add_(list(gp), list(g), alpha=-a * scale)
 
 
