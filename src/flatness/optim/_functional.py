@@ -286,12 +286,13 @@ def gsam_gradient_(
         # g_perp = g - c g_p in place, without a temporary c g_p of every
         # tensor at once (one parameter size at the step's peak): on the
         # CPU c is read as a number, elsewhere each tensor gets its own
-        # fused update (no host sync)
+        # fused update (no host sync), on the local shards of FSDP2
+        # DTensors (elementwise, sharded alike: no communication)
         if gp[0].device.type == "cpu":
             torch._foreach_add_(list(g), list(gp), alpha=-float(c))
         else:
-            neg = -c.to(gp[0].device)
-            for x, y in zip(g, gp):
+            neg = -_distributed.local_tensors([c])[0].to(gp[0].device)
+            for x, y in zip(_distributed.local_tensors(g), _distributed.local_tensors(gp)):
                 x.addcmul_(y, neg)
         torch._foreach_add_(list(gp), list(g), alpha=-a * scale)
 
