@@ -280,6 +280,17 @@ class Boom(RuntimeError):
     """An exception injected into a pass."""
 
 
+def counting_loss(calls: list):
+    """Mean cross-entropy that appends to ``calls`` each time it runs: a
+    test that bad input is refused before any work asserts ``calls == []``."""
+
+    def loss(outputs, targets):
+        calls.append(1)
+        return F.cross_entropy(outputs, targets)
+
+    return loss
+
+
 def peak_allocated(fn) -> int:
     """Peak bytes of live CPU tensors while ``fn`` runs, from the profiler's
     allocation records (deterministic, unlike the process RSS)."""

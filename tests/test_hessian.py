@@ -13,6 +13,7 @@ from cases import (
     assert_unchanged,
     classification_batches,
     cnn,
+    counting_loss,
     dense_hessian,
     mlp,
     snapshot,
@@ -432,10 +433,7 @@ def test_too_few_lanczos_steps_for_k_is_refused_up_front(low_memory, block_size)
     batches = classification_batches((6,), (5,), 4)
     snap = snapshot(model)
     calls = []
-
-    def counting(z, y):
-        calls.append(1)
-        return F.cross_entropy(z, y)
+    counting = counting_loss(calls)
 
     with pytest.raises(ValueError, match="max_iter"):
         hessian.top_eigenvalues(model, batches, k=5, max_iter=2, block_size=block_size,
@@ -452,10 +450,7 @@ def test_a_bad_seed_is_refused_before_any_work(seed, exc):
     batches = classification_batches((6,), (4,), 3)
     snap = snapshot(model)
     calls = []
-
-    def counting(z, y):
-        calls.append(1)
-        return F.cross_entropy(z, y)
+    counting = counting_loss(calls)
 
     for fn, kwargs in [
         (hessian.top_eigenvalues, {}),

@@ -13,6 +13,7 @@ from cases import (
     assert_unchanged,
     classification_batches,
     cnn,
+    counting_loss,
     dense_ggn,
     dense_hessian,
     mlp,
@@ -237,10 +238,7 @@ def test_vectors_that_are_not_real_floating_point_are_refused(dtype):
     batch = classification_batches((6,), (5,), 4)[0]
     snap = snapshot(model)
     calls = []
-
-    def counting(z, y):
-        calls.append(1)
-        return F.cross_entropy(z, y)
+    counting = counting_loss(calls)
 
     vectors = [torch.ones(p.shape, dtype=dtype) for p in model.parameters()]
     with pytest.raises(TypeError, match=rf"vectors\[0\] must be a real floating-point tensor.*{dtype}"):
