@@ -20,8 +20,6 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from flatness import _distributed
-
 from . import _family as fam
 from ._base import AscentGroup, ScaledDirection, global_norm
 from ._checks import MissingClosureError
@@ -290,7 +288,6 @@ class LookSAM(SAM):
         self.per_tensor = per_tensor
         self.looksam_step = 0
         self._gv_norm: tuple[tuple[int, ...], Tensor] | None = None
-        self._bufs: dict[tuple[str, Tensor], Tensor] = {}
 
     def _check_setting(self, key: str, value: Any) -> None:
         if key == "alpha":
@@ -304,21 +301,11 @@ class LookSAM(SAM):
 
     @torch.no_grad()
     def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
-        """SAM's ascent; keeps a copy of ``g`` for ``g_v`` (in a buffer that
-        becomes ``g_v``'s at the end of the step)."""
-        self._stage.variant.first = [(g.group, list(g.params), self._buffers("g", g.params, g.grads)) for g in groups]
+        """SAM's ascent; keeps a copy of ``g`` for ``g_v`` (the copy becomes
+        ``g_v`` at the end of the step; nothing is kept for the next one, so
+        between steps only ``g_v`` is held beside SAM's weight buffer)."""
+        self._stage.variant.first = [(g.group, list(g.params), fam.clone(g.grads)) for g in groups]
         return super().ascent_direction(groups)
-
-    def _buffers(self, kind: str, params: list[Tensor], values: list[Tensor]) -> list[Tensor]:
-        """Copies of ``values`` in this optimizer's reusable ``kind`` buffers."""
-        out = []
-        for p in params:
-            buf = self._bufs.get((kind, p))
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-                buf = self._bufs[(kind, p)] = torch.empty_like(p, memory_format=torch.preserve_format)
-            out.append(buf)
-        _distributed.foreach_copy_(out, values)
-        return out
 
     def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
         """Full step: move to ``w + e``.  Reuse step: correct the gradient
@@ -391,8 +378,8 @@ class LookSAM(SAM):
         # g_v only matters through its direction, so g_s may carry a
         # GradScaler's scale; a non-finite g_v (a skipped step) is not kept
         gs = [fam.current_grads(params) for _, params, _ in first]
-        # jointly, g_v is computed in the buffers of g (which then hold g_v,
-        # and the previous g_v becomes the next step's g buffer)
+        # jointly, g_v is computed in the copies of g (which then hold g_v
+        # and replace the previous one)
         gvs = looksam_orthogonal_([g for _, _, g in first], gs, per_tensor=self.per_tensor)
         # only a GradScaler step can bring inf/NaN here (then the base step
         # is skipped); the 2-norm is ~15x cheaper than max |.| on CPU, and
@@ -402,12 +389,6 @@ class LookSAM(SAM):
         for (_, params, _), vs in zip(first, gvs):
             for p, v in zip(params, vs):
                 self.extra_state[p]["looksam_gv"] = v
-                if self._bufs.get(("g", p)) is v:  # v lives in the g buffer: hand that over
-                    # and let the previous g_v go: a spare kept for the
-                    # next full step would hold one parameter size through
-                    # every step (the goal is at most 2 beyond the base
-                    # optimizer's state: SAM's weight buffer and g_v)
-                    del self._bufs[("g", p)]
         self._gv_norm = None
 
     def step(self, closure: Callable[[], Any] | None = None, *, scaler: Any = None) -> Any:  # type: ignore[override]

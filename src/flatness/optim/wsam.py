@@ -17,8 +17,6 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from flatness import _distributed
-
 from . import _family as fam
 from ._base import AscentGroup, ScaledDirection, global_norm
 from ._family_functional import friendly_direction_, friendly_momentum_, wsam_gradient_
@@ -215,7 +213,6 @@ class FriendlySAM(SAM):
             params, base_optimizer, defaults, same_rng=same_rng, per_replica=per_replica,
             model=model, freeze_bn=freeze_bn, **base_kwargs,
         )
-        self._bufs: dict[Tensor, Tensor] = {}
 
     def _check_setting(self, key: str, value: Any) -> None:
         if key == "sigma":
@@ -233,8 +230,9 @@ class FriendlySAM(SAM):
         for g in groups:
             have = [(p, x, self.extra_state[p].get("fsam_momentum")) for p, x in zip(g.params, g.grads)]
             ps = [p for p, _, m in have if m is not None]
-            # d in a reused buffer per parameter (no fresh tensors per step)
-            ds = self._buffers(ps, [x for _, x, m in have if m is not None])
+            # d in a copy of g that lives for this step only (kept for the
+            # next one it would hold one parameter size between steps)
+            ds = fam.clone([x for _, x, m in have if m is not None])
             if ds:
                 friendly_direction_(ds, [m for _, _, m in have if m is not None], g.group["sigma"])
             d_of = dict(zip(ps, ds))
@@ -243,17 +241,6 @@ class FriendlySAM(SAM):
             shifted.append(AscentGroup(g.group, g.params, [d_of.get(p, x) for p, x, _ in have]))
         self._stage.variant.pending = pending
         return super().ascent_direction(shifted)
-
-    def _buffers(self, params: list[Tensor], values: list[Tensor]) -> list[Tensor]:
-        out = []
-        for p in params:
-            buf = self._bufs.get(p)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-                buf = self._bufs[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-            out.append(buf)
-        if out:
-            _distributed.foreach_copy_(out, values)
-        return out
 
     @torch.no_grad()
     def _commit(self, pending: list[Any]) -> None:
@@ -271,9 +258,5 @@ class FriendlySAM(SAM):
         super().second_step(False, scaler=scaler)
         if pending and not fam.skipped_by(scaler, self._all_params()):
             self._commit(pending)
-        # d's buffers are released with the step: kept for the next one they
-        # would hold one parameter size between steps beside SAM's weight
-        # buffer and m (the goal is at most 2 beyond the base optimizer's)
-        self._bufs.clear()
         if zero_grad:
             self.zero_grad()
