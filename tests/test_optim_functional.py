@@ -130,8 +130,11 @@ def test_global_norm_and_safe_inv():
     assert float(safe_inv(torch.tensor(0.0))) == 0 and float(safe_inv(torch.tensor(4.0))) == 0.25
 
 
+@pytest.mark.parametrize("fused", [None, False], ids=["cpu-path", "device-path"])
 @pytest.mark.parametrize("scale", [1.0, 8.0])
-def test_gsam_gradient_against_formula(scale):
+def test_gsam_gradient_against_formula(scale, fused):
+    # fused=False: the per-tensor addcmul_ by an on-device coefficient that
+    # runs on accelerators (never run on a GPU yet), checked here on the CPU
     from flatness.optim._functional import gsam_gradient_
 
     _, g = _groups(5)
@@ -144,7 +147,7 @@ def test_gsam_gradient_against_formula(scale):
     want0 = _flat(gp[0]) - alpha[0] * scale * perp0
     want1 = _flat(gp[1]).clone()  # alpha = 0: untouched
     g1_before = _flat(g[1]).clone()
-    gsam_gradient_(gp, g, alpha, scale)
+    gsam_gradient_(gp, g, alpha, scale, fused=fused)
     torch.testing.assert_close(_flat(gp[0]), want0, rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(_flat(g[0]), perp0, rtol=1e-13, atol=1e-14)
     assert torch.equal(_flat(gp[1]), want1) and torch.equal(_flat(g[1]), g1_before)

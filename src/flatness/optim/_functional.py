@@ -260,6 +260,8 @@ def gsam_gradient_(
     first: Sequence[Sequence[Tensor]],
     alpha: float | Sequence[float],
     scale: float = 1.0,
+    *,
+    fused: bool | None = None,
 ) -> None:
     r"""GSAM's descent gradient (Zhuang et al., 2022), in place.
 
@@ -274,7 +276,10 @@ def gsam_gradient_(
     with one projection over all groups.  ``first`` becomes ``g_perp`` in
     groups with ``alpha != 0`` (the others are left as they are).  ``scale``
     ``s`` is a ``GradScaler``'s scale when ``grads`` carries it and ``first``
-    does not (the projection coefficient is invariant to it).
+    does not (the projection coefficient is invariant to it).  ``fused``:
+    read the coefficient on the host and update with one multi-tensor add
+    (default: on the CPU; elsewhere each tensor is updated by the
+    coefficient on its device, without a host sync).
     """
     alpha = _per_group(alpha, len(grads))
     # (FSDP2 DTensors: the shards' products, reduced over the mesh)
@@ -288,7 +293,7 @@ def gsam_gradient_(
         # CPU c is read as a number, elsewhere each tensor gets its own
         # fused update (no host sync), on the local shards of FSDP2
         # DTensors (elementwise, sharded alike: no communication)
-        if gp[0].device.type == "cpu":
+        if fused if fused is not None else gp[0].device.type == "cpu":
             torch._foreach_add_(list(g), list(gp), alpha=-float(c))
         else:
             neg = -_distributed.local_tensors([c])[0].to(gp[0].device)
