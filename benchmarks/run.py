@@ -223,6 +223,13 @@ def to_rst(rows: list[tuple[str, str]], results: list[dict], args: argparse.Name
     return "\n".join(rst).rstrip() + "\n"
 
 
+def write_reports(rows: list[tuple[str, str]], results: list[dict], args: argparse.Namespace) -> None:
+    """The Markdown report (and the RST copy if asked) of ``results``."""
+    Path(args.output).write_text(to_markdown(rows, results, args), encoding="utf-8")
+    if args.rst:
+        Path(args.rst).write_text(to_rst(rows, results, args), encoding="utf-8")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output", default=str(HERE / "results.md"), help="Markdown report (default benchmarks/results.md)")
@@ -247,11 +254,10 @@ def main() -> int:
             r = run_one(bench, device, args.quick, args.timeout)
             print(f"  {status(r)}", flush=True)
             results.append(r)
-    Path(args.output).write_text(to_markdown(rows, results, args), encoding="utf-8")
-    print(f"wrote {args.output}")
-    if args.rst:
-        Path(args.rst).write_text(to_rst(rows, results, args), encoding="utf-8")
-        print(f"wrote {args.rst}")
+            # the report so far, after every benchmark: a run stopped from
+            # outside (a session's time limit) keeps what has finished
+            write_reports(rows, results, args)
+    print(f"wrote {args.output}" + (f" and {args.rst}" if args.rst else ""))
     return 0 if all(r["rc"] == 0 for r in results) else 1
 
 

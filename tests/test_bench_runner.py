@@ -77,3 +77,23 @@ def test_header_over_two_lines_is_merged(runner):
     [(kind, rows)] = runner.blocks(out)
     assert kind == "table"
     assert rows[0] == "| op | peak (MiB) |" and rows[2] == "| fwd | 20.3 |"
+
+
+def test_report_is_written_after_every_benchmark(runner, tmp_path, monkeypatch):
+    # The GPU session's run is stopped from outside at its time limit: what
+    # finished before must already be in the report.
+    calls = []
+
+    def run_one(path, device, quick, timeout):
+        if calls:
+            raise KeyboardInterrupt  # the second benchmark never finishes
+        calls.append(path.name)
+        return {"name": path.name, "device": device, "cmd": path.name, "stdout": "| a | b |\n|---|---|\n| 1 | 2 |\n",
+                "stderr": "", "rc": 0, "seconds": 1.0}
+
+    monkeypatch.setattr(runner, "run_one", run_one)
+    out = tmp_path / "report.md"
+    monkeypatch.setattr("sys.argv", ["run.py", "--only", "sam", "sharpness", "--devices", "cpu", "--output", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        runner.main()
+    assert calls and f"## {calls[0]} on cpu" in out.read_text()
