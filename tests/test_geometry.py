@@ -163,3 +163,46 @@ def test_l2_projection_of_half_precision_perturbations_lands_on_the_radius():
         # what remains is each element's own rounding to 8 (11) bits, which
         # averages out in the norm
         assert worst < 1e-3, (dtype, worst)
+
+
+# -- what rounding w + d to the weights' dtype loses ----------------------------
+
+
+def _weights(dtype):
+    g = torch.Generator().manual_seed(0)
+    return [(0.1 * torch.randn(64, 20, generator=g)).to(dtype), (0.1 * torch.randn(5, generator=g)).to(dtype)]
+
+
+def test_rounding_loss_is_zero_in_float64_and_total_below_bfloat16_resolution():
+    from flatness._geometry import rounding_loss
+
+    for norm in ("linf", "l2"):
+        for adaptive in (False, True):
+            for average in (False, True):
+                assert rounding_loss(_weights(torch.float64), norm, 1e-3, adaptive=adaptive,
+                                     average_case=average) < 1e-9
+    # bfloat16 has 8 significant bits: |d_i| <= 2**-10 |w_i| is below half a
+    # step everywhere, so w + d rounds back to w, all of d is lost
+    assert rounding_loss(_weights(torch.bfloat16), "linf", 2.0**-10, adaptive=True, average_case=False) == 1.0
+    # and a radius of many steps keeps most of it
+    assert rounding_loss(_weights(torch.bfloat16), "linf", 0.25, adaptive=True, average_case=False) < 0.02
+
+
+def test_rounding_loss_of_a_sphere_point_uses_the_size_of_its_coordinates():
+    from flatness._geometry import rounding_loss
+
+    w = _weights(torch.float32)
+    n = sum(t.numel() for t in w)
+    # coordinates of a point of the l2 sphere are about rho / sqrt(n): at
+    # rho = 1e-4 * sqrt(n) they are 1e-4, far above float32's step near 0.1
+    assert rounding_loss(w, "l2", 1e-4 * math.sqrt(n), adaptive=False, average_case=False) < 1e-3
+    # at rho = 1e-10 * sqrt(n) they are below half a step (3.7e-9 near 0.1)
+    assert rounding_loss(w, "l2", 1e-10 * math.sqrt(n), adaptive=False, average_case=False) > 0.9
+
+
+def test_rounding_loss_leaves_the_global_random_stream_alone():
+    from flatness._geometry import rounding_loss
+
+    before = torch.get_rng_state()
+    rounding_loss(_weights(torch.bfloat16), "l2", 0.05, adaptive=True, average_case=True)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -752,3 +752,28 @@ def test_linf_apgd_steps_inside_the_backward_pass(monkeypatch, kind):
     assert res.counts == {"forward": 1, "backward": 5}
     assert sorted(stepped) == sorted(list(range(n_params)) * 5)
     assert res.value > 0
+
+
+def test_perturbation_lost_to_low_precision_rounding_is_reported():
+    # In bfloat16 an adaptive_linf radius below 2**-9 rounds every w + d back
+    # to w: the value is exactly 0 for any model, which nothing else shows.
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 5))
+    batch = (torch.randn(64, 20), torch.randint(0, 5, (64,)))
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match=r"bfloat16 loses 100% .*float\(\)") as record:
+        r = flatness.sharpness(low, batch, kind="adaptive_linf", rho=1e-3, n_iters=3)
+    assert record[0].filename == __file__  # pointed at the caller's line
+    assert r.value == 0.0 and r.settings["rounding_loss"] == 1.0
+    # the same radius on the float32 model, and a radius of many bfloat16
+    # steps, are measured without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r32 = flatness.sharpness(model, batch, kind="adaptive_linf", rho=1e-3, n_iters=3)
+        wide = flatness.sharpness(low, batch, kind="adaptive_linf", rho=0.1, n_iters=3)
+        flatness.sharpness(low, batch, kind="avg_l2", rho=0.05, n_samples=2)
+    assert r32.value > 0 and r32.settings["rounding_loss"] == 0.0
+    assert wide.value > 0 and wide.settings["rounding_loss"] < 0.1

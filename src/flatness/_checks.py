@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -157,3 +158,17 @@ def check_device(device: Any, name: str = "device") -> torch.device:
     if dev.index is not None and callable(count) and dev.index >= count():
         raise ValueError(f"{name}={str(dev)!r}: there are {count()} {dev.type} device(s)")
     return dev
+
+
+def user_stacklevel() -> int:
+    """Stack level of the first frame outside flatness and torch, for
+    ``warnings.warn`` called in the function that calls this one."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name.startswith(("flatness.", "torch.")) or name == "flatness"):
+            return level
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return 1

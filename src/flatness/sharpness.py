@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,15 @@ from ._apgd_reference import (
     reference_normalize_logits,
     reference_worst_case,
 )
-from ._checks import NonFiniteLossError, check_bool, check_device, check_int, check_rho, maybe_progress
+from ._checks import (
+    NonFiniteLossError,
+    check_bool,
+    check_device,
+    check_int,
+    check_rho,
+    maybe_progress,
+    user_stacklevel,
+)
 from ._data import _is_batch, batch_size, iter_batches, split_batch
 from ._functional import (
     LossFn,
@@ -34,7 +43,7 @@ from ._functional import (
     functional_loss_and_grad,
     grad_enabled,
 )
-from ._geometry import PerturbationSet
+from ._geometry import PerturbationSet, rounding_loss
 from ._guard import ModelGuard
 from ._hvp import CurvatureOperator
 from ._options import check_options
@@ -368,8 +377,10 @@ def _perturbation_sharpness(
         _fsdp.check_sharded(model, ps, m=m, device=device, algorithm=algorithm)
     dev = torch.device(device) if device is not None else ps.device
     extra = moved_state(model, ps, dev)
+    lost = _check_rounding(ps, kind, rho, norm, adaptive, worst)
     settings = {
         "norm": norm, "adaptive": adaptive, "worst_case": worst, "m": m,
+        "rounding_loss": lost,
         "normalize_logits": bool(normalize_logits), "n_batches": n_batches,
         "seed": seed, "train": train, "params": list(ps.names),
         "loss_fn": getattr(loss_fn, "__name__", type(loss_fn).__name__),  # (as the curvature kinds name it)
@@ -439,6 +450,30 @@ def _perturbation_sharpness(
         clean_loss=clean_loss, perturbed_loss=clean_loss + value, settings=settings,
         wall_time=time.perf_counter() - start, counts=counts,
     )
+
+
+#: Share of a typical perturbation lost to rounding ``w + d`` to the
+#: weights' dtype above which :func:`sharpness` warns.
+ROUNDING_WARNING = 0.1
+
+
+def _check_rounding(ps: ParamSet, kind: str, rho: float, norm: str, adaptive: bool, worst: bool) -> float:
+    """What rounding ``w + d`` to the weights' dtype loses of a typical
+    perturbation (:func:`~flatness._geometry.rounding_loss`); a warning
+    above :data:`ROUNDING_WARNING`: the measured value is then biased
+    toward 0 (in bfloat16, ``adaptive_linf`` at ``rho < 2**-9`` is exactly
+    0), which no other symptom shows."""
+    lost = rounding_loss(ps.params, norm, rho, adaptive=adaptive, average_case=not worst)
+    if lost > ROUNDING_WARNING:
+        dtype = str(ps.dtype).removeprefix("torch.")
+        warnings.warn(
+            f"flatness.sharpness: rounding the perturbed weights to {dtype} loses {lost:.0%} of a typical "
+            f"perturbation of kind={kind!r} at rho={rho:g} (its entries are below the weights' resolution), so "
+            "the value is biased toward 0. Use a larger rho, or measure a float32 copy of the model: "
+            "flatness.sharpness(copy.deepcopy(model).float(), ...)",
+            RuntimeWarning, stacklevel=user_stacklevel(),
+        )
+    return round(lost, 4)
 
 
 def _check_algorithm(algorithm: Any, worst: bool, train: bool) -> bool:
@@ -713,6 +748,17 @@ def sharpness(
         with ``hessian_trace`` ...), ``rho <= 0``, empty data, a model
         without parameters, mismatched shapes.  A NaN or
         infinite loss raises :class:`NonFiniteLossError` (a ``ValueError``).
+
+    Warns
+    -----
+    RuntimeWarning
+        The perturbation kinds, when rounding ``w + d`` to the weights' dtype
+        loses more than 10% of a typical perturbation (estimated from one
+        draw; the share is in ``settings["rounding_loss"]``): the value is
+        then biased toward 0.  In bfloat16 (8 significant bits) an
+        ``adaptive_linf`` radius below ``2**-9`` rounds every perturbed
+        weight back to itself and the value is exactly 0.  Measure a float32
+        copy (``copy.deepcopy(model).float()``) or use a larger ``rho``.
 
     Examples
     --------

@@ -11,13 +11,14 @@ shows a group with the short names.  The ``state_dict`` format is in
 from __future__ import annotations
 
 import inspect
-import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from torch import Tensor
 from torch.optim import Optimizer
+
+from flatness._checks import user_stacklevel as _user_stacklevel
 
 #: Prefix of the variant's settings in the (shared) param groups.
 SAM_PREFIX = "sam_"
@@ -106,19 +107,6 @@ def _refuse_closure_optimizer(cls: type[Optimizer]) -> None:
             "optimizer once with the gradient taken at w + e and has no closure that evaluates "
             "the loss at w to give it. Use a base optimizer whose step() works without a closure"
         )
-
-
-def _user_stacklevel() -> int:
-    """Stack level of the first frame outside flatness and torch (for warnings)."""
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None:
-        name = frame.f_globals.get("__name__", "")
-        if not (name.startswith(("flatness.", "torch.")) or name == "flatness"):
-            return level
-        frame = frame.f_back  # type: ignore[assignment]
-        level += 1
-    return 1
 
 
 def rename_settings(opt: Any, group: dict[str, Any], *, strict: bool) -> None:
