@@ -253,7 +253,7 @@ class CurvatureOperator:
             loss_fn = default_loss
         elif not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        check_int("chunk_size", chunk_size, allow_none=True)
+        chunk_size = check_int("chunk_size", chunk_size, allow_none=True)
         check_seed(seed)
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")

@@ -197,10 +197,10 @@ def minimum_sharpness(
         raise ValueError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    check_int("n_samples", n_samples, 2)
-    check_int("batch", batch, 1)
+    n_samples = check_int("n_samples", n_samples, 2)
+    batch = check_int("batch", batch, 1)
     check_bool("progress", progress)
-    check_int("chunk_size", chunk_size, allow_none=True)
+    chunk_size = check_int("chunk_size", chunk_size, allow_none=True)
     check_seed(seed)
     if params is not None:
         raise ValueError(

@@ -187,7 +187,7 @@ def random_split(
     sam_idx, plain_idx : Tensor
         Sorted int64 sample indices; disjoint, together ``0 .. n_samples-1``.
     """
-    check_int("n_samples", n_samples)
+    n_samples = check_int("n_samples", n_samples)
     if isinstance(member, bool) or not isinstance(member, int) or member < 0:
         raise ValueError(f"member must be a non-negative int, got {member!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -263,7 +263,7 @@ def per_sample_sharpness(
     """
     if kind not in SHARPNESS_KINDS:
         raise ValueError(f"kind must be one of {SHARPNESS_KINDS}, got {kind!r}")
-    check_int("trials", trials)
+    trials = check_int("trials", trials)
     check_bool("progress", progress)
     if kind == "sam":
         rho = check_rho(rho)

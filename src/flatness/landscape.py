@@ -178,7 +178,7 @@ def directions(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(KINDS)}")
-    check_int("k", k, 1)
+    k = check_int("k", k, 1)
     if bias not in ("zero", "keep"):
         raise ValueError(f"bias must be 'zero' or 'keep', got {bias!r}")
     if eigen_options and kind != "eigen":
@@ -408,9 +408,9 @@ def slice(
     """
     start = time.perf_counter()
     loss_fn, metrics = check_common(model, loss_fn, metrics, bn, engine, split)
-    check_int("chunk_size", chunk_size, 1)
-    check_int("n_batches", n_batches, 1, allow_none=True)
-    check_int("bn_batches", bn_batches, 1, allow_none=True)
+    chunk_size = check_int("chunk_size", chunk_size, 1)
+    n_batches = check_int("n_batches", n_batches, 1, allow_none=True)
+    bn_batches = check_int("bn_batches", bn_batches, 1, allow_none=True)
     check_bool("progress", progress)
     ps = select_params(model, params)
     dev = torch.device(device) if device is not None else ps.device
@@ -578,9 +578,9 @@ def interpolate(
         raise ValueError(f"barrier must be one of {', '.join(BARRIERS)}, got {barrier!r}")
     if on not in ("loss", "error"):
         raise ValueError(f"on must be 'loss' or 'error', got {on!r}")
-    check_int("n_batches", n_batches, 1, allow_none=True)
-    check_int("bn_batches", bn_batches, 1, allow_none=True)
-    check_int("chunk_size", chunk_size, 1)
+    n_batches = check_int("n_batches", n_batches, 1, allow_none=True)
+    bn_batches = check_int("bn_batches", bn_batches, 1, allow_none=True)
+    chunk_size = check_int("chunk_size", chunk_size, 1)
     check_bool("progress", progress)
     ts = axis(t) if t is not None else axis((0.0, 1.0, check_int("n_points", n_points, 2)))
     ps = select_params(model_a, params)

@@ -351,10 +351,10 @@ def _perturbation_sharpness(
     if rho is None:
         raise ValueError(f"kind={kind!r} needs rho= (the perturbation radius)")
     rho = check_rho(rho)
-    check_int("n_iters", n_iters, 1)
-    check_int("n_samples", n_samples, 1)
-    check_int("m", m, 1, allow_none=True)
-    check_int("restarts", restarts, 0)
+    n_iters = check_int("n_iters", n_iters, 1)
+    n_samples = check_int("n_samples", n_samples, 1)
+    m = check_int("m", m, 1, allow_none=True)
+    restarts = check_int("restarts", restarts, 0)
     normalize_logits = check_bool("normalize_logits", normalize_logits)
     worst = kind in WORST_CASE
     norm, adaptive = (WORST_CASE if worst else AVERAGE_CASE)[kind]
