@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from flatness import _distributed
 from flatness._checks import check_bool, check_int, maybe_progress, require_finite
 from flatness._data import batch_size as _batch_len
-from flatness._data import iter_batches, split_batch
+from flatness._data import check_n_batches, iter_batches, split_batch
 from flatness._distributed import gather_objects, merge_moments, sum_
 from flatness._functional import LossFn, default_loss, functional_loss, grad_enabled
 from flatness._guard import ModelGuard
@@ -375,6 +375,7 @@ def gradient_variance(
     batch_size = check_int("batch_size", batch_size, allow_none=True)
     chunk_size = check_chunk_size(chunk_size)
     memory_limit = check_int("memory_limit", memory_limit, allow_none=True)
+    n_batches = check_n_batches(n_batches)
     check_bool("progress", progress)
     ps = select_params(model, params)
     moments = _Moments(len(ps.params))
@@ -517,6 +518,7 @@ def kfac_variance(
     batch_size = check_int("batch_size", batch_size, allow_none=True)
     chunk_size = check_chunk_size(chunk_size)
     memory_limit = check_int("memory_limit", memory_limit, allow_none=True)
+    n_batches = check_n_batches(n_batches)
     check_bool("factors", factors)
     check_bool("progress", progress)
     ps = select_params(model, params)

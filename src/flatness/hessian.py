@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flatness._checks import check_bool, check_int, product_bar
+from flatness._checks import check_bool, check_int, is_real, product_bar
 from flatness._functional import LossFn, grad_enabled
 from flatness._hvp import CurvatureOperator, check_real_floating
 from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
@@ -216,7 +216,7 @@ class SpectralDensity(ResultMixin):
 
 
 def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+    if not is_real(value) or not value > 0 or not math.isfinite(value):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -434,7 +434,7 @@ def top_eigenvalues(
     if max_iter is not None:
         max_iter = check_int("max_iter", max_iter, 1)
     block_size = check_int("block_size", block_size, 1)
-    check_seed(seed)
+    seed = check_seed(seed)
     if which not in ("LA", "LM", "SA"):
         raise ValueError(f"which must be 'LA', 'LM' or 'SA', got {which!r}")
     if basis_dtype is not None and basis_dtype not in (torch.float32, torch.float64):
@@ -591,7 +591,7 @@ def trace(
     n_samples = 90 if n_samples is None else n_samples
     n_samples = check_int("n_samples", n_samples, 4 if method == "hutch++" else 2)
     batch = check_int("batch", batch, 1, allow_none=True)
-    check_seed(seed)
+    seed = check_seed(seed)
     if sketch is not None:
         if method != "hutch++":
             raise ValueError(f"flatness.hessian.trace: option sketch= applies to method='hutch++' only, got {method!r}")
@@ -693,7 +693,7 @@ def spectral_density(
     n_vectors = check_int("n_vectors", n_vectors, 1)
     n_steps = check_int("n_steps", n_steps, 1)
     grid_size = check_int("grid_size", grid_size, 2)
-    check_seed(seed)
+    seed = check_seed(seed)
     if sigma is not None:
         sigma = _check_positive("sigma", sigma)
     bar = product_bar(progress, "slq")

@@ -46,7 +46,7 @@ from ._landscape import (
 )
 from ._params import moved_state, select_params, unwrap
 from ._results import ResultMixin
-from ._rng import private_rng
+from ._rng import check_seed, private_rng
 
 __all__ = [
     "BarrierResult",
@@ -179,6 +179,8 @@ def directions(
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     k = check_int("k", k, 1)
+    if kind != "pca":  # (which draws nothing)
+        seed = check_seed(seed)
     if bias not in ("zero", "keep"):
         raise ValueError(f"bias must be 'zero' or 'keep', got {bias!r}")
     if eigen_options and kind != "eigen":
@@ -412,6 +414,7 @@ def slice(
     n_batches = check_int("n_batches", n_batches, 1, allow_none=True)
     bn_batches = check_int("bn_batches", bn_batches, 1, allow_none=True)
     check_bool("progress", progress)
+    seed = check_seed(seed)
     ps = select_params(model, params)
     dev = torch.device(device) if device is not None else ps.device
     info = directions if isinstance(directions, Directions) else None
@@ -582,6 +585,7 @@ def interpolate(
     bn_batches = check_int("bn_batches", bn_batches, 1, allow_none=True)
     chunk_size = check_int("chunk_size", chunk_size, 1)
     check_bool("progress", progress)
+    seed = check_seed(seed)
     ts = axis(t) if t is not None else axis((0.0, 1.0, check_int("n_points", n_points, 2)))
     ps = select_params(model_a, params)
     named_b = matching_params(model_a, model_b, ps)

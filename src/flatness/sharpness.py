@@ -26,7 +26,7 @@ from ._apgd_reference import (
     reference_worst_case,
 )
 from ._checks import NonFiniteLossError, check_bool, check_device, check_int, check_rho, maybe_progress
-from ._data import _is_batch, batch_size, iter_batches, split_batch
+from ._data import _is_batch, batch_size, check_n_batches, iter_batches, split_batch
 from ._functional import (
     LossFn,
     default_loss,
@@ -40,7 +40,7 @@ from ._hvp import CurvatureOperator
 from ._options import check_options
 from ._params import ParamSet, moved_state, select_params
 from ._results import ResultMixin
-from ._rng import private_rng
+from ._rng import check_seed, private_rng
 
 __all__ = ["KINDS", "NonFiniteLossError", "SharpnessResult", "sharpness"]
 
@@ -355,6 +355,8 @@ def _perturbation_sharpness(
     n_samples = check_int("n_samples", n_samples, 1)
     m = check_int("m", m, 1, allow_none=True)
     restarts = check_int("restarts", restarts, 0)
+    seed = check_seed(seed)
+    n_batches = check_n_batches(n_batches)
     normalize_logits = check_bool("normalize_logits", normalize_logits)
     worst = kind in WORST_CASE
     norm, adaptive = (WORST_CASE if worst else AVERAGE_CASE)[kind]
