@@ -360,9 +360,10 @@ def slice(
         ``{name: tensor}`` dict).
     grid : int, (lo, hi, n), sequence, or a list of one per direction
         Coordinates along each direction: ``n`` points in ``[-1, 1]`` for an
-        int (default 21), ``n`` points in ``[lo, hi]`` for a tuple whose
-        last entry is an int, or explicit values (a list or tensor of
-        numbers).  For two directions, a list of two such specs gives each
+        int (default 21; a NumPy integer too), ``n`` points in ``[lo, hi]``
+        for a tuple whose last entry is an int, or explicit values (a list
+        or tensor of numbers; a lone float, even ``21.0``, is one
+        coordinate).  For two directions, a list of two such specs gives each
         axis its own.
     loss_fn : callable, optional
         Mean loss of a batch (default: cross-entropy).
