@@ -35,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
@@ -453,7 +454,7 @@ def resolve_directions(dirs: Any, names: list[str] | None, ps: ParamSet, device:
 def axis(spec: Any) -> list[float]:
     # An integer (a NumPy one too: np.int64(21) is 21 points, not the
     # coordinate 21) is a number of points; a float, even 21.0, a coordinate.
-    if isinstance(spec, bool):
+    if isinstance(spec, (bool, np.bool_)):
         raise TypeError("grid must be an int, a (lo, hi, n) tuple or a sequence of coordinates")
     if is_int(spec):
         spec = check_int("grid", spec, 2)
