@@ -191,7 +191,7 @@ def ensemble_metrics(
     -------
     EnsembleMetrics
     """
-    check_int("n_bins", n_bins)
+    n_bins = check_int("n_bins", n_bins)
     ens = _Ensemble(
         members, data, targets, outputs, min_members=1, need_targets=True, what="ensemble_metrics"
     )

@@ -97,15 +97,35 @@ def product_bar(progress: bool, desc: str) -> ProductBar | None:
     return ProductBar(desc) if progress else None
 
 
+def is_int(value: Any) -> bool:
+    """Whether ``value`` can stand for an integer option: any
+    ``numbers.Integral`` (a Python int, a NumPy integer such as ``np.int64``
+    from a grid or a config file), not ``bool`` (``np.bool_`` is not
+    ``Integral``)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """Whether ``value`` can stand for a real option: any ``numbers.Real``
+    (Python ints and floats, NumPy scalars such as ``np.float32``), not
+    ``bool`` (``np.bool_`` is not ``Real``)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_int(name: str, value: Any, low: int = 1, *, allow_none: bool = False) -> Any:
-    """Validate an integer option (``bool`` is not accepted as an int)."""
+    """Validate an integer option; returns it as a Python int (``None`` as is
+    where allowed).
+
+    Any integer (:func:`is_int`: NumPy integers included) is accepted,
+    ``bool`` and non-integers such as ``2.0`` are not.
+    """
     if value is None and allow_none:
         return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not is_int(value) or value < low:
         raise ValueError(
             f"{name} must be an int >= {low}{' or None' if allow_none else ''}, got {value!r}"
         )
-    return value
+    return int(value)
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -122,7 +142,7 @@ def check_rho(rho: float, *, allow_zero: bool = False) -> float:
     Any real number is accepted (NumPy scalars such as ``np.float32`` from a
     grid of radii included), ``bool`` is not.
     """
-    if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
+    if not is_real(rho):
         raise TypeError(f"rho must be a real number, got {type(rho).__name__}")
     rho = float(rho)
     if not math.isfinite(rho):
@@ -141,6 +161,8 @@ def check_device(device: Any, name: str = "device") -> torch.device:
     index past the device count) raise ``ValueError``, anything else
     ``TypeError``.
     """
+    if is_int(device):
+        device = int(device)  # a NumPy integer index too
     if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
         raise TypeError(f"{name} must be a torch.device, a string such as 'cuda:0' or a device index, "
                         f"got {type(device).__name__}")

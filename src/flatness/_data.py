@@ -11,6 +11,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flatness._checks import is_int
+
+
+def check_n_batches(n_batches: Any) -> int | None:
+    """Validate ``n_batches`` (a positive int, or ``None`` for every batch);
+    returns it as a Python int (NumPy integers are accepted, ``bool`` not)."""
+    if n_batches is None:
+        return None
+    if not is_int(n_batches) or n_batches < 1:
+        raise ValueError(f"n_batches must be a positive int or None, got {n_batches!r}")
+    return int(n_batches)
+
 
 def _is_batch(obj: Any) -> bool:
     # A batch is a pair (inputs, targets) whose targets are one tensor.  A
@@ -92,10 +104,7 @@ def iter_batches(
     leading dimension, the batch is not empty) before it is yielded.  An
     iterable that yields nothing raises ``ValueError``.
     """
-    if n_batches is not None and (
-        isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1
-    ):
-        raise ValueError(f"n_batches must be a positive int or None, got {n_batches!r}")
+    n_batches = check_n_batches(n_batches)
     target_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     if _is_batch(data):
         source: Iterable[Any] = [data]

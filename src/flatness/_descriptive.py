@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from flatness import _distributed
 from flatness._checks import check_bool, maybe_progress, require_finite
 from flatness._data import batch_size as _batch_len
-from flatness._data import iter_batches
+from flatness._data import check_n_batches, iter_batches
 from flatness._distributed import gather_objects, sum_
 from flatness._functional import LossFn, functional_loss, grad_enabled
 from flatness._guard import ModelGuard
@@ -143,6 +143,7 @@ def channel_gradient_norms(
     start = time.perf_counter()
     loss_fn = _check_common(model, loss_fn)
     check_bool("progress", progress)
+    n_batches = check_n_batches(n_batches)
     ps = select_params(model, params)
     with ModelGuard(model, train=check_bool("train", train)), private_rng(seed, ps.device), \
             torch.inference_mode(False), torch.enable_grad():
@@ -356,6 +357,7 @@ def class_loss_imbalance(
     start = time.perf_counter()
     loss_fn = _check_common(model, loss_fn)
     check_bool("progress", progress)
+    n_batches = check_n_batches(n_batches)
     # Every parameter, trainable or not: they only fix the device and dtype.
     ps = select_params(model, [n for n, _ in unwrap(model).named_parameters()])
     sums: dict[int, float] = {}

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from flatness._checks import check_int, require_finite
-from flatness._data import batch_size, iter_batches
+from flatness._data import batch_size, check_n_batches, iter_batches
 from flatness._distributed import enabled, sum_
 from flatness._functional import LossFn, default_loss
 from flatness._guard import ModelGuard
@@ -253,8 +253,9 @@ class CurvatureOperator:
             loss_fn = default_loss
         elif not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        check_int("chunk_size", chunk_size, allow_none=True)
-        check_seed(seed)
+        chunk_size = check_int("chunk_size", chunk_size, allow_none=True)
+        seed = check_seed(seed)
+        n_batches = check_n_batches(n_batches)
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
         if not isinstance(train, bool):

@@ -29,17 +29,19 @@ driver (:func:`evaluate`) and the barrier heights.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from . import _distributed
-from ._checks import check_int, maybe_progress
+from ._checks import check_int, is_int, maybe_progress
 from ._data import batch_size, iter_batches
 from ._functional import LossFn, _as_args, _as_kwargs, default_loss
 from ._guard import ModelGuard
@@ -450,14 +452,16 @@ def resolve_directions(dirs: Any, names: list[str] | None, ps: ParamSet, device:
 
 
 def axis(spec: Any) -> list[float]:
-    if isinstance(spec, bool):
+    # An integer (a NumPy one too: np.int64(21) is 21 points, not the
+    # coordinate 21) is a number of points; a float, even 21.0, a coordinate.
+    if isinstance(spec, (bool, np.bool_)):
         raise TypeError("grid must be an int, a (lo, hi, n) tuple or a sequence of coordinates")
-    if isinstance(spec, int):
-        check_int("grid", spec, 2)
+    if is_int(spec):
+        spec = check_int("grid", spec, 2)
         return torch.linspace(-1.0, 1.0, spec, dtype=torch.float64).tolist()
-    if isinstance(spec, tuple) and len(spec) == 3 and isinstance(spec[2], int) and not isinstance(spec[2], bool):
+    if isinstance(spec, tuple) and len(spec) == 3 and is_int(spec[2]):
         lo, hi, n = spec
-        check_int("grid points", n, 2)
+        n = check_int("grid points", n, 2)
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"grid range must satisfy lo < hi, got ({lo}, {hi})")
         return torch.linspace(float(lo), float(hi), n, dtype=torch.float64).tolist()
@@ -471,8 +475,8 @@ def grid_coords(grid: Any, n_dirs: int) -> list[list[float]]:
     # One spec for every axis, or a list with one spec per direction (a list
     # of plain numbers is always coordinates).
     if isinstance(grid, list) and len(grid) == n_dirs and all(
-        isinstance(g, (list, tuple, Tensor)) or (isinstance(g, int) and not isinstance(g, bool)) for g in grid
-    ) and not all(isinstance(g, (int, float)) for g in grid):
+        isinstance(g, (list, tuple, Tensor)) or is_int(g) for g in grid
+    ) and not all(isinstance(g, numbers.Real) for g in grid):
         return [axis(g) for g in grid]
     return [axis(grid)] * n_dirs
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from flatness._checks import check_bool, check_int, maybe_progress, product_bar, require_finite
-from flatness._data import batch_size
+from flatness._data import batch_size, check_n_batches
 from flatness._diagonal import _check_estimates, _diagonal
 from flatness._functional import LossFn, grad_enabled
 from flatness._gn_diagonal import _check_gn_outputs, _check_gn_structure, _gn_diagonal
@@ -197,11 +197,12 @@ def minimum_sharpness(
         raise ValueError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    check_int("n_samples", n_samples, 2)
-    check_int("batch", batch, 1)
+    n_samples = check_int("n_samples", n_samples, 2)
+    batch = check_int("batch", batch, 1)
     check_bool("progress", progress)
-    check_int("chunk_size", chunk_size, allow_none=True)
-    check_seed(seed)
+    chunk_size = check_int("chunk_size", chunk_size, allow_none=True)
+    seed = check_seed(seed)
+    n_batches = check_n_batches(n_batches)
     if params is not None:
         raise ValueError(
             "minimum sharpness is defined over all weights and biases of the ReLU chain; "

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from flatness import _distributed
 from flatness._checks import check_bool, check_int, maybe_progress, require_finite
 from flatness._data import batch_size as _batch_len
-from flatness._data import iter_batches, split_batch
+from flatness._data import check_n_batches, iter_batches, split_batch
 from flatness._distributed import gather_objects, merge_moments, sum_
 from flatness._functional import LossFn, default_loss, functional_loss, grad_enabled
 from flatness._guard import ModelGuard
@@ -50,8 +50,8 @@ def noise_factor(n: int, b: int) -> float:
     ``a = 1/b`` for ``n -> inf`` (sampling with replacement) and ``0`` for
     ``b = n`` (the full batch has no noise).
     """
-    check_int("n", n)
-    check_int("b", b)
+    n = check_int("n", n)
+    b = check_int("b", b)
     if b > n:
         raise ValueError(f"mini-batch size b={b} exceeds the number of samples n={n}")
     if n == 1:
@@ -372,9 +372,10 @@ def gradient_variance(
     """
     start = time.perf_counter()
     loss_fn = _check_common(model, loss_fn)
-    check_int("batch_size", batch_size, allow_none=True)
-    check_chunk_size(chunk_size)
-    check_int("memory_limit", memory_limit, allow_none=True)
+    batch_size = check_int("batch_size", batch_size, allow_none=True)
+    chunk_size = check_chunk_size(chunk_size)
+    memory_limit = check_int("memory_limit", memory_limit, allow_none=True)
+    n_batches = check_n_batches(n_batches)
     check_bool("progress", progress)
     ps = select_params(model, params)
     moments = _Moments(len(ps.params))
@@ -514,9 +515,10 @@ def kfac_variance(
     loss_fn = _check_common(model, loss_fn)
     if fallback not in _FALLBACKS:
         raise ValueError(f"unknown fallback {fallback!r}; valid: {', '.join(_FALLBACKS)}")
-    check_int("batch_size", batch_size, allow_none=True)
-    check_chunk_size(chunk_size)
-    check_int("memory_limit", memory_limit, allow_none=True)
+    batch_size = check_int("batch_size", batch_size, allow_none=True)
+    chunk_size = check_chunk_size(chunk_size)
+    memory_limit = check_int("memory_limit", memory_limit, allow_none=True)
+    n_batches = check_n_batches(n_batches)
     check_bool("factors", factors)
     check_bool("progress", progress)
     ps = select_params(model, params)

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import torch
 
+from flatness._checks import is_int
+
 
 @contextlib.contextmanager
 def _forked_rng(device: torch.device) -> Iterator[None]:
@@ -23,16 +25,22 @@ def _forked_rng(device: torch.device) -> Iterator[None]:
             torch.cuda.set_rng_state(cuda, device)
 
 
-def check_seed(seed: object, *, allow_none: bool = True) -> None:
+def check_seed(seed: object, *, allow_none: bool = True) -> int | None:
     """Refuse a seed that is not an int (or ``None`` where allowed) or that
     does not fit in 64 bits: checked up front by the measurements, so that a
-    bad seed fails before any work, not at the first random draw."""
+    bad seed fails before any work, not at the first random draw.
+
+    Any integer is accepted (NumPy integers included, ``bool`` not) and
+    returned as a Python int, the form the results' settings record.
+    """
     if seed is None and allow_none:
-        return
-    if isinstance(seed, bool) or not isinstance(seed, int):
+        return None
+    if not is_int(seed):
         raise TypeError(f"seed must be an int{' or None' if allow_none else ''}, got {type(seed).__name__}")
+    seed = int(seed)  # type: ignore[call-overload]
     if not -(2**63) <= seed < 2**64:
         raise ValueError(f"seed must fit in 64 bits (-2**63 <= seed < 2**64), got {seed}")
+    return seed
 
 
 @contextlib.contextmanager
@@ -42,7 +50,7 @@ def private_rng(seed: int | None, device: torch.device) -> Iterator[torch.Genera
     ``seed`` without disturbing the caller's random stream.  Inside a
     ``torch.distributed`` process group ``seed=None`` draws one seed on
     rank 0 and shares it (see :mod:`flatness._distributed`)."""
-    check_seed(seed)
+    seed = check_seed(seed)
     # Inside a process group, seed=None means one fresh seed for all ranks:
     # random vectors applied to an all-reduced operator must agree.
     from ._distributed import shared_seed

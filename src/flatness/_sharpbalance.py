@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flatness._checks import check_bool, check_int, check_rho, maybe_progress, require_finite
+from flatness._checks import check_bool, check_int, check_rho, is_int, is_real, maybe_progress, require_finite
 from flatness._data import iter_batches
 from flatness._functional import LossFn, default_loss, functional_loss, grad_enabled
 from flatness._guard import ModelGuard
@@ -23,7 +23,7 @@ SHARPNESS_KINDS = ("fisher", "sam")
 
 
 def _check_fraction(flat_ratio: float) -> float:
-    if isinstance(flat_ratio, bool) or not isinstance(flat_ratio, (int, float)):
+    if not is_real(flat_ratio):
         raise TypeError(f"flat_ratio must be a number in [0, 1], got {type(flat_ratio).__name__}")
     if not 0.0 <= float(flat_ratio) <= 1.0:
         raise ValueError(f"flat_ratio must be in [0, 1], got {flat_ratio}")
@@ -63,11 +63,11 @@ def _as_score_matrix(scores: Any) -> Tensor:
 
 
 def _check_member(member: int, n_members: int) -> int:
-    if isinstance(member, bool) or not isinstance(member, int):
+    if not is_int(member):
         raise TypeError(f"member must be an int, got {type(member).__name__}")
     if not 0 <= member < n_members:
         raise ValueError(f"member must be in [0, {n_members}), got {member}")
-    return member
+    return int(member)
 
 
 def _top_set(row: Tensor, k: int, largest: bool) -> Tensor:
@@ -187,11 +187,12 @@ def random_split(
     sam_idx, plain_idx : Tensor
         Sorted int64 sample indices; disjoint, together ``0 .. n_samples-1``.
     """
-    check_int("n_samples", n_samples)
-    if isinstance(member, bool) or not isinstance(member, int) or member < 0:
+    n_samples = check_int("n_samples", n_samples)
+    if not is_int(member) or member < 0:
         raise ValueError(f"member must be a non-negative int, got {member!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    member, seed = int(member), int(seed)  # (a NumPy seed * 1_000_003 could wrap around)
     k = _fraction_count(_check_fraction(flat_ratio), n_samples)
     gen = torch.Generator().manual_seed(seed if same else seed * 1_000_003 + member)
     chosen = torch.randperm(n_samples, generator=gen)[:k]
@@ -263,7 +264,7 @@ def per_sample_sharpness(
     """
     if kind not in SHARPNESS_KINDS:
         raise ValueError(f"kind must be one of {SHARPNESS_KINDS}, got {kind!r}")
-    check_int("trials", trials)
+    trials = check_int("trials", trials)
     check_bool("progress", progress)
     if kind == "sam":
         rho = check_rho(rho)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flatness._checks import check_bool, check_int, product_bar
+from flatness._checks import check_bool, check_int, is_real, product_bar
 from flatness._functional import LossFn, grad_enabled
 from flatness._hvp import CurvatureOperator, check_real_floating
 from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
@@ -216,7 +216,7 @@ class SpectralDensity(ResultMixin):
 
 
 def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+    if not is_real(value) or not value > 0 or not math.isfinite(value):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -429,12 +429,12 @@ def top_eigenvalues(
     """
     start = time.perf_counter()
     check_bool("progress", progress)
-    check_int("k", k, 1)
-    _check_positive("tol", tol)
+    k = check_int("k", k, 1)
+    tol = _check_positive("tol", tol)
     if max_iter is not None:
-        check_int("max_iter", max_iter, 1)
-    check_int("block_size", block_size, 1)
-    check_seed(seed)
+        max_iter = check_int("max_iter", max_iter, 1)
+    block_size = check_int("block_size", block_size, 1)
+    seed = check_seed(seed)
     if which not in ("LA", "LM", "SA"):
         raise ValueError(f"which must be 'LA', 'LM' or 'SA', got {which!r}")
     if basis_dtype is not None and basis_dtype not in (torch.float32, torch.float64):
@@ -589,13 +589,13 @@ def trace(
         raise ValueError("flatness.hessian.trace: option n_samples= does not apply to method='exact' "
                          "(it spends one product per parameter)")
     n_samples = 90 if n_samples is None else n_samples
-    check_int("n_samples", n_samples, 4 if method == "hutch++" else 2)
-    check_int("batch", batch, 1, allow_none=True)
-    check_seed(seed)
+    n_samples = check_int("n_samples", n_samples, 4 if method == "hutch++" else 2)
+    batch = check_int("batch", batch, 1, allow_none=True)
+    seed = check_seed(seed)
     if sketch is not None:
         if method != "hutch++":
             raise ValueError(f"flatness.hessian.trace: option sketch= applies to method='hutch++' only, got {method!r}")
-        check_int("sketch", sketch, 0)
+        sketch = check_int("sketch", sketch, 0)
         if 2 * sketch + 2 > n_samples:
             raise ValueError(
                 f"sketch must be at most (n_samples - 2) // 2 = {(n_samples - 2) // 2} (Hutch++ spends 2 products "
@@ -690,12 +690,12 @@ def spectral_density(
     """
     start = time.perf_counter()
     check_bool("progress", progress)
-    check_int("n_vectors", n_vectors, 1)
-    check_int("n_steps", n_steps, 1)
-    check_int("grid_size", grid_size, 2)
-    check_seed(seed)
+    n_vectors = check_int("n_vectors", n_vectors, 1)
+    n_steps = check_int("n_steps", n_steps, 1)
+    grid_size = check_int("grid_size", grid_size, 2)
+    seed = check_seed(seed)
     if sigma is not None:
-        _check_positive("sigma", sigma)
+        sigma = _check_positive("sigma", sigma)
     bar = product_bar(progress, "slq")
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,

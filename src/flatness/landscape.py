@@ -46,7 +46,7 @@ from ._landscape import (
 )
 from ._params import moved_state, select_params, unwrap
 from ._results import ResultMixin
-from ._rng import private_rng
+from ._rng import check_seed, private_rng
 
 __all__ = [
     "BarrierResult",
@@ -178,7 +178,9 @@ def directions(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(KINDS)}")
-    check_int("k", k, 1)
+    k = check_int("k", k, 1)
+    if kind != "pca":  # (which draws nothing)
+        seed = check_seed(seed)
     if bias not in ("zero", "keep"):
         raise ValueError(f"bias must be 'zero' or 'keep', got {bias!r}")
     if eigen_options and kind != "eigen":
@@ -358,9 +360,10 @@ def slice(
         ``{name: tensor}`` dict).
     grid : int, (lo, hi, n), sequence, or a list of one per direction
         Coordinates along each direction: ``n`` points in ``[-1, 1]`` for an
-        int (default 21), ``n`` points in ``[lo, hi]`` for a tuple whose
-        last entry is an int, or explicit values (a list or tensor of
-        numbers).  For two directions, a list of two such specs gives each
+        int (default 21; a NumPy integer too), ``n`` points in ``[lo, hi]``
+        for a tuple whose last entry is an int, or explicit values (a list
+        or tensor of numbers; a lone float, even ``21.0``, is one
+        coordinate).  For two directions, a list of two such specs gives each
         axis its own.
     loss_fn : callable, optional
         Mean loss of a batch (default: cross-entropy).
@@ -408,10 +411,11 @@ def slice(
     """
     start = time.perf_counter()
     loss_fn, metrics = check_common(model, loss_fn, metrics, bn, engine, split)
-    check_int("chunk_size", chunk_size, 1)
-    check_int("n_batches", n_batches, 1, allow_none=True)
-    check_int("bn_batches", bn_batches, 1, allow_none=True)
+    chunk_size = check_int("chunk_size", chunk_size, 1)
+    n_batches = check_int("n_batches", n_batches, 1, allow_none=True)
+    bn_batches = check_int("bn_batches", bn_batches, 1, allow_none=True)
     check_bool("progress", progress)
+    seed = check_seed(seed)
     ps = select_params(model, params)
     dev = torch.device(device) if device is not None else ps.device
     info = directions if isinstance(directions, Directions) else None
@@ -578,10 +582,11 @@ def interpolate(
         raise ValueError(f"barrier must be one of {', '.join(BARRIERS)}, got {barrier!r}")
     if on not in ("loss", "error"):
         raise ValueError(f"on must be 'loss' or 'error', got {on!r}")
-    check_int("n_batches", n_batches, 1, allow_none=True)
-    check_int("bn_batches", bn_batches, 1, allow_none=True)
-    check_int("chunk_size", chunk_size, 1)
+    n_batches = check_int("n_batches", n_batches, 1, allow_none=True)
+    bn_batches = check_int("bn_batches", bn_batches, 1, allow_none=True)
+    chunk_size = check_int("chunk_size", chunk_size, 1)
     check_bool("progress", progress)
+    seed = check_seed(seed)
     ts = axis(t) if t is not None else axis((0.0, 1.0, check_int("n_points", n_points, 2)))
     ps = select_params(model_a, params)
     named_b = matching_params(model_a, model_b, ps)

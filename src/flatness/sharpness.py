@@ -35,7 +35,7 @@ from ._checks import (
     maybe_progress,
     user_stacklevel,
 )
-from ._data import _is_batch, batch_size, iter_batches, split_batch
+from ._data import _is_batch, batch_size, check_n_batches, iter_batches, split_batch
 from ._functional import (
     LossFn,
     default_loss,
@@ -49,7 +49,7 @@ from ._hvp import CurvatureOperator
 from ._options import check_options
 from ._params import ParamSet, moved_state, select_params
 from ._results import ResultMixin
-from ._rng import private_rng
+from ._rng import check_seed, private_rng
 
 __all__ = ["KINDS", "NonFiniteLossError", "SharpnessResult", "sharpness"]
 
@@ -360,10 +360,12 @@ def _perturbation_sharpness(
     if rho is None:
         raise ValueError(f"kind={kind!r} needs rho= (the perturbation radius)")
     rho = check_rho(rho)
-    check_int("n_iters", n_iters, 1)
-    check_int("n_samples", n_samples, 1)
-    check_int("m", m, 1, allow_none=True)
-    check_int("restarts", restarts, 0)
+    n_iters = check_int("n_iters", n_iters, 1)
+    n_samples = check_int("n_samples", n_samples, 1)
+    m = check_int("m", m, 1, allow_none=True)
+    restarts = check_int("restarts", restarts, 0)
+    seed = check_seed(seed)
+    n_batches = check_n_batches(n_batches)
     normalize_logits = check_bool("normalize_logits", normalize_logits)
     worst = kind in WORST_CASE
     norm, adaptive = (WORST_CASE if worst else AVERAGE_CASE)[kind]

@@ -84,6 +84,7 @@ from ._checks import (
     check_new_group,
     check_options,
     check_setting,
+    checked_setting,
     merge_base_kwargs,
 )
 from ._functional import ScaledDirection, add_scaled, global_norm
@@ -186,9 +187,8 @@ class SharpnessAwareOptimizer(Optimizer):
     ) -> None:
         check_options(same_rng, per_replica, freeze_bn, model)
         base_kw = merge_base_kwargs(base_kwargs, kwargs)
-        settings = {**self.group_defaults, **(defaults or {})}
-        for key, value in settings.items():
-            self._check_setting(key, value)
+        settings = {key: checked_setting(self, key, value)
+                    for key, value in {**self.group_defaults, **(defaults or {})}.items()}
         check_base_optimizer(base_optimizer, params, base_kw, SharpnessAwareOptimizer)
         #: The variant's group settings and their defaults, by short name
         #: (stored in the param groups as ``"sam_" + name``).
@@ -222,9 +222,11 @@ class SharpnessAwareOptimizer(Optimizer):
 
     # -- settings ------------------------------------------------------------
 
-    def _check_setting(self, key: str, value: Any) -> None:
-        """Validate one group setting (by short name); subclasses extend it for their keys."""
-        check_setting(key, value)
+    def _check_setting(self, key: str, value: Any) -> Any:
+        """Validate one group setting (by short name) and return it as it is
+        stored (a real number as a Python float); subclasses extend it for
+        their keys."""
+        return check_setting(key, value)
 
     def sam_settings(self, group: dict[str, Any]) -> GroupSettings:
         """A param group as the variant sees it: its settings by short name

@@ -16,6 +16,8 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
+from flatness._checks import is_real
+
 from ._settings import SAM_PREFIX, _flatten_params, _refuse_closure_optimizer, rename_settings
 
 
@@ -84,16 +86,29 @@ def check_base_optimizer(
         )
 
 
-def check_setting(key: str, value: Any) -> None:
-    """The base class's group settings: ``rho`` and ``eta`` finite numbers
-    ``>= 0``, ``adaptive`` and ``perturb`` bools (other keys pass)."""
+def check_setting(key: str, value: Any) -> Any:
+    """The base class's group settings: ``rho`` and ``eta`` finite real
+    numbers ``>= 0`` (NumPy scalars too), returned as Python floats;
+    ``adaptive`` and ``perturb`` bools (other keys pass, returned as given)."""
     if key in ("rho", "eta"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_real(value):
             raise TypeError(f"{key} must be a number, got {type(value).__name__}")
         if not (value >= 0 and value < float("inf")):
             raise ValueError(f"{key} must be finite and >= 0, got {value}")
-    elif key in ("adaptive", "perturb") and not isinstance(value, bool):
+        return float(value)
+    if key in ("adaptive", "perturb") and not isinstance(value, bool):
         raise TypeError(f"{key} must be a bool (True or False), got {value!r}")
+    return value
+
+
+def checked_setting(opt: Any, key: str, value: Any) -> Any:
+    """``value`` of setting ``key`` as ``opt._check_setting`` returns it (a
+    Python number for a NumPy scalar, so that the param groups and
+    ``state_dict()`` hold plain Python values); a ``_check_setting`` that
+    returns ``None`` (one written before it returned the value) keeps
+    ``value`` as given."""
+    checked = opt._check_setting(key, value)
+    return value if checked is None else checked
 
 
 def check_new_group(opt: Any, group: Any) -> None:
@@ -103,7 +118,7 @@ def check_new_group(opt: Any, group: Any) -> None:
     if not isinstance(group, dict):
         raise TypeError(f"param_group must be a dict, got {type(group).__name__}")
     rename_settings(opt, group, strict=True)
-    for key, value in group.items():
+    for key, value in list(group.items()):
         if key.startswith(SAM_PREFIX):
             name = key[len(SAM_PREFIX):]
             if name not in opt.sam_defaults:
@@ -111,7 +126,7 @@ def check_new_group(opt: Any, group: Any) -> None:
                     f"unknown param group key {key!r}; {type(opt).__name__}'s settings: "
                     f"{sorted(SAM_PREFIX + k for k in opt.sam_defaults)}"
                 )
-            opt._check_setting(name, value)
+            group[key] = checked_setting(opt, name, value)
 
 
 def check_directions(groups: Sequence[Any], directions: Sequence[Any]) -> None:

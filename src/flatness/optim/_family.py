@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flatness._checks import is_int, is_real
+
 from ._base import AscentGroup
 from ._functional import global_norm
 
@@ -25,14 +27,17 @@ def with_group(groups: Sequence[AscentGroup], **overrides: Any) -> list[AscentGr
     return [AscentGroup({**g.group, **overrides}, g.params, g.grads) for g in groups]
 
 
-def check_number(name: str, value: Any, low: float, high: float, *, high_open: bool = False) -> None:
-    """TypeError for a non-number, ValueError outside ``[low, high]`` (or ``[low, high)``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def check_number(name: str, value: Any, low: float, high: float, *, high_open: bool = False) -> float:
+    """TypeError for a non-number, ValueError outside ``[low, high]`` (or
+    ``[low, high)``); returns the value as a Python float (any real number
+    is accepted, NumPy scalars included, ``bool`` not)."""
+    if not is_real(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     ok = low <= value < high if high_open else low <= value <= high
     if not ok:
         bracket = ")" if high_open else "]"
         raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+    return float(value)
 
 
 def grad_scale(scaler: Any) -> float:
@@ -72,10 +77,14 @@ def skipped_by(scaler: Any, params: Sequence[Tensor]) -> bool:
     return bool(grads) and not bool(torch.isfinite(global_norm([grads], ord=float("inf"))))
 
 
-def check_seed(seed: Any) -> None:
-    """TypeError unless ``seed`` is an int or ``None``."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+def check_seed(seed: Any) -> int | None:
+    """TypeError unless ``seed`` is an int (a NumPy integer too, not
+    ``bool``) or ``None``; returns it as a Python int."""
+    if seed is None:
+        return None
+    if not is_int(seed):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
+    return int(seed)
 
 
 class SeededDraws:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from flatness import _distributed
+from flatness._checks import is_int
 
 from . import _family as fam
 from ._base import AscentGroup, SharpnessAwareOptimizer, global_norm
@@ -149,25 +150,26 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
         model: nn.Module | None = None,
         freeze_bn: bool = False,
     ) -> None:
-        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
+        if not is_int(num_data) or num_data < 1:
             raise ValueError(f"num_data must be a positive int, got {num_data!r}")
-        fam.check_number("lr", lr, 0.0, float("inf"), high_open=True)
+        # Python floats in the base's param groups (a NumPy scalar in a
+        # state_dict() does not load with torch.load(weights_only=True))
+        lr = fam.check_number("lr", lr, 0.0, float("inf"), high_open=True)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise TypeError(f"betas must be a pair of numbers, got {betas!r}")
-        for i, b in enumerate(betas):
-            fam.check_number(f"betas[{i}]", b, 0.0, 1.0, high_open=True)
-        fam.check_number("weight_decay", weight_decay, 0.0, float("inf"), high_open=True)
-        fam.check_number("damping", damping, 0.0, float("inf"), high_open=True)
-        fam.check_number("s_init", s_init, 0.0, float("inf"), high_open=True)
+        betas = tuple(fam.check_number(f"betas[{i}]", b, 0.0, 1.0, high_open=True) for i, b in enumerate(betas))
+        weight_decay = fam.check_number("weight_decay", weight_decay, 0.0, float("inf"), high_open=True)
+        damping = fam.check_number("damping", damping, 0.0, float("inf"), high_open=True)
+        s_init = fam.check_number("s_init", s_init, 0.0, float("inf"), high_open=True)
         if not s_init > 0:
             raise ValueError(f"s_init must be > 0, got {s_init}")
-        fam.check_seed(seed)
+        seed = fam.check_seed(seed)
         super().__init__(
             params, _BayesUpdate, {"rho": rho, "perturb": True}, same_rng=same_rng, per_replica=per_replica,
             model=model, freeze_bn=freeze_bn, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
             damping=damping, s_init=s_init,
         )
-        self.num_data = num_data
+        self.num_data = int(num_data)
         self._init_generator(seed)
 
     def _groups(self) -> list[AscentGroup]:

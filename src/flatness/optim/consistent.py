@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from flatness import _distributed
+from flatness._checks import is_int, is_real
 
 from . import _family as fam
 from ._base import AscentGroup, SharpnessAwareOptimizer
@@ -66,13 +67,13 @@ def _make_kfac(
     if preconditioner not in _PRECONDITIONERS:
         raise ValueError(f"unknown preconditioner {preconditioner!r}; valid: None, 'kfac'")
     for name, value, low in (("damping", damping, 0.0), ("stat_decay", stat_decay, 0.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_real(value):
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")
         if not (value >= low and value < (1.0 if name == "stat_decay" else float("inf"))):
             raise ValueError(f"{name} out of range: {value}")
     if preconditioner == "kfac" and not damping > 0:
         raise ValueError(f"damping must be > 0, got {damping}")
-    if isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1:
+    if not is_int(update_freq) or update_freq < 1:
         raise ValueError(f"update_freq must be a positive int, got {update_freq!r}")
     if preconditioner == "kfac" and model is None:
         raise ValueError("preconditioner='kfac' needs model=<your model> (its layers are hooked)")
@@ -82,7 +83,7 @@ def _make_kfac(
                                     f"{type(opt).__name__}(preconditioner='kfac')", hint=_distributed.SAM_HINT)
     return KFACPreconditioner(
         model if preconditioner == "kfac" else None, perturbed, damping=float(damping),
-        stat_decay=float(stat_decay), update_freq=update_freq, state=opt.extra_state,
+        stat_decay=float(stat_decay), update_freq=int(update_freq), state=opt.extra_state,
     )
 
 
@@ -209,19 +210,19 @@ class ConsistentSAM(SharpnessAwareOptimizer):
         if preconditioner is not None and any(g["sam_adaptive"] for g in self.param_groups):
             raise ValueError("adaptive=True and preconditioner='kfac' cannot be combined; choose one")
         self.preconditioner = preconditioner
-        self.update_freq = update_freq
         #: The K-FAC collaborator (without a model for ``preconditioner=None``).
         self.kfac = _make_kfac(self, preconditioner, model, damping, stat_decay, update_freq)
+        self.update_freq = self.kfac.update_freq  # (checked: a Python int)
 
-    def _check_setting(self, key: str, value: Any) -> None:
+    def _check_setting(self, key: str, value: Any) -> Any:
         if key == "rho2":
             return super()._check_setting("rho", value)
         if key == "alpha":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not is_real(value):
                 raise TypeError(f"alpha must be a number, got {type(value).__name__}")
             if not 0 <= value <= 1:
                 raise ValueError(f"alpha must be in [0, 1], got {value}")
-            return None
+            return float(value)
         return super()._check_setting(key, value)
 
     # -- pass 1: e1 = rho1 g1 / ||g1|| ------------------------------------
@@ -482,9 +483,9 @@ class NonuniformSAM(SharpnessAwareOptimizer):
             per_replica=per_replica, model=model, freeze_bn=freeze_bn, **base_kwargs,
         )
         self.preconditioner = "kfac"
-        self.update_freq = update_freq
         #: The K-FAC collaborator.
         self.kfac = _make_kfac(self, "kfac", model, damping, stat_decay, update_freq)
+        self.update_freq = self.kfac.update_freq  # (checked: a Python int)
         if self.kfac.factors is not None and self.kfac.factors.unsupported:
             # They would silently stay unperturbed: refuse instead.
             raise ValueError(

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatness._checks import is_int
+
 from . import _family as fam
 from ._base import AscentGroup, ScaledDirection, global_norm
 from ._checks import MissingClosureError
@@ -136,12 +138,12 @@ class GSAM(SAM):
             model=model, freeze_bn=freeze_bn, **base_kwargs,
         )
 
-    def _check_setting(self, key: str, value: Any) -> None:
+    def _check_setting(self, key: str, value: Any) -> Any:
         if key == "alpha":
             return fam.check_number("alpha", value, 0.0, 1.0)
         if key in ("rho_min", "lr_max"):
             if value is not None:
-                fam.check_number(key, value, 0.0, float("inf"), high_open=True)
+                return fam.check_number(key, value, 0.0, float("inf"), high_open=True)
             return None
         if key == "lr_min":
             return fam.check_number(key, value, 0.0, float("inf"), high_open=True)
@@ -275,7 +277,7 @@ class LookSAM(SAM):
         freeze_bn: bool = False,
         **base_kwargs: Any,
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if not is_int(k) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         if not isinstance(per_tensor, bool):
             raise TypeError(f"per_tensor must be a bool, got {per_tensor!r}")
@@ -284,12 +286,12 @@ class LookSAM(SAM):
             params, base_optimizer, defaults, same_rng=same_rng, per_replica=per_replica,
             model=model, freeze_bn=freeze_bn, **base_kwargs,
         )
-        self.k = k
+        self.k = int(k)
         self.per_tensor = per_tensor
         self.looksam_step = 0
         self._gv_norm: tuple[tuple[int, ...], Tensor] | None = None
 
-    def _check_setting(self, key: str, value: Any) -> None:
+    def _check_setting(self, key: str, value: Any) -> Any:
         if key == "alpha":
             return fam.check_number("alpha", value, 0.0, float("inf"), high_open=True)
         return super()._check_setting(key, value)

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.optim import Optimizer
 
+from flatness._checks import is_int
+
 from . import _family as fam
 from ._base import SharpnessAwareOptimizer
 from ._family_functional import ema_update_, mesa_trajectory_loss
@@ -106,18 +108,18 @@ class MESA(SharpnessAwareOptimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        fam.check_number("decay", decay, 0.0, 1.0, high_open=True)
-        fam.check_number("lam", lam, 0.0, float("inf"), high_open=True)
-        fam.check_number("tau", tau, 0.0, float("inf"), high_open=True)
+        decay = fam.check_number("decay", decay, 0.0, 1.0, high_open=True)
+        lam = fam.check_number("lam", lam, 0.0, float("inf"), high_open=True)
+        tau = fam.check_number("tau", tau, 0.0, float("inf"), high_open=True)
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau}")
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+        if not is_int(start_step) or start_step < 0:
             raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
         super().__init__(params, base_optimizer, {}, model=model, **base_kwargs)
         self.decay = float(decay)
         self.lam = float(lam)
         self.tau = float(tau)
-        self.start_step = start_step
+        self.start_step = int(start_step)
         self.mesa_step = 0
         self._net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         #: The EMA of the model's parameters and floating-point buffers, by name.

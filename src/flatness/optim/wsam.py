@@ -101,7 +101,7 @@ class WSAM(SAM):
         )
         self.decouple = decouple
 
-    def _check_setting(self, key: str, value: Any) -> None:
+    def _check_setting(self, key: str, value: Any) -> Any:
         if key == "gamma":
             return fam.check_number("gamma", value, 0.0, 1.0, high_open=True)
         return super()._check_setting(key, value)
@@ -214,7 +214,7 @@ class FriendlySAM(SAM):
             model=model, freeze_bn=freeze_bn, **base_kwargs,
         )
 
-    def _check_setting(self, key: str, value: Any) -> None:
+    def _check_setting(self, key: str, value: Any) -> Any:
         if key == "sigma":
             return fam.check_number("sigma", value, 0.0, float("inf"), high_open=True)
         if key == "lmbda":
