@@ -78,6 +78,7 @@ from flatness._guard import disable_running_stats
 
 from . import _stage, _state
 from ._checks import (
+    _LOW_PRECISION,
     check_base_optimizer,
     check_closure,
     check_directions,
@@ -86,6 +87,7 @@ from ._checks import (
     check_setting,
     checked_setting,
     merge_base_kwargs,
+    warn_if_rounded_away,
 )
 from ._functional import ScaledDirection, add_scaled, global_norm
 from ._settings import (
@@ -219,6 +221,9 @@ class SharpnessAwareOptimizer(Optimizer):
         """The per-step bookkeeping (never pickled or saved)."""
         self._stage = _Stage(self._StepState)
         self._pending_extra: dict[str, Any] | None = None
+        #: whether the first perturbation of low-precision parameters has
+        #: been checked for what rounding loses of it (:meth:`perturb`)
+        self._rounding_checked = False
 
     # -- settings ------------------------------------------------------------
 
@@ -303,6 +308,9 @@ class SharpnessAwareOptimizer(Optimizer):
         except BaseException:
             self.restore()
             raise
+        if not self._rounding_checked and any(p.dtype in _LOW_PRECISION for p in params):
+            self._rounding_checked = True
+            warn_if_rounded_away(self, groups, directions, stage.saved_w)
 
     @torch.no_grad()
     def restore(self) -> None:
