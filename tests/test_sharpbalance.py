@@ -375,3 +375,17 @@ def test_fisher_with_selected_params_and_float32():
         ref.append(float(g.double().pow(2).sum()))
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+
+
+def test_sam_scores_warn_when_bfloat16_rounds_the_perturbation_away():
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    batch = (torch.randn(32, 256), torch.randint(0, 10, (32,)))
+    with pytest.warns(RuntimeWarning, match="bfloat16 lost .* rho=0.005") as record:
+        dv.per_sample_sharpness(copy.deepcopy(model).to(torch.bfloat16), batch, kind="sam", rho=0.005)
+    assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dv.per_sample_sharpness(model, batch, kind="sam", rho=0.005)

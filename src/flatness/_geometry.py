@@ -23,7 +23,7 @@ ellipsoid, projected by solving for the Lagrange multiplier).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ from . import _distributed
 
 NORMS = ("linf", "l2")
 
-__all__ = ["NORMS", "PerturbationSet", "project_weight_space", "rounding_loss"]
+__all__ = ["NORMS", "PerturbationSet", "lost_share", "project_weight_space", "rounding_loss"]
 
 
 def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
@@ -403,17 +403,16 @@ class PerturbationSet:
 def rounding_loss(
     weights: Sequence[Tensor], norm: str, rho: float, *, adaptive: bool, average_case: bool
 ) -> float:
-    """The share of a typical perturbation ``d`` that is lost when ``w + d``
-    is rounded to the weights' dtype: ``||fl(w + d) - (w + d)|| / ||d||``.
+    """:func:`lost_share` of a typical perturbation ``d`` when ``w + d`` is
+    rounded to the weights' dtype.
 
     ``d`` is one draw: a random corner of the box, or a random point of the
     sphere, of radius ``rho`` in scaled coordinates (``c = |w|`` when
     ``adaptive``); with ``average_case``, a draw of
     :meth:`PerturbationSet.average_case_sample`.  An estimate on the first
-    :data:`ROUNDING_SAMPLE` entries of each tensor (a point of the
-    sphere then has coordinates of size ``rho / sqrt(n)``), in float32 (in
-    float64 for float64 weights), from a private generator: the caller's
-    random stream is untouched.
+    :data:`ROUNDING_SAMPLE` entries of each tensor (a point of the sphere
+    then has entries of size ``rho / sqrt(n)``), from a private generator:
+    the caller's random stream is untouched.
 
     Near 0 in float32 and float64 at any sensible ``rho``.  In bfloat16 (8
     significant bits) an ``adaptive_linf`` radius below ``2**-9`` is lost
@@ -423,29 +422,51 @@ def rounding_loss(
     weights = _distributed.local_tensors(list(weights))
     if not weights:
         return 0.0
-    gen = torch.Generator(device=weights[0].device).manual_seed(0)
     radius = rho
     if norm == "l2" and not average_case:
         radius = rho / max(sum(w.numel() for w in weights), 1) ** 0.5
-    lost = size = 0.0
-    for w in weights:
-        # in float32, or the weights' own dtype where it is finer
-        work = torch.promote_types(w.dtype, torch.float32)
-        wf = w.detach().reshape(-1)[:ROUNDING_SAMPLE].to(work)
-        if wf.device != gen.device:  # (weights on several devices)
-            gen = torch.Generator(device=wf.device).manual_seed(0)
-        if norm == "l2":
-            d = torch.randn(wf.shape, generator=gen, device=wf.device, dtype=work)
-        elif average_case:
-            d = torch.rand(wf.shape, generator=gen, device=wf.device, dtype=work).mul_(2).sub_(1)
-        else:
-            d = torch.randint(0, 2, wf.shape, generator=gen, device=wf.device).to(work).mul_(2).sub_(1)
-        d.mul_(radius)
-        if adaptive:
-            d.mul_(wf.abs())
-        size += float(d.square().sum())
-        lost += float((wf + d).to(w.dtype).to(work).sub_(wf).sub_(d).square().sum())
-    return (lost / size) ** 0.5 if size > 0 else 0.0
+
+    def triples() -> Iterator[tuple[Tensor, Tensor, Tensor]]:  # (w, d, w + d as stored)
+        gen = torch.Generator(device=weights[0].device).manual_seed(0)
+        for w in weights:
+            # in float32, or the weights' own dtype where it is finer
+            work = torch.promote_types(w.dtype, torch.float32)
+            wf = w.detach().reshape(-1)[:ROUNDING_SAMPLE].to(work)
+            if wf.device != gen.device:  # (weights on several devices)
+                gen = torch.Generator(device=wf.device).manual_seed(0)
+            if norm == "l2":
+                d = torch.randn(wf.shape, generator=gen, device=wf.device, dtype=work)
+            elif average_case:
+                d = torch.rand(wf.shape, generator=gen, device=wf.device, dtype=work).mul_(2).sub_(1)
+            else:
+                d = torch.randint(0, 2, wf.shape, generator=gen, device=wf.device).to(work).mul_(2).sub_(1)
+            d.mul_(radius)
+            if adaptive:
+                d.mul_(wf.abs())
+            yield wf, d, (wf + d).to(w.dtype)
+
+    return lost_share(triples())
+
+
+def lost_share(triples: Iterable[tuple[Tensor, Tensor, Tensor]]) -> float:
+    """The share of a perturbation ``d`` that rounding lost, over ``(w, d,
+    moved)`` triples where ``moved`` holds ``w + d`` as stored (rounded to
+    its dtype): ``1 - <d, d'> / <d, d>`` with ``d' = moved - w`` the
+    perturbation that was applied, i.e. what is missing of ``d`` along its
+    own direction (0: all of it applied, 1: none).
+
+    Along the direction, because that is what a loss increase sees: the
+    entries rounding zeroes are the small ones, and they carry little of
+    ``<d, d>`` (a gradient-aligned ``d`` keeps most of its first-order
+    ascent when many small entries vanish).  Computed in float32 (float64
+    where a tensor is), one tensor's temporaries at a time."""
+    kept = size = 0.0
+    for w, d, moved in triples:
+        work = torch.promote_types(torch.promote_types(w.dtype, d.dtype), torch.float32)
+        df = d.detach().to(work)
+        size += float(df.square().sum())
+        kept += float(moved.detach().to(work).sub_(w.detach().to(work)).mul_(df).sum())
+    return max(0.0, 1.0 - kept / size) if size > 0 else 0.0
 
 
 def project_weight_space(

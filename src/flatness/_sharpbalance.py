@@ -5,6 +5,7 @@ and the subsets each member trains with SAM (public as
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,9 +13,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flatness._checks import check_bool, check_int, check_rho, is_int, is_real, maybe_progress, require_finite
+from flatness._checks import (
+    check_bool,
+    check_int,
+    check_rho,
+    is_int,
+    is_real,
+    maybe_progress,
+    require_finite,
+    user_stacklevel,
+)
 from flatness._data import iter_batches
 from flatness._functional import LossFn, default_loss, functional_loss, grad_enabled
+from flatness._geometry import lost_share
 from flatness._guard import ModelGuard
 from flatness._params import ParamSet, select_params, unwrap
 from flatness._per_sample import check_chunk_size, iter_per_sample_grads
@@ -303,6 +314,22 @@ def _sample_losses(
     return per_sample_losses(model, ps, inputs, targets, loss_fn, values=values)
 
 
+def _warn_if_rounded_away(weights: list[Tensor], step: list[Tensor], moved: list[Tensor], rho: float) -> None:
+    """The first batch's perturbation of a float16 / bfloat16 model: warn
+    if storing ``w + e`` in its dtype lost more than 10% of ``e`` along its
+    direction (:func:`~flatness._geometry.lost_share`; the scores then
+    measure a smaller radius than ``rho``)."""
+    share = lost_share(zip(weights, step, moved))
+    if share > 0.1:
+        warnings.warn(
+            "flatness.diversity.per_sample_sharpness: storing w + e in "
+            f"{str(weights[0].dtype).removeprefix('torch.')} lost {share:.0%} of the SAM perturbation (along its "
+            f"direction) at rho={rho:g} (its entries are below the weights' resolution). Score a float32 copy of "
+            "the model (copy.deepcopy(model).float()) or use a larger rho.",
+            RuntimeWarning, stacklevel=user_stacklevel(),
+        )
+
+
 def _sam_scores(
     model: nn.Module, ps: ParamSet, data: Any, loss_fn: LossFn, rho: float, adaptive: bool,
     progress: bool,
@@ -331,6 +358,8 @@ def _sam_scores(
                 for w, t in zip(weights, scaled)
             ]
             moved = [w + e for w, e in zip(weights, step)]
+            if not rows and ps.dtype in (torch.float16, torch.bfloat16):
+                _warn_if_rounded_away(weights, step, moved, rho)
             clean = _sample_losses(model, ps, weights, inputs, targets, loss_fn)
             pert = _sample_losses(model, ps, moved, inputs, targets, loss_fn)
         rows.append((pert.double() - clean.double()).cpu())

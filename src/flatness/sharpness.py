@@ -454,7 +454,8 @@ def _perturbation_sharpness(
     )
 
 
-#: Share of a typical perturbation lost to rounding ``w + d`` to the
+#: Share of a typical perturbation (along its direction,
+#: :func:`~flatness._geometry.lost_share`) lost to rounding ``w + d`` to the
 #: weights' dtype above which :func:`sharpness` warns.
 ROUNDING_WARNING = 0.1
 
@@ -470,9 +471,9 @@ def _check_rounding(ps: ParamSet, kind: str, rho: float, norm: str, adaptive: bo
         dtype = str(ps.dtype).removeprefix("torch.")
         warnings.warn(
             f"flatness.sharpness: rounding the perturbed weights to {dtype} loses {lost:.0%} of a typical "
-            f"perturbation of kind={kind!r} at rho={rho:g} (its entries are below the weights' resolution), so "
-            "the value is biased toward 0. Use a larger rho, or measure a float32 copy of the model: "
-            "flatness.sharpness(copy.deepcopy(model).float(), ...)",
+            f"perturbation (along its direction) of kind={kind!r} at rho={rho:g} (its entries are below the "
+            "weights' resolution), so the value is biased toward 0. Use a larger rho, or measure a float32 copy "
+            "of the model: flatness.sharpness(copy.deepcopy(model).float(), ...)",
             RuntimeWarning, stacklevel=user_stacklevel(),
         )
     return round(lost, 4)
@@ -755,8 +756,8 @@ def sharpness(
     -----
     RuntimeWarning
         The perturbation kinds, when rounding ``w + d`` to the weights' dtype
-        loses more than 10% of a typical perturbation (estimated from one
-        draw; the share is in ``settings["rounding_loss"]``): the value is
+        loses more than 10% of a typical perturbation along its direction
+        (estimated from one draw; the share is in ``settings["rounding_loss"]``): the value is
         then biased toward 0.  In bfloat16 (8 significant bits) an
         ``adaptive_linf`` radius below ``2**-9`` rounds every perturbed
         weight back to itself and the value is exactly 0.  Measure a float32

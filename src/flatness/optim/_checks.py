@@ -11,7 +11,7 @@ and :func:`check_closure` check what a variant's hook returned and what
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 
 from flatness import _distributed
 from flatness._checks import is_real, user_stacklevel
+from flatness._geometry import lost_share
 
 from ._settings import SAM_PREFIX, _flatten_params, _refuse_closure_optimizer, rename_settings
 
@@ -175,40 +176,36 @@ ROUNDING_WARNING = 0.1
 def warn_if_rounded_away(opt: Any, groups: Sequence[Any], directions: Sequence[Any], saved_w: Sequence[Tensor]) -> None:
     """After the first perturbation of float16 / bfloat16 parameters: warn
     if storing ``w + e`` in their dtype lost more than
-    :data:`ROUNDING_WARNING` of ``||e||`` (on those parameters, this rank's
-    shards).  SAM's ``e`` is ``rho`` spread over every coordinate, so each
-    entry is small against its weight, and bfloat16 keeps 8 significant
-    bits: on an MLP of 0.27M bfloat16 parameters 36% of ``e`` (rho 0.05)
-    rounds away, on a large model nearly all of it, and the step comes
-    close to the base optimizer's own.  Nothing else shows it.  Runs once
-    per optimizer, tensor by tensor (one tensor's float32 temporaries)."""
+    :data:`ROUNDING_WARNING` of ``e`` along its direction
+    (:func:`~flatness._geometry.lost_share`; on those parameters, this
+    rank's shards).  SAM's ``e`` is ``rho`` spread over every coordinate,
+    so most entries are small against their weights, and bfloat16 keeps 8
+    significant bits: on an MLP of 0.27M bfloat16 parameters 9% of ``e``
+    is lost at rho 0.05 and 25% at rho 0.005, and the step comes closer to
+    the base optimizer's own.  Nothing else shows it.  Runs once per
+    optimizer, tensor by tensor (one tensor's float32 temporaries)."""
     from ._functional import ScaledDirection
 
-    saved = iter(saved_w)
-    lost = size = 0.0
-    for group, d in zip(groups, directions):
-        scale = 1.0
-        tensors = list(d.tensors) if isinstance(d, ScaledDirection) else list(d)
-        if isinstance(d, ScaledDirection):
-            scale = d.scale
+    def triples() -> Iterator[tuple[Tensor, Tensor, Tensor]]:  # (w, e, w + e as stored)
+        saved = iter(saved_w)
+        for group, d in zip(groups, directions):
+            tensors, scale = (list(d.tensors), d.scale) if isinstance(d, ScaledDirection) else (list(d), 1.0)
             if isinstance(scale, Tensor):
                 scale = float(_distributed.local_tensors([scale])[0])
-        for p, t in zip(group.params, tensors):
-            w = next(saved)
-            if p.dtype not in _LOW_PRECISION:
-                continue
-            (p, t, w) = _distributed.local_tensors([p, t, w])
-            e = t.float().mul_(scale)
-            size += float(e.square().sum())
-            lost += float(p.float().sub_(w.float()).sub_(e).square().sum())
-    share = (lost / size) ** 0.5 if size > 0 else 0.0
+            for p, t in zip(group.params, tensors):
+                w = next(saved)
+                if p.dtype in _LOW_PRECISION:
+                    p, t, w = _distributed.local_tensors([p, t, w])
+                    yield w, t.float().mul_(scale), p
+
+    share = lost_share(triples())
     if share > ROUNDING_WARNING:
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for g in groups for p in g.params
                          if p.dtype in _LOW_PRECISION})
         warnings.warn(
             f"{type(opt).__name__}: storing w + e in {' / '.join(dtypes)} lost {share:.0%} of the first "
-            "perturbation e (its entries are below the parameters' resolution), so the second gradient is "
-            "taken nearer w than rho asks. Keep the parameters in float32 and compute in low precision with "
-            "torch.autocast (mixed precision), or use a larger rho.",
+            "perturbation e along its direction (its entries are below the parameters' resolution), so the "
+            "second gradient is taken nearer w than rho asks. Keep the parameters in float32 and compute in "
+            "low precision with torch.autocast (mixed precision), or use a larger rho.",
             RuntimeWarning, stacklevel=user_stacklevel(),
         )
