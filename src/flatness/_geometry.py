@@ -65,9 +65,12 @@ def _scale_(tensors: list[Tensor], factor: float) -> None:
 #: the kernel launches few.
 BLOCK = 1 << 16
 DEVICE_BLOCK = 1 << 22
-#: Entries per tensor on which :meth:`PerturbationSet.rounding_loss`
-#: estimates what rounding loses (a few million at most for a whole model).
+#: Entries per tensor on which :func:`rounding_loss` estimates what
+#: rounding loses (a few million at most for a whole model).
 ROUNDING_SAMPLE = 1 << 14
+#: Share of a perturbation lost to rounding (:func:`lost_share`) above
+#: which the measurements and the optimizers warn.
+ROUNDING_WARNING = 0.1
 
 
 def blocks(*lists: Sequence[Tensor]) -> Iterator[tuple[Tensor, ...]]:

@@ -25,7 +25,7 @@ from flatness._checks import (
 )
 from flatness._data import iter_batches
 from flatness._functional import LossFn, default_loss, functional_loss, grad_enabled
-from flatness._geometry import lost_share
+from flatness._geometry import ROUNDING_WARNING, lost_share
 from flatness._guard import ModelGuard
 from flatness._params import ParamSet, select_params, unwrap
 from flatness._per_sample import check_chunk_size, iter_per_sample_grads
@@ -316,11 +316,12 @@ def _sample_losses(
 
 def _warn_if_rounded_away(weights: list[Tensor], step: list[Tensor], moved: list[Tensor], rho: float) -> None:
     """The first batch's perturbation of a float16 / bfloat16 model: warn
-    if storing ``w + e`` in its dtype lost more than 10% of ``e`` along its
+    if storing ``w + e`` in its dtype lost more than
+    :data:`~flatness._geometry.ROUNDING_WARNING` of ``e`` along its
     direction (:func:`~flatness._geometry.lost_share`; the scores then
     measure a smaller radius than ``rho``)."""
     share = lost_share(zip(weights, step, moved))
-    if share > 0.1:
+    if share > ROUNDING_WARNING:
         warnings.warn(
             "flatness.diversity.per_sample_sharpness: storing w + e in "
             f"{str(weights[0].dtype).removeprefix('torch.')} lost {share:.0%} of the SAM perturbation (along its "

@@ -43,7 +43,7 @@ from ._functional import (
     functional_loss_and_grad,
     grad_enabled,
 )
-from ._geometry import PerturbationSet, rounding_loss
+from ._geometry import ROUNDING_WARNING, PerturbationSet, rounding_loss
 from ._guard import ModelGuard
 from ._hvp import CurvatureOperator
 from ._options import check_options
@@ -452,12 +452,6 @@ def _perturbation_sharpness(
         clean_loss=clean_loss, perturbed_loss=clean_loss + value, settings=settings,
         wall_time=time.perf_counter() - start, counts=counts,
     )
-
-
-#: Share of a typical perturbation (along its direction,
-#: :func:`~flatness._geometry.lost_share`) lost to rounding ``w + d`` to the
-#: weights' dtype above which :func:`sharpness` warns.
-ROUNDING_WARNING = 0.1
 
 
 def _check_rounding(ps: ParamSet, kind: str, rho: float, norm: str, adaptive: bool, worst: bool) -> float:

@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 
 from flatness import _distributed
 from flatness._checks import is_real, user_stacklevel
-from flatness._geometry import lost_share
+from flatness._geometry import ROUNDING_WARNING, lost_share
 
 from ._settings import SAM_PREFIX, _flatten_params, _refuse_closure_optimizer, rename_settings
 
@@ -167,9 +167,6 @@ def check_closure(opt: Any, closure: Any) -> None:
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-#: Share of the perturbation lost to rounding ``w + e`` to the parameters'
-#: dtype above which an optimizer warns (as :func:`flatness.sharpness` does).
-ROUNDING_WARNING = 0.1
 
 
 @torch.no_grad()
