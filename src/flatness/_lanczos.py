@@ -635,8 +635,10 @@ def _good_ritz(
     eigenvalue of ``A``.  Copies agree to the rounding of the run's vectors
     and products and are merged (keeping the smallest residual): values
     closer than ``sqrt(working_eps) * scale`` count as one, ``working_eps``
-    being the machine epsilon of the vectors (float32 copies differ by up
-    to about ``1e-5 * scale``, float64 ones by far less).  A spurious value
+    being the machine epsilon of the vectors and products (float32 copies
+    differ by up to about ``1e-5 * scale``, float64 ones by far less), or
+    closer than ``working_eps / 2 * scale`` at half precision (float16 and
+    bfloat16 products, whose copies agree to a fraction of their epsilon).  A spurious value
     is a simple eigenvalue of ``T`` that is also an eigenvalue of ``T`` with
     its first row and column removed: its eigenvector has a negligible first
     component, so the start vector does not see it (a property of ``T``,
@@ -644,7 +646,13 @@ def _good_ritz(
     """
     m = len(theta)
     eps = np.finfo(np.float64).eps
-    multiple_tol = math.sqrt(max(eps, working_eps)) * scale  # copies of one eigenvalue
+    # copies of one eigenvalue: within sqrt(eps) (float32 copies differ by
+    # up to about 1e-5 * scale, 80 eps); at half precision that would merge
+    # distinct eigenvalues (sqrt(eps) is 9% in bfloat16), and the copies
+    # agree to a fraction of eps there (measured: bfloat16 0.1 eps, float16
+    # 0.3 eps), so half an eps
+    half_precision = working_eps > 1e-4
+    multiple_tol = (0.5 * working_eps if half_precision else math.sqrt(max(eps, working_eps))) * scale
     spurious_tol = 8 * eps * m * scale     # a coincidence with T-hat's spectrum
     groups: list[list[int]] = []
     for i in range(m):  # theta is sorted ascending

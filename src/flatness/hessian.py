@@ -410,6 +410,9 @@ def top_eigenvalues(
         Without a basis there is nothing to restart against: each distinct
         eigenvalue comes back once, so a Hessian with fewer distinct
         eigenvalues than ``k`` yields fewer values (``converged=False``).
+        For a float16 / bfloat16 model the recurrence's residuals stop near
+        the products' precision (about ``1e-3 * scale``): pass ``tol=1e-2``
+        or so, else the run ends at ``max_iter`` with ``converged=False``.
         Memory: two vectors (``q_j`` and ``q_{j-1}``, in whose buffer the
         next product is formed: 2 P in the default dtype for a model of
         ``P`` parameter bytes; three where the products cannot be added in
