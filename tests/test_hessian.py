@@ -486,3 +486,25 @@ def test_a_bad_seed_is_refused_before_any_work(seed, exc):
         flatness.sharpness(model, batches, kind="hessian_max_eig", seed=seed, loss_fn=counting)
     assert calls == []
     assert_unchanged(model, snap)
+
+
+def test_spectral_density_low_memory_and_float32_basis_give_the_same_density():
+    # The three-term recurrence (no basis) splits converged nodes into ghost
+    # copies whose weights add up: after smoothing the density is the
+    # reorthogonalized run's to rounding; a float32 basis to float32's.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3)).double()
+    batch = (torch.randn(64, 10, dtype=torch.float64), torch.randint(0, 3, (64,)))
+    full = hessian.spectral_density(model, batch, n_vectors=2, n_steps=80)
+    lean = hessian.spectral_density(model, batch, n_vectors=2, n_steps=80, low_memory=True)
+    half = hessian.spectral_density(model, batch, n_vectors=2, n_steps=80, basis_dtype=torch.float32)
+    assert full.settings["low_memory"] is False and full.settings["basis_dtype"] == "float64"
+    assert lean.settings["low_memory"] is True and lean.settings["basis_dtype"] == "float64"  # the parameters'
+    peak = float(full.density.max())
+    assert torch.allclose(lean.grid, full.grid, rtol=1e-9, atol=1e-12)
+    assert float((lean.density - full.density).abs().max()) <= 1e-5 * peak
+    assert float((half.density - full.density).abs().max()) <= 1e-3 * peak
+    with pytest.raises(ValueError, match="basis_dtype"):
+        hessian.spectral_density(model, batch, basis_dtype=torch.float16)
+    with pytest.raises(TypeError, match="low_memory"):
+        hessian.spectral_density(model, batch, low_memory="yes")

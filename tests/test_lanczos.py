@@ -475,3 +475,32 @@ def test_too_few_steps_for_k_values_is_refused_before_any_product(store_basis):
     res = lanczos(mm, 20, 4, max_iter=4 // b, block_size=b, store_basis=store_basis,
                   generator=torch.Generator().manual_seed(0))  # just enough: runs
     assert res.n_matvec == 4
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("store_basis", [True, False])
+def test_slq_quadrature_moments_with_and_without_reorthogonalization(dtype, tol, store_basis):
+    # Gauss quadrature from m Lanczos steps reproduces v^T A^p v for p < 2m.
+    # Without reorthogonalization (store_basis=False, the low-memory SLQ)
+    # the converged top eigenvalues come back as several ghost nodes, whose
+    # weights add up to the one node's: the moments stay exact to working
+    # precision (Greenbaum 1989).
+    from flatness._lanczos import slq_nodes
+
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    U, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    lam = torch.cat([torch.tensor([50.0, 49.9, 30.0, 20.0], dtype=torch.float64),
+                     torch.rand(n - 4, dtype=torch.float64, generator=g) * 2 - 1])
+    A = (U * lam) @ U.T
+    v = torch.randint(0, 2, (n, 1), generator=g).double() * 2 - 1
+    u = v[:, 0] / v.norm()
+    nodes, weights = slq_nodes(lambda X: A.to(X.dtype) @ X, n, 1, 80, vectors=v, basis_dtype=dtype,
+                               store_basis=store_basis)
+    assert float(weights.sum()) == pytest.approx(1.0, abs=1e-12)
+    for p in range(7):
+        exact = float(u @ torch.linalg.matrix_power(A, p) @ u)
+        got = float((weights[0] * nodes[0] ** p).sum())
+        assert abs(got - exact) <= tol * max(abs(exact), 50.0**p * 1e-3), (p, got, exact)
+    ghosts = int((nodes[0] > 49).sum())
+    assert ghosts == 2 if store_basis else ghosts > 2  # the recurrence really lost orthogonality

@@ -886,6 +886,9 @@ def slq_nodes(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     vectors: Tensor | None = None,
+    basis_dtype: torch.dtype = torch.float64,
+    store_basis: bool = True,
+    matvec_update: Callable[[Tensor, Tensor, float], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gauss quadrature nodes and weights of the spectral measure.
 
@@ -900,7 +903,24 @@ def slq_nodes(
     ----------
     vectors : Tensor, optional
         ``(n, n_vectors)`` start vectors to use instead of random ones (each
-        is normalized).
+        is normalized).  Random ones are drawn one at a time (the same signs
+        as drawn at once), so only one exists.
+    basis_dtype : torch.dtype
+        The Lanczos vectors' dtype (float64 by default; float32 halves the
+        basis).
+    store_basis : bool
+        ``True``: full reorthogonalization against a stored basis of
+        ``n_steps`` vectors.  ``False``: the three-term recurrence, which
+        holds two or three vectors whatever ``n_steps`` is
+        (:func:`_recurrence_tridiagonal`).  Without reorthogonalization the
+        quadrature is still that of the start vector's measure to the
+        working precision for the low moments, which is what a density
+        needs (Greenbaum 1989; Golub and Meurant 2010, ch. 4): converged
+        eigenvalues come back as several nodes whose weights add up to the
+        one node's weight.
+    matvec_update : callable, optional
+        ``matvec_update(v, out, beta)``: ``out <- A v + beta out`` in place
+        (the recurrence then holds two vectors, not three).
 
     Returns
     -------
@@ -908,38 +928,93 @@ def slq_nodes(
         ``(n_vectors, m)`` float64, ``m <= n_steps``; weights of each row sum
         to 1 (rows padded with zero weights when a run stops early).
     """
-    if vectors is None:
-        vectors = rademacher(n, n_vectors, generator=generator, device=device)
-    nodes = torch.zeros(vectors.shape[1], n_steps, dtype=torch.float64)
+    count = n_vectors if vectors is None else vectors.shape[1]
+    nodes = torch.zeros(count, n_steps, dtype=torch.float64)
     weights = torch.zeros_like(nodes)
-    for i in range(vectors.shape[1]):
-        v = vectors[:, i]
-        res = _tridiagonal(matmat, v / v.norm(), n_steps)
-        theta, U = res
+    for i in range(count):
+        if vectors is None:
+            assert generator is not None
+            v = rademacher(n, 1, generator=generator, device=device, dtype=basis_dtype)[:, 0].contiguous()
+        else:
+            v = vectors[:, i].to(basis_dtype, copy=True)
+        v.div_(v.norm())
+        if store_basis:
+            theta, U = _tridiagonal(matmat, v, n_steps)
+        else:
+            theta, U = _recurrence_tridiagonal(matmat, [v], n_steps, matvec_update)
+        del v
         nodes[i, : len(theta)] = torch.as_tensor(theta)
         weights[i, : len(theta)] = torch.as_tensor(U[0, :] ** 2)
     return nodes, weights
 
 
 def _tridiagonal(matmat: MatMat, q: Tensor, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """``m`` Lanczos steps from unit vector ``q`` with full reorthogonalization;
-    returns the eigen-decomposition of the tridiagonal matrix."""
+    """``m`` Lanczos steps from unit vector ``q`` with full reorthogonalization
+    (the basis in ``q``'s dtype); returns the eigen-decomposition of the
+    tridiagonal matrix.
+
+    The basis is stored vector after vector (rows of an ``(m, n)`` tensor),
+    and each new vector is orthogonalized in place (``w -= Q^T (Q w)``,
+    twice), so the basis is the only ``n``-sized storage beside the product:
+    a column-major basis and out-of-place updates held about 5 more vectors
+    at the peak (10 P for a float32 model and a float64 basis)."""
     n = q.shape[0]
     m = min(m, n)
-    Q = torch.empty(n, m, dtype=torch.float64, device=q.device)
-    Q[:, 0] = q
+    Q = torch.empty(m, n, dtype=q.dtype, device=q.device)
+    Q[0] = q
     d: list[float] = []
     e: list[float] = []
     for j in range(m):
-        w = matmat(Q[:, j : j + 1])[:, 0]
-        a = float(Q[:, j] @ w)
+        w = _own(matmat(Q[j][:, None])[:, 0].to(q.dtype), Q)
+        a = _dot(Q[j], w)
         d.append(a)
-        w = _orthogonalize(w[:, None], Q[:, : j + 1])[:, 0]
-        beta = float(w.norm())
+        for _ in range(2):  # classical Gram-Schmidt twice ("twice is enough")
+            w.addmv_(Q[: j + 1].T, Q[: j + 1] @ w, alpha=-1)
+        beta = float(w.norm()) if w.dtype == torch.float64 else math.sqrt(_dot(w, w))
         if j == m - 1 or beta <= 1e-12 * max(abs(x) for x in d + [1e-300]):
             break
         e.append(beta)
-        Q[:, j + 1] = w / beta
+        torch.div(w, beta, out=Q[j + 1])
+        del w
+    return scipy.linalg.eigh_tridiagonal(np.array(d), np.array(e[: len(d) - 1]))
+
+
+def _recurrence_tridiagonal(
+    matmat: MatMat, start: list[Tensor], m: int,
+    matvec_update: Callable[[Tensor, Tensor, float], Tensor] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``m`` steps of the three-term Lanczos recurrence from the unit vector
+    in ``start`` (a one-element list this function empties, so that no
+    caller keeps it alive), no basis kept: ``q_{j-1}``, ``q_j`` and the
+    product (two vectors with ``matvec_update``, as in
+    :func:`_lanczos_recurrence`), in ``q``'s dtype, the coefficients as
+    float64 dot products.  Returns the eigen-decomposition of ``T``.  Stops
+    early when the Krylov space is invariant to working precision."""
+    q = start.pop()
+    m = min(m, q.shape[0])
+    q_prev: Tensor | None = None
+    d: list[float] = []
+    e: list[float] = []
+    beta_prev = 0.0
+    for j in range(m):
+        if q_prev is not None and matvec_update is not None:
+            w, q_prev = matvec_update(q, q_prev, -beta_prev), None  # A q - beta q_prev in q_prev's buffer
+            a = _dot(q, w)
+            w.sub_(q, alpha=a)
+        else:
+            w = _own(matmat(q[:, None])[:, 0].to(q.dtype), q)
+            a = _dot(q, w)
+            w.sub_(q, alpha=a)
+            if q_prev is not None:
+                w.sub_(q_prev, alpha=beta_prev)
+        d.append(a)
+        beta = math.sqrt(_dot(w, w))
+        scale = max(abs(x) for x in d + e) or 1.0
+        if j == m - 1 or beta <= _invariance_threshold(q.dtype) * scale:
+            break
+        e.append(beta)
+        q_prev, q = q, w.div_(beta)
+        beta_prev = beta
     return scipy.linalg.eigh_tridiagonal(np.array(d), np.array(e[: len(d) - 1]))
 
 

@@ -440,10 +440,8 @@ def top_eigenvalues(
     seed = check_seed(seed)
     if which not in ("LA", "LM", "SA"):
         raise ValueError(f"which must be 'LA', 'LM' or 'SA', got {which!r}")
-    if basis_dtype is not None and basis_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"basis_dtype must be torch.float32 or torch.float64, got {basis_dtype!r}")
-    if not isinstance(low_memory, bool):
-        raise TypeError(f"low_memory must be a bool, got {low_memory!r}")
+    _check_basis_dtype(basis_dtype)
+    low_memory = check_bool("low_memory", low_memory)
     if low_memory and block_size != 1:
         raise ValueError(f"low_memory=True runs single-vector Lanczos: block_size must be 1, got {block_size}")
     if max_iter is not None and max_iter * block_size < k:
@@ -466,10 +464,7 @@ def top_eigenvalues(
         raise ValueError(f"block_size={block_size} exceeds the number of selected parameters ({n})")
     limit = max_iter if max_iter is not None else max(20 * k, 100)
     if basis_dtype is None:
-        # the recurrence of low_memory in the parameters' dtype (float32 at
-        # least): vectors of P bytes each instead of 2 P
-        basis_dtype = op.dtype if low_memory and op.dtype in (torch.float32, torch.float64) else (
-            torch.float32 if low_memory else torch.float64)
+        basis_dtype = _lean_dtype(op.dtype) if low_memory else torch.float64
     if bar is not None:
         bar.total = limit * block_size
     try:
@@ -507,6 +502,17 @@ def top_eigenvalues(
         wall_time=time.perf_counter() - start,
         engine=op.engine or "",
     )
+
+
+def _check_basis_dtype(basis_dtype: Any) -> None:
+    if basis_dtype is not None and basis_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"basis_dtype must be torch.float32 or torch.float64, got {basis_dtype!r}")
+
+
+def _lean_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The vectors' dtype of a low-memory recurrence: the parameters' own
+    (float32 at least), so each vector is P bytes instead of 2 P."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 @grad_enabled
@@ -664,6 +670,8 @@ def spectral_density(
     train: bool = False,
     chunk_size: int | None = None,
     engine: str = "auto",
+    basis_dtype: torch.dtype | None = None,
+    low_memory: bool = False,
 ) -> SpectralDensity:
     """Eigenvalue density of the Hessian by stochastic Lanczos quadrature.
 
@@ -686,6 +694,25 @@ def spectral_density(
         Kernel width; default 1 % of the spectral range.
     loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size, engine
         As in :func:`top_eigenvalues`.
+    basis_dtype : torch.dtype, optional
+        The Lanczos vectors' dtype: ``torch.float64`` (default) or
+        ``torch.float32`` (half the memory of the basis).  With
+        ``low_memory=True`` the default is the parameters' dtype (float32 at
+        least).
+    low_memory : bool
+        The three-term recurrence without reorthogonalization, which holds
+        two or three vectors whatever ``n_steps`` is, instead of a basis of
+        ``n_steps`` vectors.  The quadrature stays that of the start
+        vector's spectral measure to working precision (Greenbaum 1989);
+        loss of orthogonality only splits a converged eigenvalue's node into
+        several whose weights add up, which the smoothed density does not
+        see.
+
+    Memory: the basis, ``n_steps`` vectors of ``8 * n`` bytes (64 times the
+    parameters' bytes ``P`` of a float32 model by default; 32 with
+    ``basis_dtype=torch.float32``), plus what one product needs; one start
+    vector at a time.  With ``low_memory=True``: about 2 P beside what one
+    product needs (float32 model), whatever ``n_steps`` is.
 
     Returns
     -------
@@ -699,6 +726,8 @@ def spectral_density(
     seed = check_seed(seed)
     if sigma is not None:
         sigma = _check_positive("sigma", sigma)
+    _check_basis_dtype(basis_dtype)
+    low_memory = check_bool("low_memory", low_memory)
     bar = product_bar(progress, "slq")
     op = _operator(
         model, data, loss_fn=loss_fn, params=params, curvature=curvature,
@@ -708,9 +737,15 @@ def spectral_density(
     n = op.shape[0]
     if bar is not None:
         bar.total = n_vectors * min(n_steps, n)
+    if basis_dtype is None:
+        basis_dtype = _lean_dtype(op.dtype) if low_memory else torch.float64
     try:
+        op.prepare(1)  # the gradient's graph before the Lanczos vectors
         with private_rng(seed, op.device) as gen:
-            nodes, weights = slq_nodes(op.matmat, n, n_vectors, n_steps, generator=gen, device=op.device)
+            nodes, weights = slq_nodes(
+                op.matmat, n, n_vectors, n_steps, generator=gen, device=op.device, basis_dtype=basis_dtype,
+                store_basis=not low_memory, matvec_update=op.matvec_update if low_memory else None,
+            )
     finally:
         if bar is not None:
             bar.close()
@@ -721,7 +756,8 @@ def spectral_density(
     grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid_size, dtype=torch.float64)
     density = gaussian_density(nodes, weights, grid, sigma)
     settings = _common_settings(op, seed)
-    settings.update(n_vectors=n_vectors, n_steps=n_steps, grid_size=grid_size)
+    settings.update(n_vectors=n_vectors, n_steps=n_steps, grid_size=grid_size,
+                    basis_dtype=str(basis_dtype).removeprefix("torch."), low_memory=low_memory)
     return SpectralDensity(
         grid=grid, density=density, nodes=nodes, weights=weights, sigma=sigma, n_hvp=op.n_hvp,
         settings=settings, wall_time=time.perf_counter() - start, engine=op.engine or "",
