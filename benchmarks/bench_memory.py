@@ -54,6 +54,10 @@ from the algorithms:
   ``low_memory=True`` (no stored basis) three vectors whatever the steps,
   in the parameters' dtype by default (3 P; 6 P in float64), plus the
   product's transients.
+* spectral density (stochastic Lanczos quadrature): per start vector the
+  same as Lanczos (the basis of ``steps`` vectors, or with
+  ``low_memory=True`` the three-term recurrence's two or three vectors);
+  one start vector at a time.
 
 Usage::
 
@@ -75,7 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import flatness
-from flatness.hessian import hvp, top_eigenvalues, trace
+from flatness.hessian import hvp, spectral_density, top_eigenvalues, trace
 from flatness.nonuniformity import gradient_variance, kfac_variance
 from flatness.optim import GSAM, SAM, FriendlySAM, LookSAM
 
@@ -214,6 +218,10 @@ def operations(n_iters: int, lanczos_steps: int):
     def lanczos(**kw):
         return lambda state: top_eigenvalues(state[0], state[1], k=1, max_iter=lanczos_steps, tol=1e-300, **kw)
 
+    def slq(**kw):
+        return lambda state: spectral_density(state[0], state[1], n_vectors=2, n_steps=lanczos_steps,
+                                              grid_size=64, **kw)
+
     def avg(kind):
         return lambda state: flatness.sharpness(state[0], state[1], kind=kind, rho=1e-3, n_samples=5, seed=0)
 
@@ -275,6 +283,9 @@ def operations(n_iters: int, lanczos_steps: int):
         "  same, low_memory (no basis, float32 default)": (fwd_bwd_setup, lanczos(low_memory=True)),
         "  same, low_memory (no basis, float64)": (
             fwd_bwd_setup, lanczos(low_memory=True, basis_dtype=torch.float64)),
+        f"spectral density, 2 vectors x {lanczos_steps} steps": (fwd_bwd_setup, slq()),
+        "  spectral density, float32 basis": (fwd_bwd_setup, slq(basis_dtype=torch.float32)),
+        "  spectral density, low_memory (no basis)": (fwd_bwd_setup, slq(low_memory=True)),
     }
 
 
