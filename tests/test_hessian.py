@@ -301,6 +301,32 @@ def test_low_memory_lanczos_at_half_precision_keeps_close_eigenvalues_apart(dtyp
     assert torch.allclose(low.eigenvalues, want, rtol=2e-3, atol=0), (low.eigenvalues, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_memory_lanczos_at_half_precision_warns_of_possible_copies(dtype):
+    # Without a basis, copies of an eigenvalue are told apart from distinct
+    # eigenvalues by how closely they agree; in half precision a copy still
+    # converging sat 0.55 eps from the value: this attention layer's top two
+    # came back as 3.7545 and 3.7385 in bfloat16 (float32: 3.8215, 1.3626),
+    # and its top three as 3.815, 3.8125, 1.3619 in float16, converged,
+    # silently.  Values closer than eps * scale now warn.
+    import copy
+    import warnings
+
+    import zoo
+
+    torch.manual_seed(0)
+    model = zoo.TransformerClassifier(dropout=0.0).eval()
+    batch = (torch.randn(8, 4, 4), torch.randint(0, 3, (8,)))
+    k = 2 if dtype == torch.bfloat16 else 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ref = hessian.top_eigenvalues(model, batch, k=k, tol=1e-2, low_memory=True)
+    assert ref.eigenvalues[0] - ref.eigenvalues[1] > 2
+    with pytest.warns(RuntimeWarning, match="may be one eigenvalue counted twice") as rec:
+        hessian.top_eigenvalues(copy.deepcopy(model).to(dtype), batch, k=k, tol=1e-2, low_memory=True)
+    assert rec[0].filename == __file__
+
+
 def test_trace_estimate_does_not_depend_on_batch():
     # The random vectors are drawn one by one whatever the pass size, so the
     # pass size is a memory / speed setting only.  Reference: the quadratic

@@ -689,3 +689,53 @@ def test_grid_specs():
     r = L.slice(model, batch, d, grid=[(0.0, 1.0, 3), [0.5]])
     assert r.coords == [[0.0, 0.5, 1.0], [0.5]] and r.loss.shape == (3, 1)
     assert L.slice(model, batch, [d[0]], grid=torch.tensor([0.0, 2.0])).coords == [[0.0, 2.0]]
+
+
+# --------------------------------------------------------------------------
+# half precision
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("engine", ["loop", "vmap"])
+def test_half_precision_losses_in_float32(dtype, engine):
+    """The losses of a float16 / bfloat16 model are taken in float32, as in
+    the rest of the library: in bfloat16 they were quantized to 0.0078 near
+    1 (a slice 5e-3 off the float32 model's, a barrier of 4e-4 read 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    half = copy.deepcopy(model).to(dtype)
+    d = L.directions(model, "random", k=1, seed=0)
+    grid = (-0.2, 0.2, 5)
+    ref = L.slice(model, [(x, y)], d, grid=grid, engine=engine).loss
+    got = L.slice(half, [(x, y)], L.directions(half, "random", k=1, seed=0), grid=grid, engine=engine).loss
+    # the model's own rounding leaves 9e-4 (bfloat16) / 6e-5 (float16); a
+    # loss taken in the low precision was 4.4e-3 / 3.2e-4 off
+    assert torch.allclose(got, ref, rtol=2e-3 if dtype == torch.bfloat16 else 1.5e-4, atol=0)
+    with torch.no_grad():
+        center = torch.nn.functional.cross_entropy(half(x.to(dtype)).float(), y)
+    at = L.slice(half, [(x, y)], [[torch.zeros_like(p) for p in half.parameters()]], grid=[0.0, 1.0],
+                 engine=engine).loss
+    # (vmap's batched kernels round differently: 9e-5 in bfloat16; a loss in
+    # bfloat16 is on a grid of 0.0078, in float16 of 0.001)
+    assert at[0].item() == pytest.approx(center.item(), rel=2e-4 if dtype == torch.bfloat16 else 2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["random", "filter", "layer"])
+def test_half_precision_directions_are_the_float32_draw(dtype, kind):
+    """A float16 / bfloat16 model's random directions are the float32
+    model's for the same seed, rounded: ``randn`` draws another stream in
+    another dtype (a small CNN's filter directions were 128% off)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(36, 3))
+    ref = L.directions(model, kind, k=2, seed=3)
+    got = L.directions(copy.deepcopy(model).to(dtype), kind, k=2, seed=3)
+    for i in range(2):
+        for r, g in zip(ref[i], got[i]):
+            assert g.dtype == dtype
+            if kind == "random":
+                assert torch.equal(g, r.to(dtype))
+            else:  # scaled to the norms of the rounded weights
+                assert torch.allclose(g.float(), r, rtol=1e-2 if dtype == torch.bfloat16 else 1e-3, atol=1e-6)

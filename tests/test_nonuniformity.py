@@ -487,3 +487,18 @@ def test_per_sample_gradients_refuse_batch_statistics_clearly(train, running_sta
         cases.assert_unchanged(model, snap)
     if running_stats:  # eval mode normalizes by the running statistics: defined
         assert math.isfinite(nu.gradient_variance(model, (x, y)).total)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kfac_variance_at_half_precision_takes_the_factors_in_float32(dtype):
+    # ||a||^2 of this layer's inputs (64 features of size ~40) is 1e5: in
+    # float16 it overflowed (kfac_variance raised NonFiniteLossError, the
+    # float32 model's value being 569.6); bfloat16 rounded it (0.6% off).
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3))
+    batch = (40 * torch.randn(64, 64), torch.randint(0, 3, (64,)))
+    want = nu.kfac_variance(model, [batch], batch_size=4).total
+    got = nu.kfac_variance(copy.deepcopy(model).to(dtype), [batch], batch_size=4).total
+    assert got == pytest.approx(want, rel=3e-3)

@@ -777,3 +777,30 @@ def test_perturbation_lost_to_low_precision_rounding_is_reported():
         flatness.sharpness(low, batch, kind="avg_l2", rho=0.05, n_samples=2)
     assert r32.value > 0 and r32.settings["rounding_loss"] == 0.0
     assert wide.value > 0 and wide.settings["rounding_loss"] < 0.1
+
+
+@pytest.mark.parametrize("kind", ["avg_l2", "avg_linf"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_average_case_draws_the_float32_perturbations(kind, dtype):
+    # rand / randn draw another stream in another dtype: the same seed
+    # perturbed a float16 copy of this CNN along other directions than the
+    # float32 model (avg_l2 1.6% apart, 0.4% with the float32 draw).
+    import copy
+
+    torch.manual_seed(0)
+    model = zoo.cnn_bn().eval()
+    data = (torch.randn(6, 2, 5, 5), torch.randint(0, 3, (6,)))
+    ps = [p for p in model.parameters()]
+    from flatness._geometry import PerturbationSet
+
+    norm = kind.removeprefix("avg_")
+    ref = PerturbationSet(norm, 0.05, ps, adaptive=False)
+    half = PerturbationSet(norm, 0.05, [p.detach().to(dtype) for p in ps], adaptive=False)
+    for r, h in zip(ref.average_case_sample(torch.Generator().manual_seed(2)),
+                    half.average_case_sample(torch.Generator().manual_seed(2))):
+        assert h.dtype == dtype
+        assert torch.allclose(h.float(), r, rtol=1e-2, atol=1e-4)
+    if dtype == torch.float16 and kind == "avg_l2":
+        want = float(flatness.sharpness(model, data, kind=kind, rho=0.05))
+        got = float(flatness.sharpness(copy.deepcopy(model).to(dtype), data, kind=kind, rho=0.05))
+        assert got == pytest.approx(want, rel=1e-2)

@@ -96,6 +96,12 @@ def blocks(*lists: Sequence[Tensor]) -> Iterator[tuple[Tensor, ...]]:
             yield tuple(f[s : s + size] for f in flats)
 
 
+
+def _draw_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype random perturbations are drawn in: float32 for float16 /
+    bfloat16 weights (then rounded), the weights' own otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
 class PerturbationSet:
     """A norm ball around the weights, in scaled coordinates.
 
@@ -373,15 +379,20 @@ class PerturbationSet:
 
     # A DTensor (FSDP2) ``like`` gets the draw of its full shape, sharded:
     # the draw of a one-process run (flatness._distributed.shard_like).
+    # A float16 / bfloat16 ``like`` gets the float32 draw, rounded: ``rand``
+    # and ``randn`` draw another stream in another dtype, so the same seed
+    # would perturb a half-precision copy of a model along other directions
+    # than the float32 model (avg_l2 of a small CNN 1.6% apart in float16,
+    # 0.4% with the float32 draw).
     @staticmethod
     def _uniform(like: Tensor, generator: torch.Generator) -> Tensor:
         return _distributed.shard_like(torch.rand(like.shape, generator=generator, device=like.device,
-                                                  dtype=like.dtype).mul_(2).sub_(1), like)
+                                                  dtype=_draw_dtype(like.dtype)).mul_(2).sub_(1).to(like.dtype), like)
 
     @staticmethod
     def _normal(like: Tensor, generator: torch.Generator) -> Tensor:
         return _distributed.shard_like(torch.randn(like.shape, generator=generator, device=like.device,
-                                                   dtype=like.dtype), like)
+                                                   dtype=_draw_dtype(like.dtype)).to(like.dtype), like)
 
     def _zero_unscaled_(self, delta: list[Tensor]) -> None:
         # Coordinates with w_i = 0 cannot move in an adaptive set; keeping

@@ -341,6 +341,15 @@ def _input_sqnorm(layer: KFACLayer, a: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a).square()
 
 
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is float16 / bfloat16: the squared norms and
+    the products ``x^T x`` of a layer's inputs and output gradients overflow
+    float16 (65504) on ordinary activations (a 64-wide layer of inputs of
+    size 40: ``kfac_variance`` raised NonFiniteLossError) and are rounded
+    in bfloat16.  One layer's tensors at a time."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def trace_terms(
     layer: KFACLayer, a: Tensor, e: Tensor, scale: float = 1.0, n_samples: int | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -371,6 +380,7 @@ def trace_terms(
         whatever its layout) and ``mean_i sum_t ||scale e_t||^2`` (the sum
         over all rows divided by ``n_samples``).
     """
+    a, e = _wide(a), _wide(e)
     rows = e.shape[0] * _positions_count(layer, e)
     tr_a = e.new_zeros(())
     if layer.weight is not None:
@@ -396,6 +406,7 @@ def factors(
     moment of ``vec(dW_i)`` stacked over ``[weight | bias]`` columns, i.e. of
     ``concat([dW_i, db_i[:, None]], 1).T.flatten()``.
     """
+    a, e = _wide(a), _wide(e)
     x, g, positions = _positions(layer, a, e)
     rows = e.shape[0] * positions
     cols = []

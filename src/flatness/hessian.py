@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flatness._checks import check_bool, check_int, is_real, product_bar
+from flatness._checks import check_bool, check_int, is_real, product_bar, user_stacklevel
 from flatness._functional import LossFn, grad_enabled
 from flatness._hvp import CurvatureOperator, check_real_floating
 from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
@@ -330,6 +331,33 @@ def hvp(
     return [out[i] if batched else out[i][0] for i in order]
 
 
+def _warn_if_copies(values: Tensor, dtype: torch.dtype) -> None:
+    """Warn when eigenvalues of a low-memory run at half precision are closer
+    than the products' rounding (``eps * max |lambda|``).
+
+    Without a basis, copies of an eigenvalue are told apart from distinct
+    eigenvalues by how closely they agree; in float16 / bfloat16 the
+    products are only that accurate, and a copy still converging can sit
+    half an eps from the value (a bfloat16 transformer layer's top two came
+    back as 3.7547 and 3.7385 for 3.77 and 1.32), as close as distinct
+    eigenvalues can be (a small MLP's 0.4387 and 0.4357, 0.8 eps apart).
+    """
+    if values.numel() < 2:
+        return
+    v = values.sort().values
+    floor = float(torch.finfo(dtype).eps) * float(v.abs().max())
+    close = [(float(a), float(b)) for a, b in zip(v[:-1], v[1:]) if float(b - a) < floor]
+    if close:
+        pairs = ", ".join(f"{b:.6g} and {a:.6g}" for a, b in reversed(close))
+        warnings.warn(
+            f"top_eigenvalues(low_memory=True) on a {str(dtype).removeprefix('torch.')} model: eigenvalues "
+            f"{pairs} are closer than the products' rounding ({floor:.3g}) and may be one eigenvalue counted "
+            "twice (the recurrence has no basis to tell a copy from a distinct eigenvalue). Check with "
+            "low_memory=False, or measure a float32 copy: copy.deepcopy(model).float()",
+            RuntimeWarning, stacklevel=user_stacklevel(),
+        )
+
+
 @grad_enabled
 def top_eigenvalues(
     model: nn.Module,
@@ -410,6 +438,9 @@ def top_eigenvalues(
         Without a basis there is nothing to restart against: each distinct
         eigenvalue comes back once, so a Hessian with fewer distinct
         eigenvalues than ``k`` yields fewer values (``converged=False``).
+        On a float16 / bfloat16 model, eigenvalues closer than the products'
+        rounding (``eps * max |lambda|``) cannot be told from a copy of one
+        eigenvalue and raise a ``RuntimeWarning``.
         For a float16 / bfloat16 model the recurrence's residuals stop near
         the products' precision (about ``1e-3 * scale``): pass ``tol=1e-2``
         or so, else the run ends at ``max_iter`` with ``converged=False``.
@@ -484,6 +515,8 @@ def top_eigenvalues(
         [t.clone() for t in op.unflatten(res.eigenvectors[:, i].to(device=op.device, dtype=op.dtype))]
         for i in range(res.eigenvectors.shape[1])
     ]
+    if low_memory and op.dtype in (torch.float16, torch.bfloat16):
+        _warn_if_copies(res.eigenvalues, op.dtype)
     settings = _common_settings(op, seed)
     settings.update(
         k=k, tol=tol, max_iter=limit, which=which, block_size=block_size,

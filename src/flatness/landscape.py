@@ -205,11 +205,16 @@ def directions(
         return Directions(**pca(ps, checkpoints, k, bool(center)))
     with private_rng(seed, ps.device) as gen:
         vectors = []
+        # A float16 / bfloat16 model gets the float32 draw, normalised in
+        # float32 and rounded: randn's stream depends on the dtype, so a
+        # draw in the low precision would be another direction than the
+        # float32 model's for the same seed (and its filter norms rounded).
+        work = torch.float32 if ps.dtype in (torch.float16, torch.bfloat16) else ps.dtype
         for _ in range(k):
-            d = [torch.randn(p.shape, generator=gen, device=ps.device, dtype=ps.dtype) for p in ps.params]
+            d = [torch.randn(p.shape, generator=gen, device=ps.device, dtype=work) for p in ps.params]
             if kind != "random":
-                d = [normalised(t, p.detach(), kind == "filter", bias) for t, p in zip(d, ps.params)]
-            vectors.append(d)
+                d = [normalised(t, p.detach().to(work), kind == "filter", bias) for t, p in zip(d, ps.params)]
+            vectors.append([t.to(ps.dtype) for t in d])
     return Directions(kind=kind, names=list(ps.names), vectors=vectors,
                       settings={"k": k, "seed": seed, "bias": bias if kind != "random" else None})
 
