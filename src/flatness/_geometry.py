@@ -96,11 +96,11 @@ def blocks(*lists: Sequence[Tensor]) -> Iterator[tuple[Tensor, ...]]:
             yield tuple(f[s : s + size] for f in flats)
 
 
-
 def _draw_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype random perturbations are drawn in: float32 for float16 /
     bfloat16 weights (then rounded), the weights' own otherwise."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
 
 class PerturbationSet:
     """A norm ball around the weights, in scaled coordinates.
