@@ -751,8 +751,9 @@ def sharpness(
     RuntimeWarning
         The perturbation kinds, when rounding ``w + d`` to the weights' dtype
         loses more than 10% of a typical perturbation along its direction
-        (estimated from one draw; the share is in ``settings["rounding_loss"]``): the value is
-        then biased toward 0.  In bfloat16 (8 significant bits) an
+        (estimated from one draw; the share is in
+        ``settings["rounding_loss"]``): the value is then biased toward 0.
+        In bfloat16 (8 significant bits) an
         ``adaptive_linf`` radius below ``2**-9`` rounds every perturbed
         weight back to itself and the value is exactly 0.  Measure a float32
         copy (``copy.deepcopy(model).float()``) or use a larger ``rho``.
