@@ -741,15 +741,18 @@ def spectral_density(
         several whose weights add up, which the smoothed density does not
         see.
 
-    Memory: the basis, ``n_steps`` vectors of ``8 * n`` bytes (64 times the
-    parameters' bytes ``P`` of a float32 model by default; 32 with
-    ``basis_dtype=torch.float32``), plus what one product needs; one start
-    vector at a time.  With ``low_memory=True``: about 2 P beside what one
-    product needs (float32 model), whatever ``n_steps`` is.
-
     Returns
     -------
     SpectralDensity
+
+    Notes
+    -----
+    Memory: the basis of ``n_steps`` vectors, ``8 n`` bytes each by default
+    (128 times the parameters' bytes ``P`` of a float32 model at the
+    default 64 steps; 64 times with ``basis_dtype=torch.float32``), plus
+    what one product needs; one start vector at a time.  With
+    ``low_memory=True``: about 2 P beside what one product needs (float32
+    model), whatever ``n_steps`` is.
     """
     start = time.perf_counter()
     check_bool("progress", progress)
