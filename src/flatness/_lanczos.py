@@ -638,8 +638,8 @@ def _good_ritz(
     being the machine epsilon of the vectors and products (float32 copies
     differ by up to about ``1e-5 * scale``, float64 ones by far less), or
     closer than ``working_eps / 2 * scale`` at half precision (float16 and
-    bfloat16 products, whose copies agree to a fraction of their epsilon).  A spurious value
-    is a simple eigenvalue of ``T`` that is also an eigenvalue of ``T`` with
+    bfloat16 products, whose copies agree to a fraction of their
+    epsilon).  A spurious value is a simple eigenvalue of ``T`` that is also an eigenvalue of ``T`` with
     its first row and column removed: its eigenvector has a negligible first
     component, so the start vector does not see it (a property of ``T``,
     tested in float64 whatever the vectors' dtype).
@@ -938,34 +938,37 @@ def slq_nodes(
         else:
             v = vectors[:, i].to(basis_dtype, copy=True)
         v.div_(v.norm())
+        start = [v]
+        del v  # (the callee's own: no second reference held during the run)
         if store_basis:
-            theta, U = _tridiagonal(matmat, v, n_steps)
+            theta, U = _tridiagonal(matmat, start, n_steps)
         else:
-            theta, U = _recurrence_tridiagonal(matmat, [v], n_steps, matvec_update)
-        del v
+            theta, U = _recurrence_tridiagonal(matmat, start, n_steps, matvec_update)
         nodes[i, : len(theta)] = torch.as_tensor(theta)
         weights[i, : len(theta)] = torch.as_tensor(U[0, :] ** 2)
     return nodes, weights
 
 
-def _tridiagonal(matmat: MatMat, q: Tensor, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """``m`` Lanczos steps from unit vector ``q`` with full reorthogonalization
-    (the basis in ``q``'s dtype); returns the eigen-decomposition of the
-    tridiagonal matrix.
+def _tridiagonal(matmat: MatMat, start: list[Tensor], m: int) -> tuple[np.ndarray, np.ndarray]:
+    """``m`` Lanczos steps from the unit vector in ``start`` (a one-element
+    list this function empties) with full reorthogonalization (the basis in
+    its dtype); returns the eigen-decomposition of the tridiagonal matrix.
 
     The basis is stored vector after vector (rows of an ``(m, n)`` tensor),
     and each new vector is orthogonalized in place (``w -= Q^T (Q w)``,
     twice), so the basis is the only ``n``-sized storage beside the product:
     a column-major basis and out-of-place updates held about 5 more vectors
     at the peak (10 P for a float32 model and a float64 basis)."""
+    q = start.pop()
     n = q.shape[0]
     m = min(m, n)
     Q = torch.empty(m, n, dtype=q.dtype, device=q.device)
     Q[0] = q
+    del q
     d: list[float] = []
     e: list[float] = []
     for j in range(m):
-        w = _own(matmat(Q[j][:, None])[:, 0].to(q.dtype), Q)
+        w = _own(matmat(Q[j][:, None])[:, 0].to(Q.dtype), Q)
         a = _dot(Q[j], w)
         d.append(a)
         for _ in range(2):  # classical Gram-Schmidt twice ("twice is enough")
