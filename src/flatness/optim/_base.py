@@ -308,9 +308,10 @@ class SharpnessAwareOptimizer(Optimizer):
         except BaseException:
             self.restore()
             raise
-        if not self._rounding_checked and any(p.dtype in _LOW_PRECISION for p in params):
+        if not self._rounding_checked:  # the first perturbation only
             self._rounding_checked = True
-            warn_if_rounded_away(self, groups, directions, stage.saved_w)
+            if any(p.dtype in _LOW_PRECISION for p in params):
+                warn_if_rounded_away(self, groups, directions, stage.saved_w)
 
     @torch.no_grad()
     def restore(self) -> None:
