@@ -381,3 +381,22 @@ def test_sam_family_int_options(np_int):
     b = ESAM(cases.sam_mlp().parameters(), torch.optim.SGD, seed=3, lr=0.1)
     extra = [o.state_dict()["sharpness_aware"]["extra"]["generator"] for o in (a, b)]
     assert torch.equal(*extra)
+
+
+def test_base_optimizer_arguments_are_stored_as_python_numbers():
+    # SAM builds the base optimizer from its keyword arguments; a NumPy
+    # scalar there (lr from a grid, Adam's betas from a config) was stored
+    # as is in the param groups, and the state_dict then failed
+    # torch.load(weights_only=True).
+    model, opt = _train(lambda m: SAM(m.parameters(), torch.optim.Adam, lr=np.float32(1e-3),
+                                      betas=(np.float64(0.9), np.float64(0.99)),
+                                      base_kwargs={"weight_decay": np.float64(1e-4)}))
+    group = opt.param_groups[0]
+    assert type(group["lr"]) is float and group["lr"] == float(np.float32(1e-3))
+    assert all(type(b) is float for b in group["betas"]) and type(group["weight_decay"]) is float
+    _weights_only_roundtrip(opt)
+    # the same steps as with the Python numbers
+    ref_model, _ = _train(lambda m: SAM(m.parameters(), torch.optim.Adam, lr=float(np.float32(1e-3)),
+                                        betas=(0.9, 0.99), weight_decay=1e-4))
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -50,7 +51,20 @@ def merge_base_kwargs(base_kwargs: Any, kwargs: dict[str, Any]) -> dict[str, Any
     twice = sorted(set(base_kwargs or {}) & set(kwargs))
     if twice:
         raise TypeError(f"base optimizer argument(s) {twice} given both as keywords and in base_kwargs")
-    return {**kwargs, **(base_kwargs or {})}
+    return {key: _plain_number(value) for key, value in {**kwargs, **(base_kwargs or {})}.items()}
+
+
+def _plain_number(value: Any) -> Any:
+    """A NumPy scalar as the Python number it holds (also inside a tuple
+    such as Adam's ``betas``), anything else as it is: the base optimizer
+    stores its arguments in its param groups, and a NumPy scalar there
+    makes ``torch.load(weights_only=True)`` refuse the optimizer's
+    ``state_dict``."""
+    if isinstance(value, tuple):
+        return tuple(_plain_number(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def check_base_optimizer(
