@@ -259,6 +259,16 @@ def test_hessian_density_and_minimum(files, capsys):
     doc = _run([*base, "--quantity", "density", "--n-vectors", "2", "--n-steps", "8"], tmp, capsys)
     r = doc["result"]
     assert len(r["grid"]) == len(r["density"]) and np.shape(r["nodes"]) == (2, 8)
+    assert r["settings"]["low_memory"] is False
+    # without a basis: the same quadrature moments to rounding
+    lean = _run([*base, "--quantity", "density", "--n-vectors", "2", "--n-steps", "8", "--low-memory"], tmp, capsys)
+    assert lean["result"]["settings"]["low_memory"] is True
+    for p in (1, 2):
+        want = (np.asarray(r["weights"]) * np.asarray(r["nodes"]) ** p).sum()
+        got = (np.asarray(lean["result"]["weights"]) * np.asarray(lean["result"]["nodes"]) ** p).sum()
+        assert got == pytest.approx(want, rel=1e-8)
+    lean = _run([*base, "--quantity", "eigenvalues", "--k", "2", "--low-memory"], tmp, capsys)
+    assert lean["result"]["settings"]["low_memory"] is True and len(lean["result"]["eigenvalues"]) == 2
     doc = _run([*base, "--quantity", "minimum", "--method", "exact", "--granularity", "layer"], tmp, capsys)
     ref = flatness.hessian.minimum_sharpness(model.double(), _batches(x, y, 40, 128), method="exact")
     assert doc["result"]["value"] == pytest.approx(ref.value, rel=1e-10)
@@ -389,6 +399,7 @@ NOT_APPLICABLE = [
     (["hessian", "--quantity", "eigenvalues", "--n-steps", "4"], "--n-steps", "--quantity eigenvalues"),
     (["hessian", "--quantity", "trace", "--k", "2"], "--k", "--quantity trace"),
     (["hessian", "--quantity", "density", "--method", "exact"], "--method", "--quantity density"),
+    (["hessian", "--quantity", "trace", "--low-memory"], "--low-memory", "--quantity trace"),
 ]
 
 

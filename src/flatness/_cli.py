@@ -63,9 +63,9 @@ QUANTITIES = ("eigenvalues", "trace", "density", "minimum")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: the options of ``hessian`` that each ``--quantity`` takes (argparse dests)
 QUANTITY_OPTIONS = {
-    "eigenvalues": ("k", "tol", "max_iter", "curvature"),
+    "eigenvalues": ("k", "tol", "max_iter", "curvature", "low_memory"),
     "trace": ("method", "n_samples", "curvature"),
-    "density": ("n_vectors", "n_steps", "curvature"),
+    "density": ("n_vectors", "n_steps", "curvature", "low_memory"),
     "minimum": ("method", "n_samples", "granularity"),
 }
 #: the options of ``sharpness`` that depend on the kind (argparse dests)
@@ -375,6 +375,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     c.add_argument("--granularity", choices=("layer", "neuron"), help="minimum: rescaling per layer or neuron")
     c.add_argument("--n-vectors", dest="n_vectors", type=_positive_int, help="density: random start vectors")
     c.add_argument("--n-steps", dest="n_steps", type=_positive_int, help="density: Lanczos steps per vector")
+    c.add_argument("--low-memory", dest="low_memory", action="store_true",
+                   help="eigenvalues/density: the three-term Lanczos recurrence without a stored basis "
+                        "(memory independent of the steps; eigenvalues only)")
     return parser
 
 
@@ -493,11 +496,13 @@ def run(args: argparse.Namespace, prog: str = "python -m flatness",
         quantity = args.quantity
         common.update(_given(args, ("curvature",)))
         if quantity == "eigenvalues":
-            r = _hessian.top_eigenvalues(model, batches, args.k or 1, **common, **_given(args, ("tol", "max_iter")))
+            r = _hessian.top_eigenvalues(model, batches, args.k or 1, **common,
+                                         **_given(args, ("tol", "max_iter")), low_memory=args.low_memory)
         elif quantity == "trace":
             r = _hessian.trace(model, batches, **common, **_given(args, ("method", "n_samples")))
         elif quantity == "density":
-            r = _hessian.spectral_density(model, batches, **common, **_given(args, ("n_vectors", "n_steps")))
+            r = _hessian.spectral_density(model, batches, **common, **_given(args, ("n_vectors", "n_steps")),
+                                          low_memory=args.low_memory)
         else:
             if "curvature" in common:
                 raise CLIError("--curvature does not apply to --quantity minimum (it is Hessian-based)")
