@@ -151,3 +151,18 @@ def test_gsam_gradient_against_formula(scale, fused):
     torch.testing.assert_close(_flat(gp[0]), want0, rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(_flat(g[0]), perp0, rtol=1e-13, atol=1e-14)
     assert torch.equal(_flat(gp[1]), want1) and torch.equal(_flat(g[1]), g1_before)
+
+
+def test_gsam_gradient_float16_dot_does_not_overflow():
+    # <g, g_p> of float16 gradients summing past 65504 (here ~4.5e6) was an
+    # inf in float16: an inf coefficient and NaN gradients; now in float32
+    from flatness.optim._functional import gsam_gradient_
+
+    gen = torch.Generator().manual_seed(0)
+    g = [(torch.randn(100, 100, generator=gen) * 30).half()]
+    gp = [(g[0].float() * 0.5 + torch.randn(100, 100, generator=gen)).half()]
+    gf, gpf = _flat([t.double() for t in g]), _flat([t.double() for t in gp])
+    perp = gf - (gf @ gpf) / (gpf @ gpf) * gpf
+    gsam_gradient_([gp], [g], [0.5])
+    torch.testing.assert_close(_flat(g).double(), perp, rtol=0, atol=0.05)  # float16 rounding of ~30
+    torch.testing.assert_close(_flat(gp).double(), gpf - 0.5 * perp, rtol=0, atol=0.05)

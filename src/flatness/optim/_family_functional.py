@@ -57,6 +57,16 @@ def inner(a: Sequence[Sequence[Tensor]], b: Sequence[Sequence[Tensor]]) -> Tenso
     return _distributed.dots([x for xs in a for x in xs], [y for ys in b for y in ys]).sum()
 
 
+def _norms(ts: Sequence[Tensor]) -> list[Tensor]:
+    """The norm of each tensor: ``torch._foreach_norm``, in float32 for
+    float16 / bfloat16 tensors (a float16 ``1 / ||x||^2`` overflows past
+    ``||x|| < 4e-3``: an inf coefficient and a NaN direction)."""
+    ts = list(ts)
+    if any(t.dtype in (torch.float16, torch.bfloat16) for t in ts):
+        return list(torch._foreach_norm(ts, 2, dtype=torch.float32))
+    return list(torch._foreach_norm(ts))
+
+
 # -- WSAM ----------------------------------------------------------------------
 
 
@@ -193,7 +203,7 @@ def looksam_orthogonal_(
         out = []
         for a, b in zip(first, grads):
             # (FSDP2 DTensors: the shards' products, reduced over the mesh)
-            coef = [d * safe_inv(n) ** 2 for d, n in zip(_distributed.dots(a, b).unbind(), torch._foreach_norm(a))]
+            coef = [d * safe_inv(n) ** 2 for d, n in zip(_distributed.dots(a, b).unbind(), _norms(a))]
             out.append(torch._foreach_sub(list(b), torch._foreach_mul(a, coef)))
         return out
     c = inner(first, grads) * safe_inv(global_norm(first) ** 2)
@@ -223,7 +233,7 @@ def looksam_gradient_(
     """
     if per_tensor:
         for a, gr, vs in zip(alpha, grads, gvs):
-            ratio = [n * safe_inv(m) for n, m in zip(torch._foreach_norm(gr), torch._foreach_norm(vs))]
+            ratio = [n * safe_inv(m) for n, m in zip(_norms(gr), _norms(vs))]
             torch._foreach_add_(gr, torch._foreach_mul(vs, [a * r for r in ratio]))
         return
     if gv_norm is None:
