@@ -849,6 +849,35 @@ def test_bsam_matches_written_out_update(kind, style):
     assert_close_lists(opt.posterior_variance(), ref_var)
 
 
+
+def test_bsam_precision_of_bfloat16_parameters_is_float32():
+    # s <- 0.999 s + 0.001 (sqrt(s)|g| + delta + gamma) rounds back to s in
+    # bfloat16 (spacing 2^-8 below 1): s stayed 1.0 where float64 of the same
+    # increments reaches 0.9955 after 5 steps; now a float32 s within 1e-6
+    data = batches("mlp", 5)
+    model = mlp().to(torch.bfloat16)
+    kw = dict(BSAM_KW, betas=(0.9, 0.999), s_init=1.0)
+    opt = BayesianSAM(model.parameters(), seed=0, **kw)
+    params = list(model.parameters())
+    ref = [torch.ones(p.shape, dtype=DT) for p in params]
+    b2, decay = kw["betas"][1], kw["damping"] + kw["weight_decay"]
+    for x, y in data:
+        x = x.to(torch.bfloat16)
+        with opt.first_pass():
+            F.cross_entropy(model(x).float(), y).backward()
+        opt.first_step(zero_grad=True)
+        ref = [b2 * r + (1 - b2) * (opt.base_optimizer.state[p]["gs"].double() + decay) for r, p in zip(ref, params)]
+        with opt.second_pass():
+            F.cross_entropy(model(x).float(), y).backward()
+        opt.second_step(zero_grad=True)
+    s = [opt.base_optimizer.state[p]["s"] for p in params]
+    assert all(t.dtype == torch.float32 for t in s)
+    assert_close_lists([t.double() for t in s], ref, dict(rtol=1e-6, atol=0))
+    assert all(p.dtype == torch.bfloat16 for p in opt.sample())
+    other = BayesianSAM(mlp().to(torch.bfloat16).parameters(), seed=0, **kw)
+    other.load_state_dict(opt.state_dict())  # torch.optim would cast s to bfloat16
+    assert_same([other.base_optimizer.state[p]["s"] for p in other.param_groups[0]["params"]], s)
+
 def test_bsam_state_dict_resume_and_errors():
     data = batches("mlp", 6)
     a = mlp()
