@@ -151,3 +151,34 @@ def test_gsam_gradient_against_formula(scale, fused):
     torch.testing.assert_close(_flat(gp[0]), want0, rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(_flat(g[0]), perp0, rtol=1e-13, atol=1e-14)
     assert torch.equal(_flat(gp[1]), want1) and torch.equal(_flat(g[1]), g1_before)
+
+
+def test_gsam_gradient_float16_dot_does_not_overflow():
+    # <g, g_p> of float16 gradients summing past 65504 (here ~4.5e6) was an
+    # inf in float16: an inf coefficient and NaN gradients; now in float32
+    from flatness.optim._functional import gsam_gradient_
+
+    gen = torch.Generator().manual_seed(0)
+    g = [(torch.randn(100, 100, generator=gen) * 30).half()]
+    gp = [(g[0].float() * 0.5 + torch.randn(100, 100, generator=gen)).half()]
+    gf, gpf = _flat([t.double() for t in g]), _flat([t.double() for t in gp])
+    perp = gf - (gf @ gpf) / (gpf @ gpf) * gpf
+    gsam_gradient_([gp], [g], [0.5])
+    torch.testing.assert_close(_flat(g).double(), perp, rtol=0, atol=0.05)  # float16 rounding of ~30
+    torch.testing.assert_close(_flat(gp).double(), gpf - 0.5 * perp, rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sam_direction_adaptive_half_precision_weights_in_float32(dtype):
+    # ASAM's T = |w| + eta, T g and T^2 g in float16 fell into subnormals
+    # for small gradients (|g| ~ 1e-5, |w| ~ 0.05): e was 2.3% off float64 on
+    # the same float16 inputs (bfloat16: 4.5e-4, T rounded); now float32, 2e-8
+    gen = torch.Generator().manual_seed(0)
+    w = [(torch.randn(256, 64, generator=gen) * 0.05).to(dtype), (torch.randn(256, generator=gen) * 0.05).to(dtype)]
+    g = [(torch.randn(256, 64, generator=gen) * 1e-5).to(dtype), (torch.randn(256, generator=gen) * 1e-5).to(dtype)]
+    (out,) = sam_direction([g], [w], 0.05, adaptive=True, eta=0.01)
+    e = _flat([t.double() * float(out.scale) for t in out.tensors])
+    t = _flat([x.double().abs() + 0.01 for x in w])
+    tg = t * _flat([x.double() for x in g])
+    want = 0.05 * t * tg / tg.norm()
+    assert float((e - want).norm() / want.norm()) < 1e-6

@@ -746,6 +746,33 @@ def test_mesa_matches_written_out_update(kind, style):
     assert_close_lists([opt.ema[n] for n, _ in model.named_parameters()], ref_ema)
 
 
+
+def test_mesa_ema_of_bfloat16_weights_moves():
+    # decay 0.9998: 0.9998 w_ema + 0.0002 w rounds back to w_ema in bfloat16
+    # except near 0 (95% of the entries never moved; the EMA's change was 98%
+    # off float64 over 50 updates); now a
+    # float32 EMA, within 1e-6 of float64 of the same bfloat16 weights, and
+    # the EMA forward runs in the model's dtype; state_dict keeps it float32
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).to(torch.bfloat16)
+    opt = MESA(model.parameters(), torch.optim.SGD, model=model, lr=LR, momentum=MU)
+    ref = {n: t.detach().double() for n, t in [*model.named_parameters(), *model.named_buffers()]
+           if t.is_floating_point()}
+    for x, y in batches("mlp", 5):
+        x = x.to(torch.bfloat16)
+        out = model(x)
+        (F.cross_entropy(out.float(), y) + opt.trajectory_loss(out, x)).backward()
+        opt.step()
+        opt.zero_grad()
+        now = dict([*model.named_parameters(), *model.named_buffers()])
+        ref = {n: 0.9998 * r + 0.0002 * now[n].detach().double() for n, r in ref.items()}
+    assert {t.dtype for t in opt.ema.values()} == {torch.float32}
+    for n, r in ref.items():
+        torch.testing.assert_close(opt.ema[n].double(), r, rtol=1e-6, atol=1e-7)
+    assert opt.ema_forward(x).dtype == torch.bfloat16
+    other = MESA(model.parameters(), torch.optim.SGD, model=model, lr=LR, momentum=MU)
+    other.load_state_dict(opt.state_dict())
+    assert all(torch.equal(other.ema[n], opt.ema[n]) and other.ema[n].dtype == torch.float32 for n in ref)
+
 def test_mesa_ema_forward_restores_modes_and_bn_statistics():
     model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3)).to(DT)
     model[2].eval()  # a mixed state must come back as it was
@@ -848,6 +875,35 @@ def test_bsam_matches_written_out_update(kind, style):
     assert_close_lists(weights(model), ref_w)
     assert_close_lists(opt.posterior_variance(), ref_var)
 
+
+
+def test_bsam_precision_of_bfloat16_parameters_is_float32():
+    # s <- 0.999 s + 0.001 (sqrt(s)|g| + delta + gamma) rounds back to s in
+    # bfloat16 (spacing 2^-8 below 1): s stayed 1.0 where float64 of the same
+    # increments reaches 0.9955 after 5 steps; now a float32 s within 1e-6
+    data = batches("mlp", 5)
+    model = mlp().to(torch.bfloat16)
+    kw = dict(BSAM_KW, betas=(0.9, 0.999), s_init=1.0)
+    opt = BayesianSAM(model.parameters(), seed=0, **kw)
+    params = list(model.parameters())
+    ref = [torch.ones(p.shape, dtype=DT) for p in params]
+    b2, decay = kw["betas"][1], kw["damping"] + kw["weight_decay"]
+    for x, y in data:
+        x = x.to(torch.bfloat16)
+        with opt.first_pass():
+            F.cross_entropy(model(x).float(), y).backward()
+        opt.first_step(zero_grad=True)
+        ref = [b2 * r + (1 - b2) * (opt.base_optimizer.state[p]["gs"].double() + decay) for r, p in zip(ref, params)]
+        with opt.second_pass():
+            F.cross_entropy(model(x).float(), y).backward()
+        opt.second_step(zero_grad=True)
+    s = [opt.base_optimizer.state[p]["s"] for p in params]
+    assert all(t.dtype == torch.float32 for t in s)
+    assert_close_lists([t.double() for t in s], ref, dict(rtol=1e-6, atol=0))
+    assert all(p.dtype == torch.bfloat16 for p in opt.sample())
+    other = BayesianSAM(mlp().to(torch.bfloat16).parameters(), seed=0, **kw)
+    other.load_state_dict(opt.state_dict())  # torch.optim would cast s to bfloat16
+    assert_same([other.base_optimizer.state[p]["s"] for p in other.param_groups[0]["params"]], s)
 
 def test_bsam_state_dict_resume_and_errors():
     data = batches("mlp", 6)

@@ -341,6 +341,10 @@ def _input_sqnorm(layer: KFACLayer, a: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a).square()
 
 
+def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _wide(t: Tensor) -> Tensor:
     """``t`` in float32 if it is float16 / bfloat16: the squared norms and
     the products ``x^T x`` of a layer's inputs and output gradients overflow
@@ -516,8 +520,10 @@ class RunningFactors:
             calls = [(c, n) for c, n in zip(entries, counts, strict=True) if len(c) == 2]
             dims = factor_dims(layer)
             ref = ps.params[layer.indices[0]]
-            fa = ref.new_zeros(dims[0], dims[0])
-            fg = ref.new_zeros(dims[1], dims[1])
+            # float32 factors for half-precision parameters (see _wide): the
+            # running average and the solve would round to 3 digits
+            fa = ref.new_zeros(dims[0], dims[0], dtype=_wide_dtype(ref.dtype))
+            fg = ref.new_zeros(dims[1], dims[1], dtype=_wide_dtype(ref.dtype))
             total = 0
             for (a, e), n in calls:
                 n = e.shape[0] if n is None else n
@@ -537,8 +543,8 @@ class RunningFactors:
             old = self._factors(layer)
             if old is not None:
                 # new tensors, never in place: the committed ones stay intact
-                fa = old[0].mul(self.stat_decay).add_(fa, alpha=1 - self.stat_decay)
-                fg = old[1].mul(self.stat_decay).add_(fg, alpha=1 - self.stat_decay)
+                fa = old[0].to(fa.dtype).mul(self.stat_decay).add_(fa, alpha=1 - self.stat_decay)
+                fg = old[1].to(fg.dtype).mul(self.stat_decay).add_(fg, alpha=1 - self.stat_decay)
             self.pending[layer.name] = (fa, fg)
             self._eig.pop(layer.name, None)
 
@@ -600,6 +606,7 @@ class RunningFactors:
             rows = ps[0].shape[0]
             cols = [vectors[p].reshape(rows, -1) for p in ps]
             m = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+            m = m.to(qa.dtype)  # half-precision vectors against float32 factors: float32
             v = qg.T @ m @ qa
             v = v / (dg[:, None] * da[None, :] + self.damping)
             r = qg @ v @ qa.T

@@ -57,6 +57,16 @@ def inner(a: Sequence[Sequence[Tensor]], b: Sequence[Sequence[Tensor]]) -> Tenso
     return _distributed.dots([x for xs in a for x in xs], [y for ys in b for y in ys]).sum()
 
 
+def _norms(ts: Sequence[Tensor]) -> list[Tensor]:
+    """The norm of each tensor: ``torch._foreach_norm``, in float32 for
+    float16 / bfloat16 tensors (a float16 ``1 / ||x||^2`` overflows past
+    ``||x|| < 4e-3``: an inf coefficient and a NaN direction)."""
+    ts = list(ts)
+    if any(t.dtype in (torch.float16, torch.bfloat16) for t in ts):
+        return list(torch._foreach_norm(ts, 2, dtype=torch.float32))
+    return list(torch._foreach_norm(ts))
+
+
 # -- WSAM ----------------------------------------------------------------------
 
 
@@ -193,7 +203,7 @@ def looksam_orthogonal_(
         out = []
         for a, b in zip(first, grads):
             # (FSDP2 DTensors: the shards' products, reduced over the mesh)
-            coef = [d * safe_inv(n) ** 2 for d, n in zip(_distributed.dots(a, b).unbind(), torch._foreach_norm(a))]
+            coef = [d * safe_inv(n) ** 2 for d, n in zip(_distributed.dots(a, b).unbind(), _norms(a))]
             out.append(torch._foreach_sub(list(b), torch._foreach_mul(a, coef)))
         return out
     c = inner(first, grads) * safe_inv(global_norm(first) ** 2)
@@ -223,7 +233,7 @@ def looksam_gradient_(
     """
     if per_tensor:
         for a, gr, vs in zip(alpha, grads, gvs):
-            ratio = [n * safe_inv(m) for n, m in zip(torch._foreach_norm(gr), torch._foreach_norm(vs))]
+            ratio = [n * safe_inv(m) for n, m in zip(_norms(gr), _norms(vs))]
             torch._foreach_add_(gr, torch._foreach_mul(vs, [a * r for r in ratio]))
         return
     if gv_norm is None:
@@ -347,10 +357,16 @@ def mesa_trajectory_loss(outputs: Tensor, teacher: Tensor, tau: float, lam: floa
 
     KL summed over the last dimension and averaged over the others, with
     ``outputs`` = :math:`f_w(x)` (differentiated) and ``teacher`` =
-    :math:`f_{\bar w}(x)` (the EMA weights' outputs).
+    :math:`f_{\bar w}(x)` (the EMA weights' outputs).  Float16 / bfloat16
+    outputs are computed in float32 (the loss is float32).
     """
-    log_p = F.log_softmax(outputs / tau, dim=-1)
-    log_q = F.log_softmax(teacher.to(outputs.dtype) / tau, dim=-1)
+    # float16 / bfloat16 logits: in float32 (a float32 loss).  In their dtype
+    # the log-probabilities carry errors of ~1e-2 while the KL between the
+    # near teacher and student is ~1e-3: the loss was 109% and its gradient
+    # 60% off float64 (bfloat16)
+    dtype = torch.float32 if outputs.dtype in (torch.float16, torch.bfloat16) else outputs.dtype
+    log_p = F.log_softmax(outputs.to(dtype) / tau, dim=-1)
+    log_q = F.log_softmax(teacher.to(dtype) / tau, dim=-1)
     kl = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1).mean()
     return lam * tau**2 * kl
 

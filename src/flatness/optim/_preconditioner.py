@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flatness import _distributed
 from flatness._kfac import RunningFactors, capture
 
 __all__ = ["KFACPreconditioner"]
@@ -151,7 +152,9 @@ class KFACPreconditioner:
             )
         solved = self.factors.solve({p: v for ps, vs in zip(params, vecs) for p, v in zip(ps, vs)})
         out = [[solved.get(p, torch.zeros_like(v)) for p, v in zip(ps, vs)] for ps, vs in zip(params, vecs)]
-        dots = [torch.dot(v.flatten(), s.flatten()) for vs, ss in zip(vecs, out) for v, s in zip(vs, ss)]
-        if not dots:
+        # float32 products for half-precision vectors (float16 overflows past
+        # 65504, and a per-tensor sum rounded to 3 digits cancels)
+        dots = _distributed.dots([v for vs in vecs for v in vs], [s for ss in out for s in ss])
+        if not len(dots):
             return out, torch.zeros(())
-        return out, torch.stack(dots).sum().clamp_min(0).sqrt()
+        return out, dots.sum().clamp_min(0).sqrt()

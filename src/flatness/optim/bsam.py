@@ -22,6 +22,10 @@ from ._family_functional import bsam_direction, bsam_noise, bsam_update_
 __all__ = ["BayesianSAM"]
 
 
+def _precision_dtype(p: Tensor) -> torch.dtype:
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
 class _BayesUpdate(Optimizer):
     """bSAM's Adam-like update of the mean ``w`` and the precision ``s``
     (the base optimizer of :class:`BayesianSAM`; it reads ``state["gs"]``,
@@ -33,9 +37,13 @@ class _BayesUpdate(Optimizer):
                                   "damping": damping, "s_init": s_init})
 
     def precision(self, p: Tensor, group: dict[str, Any]) -> Tensor:
+        """``s`` of ``p``: float32 for a float16 / bfloat16 ``p`` (its
+        update ``s <- beta_2 s + (1 - beta_2) ...``, ``beta_2 = 0.999``,
+        rounds back to ``s`` in bfloat16: the precision never moved)."""
         state = self.state[p]
         if "s" not in state:
-            state["s"] = torch.full_like(p, float(group["s_init"]), memory_format=torch.preserve_format)
+            state["s"] = torch.full_like(p, float(group["s_init"]), dtype=_precision_dtype(p),
+                                         memory_format=torch.preserve_format)
             state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state["s"]
 
@@ -187,6 +195,22 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
         return [[base.precision(p, g.group) for p in g.params] for g in groups]
 
     @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`SharpnessAwareOptimizer.load_state_dict`; the float32
+        precision ``s`` of a float16 / bfloat16 parameter stays float32
+        (``torch.optim`` casts every floating state to its parameter's dtype)."""
+        saved: dict[Any, Any] = {}
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict):
+            saved = {i: v.get("s") for i, v in state_dict["state"].items() if isinstance(v, dict)}
+        ids = [i for g in state_dict.get("param_groups", []) if isinstance(g, dict) for i in g.get("params", [])]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids if len(ids) == len(params) else [None] * len(params), params):
+            state = self.state[p]
+            if "s" in state and state["s"].dtype != _precision_dtype(p):
+                s = saved.get(i) if isinstance(saved.get(i), Tensor) else state["s"]
+                state["s"] = s.to(dtype=_precision_dtype(p), device=p.device, copy=True)
+
     def posterior_variance(self) -> list[Tensor]:
         """``1 / (N s)`` for every parameter (``param_groups`` order)."""
         base: _BayesUpdate = self.base_optimizer  # type: ignore[assignment]
@@ -199,8 +223,8 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
         gen = generator if generator is not None else self._generator
         params = [p for g in self.param_groups for p in g["params"]]
         # drawn on the full shape and sharded like an FSDP2 parameter
-        return [p + _distributed.shard_like(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device), p)
-                * v.sqrt() for p, v in zip(params, self.posterior_variance())]
+        return [(p + _distributed.shard_like(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device), p)
+                 * v.sqrt()).to(p.dtype) for p, v in zip(params, self.posterior_variance())]
 
     @contextlib.contextmanager
     def first_pass(self) -> Iterator[None]:

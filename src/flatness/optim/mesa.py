@@ -19,6 +19,8 @@ from ._family_functional import ema_update_, mesa_trajectory_loss
 
 __all__ = ["MESA"]
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 class MESA(SharpnessAwareOptimizer):
     r"""Sharpness-aware training at the cost of one pass per step.
@@ -52,7 +54,10 @@ class MESA(SharpnessAwareOptimizer):
 
     Cost: one forward-backward plus one forward of the EMA weights without
     a graph per step.  Memory: one extra copy of the weights (and of the
-    floating-point buffers, e.g. BatchNorm statistics), the EMA.
+    floating-point buffers, e.g. BatchNorm statistics), the EMA; float32
+    for float16 / bfloat16 tensors (twice their size, and a copy in their
+    dtype during the EMA forward), whose own dtype cannot hold a decay of
+    0.9998 (the EMA would not move).
 
     The EMA forward uses :func:`torch.func.functional_call` on ``model``
     with the EMA weights and buffers, in eval mode (the modules' training
@@ -122,9 +127,12 @@ class MESA(SharpnessAwareOptimizer):
         self.start_step = int(start_step)
         self.mesa_step = 0
         self._net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        #: The EMA of the model's parameters and floating-point buffers, by name.
+        #: The EMA of the model's parameters and floating-point buffers, by
+        #: name (float32 for float16 / bfloat16 tensors: ``decay w_ema +
+        #: (1 - decay) w`` with ``decay = 0.9998`` rounds back to ``w_ema``
+        #: there, and the EMA never moved).
         self.ema: dict[str, Tensor] = {
-            name: t.detach().clone()
+            name: t.detach().to(torch.float32 if t.dtype in _HALF else t.dtype, copy=True)
             for name, t in [*self._net.named_parameters(), *self._net.named_buffers()]
             if t.is_floating_point()
         }
@@ -142,7 +150,11 @@ class MESA(SharpnessAwareOptimizer):
         modes = [(m, m.training) for m in self._net.modules()]
         self._net.eval()
         try:
-            return functional_call(self._net, self.ema, args, kwargs, strict=False)
+            current = dict([*self._net.named_parameters(), *self._net.named_buffers()])
+            # the float32 EMA of half-precision tensors in the model's dtype (a copy)
+            ema = {n: t.to(current[n].dtype) if n in current and current[n].dtype in _HALF else t
+                   for n, t in self.ema.items()}
+            return functional_call(self._net, ema, args, kwargs, strict=False)
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -194,7 +206,9 @@ class MESA(SharpnessAwareOptimizer):
         current = dict([*self._net.named_parameters(), *self._net.named_buffers()])
         names = [n for n in self.ema if n in current]
         ema = [self.ema[n] for n in names]
-        now = [current[n].detach().to(self.ema[n].dtype) for n in names]
+        # (a half-precision tensor is added to its float32 EMA as it is, without a float32 copy)
+        now = [current[n].detach() if current[n].dtype in _HALF and self.ema[n].dtype == torch.float32
+               else current[n].detach().to(self.ema[n].dtype) for n in names]
         ema_update_(ema, now, self.decay)
 
     # -- state -------------------------------------------------------------------
