@@ -200,9 +200,13 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
         precision ``s`` of a float16 / bfloat16 parameter stays float32
         (``torch.optim`` casts every floating state to its parameter's dtype)."""
         saved: dict[Any, Any] = {}
-        if isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict):
-            saved = {i: v.get("s") for i, v in state_dict["state"].items() if isinstance(v, dict)}
-        ids = [i for g in state_dict.get("param_groups", []) if isinstance(g, dict) for i in g.get("params", [])]
+        ids: list[Any] = []
+        if isinstance(state_dict, dict):  # (anything else: the base class's error)
+            if isinstance(state_dict.get("state"), dict):
+                saved = {i: v.get("s") for i, v in state_dict["state"].items() if isinstance(v, dict)}
+            groups = state_dict.get("param_groups", [])
+            ids = [i for g in groups if isinstance(g, dict) for i in g.get("params", [])] if isinstance(
+                groups, list) else []
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids if len(ids) == len(params) else [None] * len(params), params):
@@ -211,6 +215,7 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
                 s = saved.get(i) if isinstance(saved.get(i), Tensor) else state["s"]
                 state["s"] = s.to(dtype=_precision_dtype(p), device=p.device, copy=True)
 
+    @torch.no_grad()
     def posterior_variance(self) -> list[Tensor]:
         """``1 / (N s)`` for every parameter (``param_groups`` order)."""
         base: _BayesUpdate = self.base_optimizer  # type: ignore[assignment]
