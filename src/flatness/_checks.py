@@ -97,6 +97,20 @@ def product_bar(progress: bool, desc: str) -> ProductBar | None:
     return ProductBar(desc) if progress else None
 
 
+#: The half-precision dtypes: their sums, dot products and small increments
+#: are taken in float32 (:func:`working_dtype`), and their perturbed weights
+#: checked for what rounding loses.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to reduce, accumulate or draw in for tensors of ``dtype``:
+    float32 for float16 / bfloat16 (a half-precision sum keeps 3 significant
+    digits, float16 overflows past 65504, ``randn`` draws another stream),
+    ``dtype`` itself otherwise."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
 def is_int(value: Any) -> bool:
     """Whether ``value`` can stand for an integer option: any
     ``numbers.Integral`` (a Python int, a NumPy integer such as ``np.int64``

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flatness._checks import is_int
+from flatness._checks import is_int, working_dtype
 
 
 def check_n_batches(n_batches: Any) -> int | None:
@@ -105,7 +105,7 @@ def iter_batches(
     iterable that yields nothing raises ``ValueError``.
     """
     n_batches = check_n_batches(n_batches)
-    target_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    target_dtype = None if dtype is None else working_dtype(dtype)
     if _is_batch(data):
         source: Iterable[Any] = [data]
     elif isinstance(data, (Tensor, str, bytes)) or not isinstance(data, Iterable):

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flatness._checks import LOW_PRECISION
+
 __all__ = [
     "cat_over_ranks",
     "derive_seed",
@@ -279,16 +281,13 @@ def foreach_copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
     torch._foreach_copy_(local_tensors(dst), local_tensors(src))
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 def _dot(x: Tensor, y: Tensor) -> Tensor:
     """``<x, y>`` of two whole tensors; in float32 for float16 / bfloat16
     (a half-precision result is rounded to 3 significant digits, float16
     overflows past 65504, and the per-tensor products are then summed in
     that dtype: cancellation between tensors loses the rest).  The float32
     copies are of one tensor at a time.  Other dtypes: ``torch.dot`` as is."""
-    if x.dtype in _HALF or y.dtype in _HALF:
+    if x.dtype in LOW_PRECISION or y.dtype in LOW_PRECISION:
         return torch.dot(x.reshape(-1).float(), y.reshape(-1).float())
     return torch.dot(x.reshape(-1), y.reshape(-1))
 

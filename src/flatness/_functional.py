@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from flatness._checks import LOW_PRECISION
 from flatness._params import ParamSet, unwrap
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -81,7 +82,6 @@ def normalize_logits(z: Tensor) -> Tensor:
     return centred / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @contextlib.contextmanager
@@ -226,7 +226,7 @@ def functional_loss(
 
 def _loss_of(outputs: Any, targets: Tensor, loss_fn: LossFn, logit_normalization: bool) -> Tensor:
     """``loss_fn`` on the model's outputs, as a scalar (see :func:`functional_loss`)."""
-    if isinstance(outputs, Tensor) and outputs.dtype in _LOW_PRECISION:
+    if isinstance(outputs, Tensor) and outputs.dtype in LOW_PRECISION:
         # The loss of a float16 / bfloat16 model in float32: in bfloat16 a
         # loss near 1 has a resolution of 0.0078, coarser than most
         # sharpness values (differences of two losses).

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import _distributed
+from ._checks import LOW_PRECISION, working_dtype
 
 NORMS = ("linf", "l2")
 
@@ -41,7 +42,7 @@ def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
     # Half-precision norms come out in float32: rounded to bfloat16's 8
     # bits, a projection onto the l2 ball missed the radius by up to 0.4%.
     tensors = list(tensors)
-    if any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors):
+    if any(t.dtype in LOW_PRECISION for t in tensors):
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)))
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
 
@@ -50,8 +51,8 @@ def _scale_(tensors: list[Tensor], factor: float) -> None:
     """Multiply in place by ``factor``; half-precision tensors in float32,
     piece by piece (a bfloat16 multiply rounds the factor itself to 8 bits:
     a projection then missed the radius by up to 0.2%)."""
-    low = [t for t in tensors if t.dtype in (torch.float16, torch.bfloat16)]
-    rest = [t for t in tensors if t.dtype not in (torch.float16, torch.bfloat16)]
+    low = [t for t in tensors if t.dtype in LOW_PRECISION]
+    rest = [t for t in tensors if t.dtype not in LOW_PRECISION]
     if rest:
         torch._foreach_mul_(rest, factor)
     for (piece,) in blocks(low):
@@ -94,12 +95,6 @@ def blocks(*lists: Sequence[Tensor]) -> Iterator[tuple[Tensor, ...]]:
         flats = [t.view(-1) for t in ts]
         for s in range(0, n, size):
             yield tuple(f[s : s + size] for f in flats)
-
-
-def _draw_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype random perturbations are drawn in: float32 for float16 /
-    bfloat16 weights (then rounded), the weights' own otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class PerturbationSet:
@@ -387,12 +382,12 @@ class PerturbationSet:
     @staticmethod
     def _uniform(like: Tensor, generator: torch.Generator) -> Tensor:
         return _distributed.shard_like(torch.rand(like.shape, generator=generator, device=like.device,
-                                                  dtype=_draw_dtype(like.dtype)).mul_(2).sub_(1).to(like.dtype), like)
+                                                  dtype=working_dtype(like.dtype)).mul_(2).sub_(1).to(like.dtype), like)
 
     @staticmethod
     def _normal(like: Tensor, generator: torch.Generator) -> Tensor:
         return _distributed.shard_like(torch.randn(like.shape, generator=generator, device=like.device,
-                                                   dtype=_draw_dtype(like.dtype)).to(like.dtype), like)
+                                                   dtype=working_dtype(like.dtype)).to(like.dtype), like)
 
     def _zero_unscaled_(self, delta: list[Tensor]) -> None:
         # Coordinates with w_i = 0 cannot move in an adaptive set; keeping

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from flatness._checks import working_dtype
 from flatness._distributed import sum_
 from flatness._params import ParamSet, select_params, unwrap
 
@@ -341,17 +342,13 @@ def _input_sqnorm(layer: KFACLayer, a: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a).square()
 
 
-def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _wide(t: Tensor) -> Tensor:
     """``t`` in float32 if it is float16 / bfloat16: the squared norms and
     the products ``x^T x`` of a layer's inputs and output gradients overflow
     float16 (65504) on ordinary activations (a 64-wide layer of inputs of
     size 40: ``kfac_variance`` raised NonFiniteLossError) and are rounded
     in bfloat16.  One layer's tensors at a time."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return t.to(working_dtype(t.dtype))
 
 
 def trace_terms(
@@ -522,8 +519,8 @@ class RunningFactors:
             ref = ps.params[layer.indices[0]]
             # float32 factors for half-precision parameters (see _wide): the
             # running average and the solve would round to 3 digits
-            fa = ref.new_zeros(dims[0], dims[0], dtype=_wide_dtype(ref.dtype))
-            fg = ref.new_zeros(dims[1], dims[1], dtype=_wide_dtype(ref.dtype))
+            fa = ref.new_zeros(dims[0], dims[0], dtype=working_dtype(ref.dtype))
+            fg = ref.new_zeros(dims[1], dims[1], dtype=working_dtype(ref.dtype))
             total = 0
             for (a, e), n in calls:
                 n = e.shape[0] if n is None else n

@@ -41,9 +41,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from . import _distributed
-from ._checks import check_int, is_int, maybe_progress
+from ._checks import LOW_PRECISION, check_int, is_int, maybe_progress
 from ._data import batch_size, iter_batches
-from ._functional import _LOW_PRECISION, LossFn, _as_args, _as_kwargs, default_loss
+from ._functional import LossFn, _as_args, _as_kwargs, default_loss
 from ._guard import ModelGuard
 from ._params import ParamSet, unwrap
 from ._rng import private_rng
@@ -149,7 +149,7 @@ class Evaluator:
 
     # ---------------------------------------------------------------- scores
     def _score(self, outputs: Tensor, targets: Tensor) -> list[float]:
-        if isinstance(outputs, Tensor) and outputs.dtype in _LOW_PRECISION:
+        if isinstance(outputs, Tensor) and outputs.dtype in LOW_PRECISION:
             # The loss and metrics of a float16 / bfloat16 model in float32,
             # as everywhere in the library (``_functional._loss_of``): in
             # bfloat16 a loss near 1 is quantized to steps of 0.0078, coarser

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from flatness._checks import LOW_PRECISION
 from flatness._functional import (
-    _LOW_PRECISION,
     LossFn,
     _as_args,
     _as_kwargs,
@@ -450,7 +450,7 @@ def _dot(v: Tensor, g: Tensor) -> float:
     bfloat16 MLP's quadratic forms 0.36% off the dot of its own products).
     Products of two half-precision numbers are exact in float32."""
     v, g = v.reshape(-1), g.reshape(-1)
-    if g.dtype in _LOW_PRECISION:
+    if g.dtype in LOW_PRECISION:
         v, g = v.float(), g.float()
     return float(torch.dot(v, g))
 

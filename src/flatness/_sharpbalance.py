@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from flatness._checks import (
+    LOW_PRECISION,
     check_bool,
     check_int,
     check_rho,
@@ -359,7 +360,7 @@ def _sam_scores(
                 for w, t in zip(weights, scaled)
             ]
             moved = [w + e for w, e in zip(weights, step)]
-            if not rows and ps.dtype in (torch.float16, torch.bfloat16):
+            if not rows and ps.dtype in LOW_PRECISION:
                 _warn_if_rounded_away(weights, step, moved, rho)
             clean = _sample_losses(model, ps, weights, inputs, targets, loss_fn)
             pert = _sample_losses(model, ps, moved, inputs, targets, loss_fn)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flatness._checks import check_bool, check_int, is_real, product_bar, user_stacklevel
+from flatness._checks import LOW_PRECISION, check_bool, check_int, is_real, product_bar, user_stacklevel, working_dtype
 from flatness._functional import LossFn, grad_enabled
 from flatness._hvp import CurvatureOperator, check_real_floating
 from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
@@ -495,7 +495,9 @@ def top_eigenvalues(
         raise ValueError(f"block_size={block_size} exceeds the number of selected parameters ({n})")
     limit = max_iter if max_iter is not None else max(20 * k, 100)
     if basis_dtype is None:
-        basis_dtype = _lean_dtype(op.dtype) if low_memory else torch.float64
+        # the recurrence in the parameters' dtype (float32 at least): each
+        # vector is P bytes, not 2 P
+        basis_dtype = working_dtype(op.dtype) if low_memory else torch.float64
     if bar is not None:
         bar.total = limit * block_size
     try:
@@ -515,7 +517,7 @@ def top_eigenvalues(
         [t.clone() for t in op.unflatten(res.eigenvectors[:, i].to(device=op.device, dtype=op.dtype))]
         for i in range(res.eigenvectors.shape[1])
     ]
-    if low_memory and op.dtype in (torch.float16, torch.bfloat16):
+    if low_memory and op.dtype in LOW_PRECISION:
         _warn_if_copies(res.eigenvalues, op.dtype)
     settings = _common_settings(op, seed)
     settings.update(
@@ -540,12 +542,6 @@ def top_eigenvalues(
 def _check_basis_dtype(basis_dtype: Any) -> None:
     if basis_dtype is not None and basis_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"basis_dtype must be torch.float32 or torch.float64, got {basis_dtype!r}")
-
-
-def _lean_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The vectors' dtype of a low-memory recurrence: the parameters' own
-    (float32 at least), so each vector is P bytes instead of 2 P."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 @grad_enabled
@@ -774,7 +770,7 @@ def spectral_density(
     if bar is not None:
         bar.total = n_vectors * min(n_steps, n)
     if basis_dtype is None:
-        basis_dtype = _lean_dtype(op.dtype) if low_memory else torch.float64
+        basis_dtype = working_dtype(op.dtype) if low_memory else torch.float64
     try:
         op.prepare(1)  # the gradient's graph before the Lanczos vectors
         with private_rng(seed, op.device) as gen:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_bool, check_int
+from ._checks import check_bool, check_int, working_dtype
 from ._functional import LossFn
 from ._landscape import (
     Evaluator,
@@ -209,7 +209,7 @@ def directions(
         # float32 and rounded: randn's stream depends on the dtype, so a
         # draw in the low precision would be another direction than the
         # float32 model's for the same seed (and its filter norms rounded).
-        work = torch.float32 if ps.dtype in (torch.float16, torch.bfloat16) else ps.dtype
+        work = working_dtype(ps.dtype)
         for _ in range(k):
             d = [torch.randn(p.shape, generator=gen, device=ps.device, dtype=work) for p in ps.params]
             if kind != "random":

@@ -74,11 +74,11 @@ from torch.optim import Optimizer
 from flatness import _distributed
 
 # Lives with the other model plumbing; re-exported as flatness.optim.disable_running_stats.
+from flatness._checks import LOW_PRECISION
 from flatness._guard import disable_running_stats
 
 from . import _stage, _state
 from ._checks import (
-    _LOW_PRECISION,
     check_base_optimizer,
     check_closure,
     check_directions,
@@ -310,7 +310,7 @@ class SharpnessAwareOptimizer(Optimizer):
             raise
         if not self._rounding_checked:  # the first perturbation only
             self._rounding_checked = True
-            if any(p.dtype in _LOW_PRECISION for p in params):
+            if any(p.dtype in LOW_PRECISION for p in params):
                 warn_if_rounded_away(self, groups, directions, stage.saved_w)
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from flatness import _distributed
-from flatness._checks import is_real, user_stacklevel
+from flatness._checks import LOW_PRECISION, is_real, user_stacklevel
 from flatness._geometry import ROUNDING_WARNING, lost_share
 
 from ._settings import SAM_PREFIX, _flatten_params, _refuse_closure_optimizer, rename_settings
@@ -180,7 +180,6 @@ def check_closure(opt: Any, closure: Any) -> None:
         raise MissingClosureError(f"closure must be callable, got {type(closure).__name__}")
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @torch.no_grad()
@@ -205,14 +204,14 @@ def warn_if_rounded_away(opt: Any, groups: Sequence[Any], directions: Sequence[A
                 scale = float(_distributed.local_tensors([scale])[0])
             for p, t in zip(group.params, tensors):
                 w = next(saved)
-                if p.dtype in _LOW_PRECISION:
+                if p.dtype in LOW_PRECISION:
                     p, t, w = _distributed.local_tensors([p, t, w])
                     yield w, t.float().mul_(scale), p
 
     share = lost_share(triples())
     if share > ROUNDING_WARNING:
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for g in groups for p in g.params
-                         if p.dtype in _LOW_PRECISION})
+                         if p.dtype in LOW_PRECISION})
         warnings.warn(
             f"{type(opt).__name__}: storing w + e in {' / '.join(dtypes)} lost {share:.0%} of the first "
             "perturbation e along its direction (its entries are below the parameters' resolution), so the "

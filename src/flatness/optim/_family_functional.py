@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flatness import _distributed
+from flatness._checks import LOW_PRECISION, working_dtype
 
 from ._functional import ScaledDirection, add_scaled, global_norm, safe_inv
 
@@ -62,7 +63,7 @@ def _norms(ts: Sequence[Tensor]) -> list[Tensor]:
     float16 / bfloat16 tensors (a float16 ``1 / ||x||^2`` overflows past
     ``||x|| < 4e-3``: an inf coefficient and a NaN direction)."""
     ts = list(ts)
-    if any(t.dtype in (torch.float16, torch.bfloat16) for t in ts):
+    if any(t.dtype in LOW_PRECISION for t in ts):
         return list(torch._foreach_norm(ts, 2, dtype=torch.float32))
     return list(torch._foreach_norm(ts))
 
@@ -364,7 +365,7 @@ def mesa_trajectory_loss(outputs: Tensor, teacher: Tensor, tau: float, lam: floa
     # the log-probabilities carry errors of ~1e-2 while the KL between the
     # near teacher and student is ~1e-3: the loss was 109% and its gradient
     # 60% off float64 (bfloat16)
-    dtype = torch.float32 if outputs.dtype in (torch.float16, torch.bfloat16) else outputs.dtype
+    dtype = working_dtype(outputs.dtype)
     log_p = F.log_softmax(outputs.to(dtype) / tau, dim=-1)
     log_q = F.log_softmax(teacher.to(dtype) / tau, dim=-1)
     kl = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1).mean()

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from flatness import _distributed
+from flatness._checks import LOW_PRECISION
 
 __all__ = [
     "ScaledDirection",
@@ -108,8 +109,8 @@ def asam_weights(params: Sequence[Tensor], eta: float) -> list[Tensor]:
     bfloat16 parameters: ``T g`` and ``T^2 g`` of small float16 gradients
     fall into subnormals, 2.3% off float64 for ``|g| ~ 1e-5``)."""
     params = list(params)
-    if any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
-        t = [p.float() if p.dtype in (torch.float16, torch.bfloat16) else p.clone() for p in params]
+    if any(p.dtype in LOW_PRECISION for p in params):
+        t = [p.float() if p.dtype in LOW_PRECISION else p.clone() for p in params]
         torch._foreach_abs_(t)
     else:
         t = torch._foreach_abs(params)

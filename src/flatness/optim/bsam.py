@@ -13,17 +13,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from flatness import _distributed
-from flatness._checks import is_int
+from flatness._checks import is_int, working_dtype
 
 from . import _family as fam
 from ._base import AscentGroup, SharpnessAwareOptimizer, global_norm
 from ._family_functional import bsam_direction, bsam_noise, bsam_update_
 
 __all__ = ["BayesianSAM"]
-
-
-def _precision_dtype(p: Tensor) -> torch.dtype:
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
 class _BayesUpdate(Optimizer):
@@ -42,7 +38,7 @@ class _BayesUpdate(Optimizer):
         rounds back to ``s`` in bfloat16: the precision never moved)."""
         state = self.state[p]
         if "s" not in state:
-            state["s"] = torch.full_like(p, float(group["s_init"]), dtype=_precision_dtype(p),
+            state["s"] = torch.full_like(p, float(group["s_init"]), dtype=working_dtype(p.dtype),
                                          memory_format=torch.preserve_format)
             state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state["s"]
@@ -211,9 +207,9 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids if len(ids) == len(params) else [None] * len(params), params):
             state = self.state[p]
-            if "s" in state and state["s"].dtype != _precision_dtype(p):
+            if "s" in state and state["s"].dtype != working_dtype(p.dtype):
                 s = saved.get(i) if isinstance(saved.get(i), Tensor) else state["s"]
-                state["s"] = s.to(dtype=_precision_dtype(p), device=p.device, copy=True)
+                state["s"] = s.to(dtype=working_dtype(p.dtype), device=p.device, copy=True)
 
     @torch.no_grad()
     def posterior_variance(self) -> list[Tensor]:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.optim import Optimizer
 
-from flatness._checks import is_int
+from flatness._checks import LOW_PRECISION, is_int, working_dtype
 
 from . import _family as fam
 from ._base import SharpnessAwareOptimizer
@@ -19,7 +19,6 @@ from ._family_functional import ema_update_, mesa_trajectory_loss
 
 __all__ = ["MESA"]
 
-_HALF = (torch.float16, torch.bfloat16)
 
 
 class MESA(SharpnessAwareOptimizer):
@@ -132,7 +131,7 @@ class MESA(SharpnessAwareOptimizer):
         #: (1 - decay) w`` with ``decay = 0.9998`` rounds back to ``w_ema``
         #: there, and the EMA never moved).
         self.ema: dict[str, Tensor] = {
-            name: t.detach().to(torch.float32 if t.dtype in _HALF else t.dtype, copy=True)
+            name: t.detach().to(working_dtype(t.dtype), copy=True)
             for name, t in [*self._net.named_parameters(), *self._net.named_buffers()]
             if t.is_floating_point()
         }
@@ -152,7 +151,7 @@ class MESA(SharpnessAwareOptimizer):
         try:
             current = dict([*self._net.named_parameters(), *self._net.named_buffers()])
             # the float32 EMA of half-precision tensors in the model's dtype (a copy)
-            ema = {n: t.to(current[n].dtype) if n in current and current[n].dtype in _HALF else t
+            ema = {n: t.to(current[n].dtype) if n in current and current[n].dtype in LOW_PRECISION else t
                    for n, t in self.ema.items()}
             return functional_call(self._net, ema, args, kwargs, strict=False)
         finally:
@@ -207,7 +206,7 @@ class MESA(SharpnessAwareOptimizer):
         names = [n for n in self.ema if n in current]
         ema = [self.ema[n] for n in names]
         # (a half-precision tensor is added to its float32 EMA as it is, without a float32 copy)
-        now = [current[n].detach() if current[n].dtype in _HALF and self.ema[n].dtype == torch.float32
+        now = [current[n].detach() if current[n].dtype in LOW_PRECISION and self.ema[n].dtype == torch.float32
                else current[n].detach().to(self.ema[n].dtype) for n in names]
         ema_update_(ema, now, self.decay)
 
