@@ -281,7 +281,7 @@ def foreach_copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
     torch._foreach_copy_(local_tensors(dst), local_tensors(src))
 
 
-def _dot(x: Tensor, y: Tensor) -> Tensor:
+def dot(x: Tensor, y: Tensor) -> Tensor:
     """``<x, y>`` of two whole tensors; in float32 for float16 / bfloat16
     (a half-precision result is rounded to 3 significant digits, float16
     overflows past 65504, and the per-tensor products are then summed in
@@ -294,7 +294,7 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
 
 def dots(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     """``[<x_0, y_0>, <x_1, y_1>, ...]`` as one 1-d tensor, over whole tensors
-    (float32 for float16 / bfloat16 tensors, see :func:`_dot`).
+    (float32 for float16 / bfloat16 tensors, see :func:`dot`).
 
     For ``DTensor`` pairs (sharded alike) each rank takes the dot products
     of its shards, and one all-reduce over the mesh sums them: the result is
@@ -306,7 +306,7 @@ def dots(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     if not xs:
         return torch.zeros(0)
     if not is_sharded(xs):
-        return torch.stack([_dot(x, y) for x, y in zip(xs, ys)])
+        return torch.stack([dot(x, y) for x, y in zip(xs, ys)])
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
     spec = xs[0]
@@ -316,7 +316,7 @@ def dots(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
         ):
             raise TypeError("dots() needs DTensors sharded alike on one device mesh (or plain tensors)")
     xl, yl = local_tensors(xs), local_tensors(ys)
-    local = torch.stack([_dot(x, y) for x, y in zip(xl, yl)])
+    local = torch.stack([dot(x, y) for x, y in zip(xl, yl)])
     # summed over the mesh dimensions that shard, equal over those that replicate
     partial = [Partial() if isinstance(pl, Shard) else Replicate() for pl in spec.placements]
     out = DTensor.from_local(local, spec.device_mesh, partial, run_check=False)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from flatness._checks import LOW_PRECISION
+from flatness import _distributed
 from flatness._functional import (
     LossFn,
     _as_args,
@@ -444,17 +444,6 @@ def _roots(grads: Sequence[Tensor | None]) -> list[_Root | None]:
     return out
 
 
-def _dot(v: Tensor, g: Tensor) -> float:
-    """``v . g`` of two tensors of the same dtype, in float32 at least: a dot
-    in float16 / bfloat16 returns a value rounded to that precision (a
-    bfloat16 MLP's quadratic forms 0.36% off the dot of its own products).
-    Products of two half-precision numbers are exact in float32."""
-    v, g = v.reshape(-1), g.reshape(-1)
-    if g.dtype in LOW_PRECISION:
-        v, g = v.float(), g.float()
-    return float(torch.dot(v, g))
-
-
 class KeptGraph:
     """One batch's loss gradient with its graph (``create_graph=True``),
     ready for any number of reverse-over-reverse products.
@@ -540,7 +529,9 @@ class KeptGraph:
         for i in range(k):
             vec = [t[i] for t in tangents]
             parts: list[float] = []
-            self._one(vec, sink=lambda j, g: parts.append(_dot(vec[j], g)))
+            # (in float32 for half precision: a bfloat16 dot is rounded to 3
+            # digits, quadratic forms 0.36% off the dot of their own products)
+            self._one(vec, sink=lambda j, g: parts.append(float(_distributed.dot(vec[j], g))))
             out[i] = math.fsum(parts)
         return (out.to(tangents[0].device),)
 
