@@ -438,8 +438,7 @@ def rounding_loss(
     def triples() -> Iterator[tuple[Tensor, Tensor, Tensor]]:  # (w, d, w + d as stored)
         gen = torch.Generator(device=weights[0].device).manual_seed(0)
         for w in weights:
-            # in float32, or the weights' own dtype where it is finer
-            work = torch.promote_types(w.dtype, torch.float32)
+            work = working_dtype(w.dtype)  # (float64 weights: in float64)
             wf = w.detach().reshape(-1)[:ROUNDING_SAMPLE].to(work)
             if wf.device != gen.device:  # (weights on several devices)
                 gen = torch.Generator(device=wf.device).manual_seed(0)
