@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flatness._checks import is_int, is_real
+from flatness._checks import is_real
 
 from ._base import AscentGroup
 from ._functional import global_norm
@@ -75,16 +75,6 @@ def skipped_by(scaler: Any, params: Sequence[Tensor]) -> bool:
         return False
     grads = [p.grad for p in params if p.grad is not None]
     return bool(grads) and not bool(torch.isfinite(global_norm([grads], ord=float("inf"))))
-
-
-def check_seed(seed: Any) -> int | None:
-    """TypeError unless ``seed`` is an int (a NumPy integer too, not
-    ``bool``) or ``None``; returns it as a Python int."""
-    if seed is None:
-        return None
-    if not is_int(seed):
-        raise TypeError(f"seed must be an int or None, got {seed!r}")
-    return int(seed)
 
 
 class SeededDraws:

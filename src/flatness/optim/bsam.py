@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from flatness import _distributed
 from flatness._checks import is_int, working_dtype
+from flatness._rng import check_seed
 
 from . import _family as fam
 from ._base import AscentGroup, SharpnessAwareOptimizer, global_norm
@@ -167,7 +168,7 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
         s_init = fam.check_number("s_init", s_init, 0.0, float("inf"), high_open=True)
         if not s_init > 0:
             raise ValueError(f"s_init must be > 0, got {s_init}")
-        seed = fam.check_seed(seed)
+        seed = check_seed(seed)
         super().__init__(
             params, _BayesUpdate, {"rho": rho, "perturb": True}, same_rng=same_rng, per_replica=per_replica,
             model=model, freeze_bn=freeze_bn, lr=lr, betas=tuple(betas), weight_decay=weight_decay,

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatness._rng import check_seed
+
 from . import _family as fam
 from ._base import AscentGroup, ScaledDirection, SharpnessAwareOptimizer
 from ._checks import MissingClosureError
@@ -154,7 +156,7 @@ class ESAM(fam.SeededDraws, SAM):
             fam.check_number(name, value, 0.0, 1.0)
             if value <= 0:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
-        seed = fam.check_seed(seed)
+        seed = check_seed(seed)
         super().__init__(
             params, base_optimizer, rho, adaptive, eta, same_rng=same_rng, per_replica=per_replica,
             model=model, freeze_bn=freeze_bn, **base_kwargs,
