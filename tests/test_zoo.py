@@ -736,18 +736,21 @@ def test_channel_gradient_norms_match_the_batch_gradient(zoo_case):
 # -- spectral density and the Gauss-Newton matrix ---------------------------------------
 
 
-def test_spectral_density_moments_match_the_dense_hessian(zoo_case):
+@pytest.mark.parametrize("low_memory", [False, True], ids=["basis", "low-memory"])
+def test_spectral_density_moments_match_the_dense_hessian(zoo_case, low_memory):
     """Each start vector's Gauss quadrature reproduces ``v^T H^k v`` for
     ``k < 2 n_steps`` (Golub and Meurant), the terms whose mean over the
     Rademacher vectors estimates ``tr(H^k) / n``; the vectors are redrawn from
-    a generator seeded as the library's private one."""
+    a generator seeded as the library's private one.  The same with
+    ``low_memory=True`` (the recurrence without a basis, whose products go
+    through ``matvec_update``)."""
     from flatness._lanczos import rademacher
 
     model, batch = zoo_case.build(), zoo_case.batch()
     before = state(model)
     seed, n_vectors, n_steps = 2, 3, 3
     r = hessian.spectral_density(model, batch, n_vectors=n_vectors, n_steps=n_steps, seed=seed,
-                                 loss_fn=zoo_case.loss_fn, train=zoo_case.train)
+                                 loss_fn=zoo_case.loss_fn, train=zoo_case.train, low_memory=low_memory)
     assert_same_state(before, state(model))
     H = dense_hessian(zoo_case, model, batch, seed=seed)
     V = rademacher(H.shape[0], n_vectors, generator=torch.Generator().manual_seed(seed), device="cpu")
