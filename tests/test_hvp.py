@@ -319,3 +319,74 @@ def test_a_parameter_replaced_after_construction_is_refused(data):
     fresh = CurvatureOperator(model, batches).matvec(v)
     assert torch.allclose(fresh, dense_hessian(model, batches if data == "several" else [batches]) @ v,
                           rtol=1e-10, atol=1e-12)
+
+
+class _Linears(nn.Module):
+    """``F.linear`` in every way the double-backward engine's weight split
+    (``_products._SplitLinears``) meets it: a 3-D input, keyword arguments,
+    a weight used three times, a 1-D input, a slice of a weight (left to
+    ``F.linear``), no bias, and the head under autocast (left to it)."""
+
+    def __init__(self, autocast: bool = False) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        self.b = nn.Linear(6, 6, bias=False)
+        self.c = nn.Linear(6, 3)
+        self.autocast = autocast
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(F.linear(h.unsqueeze(1).expand(-1, 2, -1), self.b.weight)).mean(1)
+        h = torch.tanh(F.linear(input=h, weight=self.b.weight, bias=None))
+        h = h + torch.tanh(F.linear(h[0], self.b.weight))
+        h = h + torch.tanh(F.linear(h, self.b.weight[:, :], self.a.bias))
+        if self.autocast:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.c(h).float()
+        return self.c(h)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_weight_split_products_equal_the_dense_hessian(autocast):
+    # The double-backward engine reaches a weight through two leaves (its
+    # value, and an alias in the input's gradient) and adds the parts; the
+    # products are those of the dense float64 Hessian whichever way
+    # F.linear is called.  Under autocast (a float32 model whose head runs
+    # in bfloat16) the head keeps F.linear, and the products run, to
+    # bfloat16's accuracy.
+    from cases import classification_batch
+
+    torch.manual_seed(0)
+    model = _Linears(autocast).to(torch.float32 if autocast else DT)
+    batch = classification_batch(7, (5,), 3, seed=2, dtype=DT)
+    reference = copy.deepcopy(model).to(DT)
+    reference.autocast = False
+    want = dense_hessian(reference, [batch])
+    if autocast:
+        batch = (batch[0].float(), batch[1])
+    got = _dense_from_operator(CurvatureOperator(model, batch, engine="double-backward"))
+    if autocast:
+        torch.testing.assert_close(got, want, rtol=0, atol=3e-2 * float(want.abs().max()))
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_weight_split_reaches_the_alias():
+    # The split is in effect for nn.Linear: the graph of the kept gradient
+    # has the alias leaves, and every product pass hands parts to them.
+    from flatness._products import KeptGraph
+
+    model = mlp()
+    (batch,) = classification_batches((6,), (5,), 4)
+    ps = select_params(model)
+    g = KeptGraph(model, ps, *batch, F.cross_entropy)
+    seen = []
+    handles = [a.register_hook(lambda t, j=j: seen.append(j)) for j, a in enumerate(g.aliases)]
+    try:
+        g.products(tuple(torch.ones(1, *p.shape, dtype=p.dtype) for p in ps.params))
+    finally:
+        for h in handles:
+            h.remove()
+    weights = [j for j, p in enumerate(ps.params) if p.dim() == 2]
+    # the first layer's input needs no gradient: its weight has no second part
+    assert sorted(set(seen)) == weights[1:], (seen, weights)

@@ -268,35 +268,30 @@ def dual_hvp_agrees(
     The plain forward-mode API has fewer formulas for backward kernels than
     ``torch.func.jvp`` (``silu_backward``, ``native_group_norm_backward``
     raise), and a backward kernel whose tangent were silently dropped would
-    give a wrong product: the two products are compared parameter by
-    parameter (the reference's pieces as its backward pass forms them, so
-    no second product vector exists).  Both passes draw the same random
-    numbers (dropout).
+    give a wrong product.  So the reference's pieces are subtracted from the
+    forward-mode product as its backward pass forms them (no second product
+    vector exists), which must leave only round-off.  Both passes draw the same
+    random numbers (dropout).
     """
     devices = [ps.device] if ps.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(0)
             dual = forward_over_reverse_hvp(model, ps, inputs, targets, vec, loss_fn=loss_fn)
+        scale = max((float(d.abs().max()) for d in dual if d.numel()), default=0.0)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(0)
             reference = KeptGraph(model, ps, inputs, targets, loss_fn)
-        diff = scale = 0.0
-        seen: set[int] = set()
+        dual = list(dual)
 
-        def compare(j: int, g: Tensor) -> None:
-            nonlocal diff, scale
-            seen.add(j)
-            diff = max(diff, float((dual[j] - g).abs().max()))
-            scale = max(scale, float(g.abs().max()))
+        def subtract(j: int, g: Tensor) -> None:  # a weight's piece may come in two parts (see _SplitLinears)
+            dual[j] = dual[j].sub_(g) if dual[j].is_contiguous() else dual[j] - g
 
-        reference._one([v.to(p.dtype) for v, p in zip(vec, ps.params)], sink=compare)
+        reference._one([v.to(p.dtype) for v, p in zip(vec, ps.params)], sink=subtract)
     except (RuntimeError, NotImplementedError, ValueError):
         return False
-    for j, d in enumerate(dual):  # no reference piece: the product must be zero
-        if j not in seen:
-            diff = max(diff, float(d.abs().max()))
-    # round-off of two orders of evaluation; a dropped term is of order one
+    # what is left: round-off of two orders of evaluation; a dropped term is of order one
+    diff = max((float(d.abs().max()) for d in dual if d.numel()), default=0.0)
     tol = min(1e-2, 1e3 * torch.finfo(ps.dtype).eps) * scale if ps.dtype.is_floating_point else 0.0
     return math.isfinite(diff) and diff <= tol
 
@@ -444,6 +439,100 @@ def _roots(grads: Sequence[Tensor | None]) -> list[_Root | None]:
     return out
 
 
+class _SplitLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` whose backward pass forms the input's
+    gradient with ``alias[0]``, a second leaf equal to ``weight``.
+
+    The alias comes in a list, not as an input: as an input it would get
+    an edge from this node, and its leaf would then wait for this node,
+    which a product's backward pass reaches last (see :class:`_SplitLinears`).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, alias: list[Tensor], bias: Tensor | None) -> Tensor:
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, _, alias, bias = inputs
+        ctx.save_for_backward(x)
+        ctx.alias = alias[0]
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        gx = gy @ ctx.alias if ctx.needs_input_grad[0] else None
+        n = math.prod(gy.shape[:-1])  # the rows of every position (not -1: a size may be 0)
+        rows = gy.reshape(n, gy.shape[-1])
+        gw = rows.T @ x.reshape(n, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        gb = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return gx, gw, None, gb
+
+
+class _SplitLinears(torch.overrides.TorchFunctionMode):
+    """Within the block, ``F.linear`` with a parameter's value as its weight
+    runs as :class:`_SplitLinear`: the gradient's graph then reaches the
+    weight through two leaves, the value and its alias.
+
+    Why: a reverse-over-reverse product of a weight has two parts.  One
+    flows through the forward pass's node, which the product's backward
+    pass reaches last; the other through the nodes of the gradient's graph
+    that used the weight to form the input's gradient, which it reaches in
+    the middle.  Through one leaf the engine holds the middle part of every
+    layer until the last part arrives: about one parameter size of partial
+    products at once (measured: 1.0 P of a 10M-parameter transformer's
+    4.6 P peak in ``trace``).  Through two leaves each part is handed over,
+    and freed, as soon as it is formed.  The product is the same: the
+    alias equals the weight, and the parts are added.
+
+    Left to ``F.linear`` (one leaf, as before): a weight that is not a
+    parameter's value itself (a parametrization's result, a slice), other
+    than 2-D, of another dtype or device than the input, autocast, a
+    checkpointed block (see :func:`_saved_tensors_hooked`) and a compiled
+    module (``torch.compile`` would capture the alias as a constant of its
+    graph, whose backward then has no edge to it: a product of zero).
+    """
+
+    def __init__(self, values: Sequence[Tensor], aliases: Sequence[Tensor]) -> None:
+        super().__init__()
+        self.index = {id(v): j for j, v in enumerate(values)}
+        self.aliases = aliases
+        #: the parameters (indices) whose weight was split at least once
+        self.split: set[int] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear and torch.is_grad_enabled():
+            split = self._split(*args, **kwargs)
+            if split is not None:
+                return split
+        return func(*args, **kwargs)
+
+    def _split(self, input: Any, weight: Any, bias: Any = None) -> Tensor | None:
+        j = self.index.get(id(weight))
+        if (j is None or not isinstance(input, Tensor) or weight.dim() != 2
+                or (input.dtype, input.device) != (weight.dtype, weight.device)
+                or torch.is_autocast_enabled(input.device.type) or _saved_tensors_hooked()
+                or torch.compiler.is_compiling()):
+            return None
+        self.split.add(j)
+        return _SplitLinear.apply(input, weight, [self.aliases[j]], bias)
+
+
+def _saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks are active: inside a block of
+    ``torch.utils.checkpoint`` (or ``save_on_cpu``).  A checkpointed block
+    recomputes its forward pass in each backward pass, outside
+    :class:`_SplitLinears` (a mode does not reach into the autograd engine),
+    and the recomputation must save what the first pass saved; so such a
+    block keeps ``F.linear``.  Unknown (a torch without the query): hooked."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(True) is not None
+
+
 class KeptGraph:
     """One batch's loss gradient with its graph (``create_graph=True``),
     ready for any number of reverse-over-reverse products.
@@ -468,9 +557,15 @@ class KeptGraph:
         buffers = {name: b.clone() for name, b in unwrap(model).named_buffers()}
         self.curvature = curvature
         self.values = [p.detach().requires_grad_(True) for p in ps.params]
+        self.aliases: list[Tensor] = []
+        #: the parameters whose product comes in two parts (see _SplitLinears)
+        self.split: set[int] = set()
         with torch.enable_grad():
             if curvature == "hessian":
-                loss = functional_loss(model, ps, self.values, inputs, targets, loss_fn, extra=buffers)
+                self.aliases = [v.detach().requires_grad_(True) for v in self.values]
+                with _SplitLinears(self.values, self.aliases) as mode:
+                    loss = functional_loss(model, ps, self.values, inputs, targets, loss_fn, extra=buffers)
+                self.split = mode.split
                 self.grads = _roots(torch.autograd.grad(loss, self.values, create_graph=True, allow_unused=True))
             else:
                 z = _outputs(model, ps, self.values, inputs, buffers)
@@ -507,8 +602,11 @@ class KeptGraph:
         filled: set[int] = set()
 
         def sink(j: int, g: Tensor) -> None:
-            out[j].mul_(beta).add_(g)
-            filled.add(j)
+            if j in filled:  # a parameter's second part (see _SplitLinears)
+                out[j].add_(g)
+            else:
+                out[j].mul_(beta).add_(g)
+                filled.add(j)
 
         self._one(list(vec), sink=sink)
         for j, t in enumerate(out):
@@ -568,41 +666,59 @@ class KeptGraph:
         self, outs: list[Tensor], grad_outs: list[Tensor], into: list[Tensor] | None,
         sink: Callable[[int, Tensor], None] | None = None,
     ) -> tuple[Tensor, ...]:
-        """The last backward pass of a product, onto the parameters."""
-        if into is None and sink is None:
-            hv = torch.autograd.grad(outs, self.values, grad_outs, retain_graph=True, allow_unused=True)
-            return _zeros_or(hv, self.values)
-        # Each parameter's product is copied into the caller's tensor (or
-        # handed to ``sink``) as soon as the engine has formed it, and
-        # released: at most one layer's product exists beside ``into``
-        # (zero-filling ``into`` first and accumulating in place would keep
-        # all of it resident while the backward pass's own temporaries are
-        # live).
+        """The last backward pass of a product, onto the parameters.
+
+        A weight's product may arrive in two parts, one per leaf (its value
+        and its alias, see :class:`_SplitLinears`), which are added.  Each
+        part is copied into ``into`` (or handed to ``sink``, or kept as the
+        result) as soon as the engine has formed it, and released: at most
+        one layer's part exists beside the result (zero-filling ``into``
+        first and accumulating in place would keep all of it resident while
+        the backward pass's own temporaries are live)."""
+        n = len(self.values)
+        result: list[Tensor | None] = [None] * n
         filled: set[int] = set()
+        handed = sink is not None
         if sink is None:
-            assert into is not None
-            targets = into
+            tangents = {t.untyped_storage().data_ptr() for t in grad_outs}
 
             def sink(j: int, g: Tensor) -> None:
-                targets[j].copy_(g)
+                if into is None:  # the engine's tensor becomes the result
+                    if result[j] is not None:  # ours: a clone (only a split weight has a second part)
+                        result[j] = result[j].add_(g)
+                    elif j in self.split or g.untyped_storage().data_ptr() in tangents:
+                        # to be added to in place, or the caller's own: not the engine's
+                        # tensor, which another leaf's part may share (a sum's inputs do)
+                        result[j] = g.clone()
+                    else:
+                        result[j] = g
+                elif j in filled:
+                    into[j].add_(g)
+                else:
+                    into[j].copy_(g)
 
-        def receiver(j: int) -> Any:
-            def hook(v: Tensor) -> None:
-                sink(j, v.grad)
-                v.grad = None
+        def receiver(j: int) -> Callable[[Tensor], Tensor]:
+            def hook(g: Tensor) -> Tensor:
+                sink(j, g)
                 filled.add(j)
+                # what the engine keeps for this leaf instead: a broadcast zero (one stored number)
+                return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
             return hook
 
-        handles = [v.register_post_accumulate_grad_hook(receiver(j)) for j, v in enumerate(self.values)]
+        leaves = [*self.values, *(self.aliases[j] for j in sorted(self.split))]
+        index = [*range(n), *sorted(self.split)]
+        handles = [v.register_hook(receiver(j)) for j, v in zip(index, leaves)]
         try:
-            torch.autograd.backward(outs, grad_outs, retain_graph=True, inputs=self.values)
+            # autograd.grad, not backward: AccumulateGrad would copy every
+            # part laid out unlike its leaf (a transposed weight's) first
+            torch.autograd.grad(outs, leaves, grad_outs, retain_graph=True, allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
-            for v in self.values:
-                v.grad = None
-        if into is None:
+        if handed:
             return ()
+        if into is None:
+            return _zeros_or(result, self.values)
         for j, t in enumerate(into):
             if j not in filled:  # the loss does not reach this parameter
                 t.zero_()
