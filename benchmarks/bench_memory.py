@@ -38,8 +38,9 @@ from the algorithms:
   product (1 P); double backward keeps the gradient's graph but not the
   gradient's values; the torch.func engine (``jvp`` of ``grad``) holds the
   gradient beside its tangent.  Both add the transients of one layer's
-  backward (the double-backward engine holds the partial products of every
-  layer until the pass reaches it: about 1 P).
+  backward (the double-backward engine hands a weight's product over in
+  two parts, each as it is formed; it held every layer's first part until
+  the pass reached the layer, about 1 P more, before).
 * trace: ``batch`` random vectors (the default batch is 1 here: one batch
   of data, whose graph the double-backward engine keeps, built before the
   vectors exist) and no product vector (each parameter's product is dotted

@@ -451,9 +451,9 @@ def top_eigenvalues(
         dtype or ``basis_device``) beside what one product needs (with one
         batch of data, the gradient's graph that the double-backward engine
         keeps, the activations and what the backward pass saved, and the
-        partial products the engine holds while a product runs: 1-2 P).
-        Measured 3.9 P on a 5.1M MLP, 5.6 P on a 10M transformer with 128
-        tokens, 4.3 P at 50M.
+        backward pass's temporaries while a product runs: one layer's part
+        of the product and activation-sized buffers).  Measured 3.0 P on a
+        5.1M MLP, 4.7 P on a 10M transformer with 128 tokens, 3.5 P at 125M.
 
     Returns
     -------
@@ -605,11 +605,12 @@ def trace(
         one batch of data, double-backward engine): the gradient's kept
         graph (the activations and what the backward pass saved for a
         second differentiation; 1.5 P on a 10M-parameter transformer with
-        2 x 64 tokens), ``batch`` vectors, the engine's partial products
-        while a backward pass runs (about 2 P on that transformer, 1 P on
-        an MLP) and the ``sketch`` vectors: measured 4.6 P for Hutchinson
-        and ``sketch`` + 4.6 P for Hutch++ on that transformer
-        (``benchmarks/bench_memory.py``).
+        2 x 64 tokens), ``batch`` vectors, the backward pass's temporaries
+        while it runs (one layer's part of the product and activation-sized
+        buffers: about 1 P on that transformer, 0.5 P on an MLP) and the
+        ``sketch`` vectors: measured 3.6 P for Hutchinson and ``sketch`` +
+        3.6 P for Hutch++ on that transformer, 1.5 and 2.5 P on a 5.1M MLP
+        (``benchmarks/bench_trace_memory.py``, ``bench_memory.py``).
     loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size, engine
         As in :func:`top_eigenvalues`.
 
