@@ -331,13 +331,13 @@ def test_low_memory_lanczos_at_half_precision_warns_of_possible_copies():
 def test_copy_warning_threshold_is_the_dtypes_rounding(dtype):
     # the check itself: values closer than eps * max|lambda| warn (a
     # bfloat16 layer's copy 3.7545 / 3.7385 was one), distinct ones do not
+    import warnings
+
     from flatness.hessian import _warn_if_copies
 
     eps = torch.finfo(dtype).eps
     with pytest.warns(RuntimeWarning, match="counted twice"):
         _warn_if_copies(torch.tensor([4.0, 4.0 * (1 - 0.6 * eps), 1.3], dtype=torch.float64), dtype)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_if_copies(torch.tensor([4.0, 4.0 * (1 - 1.5 * eps), 1.3], dtype=torch.float64), dtype)

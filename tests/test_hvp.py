@@ -324,7 +324,7 @@ def test_a_parameter_replaced_after_construction_is_refused(data):
 class _Linears(nn.Module):
     """``F.linear`` in every way the double-backward engine's weight split
     (``_products._SplitLinears``) meets it: a 3-D input, keyword arguments,
-    a weight used three times, a 1-D input, a slice of a weight (left to
+    a weight used four times, a 1-D input, a slice of a weight (left to
     ``F.linear``), no bias, and the head under autocast (left to it)."""
 
     def __init__(self, autocast: bool = False) -> None:
