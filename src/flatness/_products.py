@@ -515,11 +515,18 @@ class _SplitLinears(torch.overrides.TorchFunctionMode):
         j = self.index.get(id(weight))
         if (j is None or not isinstance(input, Tensor) or weight.dim() != 2
                 or (input.dtype, input.device) != (weight.dtype, weight.device)
-                or torch.is_autocast_enabled(input.device.type) or _saved_tensors_hooked()
+                or _autocast_enabled(input.device.type) or _saved_tensors_hooked()
                 or torch.compiler.is_compiling()):
             return None
         self.split.add(j)
         return _SplitLinear.apply(input, weight, [self.aliases[j]], bias)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 def _saved_tensors_hooked() -> bool:
