@@ -215,7 +215,7 @@ def test_half_precision_quadratic_forms_are_the_dots_of_the_products(dtype):
     # The double-backward engine dotted each parameter's product with its
     # piece of v in the parameters' dtype: each dot rounded to bfloat16
     # (this MLP's forms 0.36% off the float64 dot of its own products).
-    # The forms dot a weight's two parts (see _products._SplitLinears)
+    # The forms dot a weight's two parts (see _products._LeanGradientGraph)
     # before they are added and rounded to the dtype as the product is, so
     # they agree to a fraction of the dtype's resolution, not exactly.
     torch.manual_seed(0)

@@ -308,7 +308,7 @@ def test_low_memory_lanczos_at_half_precision_warns_of_possible_copies():
     # layer's top three came back as 1.6696, 1.6687, 1.1411 in float16
     # (float32: 1.6692, 1.1413, 0.7124), converged.  (Before the products
     # added a weight's two parts in the vectors' float32, see
-    # _products._SplitLinears, seed 0 gave such copies in bfloat16 and
+    # _products._LeanGradientGraph, seed 0 gave such copies in bfloat16 and
     # float16; it no longer does.)  Values closer than eps * scale warn.
     import copy
     import warnings

@@ -323,7 +323,7 @@ def test_a_parameter_replaced_after_construction_is_refused(data):
 
 class _Linears(nn.Module):
     """``F.linear`` in every way the double-backward engine's weight split
-    (``_products._SplitLinears``) meets it: a 3-D input, keyword arguments,
+    (``_products._LeanGradientGraph``) meets it: a 3-D input, keyword arguments,
     a weight used four times, a 1-D input, a slice of a weight (left to
     ``F.linear``), no bias, and the head under autocast (left to it)."""
 
@@ -390,3 +390,61 @@ def test_weight_split_reaches_the_alias():
     weights = [j for j, p in enumerate(ps.params) if p.dim() == 2]
     # the first layer's input needs no gradient: its weight has no second part
     assert sorted(set(seen)) == weights[1:], (seen, weights)
+
+
+class _Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+_CROSS_ENTROPY_LOSSES = {
+    "mean": F.cross_entropy,
+    "sum": lambda z, y: F.cross_entropy(z, y, reduction="sum"),
+    "ignore_index": lambda z, y: F.cross_entropy(z, y, ignore_index=0),
+    "module": nn.CrossEntropyLoss(ignore_index=1),
+    "positional": lambda z, y: F.cross_entropy(z, y, None, None, 3),
+    # left to F.cross_entropy:
+    "label_smoothing": lambda z, y: F.cross_entropy(z, y, label_smoothing=0.1),
+    "weight": lambda z, y: F.cross_entropy(z, y, weight=torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=DT)),
+    "3-D logits": lambda z, y: F.cross_entropy(z.unsqueeze(-1).expand(-1, -1, 2), y.unsqueeze(-1).expand(-1, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CROSS_ENTROPY_LOSSES))
+def test_lean_cross_entropy_products_equal_the_dense_hessian(name):
+    # The double-backward engine records F.cross_entropy on (N, C) logits
+    # so that its graph keeps only the softmax (_products._LeanCrossEntropy);
+    # the products are the dense float64 Hessian's for every form of the
+    # call, including ignored targets (the batch's are 1 1 1 0 0 3 1 0 0)
+    # and the cases left to torch.
+    from cases import classification_batch
+
+    torch.manual_seed(0)
+    model = _Classifier().to(DT)
+    batch = classification_batch(9, (5,), 4, seed=3, dtype=DT)
+    loss_fn = _CROSS_ENTROPY_LOSSES[name]
+    got = _dense_from_operator(CurvatureOperator(model, batch, loss_fn=loss_fn, engine="double-backward"))
+    want = dense_hessian(model, [batch], loss_fn=loss_fn)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_lean_cross_entropy_is_in_effect():
+    # the kept graph of a classifier holds the softmax, not log_softmax
+    from flatness._products import KeptGraph
+
+    model = _Classifier().to(DT)
+    (batch,) = classification_batches((6,), (5,), 4)
+    g = KeptGraph(model, select_params(model), *batch, F.cross_entropy)
+    names, stack, seen = set(), [r.output.node for r in g.grads if r is not None], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    assert "SoftmaxBackward0" in names and "LogSoftmaxBackward0" not in names, names

@@ -121,7 +121,7 @@ def test_average_case_memory(setting, kind, bound):
 # batch_norm wrongly), double
 # backward 1.43 P (the product and one layer's part in flight, 0.47 P on
 # this MLP: a weight's product comes in two parts, see
-# _products._SplitLinears; the gradient's graph is kept without the
+# _products._LeanGradientGraph; the gradient's graph is kept without the
 # gradient's values: 2.0 P when the gradient was kept).  This probe read
 # 1.02 P before the split, booking the frees of the engine's nodes at their
 # start: the resident set (bench_memory.py) gave 1.85 P then, 1.37 P now.
@@ -143,7 +143,7 @@ def test_hvp_memory(setting, engine, k, bound):
 # estimators draw them): the double-backward engine writes each product
 # into the (n, k) result, so the call holds the result and one layer's
 # part in flight, k + 0.48 P (k + 0.95 P before a weight's product came in
-# two parts, see _products._SplitLinears); concatenating the products
+# two parts, see _products._LeanGradientGraph); concatenating the products
 # beside the result cost 2 k (8 P for k = 4).
 @pytest.mark.parametrize("k", [1, 4])
 def test_operator_products_land_in_the_result(setting, k):
@@ -215,7 +215,7 @@ def test_spectral_density_low_memory_is_independent_of_steps(setting):
 # vectors exist) and one layer's backward temporaries; no product vector
 # (each parameter's product is dotted with its vector as it is formed).
 # Hutchinson with batch=1: 1.5 P (2.0 before a weight's product came in two
-# parts, see _products._SplitLinears; 4.0 when the products and the
+# parts, see _products._LeanGradientGraph; 4.0 when the products and the
 # gradient were held); the default batch is 1 for one batch of data (the
 # double-backward engine keeps the graph and runs one backward per vector
 # anyway); batch=4: 4.5 P (10.0 with the products); Hutch++ also holds its
@@ -371,9 +371,10 @@ def lm_setting():
 # about P, as on bench_scale's 10M model with 2 x 64 tokens), the
 # double-backward engine's kept graph and the partial products it holds
 # while a backward pass runs are a larger part of the peak than on the MLP.
-# Measured: Hutchinson 3.5 P, Hutch++ (one sketch vector by default, any
-# n_samples) 4.5 P (4.2 and 5.2 before a weight's product came in two
-# parts, see _products._SplitLinears), low-memory Lanczos 7.45 P whatever
+# Measured: Hutchinson 3.4 P, Hutch++ (one sketch vector by default, any
+# n_samples) 4.4 P (4.2 and 5.2 before a weight's product came in two
+# parts and the cross-entropy's graph kept the softmax alone, see
+# _products._LeanGradientGraph), low-memory Lanczos 7.3 P whatever
 # the steps (two vectors: each product is added into the buffer of
 # q_{j-1}; 8.45 P with three) (this probe counts each buffer whole at
 # allocation; the resident-set probe of bench_scale.py gives 4.6 P for
