@@ -377,9 +377,9 @@ def lm_setting():
 # _products._LeanGradientGraph), low-memory Lanczos 7.3 P whatever
 # the steps (two vectors: each product is added into the buffer of
 # q_{j-1}; 8.45 P with three) (this probe counts each buffer whole at
-# allocation; the resident-set probe of bench_scale.py gives 4.6 P for
-# trace and 4.7 P for low-memory Lanczos on the 10M model, 5.6 and 5.7
-# before the split).  Before: 6.2,
+# allocation; the resident-set probe of bench_scale.py gives 4.4 P for
+# trace and 4.5 P for low-memory Lanczos on the 10M model, 5.6 and 5.7
+# before).  Before: 6.2,
 # 9.2 (n_samples=10) and 36.2 P (the default n_samples=90: a sketch of 30
 # vectors), 11.45 P (the gradient kept beside its graph, float64 recurrence
 # vectors, the start vector held throughout, a separate product).

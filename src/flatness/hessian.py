@@ -453,7 +453,7 @@ def top_eigenvalues(
         keeps, the activations and what the backward pass saved, and the
         backward pass's temporaries while a product runs: one layer's part
         of the product and activation-sized buffers).  Measured 3.0 P on a
-        5.1M MLP, 4.7 P on a 10M transformer with 128 tokens, 3.5 P at 125M.
+        5.1M MLP, 4.5 P on a 10M transformer with 128 tokens, 3.4 P at 125M.
 
     Returns
     -------
@@ -608,8 +608,8 @@ def trace(
         2 x 64 tokens), ``batch`` vectors, the backward pass's temporaries
         while it runs (one layer's part of the product and activation-sized
         buffers: about 1 P on that transformer, 0.5 P on an MLP) and the
-        ``sketch`` vectors: measured 3.6 P for Hutchinson and ``sketch`` +
-        3.6 P for Hutch++ on that transformer, 1.5 and 2.5 P on a 5.1M MLP
+        ``sketch`` vectors: measured 3.4 P for Hutchinson and ``sketch`` +
+        3.4 P for Hutch++ on that transformer, 1.5 and 2.5 P on a 5.1M MLP
         (``benchmarks/bench_trace_memory.py``, ``bench_memory.py``).
     loss_fn, params, curvature, seed, n_batches, progress, train, chunk_size, engine
         As in :func:`top_eigenvalues`.
