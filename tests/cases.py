@@ -192,8 +192,13 @@ def sam_data(seed=1, n=24, dtype=DT):
     return classification_batch(n, (5,), 3, seed, dtype)
 
 
-def closure_for(model, opt, x, y):
+def closure_for(model, opt, x, y, zero_grad=False):
+    """A SAM closure: the cross-entropy of ``model(x)`` and its backward
+    pass, after ``opt.zero_grad()`` when ``zero_grad``."""
+
     def closure():
+        if zero_grad:
+            opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss

@@ -16,7 +16,6 @@ import cases
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import flatness
@@ -320,12 +319,7 @@ def _train(make, steps=3):
     opt = make(model)
     x, y = cases.sam_data()
     for _ in range(steps):
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+        opt.step(cases.closure_for(model, opt, x, y, zero_grad=True))
     return model, opt
 
 

@@ -95,14 +95,7 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 3) -> None:
     for t in range(steps):
         x, y = _batch(t)
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(cases.closure_for(model, opt, x, y, zero_grad=True))
 
 
 def _trainable(model: nn.Module) -> list[torch.Tensor]:
@@ -319,14 +312,8 @@ def _run_schedule(opt, sched, model, style):
     torch.manual_seed(1)
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     trace = []
+    closure = cases.closure_for(model, opt, x, y, zero_grad=True)
     for _ in range(20):
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
         if style in ("closure", "plain"):
             loss = opt.step(closure)
         else:
