@@ -562,21 +562,24 @@ class _LeanGradientGraph(torch.overrides.TorchFunctionMode):
         if (not isinstance(input, Tensor) or not isinstance(target, Tensor) or input.dim() != 2
                 or target.dim() != 1 or target.dtype != torch.long or not input.requires_grad
                 or weight is not None or size_average is not None or reduce is not None
-                or label_smoothing != 0 or reduction not in ("mean", "sum")
-                or _autocast_enabled(input.device.type) or _saved_tensors_hooked()
-                or torch.compiler.is_compiling()):
+                or label_smoothing != 0 or reduction not in ("mean", "sum") or not _lean_context(input)):
             return None
         return _LeanCrossEntropy.apply(input, target, int(ignore_index), reduction)
 
     def _split(self, input: Any, weight: Any, bias: Any = None) -> Tensor | None:
         j = self.index.get(id(weight))
         if (j is None or not isinstance(input, Tensor) or weight.dim() != 2
-                or (input.dtype, input.device) != (weight.dtype, weight.device)
-                or _autocast_enabled(input.device.type) or _saved_tensors_hooked()
-                or torch.compiler.is_compiling()):
+                or (input.dtype, input.device) != (weight.dtype, weight.device) or not _lean_context(input)):
             return None
         self.split.add(j)
         return _SplitLinear.apply(input, weight, [self.aliases[j]], bias)
+
+
+def _lean_context(input: Tensor) -> bool:
+    """Whether the lean forms of :class:`_LeanGradientGraph` may replace
+    torch's own here: not under autocast, in a checkpointed block or while
+    ``torch.compile`` traces (see there)."""
+    return not (_autocast_enabled(input.device.type) or _saved_tensors_hooked() or torch.compiler.is_compiling())
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -744,7 +747,8 @@ class KeptGraph:
         filled: set[int] = set()
         handed = sink is not None
         if sink is None:
-            tangents = {t.untyped_storage().data_ptr() for t in grad_outs}
+            # the caller's own vectors, which a result must not be (see below)
+            tangents = {t.untyped_storage().data_ptr() for t in grad_outs} if into is None else set()
 
             def sink(j: int, g: Tensor) -> None:
                 if into is None:  # the engine's tensor becomes the result
