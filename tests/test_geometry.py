@@ -206,3 +206,29 @@ def test_rounding_loss_leaves_the_global_random_stream_alone():
     before = torch.get_rng_state()
     rounding_loss(_weights(torch.bfloat16), "l2", 0.05, adaptive=True, average_case=True)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_block_size_keeps_small_models_scratch_small():
+    # The elementwise passes' pieces: BLOCK elements on a large model, a
+    # 32nd of the parameters on a small one (at least MIN_BLOCK), never more
+    # than the largest tensor; the scratch blocks of a PerturbationSet have
+    # that size, and a patched BLOCK still caps it.
+    from flatness import _geometry
+    from flatness._geometry import BLOCK, MIN_BLOCK, block_size, blocks
+
+    large = [torch.empty(3_000_000), torch.empty(9_000_000)]
+    assert block_size(large) == BLOCK
+    assert block_size([torch.empty(600_000), torch.empty(10)]) == MIN_BLOCK
+    assert block_size([torch.empty(1_000), torch.empty(300)]) == 1_000
+    mid = [torch.empty(4_000_000)]
+    assert MIN_BLOCK < block_size(mid) == 4_000_000 // 32 < BLOCK
+    pset = PerturbationSet("linf", 0.1, mid, adaptive=True)
+    assert pset.block == block_size(mid)
+    pieces = [b.numel() for (b,) in blocks(mid, size=pset.block)]
+    assert max(pieces) == pset.block and sum(pieces) == 4_000_000
+    assert pset.abs_block(mid[0][: pset.block]).untyped_storage().nbytes() == 4 * pset.block
+    try:
+        block, _geometry.BLOCK = _geometry.BLOCK, 4
+        assert block_size(large) == 4
+    finally:
+        _geometry.BLOCK = block

@@ -332,7 +332,7 @@ def _linf_step_tensor(
         grad = grad.contiguous()
     source = saved if saved is not None else grad
     for xb, pb, ob, vb, wb, sb, src in blocks([x], [x_prev], [out], [values], [w], [save if save is not None else x],
-                                              [source if source is not None else x]):
+                                              [source if source is not None else x], size=pset.block):
         z = pset.scratch_block(xb, slot=1)
         if saved is not None:
             z.copy_(src)  # the signs, exactly
@@ -396,7 +396,7 @@ def _step(
     target = g if out is None else out
     values = values and out is not None
     if pset.norm == "linf":
-        for gb, xb, pb, ob, sb, wb in blocks(g, x, x_prev, target, save or g, pset._like):
+        for gb, xb, pb, ob, sb, wb in blocks(g, x, x_prev, target, save or g, pset._like, size=pset.block):
             gb.sign_()
             if save is not None:
                 sb.copy_(gb)  # the signs, exactly, into int8
@@ -412,7 +412,7 @@ def _step(
         return target
     norm = float(_global_norm(g))
     scale = eta / norm if norm > 0 else None
-    for gb, xb, sb in blocks(g, x, save or g):
+    for gb, xb, sb in blocks(g, x, save or g, size=pset.block):
         if save is not None:
             sb.copy_(gb)
         if scale is not None:
@@ -421,13 +421,13 @@ def _step(
     pset.project_(g)
     if out is None:
         return g
-    for gb, xb, pb, ob in blocks(g, x, x_prev, out):
+    for gb, xb, pb, ob in blocks(g, x, x_prev, out, size=pset.block):
         torch.lerp(pb, xb, 2.0, out=ob)
         ob.lerp_(gb, MOMENTUM)
     # P(x_new) and, z being dead, w + c * x_new in z's buffer: one pass
     norm = float(_global_norm(out))
     factor = pset.rho / norm if norm > pset.rho else None
-    for gb, ob, wb in blocks(g, out, pset._like):
+    for gb, ob, wb in blocks(g, out, pset._like, size=pset.block):
         if factor is not None:
             ob.mul_(factor)
         if values:
