@@ -448,3 +448,53 @@ def test_lean_cross_entropy_is_in_effect():
         names.add(type(node).__name__)
         stack.extend(n for n, _ in node.next_functions)
     assert "SoftmaxBackward0" in names and "LogSoftmaxBackward0" not in names, names
+
+
+@pytest.mark.filterwarnings("ignore:torch.is_autocast_cpu_enabled:DeprecationWarning")
+def test_autocast_query_of_torch_before_2_4(monkeypatch):
+    # torch < 2.4 has no device argument to is_autocast_enabled (it means
+    # CUDA) and a separate query for the CPU; _autocast_enabled falls back
+    # to them, so the lean forms stay out of CPU and CUDA autocast alike.
+    from flatness import _products
+
+    import sys
+
+    state = {"cuda": False, "cpu": False}
+    new_query, cpu_query = torch.is_autocast_enabled, torch.is_autocast_cpu_enabled
+
+    def old_query(*args):
+        if args:
+            # (torch.autocast itself, entered below, asks the new way)
+            if sys._getframe(1).f_globals["__name__"] != _products.__name__:
+                return new_query(*args)
+            raise TypeError("is_autocast_enabled() takes 0 positional arguments but 1 was given")
+        return state["cuda"]
+
+    monkeypatch.setattr(torch, "is_autocast_enabled", old_query)
+    monkeypatch.setattr(torch, "is_autocast_cpu_enabled", lambda: state["cpu"])
+    assert not _products._autocast_enabled("cpu") and not _products._autocast_enabled("cuda")
+    state["cpu"] = True
+    assert _products._autocast_enabled("cpu") and not _products._autocast_enabled("cuda")
+    state["cpu"], state["cuda"] = False, True
+    assert _products._autocast_enabled("cuda") and not _products._autocast_enabled("cpu")
+    # and the products under the fallback: CPU autocast keeps the head's F.linear
+    state["cuda"] = False
+    monkeypatch.setattr(torch, "is_autocast_cpu_enabled", cpu_query)
+    test_weight_split_products_equal_the_dense_hessian(autocast=True)
+
+
+def test_without_the_saved_tensor_hooks_query_products_keep_f_linear(monkeypatch):
+    # A torch without the private query of the saved-tensor hooks: the
+    # engine cannot tell a checkpointed block apart, so no weight is split
+    # and no cross-entropy replaced; the products stay exact.
+    from flatness import _products
+    from flatness._products import KeptGraph
+
+    monkeypatch.delattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
+    assert _products._saved_tensors_hooked()
+    model = _Linears().to(DT)
+    (batch,) = classification_batches((7,), (5,), 3)
+    g = KeptGraph(model, select_params(model), *batch, F.cross_entropy)
+    assert not g.split
+    got = _dense_from_operator(CurvatureOperator(model, batch, engine="double-backward"))
+    torch.testing.assert_close(got, dense_hessian(model, [batch]), rtol=1e-10, atol=1e-12)
