@@ -27,7 +27,11 @@ On the CPU each line also gives, in brackets, the user CPU time against
 the forward-backward pass's own and the memory the kernel mapped in fresh
 (minor page faults): a wall-time ratio well above the user-time ratio is
 the kernel's time faulting in new buffers, which the fixed mmap threshold of
-the memory probe makes every large allocation pay.
+the memory probe makes every large allocation pay.  PyTorch's own switch
+``THP_MEM_ALLOC_ENABLE=1`` (set before the process starts) backs large CPU
+tensors with transparent huge pages, which cuts that time several-fold; the
+header says whether it is on (a huge page then counts as one fault, so the
+MiB figure counts 4 KiB per fault and undercounts).
 
 An operation that fails prints its error in the table instead of a number;
 the script never stops on one.
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import time
 import traceback
@@ -261,6 +266,9 @@ def main() -> None:
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}),"
           f" torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
     print(f"batch {batch_size} x sequence {args.seq} random tokens; each operation run once")
+    if device.type == "cpu":
+        print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')} "
+              "(1: large tensors on transparent huge pages)")
     print()
     # Warm-up on a tiny model: lazy imports and first-call caches are not
     # charged to the first size.

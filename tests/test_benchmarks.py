@@ -59,3 +59,12 @@ def test_sam_benchmark_quick_run_prints_its_ratios():
     out = _run("bench_sam.py", "--quick")
     assert "failed" not in out.lower(), out
     assert "ours/plain" in out and "SAM family" in out, out
+
+
+@pytest.mark.slow
+def test_sharpness_lm_benchmark_quick_run_prints_both_tables():
+    out = _run("bench_sharpness_lm.py", "--quick", "--step")
+    rows = [line for line in out.splitlines() if line.startswith("| 0.")]
+    # a ratio row and a step row for each of the two tiny models
+    assert len(rows) == 4, out
+    assert "THP_MEM_ALLOC_ENABLE=" in out, out

@@ -455,9 +455,9 @@ def test_autocast_query_of_torch_before_2_4(monkeypatch):
     # torch < 2.4 has no device argument to is_autocast_enabled (it means
     # CUDA) and a separate query for the CPU; _autocast_enabled falls back
     # to them, so the lean forms stay out of CPU and CUDA autocast alike.
-    from flatness import _products
-
     import sys
+
+    from flatness import _products
 
     state = {"cuda": False, "cpu": False}
     new_query, cpu_query = torch.is_autocast_enabled, torch.is_autocast_cpu_enabled
