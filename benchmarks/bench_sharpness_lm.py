@@ -87,15 +87,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="one tiny model, two repeats (smoke test)")
     parser.add_argument("--sizes", nargs="*", default=["10M"], help="of " + ", ".join(SIZES))
-    parser.add_argument("--batch", type=int, default=2, help="sequences of 64 tokens")
+    parser.add_argument("--batch", type=int, default=None, help="sequences of 64 tokens (default 2 CPU, 8 CUDA)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--step", action="store_true", help="also time the step alone at two piece sizes")
     args = parser.parse_args()
     device = torch.device(args.device)
+    batch = args.batch or (2 if device.type == "cpu" else 8)
     sizes = QUICK if args.quick else {k: SIZES[k] for k in args.sizes}
     repeats = 2 if args.quick else args.repeats
     print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, float32; "
-          f"batch {args.batch} x 64 tokens; {repeats} repeats; "
+          f"batch {batch} x 64 tokens; {repeats} repeats; "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}")
     print()
     print("| model | sharpness / fb, wall (floor / ours) | user CPU / fb's | system time per call | walls |")
@@ -105,7 +106,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = models[label] = GPT(vocab, d, layers, heads, 64).to(device)
         g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, vocab, (args.batch, 65), generator=g).to(device)
+        tokens = torch.randint(0, vocab, (batch, 65), generator=g).to(device)
         x, y = tokens[:, :-1], tokens[:, 1:]
 
         def fb() -> None:
