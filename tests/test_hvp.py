@@ -498,3 +498,76 @@ def test_without_the_saved_tensor_hooks_query_products_keep_f_linear(monkeypatch
     assert not g.split
     got = _dense_from_operator(CurvatureOperator(model, batch, engine="double-backward"))
     torch.testing.assert_close(got, dense_hessian(model, [batch]), rtol=1e-10, atol=1e-12)
+
+
+class _Convs(nn.Module):
+    """Convolutions in the ways the double-backward engine's weight split
+    meets them: 1-D with stride and padding, 2-D with dilation and no bias,
+    grouped after a reflect padding (``F.pad``, then padding 0), a weight
+    called again through ``F.conv2d`` with positional arguments, 3-D; and,
+    left to torch, ``padding="same"`` and an unbatched input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 3, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(1, 4, 3, padding=(1, 0), dilation=(1, 2), bias=False)
+        self.grouped = nn.Conv2d(4, 4, 2, groups=2, padding=1, padding_mode="reflect")
+        self.c3 = nn.Conv3d(1, 2, 2)
+        self.same = nn.Conv2d(4, 2, 3, padding="same")
+        self.unbatched = nn.Conv2d(1, 1, 2)
+        # a fixed mixing of every feature into the logits (a mean added to
+        # all of them would be lost to the softmax's shift invariance)
+        self.register_buffer("mix", torch.randn(187, 3, generator=torch.Generator().manual_seed(0)) / 8)
+
+    def forward(self, x):
+        a = torch.tanh(self.c1(x[:, :2, :6, 0]))
+        h = torch.tanh(self.grouped(torch.tanh(self.c2(x[:, :1]))))
+        h2 = torch.tanh(self.same(h))
+        h3 = torch.tanh(F.conv2d(h, self.grouped.weight, self.grouped.bias, 1, 1, 1, 2))
+        v = torch.tanh(self.c3(x[:, :1, :3, :3].unsqueeze(2).expand(-1, -1, 2, -1, -1)))
+        u = torch.stack([self.unbatched(s[:1]).sum() for s in x])
+        feats = torch.cat([a.flatten(1), h2.flatten(1), h3.flatten(1), v.flatten(1)], 1)
+        return feats @ self.mix.to(feats.dtype) + u[:, None] * self.mix[0]
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_conv_weight_split_products_equal_the_dense_hessian(memory_format):
+    # As for F.linear: convolutions with a parameter as weight reach it
+    # through two leaves, whose parts are added; the products are the dense
+    # float64 Hessian's for every form above.
+    from flatness._products import KeptGraph
+
+    torch.manual_seed(0)
+    model = _Convs().to(DT)
+    x = torch.randn(3, 2, 6, 6, dtype=DT)
+    if memory_format == "channels_last":
+        for conv in (model.c2, model.grouped, model.same, model.unbatched):
+            conv.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    batch = (x, torch.tensor([0, 2, 1]))
+    names = [n for n, _ in model.named_parameters()]
+    g = KeptGraph(model, select_params(model), *batch, F.cross_entropy)
+    assert sorted(names[j] for j in g.split) == ["c1.weight", "c2.weight", "c3.weight", "grouped.weight"]
+    got = _dense_from_operator(CurvatureOperator(model, batch, engine="double-backward"))
+    torch.testing.assert_close(got, dense_hessian(model, [batch]), rtol=1e-10, atol=1e-12)
+
+
+def test_conv_weight_split_reaches_the_alias():
+    # every product pass hands a part to the alias of each split conv weight
+    from flatness._products import KeptGraph
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(8, 3)).to(DT)
+    (batch,) = classification_batches((4,), (1, 6, 6), 3)
+    ps = select_params(model)
+    g = KeptGraph(model, ps, *batch, F.cross_entropy)
+    seen = []
+    handles = [a.register_hook(lambda t, j=j: seen.append(j)) for j, a in enumerate(g.aliases)]
+    try:
+        g.products(tuple(torch.ones(1, *p.shape, dtype=p.dtype) for p in ps.params))
+    finally:
+        for h in handles:
+            h.remove()
+    # the first convolution's input needs no gradient: no second part
+    assert sorted(set(seen)) == [2, 4], seen

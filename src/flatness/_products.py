@@ -472,6 +472,47 @@ class _SplitLinear(torch.autograd.Function):
         return gx, gw, None, gb
 
 
+class _SplitConv(torch.autograd.Function):
+    """``F.conv1d`` / ``conv2d`` / ``conv3d`` of ``x`` with ``weight`` whose
+    backward pass forms the input's gradient with ``alias[0]``, a second
+    leaf equal to ``weight`` (as :class:`_SplitLinear` does for
+    ``F.linear``).  Both gradients come from ``convolution_backward``, which
+    torch differentiates again; each is given the other operand detached,
+    whose values it does not read (the input's gradient needs only the
+    input's shape, the weight's only the weight's), so that neither has an
+    edge it does not use."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, alias: list[Tensor], bias: Tensor | None, stride: list[int],
+                padding: list[int], dilation: list[int], groups: int) -> Tensor:
+        conv = (torch.conv1d, torch.conv2d, torch.conv3d)[weight.dim() - 3]
+        return conv(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, weight, alias, bias, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(x)
+        ctx.alias = alias[0]
+        ctx.has_bias = bias is not None
+        ctx.arguments = (stride, padding, dilation, False, [0] * len(stride), groups)
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        alias = ctx.alias
+        backward = torch.ops.aten.convolution_backward
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = backward(gy, x.detach(), alias, None, *ctx.arguments, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            gw = backward(gy, x, alias.detach(), None, *ctx.arguments, [False, True, False])[1]
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gb = gy.sum([d for d in range(gy.dim()) if d != 1])
+        return gx, gw, None, gb, None, None, None, None
+
+
 class _LeanCrossEntropy(torch.autograd.Function):
     """``F.cross_entropy(z, target, ignore_index=..., reduction=...)`` on
     logits ``z`` of shape ``(N, C)`` whose backward pass forms the logits'
@@ -509,9 +550,9 @@ class _LeanCrossEntropy(torch.autograd.Function):
 
 
 class _LeanGradientGraph(torch.overrides.TorchFunctionMode):
-    """The mode in which :class:`KeptGraph` builds the gradient's graph: two
-    functions are recorded in forms whose graph costs less memory in every
-    product, with the same values.
+    """The mode in which :class:`KeptGraph` builds the gradient's graph:
+    linear layers, convolutions and the cross-entropy are recorded in forms
+    whose graph costs less memory in every product, with the same values.
 
     * ``F.linear`` with a parameter's value as its weight runs as
       :class:`_SplitLinear`: the gradient's graph then reaches the weight
@@ -525,16 +566,21 @@ class _LeanGradientGraph(torch.overrides.TorchFunctionMode):
       partial products at once (1.0 P of a 10M-parameter transformer's
       5.6 P peak in ``trace``).  Through two leaves each part is handed
       over, and freed, as soon as it is formed; the parts are added.
+    * ``F.conv1d``, ``conv2d`` and ``conv3d`` with a parameter's value as
+      their weight run as :class:`_SplitConv`, for the same reason (0.9 P
+      of a 4.7M-parameter VGG-style CNN's 4.6 P in ``trace``, batch of 8).
     * ``F.cross_entropy`` on ``(N, C)`` logits with class targets runs as
       :class:`_LeanCrossEntropy`, whose gradient's graph keeps the softmax
       alone of the logits' size (1.3 P less in ``trace`` on that
       transformer at 8 x 64 tokens).
 
     Left to torch's own functions: a weight that is not a parameter's value
-    itself (a parametrization's result, a slice), other than 2-D, of
-    another dtype or device than the input; ``cross_entropy`` with class
-    weights, label smoothing, probabilities as targets, other than 2-D
-    logits or ``reduction="none"``; and, for both, autocast, a checkpointed
+    itself (a parametrization's result, a slice), of another dtype or device
+    than the input; a convolution with a string ``padding`` (``"same"``,
+    ``"valid"``) or an unbatched input, and transposed convolutions;
+    ``cross_entropy`` with class weights, label smoothing, probabilities as
+    targets, other than 2-D logits or ``reduction="none"``; and, for all of
+    them, autocast, a checkpointed
     block (see :func:`_saved_tensors_hooked`) and a compiled module
     (``torch.compile`` would capture the alias as a constant of its graph,
     whose backward then has no edge to it: a product of zero).
@@ -549,8 +595,9 @@ class _LeanGradientGraph(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if torch.is_grad_enabled() and func in (torch.nn.functional.linear, torch.nn.functional.cross_entropy):
-            lean = (self._split if func is torch.nn.functional.linear else self._cross_entropy)(*args, **kwargs)
+        lean_form = self._forms.get(func)
+        if lean_form is not None and torch.is_grad_enabled():
+            lean = lean_form(self, *args, **kwargs)
             if lean is not None:
                 return lean
         return func(*args, **kwargs)
@@ -567,12 +614,49 @@ class _LeanGradientGraph(torch.overrides.TorchFunctionMode):
         return _LeanCrossEntropy.apply(input, target, int(ignore_index), reduction)
 
     def _split(self, input: Any, weight: Any, bias: Any = None) -> Tensor | None:
+        j = self._splittable(input, weight, 2)
+        if j is None:
+            return None
+        return _SplitLinear.apply(input, weight, [self.aliases[j]], bias)
+
+    def _split_conv(self, input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+                    dilation: Any = 1, groups: int = 1) -> Tensor | None:
+        dim = weight.dim() - 2 if isinstance(weight, Tensor) else 0
+        # (string paddings, "same" and "valid", and an unbatched input are left to torch)
+        if (dim not in (1, 2, 3) or isinstance(padding, str) or not isinstance(input, Tensor)
+                or input.dim() != dim + 2):
+            return None
+        j = self._splittable(input, weight, dim + 2)
+        if j is None:
+            return None
+        stride, padding, dilation = (_expand(a, dim) for a in (stride, padding, dilation))
+        return _SplitConv.apply(input, weight, [self.aliases[j]], bias, stride, padding, dilation, int(groups))
+
+    def _splittable(self, input: Any, weight: Any, dim: int) -> int | None:
+        """The index of ``weight`` if it is a parameter's value that a lean
+        form of this call may split (see the class), else ``None``."""
         j = self.index.get(id(weight))
-        if (j is None or not isinstance(input, Tensor) or weight.dim() != 2
+        if (j is None or not isinstance(input, Tensor) or weight.dim() != dim
                 or (input.dtype, input.device) != (weight.dtype, weight.device) or not _lean_context(input)):
             return None
         self.split.add(j)
-        return _SplitLinear.apply(input, weight, [self.aliases[j]], bias)
+        return j
+
+    _forms: dict[Any, Callable[..., Tensor | None]] = {
+        torch.nn.functional.linear: _split,
+        torch.conv1d: _split_conv,
+        torch.conv2d: _split_conv,
+        torch.conv3d: _split_conv,
+        torch.nn.functional.cross_entropy: _cross_entropy,
+    }
+
+
+def _expand(value: Any, dim: int) -> list[int]:
+    """A convolution's ``stride``, ``padding`` or ``dilation`` as ``dim`` ints."""
+    if isinstance(value, int):
+        return [value] * dim
+    values = [int(v) for v in value]
+    return values * dim if len(values) == 1 else values
 
 
 def _lean_context(input: Tensor) -> bool:
