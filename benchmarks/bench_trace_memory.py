@@ -3,8 +3,10 @@ a language model and an MLP.
 
 The models: the decoder-only transformer of ``bench_scale.py`` (tied
 output head, one batch of 2 x 64 random tokens; the double-backward engine
-keeps the gradient's graph) at 10M and 50M parameters, and the 5.1M MLP of
-``bench_memory.py`` (batch of 8).  Each measurement runs in a fresh process
+keeps the gradient's graph) at 10M and 50M parameters, the 5.1M MLP of
+``bench_memory.py`` (batch of 8) and, with ``--models cnn5M``, a VGG-style
+CNN of 4.7M parameters (eight 3x3 convolutions, 64 to 512 channels, on a
+batch of 8 random 32x32 images).  Each measurement runs in a fresh process
 (one at a time: the resident-set probe of ``bench_memory.py`` sees the
 whole process), after the same call on a tiny model (lazy imports and
 first-call caches are not charged).  Columns: the peak extra memory in the
@@ -17,6 +19,7 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_trace_memory.py            # mlp5M, 10M, 50M (~10 min)
     python benchmarks/bench_trace_memory.py --models 10M --ops hutchinson lowmem
+    python benchmarks/bench_trace_memory.py --models cnn5M --ops hutchinson hutchpp10 lowmem
     python benchmarks/bench_trace_memory.py --quick                      # tiny models, smoke run
 """
 
@@ -40,7 +43,7 @@ OPS = {
     "lowmem": "top_eigenvalues(k=1, tol=1e-2, low_memory=True, max_iter=8)",
     "lowmem64": "  same, basis_dtype=torch.float64",
 }
-QUICK_MODELS = ("mlp-quick", "0.2M")
+QUICK_MODELS = ("mlp-quick", "cnn-quick", "0.2M")
 
 
 def _model(name: str):
@@ -48,12 +51,28 @@ def _model(name: str):
     from bench_scale import GPT, QUICK, SIZES, lm_loss
 
     torch.manual_seed(0)
+    if name.startswith("cnn"):
+        return cnn(8 if name == "cnn-quick" else 64), (torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))), \
+            F.cross_entropy
     if name.startswith("mlp"):
         width, depth = (256, 2) if name == "mlp-quick" else (1536, 3)
         return mlp(width, depth), (torch.randn(8, 256), torch.randint(0, 10, (8,))), F.cross_entropy
     vocab, d, layers, heads = {**SIZES, **QUICK}[name]
     tokens = torch.randint(0, vocab, (2, 65), generator=torch.Generator().manual_seed(0))
     return GPT(vocab, d, layers, heads, 64), (tokens[:, :-1], tokens[:, 1:]), lm_loss
+
+
+def cnn(width: int) -> torch.nn.Module:
+    """VGG-style: four blocks of two 3x3 convolutions (``width`` to
+    ``8 * width`` channels) and a 2x2 pooling, then a linear classifier."""
+    from torch import nn
+
+    layers, c = [], 3
+    for k in (1, 2, 4, 8):
+        layers += [nn.Conv2d(c, k * width, 3, padding=1), nn.ReLU(),
+                   nn.Conv2d(k * width, k * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        c = k * width
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * 2 * 2, 10))
 
 
 def _call(op: str, model, batch, loss_fn):
@@ -78,7 +97,7 @@ def one(model_name: str, op: str) -> None:
     from bench_memory import Peak, _fixed_mmap_threshold
 
     _fixed_mmap_threshold()
-    tiny, tiny_batch, tiny_loss = _model("mlp-quick" if model_name.startswith("mlp") else "0.2M")
+    tiny, tiny_batch, tiny_loss = _model({"mlp": "mlp-quick", "cnn": "cnn-quick"}.get(model_name[:3], "0.2M"))
     _call(op, tiny, tiny_batch, tiny_loss)  # warm-up
     model, batch, loss_fn = _model(model_name)
     P = sum(p.numel() * p.element_size() for p in model.parameters())
