@@ -9,7 +9,9 @@ CNN of 4.7M parameters (eight 3x3 convolutions, 64 to 512 channels, on a
 batch of 8 random 32x32 images).  Each measurement runs in a fresh process
 (one at a time: the resident-set probe of ``bench_memory.py`` sees the
 whole process), after the same call on a tiny model (lazy imports and
-first-call caches are not charged).  Columns: the peak extra memory in the
+first-call caches are not charged).  PyHessian's ``trace`` and power
+iteration, where it is installed, are measured the same way (its object
+keeps the gradient beside its graph and holds each product).  Columns: the peak extra memory in the
 call as a multiple of ``P`` (the parameters' bytes, float32), and the wall
 time per product as a multiple of one forward-backward pass of the same
 model and batch (the floor with a kept graph is about 2-3: one backward
@@ -20,6 +22,7 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/bench_trace_memory.py            # mlp5M, 10M, 50M (~10 min)
     python benchmarks/bench_trace_memory.py --models 10M --ops hutchinson lowmem
     python benchmarks/bench_trace_memory.py --models cnn5M --ops hutchinson hutchpp10 lowmem
+    python benchmarks/bench_trace_memory.py --ops hutchinson pyhessian_trace lowmem pyhessian_eig  # vs PyHessian
     python benchmarks/bench_trace_memory.py --quick                      # tiny models, smoke run
 """
 
@@ -42,6 +45,8 @@ OPS = {
     "hutchpp90": "trace()  (defaults: Hutch++, n_samples=90)",
     "lowmem": "top_eigenvalues(k=1, tol=1e-2, low_memory=True, max_iter=8)",
     "lowmem64": "  same, basis_dtype=torch.float64",
+    "pyhessian_trace": "PyHessian trace(maxIter=10)  (Hutchinson)",
+    "pyhessian_eig": "PyHessian eigenvalues(top_n=1, maxIter=8, tol=1e-2)",
 }
 QUICK_MODELS = ("mlp-quick", "cnn-quick", "0.2M")
 
@@ -78,6 +83,8 @@ def cnn(width: int) -> torch.nn.Module:
 def _call(op: str, model, batch, loss_fn):
     from flatness.hessian import top_eigenvalues, trace
 
+    if op.startswith("pyhessian"):
+        return _pyhessian(op, model, batch, loss_fn)
     kw = {"loss_fn": loss_fn}
     if op == "hutchinson":
         return trace(model, batch, method="hutchinson", n_samples=10, **kw)
@@ -90,6 +97,45 @@ def _call(op: str, model, batch, loss_fn):
     if op == "lowmem64":
         kw["basis_dtype"] = torch.float64
     return top_eigenvalues(model, batch, k=1, tol=1e-2, low_memory=True, max_iter=8, **kw)
+
+
+def _pyhessian(op: str, model, batch, loss_fn):
+    """The peer's call (``pip install --no-deps pyhessian``): its Hessian
+    object (the loss gradient with its graph and the gradient kept), then
+    ``trace`` or ``eigenvalues``; the number of products in ``n_hvp``."""
+    import types
+
+    from bench_hessian import import_pyhessian
+
+    pyh, _ = import_pyhessian()
+    if pyh is None:
+        raise SystemExit("PyHessian is not installed")
+    module = sys.modules["pyhessian.hessian"]  # the package re-exports a class of that name
+    products = [0]
+    original = module.hessian_vector_product
+
+    def counted(grads, params, v):
+        products[0] += 1
+        return original(grads, params, v)
+
+    module.hessian_vector_product = counted
+    # (torch's CPU flash attention has no double backward: a user of the
+    # peer selects the math kernel, as flatness does for itself)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            h = module.hessian(model, loss_fn, data=batch, cuda=False)
+            if op == "pyhessian_trace":
+                # (tol=-inf: its stopping test divides by the signed running
+                # trace, so a negative estimate stops it after two samples
+                # whatever tol is)
+                h.trace(maxIter=10, tol=float("-inf"))
+            else:
+                h.eigenvalues(maxIter=8, tol=1e-2, top_n=1)
+    finally:
+        module.hessian_vector_product = original
+    return types.SimpleNamespace(n_hvp=products[0], engine="pyhessian")
 
 
 def one(model_name: str, op: str) -> None:
