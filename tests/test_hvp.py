@@ -567,3 +567,25 @@ def test_conv_weight_split_reaches_the_alias():
     (batch,) = classification_batches((4,), (1, 6, 6), 3)
     # the first convolution's input needs no gradient: no second part
     assert _parameters_reaching_their_alias(model, batch) == [2, 4]
+
+
+def test_compiled_model_products_run_through_the_module_it_wraps():
+    # torch.compile's AOTAutograd backends (inductor, the default; aot_eager
+    # here, which compiles in a moment) have no double backward: the
+    # products, eigenvalues and trace of a compiled model are those of the
+    # module it wraps, also for parameters named with the wrapper's prefix.
+    from flatness.hessian import top_eigenvalues, trace
+
+    model = mlp()
+    (batch,) = classification_batches((6,), (5,), 4)
+    compiled = torch.compile(model, backend="aot_eager")
+    want = dense_hessian(model, [batch])
+    before = snapshot(compiled)
+    got = _dense_from_operator(CurvatureOperator(compiled, batch, engine="double-backward"))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    first = dict(model.named_parameters())["0.weight"]
+    ours = top_eigenvalues(compiled, batch, k=1, params=["_orig_mod.0.weight"])
+    eager = top_eigenvalues(model, batch, k=1, params=[first])
+    torch.testing.assert_close(ours.eigenvalues, eager.eigenvalues, rtol=1e-10, atol=0)
+    assert trace(compiled, batch, method="exact").value == pytest.approx(float(torch.trace(want)), rel=1e-10)
+    assert_unchanged(compiled, before)

@@ -62,7 +62,7 @@ from flatness._data import batch_size, check_n_batches, iter_batches
 from flatness._distributed import enabled, sum_
 from flatness._functional import LossFn, default_loss
 from flatness._guard import ModelGuard
-from flatness._params import select_params, unwrap
+from flatness._params import select_params, uncompiled, unwrap
 from flatness._products import (
     CURVATURES,
     KeptGraph,
@@ -270,11 +270,13 @@ class CurvatureOperator:
                 "DataLoader): every product streams the batches again, and an iterator or "
                 "generator is exhausted after one pass"
             )
-        self.model = model
+        # a torch.compile'd model: its products through the module it wraps
+        # (torch.compile has no double backward), the parameters selected by
+        # the caller's names
+        self.model, self.params = uncompiled(model, select_params(model, params))
         self.data = data
         self.loss_fn = loss_fn
-        self.params = select_params(model, params)
-        no_second = modules_without_second_derivatives(model, self.params)
+        no_second = modules_without_second_derivatives(self.model, self.params)
         if no_second:
             raise ValueError(
                 "curvature products need second derivatives, which PyTorch does not implement through "
@@ -290,7 +292,7 @@ class CurvatureOperator:
         self.shape = (n, n)
         self.n_hvp = 0
         if engine == "forward-over-reverse":
-            blocked = reverse_only_modules(model)
+            blocked = reverse_only_modules(self.model)
             if blocked:
                 raise ValueError(
                     "engine='forward-over-reverse' cannot differentiate these modules: "

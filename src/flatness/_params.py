@@ -26,6 +26,25 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def uncompiled(model: nn.Module, ps: ParamSet) -> tuple[nn.Module, ParamSet]:
+    """The module a ``torch.compile``'d ``model`` wraps, and ``ps`` with the
+    wrapper's ``_orig_mod.`` prefix taken off its names (the same tensors);
+    ``(model, ps)`` unchanged for any other model.
+
+    Curvature products differentiate twice, which ``torch.compile``'s
+    AOTAutograd backends (the default, inductor) do not support ("does not
+    currently support double backward"); the wrapped module computes the
+    same function eagerly."""
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    wrapper = getattr(compiled, "OptimizedModule", None)
+    module = unwrap(model)
+    if wrapper is None or not isinstance(module, wrapper):
+        return model, ps
+    prefix = "_orig_mod."
+    names = tuple(n[len(prefix):] if n.startswith(prefix) else n for n in ps.names)
+    return module._orig_mod, ParamSet(names, ps.params)
+
+
 @dataclass(frozen=True)
 class ParamSet:
     """The parameters a measurement is taken with respect to.
