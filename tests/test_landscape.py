@@ -739,3 +739,15 @@ def test_half_precision_directions_are_the_float32_draw(dtype, kind):
                 assert torch.equal(g, r.to(dtype))
             else:  # scaled to the norms of the rounded weights
                 assert torch.allclose(g.float(), r, rtol=1e-2 if dtype == torch.bfloat16 else 1e-3, atol=1e-6)
+
+
+def test_interpolation_pairs_a_compiled_model_with_an_eager_one():
+    # torch.compile names parameters "_orig_mod." + the wrapped module's
+    # names; either end point may be compiled (a checkpoint loaded into a
+    # plain module, the live model compiled) and the path is the same.
+    model_a, _, _ = _quadratic(0)
+    model_b, _, _ = _quadratic(0, w=torch.randn(9, generator=torch.Generator().manual_seed(9), dtype=DT))
+    want = L.interpolate(model_a, model_b, QBATCH, n_points=5, loss_fn=_identity_loss).loss
+    for a, b in ((torch.compile(model_a, backend="eager"), model_b), (model_a, torch.compile(model_b, backend="eager"))):
+        got = L.interpolate(a, b, QBATCH, n_points=5, loss_fn=_identity_loss).loss
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

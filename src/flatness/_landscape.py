@@ -634,9 +634,32 @@ def barrier_height(t: list[float], y: Tensor, ya: float, yb: float, kind: str) -
 def matching_params(model_a: nn.Module, model_b: nn.Module, ps: ParamSet) -> dict[str, Tensor]:
     if not isinstance(model_b, nn.Module):
         raise TypeError(f"model_b must be a torch.nn.Module, got {type(model_b).__name__}")
-    named_b = dict(unwrap(model_b).named_parameters())
+    # (a torch.compile'd model names its parameters "_orig_mod." + the
+    # name in the module it wraps: either model may be compiled)
+    named_b = {_uncompiled_name(n): p for n, p in unwrap(model_b).named_parameters()}
+    out: dict[str, Tensor] = {}
     for n, p in zip(ps.names, ps.params):
-        if n not in named_b or named_b[n].shape != p.shape:
+        q = named_b.get(_uncompiled_name(n))
+        if q is None or q.shape != p.shape:
             raise ValueError(f"model_b has no parameter {n!r} of shape {tuple(p.shape)}: "
                              "the models must have the same architecture")
-    return named_b
+        out[n] = q
+    return out
+
+
+def matching_buffers(model_b: nn.Module, bufs_a: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
+    """``model_b``'s buffers of the ``names`` of model a's buffers ``bufs_a``
+    (same shapes; either model may be ``torch.compile``'d)."""
+    named_b = {_uncompiled_name(n): b for n, b in unwrap(model_b).named_buffers()}
+    out: dict[str, Tensor] = {}
+    for n in names:
+        b = named_b.get(_uncompiled_name(n))
+        if b is None or b.shape != bufs_a[n].shape:
+            raise ValueError(f"model_b has no buffer {n!r} of shape {tuple(bufs_a[n].shape)}")
+        out[n] = b
+    return out
+
+
+def _uncompiled_name(name: str) -> str:
+    """A parameter's name without ``torch.compile``'s ``_orig_mod.`` prefix."""
+    return name.removeprefix("_orig_mod.")

@@ -39,6 +39,7 @@ from ._landscape import (
     check_reiterable,
     evaluate,
     grid_coords,
+    matching_buffers,
     matching_params,
     normalised,
     pca,
@@ -599,11 +600,8 @@ def interpolate(
         raise ValueError("bn='recompute' needs a BatchNorm layer with running statistics; the model has none")
     dev = torch.device(device) if device is not None else ps.device
     bufs_a = dict(unwrap(model_a).named_buffers())
-    bufs_b = dict(unwrap(model_b).named_buffers())
     moving = [n for n, b in bufs_a.items() if b.is_floating_point()]
-    for n in moving:
-        if n not in bufs_b or bufs_b[n].shape != bufs_a[n].shape:
-            raise ValueError(f"model_b has no buffer {n!r} of shape {tuple(bufs_a[n].shape)}")
+    bufs_b = matching_buffers(model_b, bufs_a, moving)
     base = [p.detach().to(dev) for p in ps.params]
     dirs = [[named_b[n].detach().to(dev, ps.dtype) - b for n, b in zip(ps.names, base)]]
     b0 = [bufs_a[n].detach().to(dev) for n in moving]
