@@ -620,11 +620,10 @@ class _LeanGradientGraph(torch.overrides.TorchFunctionMode):
         return _SplitLinear.apply(input, weight, [self.aliases[j]], bias)
 
     def _split_conv(self, input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
-                    dilation: Any = 1, groups: int = 1) -> Tensor | None:
-        dim = weight.dim() - 2 if isinstance(weight, Tensor) else 0
-        # (string paddings, "same" and "valid", and an unbatched input are left to torch)
-        if (dim not in (1, 2, 3) or isinstance(padding, str) or not isinstance(input, Tensor)
-                or input.dim() != dim + 2):
+                    dilation: Any = 1, groups: int = 1, *, dim: int) -> Tensor | None:
+        # (string paddings, "same" and "valid", an unbatched input and a
+        # weight of another rank than the function's are left to torch)
+        if isinstance(padding, str) or not isinstance(input, Tensor) or input.dim() != dim + 2:
             return None
         j = self._splittable(input, weight, dim + 2)
         if j is None:
@@ -644,9 +643,9 @@ class _LeanGradientGraph(torch.overrides.TorchFunctionMode):
 
     _forms: dict[Any, Callable[..., Tensor | None]] = {
         torch.nn.functional.linear: _split,
-        torch.conv1d: _split_conv,
-        torch.conv2d: _split_conv,
-        torch.conv3d: _split_conv,
+        torch.conv1d: functools.partial(_split_conv, dim=1),
+        torch.conv2d: functools.partial(_split_conv, dim=2),
+        torch.conv3d: functools.partial(_split_conv, dim=3),
         torch.nn.functional.cross_entropy: _cross_entropy,
     }
 
