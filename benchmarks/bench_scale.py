@@ -27,11 +27,15 @@ On the CPU each line also gives, in brackets, the user CPU time against
 the forward-backward pass's own and the memory the kernel mapped in fresh
 (minor page faults): a wall-time ratio well above the user-time ratio is
 the kernel's time faulting in new buffers, which the fixed mmap threshold of
-the memory probe makes every large allocation pay.  PyTorch's own switch
-``THP_MEM_ALLOC_ENABLE=1`` (set before the process starts) backs large CPU
-tensors with transparent huge pages, which cuts that time several-fold; the
-header says whether it is on (a huge page then counts as one fault, so the
-MiB figure counts 4 KiB per fault and undercounts).
+the memory probe makes every large allocation pay.  The header says
+whether PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (transparent huge pages for
+large CPU tensors, set before the process starts) is on; a huge page then
+counts as one fault, so the MiB figure, 4 KiB per fault, undercounts.  It
+cuts the time of first touching new memory several-fold
+(``bench_sharpness_lm.py``), but under this script's fixed mmap threshold
+one run with it was no faster (the forward-backward pass of the 125M model
+was slower: every large allocation is a fresh mapping to be backed by huge
+pages).
 
 An operation that fails prints its error in the table instead of a number;
 the script never stops on one.
