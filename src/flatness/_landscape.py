@@ -32,7 +32,7 @@ import math
 import numbers
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,7 +45,7 @@ from ._checks import LOW_PRECISION, check_int, is_int, maybe_progress
 from ._data import batch_size, iter_batches
 from ._functional import LossFn, _as_args, _as_kwargs, default_loss
 from ._guard import ModelGuard
-from ._params import ParamSet, unwrap
+from ._params import ParamSet, uncompiled_name, unwrap
 from ._rng import private_rng
 
 __all__ = [
@@ -634,32 +634,27 @@ def barrier_height(t: list[float], y: Tensor, ya: float, yb: float, kind: str) -
 def matching_params(model_a: nn.Module, model_b: nn.Module, ps: ParamSet) -> dict[str, Tensor]:
     if not isinstance(model_b, nn.Module):
         raise TypeError(f"model_b must be a torch.nn.Module, got {type(model_b).__name__}")
-    # (a torch.compile'd model names its parameters "_orig_mod." + the
-    # name in the module it wraps: either model may be compiled)
-    named_b = {_uncompiled_name(n): p for n, p in unwrap(model_b).named_parameters()}
-    out: dict[str, Tensor] = {}
-    for n, p in zip(ps.names, ps.params):
-        q = named_b.get(_uncompiled_name(n))
-        if q is None or q.shape != p.shape:
-            raise ValueError(f"model_b has no parameter {n!r} of shape {tuple(p.shape)}: "
-                             "the models must have the same architecture")
-        out[n] = q
-    return out
+    return _matching(unwrap(model_b).named_parameters(), zip(ps.names, ps.params), "parameter",
+                     ": the models must have the same architecture")
 
 
 def matching_buffers(model_b: nn.Module, bufs_a: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
     """``model_b``'s buffers of the ``names`` of model a's buffers ``bufs_a``
-    (same shapes; either model may be ``torch.compile``'d)."""
-    named_b = {_uncompiled_name(n): b for n, b in unwrap(model_b).named_buffers()}
+    (same shapes)."""
+    return _matching(unwrap(model_b).named_buffers(), ((n, bufs_a[n]) for n in names), "buffer", "")
+
+
+def _matching(
+    named_b: Iterable[tuple[str, Tensor]], wanted: Iterable[tuple[str, Tensor]], what: str, hint: str,
+) -> dict[str, Tensor]:
+    """Model b's tensor of each of model a's ``wanted`` ``(name, tensor)``,
+    of the same shape, by name; either model may be ``torch.compile``'d (its
+    names then carry the ``_orig_mod.`` prefix)."""
+    by_name = {uncompiled_name(n): t for n, t in named_b}
     out: dict[str, Tensor] = {}
-    for n in names:
-        b = named_b.get(_uncompiled_name(n))
-        if b is None or b.shape != bufs_a[n].shape:
-            raise ValueError(f"model_b has no buffer {n!r} of shape {tuple(bufs_a[n].shape)}")
+    for n, a in wanted:
+        b = by_name.get(uncompiled_name(n))
+        if b is None or b.shape != a.shape:
+            raise ValueError(f"model_b has no {what} {n!r} of shape {tuple(a.shape)}{hint}")
         out[n] = b
     return out
-
-
-def _uncompiled_name(name: str) -> str:
-    """A parameter's name without ``torch.compile``'s ``_orig_mod.`` prefix."""
-    return name.removeprefix("_orig_mod.")

@@ -40,9 +40,13 @@ def uncompiled(model: nn.Module, ps: ParamSet) -> tuple[nn.Module, ParamSet]:
     module = unwrap(model)
     if wrapper is None or not isinstance(module, wrapper):
         return model, ps
-    prefix = "_orig_mod."
-    names = tuple(n[len(prefix):] if n.startswith(prefix) else n for n in ps.names)
-    return module._orig_mod, ParamSet(names, ps.params)
+    return module._orig_mod, ParamSet(tuple(uncompiled_name(n) for n in ps.names), ps.params)
+
+
+def uncompiled_name(name: str) -> str:
+    """A parameter's or buffer's name without the ``_orig_mod.`` prefix of a
+    ``torch.compile``'d model's names."""
+    return name.removeprefix("_orig_mod.")
 
 
 @dataclass(frozen=True)
