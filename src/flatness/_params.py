@@ -5,6 +5,7 @@ inside a data-parallel wrapper (:func:`unwrap`)."""
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +36,9 @@ def uncompiled(model: nn.Module, ps: ParamSet) -> tuple[nn.Module, ParamSet]:
     AOTAutograd backends (the default, inductor) do not support ("does not
     currently support double backward"); the wrapped module computes the
     same function eagerly."""
-    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
-    wrapper = getattr(compiled, "OptimizedModule", None)
+    # (looked up, not imported: a compiled model means torch._dynamo is
+    # loaded, and importing it costs over a second of every first call)
+    wrapper = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
     module = unwrap(model)
     if wrapper is None or not isinstance(module, wrapper):
         return model, ps
