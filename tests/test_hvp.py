@@ -589,3 +589,23 @@ def test_compiled_model_products_run_through_the_module_it_wraps():
     torch.testing.assert_close(ours.eigenvalues, eager.eigenvalues, rtol=1e-10, atol=0)
     assert trace(compiled, batch, method="exact").value == pytest.approx(float(torch.trace(want)), rel=1e-10)
     assert_unchanged(compiled, before)
+
+
+def test_an_eager_curvature_call_does_not_import_dynamo():
+    # Telling a compiled model apart must not import torch._dynamo (over a
+    # second): in a fresh process, a curvature call on a plain model leaves
+    # it unloaded.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from torch import nn\n"
+        "from flatness.hessian import top_eigenvalues\n"
+        "m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))\n"
+        "top_eigenvalues(m, (torch.randn(6, 4), torch.randint(0, 3, (6,))), k=1)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
