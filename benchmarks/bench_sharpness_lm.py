@@ -7,15 +7,18 @@ in one process (``bench_scale.py`` runs each operation once, under its
 memory probe).  For each size it prints the median wall-time ratio (the
 floor is 6: five forward-backward passes and one forward pass), the
 user-CPU-time ratio and the system time per call.  On a CPU the system
-time is the kernel mapping in the call's new buffers page by page; run the
-script twice, with and without ``THP_MEM_ALLOC_ENABLE=1`` in the
-environment (PyTorch's switch for transparent huge pages, read when the
-process starts), to see what that costs.  ``--step`` also times APGD's
+time is the kernel mapping in the call's new buffers page by page (glibc
+returns the previous call's to the kernel); run the script with and
+without ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's switch for transparent huge
+pages) or glibc's tunables that keep freed memory (both read when the
+process starts) to see what that costs.  ``--step`` also times APGD's
 elementwise step alone over the model's tensors, at two piece sizes of the
 fused passes (CPU time, interleaved).
 
     python benchmarks/bench_sharpness_lm.py                      # 10M, batch 2 x 64, 5 repeats
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_sharpness_lm.py --sizes 10M 50M --step
+    GLIBC_TUNABLES=glibc.malloc.trim_threshold=1073741824:glibc.malloc.mmap_threshold=1073741824 \
+        python benchmarks/bench_sharpness_lm.py --sizes 10M 50M
     python benchmarks/bench_sharpness_lm.py --quick              # a tiny model, seconds
 """
 
@@ -97,7 +100,8 @@ def main() -> None:
     repeats = 2 if args.quick else args.repeats
     print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, float32; "
           f"batch {batch} x 64 tokens; {repeats} repeats; "
-          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}")
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     print()
     print("| model | sharpness / fb, wall (floor / ours) | user CPU / fb's | system time per call | walls |")
     print("|---|---:|---:|---:|---|")
