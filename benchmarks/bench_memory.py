@@ -51,7 +51,9 @@ from the algorithms:
   per-sample gradients at a time.
 * Lanczos: the float64 Krylov basis, ``2 * steps`` P for float32
   parameters (full reorthogonalization keeps every basis vector), plus the
-  product (a few P); ``steps`` P with a float32 basis; with
+  product (a few P); ``steps`` P with a float32 basis; with ``max_basis``
+  (thick restarts) ``2 * max_basis`` P (float64) or ``max_basis`` P
+  (float32) whatever the steps; with
   ``low_memory=True`` (no stored basis) three vectors whatever the steps,
   in the parameters' dtype by default (3 P; 6 P in float64), plus the
   product's transients.
@@ -281,6 +283,8 @@ def operations(n_iters: int, lanczos_steps: int):
             fwd_bwd_setup, lambda state: gradient_variance(state[0], state[1], memory_limit=quarter_of_p(state))),
         f"Lanczos top eigenvalue, {lanczos_steps} steps": (fwd_bwd_setup, lanczos()),
         "  same, float32 basis": (fwd_bwd_setup, lanczos(basis_dtype=torch.float32)),
+        "  same, max_basis=5 (thick restarts)": (fwd_bwd_setup, lanczos(max_basis=5)),
+        "  same, float32 basis, max_basis=5": (fwd_bwd_setup, lanczos(basis_dtype=torch.float32, max_basis=5)),
         "  same, low_memory (no basis, float32 default)": (fwd_bwd_setup, lanczos(low_memory=True)),
         "  same, low_memory (no basis, float64)": (
             fwd_bwd_setup, lanczos(low_memory=True, basis_dtype=torch.float64)),

@@ -269,6 +269,12 @@ def test_hessian_density_and_minimum(files, capsys):
         assert got == pytest.approx(want, rel=1e-8)
     lean = _run([*base, "--quantity", "eigenvalues", "--k", "2", "--low-memory"], tmp, capsys)
     assert lean["result"]["settings"]["low_memory"] is True and len(lean["result"]["eigenvalues"]) == 2
+    # a basis of 3 vectors, restarted: the eigenvalues of the unbounded run
+    full = _run([*base, "--quantity", "eigenvalues", "--k", "2", "--tol", "1e-10"], tmp, capsys)
+    bounded = _run([*base, "--quantity", "eigenvalues", "--k", "2", "--tol", "1e-10", "--max-basis", "3",
+                    "--max-iter", "3000"], tmp, capsys)
+    assert bounded["result"]["settings"]["max_basis"] == 3 and bounded["result"]["n_iter"] > 3
+    np.testing.assert_allclose(bounded["result"]["eigenvalues"], full["result"]["eigenvalues"], rtol=1e-9)
     doc = _run([*base, "--quantity", "minimum", "--method", "exact", "--granularity", "layer"], tmp, capsys)
     ref = flatness.hessian.minimum_sharpness(model.double(), _batches(x, y, 40, 128), method="exact")
     assert doc["result"]["value"] == pytest.approx(ref.value, rel=1e-10)
@@ -400,6 +406,7 @@ NOT_APPLICABLE = [
     (["hessian", "--quantity", "trace", "--k", "2"], "--k", "--quantity trace"),
     (["hessian", "--quantity", "density", "--method", "exact"], "--method", "--quantity density"),
     (["hessian", "--quantity", "trace", "--low-memory"], "--low-memory", "--quantity trace"),
+    (["hessian", "--quantity", "trace", "--max-basis", "4"], "--max-basis", "--quantity trace"),
 ]
 
 

@@ -504,3 +504,94 @@ def test_slq_quadrature_moments_with_and_without_reorthogonalization(dtype, tol,
         assert abs(got - exact) <= tol * max(abs(exact), 50.0**p * 1e-3), (p, got, exact)
     ghosts = int((nodes[0] > 49).sum())
     assert ghosts == 2 if store_basis else ghosts > 2  # the recurrence really lost orthogonality
+
+
+# -- thick restart (max_basis) ------------------------------------------------
+
+
+def _wanted(ev: torch.Tensor, which: str, k: int) -> torch.Tensor:
+    if which == "LA":
+        return torch.sort(ev, descending=True).values[:k]
+    if which == "SA":
+        return torch.sort(ev).values[:k]
+    return ev[torch.argsort(ev.abs(), descending=True)][:k]
+
+
+@pytest.mark.parametrize("block_size", [1, 2])
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+@pytest.mark.parametrize("max_basis", [None, 6, 12])
+def test_thick_restart_finds_the_eigenpairs_of_an_unrestarted_run(which, block_size, max_basis):
+    # a bulk close to the wanted values: convergence takes many more steps
+    # than a small basis holds, so the runs restart several times
+    n, k = 300, 3
+    g = torch.Generator().manual_seed(2)
+    ev = torch.cat([torch.tensor([10.0, 9.6, 9.3, -10.2, -9.7, -9.4], dtype=DT),
+                    torch.rand(n - 6, dtype=DT, generator=g) * 17 - 8.5])
+    A = _matrix(n, ev)
+    res = lanczos(lambda V: A @ V, n, k, which=which, tol=1e-9, block_size=block_size, max_iter=3000,
+                  generator=torch.Generator().manual_seed(1), max_basis=max_basis)
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, _wanted(ev, which, k), rtol=1e-12, atol=1e-12)
+    Y = res.eigenvectors
+    torch.testing.assert_close(Y.T @ Y, torch.eye(k, dtype=DT), rtol=0, atol=1e-12)
+    # the true residuals, not the recurrence's estimate
+    assert float((A @ Y - Y * res.eigenvalues).norm(dim=0).max()) <= 2e-9 * 10
+    if max_basis is not None:
+        assert res.n_iter > 2 * max_basis  # it did restart, more than once
+    assert res.n_matvec == res.n_iter * block_size
+
+
+def test_thick_restart_with_the_smallest_basis():
+    # k wanted vectors and one more block: a restart keeps all but one
+    n = 200
+    ev = _spectrum(n)
+    A = _matrix(n, ev)
+    res = lanczos(lambda V: A @ V, n, 3, tol=1e-8, max_iter=5000, max_basis=4,
+                  generator=torch.Generator().manual_seed(0))
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, _wanted(ev, "LA", 3), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_thick_restart_holds_at_most_max_basis_blocks(block_size):
+    # the same run as test_lanczos_memory_is_the_basis_plus_a_few_vectors,
+    # with four times as many steps: the basis stays at max_basis blocks
+    # (the rotation's temporaries are about 8 MiB, one vector here)
+    n, steps, max_basis = 100_000, 80, 10
+    d = torch.linspace(-1, 1, n, dtype=DT)
+    g = torch.Generator().manual_seed(0)
+    res = []
+    peak = peak_allocated(lambda: res.append(lanczos(
+        lambda V: d[:, None] * V, n, 1, max_iter=steps, tol=1e-14, generator=g, block_size=block_size,
+        max_basis=max_basis,
+    )))
+    assert res[0].n_iter == steps
+    vectors = peak / (8 * n)
+    assert vectors <= max_basis * block_size + 3 * block_size + 2, vectors
+
+
+def test_max_basis_is_checked_before_any_product():
+    A = torch.eye(10, dtype=DT)
+    calls = []
+
+    def matmat(V):
+        calls.append(1)
+        return A @ V
+
+    with pytest.raises(ValueError, match="max_basis=3 blocks cannot hold the k=3"):
+        lanczos(matmat, 10, 3, max_basis=3)
+    with pytest.raises(ValueError, match="max_basis=2 blocks cannot hold the k=4"):
+        lanczos(matmat, 10, 4, block_size=2, max_basis=2)
+    with pytest.raises(ValueError, match="store_basis=False stores none"):
+        lanczos(matmat, 10, 1, store_basis=False, max_basis=5)
+    assert not calls
+
+
+def test_max_basis_that_never_fills_changes_nothing():
+    n = 120
+    A = _matrix(n, _spectrum(n))
+    runs = [lanczos(lambda V: A @ V, n, 2, tol=1e-10, generator=torch.Generator().manual_seed(1), max_basis=mb)
+            for mb in (None, 10_000)]
+    assert torch.equal(runs[0].eigenvalues, runs[1].eigenvalues)
+    assert torch.equal(runs[0].eigenvectors, runs[1].eigenvectors)
+    assert runs[0].n_iter == runs[1].n_iter

@@ -63,7 +63,7 @@ QUANTITIES = ("eigenvalues", "trace", "density", "minimum")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: the options of ``hessian`` that each ``--quantity`` takes (argparse dests)
 QUANTITY_OPTIONS = {
-    "eigenvalues": ("k", "tol", "max_iter", "curvature", "low_memory"),
+    "eigenvalues": ("k", "tol", "max_iter", "max_basis", "curvature", "low_memory"),
     "trace": ("method", "n_samples", "curvature"),
     "density": ("n_vectors", "n_steps", "curvature", "low_memory"),
     "minimum": ("method", "n_samples", "granularity"),
@@ -368,6 +368,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     c.add_argument("--k", type=_positive_int, help="eigenvalues: how many (default 1)")
     c.add_argument("--tol", type=float, help="eigenvalues: relative residual tolerance")
     c.add_argument("--max-iter", dest="max_iter", type=_positive_int, help="eigenvalues: Lanczos steps at most")
+    c.add_argument("--max-basis", dest="max_basis", type=_positive_int,
+                   help="eigenvalues: Lanczos blocks the basis holds at most (thick restarts beyond)")
     c.add_argument(
         "--method", help="trace: hutch++, hutchinson or exact; minimum: gn (default, exact), exact or hutchinson"
     )
@@ -497,7 +499,7 @@ def run(args: argparse.Namespace, prog: str = "python -m flatness",
         common.update(_given(args, ("curvature",)))
         if quantity == "eigenvalues":
             r = _hessian.top_eigenvalues(model, batches, args.k or 1, **common,
-                                         **_given(args, ("tol", "max_iter")), low_memory=args.low_memory)
+                                         **_given(args, ("tol", "max_iter", "max_basis")), low_memory=args.low_memory)
         elif quantity == "trace":
             r = _hessian.trace(model, batches, **common, **_given(args, ("method", "n_samples")))
         elif quantity == "density":

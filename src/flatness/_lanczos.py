@@ -136,6 +136,27 @@ class _Basis:
             for Q, c in zip(parts, coefs):
                 W.addmm_(Q, c, alpha=-1)
 
+    def rotate_(self, S: Tensor) -> None:
+        """Replace the basis by its first ``l = S.shape[1]`` columns after
+        rotation, ``basis @ S`` (``S`` of shape ``(stored columns, l)`` with
+        orthonormal columns; ``l`` a multiple of ``b``), in place: row
+        block by row block, as the new rows depend on the old rows alone,
+        with temporaries of at most one vector (or 8 MiB) and no second
+        basis."""
+        ell = S.shape[1]
+        S = S.to(device=self.device, dtype=self.dtype)
+        parts = self.filled()
+        rows = max(1, min(1 << 20, self.n) // ell)  # at most one vector, or 8 MiB
+        for r in range(0, self.n, rows):
+            new = torch.zeros(min(rows, self.n - r), ell, dtype=self.dtype, device=self.device)
+            start = 0
+            for Q in parts:
+                new.addmm_(Q[r : r + rows], S[start : start + Q.shape[1]])
+                start += Q.shape[1]
+            for i in range(ell // self.b):
+                self.block(i)[r : r + rows].copy_(new[:, i * self.b : (i + 1) * self.b])
+        self.blocks = ell // self.b
+
     def combine(self, S: Tensor) -> Tensor:
         """``basis @ S`` for ``S`` of shape ``(stored columns, k)``."""
         out = torch.zeros(self.n, S.shape[1], dtype=self.dtype, device=self.device)
@@ -205,6 +226,7 @@ def lanczos(
     store_basis: bool = True,
     matvec_update: Callable[[Tensor, Tensor, float], Tensor] | None = None,
     product_dtype: torch.dtype | None = None,
+    max_basis: int | None = None,
 ) -> LanczosResult:
     """Extreme eigenpairs of a symmetric operator by (block) Lanczos with full
     reorthogonalization.
@@ -282,6 +304,15 @@ def lanczos(
         (a float32 model's products of float64 vectors), for
         ``store_basis=False``: copies of one eigenvalue then agree only to
         that dtype's rounding, and are merged at its resolution.
+    max_basis : int, optional
+        Most blocks the basis holds (default: ``max_iter``, no restart).
+        When the basis is full, a thick restart (Wu and Simon 2000) keeps
+        the wanted Ritz vectors and half the others and goes on from the
+        residual block, so memory stays at ``max_basis`` blocks however
+        many steps convergence takes.  Needs room for the wanted values and
+        one more block: ``max_basis >= ceil(k / block_size) + 1``.  A run
+        whose Krylov space broke down (see above) stops when the basis is
+        full instead of restarting.
 
     Returns
     -------
@@ -295,6 +326,14 @@ def lanczos(
         raise ValueError(f"block_size must be between 1 and n={n}, got {block_size}")
     if basis_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"basis_dtype must be torch.float32 or torch.float64, got {basis_dtype}")
+    if max_basis is not None:
+        if not store_basis:
+            raise ValueError("max_basis bounds the stored basis; store_basis=False stores none")
+        if max_basis < math.ceil(k / block_size) + 1:
+            raise ValueError(
+                f"max_basis={max_basis} blocks cannot hold the k={k} wanted Ritz vectors and one more block "
+                f"of {block_size}: use at least {math.ceil(k / block_size) + 1}"
+            )
     if not store_basis and block_size != 1:
         raise ValueError(f"store_basis=False runs single-vector Lanczos: block_size must be 1, got {block_size}")
     if max_iter is None:
@@ -322,14 +361,25 @@ def lanczos(
         del X
         return _lanczos_recurrence(matmat, start, n, k, which, tol, max(1, max_iter), callback, matvec_update,
                                    product_dtype)
-    max_iter = max(1, min(max_iter, math.ceil(n / b)))
-    basis = _Basis(n, b, max_iter, where, basis_dtype)
+    if max_basis is not None and max_basis >= math.ceil(n / b):
+        max_basis = None  # the basis never fills: no restart needed
+    if max_basis is None:
+        max_iter = max(1, min(max_iter, math.ceil(n / b)))
+    capacity = max_iter if max_basis is None else min(max_basis, max(1, max_iter))
+    basis = _Basis(n, b, capacity, where, basis_dtype)
     draw = _restart_draw(n, generator, device, where, basis_dtype)
     Q0, _, _ = _next_block(X, basis, n, _invariance_threshold(basis_dtype) * float(X.norm(dim=0).max()), draw)
     basis.append(Q0)
     del X, Q0
-    alphas: list[np.ndarray] = []  # diagonal blocks (b, b)
-    betas: list[np.ndarray] = []   # sub-diagonal blocks (b, b): B_{j+1} with W = Q_{j+1} B_{j+1}
+    # Since the latest thick restart (or the start): the diagonal blocks
+    # (b, b) and the sub-diagonal blocks B_{j+1} (W = Q_{j+1} B_{j+1}) of
+    # the projected matrix.  After a restart, the basis starts with the
+    # kept Ritz vectors: the projected matrix has their Ritz values on its
+    # diagonal and ``coupling`` (b, kept) between them and the next block.
+    alphas: list[np.ndarray] = []
+    betas: list[np.ndarray] = []
+    kept: np.ndarray | None = None
+    coupling: np.ndarray | None = None
     Bprev: Tensor | None = None
     n_matvec = 0
     theta = S = idx = None
@@ -337,8 +387,9 @@ def lanczos(
     converged = False
     steps = 0
     segment = None  # first column of the Krylov space started at the latest restart (None: no breakdown yet)
-    for j in range(max_iter):
-        steps = j + 1
+    for step in range(max_iter):
+        steps = step + 1
+        j = basis.blocks - 1  # the current block's place in the basis
         Qj = basis.block(j)
         W = matmat(Qj)
         n_matvec += b
@@ -350,9 +401,11 @@ def lanczos(
         W.addmm_(Qj, A, alpha=-1)
         if Bprev is not None:
             W.addmm_(basis.block(j - 1), Bprev.T, alpha=-1)
+        # (after a thick restart, the first block's components on the kept
+        # Ritz vectors, the coupling, are removed by the reorthogonalization)
         alphas.append(A.double().cpu().numpy())
         live = min(n, (j + 1) * b)  # columns of the basis that are vectors (the rest are zero)
-        theta, S = _ritz(alphas, betas, live)
+        theta, S = _ritz(alphas, betas, live) if kept is None else _ritz_restarted(kept, coupling, alphas, betas)
         idx = _pick(theta, min(k, len(theta)), which)
         scale = max(np.max(np.abs(theta)), np.finfo(float).tiny)
         if live == n:
@@ -377,15 +430,28 @@ def lanczos(
                 segment is None or _complement_settled(theta[idx[-1]], alphas, betas, segment, which, tol * scale)):
             converged = True
             break
-        if j + 1 == max_iter:
+        if step + 1 == max_iter:
             break  # the next vector would never be used
+        if basis.blocks == capacity:
+            if segment is not None:
+                break  # full after a breakdown: no thick restart (see max_basis)
+            # Thick restart (Wu and Simon 2000): keep the best Ritz vectors,
+            # A Y = Y diag(theta) + Q_next B S[last block], and go on from
+            # Q_next; memory stays at ``capacity`` blocks.
+            keep = _pick(theta, _kept_columns(capacity, k, b), which)
+            basis.rotate_(torch.as_tensor(S[:, keep]))
+            kept, coupling = theta[keep], B @ S[-b:, keep]
+            alphas, betas, Bprev = [], [], None
+            basis.append(Qnext)
+            del Qnext
+            continue
         basis.append(Qnext)
         del Qnext
         Bprev = torch.as_tensor(B, dtype=basis_dtype, device=where)
         if restarted == b:
             # the whole block broke down: a new Krylov space starts from
             # random vectors orthogonal to the basis
-            segment = (j + 1) * b
+            segment = len(alphas) * b
     assert theta is not None and S is not None and idx is not None
     Y = basis.combine(torch.as_tensor(S[:, idx], device=basis.device))
     return LanczosResult(
@@ -705,6 +771,31 @@ def _ritz(alphas: list[np.ndarray], betas: list[np.ndarray], live: int | None = 
     if live < m:
         U = np.vstack([U, np.zeros((m - live, live))])
     return theta, U
+
+
+def _ritz_restarted(
+    kept: np.ndarray, coupling: np.ndarray, alphas: list[np.ndarray], betas: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition of the projected matrix after a thick restart:
+    the kept Ritz values on the diagonal, ``coupling`` between them and the
+    first block after the restart, then the (block) tridiagonal part."""
+    ell, b = len(kept), alphas[0].shape[0]
+    T = _block_tridiagonal(alphas, betas)
+    H = np.zeros((ell + T.shape[0],) * 2)
+    H[:ell, :ell] = np.diag(kept)
+    H[ell : ell + b, :ell] = coupling
+    H[:ell, ell : ell + b] = coupling.T
+    H[ell:, ell:] = T
+    return scipy.linalg.eigh(H)
+
+
+def _kept_columns(capacity: int, k: int, b: int) -> int:
+    """How many Ritz vectors a thick restart of a basis of ``capacity``
+    blocks keeps: the ``k`` wanted ones and half the rest, so that both the
+    kept space and the new Krylov steps are large (as in Stewart's
+    Krylov-Schur method), in whole blocks, leaving room for one block."""
+    wanted = math.ceil(k / b)
+    return b * min(capacity - 1, max(wanted, (capacity + wanted) // 2))
 
 
 # --------------------------------------------------------------------------
