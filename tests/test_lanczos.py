@@ -595,3 +595,14 @@ def test_max_basis_that_never_fills_changes_nothing():
     assert torch.equal(runs[0].eigenvalues, runs[1].eigenvalues)
     assert torch.equal(runs[0].eigenvectors, runs[1].eigenvectors)
     assert runs[0].n_iter == runs[1].n_iter
+
+
+def test_thick_restart_of_a_float32_basis():
+    n = 300
+    ev = _spectrum(n, seed=3)
+    A = _matrix(n, ev)
+    A32 = A.float()
+    res = lanczos(lambda V: A32 @ V, n, 3, tol=1e-5, basis_dtype=torch.float32, max_basis=6, max_iter=3000,
+                  generator=torch.Generator().manual_seed(0))
+    assert res.converged and res.n_iter > 12 and res.eigenvectors.dtype == torch.float32
+    torch.testing.assert_close(res.eigenvalues, _wanted(ev, "LA", 3), rtol=0, atol=1e-5 * 12)
