@@ -226,3 +226,64 @@ def test_recurrent_models_on_cuda_in_eval_mode(cell):
     assert torch.backends.cudnn.enabled == enabled
     assert_unchanged(model, snap)
     assert gpu == pytest.approx(cpu, rel=1e-6)
+    # a CPU model measured on the GPU (device=): cuDNN off there too
+    model.cpu()
+    snap = snapshot(model)
+    moved = flatness.sharpness(model, data, kind="l2", rho=0.05, n_iters=5, device=DEVICE).value
+    assert torch.backends.cudnn.enabled == enabled
+    assert_unchanged(model, snap)
+    assert moved == pytest.approx(cpu[0], rel=1e-6)
+
+
+def test_seeded_draws_resume_from_a_checkpoint_loaded_to_the_gpu():
+    # torch.load(map_location="cuda") moves every saved tensor to the GPU,
+    # the CPU generator's state too: ESAM's draws resume as from a CPU load
+    import io
+
+    from flatness.optim import ESAM
+
+    x, y = sam_data()
+    xd, yd = x.to(DEVICE), y.to(DEVICE)
+
+    def run(opt, model, steps):
+        for _ in range(steps):
+            def closure(mask=None):  # ESAM's: per-sample losses of the selected samples
+                xb, yb = (xd, yd) if mask is None else (xd[mask], yd[mask])
+                return F.cross_entropy(model(xb), yb, reduction="none")
+
+            opt.step(closure)
+
+    model = sam_mlp().to(DEVICE)
+    opt = ESAM(model.parameters(), torch.optim.SGD, rho=0.05, beta=0.5, gamma=0.5, seed=3, lr=0.1)
+    run(opt, model, 2)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    resumed = {}
+    for where in ("cpu", DEVICE):
+        buf.seek(0)
+        ckpt = torch.load(buf, map_location=where, weights_only=True)
+        m = sam_mlp().to(DEVICE)
+        m.load_state_dict(ckpt["model"])
+        o = ESAM(m.parameters(), torch.optim.SGD, rho=0.05, beta=0.5, gamma=0.5, seed=0, lr=0.1)
+        o.load_state_dict(ckpt["opt"])
+        run(o, m, 2)
+        resumed[where] = [p.detach().cpu() for p in m.parameters()]
+    run(opt, model, 2)  # uninterrupted
+    for a, b, c in zip(resumed["cpu"], resumed[DEVICE], model.parameters(), strict=True):
+        assert torch.equal(a, c.detach().cpu()) and torch.equal(b, a)
+
+
+def test_curvature_products_leave_every_cuda_random_stream_alone():
+    # the forward-over-reverse engine's check seeds its own draws: only
+    # the generators it forks (the CPU's and the model's device's), never
+    # another device's or, for a CPU model, the GPU's
+    model = mlp(sizes=(5, 8, 3))
+    data = classification_batch(6, (5,), 3)
+    vec = [torch.randn_like(p) for p in model.parameters()]
+    for where in ("cpu", DEVICE):
+        model.to(where)
+        cuda_state = torch.cuda.get_rng_state()
+        cpu_state = torch.get_rng_state()
+        hessian.hvp(model, _on(data, where), [v.to(where) for v in vec], engine="forward-over-reverse")
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_state), where
+        assert torch.equal(torch.get_rng_state(), cpu_state), where

@@ -3,6 +3,7 @@ bar (anything with ``update(k)``) and the reduction over ranks."""
 
 import pytest
 import torch
+from cases import peak_allocated
 from torch import nn
 
 from flatness._checks import ProductBar
@@ -88,9 +89,38 @@ def test_finiteness_check_without_temporaries_matches_isfinite():
             x = base.clone()
             if bad is not None:
                 x[2, 3, 1] = bad
-            for view in (x, x.transpose(0, 2), x[:, 1:4], x[1], x[2, 3, 1]):
-                assert _all_finite(view) == bool(torch.isfinite(view).all()), (dtype, bad, view.shape)
-    assert _all_finite(torch.empty(0)) and _all_finite(torch.tensor([1, 2]))
+            for view in (x, x.transpose(0, 2), x[:, 1:4], x[1], x[2, 3, 1], x[:, ::2], x.permute(2, 0, 1),
+                         x.unsqueeze(0).to(memory_format=torch.channels_last)):
+                assert _all_finite([view]) == bool(torch.isfinite(view).all()), (dtype, bad, view.shape)
+                # several tensors: finite when all are
+                assert _all_finite([base, view, base[0]]) == bool(torch.isfinite(view).all())
+    assert _all_finite([torch.empty(0)]) and _all_finite([torch.tensor([1, 2])]) and _all_finite([])
+    c = torch.ones(3, dtype=torch.complex64)
+    assert _all_finite([c]) and not _all_finite([c.index_fill(0, torch.tensor([1]), complex(0, float("nan")))])
+    # float64 beyond float32's range is finite
+    assert _all_finite([torch.tensor([1e300], dtype=torch.float64)])
+
+
+def test_finiteness_check_reads_a_channels_last_tensor_in_place():
+    # a channels-last gradient is dense in another order of its dimensions:
+    # one reduction over it, no copy and no reduction per row
+    from flatness._checks import _all_finite
+
+    x = torch.randn(64, 32, 3, 3).to(memory_format=torch.channels_last)
+    calls = []
+    real = torch.aminmax
+
+    def counting(t, *a, **k):
+        calls.append(t.shape)
+        return real(t, *a, **k)
+
+    torch.aminmax = counting
+    try:
+        assert _all_finite([x])
+    finally:
+        torch.aminmax = real
+    assert calls == [x.shape]
+    assert peak_allocated(lambda: _all_finite([x])) < 1024
 
 
 class _TinyLM(nn.Module):

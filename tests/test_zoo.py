@@ -197,6 +197,28 @@ def test_no_grad_passes_see_the_function_the_gradient_passes_see():
     assert torch.backends.mha.get_fastpath_enabled()
 
 
+def test_cudnn_is_off_inside_for_recurrent_models_wherever_they_are():
+    """cuDNN's RNN kernels cannot backpropagate in eval mode: a measurement
+    with ``device="cuda"`` runs a copy of a CPU model on the GPU, so the
+    guard turns cuDNN off for a CPU model with recurrent layers too (and
+    sets it back, also after an exception); a model without them keeps it."""
+    from flatness._guard import ModelGuard
+
+    before = torch.backends.cudnn.enabled
+    try:
+        torch.backends.cudnn.enabled = True
+        with ModelGuard(CASES["lstm"].build()):
+            assert not torch.backends.cudnn.enabled
+        assert torch.backends.cudnn.enabled
+        with pytest.raises(RuntimeError, match="inside"), ModelGuard(CASES["lstm"].build()):
+            raise RuntimeError("inside")
+        assert torch.backends.cudnn.enabled
+        with ModelGuard(CASES["mlp"].build()):
+            assert torch.backends.cudnn.enabled
+    finally:
+        torch.backends.cudnn.enabled = before
+
+
 def test_compiled_model_top_eigenvalue():
     case = CASES["compiled"]
     model, batch = case.build(), case.batch()

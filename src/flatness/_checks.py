@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -24,10 +24,16 @@ class NonFiniteLossError(ValueError, FloatingPointError):
     """
 
 
-def require_finite(value: Tensor | float, what: str) -> None:
+def require_finite(value: Tensor | float | Sequence[Tensor], what: str) -> None:
     """Raise :class:`NonFiniteLossError` naming ``what`` unless every entry
-    of ``value`` is finite."""
-    ok = _all_finite(value) if isinstance(value, Tensor) else math.isfinite(value)
+    of ``value`` (a number, a tensor, or a sequence of tensors, checked
+    with one device synchronization for all of them) is finite."""
+    if isinstance(value, Tensor):
+        ok = _all_finite([value])
+    elif isinstance(value, (list, tuple)):
+        ok = _all_finite(value)
+    else:
+        ok = math.isfinite(value)  # type: ignore[arg-type]
     if not ok:
         raise NonFiniteLossError(
             f"{what} is not finite (NaN or inf): check the data and the model for NaN/inf "
@@ -35,17 +41,44 @@ def require_finite(value: Tensor | float, what: str) -> None:
         )
 
 
-def _all_finite(value: Tensor) -> bool:
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
     # The extremes are finite exactly when every entry is (NaN propagates
-    # through them): one pass and two scalars, where torch.isfinite would
-    # build a temporary of the tensor's size and two boolean masks (a
-    # parameter-sized check of a curvature product costs about one P).
-    if value.numel() == 0 or not value.is_floating_point():
-        return bool(torch.isfinite(value).all())
-    if not value.is_contiguous() and value.dim() > 1:  # row by row: no contiguous copy
-        return all(_all_finite(row) for row in value)
-    lo, hi = torch.aminmax(value.detach())
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    # through them): one pass and two scalars per tensor, where
+    # torch.isfinite would build a temporary of the tensor's size and two
+    # boolean masks (a parameter-sized check of a curvature product costs
+    # about one P).  The flags of all tensors on a device are read back
+    # together: one synchronization with a GPU, not one per tensor.
+    flags: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        if t.is_floating_point():
+            flag = torch.isfinite(torch.stack(_extremes(t.detach()))).all()
+        else:
+            flag = torch.isfinite(t).all()  # (integers are; complex numbers need the test)
+        flags.setdefault(t.device, []).append(flag)
+    return all(bool(torch.stack(fs).all()) for fs in flags.values())
+
+
+def _extremes(t: Tensor) -> list[Tensor]:
+    """``aminmax`` of ``t``: of the whole tensor where its elements fill
+    their memory (any order of dimensions: a channels-last gradient is read
+    in place), else row by row (no contiguous copy of an overlapping or
+    gappy view)."""
+    if t.dim() <= 1 or _dense(t):
+        return list(torch.aminmax(t))
+    return [x for row in t for x in _extremes(row)]
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill a block of memory without gaps or
+    overlaps, in some order of its dimensions."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def maybe_progress(
@@ -193,6 +226,11 @@ def check_device(device: Any, name: str = "device") -> torch.device:
     count = getattr(backend, "device_count", None)
     if dev.index is not None and callable(count) and dev.index >= count():
         raise ValueError(f"{name}={str(dev)!r}: there are {count()} {dev.type} device(s)")
+    if dev.type == "cuda" and dev.index is None:
+        # "cuda" is the current device: with its index it compares equal to
+        # a model's device (torch.device("cuda") != torch.device("cuda:0")),
+        # so a model already there is not copied
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

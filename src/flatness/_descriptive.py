@@ -52,8 +52,7 @@ def _mean_gradient(
                 t.add_(g, alpha=nb)
         n += nb
     n = sum_(*total, n)[-1]  # over all ranks inside a process group
-    for t in total:
-        require_finite(t, "the mean gradient")
+    require_finite(total, "the mean gradient")
     return [t / n for t in total]
 
 

@@ -108,9 +108,9 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if enabled() else 1
 
 
-def _comm_device(ref: torch.device) -> torch.device:
+def _comm_device(ref: torch.device, group: Any = None) -> torch.device:
     # NCCL only moves CUDA tensors; gloo moves CPU (and CUDA) tensors.
-    if torch.distributed.get_backend() == "nccl":
+    if torch.distributed.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return ref if ref.type in ("cpu", "cuda") else torch.device("cpu")
 

@@ -122,7 +122,9 @@ class ShardedLoss:
     # -- batches -----------------------------------------------------------
 
     def _all_reduce(self, values: Sequence[float]) -> list[float]:
-        buf = torch.tensor(list(values), dtype=torch.float64)
+        # on the device the group's backend moves (a CUDA tensor for NCCL)
+        dev = _distributed._comm_device(_distributed.local_tensors(self.live[:1])[0].device, self.group)
+        buf = torch.tensor(list(values), dtype=torch.float64, device=dev)
         torch.distributed.all_reduce(buf, group=self.group)
         return buf.tolist()
 

@@ -38,9 +38,11 @@ class ModelGuard(contextlib.AbstractContextManager):
     running average in any mode, and training-mode passes update BatchNorm
     running statistics.  So are the parameters the model's own forward
     pass writes (:func:`written_weights`: embeddings with ``max_norm``).
-    While a model with recurrent layers on a GPU is inside, cuDNN is off
+    While a model with recurrent layers is inside, cuDNN is off
     (``torch.backends.cudnn.enabled``, set back on exit): its RNN kernels
-    cannot backpropagate in eval mode nor differentiate twice.  The fast path
+    cannot backpropagate in eval mode nor differentiate twice.  Also for a
+    model on the CPU: a measurement may run a copy of it on a GPU
+    (``device="cuda"``).  The fast path
     of ``nn.MultiheadAttention`` / ``nn.TransformerEncoder`` is off too
     (``torch.backends.mha``, set back on exit): it runs only in passes
     without autograd and, given a ``src_key_padding_mask``, returns zeros at
@@ -70,10 +72,11 @@ class ModelGuard(contextlib.AbstractContextManager):
         written = {id(p): p for p in written_weights(m)}
         self._buffers = [(b, b.detach().clone()) for b in (*m.buffers(), *written.values())]
         # cuDNN's recurrent kernels have no backward pass in eval mode and no
-        # double backward: the native kernels run instead while measuring.
+        # double backward: the native kernels run instead while measuring,
+        # wherever the model is (a measurement's device= may put a copy of
+        # a CPU model on a GPU)
         self._cudnn = torch.backends.cudnn.enabled
-        if self._cudnn and any(isinstance(mod, nn.RNNBase) and any(p.is_cuda for p in mod.parameters())
-                               for mod in m.modules()):
+        if self._cudnn and any(isinstance(mod, nn.RNNBase) for mod in m.modules()):
             torch.backends.cudnn.enabled = False
         self._fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)

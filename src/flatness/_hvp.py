@@ -395,8 +395,9 @@ class CurvatureOperator:
         # rank's batches (acc summed in place; no-op otherwise).
         if self.reduce is not None:
             total = self.reduce(*acc, total)[-1]
-        for a in acc:  # a NaN/inf would poison Lanczos and every estimate
-            require_finite(a, "a curvature-vector product (Hessian or GGN times a vector)")
+        # a NaN/inf would poison Lanczos and every estimate (one check, one
+        # synchronization with a GPU, for all tensors)
+        require_finite(acc, "a curvature-vector product (Hessian or GGN times a vector)")
         self.n_hvp += k
         if self.progress is not None:
             self.progress.update(k)

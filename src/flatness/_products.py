@@ -43,6 +43,7 @@ from flatness._functional import (
 )
 from flatness._guard import same_bits
 from flatness._params import ParamSet, unwrap
+from flatness._rng import seed_default_generators
 
 __all__ = [
     "CURVATURES",
@@ -276,11 +277,11 @@ def dual_hvp_agrees(
     devices = [ps.device] if ps.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
+            seed_default_generators(0, ps.device)  # (the forked ones only)
             dual = forward_over_reverse_hvp(model, ps, inputs, targets, vec, loss_fn=loss_fn)
         scale = max((float(d.abs().max()) for d in dual if d.numel()), default=0.0)
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
+            seed_default_generators(0, ps.device)
             reference = KeptGraph(model, ps, inputs, targets, loss_fn)
         dual = list(dual)
 
@@ -776,11 +777,16 @@ class KeptGraph:
         out = torch.zeros(k, dtype=torch.float64)
         for i in range(k):
             vec = [t[i] for t in tangents]
-            parts: list[float] = []
+            parts: list[Tensor] = []
             # (in float32 for half precision: a bfloat16 dot is rounded to 3
             # digits, quadratic forms 0.36% off the dot of their own products)
-            self._one(vec, sink=lambda j, g: parts.append(float(_distributed.dot(vec[j], g))))
-            out[i] = math.fsum(parts)
+            # The dots stay on the device until the pass is over: reading each
+            # back in the hook would stall the backward pass once per tensor.
+            self._one(vec, sink=lambda j, g: parts.append(_distributed.dot(vec[j], g).detach()))
+            if parts and not _distributed.is_sharded(parts) and len({p.device for p in parts}) == 1:
+                out[i] = math.fsum(torch.stack([p.double() for p in parts]).tolist())
+            else:
+                out[i] = math.fsum(float(p) for p in parts)
         return (out.to(tangents[0].device),)
 
     def _one(

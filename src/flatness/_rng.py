@@ -62,11 +62,16 @@ def private_rng(seed: int | None, device: torch.device) -> Iterator[torch.Genera
             gen.seed()
         else:
             gen.manual_seed(seed)
-            # dropout etc. inside the forked state; the generators directly
-            # (torch.manual_seed records a stack trace, ~10 ms per call, and
-            # seeds every CUDA device, not only the forked one)
-            torch.default_generator.manual_seed(seed)
-            if device.type == "cuda":
-                index = device.index if device.index is not None else torch.cuda.current_device()
-                torch.cuda.default_generators[index].manual_seed(seed)
+            seed_default_generators(seed, device)  # dropout etc., inside the forked state
         yield gen
+
+
+def seed_default_generators(seed: int, device: torch.device) -> None:
+    """Seed the CPU's default generator and, for a CUDA ``device``, that
+    device's: the generators directly, where ``torch.manual_seed`` would
+    seed every CUDA device (not only one whose state the caller forked and
+    restores) and record a stack trace (about 10 ms per call)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_bool, check_int, working_dtype
+from ._checks import check_bool, check_device, check_int, working_dtype
 from ._functional import LossFn
 from ._landscape import (
     Evaluator,
@@ -423,7 +423,7 @@ def slice(
     check_bool("progress", progress)
     seed = check_seed(seed)
     ps = select_params(model, params)
-    dev = torch.device(device) if device is not None else ps.device
+    dev = check_device(device) if device is not None else ps.device
     info = directions if isinstance(directions, Directions) else None
     dirs = resolve_directions(info.vectors if info else directions, info.names if info else None, ps, dev)
     coords = grid_coords(grid, len(dirs))
@@ -598,7 +598,7 @@ def interpolate(
     named_b = matching_params(model_a, model_b, ps)
     if bn == "recompute" and not bn_layers(model_a):
         raise ValueError("bn='recompute' needs a BatchNorm layer with running statistics; the model has none")
-    dev = torch.device(device) if device is not None else ps.device
+    dev = check_device(device) if device is not None else ps.device
     bufs_a = dict(unwrap(model_a).named_buffers())
     moving = [n for n, b in bufs_a.items() if b.is_floating_point()]
     bufs_b = matching_buffers(model_b, bufs_a, moving)

@@ -100,4 +100,6 @@ class SeededDraws:
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         super().load_extra_state_dict(state)  # type: ignore[misc]
         if "generator" in state:
-            self._generator.set_state(state["generator"])
+            # (.cpu(): torch.load(map_location="cuda") moves the saved state
+            # to the GPU, and a CPU generator takes a CPU ByteTensor only)
+            self._generator.set_state(state["generator"].cpu())
