@@ -287,3 +287,27 @@ def test_curvature_products_leave_every_cuda_random_stream_alone():
         hessian.hvp(model, _on(data, where), [v.to(where) for v in vec], engine="forward-over-reverse")
         assert torch.equal(torch.cuda.get_rng_state(), cuda_state), where
         assert torch.equal(torch.get_rng_state(), cpu_state), where
+
+
+def test_float32_convolutions_in_tf32_pass_the_exactness_checks():
+    # cuDNN runs float32 convolutions in TF32 by default on Ampere and
+    # later (10-bit inputs): the checks that compare two computations of
+    # one quantity must not read that rounding as a missing term
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))
+    g = torch.Generator().manual_seed(1)
+    data = (torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g))
+    cpu_min = hessian.minimum_sharpness(model, data, method="gn").value
+    cpu_kfac = nonuniformity.kfac_variance(model, data)
+    model.to(DEVICE)
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        gpu_min = hessian.minimum_sharpness(model, _on(data, DEVICE), method="gn").value
+        gpu_kfac = nonuniformity.kfac_variance(model, _on(data, DEVICE))
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    assert gpu_min == pytest.approx(cpu_min, rel=2e-2)
+    assert gpu_kfac.settings["hidden_from_hooks"] == cpu_kfac.settings["hidden_from_hooks"]
+    assert gpu_kfac.total == pytest.approx(cpu_kfac.total, rel=2e-2)

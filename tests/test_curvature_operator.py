@@ -256,3 +256,28 @@ def test_half_precision_quadratic_forms_are_the_dots_of_the_products(dtype):
     V = (torch.randint(0, 2, (op.shape[0], 4), generator=g) * 2 - 1).float()
     want = (V.double() * op.matmat(V).double()).sum(0)
     assert torch.allclose(op.quadratic_forms(V), want, rtol=torch.finfo(dtype).eps / 8, atol=0)
+
+
+def test_kernel_eps_is_tf32s_for_float32_on_a_gpu_that_may_use_it():
+    # (a torch.device object needs no GPU)
+    from flatness._checks import TF32_EPS, kernel_eps
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    f32 = float(torch.finfo(torch.float32).eps)
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+        torch.set_float32_matmul_precision("highest")
+        assert kernel_eps(torch.float32, cuda) == TF32_EPS  # cuDNN's default
+        assert kernel_eps(torch.float32, cpu) == f32
+        assert kernel_eps(torch.float64, cuda) == float(torch.finfo(torch.float64).eps)
+        assert kernel_eps(torch.bfloat16, cuda) == float(torch.finfo(torch.bfloat16).eps)
+        torch.backends.cudnn.allow_tf32 = False
+        assert kernel_eps(torch.float32, cuda) == f32
+        torch.set_float32_matmul_precision("high")  # TF32 matrix products
+        assert kernel_eps(torch.float32, cuda) == TF32_EPS
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+

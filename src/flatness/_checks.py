@@ -144,6 +144,33 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
+#: TF32's relative rounding (10 explicit mantissa bits, as float16)
+TF32_EPS = 2.0 ** -10
+
+
+def kernel_eps(dtype: torch.dtype, device: torch.device) -> float:
+    """The relative rounding of ``dtype``'s convolutions and matrix products
+    on ``device``, for tolerances that compare two computations of one
+    quantity: ``finfo(dtype).eps``, except float32 on a CUDA GPU where
+    TF32 may run them (cuDNN's default for convolutions on Ampere and
+    later: ``torch.backends.cudnn.allow_tf32``; for matrix products
+    ``torch.backends.cuda.matmul.allow_tf32`` or a float32 matmul
+    precision below ``"highest"``), whose inputs keep 10 bits."""
+    eps = float(torch.finfo(dtype).eps)
+    if dtype == torch.float32 and device.type == "cuda" and _tf32_allowed():
+        return max(eps, TF32_EPS)
+    return eps
+
+
+def _tf32_allowed() -> bool:
+    try:
+        conv = torch.backends.cudnn.enabled and torch.backends.cudnn.allow_tf32
+        matmul = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    except (AttributeError, RuntimeError):  # a torch that drops the legacy switches: assume it may
+        return True
+    return bool(conv or matmul)
+
+
 def is_int(value: Any) -> bool:
     """Whether ``value`` can stand for an integer option: any
     ``numbers.Integral`` (a Python int, a NumPy integer such as ``np.int64``

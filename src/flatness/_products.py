@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from flatness import _distributed
+from flatness._checks import kernel_eps
 from flatness._functional import (
     LossFn,
     _as_args,
@@ -293,7 +294,7 @@ def dual_hvp_agrees(
         return False
     # what is left: round-off of two orders of evaluation; a dropped term is of order one
     diff = max((float(d.abs().max()) for d in dual if d.numel()), default=0.0)
-    tol = min(1e-2, 1e3 * torch.finfo(ps.dtype).eps) * scale if ps.dtype.is_floating_point else 0.0
+    tol = min(1e-2, 1e3 * kernel_eps(ps.dtype, ps.device)) * scale if ps.dtype.is_floating_point else 0.0
     return math.isfinite(diff) and diff <= tol
 
 
