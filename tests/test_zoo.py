@@ -219,6 +219,28 @@ def test_cudnn_is_off_inside_for_recurrent_models_wherever_they_are():
         torch.backends.cudnn.enabled = before
 
 
+def test_buffer_comparison_is_by_bits_batched_or_not():
+    """The guard copies back exactly the buffers whose bits changed: NaNs
+    compare equal to themselves, -0.0 differs from 0.0, for small buffers
+    (read back together) and large ones (one by one) alike."""
+    from flatness._guard import BATCHED_COMPARISON, _changed
+
+    def pairs(n):
+        a = torch.tensor([float("nan"), 0.0, 1.5] * n)
+        signed = a.clone()
+        signed[1] = -0.0
+        ints = torch.arange(3 * n)
+        bumped = ints.clone()
+        bumped[-1] += 1
+        c = torch.ones(2, dtype=torch.complex64)
+        return [(a, a.clone()), (a, signed), (ints, ints.clone()), (ints, bumped),
+                (torch.empty(0), torch.empty(0)), (c, c.clone()), (a.bfloat16(), a.bfloat16())]
+
+    want = [False, True, False, True, False, True, False]
+    assert _changed(pairs(1)) == want
+    assert _changed(pairs(BATCHED_COMPARISON)) == want  # past the batched size
+
+
 def test_compiled_model_top_eigenvalue():
     case = CASES["compiled"]
     model, batch = case.build(), case.batch()

@@ -93,13 +93,41 @@ class ModelGuard(contextlib.AbstractContextManager):
                 p.requires_grad_(req)
             p.grad = grad
         with torch.no_grad():  # buffers, and weights written by forward
-            for b, saved in self._buffers:
-                # only if changed: writing an untouched buffer would bump its
-                # version counter and invalidate graphs kept across calls.
-                # (BatchNorm's kernel updates running statistics without
-                # bumping the counter, so the values are compared.)
-                if not same_bits(b, saved):
+            # only if changed: writing an untouched buffer would bump its
+            # version counter and invalidate graphs kept across calls.
+            # (BatchNorm's kernel updates running statistics without
+            # bumping the counter, so the values are compared.)
+            for (b, saved), changed in zip(self._buffers, _changed(self._buffers), strict=True):
+                if changed:
                     b.copy_(saved)
+
+
+#: Buffers up to this many elements are compared with one synchronization
+#: for all of them (through a boolean temporary of their size); larger ones
+#: one by one, without a temporary (``torch.equal``).
+BATCHED_COMPARISON = 1 << 16
+
+
+def _changed(pairs: list[tuple[Tensor, Tensor]]) -> list[bool]:
+    """For each ``(tensor, saved copy)``, whether their bits differ
+    (:func:`same_bits`).  The small ones are read back together, one
+    synchronization per device: a model's BatchNorm layers hold three
+    buffers each, and a GPU would otherwise wait once per buffer."""
+    out = [True] * len(pairs)
+    flags: dict[torch.device, list[tuple[int, Tensor]]] = {}
+    for i, (b, saved) in enumerate(pairs):
+        kind = _INT_OF_SIZE.get(b.element_size()) if b.dtype.is_floating_point else b.dtype
+        if (b.numel() > BATCHED_COMPARISON or b.shape != saved.shape or kind is None or b.dtype.is_complex
+                or not b.is_contiguous() or not saved.is_contiguous()):
+            out[i] = not same_bits(b, saved)
+        elif b.numel() == 0:
+            out[i] = False
+        else:
+            flags.setdefault(b.device, []).append((i, (b.detach().view(kind) != saved.view(kind)).any()))
+    for items in flags.values():
+        for (i, _), differs in zip(items, torch.stack([f for _, f in items]).tolist(), strict=True):
+            out[i] = bool(differs)
+    return out
 
 
 def written_weights(model: nn.Module) -> list[Tensor]:
