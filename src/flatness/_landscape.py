@@ -161,17 +161,19 @@ class Evaluator:
                 "loss_fn must return a scalar tensor (the mean loss over the batch), "
                 f"got {tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}"
             )
-        row = [float(loss)]
+        # the row's values are read back together: one synchronization with
+        # a GPU per point and batch, not one per value
+        row = [loss.detach().reshape(()).double()]
         if self.has_accuracy(outputs, targets):
-            row.append(float((outputs.argmax(-1) == targets).double().mean()))
+            row.append((outputs.argmax(-1) == targets).double().mean())
         else:
-            row.append(float("nan"))
+            row.append(torch.tensor(float("nan"), dtype=torch.float64, device=loss.device))
         for name, fn in self.metrics.items():
             value = fn(outputs, targets)
             if not isinstance(value, Tensor) or value.numel() != 1:
                 raise ValueError(f"metric {name!r} must return a scalar tensor (a mean over the batch)")
-            row.append(float(value))
-        return row
+            row.append(value.detach().reshape(()).to(device=loss.device, dtype=torch.float64))
+        return torch.stack(row).tolist()
 
     @staticmethod
     def has_accuracy(outputs: Tensor, targets: Tensor) -> bool:

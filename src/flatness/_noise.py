@@ -110,8 +110,9 @@ class _Moments:
         mean = self.mean[k]
         if mean is None:
             return 0.0
-        # in float64 slice by slice: no parameter-sized float64 copy
-        return sum(float(part.double().pow(2).sum()) for part in mean.split(1 << 16))
+        # in float64 slice by slice: no parameter-sized float64 copy (and
+        # one read-back of all slices' sums, not one per slice)
+        return float(torch.stack([part.double().pow(2).sum() for part in mean.split(1 << 16)]).sum())
 
 
 #: Default bound on the bytes of per-sample gradients held at once.
