@@ -277,6 +277,14 @@ def test_kernel_eps_is_tf32s_for_float32_on_a_gpu_that_may_use_it():
         assert kernel_eps(torch.float32, cuda) == f32
         torch.set_float32_matmul_precision("high")  # TF32 matrix products
         assert kernel_eps(torch.float32, cuda) == TF32_EPS
+        # low-memory Lanczos merges copies at the products' rounding: float16's 10 bits
+        from types import SimpleNamespace
+
+        from flatness.hessian import _product_dtype
+
+        assert _product_dtype(SimpleNamespace(dtype=torch.float32, device=cuda)) == torch.float16
+        assert _product_dtype(SimpleNamespace(dtype=torch.float32, device=cpu)) == torch.float32
+        assert _product_dtype(SimpleNamespace(dtype=torch.float64, device=cuda)) == torch.float64
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
         torch.set_float32_matmul_precision(saved[2])

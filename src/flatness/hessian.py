@@ -27,7 +27,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flatness._checks import LOW_PRECISION, check_bool, check_int, is_real, product_bar, user_stacklevel, working_dtype
+from flatness._checks import (
+    LOW_PRECISION,
+    check_bool,
+    check_int,
+    is_real,
+    kernel_eps,
+    product_bar,
+    user_stacklevel,
+    working_dtype,
+)
 from flatness._functional import LossFn, grad_enabled
 from flatness._hvp import CurvatureOperator, check_real_floating
 from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
@@ -445,6 +454,10 @@ def top_eigenvalues(
         For a float16 / bfloat16 model the recurrence's residuals stop near
         the products' precision (about ``1e-3 * scale``): pass ``tol=1e-2``
         or so, else the run ends at ``max_iter`` with ``converged=False``.
+        The same holds for a float32 model on a GPU that runs its
+        convolutions or matrix products in TF32 (cuDNN's default for
+        convolutions on Ampere and later; ``torch.backends.cudnn.allow_tf32
+        = False`` turns it off): its products keep 10 bits, as float16's.
         Memory: two vectors (``q_j`` and ``q_{j-1}``, in whose buffer the
         next product is formed: 2 P in the default dtype for a model of
         ``P`` parameter bytes; three where the products cannot be added in
@@ -529,7 +542,7 @@ def top_eigenvalues(
                 block_size=block_size, generator=gen, device=op.device,
                 basis_dtype=basis_dtype, basis_device=basis_device, store_basis=not low_memory,
                 matvec_update=op.matvec_update if low_memory and basis_device is None else None,
-                product_dtype=op.dtype if op.dtype.is_floating_point else None, max_basis=max_basis,
+                product_dtype=_product_dtype(op), max_basis=max_basis,
             )
     finally:
         if bar is not None:
@@ -558,6 +571,18 @@ def top_eigenvalues(
         wall_time=time.perf_counter() - start,
         engine=op.engine or "",
     )
+
+
+def _product_dtype(op: CurvatureOperator) -> torch.dtype | None:
+    """The dtype whose rounding the operator's products carry: the model's,
+    or float16 for float32 products on a GPU that may run them in TF32
+    (float16's 10 bits; copies of an eigenvalue in a low-memory run then
+    agree to that rounding only, and are merged at it)."""
+    if not op.dtype.is_floating_point:
+        return None
+    if op.dtype == torch.float32 and kernel_eps(op.dtype, op.device) > torch.finfo(op.dtype).eps:
+        return torch.float16
+    return op.dtype
 
 
 def _check_basis_dtype(basis_dtype: Any) -> None:
