@@ -311,3 +311,13 @@ def test_float32_convolutions_in_tf32_pass_the_exactness_checks():
     assert gpu_min == pytest.approx(cpu_min, rel=2e-2)
     assert gpu_kfac.settings["hidden_from_hooks"] == cpu_kfac.settings["hidden_from_hooks"]
     assert gpu_kfac.total == pytest.approx(cpu_kfac.total, rel=2e-2)
+    # low-memory Lanczos: the top three, each once (copies merged at TF32's rounding)
+    model.cpu()
+    cpu_top = hessian.top_eigenvalues(model, data, k=3, tol=1e-6).eigenvalues
+    model.to(DEVICE)
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        lean = hessian.top_eigenvalues(model, _on(data, DEVICE), k=3, tol=1e-2, low_memory=True, max_iter=300)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    torch.testing.assert_close(lean.eigenvalues, cpu_top, rtol=2e-2, atol=2e-2 * float(cpu_top.abs().max()))
