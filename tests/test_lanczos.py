@@ -606,3 +606,30 @@ def test_thick_restart_of_a_float32_basis():
                   generator=torch.Generator().manual_seed(0))
     assert res.converged and res.n_iter > 12 and res.eigenvectors.dtype == torch.float32
     torch.testing.assert_close(res.eigenvalues, _wanted(ev, "LA", 3), rtol=0, atol=1e-5 * 12)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_bound_that_leaves_less_than_a_block_is_not_applied(which):
+    # n=5, blocks of 2, max_basis=2: a restart at the full basis would go on
+    # from a block the space's end cut to one column, whose zero column gave
+    # a Ritz value of 0 with a zero vector, "converged"
+    A = torch.diag(-torch.arange(1.0, 6.0, dtype=DT))
+    for mb in (2, None):
+        res = lanczos(lambda V: A @ V, 5, 1, which=which, block_size=2, max_basis=mb, tol=1e-10,
+                      generator=torch.Generator().manual_seed(0))
+        assert res.converged
+        assert float(res.eigenvalues[0]) == pytest.approx(-1.0 if which == "LA" else -5.0, abs=1e-10)
+        assert float(res.eigenvectors.norm()) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_breakdown_at_the_end_of_the_space_is_a_breakdown(seed):
+    # n=5, blocks of 2: the third block has room for one column; when that
+    # column's Krylov space is exhausted too, the whole block broke down
+    # (the column beyond the room counts), and the rest of the space is
+    # searched for the third copy of 2 instead of stopping at [2, 2, 1]
+    A = torch.diag(torch.tensor([1.0, 1.0, 2.0, 2.0, 2.0], dtype=DT))
+    res = lanczos(lambda V: A @ V, 5, 3, which="LA", block_size=2, tol=1e-10,
+                  generator=torch.Generator().manual_seed(seed))
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, torch.full((3,), 2.0, dtype=DT), rtol=0, atol=1e-10)

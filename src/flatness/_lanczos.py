@@ -270,6 +270,10 @@ def lanczos(
         Source of the random start.
     v0 : Tensor, optional
         Start block ``(n,)`` or ``(n, block_size)`` instead of a random one.
+        What the run learns after a breakdown (that the rest of the space
+        holds only copies of the values found) assumes a start with a
+        component along every eigenvector, as a random one has almost
+        surely: started from an eigenvector, it reports that eigenvalue.
     callback : callable, optional
         Called as ``callback(n_matvec, ritz_values)`` after every step with
         the wanted Ritz values so far (used to trace convergence).
@@ -310,9 +314,19 @@ def lanczos(
         the wanted Ritz vectors and half the others and goes on from the
         residual block, so memory stays at ``max_basis`` blocks however
         many steps convergence takes.  Needs room for the wanted values and
-        one more block: ``max_basis >= ceil(k / block_size) + 1``.  A run
-        whose Krylov space broke down (see above) stops when the basis is
-        full instead of restarting.
+        one more block: ``max_basis >= ceil(k / block_size) + 1``.  What a
+        restarted run gives up, as ARPACK's does: an eigenvalue repeated
+        more than ``block_size`` times may come back fewer times than ``k``
+        asks (the Krylov space no longer breaks down, see above, when it
+        has more dimensions than the basis holds), and ``which="LM"`` with
+        a small basis can converge to an eigenvalue of the other sign than
+        the one wanted (a Ritz value on its way there is dropped at a
+        restart): give LM a basis of several times ``k``.  A run whose
+        Krylov space broke down stops when the basis is full instead of
+        restarting.  A bound that leaves less than one block of the space
+        unheld (``(max_basis + 1) * block_size > n``, small operators) is
+        not applied: the run is exact within ``ceil(n / block_size)``
+        blocks.
 
     Returns
     -------
@@ -361,8 +375,10 @@ def lanczos(
         del X
         return _lanczos_recurrence(matmat, start, n, k, which, tol, max(1, max_iter), callback, matvec_update,
                                    product_dtype)
-    if max_basis is not None and max_basis >= math.ceil(n / b):
-        max_basis = None  # the basis never fills: no restart needed
+    if max_basis is not None and (max_basis + 1) * b > n:
+        # the basis (nearly) spans the space: no restart, the run is exact
+        # (a restart would go on from a block that the space's end cut short)
+        max_basis = None
     if max_basis is None:
         max_iter = max(1, min(max_iter, math.ceil(n / b)))
     capacity = max_iter if max_basis is None else min(max_basis, max(1, max_iter))
@@ -405,7 +421,8 @@ def lanczos(
         # Ritz vectors, the coupling, are removed by the reorthogonalization)
         alphas.append(A.double().cpu().numpy())
         live = min(n, (j + 1) * b)  # columns of the basis that are vectors (the rest are zero)
-        theta, S = _ritz(alphas, betas, live) if kept is None else _ritz_restarted(kept, coupling, alphas, betas)
+        theta, S = _ritz(alphas, betas, live) if kept is None else scipy.linalg.eigh(
+            _projected(kept, coupling, alphas, betas))
         idx = _pick(theta, min(k, len(theta)), which)
         scale = max(np.max(np.abs(theta)), np.finfo(float).tiny)
         if live == n:
@@ -427,7 +444,8 @@ def lanczos(
         if restarted == b and segment is None:
             segment = 0  # the first Krylov space is invariant
         if len(idx) == k and np.all(residuals <= tol * scale) and (
-                segment is None or _complement_settled(theta[idx[-1]], alphas, betas, segment, which, tol * scale)):
+                segment is None or _complement_settled(
+                    theta[idx[-1]], _projected(kept, coupling, alphas, betas[:-1]), B, segment, which, tol * scale)):
             converged = True
             break
         if step + 1 == max_iter:
@@ -451,7 +469,7 @@ def lanczos(
         if restarted == b:
             # the whole block broke down: a new Krylov space starts from
             # random vectors orthogonal to the basis
-            segment = len(alphas) * b
+            segment = (0 if kept is None else len(kept)) + len(alphas) * b  # (a column of the whole basis)
     assert theta is not None and S is not None and idx is not None
     Y = basis.combine(torch.as_tensor(S[:, idx], device=basis.device))
     return LanczosResult(
@@ -490,7 +508,8 @@ def _next_block(
     the space (a restart) instead of on a column of rounding noise.  Only
     ``room`` columns fit (the space has dimension ``n``); the columns beyond
     are zero.  Returns ``Q``, ``B`` (float64 NumPy) and the number of
-    columns replaced.
+    columns that do not continue the Krylov space: replaced, or zero beyond
+    the room (``b`` of them: the whole block broke down).
     """
     b = W.shape[1]
     Q, R = torch.linalg.qr(W)
@@ -522,11 +541,11 @@ def _next_block(
                 if i:
                     w.sub_(prev @ (prev.T @ w))
             w.div_(w.norm())
-    return W, B, replaced
+    return W, B, replaced + max(0, b - room)
 
 
 def _complement_settled(
-    kth: float, alphas: list[np.ndarray], betas: list[np.ndarray], segment: int, which: str, slack: float
+    kth: float, T: np.ndarray, B: np.ndarray, segment: int, which: str, slack: float
 ) -> bool:
     """After a breakdown: whether the rest of the space can still change the
     wanted values.
@@ -538,11 +557,12 @@ def _complement_settled(
     extreme Ritz value of the latest Krylov space (``segment``: its first
     column), once converged, bounds what the rest holds.  The wanted
     values are final when the ``k``-th of them (``kth``) is at least as
-    extreme as that bound (up to ``slack``: copies tie).  ``betas`` ends
-    with the block ``B`` of the step just taken.
+    extreme as that bound (up to ``slack``: copies tie).  ``T`` is the
+    whole projected matrix (:func:`_projected`, also the kept Ritz values
+    of a thick restart), ``B`` the block of the step just taken.
     """
-    b = alphas[0].shape[0]
-    T = _block_tridiagonal(alphas, betas[:-1])[segment:, segment:]
+    b = B.shape[0]
+    T = T[segment:, segment:]
     values, U = scipy.linalg.eigh(T)
     if which == "LA":
         i = int(np.argmax(values))
@@ -550,7 +570,7 @@ def _complement_settled(
         i = int(np.argmin(values))
     else:
         i = int(np.argmax(np.abs(values)))
-    if np.linalg.norm(betas[-1] @ U[-b:, i]) > slack:
+    if np.linalg.norm(B @ U[-b:, i]) > slack:
         return False  # the latest Krylov space's extreme has not converged yet
     e = values[i]
     if which == "LA":
@@ -773,20 +793,23 @@ def _ritz(alphas: list[np.ndarray], betas: list[np.ndarray], live: int | None = 
     return theta, U
 
 
-def _ritz_restarted(
-    kept: np.ndarray, coupling: np.ndarray, alphas: list[np.ndarray], betas: list[np.ndarray]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Eigen-decomposition of the projected matrix after a thick restart:
-    the kept Ritz values on the diagonal, ``coupling`` between them and the
-    first block after the restart, then the (block) tridiagonal part."""
-    ell, b = len(kept), alphas[0].shape[0]
+def _projected(
+    kept: np.ndarray | None, coupling: np.ndarray | None, alphas: list[np.ndarray], betas: list[np.ndarray]
+) -> np.ndarray:
+    """The projected matrix ``Q^T A Q`` as a dense array: the (block)
+    tridiagonal Lanczos matrix, after a thick restart preceded by the kept
+    Ritz values on the diagonal and ``coupling`` between them and the first
+    block after the restart."""
     T = _block_tridiagonal(alphas, betas)
+    if kept is None or coupling is None:
+        return T
+    ell, b = len(kept), alphas[0].shape[0]
     H = np.zeros((ell + T.shape[0],) * 2)
     H[:ell, :ell] = np.diag(kept)
     H[ell : ell + b, :ell] = coupling
     H[:ell, ell : ell + b] = coupling.T
     H[ell:, ell:] = T
-    return scipy.linalg.eigh(H)
+    return H
 
 
 def _kept_columns(capacity: int, k: int, b: int) -> int:

@@ -478,7 +478,11 @@ def top_eigenvalues(
         goes on from the residual, so the basis never exceeds ``max_basis``
         blocks however many steps convergence takes; a small basis needs
         more products.  At least ``ceil(k / block_size) + 1``.  Not with
-        ``low_memory=True``, which stores no basis.
+        ``low_memory=True``, which stores no basis.  As with ARPACK, a
+        restarted run may return an eigenvalue repeated more than
+        ``block_size`` times fewer times than ``k`` asks, and
+        ``which="LM"`` needs a basis of several times ``k`` (a small one can
+        settle on an eigenvalue of the wrong sign).
 
     Returns
     -------
