@@ -266,6 +266,32 @@ def test_top_eigenvalues_memory_saving_modes_match_dense(curvature_case):
         hessian.top_eigenvalues(model, batches, basis_dtype=torch.float16)
 
 
+def test_top_eigenvalues_warns_before_a_basis_that_may_not_fit(monkeypatch):
+    # the worst case (max_iter blocks) against the memory free now: a
+    # warning before any product, naming the ways to bound it; none once
+    # max_basis (or low_memory) bounds it below what is free
+    import warnings
+
+    model = mlp(sizes=(5, 8, 4))
+    batches = classification_batches((7,), (5,), 4)
+    n = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(hessian, "_free_memory", lambda device: 10 * 8 * n)  # ten float64 vectors
+    with pytest.warns(RuntimeWarning, match=r"may grow to .* max_basis=") as record:
+        hessian.top_eigenvalues(model, batches, k=1, max_iter=30)
+    assert record[0].filename == __file__  # (at the caller)
+    calls = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(RuntimeWarning):
+            hessian.top_eigenvalues(model, batches, k=1, max_iter=30, loss_fn=counting_loss(calls))
+    assert calls == []  # before any product
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        hessian.top_eigenvalues(model, batches, k=1, max_iter=30, max_basis=8)
+        hessian.top_eigenvalues(model, batches, k=1, max_iter=9)
+        hessian.top_eigenvalues(model, batches, k=1, max_iter=30, low_memory=True)
+
+
 def test_top_eigenvalues_max_basis_is_checked():
     model = mlp(sizes=(5, 8, 4))
     batches = classification_batches((7,), (5,), 4)

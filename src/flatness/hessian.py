@@ -483,6 +483,10 @@ def top_eigenvalues(
         ``block_size`` times fewer times than ``k`` asks, and
         ``which="LM"`` needs a basis of several times ``k`` (a small one can
         settle on an eigenvalue of the wrong sign).
+        Without it, a ``RuntimeWarning`` before any product says when the
+        basis's worst case (``max_iter`` blocks) exceeds the memory free on
+        its device (``MemAvailable`` on a Linux CPU, the free and cached
+        memory of a GPU); the run goes on, as it may converge sooner.
 
     Returns
     -------
@@ -536,6 +540,9 @@ def top_eigenvalues(
         # the recurrence in the parameters' dtype (float32 at least): each
         # vector is P bytes, not 2 P
         basis_dtype = working_dtype(op.dtype) if low_memory else torch.float64
+    if not low_memory:
+        _warn_if_basis_may_not_fit(n, block_size, min(max_basis or limit, math.ceil(n / block_size)), basis_dtype,
+                                   basis_device if basis_device is not None else op.device)
     if bar is not None:
         bar.total = limit * block_size
     try:
@@ -575,6 +582,42 @@ def top_eigenvalues(
         wall_time=time.perf_counter() - start,
         engine=op.engine or "",
     )
+
+
+def _warn_if_basis_may_not_fit(n: int, b: int, blocks: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Warn before any product when the Lanczos basis, grown to ``blocks``
+    blocks, would not fit in the memory free on ``device`` now (it stops
+    growing when the run converges, so this is a warning, not a refusal)."""
+    need = n * b * blocks * torch.finfo(dtype).bits // 8
+    free = _free_memory(device)
+    if free is None or need <= free:
+        return
+    warnings.warn(
+        f"top_eigenvalues: the Lanczos basis may grow to {need / 2**30:.1f} GiB ({blocks} blocks of {b} "
+        f"vector(s) of {n} {str(dtype).removeprefix('torch.')}), more than the {free / 2**30:.1f} GiB free on "
+        f"{device}; it stops growing when the run converges.  To bound it: max_basis= (thick restarts, e.g. "
+        "max_basis=20), basis_dtype=torch.float32 (half), basis_device='cpu' (beside a GPU model) or "
+        "low_memory=True (eigenvalues only)",
+        RuntimeWarning, stacklevel=user_stacklevel(),
+    )
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` now: ``torch.cuda.mem_get_info`` on a GPU
+    (plus what PyTorch's cache holds free), ``MemAvailable`` of
+    ``/proc/meminfo`` on a Linux CPU; ``None`` where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free) + int(torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
 
 
 def _product_dtype(op: CurvatureOperator) -> torch.dtype | None:
