@@ -295,8 +295,10 @@ def test_top_eigenvalues_warns_before_a_basis_that_may_not_fit(monkeypatch):
 def test_top_eigenvalues_max_basis_is_checked():
     model = mlp(sizes=(5, 8, 4))
     batches = classification_batches((7,), (5,), 4)
-    with pytest.raises(ValueError, match="max_basis=3 blocks cannot hold the k=3"):
+    with pytest.raises(ValueError, match="max_basis=3 blocks of 1 cannot hold the k=3"):
         hessian.top_eigenvalues(model, batches, k=3, max_basis=3)
+    with pytest.raises(ValueError, match="a block from each end of the spectrum.*at least 7"):
+        hessian.top_eigenvalues(model, batches, k=3, max_basis=6, which="LM")
     with pytest.raises(ValueError, match="low_memory=True stores none"):
         hessian.top_eigenvalues(model, batches, k=1, max_basis=4, low_memory=True)
     with pytest.raises(ValueError, match="max_basis must be an int"):

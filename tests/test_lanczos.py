@@ -519,7 +519,7 @@ def _wanted(ev: torch.Tensor, which: str, k: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("block_size", [1, 2])
 @pytest.mark.parametrize("which", ["LA", "SA", "LM"])
-@pytest.mark.parametrize("max_basis", [None, 6, 12])
+@pytest.mark.parametrize("max_basis", [None, 7, 12])
 def test_thick_restart_finds_the_eigenpairs_of_an_unrestarted_run(which, block_size, max_basis):
     # a bulk close to the wanted values: convergence takes many more steps
     # than a small basis holds, so the runs restart several times
@@ -578,10 +578,12 @@ def test_max_basis_is_checked_before_any_product():
         calls.append(1)
         return A @ V
 
-    with pytest.raises(ValueError, match="max_basis=3 blocks cannot hold the k=3"):
+    with pytest.raises(ValueError, match="max_basis=3 blocks of 1 cannot hold the k=3"):
         lanczos(matmat, 10, 3, max_basis=3)
-    with pytest.raises(ValueError, match="max_basis=2 blocks cannot hold the k=4"):
+    with pytest.raises(ValueError, match="max_basis=2 blocks of 2 cannot hold the k=4"):
         lanczos(matmat, 10, 4, block_size=2, max_basis=2)
+    with pytest.raises(ValueError, match="which='LM' settles on eigenvalues of the wrong sign.*at least 7"):
+        lanczos(matmat, 100, 3, which="LM", max_basis=6)
     with pytest.raises(ValueError, match="store_basis=False stores none"):
         lanczos(matmat, 10, 1, store_basis=False, max_basis=5)
     assert not calls
@@ -633,3 +635,21 @@ def test_breakdown_at_the_end_of_the_space_is_a_breakdown(seed):
                   generator=torch.Generator().manual_seed(seed))
     assert res.converged
     torch.testing.assert_close(res.eigenvalues, torch.full((3,), 2.0, dtype=DT), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_thick_restart_for_lm_keeps_both_ends_of_the_spectrum(k):
+    # LM with the smallest basis it accepts, on random spectra around 0:
+    # a restart that kept its extra vectors by magnitude alone took them
+    # all from the side that led, and settled on a wrong eigenvalue
+    # ("converged"); with a block from each end it finds the wanted ones
+    n = 60
+    for seed in range(12):
+        ev = torch.rand(n, dtype=DT, generator=torch.Generator().manual_seed(100 + seed)) * 10 - 5
+        A = _matrix(n, ev, seed=seed)
+        res = lanczos(lambda V: A @ V, n, k, which="LM", tol=1e-10, max_iter=4000, max_basis=k + 4,
+                      generator=torch.Generator().manual_seed(seed))
+        assert res.converged
+        torch.testing.assert_close(torch.sort(res.eigenvalues).values, torch.sort(_wanted(ev, "LM", k)).values,
+                                   rtol=0, atol=1e-8, msg=f"seed {seed}")
+

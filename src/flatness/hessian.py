@@ -39,7 +39,15 @@ from flatness._checks import (
 )
 from flatness._functional import LossFn, grad_enabled
 from flatness._hvp import CurvatureOperator, check_real_floating
-from flatness._lanczos import exact_diagonal, gaussian_density, hutchinson, hutchpp, lanczos, slq_nodes
+from flatness._lanczos import (
+    check_max_basis,
+    exact_diagonal,
+    gaussian_density,
+    hutchinson,
+    hutchpp,
+    lanczos,
+    slq_nodes,
+)
 from flatness._minimum import MinimumSharpnessResult, minimum_sharpness
 from flatness._params import given_order
 from flatness._results import ResultMixin
@@ -477,12 +485,12 @@ def top_eigenvalues(
         wanted Ritz vectors and half the others are kept, and the iteration
         goes on from the residual, so the basis never exceeds ``max_basis``
         blocks however many steps convergence takes; a small basis needs
-        more products.  At least ``ceil(k / block_size) + 1``.  Not with
-        ``low_memory=True``, which stores no basis.  As with ARPACK, a
-        restarted run may return an eigenvalue repeated more than
-        ``block_size`` times fewer times than ``k`` asks, and
-        ``which="LM"`` needs a basis of several times ``k`` (a small one can
-        settle on an eigenvalue of the wrong sign).
+        more products.  At least ``ceil(k / block_size) + 1``, and 4 more
+        for ``which="LM"`` (with less, a restart keeps nothing from one end
+        of the spectrum and can settle on an eigenvalue of the wrong sign).
+        Not with ``low_memory=True``, which stores no basis.  As with
+        ARPACK, a restarted run may return an eigenvalue repeated more than
+        ``block_size`` times fewer times than ``k`` asks.
         Without it, a ``RuntimeWarning`` before any product says when the
         basis's worst case (``max_iter`` blocks) exceeds the memory free on
         its device (``MemAvailable`` on a Linux CPU, the free and cached
@@ -517,11 +525,7 @@ def top_eigenvalues(
         max_basis = check_int("max_basis", max_basis, 1)
         if low_memory:
             raise ValueError("max_basis bounds the stored Lanczos basis; low_memory=True stores none")
-        if max_basis < math.ceil(k / block_size) + 1:
-            raise ValueError(
-                f"max_basis={max_basis} blocks cannot hold the k={k} wanted vectors and one more block of "
-                f"{block_size}: use at least {math.ceil(k / block_size) + 1}"
-            )
+        check_max_basis(max_basis, k, block_size, which)
     if basis_device is not None:
         basis_device = torch.device(basis_device)
     bar = product_bar(progress, "lanczos")
