@@ -491,9 +491,9 @@ def top_eigenvalues(
         Not with ``low_memory=True``, which stores no basis.  As with
         ARPACK, a restarted run may return an eigenvalue repeated more than
         ``block_size`` times fewer times than ``k`` asks.
-        Without it, a ``RuntimeWarning`` before any product says when the
-        basis's worst case (``max_iter`` blocks) exceeds the memory free on
-        its device (``MemAvailable`` on a Linux CPU, the free and cached
+        A ``RuntimeWarning`` before any product says when the basis's
+        worst case (``max_iter`` blocks, or ``max_basis``) exceeds the
+        memory free on its device (``MemAvailable`` on a Linux CPU, the free and cached
         memory of a GPU); the run goes on, as it may converge sooner.
 
     Returns
