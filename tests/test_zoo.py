@@ -115,6 +115,10 @@ def test_top_eigenvalue_and_trace_match_dense(zoo_case):
     assert float(eig.eigenvalues[0]) == pytest.approx(float(evals[-1]), rel=1e-8)
     assert tr.value == pytest.approx(float(ref.diagonal().sum()), rel=1e-8)
     assert eig.engine == eig.settings["engine"] and eig.engine in ("forward-over-reverse", "double-backward")
+    # a basis of three vectors, thick-restarted: the same top eigenvalue
+    bounded = hessian.top_eigenvalues(model, batch, k=1, tol=1e-10, max_basis=3, max_iter=3000, **kw)
+    assert bounded.converged and bounded.n_iter > 3  # (it restarted)
+    assert float(bounded.eigenvalues[0]) == pytest.approx(float(evals[-1]), rel=1e-8)
     assert_same_state(before, state(model))
 
 
