@@ -47,6 +47,23 @@ def grad_scale(scaler: Any) -> float:
     return 1.0
 
 
+def report_inf(scaler: Any, device: torch.device) -> None:
+    """Tell an enabled ``GradScaler`` that a pass overflowed, so that the
+    next ``scaler.update()`` lowers the scale.
+
+    A scaler learns of inf/NaN only through ``unscale_`` (or ``step``) of
+    some optimizer.  A pass whose gradients it never unscales (ConsistentSAM's
+    middle pass) reports through a throwaway optimizer over one parameter with
+    an infinite gradient: ``update()`` sums the inf flags of every optimizer
+    it saw since the last update, so one flag is enough.
+    """
+    if scaler is None or not scaler.is_enabled():
+        return
+    probe = torch.zeros((), device=device)
+    probe.grad = torch.full((), float("inf"), device=device)
+    scaler.unscale_(torch.optim.SGD([probe], lr=0.0))
+
+
 def current_grads(params: Sequence[Tensor]) -> list[Tensor]:
     """The live gradients of ``params`` (zeros for a parameter left without one).
 

@@ -298,6 +298,9 @@ class ConsistentSAM(SharpnessAwareOptimizer):
         if scaler is not None and scaler.is_enabled() and diffs:
             if not bool(torch.isfinite(global_norm(diffs, ord=float("inf")))):
                 self._stage.skip_base_step = True
+                # the scaler saw only the finite first pass: without this its
+                # scale would never come down and every step would overflow
+                fam.report_inf(scaler, diffs[0][0].device)
                 self.perturb(groups, [[torch.zeros_like(p) for p in g.params] for g in groups])
                 return
         pending = []
