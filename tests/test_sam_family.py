@@ -103,9 +103,24 @@ class SGDRef:
         return w - (self.lr if lr is None else lr) * self.buf
 
 
-def sam_e(g, rho):
+def sam_e(g, rho, mask=None):
+    """SAM's ascent; ``mask`` (0/1 per coordinate) leaves the coordinates
+    of ``perturb=False`` groups at zero."""
+    g = g if mask is None else mask * g
     n = g.norm()
     return rho * g / n if n > 0 else torch.zeros_like(g)
+
+
+def still_mask(model, still):
+    """1 on the coordinates of all parameters but the last ``still``."""
+    like = list(model.parameters())
+    return flat([torch.full_like(t, float(i < len(like) - still)) for i, t in enumerate(like)])
+
+
+def two_groups(model, still):
+    """The last ``still`` parameters in a group with ``sam_perturb=False``."""
+    ps = list(model.parameters())
+    return [{"params": ps[:len(ps) - still]}, {"params": ps[len(ps) - still:], "sam_perturb": False}]
 
 
 # ----------------------------------------------------------------------
@@ -154,8 +169,9 @@ def sam_run(kind, data, rho, style="closure"):
 # ======================================================================
 
 
-def ref_gsam(kind, data, rho, alpha, lrs=None, rho_min=None, lr_min=0.0):
+def ref_gsam(kind, data, rho, alpha, lrs=None, rho_min=None, lr_min=0.0, still=0):
     model = MODELS[kind][0]()
+    mask = still_mask(model, still)
     w = flat(weights(model))
     sgd = SGDRef()
     lr_max = LR if lrs is None else lrs[0]
@@ -163,7 +179,7 @@ def ref_gsam(kind, data, rho, alpha, lrs=None, rho_min=None, lr_min=0.0):
         lr = LR if lrs is None else lrs[t]
         rho_t = rho if rho_min is None else rho_min + (rho - rho_min) * (lr - lr_min) / (lr_max - lr_min)
         g = grad(model, w, x, y)
-        gp = grad(model, w + sam_e(g, rho_t), x, y)
+        gp = grad(model, w + sam_e(g, rho_t, mask), x, y)
         g_perp = g - (g @ gp) / (gp @ gp) * gp
         w = sgd(w, gp - alpha * g_perp, lr)
     return unflat(w, list(model.parameters()))
@@ -255,6 +271,32 @@ def test_gsam_bad_settings():
         GSAM(m.parameters(), torch.optim.SGD, alpha=1.5, lr=0.1)
     with pytest.raises(TypeError, match="rho_min"):
         GSAM(m.parameters(), torch.optim.SGD, rho_min="a", lr=0.1)
+    with pytest.raises(ValueError, match=r"rho_min \(0.5\) must be <= rho"):
+        GSAM(m.parameters(), torch.optim.SGD, rho=0.05, rho_min=0.5, lr=0.1)
+    with pytest.raises(ValueError, match=r"lr_max \(0.01\) must be > lr_min"):
+        GSAM(m.parameters(), torch.optim.SGD, rho_min=0.01, lr_max=0.01, lr_min=0.1, lr=0.1)
+    with pytest.raises(ValueError, match="rho_min"):
+        GSAM([{"params": list(m.parameters()), "sam_rho_min": 0.2}], torch.optim.SGD, rho=0.1, lr=0.1)
+
+
+def test_gsam_rho_stays_between_its_ends_outside_the_lr_range():
+    # the linear map extrapolated: lr below lr_min gave a negative radius,
+    # and the "ascent" went downhill
+    m = mlp()
+    opt = GSAM(m.parameters(), torch.optim.SGD, rho=0.05, rho_min=0.01, lr_max=0.1, lr_min=0.05, lr=0.1)
+    radius = {}
+    for lr in (0.2, 0.1, 0.075, 0.05, 0.01, 0.0):
+        opt.param_groups[0]["lr"] = lr
+        radius[lr] = opt.rho_t(opt.sam_settings(opt.param_groups[0]))
+    assert radius[0.2] == radius[0.1] == 0.05
+    assert radius[0.075] == pytest.approx(0.03)
+    assert radius[0.05] == radius[0.01] == radius[0.0] == 0.01
+    (x, y), = batches("mlp", 1)
+    before = F.cross_entropy(m(x), y).item()
+    F.cross_entropy(m(x), y).backward()
+    opt.first_step(zero_grad=True)
+    assert F.cross_entropy(m(x), y).item() > before  # an ascent
+    opt.restore()
 
 
 # ======================================================================
@@ -262,8 +304,9 @@ def test_gsam_bad_settings():
 # ======================================================================
 
 
-def ref_looksam(kind, data, rho, k, alpha, per_tensor=False):
+def ref_looksam(kind, data, rho, k, alpha, per_tensor=False, still=0):
     model = MODELS[kind][0]()
+    mask = still_mask(model, still)
     like = list(model.parameters())
     w = flat(weights(model))
     sgd = SGDRef()
@@ -271,7 +314,7 @@ def ref_looksam(kind, data, rho, k, alpha, per_tensor=False):
     for t, (x, y) in enumerate(data):
         g = grad(model, w, x, y)
         if t % k == 0:
-            gs = grad(model, w + sam_e(g, rho), x, y)
+            gs = grad(model, w + sam_e(g, rho, mask), x, y)
             if per_tensor:
                 gv = flat([b - (a @ b) / (a @ a) * a for a, b in
                            zip([u.reshape(-1) for u in unflat(g, like)], [u.reshape(-1) for u in unflat(gs, like)])])
@@ -428,14 +471,15 @@ def test_gsam_and_looksam_differ_from_sam():
 # ======================================================================
 
 
-def ref_wsam(kind, data, rho, gamma, decouple):
+def ref_wsam(kind, data, rho, gamma, decouple, still=0):
     model = MODELS[kind][0]()
+    mask = still_mask(model, still)
     w = flat(weights(model))
     sgd = SGDRef()
     a = gamma / (1 - gamma)
     for x, y in data:
         g = grad(model, w, x, y)
-        gs = grad(model, w + sam_e(g, rho), x, y)
+        gs = grad(model, w + sam_e(g, rho, mask), x, y)
         if decouple:
             w = sgd(w, g) - LR * a * (gs - g)
         else:
@@ -451,6 +495,47 @@ def test_wsam_matches_written_out_update(kind, style, decouple):
     model, _ = run(lambda m: WSAM(m.parameters(), torch.optim.SGD, rho=0.1, gamma=0.8, decouple=decouple,
                                   lr=LR, momentum=MU), kind, data, style)
     assert_close_lists(weights(model), ref_wsam(kind, data, 0.1, 0.8, decouple))
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("name", ["WSAM", "WSAM-coupled", "GSAM", "LookSAM", "LookSAM-per-tensor"])
+def test_group_without_perturbation_follows_the_variants_rule(name, style):
+    # perturb=False is e = 0 on the group; the variant's rule still combines
+    # its gradients.  They were stepped with the gradient at w + e alone
+    # (WSAM with gamma = 0 was then not the base optimizer).
+    data = batches("mlp", 4)
+    still = 2
+    make, ref = {
+        "WSAM": (lambda m: WSAM(two_groups(m, still), torch.optim.SGD, rho=0.1, gamma=0.8, lr=LR, momentum=MU),
+                 lambda: ref_wsam("mlp", data, 0.1, 0.8, True, still=still)),
+        "WSAM-coupled": (lambda m: WSAM(two_groups(m, still), torch.optim.SGD, rho=0.1, gamma=0.8, decouple=False,
+                                        lr=LR, momentum=MU),
+                         lambda: ref_wsam("mlp", data, 0.1, 0.8, False, still=still)),
+        "GSAM": (lambda m: GSAM(two_groups(m, still), torch.optim.SGD, rho=0.1, alpha=0.3, lr=LR, momentum=MU),
+                 lambda: ref_gsam("mlp", data, 0.1, 0.3, still=still)),
+        "LookSAM": (lambda m: LookSAM(two_groups(m, still), torch.optim.SGD, rho=0.1, k=2, alpha=0.7, lr=LR,
+                                      momentum=MU),
+                    lambda: ref_looksam("mlp", data, 0.1, 2, 0.7, still=still)),
+        "LookSAM-per-tensor": (lambda m: LookSAM(two_groups(m, still), torch.optim.SGD, rho=0.1, k=2, alpha=0.7,
+                                                 per_tensor=True, lr=LR, momentum=MU),
+                               lambda: ref_looksam("mlp", data, 0.1, 2, 0.7, per_tensor=True, still=still)),
+    }[name]
+    model, _ = run(make, "mlp", data, style)
+    assert_close_lists(weights(model), ref())
+
+
+@pytest.mark.parametrize("decouple", [True, False])
+def test_wsam_gamma_zero_with_an_unperturbed_group_is_the_base_optimizer(decouple):
+    data = batches("mlp", 4)
+    model, _ = run(lambda m: WSAM(two_groups(m, 2), torch.optim.SGD, rho=0.1, gamma=0.0, decouple=decouple,
+                                  lr=LR, momentum=MU), "mlp", data, "two_step")
+    plain = mlp()
+    opt = torch.optim.SGD(plain.parameters(), lr=LR, momentum=MU)
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(plain(x), y).backward()
+        opt.step()
+    assert_same(weights(model), weights(plain))
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
@@ -829,20 +914,26 @@ def test_mesa_state_dict_resume_and_errors():
 BSAM_KW = dict(num_data=50, lr=0.05, betas=(0.8, 0.9), weight_decay=0.01, rho=0.1, damping=0.1, s_init=2.0)
 
 
-def ref_bsam(kind, data, seed, num_data, lr, betas, weight_decay, rho, damping, s_init):
+def ref_bsam(kind, data, seed, num_data, lr, betas, weight_decay, rho, damping, s_init, still=0):
     """The authors' ``build_bsam_optimizer`` written out; the noise is
-    drawn as documented (``torch.randn`` per parameter, param order)."""
+    drawn as documented (``torch.randn`` per parameter, param order).  The
+    last ``still`` parameters are not perturbed (no noise, no ascent) but
+    updated as the others."""
     model = MODELS[kind][0]()
     like = list(model.parameters())
+    moved = like[:len(like) - still]
+    mask = flat([torch.full_like(t, float(i < len(moved))) for i, t in enumerate(like)])
     w = flat(weights(model))
     s = torch.full_like(w, s_init)
     gm = torch.zeros_like(w)
     gen = torch.Generator().manual_seed(seed)
     b1, b2 = betas
     for x, y in data:
-        eps = flat([torch.randn(t.shape, generator=gen, dtype=DT) for t in like]) / (num_data * s).sqrt()
+        draws = [torch.randn(t.shape, generator=gen, dtype=DT) for t in moved]
+        draws += [torch.zeros_like(t) for t in like[len(moved):]]
+        eps = flat(draws) / (num_data * s).sqrt()
         g = grad(model, w + eps, x, y)
-        ge = grad(model, w + rho * g / s, x, y)
+        ge = grad(model, w + mask * rho * g / s, x, y)
         gm = b1 * gm + (1 - b1) * (ge + weight_decay * w)
         w = w - lr * gm / s
         s = b2 * s + (1 - b2) * ((s * g**2).sqrt() + damping + weight_decay)
@@ -875,6 +966,24 @@ def test_bsam_matches_written_out_update(kind, style):
     assert_close_lists(weights(model), ref_w)
     assert_close_lists(opt.posterior_variance(), ref_var)
 
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_bsam_group_without_perturbation_is_still_updated(style):
+    # a perturb=False group was never stepped: the update read the
+    # precision's increment, which only the perturbed groups got
+    data = batches("mlp", 4)
+    model = mlp()
+    ps = list(model.parameters())
+    opt = BayesianSAM([{"params": ps[:2]}, {"params": ps[2:], "sam_perturb": False}], seed=3, **BSAM_KW)
+    for x, y in data:
+        if style == "closure":
+            opt.step(closure_for(model, x, y))
+        else:
+            bsam_two_step(opt, model, x, y)
+    ref_w, ref_var = ref_bsam("mlp", data, 3, **BSAM_KW, still=len(ps) - 2)
+    assert_close_lists(weights(model), ref_w)
+    assert_close_lists(opt.posterior_variance(), ref_var)
 
 
 def test_bsam_precision_of_bfloat16_parameters_is_float32():

@@ -267,10 +267,20 @@ class SharpnessAwareOptimizer(Optimizer):
     def ascent_groups(self) -> list[AscentGroup]:
         """The groups to perturb, with the parameters that have gradients
         (sparse gradients as dense copies: the perturbation is dense)."""
+        return self._groups_with_grads(perturbed=True)
+
+    def unperturbed_groups(self) -> list[AscentGroup]:
+        """The groups with ``perturb=False``, with the parameters that have
+        gradients.  ``e = 0`` there; a variant whose step combines the
+        gradients of its passes (WSAM, GSAM, LookSAM) combines theirs too,
+        as its rule does for a coordinate the ascent leaves at zero."""
+        return self._groups_with_grads(perturbed=False)
+
+    def _groups_with_grads(self, perturbed: bool) -> list[AscentGroup]:
         out = []
         for group in self.param_groups:
             settings = self.sam_settings(group)
-            if not settings["perturb"]:
+            if bool(settings["perturb"]) != perturbed:
                 continue
             params = [p for p in group["params"] if p.grad is not None]  # as torch.optim skips
             if params:

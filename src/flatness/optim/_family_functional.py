@@ -168,11 +168,14 @@ def gsam_rho(lr: float, rho: float, rho_min: float | None, lr_min: float, lr_max
         \rho_t = \rho_{\min} + (\rho - \rho_{\min})
             \frac{\mathrm{lr} - \mathrm{lr}_{\min}}{\mathrm{lr}_{\max} - \mathrm{lr}_{\min}} .
 
-    ``rho`` itself when ``rho_min`` is ``None`` or ``lr_max <= lr_min``.
+    ``rho`` itself when ``rho_min`` is ``None`` or ``lr_max <= lr_min``;
+    clamped to ``[rho_min, rho]`` (an ``lr`` outside ``[lr_min, lr_max]``
+    would otherwise extrapolate, to a negative radius below ``lr_min``).
     """
     if rho_min is None or not lr_max > lr_min:
         return rho
-    return rho_min + (rho - rho_min) * ((lr - lr_min) / (lr_max - lr_min))
+    value = rho_min + (rho - rho_min) * ((lr - lr_min) / (lr_max - lr_min))
+    return min(max(value, min(rho_min, rho)), max(rho_min, rho))
 
 
 # -- LookSAM ---------------------------------------------------------------------
@@ -305,9 +308,14 @@ def bsam_direction(
     r"""Bayesian SAM's ascent ``e = rho g / s`` and the precision's increment
     :math:`\sqrt{s}\,|g|` (for :func:`bsam_update_`), ``g`` the gradient at
     ``w + eps``.  Returns ``(ScaledDirection(g / s, rho), sqrt(s) |g|)``."""
+    return ScaledDirection(torch._foreach_div(grads, precisions), rho), bsam_increment(grads, precisions)
+
+
+def bsam_increment(grads: list[Tensor], precisions: list[Tensor]) -> list[Tensor]:
+    r"""The precision's increment :math:`\sqrt{s}\,|g|` (for :func:`bsam_update_`)."""
     gs = torch._foreach_sqrt(precisions)
-    torch._foreach_mul_(gs, torch._foreach_abs(grads))  # sqrt(s) |g|
-    return ScaledDirection(torch._foreach_div(grads, precisions), rho), gs
+    torch._foreach_mul_(gs, torch._foreach_abs(grads))
+    return gs
 
 
 @torch.no_grad()

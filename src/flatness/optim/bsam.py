@@ -18,7 +18,7 @@ from flatness._rng import check_seed
 
 from . import _family as fam
 from ._base import AscentGroup, SharpnessAwareOptimizer, global_norm
-from ._family_functional import bsam_direction, bsam_noise, bsam_update_
+from ._family_functional import bsam_direction, bsam_increment, bsam_noise, bsam_update_
 
 __all__ = ["BayesianSAM"]
 
@@ -106,7 +106,9 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
         opt.second_step(zero_grad=True)  # back to w, update w and s
 
     ``GradScaler`` (``scaler=``), ``same_rng``, ``freeze_bn``, DDP and
-    ``state_dict`` work as for SAM.
+    ``state_dict`` work as for SAM.  A param group with ``perturb=False``
+    gets neither noise nor ascent (``eps = e = 0``); its ``w`` and ``s`` are
+    updated as everywhere else.
 
     Parameters
     ----------
@@ -187,6 +189,17 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
                     out.append(AscentGroup(settings, params, []))
         return out
 
+    def _unperturbed(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        """The groups with ``perturb=False`` and their parameters that have
+        a gradient."""
+        out = []
+        for group in self.param_groups:
+            if not self.sam_settings(group)["perturb"]:
+                params = [p for p in group["params"] if p.requires_grad and p.grad is not None]
+                if params:
+                    out.append((group, params))
+        return out
+
     def _precisions(self, groups: list[AscentGroup]) -> list[list[Tensor]]:
         base: _BayesUpdate = self.base_optimizer  # type: ignore[assignment]
         return [[base.precision(p, g.group) for p in g.params] for g in groups]
@@ -262,12 +275,20 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
             if scaler is not None and scaler.is_enabled():
                 scaler.unscale_(self)
             grads = [fam.current_grads(g.params) for g in groups]
+            # groups with perturb=False: no noise and no ascent, but w and s
+            # are updated as everywhere else, so s needs their increment too
+            still = self._unperturbed()
+            still_grads = [fam.current_grads(params) for _, params in still]
             if scaler is not None and scaler.is_enabled():
-                if not bool(torch.isfinite(global_norm(grads, ord=float("inf")))):
+                if not bool(torch.isfinite(global_norm(grads + still_grads, ord=float("inf")))):
                     self._stage.skip_base_step = True
                     self.perturb(groups, [[torch.zeros_like(p) for p in g.params] for g in groups])
                     return
             base: _BayesUpdate = self.base_optimizer  # type: ignore[assignment]
+            for (group, params), gr in zip(still, still_grads):
+                ss = [base.precision(p, group) for p in params]
+                for p, v in zip(params, bsam_increment(gr, ss)):
+                    base.state[p]["gs"] = v
             directions = []
             for g, gr, ss in zip(groups, grads, self._precisions(groups)):
                 e, gs = bsam_direction(gr, ss, g.group["rho"])  # rho g / s, sqrt(s) |g|

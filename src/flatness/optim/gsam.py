@@ -91,7 +91,10 @@ class GSAM(SAM):
         schedule; under a warmup ``rho_t`` is ``rho`` until the peak, never
         more).  Give the schedule's peak to follow the paper during a warmup.
     lr_min : float
-        The learning rate mapped to ``rho_min`` (default 0).
+        The learning rate mapped to ``rho_min`` (default 0).  A learning
+        rate outside ``[lr_min, lr_max]`` gets the nearer end's radius (the
+        authors' scheduler extrapolates, which can make the radius negative:
+        a descent step in place of the ascent).
 
     Examples
     --------
@@ -137,6 +140,19 @@ class GSAM(SAM):
             params, base_optimizer, defaults, same_rng=same_rng, per_replica=per_replica,
             model=model, freeze_bn=freeze_bn, **base_kwargs,
         )
+        for group in self.param_groups:
+            self._check_schedule(self.sam_settings(group))
+
+    @staticmethod
+    def _check_schedule(group: dict[str, Any]) -> None:
+        """The radius schedule's ends: ``rho_min <= rho`` and ``lr_min < lr_max``."""
+        if group["rho_min"] is not None and group["rho_min"] > group["rho"]:
+            raise ValueError(
+                f"rho_min ({group['rho_min']}) must be <= rho ({group['rho']}): the radius goes from rho at "
+                "lr_max down to rho_min at lr_min"
+            )
+        if group["lr_max"] is not None and not group["lr_max"] > group["lr_min"]:
+            raise ValueError(f"lr_max ({group['lr_max']}) must be > lr_min ({group['lr_min']})")
 
     def _check_setting(self, key: str, value: Any) -> Any:
         if key == "alpha":
@@ -164,7 +180,9 @@ class GSAM(SAM):
     @torch.no_grad()
     def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
         """SAM's ascent with ``rho_t``; keeps a copy of ``g`` for the decomposition."""
-        self._stage.variant.first = [(g.group, list(g.params), fam.clone(g.grads)) for g in groups]
+        # perturb=False groups too: e = 0 there, but the rule combines their gradients
+        self._stage.variant.first = [(g.group, list(g.params), fam.clone(g.grads))
+                                     for g in [*groups, *self.unperturbed_groups()]]
         return SAM.ascent_direction(self, [fam.with_group([g], rho=self.rho_t(g.group))[0] for g in groups])
 
     @torch.no_grad()
@@ -306,7 +324,9 @@ class LookSAM(SAM):
         """SAM's ascent; keeps a copy of ``g`` for ``g_v`` (the copy becomes
         ``g_v`` at the end of the step; nothing is kept for the next one, so
         between steps only ``g_v`` is held beside SAM's weight buffer)."""
-        self._stage.variant.first = [(g.group, list(g.params), fam.clone(g.grads)) for g in groups]
+        # perturb=False groups too: e = 0 there, but the rule combines their gradients
+        self._stage.variant.first = [(g.group, list(g.params), fam.clone(g.grads))
+                                     for g in [*groups, *self.unperturbed_groups()]]
         return super().ascent_direction(groups)
 
     def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:
@@ -324,7 +344,7 @@ class LookSAM(SAM):
         groups = self.ascent_groups()
         if not groups and any(self.sam_settings(g)["perturb"] for g in self.param_groups):
             raise RuntimeError("first_step() found no gradients: run loss.backward() before first_step()")
-        self._reuse(groups)
+        self._reuse([*groups, *self.unperturbed_groups()])
         self.stash_grad()  # the corrected gradient waits for second_step
         self._stage.variant.lazy = True
 

@@ -109,7 +109,9 @@ class WSAM(SAM):
     @torch.no_grad()
     def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
         """SAM's ascent; keeps a copy of ``g``."""
-        self._stage.variant.first = [(g.group, list(g.params), fam.clone(g.grads)) for g in groups]
+        # perturb=False groups too: e = 0 there, but the rule combines their gradients
+        self._stage.variant.first = [(g.group, list(g.params), fam.clone(g.grads))
+                                     for g in [*groups, *self.unperturbed_groups()]]
         return super().ascent_direction(groups)
 
     @torch.no_grad()
