@@ -485,6 +485,44 @@ def test_metrics_and_accuracy():
     assert r.to_dict()["metrics"]["nll"] == r.loss.tolist()
 
 
+class _TwoHeads(nn.Module):
+    """Returns ``(logits, aux)`` or ``{"logits": ..., "aux": ...}``."""
+
+    def __init__(self, as_dict):
+        super().__init__()
+        self.as_dict = as_dict
+        self.body, self.aux = nn.Linear(5, 3), nn.Linear(5, 1)
+
+    def forward(self, x):
+        out = (self.body(x), self.aux(x))
+        return dict(zip(("logits", "aux"), out)) if self.as_dict else out
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_models_returning_a_tuple_or_dict(as_dict):
+    # the accuracy column called .dim() on the outputs: AttributeError
+    torch.manual_seed(0)
+    model = _TwoHeads(as_dict).to(DT)
+    batch = (torch.randn(12, 5, dtype=DT), torch.randint(0, 3, (12,)))
+
+    def loss_fn(out, y):
+        logits, aux = (out["logits"], out["aux"]) if as_dict else out
+        return nn.functional.cross_entropy(logits, y) + aux.pow(2).mean()
+
+    d = L.directions(model, "random", k=1, seed=0)
+    r = L.slice(model, batch, d, grid=[-1.0, 0.0, 1.0], loss_fn=loss_fn)
+    assert r.accuracy is None or torch.isnan(r.accuracy).all()
+    with torch.no_grad():
+        assert math.isclose(float(r.loss[1]), float(loss_fn(model(batch[0]), batch[1])), rel_tol=1e-12)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    i = L.interpolate(model, other, batch, 3, loss_fn=loss_fn)
+    with torch.no_grad():
+        assert math.isclose(i.loss_b, float(loss_fn(other(batch[0]), batch[1])), rel_tol=1e-12)
+
+
 # --------------------------------------------------------------------------
 # conventions
 # --------------------------------------------------------------------------

@@ -176,10 +176,12 @@ class Evaluator:
         return torch.stack(row).tolist()
 
     @staticmethod
-    def has_accuracy(outputs: Tensor, targets: Tensor) -> bool:
-        """Accuracy is defined for class scores ``(n, K)`` and integer labels ``(n,)``."""
+    def has_accuracy(outputs: Any, targets: Any) -> bool:
+        """Accuracy is defined for class scores ``(n, K)`` and integer labels
+        ``(n,)`` (not for a model returning a tuple or dict: NaN)."""
         return (
-            outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point()
+            isinstance(outputs, Tensor) and isinstance(targets, Tensor)
+            and outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point()
             and not targets.is_complex()
         )
 
