@@ -130,3 +130,68 @@ def test_sam_same_rng_reproduces_dropout_and_leaves_rng_alone():
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def _loader():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    # shuffle=False: still, every iteration draws a base seed from the global RNG
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=5)
+
+
+# the public functions without a seed that read data
+def _unseeded_calls():
+    from flatness import diversity as D
+    from flatness import landscape as L
+
+    pair = [_model(0.0), _model(0.0)]
+    with torch.no_grad():
+        pair[1][0].weight.add_(0.5)
+    return {
+        "disagreement": lambda d: D.disagreement(pair, d),
+        "disagreement_error_ratio": lambda d: D.disagreement_error_ratio(pair, d),
+        "prediction_variance": lambda d: D.prediction_variance(pair, d),
+        "ensemble_metrics": lambda d: D.ensemble_metrics(pair, d),
+        "per_sample_sharpness_fisher": lambda d: D.per_sample_sharpness(pair[0], d),
+        "per_sample_sharpness_sam": lambda d: D.per_sample_sharpness(pair[0], d, kind="sam"),
+        "interpolate": lambda d: L.interpolate(pair[0], pair[1], d, 3),
+        "loss_barrier": lambda d: L.loss_barrier(pair, d, n_points=3),
+    }
+
+
+@pytest.mark.parametrize("name", list(_unseeded_calls()))
+def test_functions_reading_a_loader_leave_the_global_rng_alone(name):
+    # the diversity functions iterated the loader outside any saved state:
+    # each call moved the caller's random stream on
+    call = _unseeded_calls()[name]
+    loader = _loader()
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    call(loader)
+    assert torch.equal(torch.get_rng_state(), state), "global RNG state changed"
+
+
+@pytest.mark.parametrize("loss_fn, error", [(None, None), ("ce", TypeError)])
+def test_loss_fn_none_is_the_default_and_a_string_is_refused(loss_fn, error):
+    from flatness.diversity import per_sample_sharpness
+    from flatness.optim import SAM, subset_sam_step
+
+    model = _model(0.0)
+    (x, y), _ = _data()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    mask = torch.arange(len(y)) % 2 == 0
+    w = [p.detach().clone() for p in model.parameters()]
+    if error is not None:
+        with pytest.raises(error, match="loss_fn must be callable"):
+            per_sample_sharpness(model, (x, y), loss_fn=loss_fn)
+        with pytest.raises(error, match="loss_fn must be callable"):
+            subset_sam_step(opt, model, x, y, mask, loss_fn=loss_fn)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+        return
+    torch.testing.assert_close(per_sample_sharpness(model, (x, y), loss_fn=None),
+                               per_sample_sharpness(model, (x, y)), rtol=0, atol=0)
+    ref = _model(0.0)
+    ref_opt = SAM(ref.parameters(), torch.optim.SGD, lr=0.1)
+    assert subset_sam_step(opt, model, x, y, mask, loss_fn=None) == subset_sam_step(ref_opt, ref, x, y, mask)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))

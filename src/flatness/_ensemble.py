@@ -17,6 +17,7 @@ from flatness._distributed import sum_
 from flatness._functional import call_model
 from flatness._guard import ModelGuard
 from flatness._params import unwrap
+from flatness._rng import keep_global_rng
 
 OUTPUTS = ("logits", "probs")
 
@@ -150,7 +151,8 @@ class _Ensemble:
             yield raw, _log_probs(raw, self.outputs), self.targets
             return
         device, dtype = self.devices[0]
-        with contextlib.ExitStack() as stack, torch.no_grad():
+        # the loader's base seed comes from the global RNG
+        with contextlib.ExitStack() as stack, torch.no_grad(), keep_global_rng(torch.device("cpu")):
             for m in self.models:
                 stack.enter_context(ModelGuard(m))
             for inputs, targets in iter_batches(self.data, device=device, dtype=dtype):

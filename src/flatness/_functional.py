@@ -21,6 +21,16 @@ from flatness._params import ParamSet, unwrap
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def check_loss_fn(loss_fn: Any) -> LossFn:
+    """``loss_fn`` as given, or :func:`default_loss` for ``None``;
+    ``TypeError`` for anything not callable (checked before any work)."""
+    if loss_fn is None:
+        return default_loss
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    return loss_fn
+
+
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy, the default ``loss_fn`` of the library.
 

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from flatness._checks import check_int, require_finite
 from flatness._data import batch_size, check_n_batches, iter_batches
 from flatness._distributed import enabled, sum_
-from flatness._functional import LossFn, default_loss
+from flatness._functional import LossFn, check_loss_fn
 from flatness._guard import ModelGuard
 from flatness._params import select_params, uncompiled, unwrap
 from flatness._products import (
@@ -249,10 +249,7 @@ class CurvatureOperator:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if curvature not in CURVATURES:
             raise ValueError(f"unknown curvature {curvature!r}; valid: {', '.join(CURVATURES)}")
-        if loss_fn is None:
-            loss_fn = default_loss
-        elif not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        loss_fn = check_loss_fn(loss_fn)
         chunk_size = check_int("chunk_size", chunk_size, allow_none=True)
         seed = check_seed(seed)
         n_batches = check_n_batches(n_batches)

@@ -43,7 +43,7 @@ from torch.func import functional_call, vmap
 from . import _distributed
 from ._checks import LOW_PRECISION, check_int, is_int, maybe_progress
 from ._data import batch_size, iter_batches
-from ._functional import LossFn, _as_args, _as_kwargs, default_loss
+from ._functional import LossFn, _as_args, _as_kwargs, check_loss_fn
 from ._guard import ModelGuard
 from ._params import ParamSet, uncompiled_name, unwrap
 from ._rng import private_rng
@@ -494,10 +494,7 @@ def grid_coords(grid: Any, n_dirs: int) -> list[list[float]]:
 def check_common(model: Any, loss_fn: Any, metrics: Any, bn: str, engine: str, split: str) -> tuple[LossFn, dict]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if loss_fn is None:
-        loss_fn = default_loss
-    elif not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    loss_fn = check_loss_fn(loss_fn)
     metrics = {} if metrics is None else metrics
     if not isinstance(metrics, Mapping) or not all(isinstance(k, str) and callable(f) for k, f in metrics.items()):
         raise TypeError("metrics must map names to callables fn(outputs, targets) -> scalar tensor")

@@ -18,7 +18,7 @@ from flatness._checks import check_bool, check_int, maybe_progress, require_fini
 from flatness._data import batch_size as _batch_len
 from flatness._data import check_n_batches, iter_batches, split_batch
 from flatness._distributed import gather_objects, merge_moments, sum_
-from flatness._functional import LossFn, default_loss, functional_loss, grad_enabled
+from flatness._functional import LossFn, check_loss_fn, functional_loss, grad_enabled
 from flatness._guard import ModelGuard
 from flatness._kfac import KFACLayer, capture, factor_dims, hidden_use, plan, trace_terms
 from flatness._kfac import factors as kronecker_factors
@@ -36,11 +36,7 @@ def _layer_of(name: str) -> str:
 def _check_common(model: Any, loss_fn: Any) -> LossFn:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if loss_fn is None:
-        return default_loss
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    return loss_fn
+    return check_loss_fn(loss_fn)
 
 
 def noise_factor(n: int, b: int) -> float:

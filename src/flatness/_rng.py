@@ -12,7 +12,10 @@ from flatness._checks import is_int
 
 
 @contextlib.contextmanager
-def _forked_rng(device: torch.device) -> Iterator[None]:
+def keep_global_rng(device: torch.device) -> Iterator[None]:
+    """Restore the global RNG state of the CPU (and of ``device`` if it is a
+    GPU) on exit: what a ``DataLoader`` draws from it (each iteration takes
+    a base seed), or dropout, does not reach the caller's stream."""
     # torch.random.fork_rng, for the CPU and this one CUDA device only, without
     # its accelerator lookup (~10 ms per call, paid by every product)
     cpu = torch.get_rng_state()
@@ -56,7 +59,7 @@ def private_rng(seed: int | None, device: torch.device) -> Iterator[torch.Genera
     from ._distributed import shared_seed
 
     seed = shared_seed(seed)
-    with _forked_rng(device):
+    with keep_global_rng(device):
         gen = torch.Generator(device=device)
         if seed is None:
             gen.seed()

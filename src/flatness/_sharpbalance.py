@@ -25,11 +25,12 @@ from flatness._checks import (
     user_stacklevel,
 )
 from flatness._data import iter_batches
-from flatness._functional import LossFn, default_loss, functional_loss, grad_enabled
+from flatness._functional import LossFn, check_loss_fn, functional_loss, grad_enabled
 from flatness._geometry import ROUNDING_WARNING, lost_share
 from flatness._guard import ModelGuard
 from flatness._params import ParamSet, select_params, unwrap
 from flatness._per_sample import check_chunk_size, iter_per_sample_grads
+from flatness._rng import keep_global_rng
 
 SHARPNESS_KINDS = ("fisher", "sam")
 
@@ -220,7 +221,7 @@ def per_sample_sharpness(
     rho: float = 0.05,
     adaptive: bool = False,
     params: Any = None,
-    loss_fn: LossFn = default_loss,
+    loss_fn: LossFn | None = None,
     chunk_size: int | None = 64,
     trials: int = 1,
     progress: bool = False,
@@ -258,9 +259,10 @@ def per_sample_sharpness(
     params : iterable, optional
         The parameters the gradients are taken with respect to (default: all
         with ``requires_grad``).
-    loss_fn : callable
-        ``loss_fn(outputs, targets)``, a mean over the batch (default: mean
-        cross-entropy), so that a batch of one gives the sample loss.
+    loss_fn : callable, optional
+        ``loss_fn(outputs, targets)``, a mean over the batch (default, or
+        ``None``: mean cross-entropy), so that a batch of one gives the
+        sample loss.
     chunk_size : int or None
         Samples differentiated at once for ``"fisher"`` (bounds memory to
         ``chunk_size`` copies of the parameters).
@@ -281,8 +283,10 @@ def per_sample_sharpness(
     if kind == "sam":
         rho = check_rho(rho)
     chunk_size = check_chunk_size(chunk_size)
+    loss_fn = check_loss_fn(loss_fn)
     ps = select_params(model, params)
-    with ModelGuard(model):
+    # the loader's base seed (and any augmentation) comes from the global RNG
+    with ModelGuard(model), keep_global_rng(ps.device):
         if kind == "sam":
             return _sam_scores(model, ps, data, loss_fn, rho, adaptive, progress)
         total: Tensor | None = None

@@ -38,7 +38,7 @@ from ._checks import (
 from ._data import _is_batch, batch_size, check_n_batches, iter_batches, split_batch
 from ._functional import (
     LossFn,
-    default_loss,
+    check_loss_fn,
     functional_loss,
     functional_loss_and_grad,
     grad_enabled,
@@ -770,10 +770,7 @@ def sharpness(
     if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     _check_sharpness_options(kind, rho, options)
-    if loss_fn is None:
-        loss_fn = default_loss
-    elif not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    loss_fn = check_loss_fn(loss_fn)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return KINDS[kind](

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from flatness._functional import LossFn, call_model, default_loss
+from flatness._functional import LossFn, call_model, check_loss_fn
 
 from ._base import SharpnessAwareOptimizer
 
@@ -47,7 +47,7 @@ def subset_sam_step(
     inputs: Any,
     targets: Tensor,
     mask: Tensor,
-    loss_fn: LossFn = default_loss,
+    loss_fn: LossFn | None = None,
 ) -> float:
     """One training step: SAM on the masked samples, plain on the others.
 
@@ -77,9 +77,9 @@ def subset_sam_step(
         SAM.  With SharpBalance's ``sam_idx`` over the dataset and a loader
         that also yields each sample's dataset index ``idx``:
         ``mask = torch.isin(idx, sam_idx)``.
-    loss_fn : callable
-        ``loss_fn(outputs, targets)``, the mean loss of a batch (default:
-        mean cross-entropy).
+    loss_fn : callable, optional
+        ``loss_fn(outputs, targets)``, the mean loss of a batch (default, or
+        ``None``: mean cross-entropy).
 
     Returns
     -------
@@ -101,6 +101,7 @@ def subset_sam_step(
             f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
             + (f" {mask.dtype}" if isinstance(mask, Tensor) else "")
         )
+    loss_fn = check_loss_fn(loss_fn)
     if optimizer.is_perturbed:
         raise RuntimeError("subset_sam_step() called between first_step() and second_step()")
     n_sam = int(mask.sum())
