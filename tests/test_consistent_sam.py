@@ -521,7 +521,9 @@ def test_order_errors_restore():
     "kwargs, err, match",
     [
         (dict(alpha=1.5), ValueError, "alpha"),
-        (dict(rho2=-0.1), ValueError, "rho"),
+        (dict(rho2=-0.1), ValueError, "^rho2 must be finite and >= 0"),
+        (dict(rho2=float("nan")), ValueError, "^rho2 must be"),
+        (dict(rho2="0.1"), TypeError, "^rho2 must be a number"),
         (dict(preconditioner="fisher"), ValueError, "preconditioner"),
         (dict(preconditioner="kfac"), ValueError, "model="),
         (dict(preconditioner="kfac", adaptive=True, model=None), ValueError, "cannot be combined"),

@@ -105,10 +105,11 @@ def check_base_optimizer(
 
 
 def check_setting(key: str, value: Any) -> Any:
-    """The base class's group settings: ``rho`` and ``eta`` finite real
-    numbers ``>= 0`` (NumPy scalars too), returned as Python floats;
-    ``adaptive`` and ``perturb`` bools (other keys pass, returned as given)."""
-    if key in ("rho", "eta"):
+    """The base class's group settings: ``rho`` and ``eta`` (and a variant's
+    second radius ``rho2``) finite real numbers ``>= 0`` (NumPy scalars too),
+    returned as Python floats; ``adaptive`` and ``perturb`` bools (other keys
+    pass, returned as given)."""
+    if key in ("rho", "rho2", "eta"):
         if not is_real(value):
             raise TypeError(f"{key} must be a number, got {type(value).__name__}")
         if not (value >= 0 and value < float("inf")):

@@ -215,8 +215,6 @@ class ConsistentSAM(SharpnessAwareOptimizer):
         self.update_freq = self.kfac.update_freq  # (checked: a Python int)
 
     def _check_setting(self, key: str, value: Any) -> Any:
-        if key == "rho2":
-            return super()._check_setting("rho", value)
         if key == "alpha":
             if not is_real(value):
                 raise TypeError(f"alpha must be a number, got {type(value).__name__}")
