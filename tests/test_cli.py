@@ -5,6 +5,7 @@ directly on the same batches, or against dense float64 Hessians.
 """
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -356,6 +357,25 @@ def test_module_entry_point(files):
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["result"]["kind"] == "adaptive_linf" and doc["result"]["value"] >= 0
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(files):
+    # `flatness ... | head`: printing into the closed pipe raised
+    # BrokenPipeError with a traceback
+    tmp, *_ = files
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the result is printed
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "flatness", "sharpness", "--model", f"{tmp}/cli_models.py:mlp",
+             "--checkpoint", str(tmp / "ckpt.pt"), "--data", str(tmp / "data.npz"), "--rho", "0.002",
+             "--n-iters", "1"],
+            stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1
 
 
 @pytest.mark.cuda

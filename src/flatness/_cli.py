@@ -562,6 +562,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(_strict_json(doc), indent=2, default=str, allow_nan=False)
     if args.output:
         Path(args.output).write_text(text + "\n", encoding="utf-8")
-    else:
-        print(text)
+        return 0
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # the reader stopped early (``| head``): no traceback; as the Python
+        # docs advise, stdout goes to devnull so the exit flush cannot fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
