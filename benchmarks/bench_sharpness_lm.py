@@ -11,7 +11,8 @@ time is the kernel mapping in the call's new buffers page by page (glibc
 returns the previous call's to the kernel); run the script with and
 without ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's switch for transparent huge
 pages) or glibc's tunables that keep freed memory (both read when the
-process starts) to see what that costs.  ``--step`` also times APGD's
+process starts), or with ``--keep-freed`` (the same two glibc settings made
+at run time through ``mallopt``), to see what that costs.  ``--step`` also times APGD's
 elementwise step alone over the model's tensors, at two piece sizes of the
 fused passes (CPU time, interleaved).
 
@@ -19,6 +20,7 @@ fused passes (CPU time, interleaved).
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_sharpness_lm.py --sizes 10M 50M --step
     GLIBC_TUNABLES=glibc.malloc.trim_threshold=1073741824:glibc.malloc.mmap_threshold=1073741824 \
         python benchmarks/bench_sharpness_lm.py --sizes 10M 50M
+    python benchmarks/bench_sharpness_lm.py --keep-freed --sizes 10M 50M  # the same, set at run time
     python benchmarks/bench_sharpness_lm.py --quick              # a tiny model, seconds
 """
 
@@ -53,6 +55,27 @@ def _times(fn, device: torch.device) -> tuple[float, float, float]:
         return wall, 0.0, 0.0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     return wall, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+
+
+def keep_freed_memory(limit: int = 1 << 30) -> bool:
+    """Make glibc keep freed blocks of up to ``limit`` bytes for reuse.
+
+    ``mallopt(M_MMAP_THRESHOLD)`` serves allocations up to ``limit`` from the
+    heap and ``mallopt(M_TRIM_THRESHOLD)`` keeps up to ``limit`` of freed heap
+    in the process: the run-time form of ``GLIBC_TUNABLES=
+    glibc.malloc.trim_threshold=...:glibc.malloc.mmap_threshold=...``.
+    Returns False where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False
+    # M_MMAP_THRESHOLD = -3, M_TRIM_THRESHOLD = -1; mallopt returns 1 on success
+    return bool(mallopt(-3, limit)) and bool(mallopt(-1, limit))
 
 
 def step_ms(model: torch.nn.Module, pieces: list[int], repeats: int) -> dict[int, float]:
@@ -93,7 +116,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="sequences of 64 tokens (default 2 CPU, 8 CUDA)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--step", action="store_true", help="also time the step alone at two piece sizes")
+    parser.add_argument("--keep-freed", action="store_true",
+                        help="keep freed memory in the process (glibc's mallopt, set at run time)")
     args = parser.parse_args()
+    kept = keep_freed_memory() if args.keep_freed else False
     device = torch.device(args.device)
     batch = args.batch or (2 if device.type == "cpu" else 8)
     sizes = QUICK if args.quick else {k: SIZES[k] for k in args.sizes}
@@ -101,7 +127,8 @@ def main() -> None:
     print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, float32; "
           f"batch {batch} x 64 tokens; {repeats} repeats; "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}; "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; "
+          f"mallopt keep-freed: {'set' if kept else 'no'}")
     print()
     print("| model | sharpness / fb, wall (floor / ours) | user CPU / fb's | system time per call | walls |")
     print("|---|---:|---:|---:|---|")

@@ -8,6 +8,7 @@ figures (speed is never asserted in tests).
 
 import importlib.util
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -63,8 +64,10 @@ def test_sam_benchmark_quick_run_prints_its_ratios():
 
 @pytest.mark.slow
 def test_sharpness_lm_benchmark_quick_run_prints_both_tables():
-    out = _run("bench_sharpness_lm.py", "--quick", "--step")
+    out = _run("bench_sharpness_lm.py", "--quick", "--step", "--keep-freed")
     rows = [line for line in out.splitlines() if line.startswith("| 0.")]
     # a ratio row and a step row for each of the two tiny models
     assert len(rows) == 4, out
     assert "THP_MEM_ALLOC_ENABLE=" in out, out
+    if platform.libc_ver()[0] == "glibc":  # mallopt took both settings
+        assert "mallopt keep-freed: set" in out, out
