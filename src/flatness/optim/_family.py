@@ -4,6 +4,7 @@ generator; their arithmetic is in :mod:`flatness.optim._family_functional`."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -59,9 +60,22 @@ def report_inf(scaler: Any, device: torch.device) -> None:
     """
     if scaler is None or not scaler.is_enabled():
         return
-    probe = torch.zeros((), device=device)
+    # one probe per scaler and device, kept as long as the scaler: the
+    # scaler's records are keyed by id(optimizer), which a throwaway
+    # optimizer would hand on to the next object created
+    probes = _INF_PROBES.setdefault(scaler, {})
+    if device not in probes:
+        probe = torch.zeros((), device=device)
+        probes[device] = (probe, torch.optim.SGD([probe], lr=0.0))
+    probe, opt = probes[device]
     probe.grad = torch.full((), float("inf"), device=device)
-    scaler.unscale_(torch.optim.SGD([probe], lr=0.0))
+    scaler.unscale_(opt)
+    probe.grad = None
+
+
+_INF_PROBES: weakref.WeakKeyDictionary[Any, dict[torch.device, tuple[Tensor, torch.optim.Optimizer]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def current_grads(params: Sequence[Tensor]) -> list[Tensor]:
