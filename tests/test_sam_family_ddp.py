@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from flatness.optim import ESAM, GSAM, MESA, WSAM, BayesianSAM, FriendlySAM, LookSAM
+from flatness.optim import ESAM, GSAM, MESA, WSAM, BayesianSAM, ConsistentSAM, FriendlySAM, LookSAM
 
 pytestmark = [pytest.mark.distributed]
 
@@ -105,4 +105,109 @@ def test_family_under_ddp_equals_the_whole_batch(tmp_path):
         ref = _train(name, net, net, x, y)
         for a, b, r in zip(ranks[0][name], ranks[1][name], ref, strict=True):
             assert torch.equal(a, b), name
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12, msg=name)
+
+
+# ----------------------------------------------------------------------
+# per_replica=True: each replica's own ascent, the step alike on every rank
+# ----------------------------------------------------------------------
+# GSAM, WSAM and LookSAM combined the first pass's gradient, taken in
+# no_sync(), into their step: each rank stepped with its own, and the
+# replicas' weights drifted apart (WSAM 0.16 after one step).  ConsistentSAM
+# formed d from its own g1 but the averaged g2.
+
+PER_REPLICA = ["GSAM", "WSAM", "LookSAM", "ConsistentSAM"]
+
+
+def _make_per_replica(name, ddp):
+    sgd = {"lr": LR, "momentum": 0.9}
+    p, kw = ddp.parameters(), {"per_replica": True, "model": ddp}
+    if name == "GSAM":
+        return GSAM(p, torch.optim.SGD, rho=0.2, alpha=0.3, **kw, **sgd)
+    if name == "WSAM":
+        return WSAM(p, torch.optim.SGD, rho=0.2, gamma=0.8, **kw, **sgd)
+    if name == "LookSAM":
+        return LookSAM(p, torch.optim.SGD, rho=0.2, k=2, alpha=0.7, **kw, **sgd)
+    return ConsistentSAM(p, torch.optim.SGD, rho=0.2, rho2=0.1, alpha=0.5, **kw, **sgd)
+
+
+def _per_replica_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        x, y = _data()
+        x, y = x[rank * 8:(rank + 1) * 8], y[rank * 8:(rank + 1) * 8]
+        results = {}
+        for name in PER_REPLICA:
+            net = _model()
+            ddp = nn.parallel.DistributedDataParallel(net)
+            opt = _make_per_replica(name, ddp)
+            for _ in range(STEPS):
+                def closure():
+                    loss = F.cross_entropy(ddp(x), y)
+                    loss.backward()
+                    return loss
+
+                opt.step(closure)
+            results[name] = [p.detach().clone() for p in net.parameters()]
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ref_per_replica(name):
+    """The rules written out on flat weights: each shard's ascent from its
+    own gradients, the step from the gradients averaged over the shards."""
+    net = _model()
+    like = list(net.parameters())
+    names = [n for n, _ in net.named_parameters()]
+    x, y = _data()
+    shards = [(x[r * 8:(r + 1) * 8], y[r * 8:(r + 1) * 8]) for r in range(WORLD)]
+
+    def grad(w, xs, ys):
+        w = w.detach().requires_grad_(True)
+        split = [t.view_as(p) for t, p in zip(w.split([p.numel() for p in like]), like)]
+        loss = F.cross_entropy(torch.func.functional_call(net, dict(zip(names, split)), (xs,)), ys)
+        return torch.autograd.grad(loss, w)[0]
+
+    def mean(ts):
+        return sum(ts) / len(ts)
+
+    w = torch.cat([p.detach().reshape(-1) for p in like])
+    buf, gv, m = None, None, [torch.zeros_like(w) for _ in shards]
+    for step in range(STEPS):
+        g = [grad(w, *s) for s in shards]
+        e = [0.2 * gr / gr.norm() for gr in g]
+        if name == "LookSAM" and step % 2 == 1:  # a reuse step: one pass, DDP averages it
+            gm = mean(g)
+            d = gm + 0.7 * gm.norm() / gv.norm() * gv
+        elif name == "ConsistentSAM":
+            g2 = [grad(w + er, *s) for er, s in zip(e, shards)]
+            for r in range(WORLD):
+                m[r] = 0.5 * m[r] + 0.5 * (g2[r] - g[r])
+            dr = [g2[r] - g[r] - m[r] for r in range(WORLD)]
+            d = mean([grad(w + 0.1 * v / v.norm(), *s) for v, s in zip(dr, shards)])
+        else:
+            gm, gs = mean(g), mean([grad(w + er, *s) for er, s in zip(e, shards)])
+            if name == "GSAM":
+                d = gs - 0.3 * (gm - (gm @ gs) / (gs @ gs) * gs)
+            elif name == "WSAM":
+                d = gm
+            else:  # LookSAM's full step
+                gv, d = gs - (gm @ gs) / (gm @ gm) * gm, gs
+        buf = d.clone() if buf is None else 0.9 * buf + d
+        w = w - LR * buf
+        if name == "WSAM":  # decoupled: the sharpness term outside the momentum
+            w = w - LR * 4.0 * (gs - gm)
+    return [t.view_as(p) for t, p in zip(w.split([p.numel() for p in like]), like)]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_per_replica_ascent_keeps_the_replicas_identical(tmp_path):
+    mp.spawn(_per_replica_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for name in PER_REPLICA:
+        ref = _ref_per_replica(name)
+        for a, b, r in zip(ranks[0][name], ranks[1][name], ref, strict=True):
+            assert torch.equal(a, b), f"{name}: the replicas' weights differ"
             torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12, msg=name)

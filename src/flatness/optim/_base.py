@@ -435,6 +435,21 @@ class SharpnessAwareOptimizer(Optimizer):
         if not self.per_replica:
             _stage.mean_over_replicas_(tensors, getattr(self.model, "process_group", None))
 
+    def share_first_pass_(self, grads: Sequence[Tensor]) -> None:
+        """With ``per_replica=True``, average copies of the first pass's
+        gradients (taken in ``no_sync()``, so each replica's own) over the
+        replicas, in place, once the ascent is formed: a variant that
+        combines them into its step (GSAM, WSAM, LookSAM) must step alike on
+        every replica, or the replicas' weights drift apart.  A no-op
+        otherwise (DDP has averaged them already)."""
+        if self.per_replica:
+            _stage.mean_over_replicas_(grads, getattr(self.model, "process_group", None))
+
+    def _local_first_pass(self) -> bool:
+        """Whether :meth:`first_pass` runs in ``no_sync()``: with
+        ``per_replica=True``, the pass the ascent is formed from."""
+        return self.per_replica
+
     # -- delegation and state ----------------------------------------------------
 
     def _all_params(self) -> list[Tensor]:

@@ -175,7 +175,7 @@ def first_pass(opt: Any) -> Iterator[None]:
     if opt._stage.perturbed is not None:
         raise RuntimeError("first_pass() entered while perturbed: call second_step() first")
     opt._stage.rng = _RngSnapshot(_rng_devices(opt._all_params())) if opt.same_rng else None
-    with opt.model.no_sync() if opt.per_replica else contextlib.nullcontext():
+    with opt.model.no_sync() if opt._local_first_pass() else contextlib.nullcontext():
         yield
 
 

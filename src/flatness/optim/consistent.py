@@ -109,6 +109,11 @@ class ConsistentSAM(SharpnessAwareOptimizer):
     paper's code).  Norms are joint over all perturbed groups; a group's
     ``rho`` / ``rho2`` scale its part.  ``e_1`` is always plain SAM.
 
+    Under DDP with ``per_replica=True`` the passes at ``w`` and at
+    ``w + e_1`` both run in ``no_sync()``: each replica forms ``e_1``, ``d``,
+    ``m`` and ``e_2`` from its own gradients (``m`` is then each replica's
+    own), and only ``g_3`` is averaged for the step.
+
     Parameters
     ----------
     params, base_optimizer, same_rng, per_replica, freeze_bn, **base_kwargs
@@ -244,6 +249,16 @@ class ConsistentSAM(SharpnessAwareOptimizer):
         (every ``update_freq`` steps), so the first pass must run inside it
         (``step(closure)`` does this)."""
         with super().first_pass(), self.kfac.recording():
+            yield
+
+    @contextlib.contextmanager
+    def second_pass(self) -> Iterator[None]:
+        """Context for the forward-backward at ``w + e_1`` and at ``w + e_2``
+        (as :meth:`SharpnessAwareOptimizer.second_pass`); with
+        ``per_replica=True`` the pass at ``w + e_1`` runs in ``no_sync()``:
+        ``d = g_2 - g_1 - m`` compares one replica's gradients."""
+        local = self.per_replica and self._stage.variant.first is not None
+        with super().second_pass(), self.model.no_sync() if local else contextlib.nullcontext():
             yield
 
     def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:

@@ -68,7 +68,8 @@ class GSAM(SAM):
     perturbation and ``g_perp = g``); the decomposition uses the gradients
     DDP has all-reduced (the authors run both passes in ``no_sync()`` and
     average the final gradient; pass ``per_replica=True`` for a per-replica
-    ascent); the radius is computed from ``lr`` rather than through a
+    ascent: the first pass's gradient is then averaged over the replicas
+    after the ascent, for the decomposition); the radius is computed from ``lr`` rather than through a
     separate ``ProportionScheduler`` object.  ``pytorch_optimizer.GSAM``
     implements the same update (with ``eps = 1e-12`` and a float32 norm in
     the ascent), its trajectory agrees to ~1e-7 relative.
@@ -181,8 +182,9 @@ class GSAM(SAM):
     def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
         """SAM's ascent with ``rho_t``; keeps a copy of ``g`` for the decomposition."""
         # perturb=False groups too: e = 0 there, but the rule combines their gradients
-        self._stage.variant.first = [(g.group, list(g.params), fam.clone(g.grads))
-                                     for g in [*groups, *self.unperturbed_groups()]]
+        first = [(g.group, list(g.params), fam.clone(g.grads)) for g in [*groups, *self.unperturbed_groups()]]
+        self.share_first_pass_([t for *_, copies in first for t in copies])  # (the ascent reads .grad)
+        self._stage.variant.first = first
         return SAM.ascent_direction(self, [fam.with_group([g], rho=self.rho_t(g.group))[0] for g in groups])
 
     @torch.no_grad()
@@ -319,14 +321,20 @@ class LookSAM(SAM):
         """True when the next step is a full SAM step (two passes)."""
         return self.looksam_step % self.k == 0
 
+    def _local_first_pass(self) -> bool:
+        # a reuse step's only pass gives the gradient it steps with: DDP
+        # must average it (per_replica affects the full steps' ascent only)
+        return self.per_replica and self.is_full_step
+
     @torch.no_grad()
     def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
         """SAM's ascent; keeps a copy of ``g`` for ``g_v`` (the copy becomes
         ``g_v`` at the end of the step; nothing is kept for the next one, so
         between steps only ``g_v`` is held beside SAM's weight buffer)."""
         # perturb=False groups too: e = 0 there, but the rule combines their gradients
-        self._stage.variant.first = [(g.group, list(g.params), fam.clone(g.grads))
-                                     for g in [*groups, *self.unperturbed_groups()]]
+        first = [(g.group, list(g.params), fam.clone(g.grads)) for g in [*groups, *self.unperturbed_groups()]]
+        self.share_first_pass_([t for *_, copies in first for t in copies])  # (the ascent reads .grad)
+        self._stage.variant.first = first
         return super().ascent_direction(groups)
 
     def first_step(self, zero_grad: bool = False, *, scaler: Any = None) -> None:

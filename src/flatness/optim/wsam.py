@@ -110,8 +110,9 @@ class WSAM(SAM):
     def ascent_direction(self, groups: list[AscentGroup]) -> list[ScaledDirection]:
         """SAM's ascent; keeps a copy of ``g``."""
         # perturb=False groups too: e = 0 there, but the rule combines their gradients
-        self._stage.variant.first = [(g.group, list(g.params), fam.clone(g.grads))
-                                     for g in [*groups, *self.unperturbed_groups()]]
+        first = [(g.group, list(g.params), fam.clone(g.grads)) for g in [*groups, *self.unperturbed_groups()]]
+        self.share_first_pass_([t for *_, copies in first for t in copies])  # (the ascent reads .grad)
+        self._stage.variant.first = first
         return super().ascent_direction(groups)
 
     @torch.no_grad()
