@@ -116,7 +116,9 @@ def test_family_under_ddp_equals_the_whole_batch(tmp_path):
 # replicas' weights drifted apart (WSAM 0.16 after one step).  ConsistentSAM
 # formed d from its own g1 but the averaged g2.
 
-PER_REPLICA = ["GSAM", "WSAM", "LookSAM", "ConsistentSAM"]
+PER_REPLICA = ["GSAM", "WSAM", "LookSAM", "ConsistentSAM", "BayesianSAM"]
+BSAM_PER_REPLICA = {"num_data": 100, "lr": 0.1, "rho": 0.05, "betas": (0.9, 0.999), "weight_decay": 1e-4,
+                    "damping": 0.1, "s_init": 1.0}
 
 
 def _make_per_replica(name, ddp):
@@ -128,6 +130,8 @@ def _make_per_replica(name, ddp):
         return WSAM(p, torch.optim.SGD, rho=0.2, gamma=0.8, **kw, **sgd)
     if name == "LookSAM":
         return LookSAM(p, torch.optim.SGD, rho=0.2, k=2, alpha=0.7, **kw, **sgd)
+    if name == "BayesianSAM":  # the same seed: the same noise on every rank
+        return BayesianSAM(p, seed=3, **kw, **BSAM_PER_REPLICA)
     return ConsistentSAM(p, torch.optim.SGD, rho=0.2, rho2=0.1, alpha=0.5, **kw, **sgd)
 
 
@@ -174,6 +178,8 @@ def _ref_per_replica(name):
         return sum(ts) / len(ts)
 
     w = torch.cat([p.detach().reshape(-1) for p in like])
+    if name == "BayesianSAM":  # its own update: s and the momentum g_m
+        return _ref_bsam_per_replica(w, like, shards, grad, mean)
     buf, gv, m = None, None, [torch.zeros_like(w) for _ in shards]
     for step in range(STEPS):
         g = [grad(w, *s) for s in shards]
@@ -199,6 +205,25 @@ def _ref_per_replica(name):
         w = w - LR * buf
         if name == "WSAM":  # decoupled: the sharpness term outside the momentum
             w = w - LR * 4.0 * (gs - gm)
+    return [t.view_as(p) for t, p in zip(w.split([p.numel() for p in like]), like)]
+
+
+def _ref_bsam_per_replica(w, like, shards, grad, mean):
+    """Bayesian SAM (as ``ref_bsam`` in test_sam_family.py) with each
+    shard's ascent and precision increment, both averaged for the update."""
+    kw = BSAM_PER_REPLICA
+    (b1, b2), wd = kw["betas"], kw["weight_decay"]
+    s, gm = torch.full_like(w, kw["s_init"]), torch.zeros_like(w)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(STEPS):
+        eps = torch.cat([torch.randn(p.shape, generator=gen, dtype=w.dtype).reshape(-1) for p in like])
+        eps = eps / (kw["num_data"] * s).sqrt()
+        g = [grad(w + eps, *sh) for sh in shards]
+        ge = mean([grad(w + kw["rho"] * gr / s, *sh) for gr, sh in zip(g, shards)])
+        inc = mean([(s * gr**2).sqrt() for gr in g])
+        gm = b1 * gm + (1 - b1) * (ge + wd * w)
+        w = w - kw["lr"] * gm / s
+        s = b2 * s + (1 - b2) * (inc + kw["damping"] + wd)
     return [t.view_as(p) for t, p in zip(w.split([p.numel() for p in like]), like)]
 
 

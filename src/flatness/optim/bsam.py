@@ -106,7 +106,9 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
         opt.second_step(zero_grad=True)  # back to w, update w and s
 
     ``GradScaler`` (``scaler=``), ``same_rng``, ``freeze_bn``, DDP and
-    ``state_dict`` work as for SAM.  A param group with ``perturb=False``
+    ``state_dict`` work as for SAM (with ``per_replica=True`` the
+    precision's increment ``sqrt(s) |g|`` is averaged over the replicas,
+    so ``s`` stays the same on all).  A param group with ``perturb=False``
     gets neither noise nor ascent (``eps = e = 0``); its ``w`` and ``s`` are
     updated as everywhere else.
 
@@ -295,6 +297,9 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
                 for p, v in zip(g.params, gs):
                     base.state[p]["gs"] = v
                 directions.append(e)
+            # per_replica: each replica's |g| went into its own increment; s
+            # (and so the step) must be the same on every replica
+            self.share_first_pass_([base.state[p]["gs"] for p in self._all_params() if "gs" in base.state[p]])
             self.perturb(groups, directions)
         except BaseException:
             self.restore()
