@@ -596,3 +596,33 @@ def test_spectral_density_low_memory_and_float32_basis_give_the_same_density():
         hessian.spectral_density(model, batch, basis_dtype=torch.float16)
     with pytest.raises(TypeError, match="low_memory"):
         hessian.spectral_density(model, batch, low_memory="yes")
+
+
+def test_a_summed_loss_over_several_batches_is_refused():
+    # each batch's curvature is weighted by its share of the samples: right
+    # for a mean loss, a third of the summed loss's trace on 4, 4, 4 samples
+    from flatness.nonuniformity import kfac_variance
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    summed = nn.CrossEntropyLoss(reduction="sum")
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 12, 4)]
+    for call in (lambda d, **kw: hessian.trace(model, d, loss_fn=summed, method="exact", **kw),
+                 lambda d, **kw: hessian.top_eigenvalues(model, d, loss_fn=summed, max_iter=3, **kw),
+                 lambda d, **kw: hessian.minimum_sharpness(model, d, loss_fn=summed, **kw),
+                 lambda d, **kw: kfac_variance(model, d, loss_fn=summed, **kw)):
+        with pytest.raises(ValueError, match="reduction='sum'"):
+            call(batches)
+        with pytest.raises(ValueError, match="reduction='sum'"):
+            call(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4))
+        call((x, y))  # one batch: the summed loss's own curvature
+        call(batches, n_batches=1)
+    # one batch with the summed loss is the dense Hessian of the summed loss
+    dense = torch.autograd.functional.hessian(
+        lambda *w: summed(torch.func.functional_call(model, dict(zip(dict(model.named_parameters()), w)), (x,)), y),
+        tuple(p.detach() for p in model.parameters()))
+    exact = sum(float(dense[i][i].reshape(p.numel(), p.numel()).trace()) for i, p in enumerate(model.parameters()))
+    assert hessian.trace(model, (x, y), loss_fn=summed, method="exact").value == pytest.approx(exact, rel=1e-10)
+    # the mean loss over the batches: as before
+    hessian.trace(model, batches, loss_fn=nn.CrossEntropyLoss(), method="exact")

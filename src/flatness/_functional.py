@@ -31,6 +31,35 @@ def check_loss_fn(loss_fn: Any) -> LossFn:
     return loss_fn
 
 
+def refuse_summed_loss_over_batches(loss_fn: Any, data: Any, what: str, n_batches: int | None = None) -> None:
+    """``ValueError`` for a loss module that sums (``reduction="sum"``) or
+    does not reduce (``"none"``) when ``data`` holds several batches.
+
+    Over several batches the library weights each batch's result by its
+    share of the samples, ``sum_b (n_b / N) X_b``: the quantity of the mean
+    loss over all samples when ``loss_fn`` is a mean, but neither the summed
+    loss's nor the mean loss's for a summed one (a loader of 4, 4, 4 samples
+    gave a third of the summed loss's Hessian trace, with no warning).  Only
+    losses that declare their reduction (``nn.CrossEntropyLoss`` and the
+    other ``torch.nn`` losses) can be checked.
+    """
+    from flatness._data import _is_batch
+
+    reduction = getattr(loss_fn, "reduction", "mean")
+    if reduction not in ("sum", "none") or _is_batch(data) or n_batches == 1:
+        return
+    try:
+        several = len(data) > 1
+    except TypeError:  # an iterable without a length: several, as far as can be told
+        several = True
+    if several:
+        raise ValueError(
+            f"{what} averages its batches weighted by their sizes, which needs a loss_fn that is a "
+            f"mean over its batch; got a loss with reduction={reduction!r}.  Use reduction='mean' "
+            "(and multiply by the number of samples for the summed loss), or give one batch"
+        )
+
+
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy, the default ``loss_fn`` of the library.
 

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from flatness._checks import check_int, require_finite
 from flatness._data import batch_size, check_n_batches, iter_batches
 from flatness._distributed import enabled, sum_
-from flatness._functional import LossFn, check_loss_fn
+from flatness._functional import LossFn, check_loss_fn, refuse_summed_loss_over_batches
 from flatness._guard import ModelGuard
 from flatness._params import select_params, uncompiled, unwrap
 from flatness._products import (
@@ -253,6 +253,7 @@ class CurvatureOperator:
         chunk_size = check_int("chunk_size", chunk_size, allow_none=True)
         seed = check_seed(seed)
         n_batches = check_n_batches(n_batches)
+        refuse_summed_loss_over_batches(loss_fn, data, "the curvature over several batches", n_batches)
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
         if not isinstance(train, bool):

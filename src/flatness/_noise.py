@@ -18,7 +18,13 @@ from flatness._checks import check_bool, check_int, maybe_progress, require_fini
 from flatness._data import batch_size as _batch_len
 from flatness._data import check_n_batches, iter_batches, split_batch
 from flatness._distributed import gather_objects, merge_moments, sum_
-from flatness._functional import LossFn, check_loss_fn, functional_loss, grad_enabled
+from flatness._functional import (
+    LossFn,
+    check_loss_fn,
+    functional_loss,
+    grad_enabled,
+    refuse_summed_loss_over_batches,
+)
 from flatness._guard import ModelGuard
 from flatness._kfac import KFACLayer, capture, factor_dims, hidden_use, plan, trace_terms
 from flatness._kfac import factors as kronecker_factors
@@ -516,6 +522,7 @@ def kfac_variance(
     chunk_size = check_chunk_size(chunk_size)
     memory_limit = check_int("memory_limit", memory_limit, allow_none=True)
     n_batches = check_n_batches(n_batches)
+    refuse_summed_loss_over_batches(loss_fn, data, "kfac_variance", n_batches)
     check_bool("factors", factors)
     check_bool("progress", progress)
     ps = select_params(model, params)
