@@ -257,6 +257,23 @@ def test_float32_batchnorm_dropout_model_and_frozen_params():
     assert r_train.value == r_train2.value
 
 
+@pytest.mark.parametrize("kind", ["l2", "linf", "avg_l2", "avg_linf"])
+def test_train_mode_keeps_one_dropout_mask_per_chunk(kind):
+    # every evaluation drew its own dropout mask: at rho -> 0 the value was
+    # the masks' noise (0.09), not ~0; now w and every w + d of a chunk see
+    # the same mask, which a float64 model without dropout confirms: the
+    # value at rho 1e-8 is of the order of rho
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.3), nn.Tanh(), nn.Linear(16, 3)).double()
+    x, y = batch(0)
+    options = {"n_samples": 4} if kind.startswith("avg") else {"n_iters": 3}
+    tiny = flatness.sharpness(model, (x, y), kind=kind, rho=1e-8, train=True, seed=1, m=4, **options)
+    assert abs(tiny.value) < 1e-6, tiny.value
+    # the mask moves on between chunks and with the seed
+    other = flatness.sharpness(model, (x, y), kind=kind, rho=1e-8, train=True, seed=2, m=4, **options)
+    assert tiny.clean_loss != other.clean_loss
+
+
 def test_params_selection_and_dataloader_batches():
     model = mlp(6)
     x, y = batch(6, n=20)

@@ -38,6 +38,7 @@ from ._checks import NonFiniteLossError
 from ._data import batch_size
 from ._functional import LossFn, _loss_of, call_model
 from ._params import ParamSet, unwrap
+from ._rng import RngSnapshot
 
 __all__ = ["ShardedLoss", "check_sharded"]
 
@@ -104,6 +105,8 @@ class ShardedLoss:
         self.world = mesh.size()
         self.saved: list[Tensor] = []
         self.forward = 0
+        #: the RNG state each evaluation of a chunk starts from (train=True)
+        self.replay: RngSnapshot | None = None
         self.backward = 0
         self._targets: Tensor | None = None
         self._in_place: list[Tensor] | None = None
@@ -167,12 +170,16 @@ class ShardedLoss:
         return _finite(total / n)
 
     def value(self, values: list[Tensor], inputs: Any, targets: Tensor) -> float:
+        if self.replay is not None:
+            self.replay.restore()
         with torch.no_grad():
             local = self._local(values, inputs, targets)
         self.forward += 1
         return self._mean(local, targets)
 
     def value_and_grad(self, values: list[Tensor], inputs: Any, targets: Tensor) -> tuple[float, list[Tensor]]:
+        if self.replay is not None:
+            self.replay.restore()
         for p in self.model.parameters():
             p.grad = None
         with torch.enable_grad():

@@ -28,6 +28,20 @@ def keep_global_rng(device: torch.device) -> Iterator[None]:
             torch.cuda.set_rng_state(cuda, device)
 
 
+class RngSnapshot:
+    """The global CPU RNG state plus the CUDA states of ``devices``, to
+    replay the same random draws (dropout masks) in several passes."""
+
+    def __init__(self, devices: list[torch.device]) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = [(d, torch.cuda.get_rng_state(d)) for d in devices]
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for d, state in self.cuda:
+            torch.cuda.set_rng_state(state, d)
+
+
 def check_seed(seed: object, *, allow_none: bool = True) -> int | None:
     """Refuse a seed that is not an int (or ``None`` where allowed) or that
     does not fit in 64 bits: checked up front by the measurements, so that a

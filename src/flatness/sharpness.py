@@ -49,7 +49,7 @@ from ._hvp import CurvatureOperator
 from ._options import check_options
 from ._params import ParamSet, moved_state, select_params
 from ._results import ResultMixin
-from ._rng import check_seed, private_rng
+from ._rng import RngSnapshot, check_seed, private_rng
 
 __all__ = ["KINDS", "NonFiniteLossError", "SharpnessResult", "sharpness"]
 
@@ -140,6 +140,9 @@ class _Loss:
         self.normalize, self.extra = normalize, extra
         self.forward = 0
         self.backward = 0
+        #: with train=True, the RNG state every evaluation of the chunk
+        #: starts from: one dropout mask for w and every w + d of a chunk
+        self.replay: RngSnapshot | None = None
         #: whether gradients may take over the buffers of the values they
         #: are taken at (see ``functional_loss_and_grad``); turned off for
         #: the rest of the call by a model that reads a value again after
@@ -153,6 +156,8 @@ class _Loss:
         )
 
     def value(self, values: list[Tensor], inputs: Any, targets: Tensor) -> float:
+        if self.replay is not None:
+            self.replay.restore()
         with torch.no_grad():
             loss = self._loss(values, inputs, targets)
         self.forward += 1
@@ -169,6 +174,8 @@ class _Loss:
         # activation checkpointing recomputes blocks at w + d, not at w.
         # ``into_values``: the gradients come back in the values' buffers.
         # ``on_value``: called with the (finite) value before the backward pass.
+        if self.replay is not None:
+            self.replay.restore()
         loss, grads = functional_loss_and_grad(
             self.model, self.params, values, inputs, targets, self.loss_fn,
             logit_normalization=self.normalize, extra=self.extra, into_values=into_values,
@@ -416,6 +423,8 @@ def _perturbation_sharpness(
                 n = size(targets)
                 clean_sum = sharp_sum = 0.0
                 for x, y in split_batch(inputs, targets, m):
+                    if train:  # the same dropout mask at w and at every w + d of the chunk
+                        loss.replay = RngSnapshot([dev] if dev.type == "cuda" else [])
                     if worst:
                         clean, pert = _worst_case_chunk(loss, weights, pset, x, y, n_iters, restarts, gen)
                     else:
@@ -680,7 +689,10 @@ def sharpness(
         Show a tqdm progress bar over batches (needs ``flatness[progress]``).
     train : bool
         Measure in training mode (BatchNorm batch statistics, dropout on).
-        Default: eval mode.
+        Each chunk (batch, or ``m`` samples) draws one dropout mask, from
+        ``seed``, and keeps it for ``w`` and every ``w + d`` it evaluates,
+        so the value compares one function (as SAM's ``same_rng``), not
+        two masks.  Default: eval mode.
     **options
         Options of the kind; one that does not apply to ``kind`` raises
         ``ValueError``, an unknown one ``TypeError``.  Perturbation kinds:

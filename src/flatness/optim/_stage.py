@@ -23,23 +23,11 @@ from torch import Tensor
 
 from flatness import _distributed
 from flatness._guard import disable_running_stats
+from flatness._rng import RngSnapshot
 
 
 def _rng_devices(params: Iterable[Tensor]) -> list[torch.device]:
     return sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
-
-
-class _RngSnapshot:
-    """Global CPU RNG state plus the CUDA states of the parameters' devices."""
-
-    def __init__(self, devices: list[torch.device]) -> None:
-        self.cpu = torch.get_rng_state()
-        self.cuda = [(d, torch.cuda.get_rng_state(d)) for d in devices]
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        for d, state in self.cuda:
-            torch.cuda.set_rng_state(state, d)
 
 
 @dataclass
@@ -73,7 +61,7 @@ class _Stage:
     #: Gradient terms taken at ``w`` (:meth:`~SharpnessAwareOptimizer.stash_grad`).
     stash: dict[Tensor, Tensor] = field(default_factory=dict)
     #: The RNG state of the first pass (``same_rng=True``).
-    rng: _RngSnapshot | None = None
+    rng: RngSnapshot | None = None
     #: The variant's per-step fields (e.g. GSAM's copy of ``g``).
     variant: Any = field(init=False)
 
@@ -174,7 +162,7 @@ def first_pass(opt: Any) -> Iterator[None]:
     RNG state (``same_rng``), run inside ``model.no_sync()`` (``per_replica``)."""
     if opt._stage.perturbed is not None:
         raise RuntimeError("first_pass() entered while perturbed: call second_step() first")
-    opt._stage.rng = _RngSnapshot(_rng_devices(opt._all_params())) if opt.same_rng else None
+    opt._stage.rng = RngSnapshot(_rng_devices(opt._all_params())) if opt.same_rng else None
     with opt.model.no_sync() if opt._local_first_pass() else contextlib.nullcontext():
         yield
 
