@@ -106,6 +106,22 @@ def test_random_start_is_inside(seed, rho, norm, adaptive):
             assert torch.all(t[wi == 0] == 0)
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_l2_random_start_is_uniform_in_the_coordinates_that_move(adaptive):
+    # the radius rho U^(1/n) counted the zero weights' coordinates, which an
+    # adaptive set holds at 0: with 2 of 100 free, every start lay near the
+    # boundary (mean radius 0.99 rho instead of 2/3)
+    w = torch.zeros(100, dtype=torch.float64) if adaptive else torch.randn(2, dtype=torch.float64)
+    w[:2] = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    pset = PerturbationSet("l2", 1.0, [w], adaptive=adaptive)
+    gen = torch.Generator().manual_seed(0)
+    # starts are in the set's scaled coordinates (APGD's): uniform in the
+    # 2-d disc, (r / rho)^2 ~ U[0, 1]
+    r = torch.tensor([float(pset.random_start(gen)[0].norm()) for _ in range(2000)])
+    assert abs(float(r.mean()) - 2 / 3) < 0.02  # the standard error is 0.005
+    assert abs(float((r < 0.5).double().mean()) - 0.25) < 0.03
+
+
 def test_adaptive_scaling_zero_weights_no_nan():
     w = [torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64)]
     pset = PerturbationSet("l2", 0.1, w, adaptive=True)

@@ -359,7 +359,10 @@ class PerturbationSet:
         else:
             delta = [self._normal(t, generator) for t in self._like]
             self._zero_unscaled_(delta)
-            n = sum(t.numel() for t in delta)
+            # uniform in the ball of the coordinates that can move: the
+            # radius is rho U^(1/n) with n counting those only (an adaptive
+            # set fixes the zero weights' coordinates)
+            n = sum(t.numel() for t in delta) - self._n_fixed()
             radius = self.rho * float(
                 torch.rand((), generator=generator, device=self._like[0].device,
                            dtype=torch.float64) ** (1.0 / max(n, 1))
@@ -411,6 +414,14 @@ class PerturbationSet:
     def _normal(like: Tensor, generator: torch.Generator) -> Tensor:
         return _distributed.shard_like(torch.randn(like.shape, generator=generator, device=like.device,
                                                    dtype=working_dtype(like.dtype)).to(like.dtype), like)
+
+    def _n_fixed(self) -> int:
+        """The number of coordinates an adaptive set holds at zero (over
+        all ranks for FSDP2 shards)."""
+        local = sum(int(f.sum()) if f.dtype == torch.bool else f.numel() for f in self._fixed if f is not None)
+        if _distributed.is_sharded(self._like):
+            return int(_distributed.sum_(local))
+        return local
 
     def _zero_unscaled_(self, delta: list[Tensor]) -> None:
         # Coordinates with w_i = 0 cannot move in an adaptive set; keeping
