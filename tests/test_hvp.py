@@ -185,6 +185,10 @@ def test_operator_input_errors():
     mismatched = (torch.zeros(3, 5, dtype=DT), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="leading dimension"):
         CurvatureOperator(model, mismatched).matvec(torch.zeros(n, dtype=DT))
+    # a tensor shared by all samples: the message says where it belongs
+    shared = ((torch.zeros(4, 5, dtype=DT), torch.zeros(7, 7, dtype=DT)), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"attention mask of shape \(T, T\)\) belongs in the model"):
+        CurvatureOperator(model, shared).matvec(torch.zeros(n, dtype=DT))
 
 
 def test_restore_after_an_exception_inside_a_product():

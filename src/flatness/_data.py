@@ -133,7 +133,10 @@ def iter_batches(
         sizes = set(_leading_sizes(inputs))
         if sizes and sizes != {n}:
             raise ValueError(
-                f"inputs have leading dimension(s) {sorted(sizes)} but targets have {n} samples"
+                f"inputs have leading dimension(s) {sorted(sizes)} but targets have {n} samples: every "
+                "input tensor is split by samples along its first dimension; a tensor shared by all "
+                "samples (an attention mask of shape (T, T)) belongs in the model (build it in forward, "
+                "or keep it as a buffer or attribute), not in the inputs"
             )
         yield to_device(inputs, device, dtype), to_device(targets, device, target_dtype)
         count += 1
