@@ -69,8 +69,8 @@ class GSAM(SAM):
     DDP has all-reduced (the authors run both passes in ``no_sync()`` and
     average the final gradient; pass ``per_replica=True`` for a per-replica
     ascent: the first pass's gradient is then averaged over the replicas
-    after the ascent, for the decomposition); the radius is computed from ``lr`` rather than through a
-    separate ``ProportionScheduler`` object.  ``pytorch_optimizer.GSAM``
+    after the ascent, for the decomposition); the radius is computed from
+    ``lr`` rather than through a separate ``ProportionScheduler`` object.  ``pytorch_optimizer.GSAM``
     implements the same update (with ``eps = 1e-12`` and a float32 norm in
     the ascent), its trajectory agrees to ~1e-7 relative.
 
