@@ -10,7 +10,6 @@ import os
 import cases
 import pytest
 import torch
-import torch.nn.functional as F
 from gloo_group import GLOO, run_gloo
 from torch import nn
 
@@ -40,12 +39,7 @@ def _opt(name, model, inner):
 
 def _train(name, model, opt, x, y):
     for _ in range(STEPS):
-        def closure():
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(cases.closure_for(model, opt, x, y))
 
 
 def _worker(rank, world, out_dir):

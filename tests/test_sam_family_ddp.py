@@ -70,26 +70,23 @@ def _train(name, model, net, x, y):
             (F.cross_entropy(out, y) + opt.trajectory_loss(out, x)).backward()
             opt.step()
         else:
-            def closure():
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                return loss
-
-            opt.step(closure)
+            opt.step(cases.closure_for(model, opt, x, y))
     return [p.detach().clone() for p in net.parameters()]
 
 
-def _worker(rank, init_file, out_dir):
+def _worker(rank, init_file, out_dir, per_replica=False):
+    """Train every optimizer of the test (``per_replica``: those of
+    :data:`PER_REPLICA`, with ``per_replica=True``) on this rank's shard."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
         x, y = _data()
         x, y = x[rank * 8:(rank + 1) * 8], y[rank * 8:(rank + 1) * 8]
         results = {}
-        for name in NAMES:
+        for name in PER_REPLICA if per_replica else NAMES:
             net = _model()
             ddp = nn.parallel.DistributedDataParallel(net, find_unused_parameters=name == "ESAM")
-            results[name] = _train(name, ddp, net, x, y)
+            results[name] = (_train_per_replica if per_replica else _train)(name, ddp, net, x, y)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -135,28 +132,11 @@ def _make_per_replica(name, ddp):
     return ConsistentSAM(p, torch.optim.SGD, rho=0.2, rho2=0.1, alpha=0.5, **kw, **sgd)
 
 
-def _per_replica_worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        x, y = _data()
-        x, y = x[rank * 8:(rank + 1) * 8], y[rank * 8:(rank + 1) * 8]
-        results = {}
-        for name in PER_REPLICA:
-            net = _model()
-            ddp = nn.parallel.DistributedDataParallel(net)
-            opt = _make_per_replica(name, ddp)
-            for _ in range(STEPS):
-                def closure():
-                    loss = F.cross_entropy(ddp(x), y)
-                    loss.backward()
-                    return loss
-
-                opt.step(closure)
-            results[name] = [p.detach().clone() for p in net.parameters()]
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _train_per_replica(name, ddp, net, x, y):
+    opt = _make_per_replica(name, ddp)
+    for _ in range(STEPS):
+        opt.step(cases.closure_for(ddp, opt, x, y))
+    return [p.detach().clone() for p in net.parameters()]
 
 
 def _ref_per_replica(name):
@@ -229,7 +209,7 @@ def _ref_bsam_per_replica(w, like, shards, grad, mean):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_per_replica_ascent_keeps_the_replicas_identical(tmp_path):
-    mp.spawn(_per_replica_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), True), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for name in PER_REPLICA:
         ref = _ref_per_replica(name)
