@@ -191,17 +191,6 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
                     out.append(AscentGroup(settings, params, []))
         return out
 
-    def _unperturbed(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
-        """The groups with ``perturb=False`` and their parameters that have
-        a gradient."""
-        out = []
-        for group in self.param_groups:
-            if not self.sam_settings(group)["perturb"]:
-                params = [p for p in group["params"] if p.requires_grad and p.grad is not None]
-                if params:
-                    out.append((group, params))
-        return out
-
     def _precisions(self, groups: list[AscentGroup]) -> list[list[Tensor]]:
         base: _BayesUpdate = self.base_optimizer  # type: ignore[assignment]
         return [[base.precision(p, g.group) for p in g.params] for g in groups]
@@ -279,17 +268,16 @@ class BayesianSAM(fam.SeededDraws, SharpnessAwareOptimizer):
             grads = [fam.current_grads(g.params) for g in groups]
             # groups with perturb=False: no noise and no ascent, but w and s
             # are updated as everywhere else, so s needs their increment too
-            still = self._unperturbed()
-            still_grads = [fam.current_grads(params) for _, params in still]
+            still = self.unperturbed_groups()
+            still_grads = [fam.current_grads(g.params) for g in still]
             if scaler is not None and scaler.is_enabled():
                 if not bool(torch.isfinite(global_norm(grads + still_grads, ord=float("inf")))):
                     self._stage.skip_base_step = True
                     self.perturb(groups, [[torch.zeros_like(p) for p in g.params] for g in groups])
                     return
             base: _BayesUpdate = self.base_optimizer  # type: ignore[assignment]
-            for (group, params), gr in zip(still, still_grads):
-                ss = [base.precision(p, group) for p in params]
-                for p, v in zip(params, bsam_increment(gr, ss)):
+            for g, gr, ss in zip(still, still_grads, self._precisions(still)):
+                for p, v in zip(g.params, bsam_increment(gr, ss)):
                     base.state[p]["gs"] = v
             directions = []
             for g, gr, ss in zip(groups, grads, self._precisions(groups)):
